@@ -1,0 +1,25 @@
+"""Client channels to peer services, with the same TLS files and message limits as servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from fibemrss.config import TlsFiles
+from fibemrss.server import GRPC_OPTIONS
+
+
+def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls.ca).read_bytes(),
+        private_key=Path(tls.key).read_bytes(),
+        certificate_chain=Path(tls.cert).read_bytes(),
+    )
+    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
+
+
+def wait_ready(channel: grpc.Channel, timeout: float) -> None:
+    grpc.channel_ready_future(channel).result(timeout=timeout)

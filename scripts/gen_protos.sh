@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Regenerates the committed Python stubs (with mypy typing stubs) from protos/.
+# The proto folder path equals the Python package path, so fibemrss.emr.v1 lands in fibemrss/emr/v1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+mapfile -t files < <(find protos -name '*.proto' | sort)
+"$PY" -m grpc_tools.protoc -Iprotos \
+  --python_out=. --grpc_python_out=. \
+  --mypy_out=quiet:. --mypy_grpc_out=quiet:. \
+  "${files[@]}"
+# Every generated folder must be an importable package.
+for f in "${files[@]}"; do
+  d=$(dirname "${f#protos/}")
+  while [ "$d" != "." ]; do
+    [ -f "$d/__init__.py" ] || : > "$d/__init__.py"
+    d=$(dirname "$d")
+  done
+done
