@@ -86,7 +86,9 @@ class HeParams:
             return found
         log_q = sum(self.coeff_mod_bit_sizes)
         if not self.coeff_mod_bit_sizes or log_q > HE_STANDARD_MAX_LOG_Q_128[n]:
-            found.append(f"log q = {log_q} exceeds {HE_STANDARD_MAX_LOG_Q_128[n]}, the 128-bit bound for N={n}")
+            found.append(
+                f"log q = {log_q} exceeds {HE_STANDARD_MAX_LOG_Q_128[n]}, the 128-bit bound for N={n}"
+            )
         if any(not 20 <= bits <= 60 for bits in self.coeff_mod_bit_sizes):
             found.append("each coefficient prime must have 20 to 60 bits (SEAL)")
         if self.plain_modulus % (2 * n) != 1 or self.plain_modulus >= 2**60:
@@ -100,8 +102,9 @@ class HeParams:
         largest_update = self.max_weight * self.max_abs_value * 2**self.frac_bits
         if largest_update > self.party_magnitude_bound:
             found.append(
-                f"max_weight * max_abs_value * 2^frac_bits = 2^{math.log2(largest_update):.1f} exceeds the "
-                f"per-party bound 2^{math.log2(self.party_magnitude_bound):.1f} for {self.max_parties} parties"
+                f"max_weight * max_abs_value * 2^frac_bits = 2^{math.log2(largest_update):.1f} exceeds "
+                f"the per-party bound 2^{math.log2(self.party_magnitude_bound):.1f} "
+                f"for {self.max_parties} parties"
             )
         # Each prime of b bits exceeds 2^(b-1), so this q is a lower bound on SEAL's actual q.
         q_lower = 2 ** (log_q - len(self.coeff_mod_bit_sizes))

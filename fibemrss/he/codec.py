@@ -1,0 +1,281 @@
+"""Encrypts weighted model updates and federated sums, adds them blind, and decrypts the results.
+
+Slot layout, identical at every hospital so chunk i of one hospital adds to chunk i of another:
+the integers to encrypt are laid end to end (a weighted update puts its weight first), cut into
+ciphertexts of N slots (zero-padded) and those into chunks of params.ciphertexts_per_chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tenseal import sealapi
+
+from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, pack_chunk, unpack_chunk, unpack_header
+from fibemrss.he.errors import HeFormatError, HeKeyError, HeOverflowError
+from fibemrss.he.keys import AggregatorKey, HospitalKey
+from fibemrss.he.params import HeParams
+from fibemrss.he.seal_bytes import SealBytes
+
+
+def ciphertexts_per_chunk_layout(params: HeParams, n_slots: int) -> list[int]:
+    """How many ciphertexts each chunk holds for n_slots slots (at least one ciphertext)."""
+    n_ciphertexts = max(1, math.ceil(n_slots / params.slots_per_ciphertext))
+    per_chunk = params.ciphertexts_per_chunk
+    return [min(per_chunk, n_ciphertexts - start) for start in range(0, n_ciphertexts, per_chunk)]
+
+
+def _as_vector(values: np.ndarray) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float64)
+    if vector.ndim != 1:
+        raise ValueError(f"values must be a 1-D array, got shape {vector.shape}")
+    return vector
+
+
+def _first_index_beyond(magnitudes: np.ndarray, bound: float) -> int | None:
+    """Index of the first magnitude above bound or not finite (NaN compares false, so test twice)."""
+    bad = ~(magnitudes <= bound)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+class UpdateEncryptor:
+    """Hospital side: turns a weighted update or a vector of sums into ciphertext chunks."""
+
+    def __init__(self, key: HospitalKey) -> None:
+        if not isinstance(key, HospitalKey):
+            raise HeKeyError("encrypting needs the hospital key (with the secret key)")
+        self._key = key
+        self._params = key.params
+        self._encoder = sealapi.BatchEncoder(key.seal_context)
+        # Symmetric encryption: SEAL then stores the second polynomial as a seed, halving uploads.
+        self._encryptor = sealapi.Encryptor(key.seal_context, key.secret_key)
+        self._scratch = SealBytes()
+
+    @property
+    def params(self) -> HeParams:
+        return self._params
+
+    def encrypt(self, values: np.ndarray, weight: int) -> list[bytes]:
+        """Encrypt weight * values in fixed point, and weight itself, as chunks to stream.
+
+        Bounds (HeOverflowError beyond them): 1 <= weight <= params.max_weight (2^16) and
+        |value| <= params.max_abs_value (2^7); the decrypted average is then exact to
+        params.average_error_bound (2^-17) for up to params.max_parties (64) hospitals.
+        """
+        vector = _as_vector(values)
+        checked_weight = self._checked_weight(weight)
+        bound = self._params.max_abs_value
+        beyond = _first_index_beyond(np.abs(vector), bound)
+        if beyond is not None:
+            raise HeOverflowError(
+                f"model value at index {beyond} is beyond the bound |value| <= {bound:g} "
+                "(HeParams.max_abs_value) or not finite; clip or rescale the update"
+            )
+        slots = np.empty(vector.size + 1, dtype=np.int64)
+        slots[0] = checked_weight
+        slots[1:] = np.rint(vector * (checked_weight * 2.0**self._params.frac_bits))
+        return self._encrypt_slots(slots, ChunkKind.WEIGHTED_UPDATE, self._params.frac_bits, vector.size)
+
+    def encrypt_sums(self, values: np.ndarray, frac_bits: int | None = None) -> list[bytes]:
+        """Encrypt values to be summed across hospitals (counts, sums, sums of squares).
+
+        Each |value| must be at most params.max_abs_sum_value(frac_bits): 2^32 (about 4.3e9) at the
+        default 8 fractional bits, enough for a sum of squares such as 300 patients x 600^2 = 1.1e8.
+        Pass frac_bits=0 for counts or for larger values (bound 2^40, about 1.1e12); each party's
+        rounding error is at most 2^-(frac_bits+1).
+        """
+        vector = _as_vector(values)
+        bits = self._params.stats_frac_bits if frac_bits is None else frac_bits
+        if not 0 <= bits <= 40:
+            raise ValueError(f"frac_bits must lie in [0, 40], got {bits}")
+        bound = self._params.max_abs_sum_value(bits)
+        beyond = _first_index_beyond(np.abs(vector), bound)
+        if beyond is not None:
+            raise HeOverflowError(
+                f"sum at index {beyond} is beyond the bound |value| <= {bound:.6g} for frac_bits={bits} "
+                "(HeParams.max_abs_sum_value) or not finite; pre-scale it or lower frac_bits"
+            )
+        slots = np.rint(vector * 2.0**bits).astype(np.int64)
+        return self._encrypt_slots(slots, ChunkKind.SUMS, bits, vector.size)
+
+    def _checked_weight(self, weight: int) -> int:
+        if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
+            raise TypeError(f"weight must be an int (a number of examples), got {type(weight).__name__}")
+        if weight < 1:
+            raise ValueError(f"weight must be at least 1, got {weight}")
+        if weight > self._params.max_weight:
+            raise HeOverflowError(
+                f"weight {weight} is beyond the bound {self._params.max_weight} (HeParams.max_weight); "
+                "cap the example count"
+            )
+        return int(weight)
+
+    def _encrypt_slots(
+        self, slots: np.ndarray, kind: ChunkKind, frac_bits: int, n_values: int
+    ) -> list[bytes]:
+        layout = ciphertexts_per_chunk_layout(self._params, slots.size)
+        n_per_ciphertext = self._params.slots_per_ciphertext
+        chunks: list[bytes] = []
+        first_slot = 0
+        for chunk_index, n_ciphertexts in enumerate(layout):
+            ciphertexts: list[bytes] = []
+            for _ in range(n_ciphertexts):
+                plain = sealapi.Plaintext()
+                # BatchEncoder zero-pads a short last slice to N slots.
+                self._encoder.encode(slots[first_slot : first_slot + n_per_ciphertext].tolist(), plain)
+                ciphertexts.append(self._scratch.dump(self._encryptor.encrypt_symmetric(plain)))
+                first_slot += n_per_ciphertext
+            header = ChunkHeader(
+                kind=kind,
+                frac_bits=frac_bits,
+                seeded=True,
+                parties=1,
+                key_id=self._key.key_id,
+                n_values=n_values,
+                chunk_index=chunk_index,
+                chunk_count=len(layout),
+                n_ciphertexts=n_ciphertexts,
+            )
+            chunks.append(pack_chunk(header, ciphertexts))
+        return chunks
+
+
+class ChunkAccumulator:
+    """Aggregator side: the running sum of one chunk position across hospitals.
+
+    Memory is bounded by one chunk. It refuses chunks of another layout or key ceremony, and a sum
+    of more than params.max_parties parties, beyond which exact decryption is no longer guaranteed.
+    """
+
+    def __init__(self, key: AggregatorKey) -> None:
+        if not isinstance(key, AggregatorKey):
+            raise HeKeyError("the accumulator takes an AggregatorKey (use HospitalKey.aggregator_key())")
+        self._key = key
+        self._evaluator = sealapi.Evaluator(key.seal_context)
+        self._scratch = SealBytes()
+        self._header: ChunkHeader | None = None
+        self._sums: list[Any] = []
+
+    @property
+    def parties(self) -> int:
+        return 0 if self._header is None else self._header.parties
+
+    def add(self, chunk: bytes) -> None:
+        header, serialized = unpack_chunk(chunk)
+        if header.key_id != self._key.key_id:
+            raise HeKeyError("chunk was encrypted under another key ceremony than this aggregator's key")
+        if self._header is not None and header.layout() != self._header.layout():
+            raise HeFormatError(
+                "chunks cover different slots (kind, frac_bits, n_values, chunk index or count differ)"
+            )
+        summed = header if self._header is None else self._header.summed_with(header)
+        if summed.parties > self._key.params.max_parties:
+            raise HeOverflowError(
+                f"sum would hold {summed.parties} parties, beyond the bound {self._key.params.max_parties} "
+                "(HeParams.max_parties)"
+            )
+        ciphertexts = [self._load(blob) for blob in serialized]
+        if self._header is None:
+            self._sums = ciphertexts
+        else:
+            for running, ciphertext in zip(self._sums, ciphertexts, strict=True):
+                self._evaluator.add_inplace(running, ciphertext)
+        self._header = summed
+
+    def result(self) -> bytes:
+        if self._header is None:
+            raise HeFormatError("no chunk has been added")
+        serialized = [self._scratch.dump(ciphertext) for ciphertext in self._sums]
+        return pack_chunk(self._header, serialized)
+
+    def _load(self, blob: bytes) -> Any:
+        ciphertext = sealapi.Ciphertext()
+        try:
+            self._scratch.load_into(ciphertext, self._key.seal_context, blob)
+        except Exception as error:  # SEAL raises several types for malformed ciphertexts
+            raise HeFormatError(f"chunk holds an invalid ciphertext: {error}") from error
+        if ciphertext.size() != 2:
+            raise HeFormatError("chunk holds a ciphertext of unexpected size")
+        return ciphertext
+
+
+def add_chunks(key: AggregatorKey, a: bytes, b: bytes) -> bytes:
+    """Aggregator side: the encrypted slot-wise sum of two chunks at the same position."""
+    accumulator = ChunkAccumulator(key)
+    accumulator.add(a)
+    accumulator.add(b)
+    return accumulator.result()
+
+
+class UpdateDecryptor:
+    """Hospital side: decrypts aggregated chunks into a weighted average or into sums."""
+
+    def __init__(self, key: HospitalKey) -> None:
+        if not isinstance(key, HospitalKey):
+            raise HeKeyError("decrypting needs the hospital key (with the secret key)")
+        self._key = key
+        self._params = key.params
+        self._encoder = sealapi.BatchEncoder(key.seal_context)
+        self._decryptor = sealapi.Decryptor(key.seal_context, key.secret_key)
+        self._scratch = SealBytes()
+
+    def decrypt_average(self, chunks: Sequence[bytes], n_values: int) -> tuple[np.ndarray, int]:
+        """(sum_k w_k v_k / sum_k w_k, sum_k w_k) of the hospitals summed into chunks."""
+        slots, _ = self._decrypt_slots(chunks, n_values, ChunkKind.WEIGHTED_UPDATE)
+        total_weight = int(slots[0])
+        if total_weight < 1:
+            raise HeFormatError("decrypted total weight is not positive: the chunks are corrupt")
+        scale = 2.0**self._params.frac_bits * total_weight
+        return slots[1 : n_values + 1].astype(np.float64) / scale, total_weight
+
+    def decrypt_sums(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
+        """Slot-wise sums over the hospitals summed into chunks, at the frac_bits they were encrypted with."""
+        slots, header = self._decrypt_slots(chunks, n_values, ChunkKind.SUMS)
+        return slots[:n_values].astype(np.float64) / 2.0**header.frac_bits
+
+    def _decrypt_slots(
+        self, chunks: Sequence[bytes], n_values: int, kind: ChunkKind
+    ) -> tuple[np.ndarray, ChunkHeader]:
+        headers = [unpack_header(chunk) for chunk in chunks]
+        n_slots = n_values + (1 if kind is ChunkKind.WEIGHTED_UPDATE else 0)
+        layout = ciphertexts_per_chunk_layout(self._params, n_slots)
+        if len(chunks) != len(layout):
+            raise HeFormatError(f"expected {len(layout)} chunks for {n_values} values, got {len(chunks)}")
+        by_index: dict[int, bytes] = {}
+        for header, chunk in zip(headers, chunks, strict=True):
+            if header.key_id != self._key.key_id:
+                raise HeKeyError("chunks were encrypted under another key ceremony than this hospital key")
+            if header.stream() != headers[0].stream():
+                raise HeFormatError("chunks disagree on kind, frac_bits, n_values or chunk count")
+            if header.parties != headers[0].parties:
+                raise HeFormatError("chunks sum different numbers of parties: some uploads are missing")
+            if header.kind is not kind or header.n_values != n_values:
+                raise HeFormatError(
+                    f"chunks hold {header.kind.name} of {header.n_values} values, not {kind.name}"
+                )
+            if header.n_ciphertexts != layout[header.chunk_index] or header.chunk_index in by_index:
+                raise HeFormatError(f"chunk {header.chunk_index} is duplicated or has the wrong size")
+            by_index[header.chunk_index] = chunk
+        if headers[0].parties > self._params.max_parties:
+            raise HeOverflowError(
+                f"chunks sum {headers[0].parties} parties, beyond {self._params.max_parties}"
+            )
+        decoded: list[np.ndarray] = []
+        for chunk_index in range(len(layout)):
+            _, serialized = unpack_chunk(by_index[chunk_index])
+            decoded.extend(self._decrypt_one(blob) for blob in serialized)
+        return np.concatenate(decoded), headers[0]
+
+    def _decrypt_one(self, blob: bytes) -> np.ndarray:
+        ciphertext = sealapi.Ciphertext()
+        try:
+            self._scratch.load_into(ciphertext, self._key.seal_context, blob)
+        except Exception as error:  # SEAL raises several types for malformed ciphertexts
+            raise HeFormatError(f"chunk holds an invalid ciphertext: {error}") from error
+        plain = sealapi.Plaintext()
+        self._decryptor.decrypt(ciphertext, plain)
+        # decode_int64 maps [0, t) to the centered range (-t/2, t/2], which is how negatives come back.
+        return np.asarray(self._encoder.decode_int64(plain), dtype=np.int64)
