@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fibemrss/federation/v1/federation.proto\x12\x16\x66ibemrss.federation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x16StartFederationRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x15\n\rgrace_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x11\n\thospitals\x18\x06 \x03(\t\"S\n\x17StartFederationResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"e\n\x0fGetRoundRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x1b\n\x0ewait_for_round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x42\x11\n\x0f_wait_for_round\"D\n\x10GetRoundResponse\x12\x30\n\x05round\x18\x01 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"\xd5\x01\n\tRoundInfo\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".fibemrss.federation.v1.RoundState\x12\x11\n\tsubmitted\x18\x04 \x03(\t\x12\x0e\n\x06quorum\x18\x05 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66\x65\x64\x65ration_done\x18\x07 \x01(\x08\x12\x0e\n\x06rounds\x18\x08 \x01(\x05\"}\n\x13SubmitUpdateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\x12\x14\n\x0ctotal_chunks\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"[\n\x14SubmitUpdateResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x30\n\x05round\x18\x02 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"F\n\x15\x46\x65tchAggregateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\"g\n\x16\x46\x65tchAggregateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_chunks\x18\x02 \x01(\x05\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x04 \x01(\x05\"*\n\x1aGetFederationStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"W\n\x1bGetFederationStatusResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"\xbb\x01\n\x10\x46\x65\x64\x65rationStatus\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x11\n\thospitals\x18\x04 \x03(\t\x12\x32\n\x07\x63urrent\x18\x05 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\x12\x32\n\x07history\x18\x06 \x03(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"%\n\x15GetAgentStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"R\n\nEvaluation\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"M\n\x16GetAgentStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.fibemrss.federation.v1.AgentStatus\"\xd0\x01\n\x0b\x41gentStatus\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x1c\n\x14last_submitted_round\x18\x03 \x01(\x03\x12\x37\n\x0b\x65valuations\x18\x04 \x03(\x0b\x32\".fibemrss.federation.v1.Evaluation\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0etrain_examples\x18\x07 \x01(\x05\x12\x15\n\rtest_examples\x18\x08 \x01(\x05*\xa8\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x16\n\x12ROUND_STATE_CLOSED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05\x32\xc6\x04\n\x11\x41ggregatorService\x12r\n\x0fStartFederation\x12..fibemrss.federation.v1.StartFederationRequest\x1a/.fibemrss.federation.v1.StartFederationResponse\x12]\n\x08GetRound\x12\'.fibemrss.federation.v1.GetRoundRequest\x1a(.fibemrss.federation.v1.GetRoundResponse\x12k\n\x0cSubmitUpdate\x12+.fibemrss.federation.v1.SubmitUpdateRequest\x1a,.fibemrss.federation.v1.SubmitUpdateResponse(\x01\x12q\n\x0e\x46\x65tchAggregate\x12-.fibemrss.federation.v1.FetchAggregateRequest\x1a..fibemrss.federation.v1.FetchAggregateResponse0\x01\x12~\n\x13GetFederationStatus\x12\x32.fibemrss.federation.v1.GetFederationStatusRequest\x1a\x33.fibemrss.federation.v1.GetFederationStatusResponse2\x87\x01\n\x14HospitalAgentService\x12o\n\x0eGetAgentStatus\x12-.fibemrss.federation.v1.GetAgentStatusRequest\x1a..fibemrss.federation.v1.GetAgentStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fibemrss/federation/v1/federation.proto\x12\x16\x66ibemrss.federation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8a\x01\n\x16StartFederationRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x15\n\rgrace_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x11\n\thospitals\x18\x06 \x03(\t\"S\n\x17StartFederationResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"e\n\x0fGetRoundRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x1b\n\x0ewait_for_round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x42\x11\n\x0f_wait_for_round\"D\n\x10GetRoundResponse\x12\x30\n\x05round\x18\x01 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"\xfa\x01\n\tRoundInfo\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".fibemrss.federation.v1.RoundState\x12\x11\n\tsubmitted\x18\x04 \x03(\t\x12\x0e\n\x06quorum\x18\x05 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66\x65\x64\x65ration_done\x18\x07 \x01(\x08\x12\x0e\n\x06rounds\x18\x08 \x01(\x05\x12\x12\n\nbase_round\x18\t \x01(\x03\x12\x0f\n\x07\x66\x61ilure\x18\n \x01(\t\"}\n\x13SubmitUpdateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\x12\x14\n\x0ctotal_chunks\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"[\n\x14SubmitUpdateResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x30\n\x05round\x18\x02 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"F\n\x15\x46\x65tchAggregateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\"g\n\x16\x46\x65tchAggregateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_chunks\x18\x02 \x01(\x05\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x04 \x01(\x05\"*\n\x1aGetFederationStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"W\n\x1bGetFederationStatusResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"\xbb\x01\n\x10\x46\x65\x64\x65rationStatus\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x11\n\thospitals\x18\x04 \x03(\t\x12\x32\n\x07\x63urrent\x18\x05 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\x12\x32\n\x07history\x18\x06 \x03(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"%\n\x15GetAgentStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"R\n\nEvaluation\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"M\n\x16GetAgentStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.fibemrss.federation.v1.AgentStatus\"\xd0\x01\n\x0b\x41gentStatus\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x1c\n\x14last_submitted_round\x18\x03 \x01(\x03\x12\x37\n\x0b\x65valuations\x18\x04 \x03(\x0b\x32\".fibemrss.federation.v1.Evaluation\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0etrain_examples\x18\x07 \x01(\x05\x12\x15\n\rtest_examples\x18\x08 \x01(\x05*\xa8\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x16\n\x12ROUND_STATE_CLOSED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05\x32\xc6\x04\n\x11\x41ggregatorService\x12r\n\x0fStartFederation\x12..fibemrss.federation.v1.StartFederationRequest\x1a/.fibemrss.federation.v1.StartFederationResponse\x12]\n\x08GetRound\x12\'.fibemrss.federation.v1.GetRoundRequest\x1a(.fibemrss.federation.v1.GetRoundResponse\x12k\n\x0cSubmitUpdate\x12+.fibemrss.federation.v1.SubmitUpdateRequest\x1a,.fibemrss.federation.v1.SubmitUpdateResponse(\x01\x12q\n\x0e\x46\x65tchAggregate\x12-.fibemrss.federation.v1.FetchAggregateRequest\x1a..fibemrss.federation.v1.FetchAggregateResponse0\x01\x12~\n\x13GetFederationStatus\x12\x32.fibemrss.federation.v1.GetFederationStatusRequest\x1a\x33.fibemrss.federation.v1.GetFederationStatusResponse2\x87\x01\n\x14HospitalAgentService\x12o\n\x0eGetAgentStatus\x12-.fibemrss.federation.v1.GetAgentStatusRequest\x1a..fibemrss.federation.v1.GetAgentStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fibemrss.federation.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUNDSTATE']._serialized_start=1849
-  _globals['_ROUNDSTATE']._serialized_end=2017
+  _globals['_ROUNDSTATE']._serialized_start=1886
+  _globals['_ROUNDSTATE']._serialized_end=2054
   _globals['_STARTFEDERATIONREQUEST']._serialized_start=101
   _globals['_STARTFEDERATIONREQUEST']._serialized_end=239
   _globals['_STARTFEDERATIONRESPONSE']._serialized_start=241
@@ -43,31 +43,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUNDRESPONSE']._serialized_start=429
   _globals['_GETROUNDRESPONSE']._serialized_end=497
   _globals['_ROUNDINFO']._serialized_start=500
-  _globals['_ROUNDINFO']._serialized_end=713
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=715
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=840
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=842
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=933
-  _globals['_FETCHAGGREGATEREQUEST']._serialized_start=935
-  _globals['_FETCHAGGREGATEREQUEST']._serialized_end=1005
-  _globals['_FETCHAGGREGATERESPONSE']._serialized_start=1007
-  _globals['_FETCHAGGREGATERESPONSE']._serialized_end=1110
-  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_start=1112
-  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_end=1154
-  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_start=1156
-  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_end=1243
-  _globals['_FEDERATIONSTATUS']._serialized_start=1246
-  _globals['_FEDERATIONSTATUS']._serialized_end=1433
-  _globals['_GETAGENTSTATUSREQUEST']._serialized_start=1435
-  _globals['_GETAGENTSTATUSREQUEST']._serialized_end=1472
-  _globals['_EVALUATION']._serialized_start=1474
-  _globals['_EVALUATION']._serialized_end=1556
-  _globals['_GETAGENTSTATUSRESPONSE']._serialized_start=1558
-  _globals['_GETAGENTSTATUSRESPONSE']._serialized_end=1635
-  _globals['_AGENTSTATUS']._serialized_start=1638
-  _globals['_AGENTSTATUS']._serialized_end=1846
-  _globals['_AGGREGATORSERVICE']._serialized_start=2020
-  _globals['_AGGREGATORSERVICE']._serialized_end=2602
-  _globals['_HOSPITALAGENTSERVICE']._serialized_start=2605
-  _globals['_HOSPITALAGENTSERVICE']._serialized_end=2740
+  _globals['_ROUNDINFO']._serialized_end=750
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=752
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=877
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=879
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=970
+  _globals['_FETCHAGGREGATEREQUEST']._serialized_start=972
+  _globals['_FETCHAGGREGATEREQUEST']._serialized_end=1042
+  _globals['_FETCHAGGREGATERESPONSE']._serialized_start=1044
+  _globals['_FETCHAGGREGATERESPONSE']._serialized_end=1147
+  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_start=1149
+  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_end=1191
+  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_start=1193
+  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_end=1280
+  _globals['_FEDERATIONSTATUS']._serialized_start=1283
+  _globals['_FEDERATIONSTATUS']._serialized_end=1470
+  _globals['_GETAGENTSTATUSREQUEST']._serialized_start=1472
+  _globals['_GETAGENTSTATUSREQUEST']._serialized_end=1509
+  _globals['_EVALUATION']._serialized_start=1511
+  _globals['_EVALUATION']._serialized_end=1593
+  _globals['_GETAGENTSTATUSRESPONSE']._serialized_start=1595
+  _globals['_GETAGENTSTATUSRESPONSE']._serialized_end=1672
+  _globals['_AGENTSTATUS']._serialized_start=1675
+  _globals['_AGENTSTATUS']._serialized_end=1883
+  _globals['_AGGREGATORSERVICE']._serialized_start=2057
+  _globals['_AGGREGATORSERVICE']._serialized_end=2639
+  _globals['_HOSPITALAGENTSERVICE']._serialized_start=2642
+  _globals['_HOSPITALAGENTSERVICE']._serialized_end=2777
 # @@protoc_insertion_point(module_scope)

@@ -164,6 +164,8 @@ class RoundInfo(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     FEDERATION_DONE_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
+    BASE_ROUND_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     state: Global___RoundState.ValueType
@@ -171,6 +173,11 @@ class RoundInfo(_message.Message):
     federation_done: _builtins.bool
     """True once the last round has closed."""
     rounds: _builtins.int
+    base_round: _builtins.int
+    """The latest closed round before this one: its aggregate is this round's starting model
+    (-1 when none). A failed round is skipped this way.
+    """
+    failure: _builtins.str
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -186,10 +193,12 @@ class RoundInfo(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         federation_done: _builtins.bool = ...,
         rounds: _builtins.int = ...,
+        base_round: _builtins.int = ...,
+        failure: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "federation_done", b"federation_done", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_round", b"base_round", "deadline", b"deadline", "failure", b"failure", "federation_done", b"federation_done", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,213 @@
+"""Starts a whole federation on one machine: PostgreSQL and every service as its own process.
+
+Used by `fibemrss up`, `fibemrss demo` and the end-to-end tests. Every server binds port 0 on
+loopback and reports the port it got through a ready file; nothing is left running after stop().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fibemrss.channels import open_channel
+from fibemrss.config import DEFAULT_TASK
+
+log = logging.getLogger(__name__)
+
+DEMO_HOSPITALS = ("cleveland", "hungary", "switzerland", "va-long-beach")
+HOSPITAL_ROLES = ("gateway", "agent", "inference")
+_MODULES = {"gateway": "services.emr_gateway", "agent": "services.hospital_agent",
+            "inference": "services.inference", "aggregator": "services.aggregator"}
+
+
+def demo_pseudonym_key(hospital: str) -> str:
+    # Fixed per hospital so the seeded train/test split (a hash of the patient key) is the same in
+    # every demo run. Real deployments set FIBEMRSS_PSEUDONYM_KEY from a Secret.
+    return hashlib.sha256(f"fibemrss-demo-pseudonym|{hospital}".encode()).hexdigest()
+
+
+def db_name(hospital: str) -> str:
+    return "hospital_" + hospital.replace("-", "_")
+
+
+@dataclass
+class ServiceProcess:
+    name: str  # e.g. "gateway@cleveland", "aggregator@central"
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    address: str = ""
+    metrics: str = ""
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    hospitals: tuple[str, ...] = DEMO_HOSPITALS
+    task: str = DEFAULT_TASK
+    database_url: str | None = None  # a server to use instead of the embedded one
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    _pg: Any = None
+    _db_urls: dict[str, str] = field(default_factory=dict)
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_database()
+            self._make_keys()
+            deadline = time.monotonic() + timeout
+            self._spawn("aggregator@central", self._service_env("aggregator", "central"))
+            for h in self.hospitals:
+                self._spawn(f"gateway@{h}", self._service_env("gateway", h))
+                self._spawn(f"inference@{h}", self._service_env("inference", h))
+            self._wait_ready(deadline)
+            for h in self.hospitals:
+                env = self._service_env("agent", h)
+                env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{h}"].address
+                env["FIBEMRSS_AGGREGATOR"] = self.processes["aggregator@central"].address
+                self._spawn(f"agent@{h}", env)
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self.endpoints()
+
+    def _start_database(self) -> None:
+        names = ["aggregator", *(db_name(h) for h in self.hospitals)]
+        if self.database_url:
+            from fibemrss.db.admin import ensure_database
+
+            for n in names:
+                self._db_urls[n] = ensure_database(self.database_url, n)
+            return
+        from fibemrss.db.embedded import EmbeddedPostgres
+
+        self._pg = EmbeddedPostgres(self.workdir / "postgres")
+        self._pg.start()
+        for n in names:
+            self._db_urls[n] = self._pg.create_database(n)
+
+    def _make_keys(self) -> None:
+        from fibemrss.he.keys import write_key_files
+
+        keys = self.workdir / "keys"
+        if not (keys / "hospital.he").exists():
+            write_key_files(keys)
+
+    def _service_env(self, role: str, where: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FIBEMRSS_") and k != "DATABASE_URL"}
+        env.update(self.extra_env)
+        env["FIBEMRSS_LISTEN"] = "127.0.0.1:0"
+        env["FIBEMRSS_METRICS_LISTEN"] = "127.0.0.1:0"
+        env["FIBEMRSS_TASK"] = self.task
+        env["FIBEMRSS_READY_FILE"] = str(self.workdir / "run" / f"{role}@{where}.json")
+        if role == "aggregator":
+            env["DATABASE_URL"] = self._db_urls["aggregator"]
+            env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "aggregator.he")
+        else:
+            env["DATABASE_URL"] = self._db_urls[db_name(where)]
+            env["FIBEMRSS_HOSPITAL"] = where
+        if role == "agent":
+            env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "hospital.he")
+        if role == "gateway":
+            env["FIBEMRSS_PSEUDONYM_KEY"] = demo_pseudonym_key(where)
+        # Each service runs on a small share of two cores: one math thread each.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def _spawn(self, name: str, env: dict[str, str]) -> None:
+        role = name.split("@")[0]
+        ready = Path(env["FIBEMRSS_READY_FILE"])
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.unlink(missing_ok=True)
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", _MODULES[role]], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        self.processes[name] = ServiceProcess(name, proc, ready)
+
+    def _wait_ready(self, deadline: float) -> None:
+        for sp in self.processes.values():
+            while not sp.address:
+                if sp.process.poll() is not None:
+                    tail = (self.workdir / "logs" / f"{sp.name}.log").read_text()[-3000:]
+                    raise RuntimeError(f"{sp.name} exited with code {sp.process.returncode}:\n{tail}")
+                if sp.ready_file.exists():
+                    info = json.loads(sp.ready_file.read_text())
+                    sp.address, sp.metrics = info["grpc"], info["metrics"]
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{sp.name} did not become ready in time")
+                time.sleep(0.1)
+            self._check_health(sp, deadline)
+
+    @staticmethod
+    def _check_health(sp: ServiceProcess, deadline: float) -> None:
+        with open_channel(sp.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            response = stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                  timeout=max(deadline - time.monotonic(), 1.0))
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(f"{sp.name} is not serving")
+
+    # -- what is running ---------------------------------------------------------------------------
+    def endpoints(self) -> dict[str, Any]:
+        return {
+            "aggregator": self.processes["aggregator@central"].address,
+            "hospitals": {h: {r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES} for h in self.hospitals},
+            "metrics": {name: f"http://{sp.metrics}/metrics" for name, sp in self.processes.items()},
+            "tls": None,
+        }
+
+    def database_url_for(self, name: str) -> str:
+        return self._db_urls[name]
+
+    def pid(self, name: str) -> int:
+        return self.processes[name].process.pid
+
+    def restart(self, name: str, kill: bool = True, timeout: float = 60.0) -> None:
+        """Kills one service (SIGKILL by default, as a crash) and starts it again with the same env."""
+        sp = self.processes[name]
+        role, where = name.split("@")
+        env = self._service_env(role, where)
+        if role == "agent":
+            env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
+            env["FIBEMRSS_AGGREGATOR"] = self.processes["aggregator@central"].address
+        # Keep the same port, so peers holding a channel to it reconnect on their own.
+        env["FIBEMRSS_LISTEN"] = sp.address
+        sp.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        sp.process.wait(timeout=30)
+        self._spawn(name, env)
+        self._wait_ready(time.monotonic() + timeout)
+
+    # -- stop ----------------------------------------------------------------------------------------
+    def stop(self, grace: float = 15.0) -> None:
+        for sp in self.processes.values():
+            if sp.process.poll() is None:
+                sp.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        for sp in self.processes.values():
+            try:
+                sp.process.wait(timeout=max(end - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(sp.process.pid, signal.SIGKILL)
+                sp.process.wait(timeout=10)
+        if self._pg is not None:
+            self._pg.stop()
+            self._pg = None

@@ -1,0 +1,52 @@
+"""Entry point of the central aggregator: wiring only. It is given the public HE context only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from fibemrss.config import ServerConfig, env_str
+from fibemrss.db.migrate import migrate
+from fibemrss.db.pool import Database
+from fibemrss.entrypoint import run_service
+from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
+from fibemrss.he.codec import add_chunks
+from fibemrss.he.keys import load_aggregator_key
+from fibemrss.server import serve_until_signalled, start_server
+from services.aggregator.coordinator import Coordinator
+from services.aggregator.servicer import AggregatorServicer
+from services.aggregator.store import AggregatorStore
+
+
+def main() -> None:
+    config = ServerConfig.from_env()
+    database_url = env_str("DATABASE_URL")
+    # Refuses a context that holds a secret key: the aggregator must never be able to decrypt.
+    key = load_aggregator_key(Path(env_str("FIBEMRSS_HE_CONTEXT")).read_bytes())
+    if env_str("FIBEMRSS_MIGRATE", "1") == "1":
+        migrate(database_url, "aggregator")
+    db = Database(database_url)
+    store = AggregatorStore(db)
+    holder: dict[str, Coordinator] = {}
+
+    def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
+        coordinator = Coordinator(store, lambda a, b: add_chunks(key, a, b), registry)
+        holder["c"] = coordinator
+        federation_pb2_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(coordinator, store), server)
+        return [federation_pb2.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
+
+    running = start_server("aggregator", register, config)
+    holder["c"].start()
+
+    def on_stop() -> None:
+        holder["c"].stop()
+        db.close()
+
+    serve_until_signalled(running, on_stop=on_stop)
+
+
+if __name__ == "__main__":
+    run_service("aggregator", main)

@@ -1,0 +1,163 @@
+"""Drives rounds: accepts submissions, closes rounds at quorum/deadline, adds ciphertexts.
+
+All state lives in PostgreSQL, so a restarted aggregator picks up exactly where the killed one
+stopped: a round caught in AGGREGATING is simply aggregated again (nothing of it was committed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from fibemrss.errors import InvalidArgument
+from services.aggregator.round_state import (
+    FederationSettings,
+    Round,
+    RoundState,
+    decide_close,
+    decide_submission,
+    next_round_number,
+)
+from services.aggregator.store import AggregatorStore
+
+log = logging.getLogger(__name__)
+
+ChunkAdder = Callable[[bytes, bytes], bytes]
+
+
+class Coordinator:
+    def __init__(self, store: AggregatorStore, add: ChunkAdder, registry: CollectorRegistry | None = None,
+                 tick_seconds: float = 0.25) -> None:
+        self._store = store
+        self._add = add
+        self._changed = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._tick_seconds = tick_seconds
+        self._thread = threading.Thread(target=self._run, name="round-ticker", daemon=True)
+        self._submissions = Counter("fibemrss_submissions_total", "Accepted encrypted submissions.",
+                                    ["task", "outcome"], registry=registry)
+        self._rounds = Counter("fibemrss_rounds_finished_total", "Rounds closed or failed.",
+                               ["task", "state"], registry=registry)
+        self._current = Gauge("fibemrss_current_round", "The open round per task.", ["task"], registry=registry)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- federations and rounds ------------------------------------------------------------
+    def start_federation(self, settings: FederationSettings) -> None:
+        settings.validate()
+        if self._store.create_federation(settings):
+            log.info("federation started", extra={"task": settings.task, "rounds": settings.rounds})
+        self._notify()
+
+    def wait_for_round(self, task: str, number: int, timeout: float) -> Round:
+        """Returns once round `number` exists (or the federation is done), or at the timeout."""
+        deadline = datetime.now(UTC).timestamp() + timeout
+        with self._changed:
+            while True:
+                current = self._store.current_round(task)
+                settings = self._store.settings(task)
+                if current.number >= number or self.is_done(settings, current):
+                    return current
+                remaining = deadline - datetime.now(UTC).timestamp()
+                if remaining <= 0:
+                    return current
+                self._changed.wait(min(remaining, 1.0))
+
+    @staticmethod
+    def is_done(settings: FederationSettings, current: Round) -> bool:
+        return current.number >= settings.rounds and current.state in (RoundState.CLOSED, RoundState.FAILED)
+
+    def base_round(self, task: str, number: int) -> int:
+        """The latest closed round before `number`: its sum is the starting model of `number`."""
+        closed = [r.number for r in self._store.rounds(task) if r.number < number and r.state == RoundState.CLOSED]
+        return closed[-1] if closed else -1
+
+    # -- submissions -------------------------------------------------------------------------
+    def submit(self, task: str, number: int, hospital: str, total: int,
+               chunks: Iterable[tuple[int, bytes]]) -> bool:
+        """Stores a whole submission; returns True when it was a repeat of an accepted one."""
+        if total < 1:
+            raise InvalidArgument("total_chunks must be at least 1")
+        settings = self._store.settings(task)
+        current = self._store.current_round(task)
+        if decide_submission(settings, current, number, hospital) == "duplicate":
+            for _ in chunks:  # drain the stream; the stored copy stands
+                pass
+            self._submissions.labels(task, "duplicate").inc()
+            return True
+        import psycopg2.errors
+
+        try:
+            with self._store.submission(task, number, hospital, total) as writer:
+                for index, ciphertext in chunks:
+                    writer.add(index, ciphertext)
+        except psycopg2.errors.UniqueViolation:
+            self._submissions.labels(task, "duplicate").inc()
+            return True
+        self._store.note_submission(settings, number)
+        self._submissions.labels(task, "accepted").inc()
+        self._wake.set()
+        return False
+
+    # -- the ticker ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the ticker must survive a database hiccup
+                log.exception("round ticker failed; retrying")
+            self._wake.wait(self._tick_seconds)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        for task in self._store.tasks():
+            settings = self._store.settings(task)
+            current = self._store.current_round(task)
+            self._current.labels(task).set(current.number)
+            if current.state == RoundState.AGGREGATING:
+                self._aggregate(settings, current)  # left over from a crash
+                continue
+            if current.quorum_at is None and len(current.submitted) >= settings.quorum:
+                self._store.note_submission(settings, current.number)
+                current = self._store.current_round(task)
+            decision = decide_close(settings, current, datetime.now(UTC))
+            if decision == "aggregate" and self._store.mark_aggregating(task, current.number):
+                self._aggregate(settings, current)
+            elif decision == "fail":
+                reason = f"deadline passed with {len(current.submitted)} of {settings.quorum} required submissions"
+                self._store.fail_round(settings, current.number, reason, next_round_number(settings, current.number))
+                self._rounds.labels(task, "failed").inc()
+                log.warning("round failed", extra={"task": task, "round": current.number, "reason": reason})
+                self._notify()
+
+    def _aggregate(self, settings: FederationSettings, current: Round) -> None:
+        total = self._store.chunk_count(settings.task, current.number)
+        sums: list[bytes] = []
+        # One chunk index at a time: memory stays at one chunk per hospital, whatever the model size.
+        for index in range(total):
+            parts = self._store.chunks_at(settings.task, current.number, index)
+            acc = parts[0]
+            for part in parts[1:]:
+                acc = self._add(acc, part)
+            sums.append(acc)
+        self._store.close_round(settings, current.number, sums, len(current.submitted),
+                                next_round_number(settings, current.number))
+        self._rounds.labels(settings.task, "closed").inc()
+        log.info("round closed", extra={"task": settings.task, "round": current.number,
+                                        "contributors": len(current.submitted)})
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()

@@ -1,0 +1,102 @@
+"""The round state machine (pure): who may submit, when a round closes, what opens next.
+
+States: OPEN (no submission yet) -> COLLECTING -> AGGREGATING -> CLOSED, or FAILED when the
+deadline passes without quorum. Round 0 carries the federated statistics; rounds 1..R train.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from fibemrss.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+
+
+class RoundState(enum.StrEnum):
+    OPEN = "open"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+ACCEPTING = (RoundState.OPEN, RoundState.COLLECTING)
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    task: str
+    rounds: int  # training rounds after the statistics round 0
+    quorum: int
+    grace_seconds: float
+    deadline_seconds: float
+    hospitals: tuple[str, ...]
+
+    def validate(self) -> None:
+        problems = []
+        if self.rounds < 1:
+            problems.append(("rounds", "must be at least 1"))
+        if not self.hospitals:
+            problems.append(("hospitals", "name at least one hospital"))
+        if not 1 <= self.quorum <= max(len(self.hospitals), 1):
+            problems.append(("quorum", f"must be between 1 and the number of hospitals ({len(self.hospitals)})"))
+        if self.deadline_seconds <= 0:
+            problems.append(("deadline_seconds", "must be positive"))
+        if self.grace_seconds < 0:
+            problems.append(("grace_seconds", "must not be negative"))
+        if problems:
+            from fibemrss.errors import FieldProblem
+
+            raise InvalidArgument("invalid federation settings", [FieldProblem(f, d) for f, d in problems])
+
+
+@dataclass(frozen=True)
+class Round:
+    task: str
+    number: int
+    state: RoundState
+    deadline_at: datetime
+    quorum_at: datetime | None
+    submitted: frozenset[str]
+
+
+SubmissionDecision = Literal["accept", "duplicate"]
+
+
+def decide_submission(settings: FederationSettings, current: Round, round_number: int, hospital: str) -> SubmissionDecision:
+    """Whether `hospital` may submit to `round_number` now; raises with the reason if not."""
+    if hospital not in settings.hospitals:
+        raise PermissionDenied(f"hospital {hospital!r} is not part of the federation for {settings.task}")
+    if round_number != current.number:
+        raise FailedPrecondition(
+            f"round {round_number} is not open; the current round of {settings.task} is {current.number} "
+            f"({current.state})"
+        )
+    if hospital in current.submitted:
+        return "duplicate"  # a retried upload after a lost response: idempotent
+    if current.state not in ACCEPTING:
+        raise FailedPrecondition(f"round {round_number} is {current.state}; the submission came too late")
+    return "accept"
+
+
+CloseDecision = Literal["aggregate", "fail", "wait"]
+
+
+def decide_close(settings: FederationSettings, current: Round, now: datetime) -> CloseDecision:
+    if current.state not in ACCEPTING:
+        return "wait"
+    n = len(current.submitted)
+    if n == len(settings.hospitals):
+        return "aggregate"  # everyone is in: no reason to wait for the grace period
+    if current.quorum_at is not None and now >= current.quorum_at + timedelta(seconds=settings.grace_seconds):
+        return "aggregate"
+    if now >= current.deadline_at:
+        return "aggregate" if n >= settings.quorum else "fail"
+    return "wait"
+
+
+def next_round_number(settings: FederationSettings, closed_round: int) -> int | None:
+    """The round to open after `closed_round` finished (closed or failed), or None when done."""
+    return closed_round + 1 if closed_round < settings.rounds else None

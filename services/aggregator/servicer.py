@@ -1,0 +1,116 @@
+"""The aggregator's gRPC servicer: converts requests and delegates to the Coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fibemrss.errors import FieldProblem, InvalidArgument, PermissionDenied
+from fibemrss.federation.v1 import federation_pb2 as pb
+from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.identity import caller_identity
+from services.aggregator.coordinator import Coordinator
+from services.aggregator.round_state import FederationSettings, Round, RoundState
+from services.aggregator.store import AggregatorStore
+
+_STATES = {
+    RoundState.OPEN: pb.ROUND_STATE_OPEN,
+    RoundState.COLLECTING: pb.ROUND_STATE_COLLECTING,
+    RoundState.AGGREGATING: pb.ROUND_STATE_AGGREGATING,
+    RoundState.CLOSED: pb.ROUND_STATE_CLOSED,
+    RoundState.FAILED: pb.ROUND_STATE_FAILED,
+}
+MAX_WAIT_SECONDS = 30.0
+
+
+def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> None:
+    """With mutual TLS, an agent's certificate names its hospital ("agent@<hospital>")."""
+    identity = caller_identity(context)
+    if identity.startswith("unauthenticated:"):
+        return  # plaintext loopback deployments (the demo); TLS deployments always have a name
+    if identity != f"agent@{hospital}":
+        raise PermissionDenied(f"caller {identity} may not act for hospital {hospital!r}")
+
+
+class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
+    def __init__(self, coordinator: Coordinator, store: AggregatorStore) -> None:
+        self._coordinator = coordinator
+        self._store = store
+
+    def _round_info(self, r: Round) -> pb.RoundInfo:
+        settings = self._store.settings(r.task)
+        deadline = Timestamp()
+        deadline.FromDatetime(r.deadline_at)
+        return pb.RoundInfo(
+            task=r.task, round=r.number, state=_STATES[r.state], submitted=sorted(r.submitted),
+            quorum=settings.quorum, deadline=deadline, rounds=settings.rounds,
+            federation_done=self._coordinator.is_done(settings, r),
+            base_round=self._coordinator.base_round(r.task, r.number),
+            failure=self._store.failure(r.task, r.number) if r.state == RoundState.FAILED else "",
+        )
+
+    def _status(self, task: str) -> pb.FederationStatus:
+        settings = self._store.settings(task)
+        rounds = self._store.rounds(task)
+        return pb.FederationStatus(
+            task=task, rounds=settings.rounds, quorum=settings.quorum, hospitals=list(settings.hospitals),
+            current=self._round_info(rounds[-1]), history=[self._round_info(r) for r in rounds],
+        )
+
+    def StartFederation(self, request: pb.StartFederationRequest, context: grpc.ServicerContext) -> pb.StartFederationResponse:
+        if not request.task:
+            raise InvalidArgument("task is required", [FieldProblem("task", "is required")])
+        settings = FederationSettings(
+            task=request.task, rounds=request.rounds, quorum=request.quorum, grace_seconds=request.grace_seconds,
+            deadline_seconds=request.deadline_seconds or 300.0, hospitals=tuple(request.hospitals),
+        )
+        self._coordinator.start_federation(settings)
+        return pb.StartFederationResponse(status=self._status(request.task))
+
+    def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
+        if request.HasField("wait_for_round"):
+            wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
+            current = self._coordinator.wait_for_round(request.task, request.wait_for_round, wait)
+        else:
+            current = self._store.current_round(request.task)
+        return pb.GetRoundResponse(round=self._round_info(current))
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("empty submission stream", [FieldProblem("chunks", "send at least one chunk")])
+        problems = [FieldProblem(f, "is required on the first chunk")
+                    for f, v in (("task", first.task), ("hospital", first.hospital)) if not v]
+        if first.total_chunks < 1:
+            problems.append(FieldProblem("total_chunks", "must be at least 1"))
+        if problems:
+            raise InvalidArgument("incomplete first chunk", problems)
+        check_hospital_identity(context, first.hospital)
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            yield first.index, first.ciphertext
+            for chunk in request_iterator:
+                yield chunk.index, chunk.ciphertext
+
+        duplicate = self._coordinator.submit(first.task, first.round, first.hospital, first.total_chunks, chunks())
+        return pb.SubmitUpdateResponse(duplicate=duplicate,
+                                       round=self._round_info(self._store.current_round(first.task)))
+
+    def FetchAggregate(self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchAggregateResponse]:
+        from fibemrss.errors import FailedPrecondition, NotFound
+
+        if request.hospital:
+            check_hospital_identity(context, request.hospital)
+        rounds = {r.number: r for r in self._store.rounds(request.task)}
+        if request.round not in rounds:
+            raise NotFound(f"round {request.round} of {request.task} does not exist")
+        if rounds[request.round].state != RoundState.CLOSED:
+            raise FailedPrecondition(f"round {request.round} is {rounds[request.round].state}, not closed")
+        for index, total, contributors, data in self._store.aggregate(request.task, request.round):
+            yield pb.FetchAggregateResponse(index=index, total_chunks=total, ciphertext=data,
+                                            contributors=contributors)
+
+    def GetFederationStatus(self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext) -> pb.GetFederationStatusResponse:
+        return pb.GetFederationStatusResponse(status=self._status(request.task))

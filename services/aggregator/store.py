@@ -1,0 +1,194 @@
+"""The aggregator's PostgreSQL adapter: federations, rounds, submitted and summed ciphertexts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+
+import psycopg2.errors
+import psycopg2.extensions
+
+from fibemrss.db.pool import Database
+from fibemrss.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.aggregator.round_state import FederationSettings, Round, RoundState
+
+
+class SubmissionWriter:
+    """Writes one hospital's chunks inside the submission's transaction, as they arrive."""
+
+    def __init__(self, cur: psycopg2.extensions.cursor, task: str, round_number: int, hospital: str,
+                 total: int) -> None:
+        self._cur, self._key, self._total = cur, (task, round_number, hospital), total
+        self.seen: set[int] = set()
+
+    def add(self, index: int, ciphertext: bytes) -> None:
+        if not 0 <= index < self._total:
+            raise InvalidArgument(f"chunk index {index} is outside 0..{self._total - 1}")
+        if index in self.seen:
+            raise InvalidArgument(f"chunk {index} was sent twice in one submission")
+        self.seen.add(index)
+        self._cur.execute(
+            "INSERT INTO submission_chunks (task, round, hospital, idx, ciphertext) VALUES (%s,%s,%s,%s,%s)",
+            (*self._key, index, psycopg2.Binary(ciphertext)),
+        )
+
+
+class AggregatorStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def create_federation(self, s: FederationSettings) -> bool:
+        """Creates the federation and opens round 0; False if it already existed identically."""
+        with self._db.transaction() as cur:
+            cur.execute("SELECT rounds, quorum, hospitals FROM federations WHERE task=%s", (s.task,))
+            row = cur.fetchone()
+            if row is not None:
+                if (row[0], row[1], sorted(row[2])) != (s.rounds, s.quorum, sorted(s.hospitals)):
+                    raise FailedPrecondition(f"a federation for {s.task} already exists with other settings")
+                return False
+            cur.execute(
+                "INSERT INTO federations (task, rounds, quorum, grace_seconds, deadline_seconds, hospitals) "
+                "VALUES (%s,%s,%s,%s,%s,%s)",
+                (s.task, s.rounds, s.quorum, s.grace_seconds, s.deadline_seconds, list(s.hospitals)),
+            )
+            self._open_round(cur, s, 0)
+            return True
+
+    @staticmethod
+    def _open_round(cur: psycopg2.extensions.cursor, s: FederationSettings, number: int) -> None:
+        cur.execute(
+            "INSERT INTO rounds (task, round, state, deadline_at) VALUES (%s,%s,%s,%s)",
+            (s.task, number, RoundState.OPEN.value, datetime.now(UTC) + timedelta(seconds=s.deadline_seconds)),
+        )
+
+    def tasks(self) -> list[str]:
+        with self._db.transaction() as cur:
+            cur.execute("SELECT task FROM federations ORDER BY task")
+            return [r[0] for r in cur.fetchall()]
+
+    def settings(self, task: str) -> FederationSettings:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT rounds, quorum, grace_seconds, deadline_seconds, hospitals FROM federations WHERE task=%s",
+                (task,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no federation for task {task!r}")
+        return FederationSettings(task, row[0], row[1], row[2], row[3], tuple(row[4]))
+
+    def rounds(self, task: str) -> list[Round]:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT r.round, r.state, r.deadline_at, r.quorum_at, "
+                "COALESCE(array_agg(s.hospital) FILTER (WHERE s.hospital IS NOT NULL), '{}') "
+                "FROM rounds r LEFT JOIN submissions s ON s.task=r.task AND s.round=r.round "
+                "WHERE r.task=%s GROUP BY r.round ORDER BY r.round",
+                (task,),
+            )
+            return [Round(task, n, RoundState(state), deadline, quorum_at, frozenset(subs))
+                    for n, state, deadline, quorum_at, subs in cur.fetchall()]
+
+    def current_round(self, task: str) -> Round:
+        rounds = self.rounds(task)
+        if not rounds:
+            raise NotFound(f"no federation for task {task!r}")
+        return rounds[-1]
+
+    def failure(self, task: str, number: int) -> str:
+        with self._db.transaction() as cur:
+            cur.execute("SELECT failure FROM rounds WHERE task=%s AND round=%s", (task, number))
+            row = cur.fetchone()
+        return (row[0] or "") if row else ""
+
+    @contextmanager
+    def submission(self, task: str, number: int, hospital: str, total: int) -> Iterator[SubmissionWriter]:
+        """A transaction that stores a whole submission or nothing. The round row is share-locked,
+        so the round cannot start aggregating while this upload is in flight."""
+        with self._db.transaction() as cur:
+            cur.execute("SELECT state FROM rounds WHERE task=%s AND round=%s FOR SHARE", (task, number))
+            row = cur.fetchone()
+            if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
+                raise FailedPrecondition(f"round {number} of {task} is not accepting submissions")
+            cur.execute(
+                "INSERT INTO submissions (task, round, hospital, total_chunks) VALUES (%s,%s,%s,%s)",
+                (task, number, hospital, total),
+            )
+            writer = SubmissionWriter(cur, task, number, hospital, total)
+            yield writer
+            if len(writer.seen) != total:
+                raise InvalidArgument(f"the submission announced {total} chunks but carried {len(writer.seen)}")
+
+    def note_submission(self, s: FederationSettings, number: int) -> None:
+        """Moves the round to COLLECTING and stamps the moment quorum was reached."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE rounds SET state=%s, quorum_at = COALESCE(quorum_at, CASE WHEN "
+                "(SELECT count(*) FROM submissions WHERE task=%s AND round=%s) >= %s THEN now() END) "
+                "WHERE task=%s AND round=%s AND state IN ('open', 'collecting')",
+                (RoundState.COLLECTING.value, s.task, number, s.quorum, s.task, number),
+            )
+
+    def mark_aggregating(self, task: str, number: int) -> bool:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE rounds SET state='aggregating' WHERE task=%s AND round=%s AND state IN ('open','collecting')",
+                (task, number),
+            )
+            return cur.rowcount == 1
+
+    def chunk_count(self, task: str, number: int) -> int:
+        with self._db.transaction() as cur:
+            cur.execute("SELECT max(total_chunks), min(total_chunks) FROM submissions WHERE task=%s AND round=%s",
+                        (task, number))
+            hi, lo = cur.fetchone()
+        if hi != lo:
+            raise FailedPrecondition(f"hospitals sent different chunk counts for round {number}")
+        return int(hi or 0)
+
+    def chunks_at(self, task: str, number: int, index: int) -> list[bytes]:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT ciphertext FROM submission_chunks WHERE task=%s AND round=%s AND idx=%s ORDER BY hospital",
+                (task, number, index),
+            )
+            return [bytes(r[0]) for r in cur.fetchall()]
+
+    def close_round(self, s: FederationSettings, number: int, sums: list[bytes], contributors: int,
+                    next_round: int | None) -> None:
+        """Stores the sum, closes the round and opens the next, all or nothing."""
+        with self._db.transaction() as cur:
+            for index, ciphertext in enumerate(sums):
+                cur.execute(
+                    "INSERT INTO aggregates (task, round, idx, total_chunks, contributors, ciphertext) "
+                    "VALUES (%s,%s,%s,%s,%s,%s)",
+                    (s.task, number, index, len(sums), contributors, psycopg2.Binary(ciphertext)),
+                )
+            cur.execute("UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
+                        (s.task, number))
+            if next_round is not None:
+                self._open_round(cur, s, next_round)
+
+    def fail_round(self, s: FederationSettings, number: int, reason: str, next_round: int | None) -> None:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE rounds SET state='failed', closed_at=now(), failure=%s WHERE task=%s AND round=%s",
+                (reason, s.task, number),
+            )
+            if next_round is not None:
+                self._open_round(cur, s, next_round)
+
+    def aggregate(self, task: str, number: int) -> Iterator[tuple[int, int, int, bytes]]:
+        """(index, total, contributors, ciphertext) of a closed round's sum, chunk by chunk."""
+        with self._db.transaction() as cur:
+            cur.execute("SELECT idx FROM aggregates WHERE task=%s AND round=%s ORDER BY idx", (task, number))
+            indexes = [r[0] for r in cur.fetchall()]
+        for index in indexes:
+            with self._db.transaction() as cur:
+                cur.execute(
+                    "SELECT total_chunks, contributors, ciphertext FROM aggregates WHERE task=%s AND round=%s AND idx=%s",
+                    (task, number, index),
+                )
+                total, contributors, data = cur.fetchone()
+            yield index, total, contributors, bytes(data)

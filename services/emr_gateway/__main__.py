@@ -1,0 +1,38 @@
+"""Entry point of the EMR gateway: wiring only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from fibemrss.config import ServerConfig, env_str
+from fibemrss.db.migrate import migrate
+from fibemrss.db.pool import Database
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.entrypoint import run_service
+from fibemrss.server import serve_until_signalled, start_server
+from services.emr_gateway.pseudonym import Pseudonymizer
+from services.emr_gateway.servicer import EmrGatewayServicer
+from services.emr_gateway.store import GatewayStore
+
+
+def main() -> None:
+    config = ServerConfig.from_env()
+    database_url = env_str("DATABASE_URL")
+    pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
+    if env_str("FIBEMRSS_MIGRATE", "1") == "1":
+        migrate(database_url, "hospital")
+    db = Database(database_url)
+
+    def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
+        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(GatewayStore(db), pseudonyms), server)
+        return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
+
+    running = start_server("emr_gateway", register, config)
+    serve_until_signalled(running, on_stop=db.close)
+
+
+if __name__ == "__main__":
+    run_service("emr_gateway", main)

@@ -1,0 +1,61 @@
+"""Entry point of a hospital's agent: wiring only. It holds the hospital's HE secret key."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from fibemrss.channels import open_channel
+from fibemrss.config import DEFAULT_TASK, ServerConfig, env_str
+from fibemrss.db.migrate import migrate
+from fibemrss.db.pool import Database
+from fibemrss.entrypoint import run_service
+from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
+from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
+from fibemrss.he.keys import load_hospital_key
+from fibemrss.model_store import ModelStore
+from fibemrss.server import serve_until_signalled, start_server
+from fibemrss.task_spec import get_task
+from services.hospital_agent.participation import Participation
+from services.hospital_agent.servicer import HospitalAgentServicer
+
+
+def main() -> None:
+    config = ServerConfig.from_env()
+    hospital = env_str("FIBEMRSS_HOSPITAL")
+    task = get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
+    database_url = env_str("DATABASE_URL")
+    key = load_hospital_key(Path(env_str("FIBEMRSS_HE_CONTEXT")).read_bytes())
+    if env_str("FIBEMRSS_MIGRATE", "1") == "1":
+        migrate(database_url, "hospital")
+    db = Database(database_url)
+    participation = Participation(
+        hospital, task,
+        gateway=open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls),
+        aggregator=open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls),
+        encryptor=UpdateEncryptor(key), decryptor=UpdateDecryptor(key), models=ModelStore(db),
+    )
+
+    def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
+        federation_pb2_grpc.add_HospitalAgentServiceServicer_to_server(HospitalAgentServicer(participation), server)
+        return [federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"].full_name]
+
+    running = start_server("hospital_agent", register, config)
+    stop = threading.Event()
+    loop = threading.Thread(target=participation.run, args=(stop,), name="federation", daemon=True)
+    loop.start()
+
+    def on_stop() -> None:
+        stop.set()
+        loop.join(timeout=10)
+        db.close()
+
+    serve_until_signalled(running, on_stop=on_stop)
+
+
+if __name__ == "__main__":
+    run_service("hospital_agent", main)
