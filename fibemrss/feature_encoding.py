@@ -51,7 +51,11 @@ class GlobalStats:
     present_fraction: tuple[float, ...]
 
     def to_json(self) -> dict[str, list[float]]:
-        return {"means": list(self.means), "stds": list(self.stds), "present_fraction": list(self.present_fraction)}
+        return {
+            "means": list(self.means),
+            "stds": list(self.stds),
+            "present_fraction": list(self.present_fraction),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, list[float]]) -> GlobalStats:
@@ -62,7 +66,7 @@ def global_stats_from_average(task: TaskSpec, average: np.ndarray) -> GlobalStat
     means, stds, present = [], [], []
     for j, i in enumerate(numeric_features(task)):
         scale = task.features[i].scale
-        p, a, b = (float(v) for v in average[3 * j: 3 * j + 3])
+        p, a, b = (float(v) for v in average[3 * j : 3 * j + 3])
         if p <= 1e-9:
             means.append(0.0)
             stds.append(1.0)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fibemrss.channels import open_channel
@@ -28,8 +27,12 @@ log = logging.getLogger(__name__)
 
 DEMO_HOSPITALS = ("cleveland", "hungary", "switzerland", "va-long-beach")
 HOSPITAL_ROLES = ("gateway", "agent", "inference")
-_MODULES = {"gateway": "services.emr_gateway", "agent": "services.hospital_agent",
-            "inference": "services.inference", "aggregator": "services.aggregator"}
+_MODULES = {
+    "gateway": "services.emr_gateway",
+    "agent": "services.hospital_agent",
+    "inference": "services.inference",
+    "aggregator": "services.aggregator",
+}
 
 
 def demo_pseudonym_key(hospital: str) -> str:
@@ -137,8 +140,12 @@ class LocalCluster:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", _MODULES[role]], env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [sys.executable, "-m", _MODULES[role]],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.processes[name] = ServiceProcess(name, proc, ready)
 
@@ -161,8 +168,9 @@ class LocalCluster:
     def _check_health(sp: ServiceProcess, deadline: float) -> None:
         with open_channel(sp.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            response = stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                  timeout=max(deadline - time.monotonic(), 1.0))
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 1.0)
+            )
             if response.status != health_pb2.HealthCheckResponse.SERVING:
                 raise RuntimeError(f"{sp.name} is not serving")
 
@@ -170,7 +178,9 @@ class LocalCluster:
     def endpoints(self) -> dict[str, Any]:
         return {
             "aggregator": self.processes["aggregator@central"].address,
-            "hospitals": {h: {r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES} for h in self.hospitals},
+            "hospitals": {
+                h: {r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES} for h in self.hospitals
+            },
             "metrics": {name: f"http://{sp.metrics}/metrics" for name, sp in self.processes.items()},
             "tls": None,
         }

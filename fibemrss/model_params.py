@@ -49,9 +49,9 @@ def unflatten(vector: np.ndarray, shapes: list[tuple[int, int]]) -> list[Layer]:
     layers: list[Layer] = []
     pos = 0
     for out_dim, in_dim in shapes:
-        w = vector[pos: pos + out_dim * in_dim].reshape(out_dim, in_dim)
+        w = vector[pos : pos + out_dim * in_dim].reshape(out_dim, in_dim)
         pos += out_dim * in_dim
-        b = vector[pos: pos + out_dim]
+        b = vector[pos : pos + out_dim]
         pos += out_dim
         layers.append((w.astype(np.float64), b.astype(np.float64)))
     if pos != vector.size:

@@ -50,12 +50,14 @@ class ModelStore:
             if version is None:
                 cur.execute(
                     "SELECT version, federated_round, model_json, metrics FROM model_versions WHERE task=%s "
-                    "ORDER BY version DESC LIMIT 1", (task,),
+                    "ORDER BY version DESC LIMIT 1",
+                    (task,),
                 )
             else:
                 cur.execute(
                     "SELECT version, federated_round, model_json, metrics FROM model_versions "
-                    "WHERE task=%s AND version=%s", (task, version),
+                    "WHERE task=%s AND version=%s",
+                    (task, version),
                 )
             row = cur.fetchone()
         if row is None:

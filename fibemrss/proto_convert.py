@@ -72,7 +72,9 @@ def record_to_proto(record: PatientRecord, patient_key: str = "") -> emr_pb2.Pat
     if record.age_years is not None:
         msg.age_years = record.age_years
     for c in record.conditions:
-        cm = msg.conditions.add(code=code_to_proto(c.code), clinical_status=c.clinical_status, source_id=c.source_id)
+        cm = msg.conditions.add(
+            code=code_to_proto(c.code), clinical_status=c.clinical_status, source_id=c.source_id
+        )
         if (ts := _ts_to_proto(c.onset)) is not None:
             cm.onset.CopyFrom(ts)
     for e in record.encounters:
@@ -106,7 +108,9 @@ def record_from_proto(msg: emr_pb2.PatientRecord, field: str = "patient") -> Pat
         raise InvalidArgument("invalid patient record", problems)
     return PatientRecord(
         source_patient_id=msg.source_patient_id or msg.patient_key,
-        provenance=Provenance(msg.provenance.source_system, msg.provenance.source_id, msg.provenance.payload_sha256),
+        provenance=Provenance(
+            msg.provenance.source_system, msg.provenance.source_id, msg.provenance.payload_sha256
+        ),
         sex=msg.sex or None,
         birth_date=birth,
         age_years=msg.age_years if msg.HasField("age_years") else None,

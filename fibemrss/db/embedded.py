@@ -45,7 +45,9 @@ def _run_as() -> str | None:
     try:
         pwd.getpwnam(SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", SYSTEM_USER], check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", SYSTEM_USER], check=True, capture_output=True
+        )
     return SYSTEM_USER
 
 
@@ -91,8 +93,18 @@ class EmbeddedPostgres:
             shutil.chown(self.data_dir, self._user, self._user)
         self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
-            self._run([self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                       "--auth=trust", "--encoding=UTF8", "--no-locale"])
+            self._run(
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-locale",
+                ]
+            )
         self.port = _free_port()
         # Durability against a crash of the machine is not the embedded server's job (that is
         # the production server's); against a crash of any FIBEMRSS process it stays intact.
@@ -100,8 +112,21 @@ class EmbeddedPostgres:
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
             "-c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB"
         )
-        self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
-                   "-l", str(self.data_dir / "server.log"), "start"])
+        self._run(
+            [
+                self._bin("pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "-l",
+                str(self.data_dir / "server.log"),
+                "start",
+            ]
+        )
         log.info("embedded postgres started", extra={"port": self.port, "data_dir": str(self.data_dir)})
         return self.base_url
 

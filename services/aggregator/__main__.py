@@ -35,7 +35,9 @@ def main() -> None:
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         coordinator = Coordinator(store, lambda a, b: add_chunks(key, a, b), registry)
         holder["c"] = coordinator
-        federation_pb2_grpc.add_AggregatorServiceServicer_to_server(AggregatorServicer(coordinator, store), server)
+        federation_pb2_grpc.add_AggregatorServiceServicer_to_server(
+            AggregatorServicer(coordinator, store), server
+        )
         return [federation_pb2.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
 
     running = start_server("aggregator", register, config)

@@ -30,8 +30,13 @@ ChunkAdder = Callable[[bytes, bytes], bytes]
 
 
 class Coordinator:
-    def __init__(self, store: AggregatorStore, add: ChunkAdder, registry: CollectorRegistry | None = None,
-                 tick_seconds: float = 0.25) -> None:
+    def __init__(
+        self,
+        store: AggregatorStore,
+        add: ChunkAdder,
+        registry: CollectorRegistry | None = None,
+        tick_seconds: float = 0.25,
+    ) -> None:
         self._store = store
         self._add = add
         self._changed = threading.Condition()
@@ -39,11 +44,18 @@ class Coordinator:
         self._stop = threading.Event()
         self._tick_seconds = tick_seconds
         self._thread = threading.Thread(target=self._run, name="round-ticker", daemon=True)
-        self._submissions = Counter("fibemrss_submissions_total", "Accepted encrypted submissions.",
-                                    ["task", "outcome"], registry=registry)
-        self._rounds = Counter("fibemrss_rounds_finished_total", "Rounds closed or failed.",
-                               ["task", "state"], registry=registry)
-        self._current = Gauge("fibemrss_current_round", "The open round per task.", ["task"], registry=registry)
+        self._submissions = Counter(
+            "fibemrss_submissions_total",
+            "Accepted encrypted submissions.",
+            ["task", "outcome"],
+            registry=registry,
+        )
+        self._rounds = Counter(
+            "fibemrss_rounds_finished_total", "Rounds closed or failed.", ["task", "state"], registry=registry
+        )
+        self._current = Gauge(
+            "fibemrss_current_round", "The open round per task.", ["task"], registry=registry
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -80,12 +92,15 @@ class Coordinator:
 
     def base_round(self, task: str, number: int) -> int:
         """The latest closed round before `number`: its sum is the starting model of `number`."""
-        closed = [r.number for r in self._store.rounds(task) if r.number < number and r.state == RoundState.CLOSED]
+        closed = [
+            r.number for r in self._store.rounds(task) if r.number < number and r.state == RoundState.CLOSED
+        ]
         return closed[-1] if closed else -1
 
     # -- submissions -------------------------------------------------------------------------
-    def submit(self, task: str, number: int, hospital: str, total: int,
-               chunks: Iterable[tuple[int, bytes]]) -> bool:
+    def submit(
+        self, task: str, number: int, hospital: str, total: int, chunks: Iterable[tuple[int, bytes]]
+    ) -> bool:
         """Stores a whole submission; returns True when it was a repeat of an accepted one."""
         if total < 1:
             raise InvalidArgument("total_chunks must be at least 1")
@@ -135,8 +150,12 @@ class Coordinator:
             if decision == "aggregate" and self._store.mark_aggregating(task, current.number):
                 self._aggregate(settings, current)
             elif decision == "fail":
-                reason = f"deadline passed with {len(current.submitted)} of {settings.quorum} required submissions"
-                self._store.fail_round(settings, current.number, reason, next_round_number(settings, current.number))
+                reason = (
+                    f"deadline passed with {len(current.submitted)} of {settings.quorum} required submissions"
+                )
+                self._store.fail_round(
+                    settings, current.number, reason, next_round_number(settings, current.number)
+                )
                 self._rounds.labels(task, "failed").inc()
                 log.warning("round failed", extra={"task": task, "round": current.number, "reason": reason})
                 self._notify()
@@ -151,11 +170,18 @@ class Coordinator:
             for part in parts[1:]:
                 acc = self._add(acc, part)
             sums.append(acc)
-        self._store.close_round(settings, current.number, sums, len(current.submitted),
-                                next_round_number(settings, current.number))
+        self._store.close_round(
+            settings,
+            current.number,
+            sums,
+            len(current.submitted),
+            next_round_number(settings, current.number),
+        )
         self._rounds.labels(settings.task, "closed").inc()
-        log.info("round closed", extra={"task": settings.task, "round": current.number,
-                                        "contributors": len(current.submitted)})
+        log.info(
+            "round closed",
+            extra={"task": settings.task, "round": current.number, "contributors": len(current.submitted)},
+        )
         self._notify()
 
     def _notify(self) -> None:

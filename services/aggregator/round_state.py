@@ -41,7 +41,9 @@ class FederationSettings:
         if not self.hospitals:
             problems.append(("hospitals", "name at least one hospital"))
         if not 1 <= self.quorum <= max(len(self.hospitals), 1):
-            problems.append(("quorum", f"must be between 1 and the number of hospitals ({len(self.hospitals)})"))
+            problems.append(
+                ("quorum", f"must be between 1 and the number of hospitals ({len(self.hospitals)})")
+            )
         if self.deadline_seconds <= 0:
             problems.append(("deadline_seconds", "must be positive"))
         if self.grace_seconds < 0:
@@ -65,7 +67,9 @@ class Round:
 SubmissionDecision = Literal["accept", "duplicate"]
 
 
-def decide_submission(settings: FederationSettings, current: Round, round_number: int, hospital: str) -> SubmissionDecision:
+def decide_submission(
+    settings: FederationSettings, current: Round, round_number: int, hospital: str
+) -> SubmissionDecision:
     """Whether `hospital` may submit to `round_number` now; raises with the reason if not."""
     if hospital not in settings.hospitals:
         raise PermissionDenied(f"hospital {hospital!r} is not part of the federation for {settings.task}")

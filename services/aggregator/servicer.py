@@ -44,8 +44,13 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         deadline = Timestamp()
         deadline.FromDatetime(r.deadline_at)
         return pb.RoundInfo(
-            task=r.task, round=r.number, state=_STATES[r.state], submitted=sorted(r.submitted),
-            quorum=settings.quorum, deadline=deadline, rounds=settings.rounds,
+            task=r.task,
+            round=r.number,
+            state=_STATES[r.state],
+            submitted=sorted(r.submitted),
+            quorum=settings.quorum,
+            deadline=deadline,
+            rounds=settings.rounds,
             federation_done=self._coordinator.is_done(settings, r),
             base_round=self._coordinator.base_round(r.task, r.number),
             failure=self._store.failure(r.task, r.number) if r.state == RoundState.FAILED else "",
@@ -55,16 +60,26 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         settings = self._store.settings(task)
         rounds = self._store.rounds(task)
         return pb.FederationStatus(
-            task=task, rounds=settings.rounds, quorum=settings.quorum, hospitals=list(settings.hospitals),
-            current=self._round_info(rounds[-1]), history=[self._round_info(r) for r in rounds],
+            task=task,
+            rounds=settings.rounds,
+            quorum=settings.quorum,
+            hospitals=list(settings.hospitals),
+            current=self._round_info(rounds[-1]),
+            history=[self._round_info(r) for r in rounds],
         )
 
-    def StartFederation(self, request: pb.StartFederationRequest, context: grpc.ServicerContext) -> pb.StartFederationResponse:
+    def StartFederation(
+        self, request: pb.StartFederationRequest, context: grpc.ServicerContext
+    ) -> pb.StartFederationResponse:
         if not request.task:
             raise InvalidArgument("task is required", [FieldProblem("task", "is required")])
         settings = FederationSettings(
-            task=request.task, rounds=request.rounds, quorum=request.quorum, grace_seconds=request.grace_seconds,
-            deadline_seconds=request.deadline_seconds or 300.0, hospitals=tuple(request.hospitals),
+            task=request.task,
+            rounds=request.rounds,
+            quorum=request.quorum,
+            grace_seconds=request.grace_seconds,
+            deadline_seconds=request.deadline_seconds or 300.0,
+            hospitals=tuple(request.hospitals),
         )
         self._coordinator.start_federation(settings)
         return pb.StartFederationResponse(status=self._status(request.task))
@@ -77,12 +92,19 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             current = self._store.current_round(request.task)
         return pb.GetRoundResponse(round=self._round_info(current))
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext) -> pb.SubmitUpdateResponse:
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateResponse:
         first = next(request_iterator, None)
         if first is None:
-            raise InvalidArgument("empty submission stream", [FieldProblem("chunks", "send at least one chunk")])
-        problems = [FieldProblem(f, "is required on the first chunk")
-                    for f, v in (("task", first.task), ("hospital", first.hospital)) if not v]
+            raise InvalidArgument(
+                "empty submission stream", [FieldProblem("chunks", "send at least one chunk")]
+            )
+        problems = [
+            FieldProblem(f, "is required on the first chunk")
+            for f, v in (("task", first.task), ("hospital", first.hospital))
+            if not v
+        ]
         if first.total_chunks < 1:
             problems.append(FieldProblem("total_chunks", "must be at least 1"))
         if problems:
@@ -94,11 +116,16 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             for chunk in request_iterator:
                 yield chunk.index, chunk.ciphertext
 
-        duplicate = self._coordinator.submit(first.task, first.round, first.hospital, first.total_chunks, chunks())
-        return pb.SubmitUpdateResponse(duplicate=duplicate,
-                                       round=self._round_info(self._store.current_round(first.task)))
+        duplicate = self._coordinator.submit(
+            first.task, first.round, first.hospital, first.total_chunks, chunks()
+        )
+        return pb.SubmitUpdateResponse(
+            duplicate=duplicate, round=self._round_info(self._store.current_round(first.task))
+        )
 
-    def FetchAggregate(self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchAggregateResponse]:
+    def FetchAggregate(
+        self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FetchAggregateResponse]:
         from fibemrss.errors import FailedPrecondition, NotFound
 
         if request.hospital:
@@ -109,8 +136,11 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         if rounds[request.round].state != RoundState.CLOSED:
             raise FailedPrecondition(f"round {request.round} is {rounds[request.round].state}, not closed")
         for index, total, contributors, data in self._store.aggregate(request.task, request.round):
-            yield pb.FetchAggregateResponse(index=index, total_chunks=total, ciphertext=data,
-                                            contributors=contributors)
+            yield pb.FetchAggregateResponse(
+                index=index, total_chunks=total, ciphertext=data, contributors=contributors
+            )
 
-    def GetFederationStatus(self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext) -> pb.GetFederationStatusResponse:
+    def GetFederationStatus(
+        self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetFederationStatusResponse:
         return pb.GetFederationStatusResponse(status=self._status(request.task))

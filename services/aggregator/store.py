@@ -17,8 +17,9 @@ from services.aggregator.round_state import FederationSettings, Round, RoundStat
 class SubmissionWriter:
     """Writes one hospital's chunks inside the submission's transaction, as they arrive."""
 
-    def __init__(self, cur: psycopg2.extensions.cursor, task: str, round_number: int, hospital: str,
-                 total: int) -> None:
+    def __init__(
+        self, cur: psycopg2.extensions.cursor, task: str, round_number: int, hospital: str, total: int
+    ) -> None:
         self._cur, self._key, self._total = cur, (task, round_number, hospital), total
         self.seen: set[int] = set()
 
@@ -59,7 +60,12 @@ class AggregatorStore:
     def _open_round(cur: psycopg2.extensions.cursor, s: FederationSettings, number: int) -> None:
         cur.execute(
             "INSERT INTO rounds (task, round, state, deadline_at) VALUES (%s,%s,%s,%s)",
-            (s.task, number, RoundState.OPEN.value, datetime.now(UTC) + timedelta(seconds=s.deadline_seconds)),
+            (
+                s.task,
+                number,
+                RoundState.OPEN.value,
+                datetime.now(UTC) + timedelta(seconds=s.deadline_seconds),
+            ),
         )
 
     def tasks(self) -> list[str]:
@@ -84,11 +90,13 @@ class AggregatorStore:
                 "SELECT r.round, r.state, r.deadline_at, r.quorum_at, "
                 "COALESCE(array_agg(s.hospital) FILTER (WHERE s.hospital IS NOT NULL), '{}') "
                 "FROM rounds r LEFT JOIN submissions s ON s.task=r.task AND s.round=r.round "
-                "WHERE r.task=%s GROUP BY r.round ORDER BY r.round",
+                "WHERE r.task=%s GROUP BY r.round, r.state, r.deadline_at, r.quorum_at ORDER BY r.round",
                 (task,),
             )
-            return [Round(task, n, RoundState(state), deadline, quorum_at, frozenset(subs))
-                    for n, state, deadline, quorum_at, subs in cur.fetchall()]
+            return [
+                Round(task, n, RoundState(state), deadline, quorum_at, frozenset(subs))
+                for n, state, deadline, quorum_at, subs in cur.fetchall()
+            ]
 
     def current_round(self, task: str) -> Round:
         rounds = self.rounds(task)
@@ -118,7 +126,9 @@ class AggregatorStore:
             writer = SubmissionWriter(cur, task, number, hospital, total)
             yield writer
             if len(writer.seen) != total:
-                raise InvalidArgument(f"the submission announced {total} chunks but carried {len(writer.seen)}")
+                raise InvalidArgument(
+                    f"the submission announced {total} chunks but carried {len(writer.seen)}"
+                )
 
     def note_submission(self, s: FederationSettings, number: int) -> None:
         """Moves the round to COLLECTING and stamps the moment quorum was reached."""
@@ -140,8 +150,10 @@ class AggregatorStore:
 
     def chunk_count(self, task: str, number: int) -> int:
         with self._db.transaction() as cur:
-            cur.execute("SELECT max(total_chunks), min(total_chunks) FROM submissions WHERE task=%s AND round=%s",
-                        (task, number))
+            cur.execute(
+                "SELECT max(total_chunks), min(total_chunks) FROM submissions WHERE task=%s AND round=%s",
+                (task, number),
+            )
             hi, lo = cur.fetchone()
         if hi != lo:
             raise FailedPrecondition(f"hospitals sent different chunk counts for round {number}")
@@ -155,8 +167,9 @@ class AggregatorStore:
             )
             return [bytes(r[0]) for r in cur.fetchall()]
 
-    def close_round(self, s: FederationSettings, number: int, sums: list[bytes], contributors: int,
-                    next_round: int | None) -> None:
+    def close_round(
+        self, s: FederationSettings, number: int, sums: list[bytes], contributors: int, next_round: int | None
+    ) -> None:
         """Stores the sum, closes the round and opens the next, all or nothing."""
         with self._db.transaction() as cur:
             for index, ciphertext in enumerate(sums):
@@ -165,8 +178,10 @@ class AggregatorStore:
                     "VALUES (%s,%s,%s,%s,%s,%s)",
                     (s.task, number, index, len(sums), contributors, psycopg2.Binary(ciphertext)),
                 )
-            cur.execute("UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
-                        (s.task, number))
+            cur.execute(
+                "UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
+                (s.task, number),
+            )
             if next_round is not None:
                 self._open_round(cur, s, next_round)
 

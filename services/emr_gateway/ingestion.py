@@ -59,8 +59,9 @@ def ingest(candidates: Iterable[Candidate], store: RecordStore, pseudonyms: Pseu
             outcomes.append(Outcome(c.index, c.source_id, "unsupported", [c.unsupported_reason]))
             continue
         if c.record is None:
-            outcomes.append(Outcome(c.index, c.source_id, "rejected", [v.description for v in c.violations],
-                                    c.violations))
+            outcomes.append(
+                Outcome(c.index, c.source_id, "rejected", [v.description for v in c.violations], c.violations)
+            )
             continue
         key = pseudonyms.patient_key(c.record.provenance.source_system, c.record.source_patient_id)
         reasons = plausibility_reasons(c.record)

@@ -31,14 +31,18 @@ def _text(content: bytes, field: str) -> str:
     try:
         return content.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidArgument("content is not UTF-8", [FieldProblem(field, f"not valid UTF-8 at byte {exc.start}")])
+        raise InvalidArgument(
+            "content is not UTF-8", [FieldProblem(field, f"not valid UTF-8 at byte {exc.start}")]
+        )
 
 
 def _csv_candidates(request: emr_pb2.CsvExport) -> list[Candidate]:
     parse = PROFILES.get(request.profile)
     if parse is None:
         known = ", ".join(sorted(PROFILES))
-        raise InvalidArgument("unknown CSV profile", [FieldProblem("csv.profile", f"{request.profile!r} is not one of {known}")])
+        raise InvalidArgument(
+            "unknown CSV profile", [FieldProblem("csv.profile", f"{request.profile!r} is not one of {known}")]
+        )
     text = _text(request.content, "csv.content")
     source = request.source_name or "csv"
     return [Candidate(r.index, r.source_id, r.record, r.violations) for r in parse(text, source)]
@@ -46,7 +50,10 @@ def _csv_candidates(request: emr_pb2.CsvExport) -> list[Candidate]:
 
 def _outcome_to_proto(o: Outcome) -> emr_pb2.RecordOutcome:
     return emr_pb2.RecordOutcome(
-        index=o.index, source_id=o.source_id, fate=_FATES[o.fate], reasons=o.reasons,
+        index=o.index,
+        source_id=o.source_id,
+        fate=_FATES[o.fate],
+        reasons=o.reasons,
         violations=[emr_pb2.FieldViolation(field=v.field, description=v.description) for v in o.violations],
         patient_key=o.patient_key,
     )
@@ -70,16 +77,25 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
         outcomes = ingest(candidates, self._store, self._pseudonyms)
         response = emr_pb2.IngestResponse(outcomes=[_outcome_to_proto(o) for o in outcomes])
         for o in outcomes:
-            field = {"accepted": "accepted", "duplicate": "duplicates", "quarantined": "quarantined",
-                     "rejected": "rejected", "unsupported": "unsupported"}[o.fate]
+            field = {
+                "accepted": "accepted",
+                "duplicate": "duplicates",
+                "quarantined": "quarantined",
+                "rejected": "rejected",
+                "unsupported": "unsupported",
+            }[o.fate]
             setattr(response, field, getattr(response, field) + 1)
         return response
 
-    def GetPatient(self, request: emr_pb2.GetPatientRequest, context: grpc.ServicerContext) -> emr_pb2.GetPatientResponse:
+    def GetPatient(
+        self, request: emr_pb2.GetPatientRequest, context: grpc.ServicerContext
+    ) -> emr_pb2.GetPatientResponse:
         if not request.patient_key:
             raise InvalidArgument("patient_key is required", [FieldProblem("patient_key", "is required")])
         if not request.purpose:
-            raise InvalidArgument("purpose is required", [FieldProblem("purpose", "say why the record is read")])
+            raise InvalidArgument(
+                "purpose is required", [FieldProblem("purpose", "say why the record is read")]
+            )
         record = self._store.get_patient(request.patient_key)
         self._store.audit(caller_identity(context), "read_patient", request.purpose, request.patient_key)
         return emr_pb2.GetPatientResponse(record=record_to_proto(record, patient_key=request.patient_key))
@@ -89,8 +105,12 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
     ) -> emr_pb2.GetIngestStatsResponse:
         s = self._store.stats()
         return emr_pb2.GetIngestStatsResponse(
-            patients=s["patients"], observations=s["observations"], conditions=s["conditions"],
-            encounters=s["encounters"], quarantined=s["quarantine"], source_records=s["source_records"],
+            patients=s["patients"],
+            observations=s["observations"],
+            conditions=s["conditions"],
+            encounters=s["encounters"],
+            quarantined=s["quarantine"],
+            source_records=s["source_records"],
         )
 
     def StreamTrainingExamples(
@@ -100,8 +120,9 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
             task = get_task(request.task)
         except NotFound:
             raise
-        self._store.audit(caller_identity(context), "stream_training_examples", request.purpose or "training",
-                          request.task)
+        self._store.audit(
+            caller_identity(context), "stream_training_examples", request.purpose or "training", request.task
+        )
         batch = emr_pb2.StreamTrainingExamplesResponse()
         for key, record in self._store.current_patients():
             values, label = extract(task, record)

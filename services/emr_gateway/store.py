@@ -54,7 +54,13 @@ class GatewayStore:
                 cur.execute(
                     "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
                     "VALUES (%s,%s,%s,%s,%s) RETURNING id",
-                    (p.source_system, p.source_id, p.payload_sha256, patient_key, (previous[0] + 1) if previous else 1),
+                    (
+                        p.source_system,
+                        p.source_id,
+                        p.payload_sha256,
+                        patient_key,
+                        (previous[0] + 1) if previous else 1,
+                    ),
                 )
                 record_id = cur.fetchone()[0]
                 self._insert_children(cur, record_id, patient_key, record)
@@ -64,15 +70,27 @@ class GatewayStore:
         return "accepted"
 
     @staticmethod
-    def _insert_children(cur: psycopg2.extensions.cursor, record_id: int, key: str, record: PatientRecord) -> None:
+    def _insert_children(
+        cur: psycopg2.extensions.cursor, record_id: int, key: str, record: PatientRecord
+    ) -> None:
         if record.observations:
             cur.executemany(
                 "INSERT INTO observations (record_id, patient_key, code_system, code, display, value, unit, "
                 "value_system, value_code, effective, source_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 [
-                    (record_id, key, o.code.system, o.code.code, o.code.display, o.value, o.unit,
-                     o.value_code.system if o.value_code else None, o.value_code.code if o.value_code else None,
-                     o.effective, o.source_id)
+                    (
+                        record_id,
+                        key,
+                        o.code.system,
+                        o.code.code,
+                        o.code.display,
+                        o.value,
+                        o.unit,
+                        o.value_code.system if o.value_code else None,
+                        o.value_code.code if o.value_code else None,
+                        o.effective,
+                        o.source_id,
+                    )
                     for o in record.observations
                 ],
             )
@@ -80,8 +98,19 @@ class GatewayStore:
             cur.executemany(
                 "INSERT INTO conditions (record_id, patient_key, code_system, code, display, onset, "
                 "clinical_status, source_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                [(record_id, key, c.code.system, c.code.code, c.code.display, c.onset, c.clinical_status,
-                  c.source_id) for c in record.conditions],
+                [
+                    (
+                        record_id,
+                        key,
+                        c.code.system,
+                        c.code.code,
+                        c.code.display,
+                        c.onset,
+                        c.clinical_status,
+                        c.source_id,
+                    )
+                    for c in record.conditions
+                ],
             )
         if record.encounters:
             cur.executemany(
@@ -96,7 +125,13 @@ class GatewayStore:
             cur.execute(
                 "INSERT INTO quarantine (source_system, source_id, payload_sha256, record_json, reasons) "
                 "VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING id",
-                (p.source_system, p.source_id, p.payload_sha256, json.dumps(asdict(record), default=str), reasons),
+                (
+                    p.source_system,
+                    p.source_id,
+                    p.payload_sha256,
+                    json.dumps(asdict(record), default=str),
+                    reasons,
+                ),
             )
             return "accepted" if cur.fetchone() else "duplicate"
 
@@ -110,7 +145,14 @@ class GatewayStore:
     def stats(self) -> dict[str, int]:
         with self._db.transaction() as cur:
             out: dict[str, int] = {}
-            for table in ("patients", "observations", "conditions", "encounters", "quarantine", "source_records"):
+            for table in (
+                "patients",
+                "observations",
+                "conditions",
+                "encounters",
+                "quarantine",
+                "source_records",
+            ):
                 cur.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed table names
                 out[table] = int(cur.fetchone()[0])
             return out
@@ -137,10 +179,16 @@ class GatewayStore:
             )
             observations: dict[str, list[Observation]] = defaultdict(list)
             for key, system, code, display, value, unit, v_system, v_code, effective, source_id in cur:
-                observations[key].append(Observation(
-                    Code(system, code, display), value, unit,
-                    Code(v_system, v_code) if v_code is not None else None, effective, source_id,
-                ))
+                observations[key].append(
+                    Observation(
+                        Code(system, code, display),
+                        value,
+                        unit,
+                        Code(v_system, v_code) if v_code is not None else None,
+                        effective,
+                        source_id,
+                    )
+                )
             cur.execute(
                 "SELECT c.patient_key, c.code_system, c.code, c.display, c.onset, c.clinical_status, c.source_id "
                 f"FROM conditions c JOIN source_records r ON r.id = c.record_id WHERE r.superseded_at IS NULL {where}",
@@ -158,13 +206,20 @@ class GatewayStore:
             for key, source_id, class_code, start, end in cur:
                 encounters[key].append(Encounter(source_id, class_code, start, end))
             where_p = "WHERE patient_key = %s" if patient_key else ""
-            cur.execute(f"SELECT patient_key, sex, birth_date, age_years FROM patients {where_p} ORDER BY patient_key",
-                        args)
+            cur.execute(
+                f"SELECT patient_key, sex, birth_date, age_years FROM patients {where_p} ORDER BY patient_key",
+                args,
+            )
             patients = cur.fetchall()
         for key, sex, birth_date, age in patients:
             # The stored record carries the pseudonym where the source id was: raw ids are never kept.
             yield PatientRecord(
-                source_patient_id=key, provenance=Provenance("", "", ""), sex=sex, birth_date=birth_date,
-                age_years=age, observations=tuple(observations[key]), conditions=tuple(conditions[key]),
+                source_patient_id=key,
+                provenance=Provenance("", "", ""),
+                sex=sex,
+                birth_date=birth_date,
+                age_years=age,
+                observations=tuple(observations[key]),
+                conditions=tuple(conditions[key]),
                 encounters=tuple(encounters[key]),
             )

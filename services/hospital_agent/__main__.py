@@ -34,14 +34,19 @@ def main() -> None:
         migrate(database_url, "hospital")
     db = Database(database_url)
     participation = Participation(
-        hospital, task,
+        hospital,
+        task,
         gateway=open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls),
         aggregator=open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls),
-        encryptor=UpdateEncryptor(key), decryptor=UpdateDecryptor(key), models=ModelStore(db),
+        encryptor=UpdateEncryptor(key),
+        decryptor=UpdateDecryptor(key),
+        models=ModelStore(db),
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        federation_pb2_grpc.add_HospitalAgentServiceServicer_to_server(HospitalAgentServicer(participation), server)
+        federation_pb2_grpc.add_HospitalAgentServiceServicer_to_server(
+            HospitalAgentServicer(participation), server
+        )
         return [federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"].full_name]
 
     running = start_server("hospital_agent", register, config)

@@ -34,11 +34,15 @@ class LocalData:
     @classmethod
     def split(cls, task: TaskSpec, examples: Sequence[Example]) -> LocalData:
         ordered = sorted(examples, key=lambda e: e.patient_key)
-        return cls(tuple(e for e in ordered if not is_test(task, e.patient_key)),
-                   tuple(e for e in ordered if is_test(task, e.patient_key)))
+        return cls(
+            tuple(e for e in ordered if not is_test(task, e.patient_key)),
+            tuple(e for e in ordered if is_test(task, e.patient_key)),
+        )
 
     @staticmethod
-    def matrix(task: TaskSpec, stats: GlobalStats, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray]:
+    def matrix(
+        task: TaskSpec, stats: GlobalStats, examples: Sequence[Example]
+    ) -> tuple[np.ndarray, np.ndarray]:
         x = encode(task, stats, [e.values for e in examples])
         y = np.array([e.label for e in examples], dtype=np.float32)
         return x, y

@@ -38,6 +38,8 @@ from services.hospital_agent.training import train_local
 log = logging.getLogger(__name__)
 
 ACCEPTING = (fpb.ROUND_STATE_OPEN, fpb.ROUND_STATE_COLLECTING)
+# A restarting aggregator or gateway shows up as these; the loop waits and carries on.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -62,8 +64,16 @@ class AgentProgress:
 
 
 class Participation:
-    def __init__(self, hospital: str, task: TaskSpec, gateway: grpc.Channel, aggregator: grpc.Channel,
-                 encryptor: UpdateEncryptor, decryptor: UpdateDecryptor, models: ModelStore) -> None:
+    def __init__(
+        self,
+        hospital: str,
+        task: TaskSpec,
+        gateway: grpc.Channel,
+        aggregator: grpc.Channel,
+        encryptor: UpdateEncryptor,
+        decryptor: UpdateDecryptor,
+        models: ModelStore,
+    ) -> None:
         self.hospital = hospital
         self.task = task
         self._gateway = emr_pb2_grpc.EmrGatewayServiceStub(gateway)
@@ -80,14 +90,18 @@ class Participation:
     def _load_examples(self) -> LocalData:
         examples: list[Example] = []
         stream = self._gateway.StreamTrainingExamples(
-            emr_pb2.StreamTrainingExamplesRequest(task=self.task.name, purpose="federated training"))
+            emr_pb2.StreamTrainingExamplesRequest(task=self.task.name, purpose="federated training")
+        )
         for batch in stream:
             for ex in batch.examples:
                 if not ex.HasField("label"):
                     continue  # no outcome recorded: cannot train or evaluate on it
                 values = tuple(
-                    fv.number if fv.WhichOneof("value") == "number"
-                    else fv.category if fv.WhichOneof("value") == "category" else None
+                    fv.number
+                    if fv.WhichOneof("value") == "number"
+                    else fv.category
+                    if fv.WhichOneof("value") == "category"
+                    else None
                     for fv in ex.features
                 )
                 examples.append(Example(ex.patient_key, values, ex.label))
@@ -111,8 +125,14 @@ class Participation:
         def requests() -> Iterator[fpb.SubmitUpdateRequest]:
             for i, data in enumerate(chunks):
                 if i == 0:
-                    yield fpb.SubmitUpdateRequest(task=self.task.name, round=round_number, hospital=self.hospital,
-                                                  total_chunks=len(chunks), index=0, ciphertext=data)
+                    yield fpb.SubmitUpdateRequest(
+                        task=self.task.name,
+                        round=round_number,
+                        hospital=self.hospital,
+                        total_chunks=len(chunks),
+                        index=0,
+                        ciphertext=data,
+                    )
                 else:
                     yield fpb.SubmitUpdateRequest(index=i, ciphertext=data)
 
@@ -121,14 +141,21 @@ class Participation:
             self.progress.last_submitted_round = round_number
 
     def _decrypt_round(self, round_number: int, n_values: int) -> np.ndarray:
-        chunks = [c.ciphertext for c in self._aggregator.FetchAggregate(
-            fpb.FetchAggregateRequest(task=self.task.name, round=round_number, hospital=self.hospital), timeout=120)]
+        chunks = [
+            c.ciphertext
+            for c in self._aggregator.FetchAggregate(
+                fpb.FetchAggregateRequest(task=self.task.name, round=round_number, hospital=self.hospital),
+                timeout=120,
+            )
+        ]
         average, _total_weight = self._decryptor.decrypt_average(chunks, n_values)
         return average
 
     def _global_stats(self) -> GlobalStats:
         if self._stats is None:
-            self._stats = global_stats_from_average(self.task, self._decrypt_round(0, stats_vector_length(self.task)))
+            self._stats = global_stats_from_average(
+                self.task, self._decrypt_round(0, stats_vector_length(self.task))
+            )
         return self._stats
 
     def _global_params(self, base_round: int) -> np.ndarray:
@@ -146,28 +173,51 @@ class Participation:
         acc = accuracy(unflatten(params, self._shapes), x, y, self.task.threshold)
         with self.progress.lock:
             if not any(e.round == round_number for e in self.progress.evaluations):
-                self.progress.evaluations.append(Evaluation(round_number, acc.correct, acc.total, round_number))
-        self._models.publish(ModelVersion(
-            task=self.task.name, version=round_number, federated_round=round_number,
-            model={"model": self.task.model, "input_names": input_names(self.task), "shapes": self._shapes,
-                   "params": params.tolist(), "stats": stats.to_json(), "threshold": self.task.threshold},
-            metrics={"local_test_accuracy": acc.value, "local_test_examples": acc.total},
-        ), actor=f"agent@{self.hospital}")
+                self.progress.evaluations.append(
+                    Evaluation(round_number, acc.correct, acc.total, round_number)
+                )
+        self._models.publish(
+            ModelVersion(
+                task=self.task.name,
+                version=round_number,
+                federated_round=round_number,
+                model={
+                    "model": self.task.model,
+                    "input_names": input_names(self.task),
+                    "shapes": self._shapes,
+                    "params": params.tolist(),
+                    "stats": stats.to_json(),
+                    "threshold": self.task.threshold,
+                },
+                metrics={"local_test_accuracy": acc.value, "local_test_examples": acc.total},
+            ),
+            actor=f"agent@{self.hospital}",
+        )
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        try:
-            self._run(stop)
-        except grpc.RpcError as exc:
-            with self.progress.lock:
-                self.progress.error = f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
-            log.error("federation stopped", extra={"code": exc.code().name})  # type: ignore[attr-defined]
+        """Takes part until the federation is done; rides out peers that restart."""
+        while not stop.is_set():
+            try:
+                self._run(stop)
+                return
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code in RETRYABLE:
+                    log.warning("peer unavailable, retrying", extra={"code": code.name})
+                    stop.wait(1.0)
+                    continue
+                with self.progress.lock:
+                    self.progress.error = f"{code.name}: {exc.details()}"  # type: ignore[attr-defined]
+                log.error("federation stopped", extra={"code": code.name})
+                return
 
     def _run(self, stop: threading.Event) -> None:
         info = self._wait_for_federation(stop)
         if info is None:
             return
-        self._data = self._load_examples()
+        if self._data is None:
+            self._data = self._load_examples()
         wanted: int | None = None
         while not stop.is_set():
             info = self._round(wanted)
@@ -205,4 +255,6 @@ class Participation:
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
         new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=int(info.round))
         self._submit(int(info.round), new_params, n_train)
-        log.info("round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)})
+        log.info(
+            "round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)}
+        )

@@ -14,16 +14,26 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
     def __init__(self, participation: Participation) -> None:
         self._p = participation
 
-    def GetAgentStatus(self, request: pb.GetAgentStatusRequest, context: grpc.ServicerContext) -> pb.GetAgentStatusResponse:
+    def GetAgentStatus(
+        self, request: pb.GetAgentStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetAgentStatusResponse:
         if request.task and request.task != self._p.task.name:
             raise NotFound(f"this agent takes part in {self._p.task.name}, not {request.task!r}")
         progress = self._p.progress
         with progress.lock:
             status = pb.AgentStatus(
-                hospital=self._p.hospital, task=self._p.task.name, last_submitted_round=progress.last_submitted_round,
-                evaluations=[pb.Evaluation(round=e.round, correct=e.correct, total=e.total, model_version=e.model_version)
-                             for e in progress.evaluations],
-                done=progress.done, error=progress.error, train_examples=progress.train_examples,
+                hospital=self._p.hospital,
+                task=self._p.task.name,
+                last_submitted_round=progress.last_submitted_round,
+                evaluations=[
+                    pb.Evaluation(
+                        round=e.round, correct=e.correct, total=e.total, model_version=e.model_version
+                    )
+                    for e in progress.evaluations
+                ],
+                done=progress.done,
+                error=progress.error,
+                train_examples=progress.train_examples,
                 test_examples=progress.test_examples,
             )
         return pb.GetAgentStatusResponse(status=status)

@@ -41,7 +41,7 @@ def train_local(
     for _ in range(hyper.local_epochs):
         order = torch.randperm(len(yt), generator=generator)
         for start in range(0, len(order), hyper.batch_size):
-            idx = order[start: start + hyper.batch_size]
+            idx = order[start : start + hyper.batch_size]
             optimizer.zero_grad()
             loss = loss_fn(net(xt[idx]).squeeze(1), yt[idx])
             if hyper.proximal_mu > 0:

@@ -13,8 +13,10 @@ from fibemrss.model_params import Layer, forward_logits, sigmoid, unflatten
 from fibemrss.records import PatientRecord
 from fibemrss.task_spec import TaskSpec
 
-CAVEAT = ("This is a statistical reference from a federated model, not a diagnosis. It must be "
-          "interpreted by a clinician together with the full clinical picture.")
+CAVEAT = (
+    "This is a statistical reference from a federated model, not a diagnosis. It must be "
+    "interpreted by a clinician together with the full clinical picture."
+)
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,19 @@ class LoadedModel:
     threshold: float
 
     @classmethod
-    def from_json(cls, task: TaskSpec, version: int, federated_round: int, model: dict[str, Any]) -> LoadedModel:
+    def from_json(
+        cls, task: TaskSpec, version: int, federated_round: int, model: dict[str, Any]
+    ) -> LoadedModel:
         shapes = [tuple(s) for s in model["shapes"]]
         layers = unflatten(np.asarray(model["params"], dtype=np.float64), shapes)  # type: ignore[arg-type]
-        return cls(task, version, federated_round, layers, GlobalStats.from_json(model["stats"]),
-                   float(model.get("threshold", task.threshold)))
+        return cls(
+            task,
+            version,
+            federated_round,
+            layers,
+            GlobalStats.from_json(model["stats"]),
+            float(model.get("threshold", task.threshold)),
+        )
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,8 @@ def diagnose(model: LoadedModel, record: PatientRecord, top: int = 5) -> Referen
     probability = float(sigmoid(logits[:1])[0])
     contributions = [
         (f.name, float(logits[0] - logits[k + 1]))
-        for k, f in enumerate(model.task.features) if values[k] is not None
+        for k, f in enumerate(model.task.features)
+        if values[k] is not None
     ]
     contributions.sort(key=lambda c: abs(c[1]), reverse=True)
     return Reference(

@@ -60,5 +60,7 @@ class ModelCache:
         with self._lock:
             if version not in self._pinned:
                 mv = self._store.get(self._task.name, version)
-                self._pinned[version] = LoadedModel.from_json(self._task, mv.version, mv.federated_round, mv.model)
+                self._pinned[version] = LoadedModel.from_json(
+                    self._task, mv.version, mv.federated_round, mv.model
+                )
             return self._pinned[version]

@@ -23,13 +23,23 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
         if not request.HasField("patient"):
             raise InvalidArgument("patient is required", [FieldProblem("patient", "is required")])
         if request.model_version < 0:
-            raise InvalidArgument("bad model_version", [FieldProblem("model_version", "must be 0 (newest) or positive")])
+            raise InvalidArgument(
+                "bad model_version", [FieldProblem("model_version", "must be 0 (newest) or positive")]
+            )
         record = record_from_proto(request.patient)
         model = self._cache.get(request.model_version)
         ref = diagnose(model, record)
         return pb.DiagnoseResponse(
-            probability=ref.probability, label=ref.label, threshold=model.threshold, model_name=model.task.name,
-            model_version=model.version, federated_round=model.federated_round,
-            top_contributions=[pb.FeatureContribution(feature=f, contribution=c) for f, c in ref.contributions],
-            imputed_features=ref.imputed, risk_band=ref.risk_band, caveat=CAVEAT,
+            probability=ref.probability,
+            label=ref.label,
+            threshold=model.threshold,
+            model_name=model.task.name,
+            model_version=model.version,
+            federated_round=model.federated_round,
+            top_contributions=[
+                pb.FeatureContribution(feature=f, contribution=c) for f, c in ref.contributions
+            ],
+            imputed_features=ref.imputed,
+            risk_band=ref.risk_band,
+            caveat=CAVEAT,
         )
