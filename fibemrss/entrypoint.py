@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from fibemrss.errors import ConfigError, DomainError
+from fibemrss.he.errors import HeError
 from fibemrss.logs import configure_logging
 
 
@@ -14,9 +15,6 @@ def run_service(name: str, main: Callable[[], None]) -> None:
     configure_logging(name)
     try:
         main()
-    except (ConfigError, DomainError) as exc:
-        logging.getLogger(name).error("cannot start: %s", exc)
-        sys.exit(2)
-    except OSError as exc:
+    except (ConfigError, DomainError, HeError, OSError) as exc:
         logging.getLogger(name).error("cannot start: %s", exc)
         sys.exit(2)

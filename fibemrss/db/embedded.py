@@ -76,9 +76,10 @@ class EmbeddedPostgres:
         return str(POSTGRES_BIN_PATH / name)
 
     def _run(self, args: list[str], timeout: float = 120) -> None:
-        result = subprocess.run(
-            args, user=self._user, capture_output=True, text=True, timeout=timeout, cwd="/"
-        )
+        # Group too: keeping root's group would make the group bits of root-owned parent
+        # folders (often ---) apply instead of the "other" bits we opened.
+        as_user = {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
+        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd="/", **as_user)
         if result.returncode != 0:
             log_file = self.data_dir / "server.log"
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""

