@@ -52,6 +52,9 @@ class ServerConfig:
     # When set, the bound addresses are written here as JSON once the server is ready
     # (how `fibemrss up` learns the ports chosen for port 0).
     ready_file: str | None
+    # A plaintext port that serves only grpc.health.v1, for Kubernetes' gRPC probes, which
+    # cannot present a client certificate to the mutual-TLS port.
+    health_listen: str | None = None
 
     @classmethod
     def from_env(cls) -> ServerConfig:
@@ -69,6 +72,7 @@ class ServerConfig:
             metrics_listen=env_str("FIBEMRSS_METRICS_LISTEN", "127.0.0.1:0"),
             tls=tls,
             ready_file=env_optional("FIBEMRSS_READY_FILE"),
+            health_listen=env_optional("FIBEMRSS_HEALTH_LISTEN"),
         )
 
 

@@ -49,6 +49,8 @@ class RunningServer:
     health: health.HealthServicer
     registry: CollectorRegistry
     service_names: Sequence[str] = field(default_factory=tuple)
+    health_server: grpc.Server | None = None
+    health_address: str = ""
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float = 10.0) -> None:
@@ -59,6 +61,8 @@ class RunningServer:
         for name in ("", *self.service_names):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -97,6 +101,15 @@ def start_server(
     m_host, m_port = split_host_port(config.metrics_listen, "FIBEMRSS_METRICS_LISTEN")
     http_server, _ = start_http_server(m_port, addr=m_host, registry=registry)
     metrics_port = http_server.server_port
+    health_server, health_address = None, ""
+    if config.health_listen:
+        # Shares the health servicer: a draining server reports NOT_SERVING here too.
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        h_host, _ = split_host_port(config.health_listen, "FIBEMRSS_HEALTH_LISTEN")
+        h_port = health_server.add_insecure_port(config.health_listen)
+        health_server.start()
+        health_address = f"{h_host}:{h_port}"
     for service in ("", *service_names):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     running = RunningServer(
@@ -107,6 +120,8 @@ def start_server(
         health=health_servicer,
         registry=registry,
         service_names=service_names,
+        health_server=health_server,
+        health_address=health_address,
     )
     log.info("serving", extra={"grpc": running.address, "metrics": running.metrics_address})
     if config.ready_file:

@@ -59,7 +59,7 @@ with zipfile.ZipFile(layer) as z:
 PY
 fi
 "$DIR/bin/helm" version --short
-"$DIR/bin/kubectl" version --client | head -1
+"$DIR/bin/kubectl" version --client | sed -n 1p   # sed reads all: no SIGPIPE under pipefail
 
 # --- Python checkers, in their own virtualenv (never the project's .venv) ------------------
 if [[ ! -x "$DIR/venv/bin/python" ]]; then

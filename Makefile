@@ -1,0 +1,44 @@
+# Two commands matter: `make demo` and `make test`. Both build the virtualenv first if needed.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export PYTHON := $(abspath $(BIN))/python
+
+.PHONY: install demo test lint protos check-protos deploy-tools deploy-check clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,dev]'
+	touch $(STAMP)
+
+PYTHON_BOOTSTRAP := $(shell command -v python3.11 || command -v python3)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fibemrss demo --rounds 15 --json demo-result.json
+
+test: $(STAMP) lint check-protos deploy-tools
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/buf lint
+
+protos: $(STAMP)
+	bash scripts/gen_protos.sh
+
+check-protos: $(STAMP)
+	bash scripts/check_stubs.sh
+
+deploy-tools:
+	bash deploy/tools/install.sh var/deploy-tools
+
+deploy-check: deploy-tools
+	bash deploy/check.sh
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

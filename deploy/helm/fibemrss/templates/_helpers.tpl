@@ -1,0 +1,101 @@
+{{/* Names, labels and the per-role list of services. */}}
+
+{{- define "fibemrss.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fibemrss.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The services of the chosen role, as a YAML list. Each entry:
+  name:   Kubernetes name suffix and the app.kubernetes.io/component label
+  key:    the values key of this service (image digests, tls, resources)
+  module: the Python module the image runs (python -m services.<module>)
+  singleton: exactly one replica, Recreate strategy (round state lives in PostgreSQL)
+*/}}
+{{- define "fibemrss.components" -}}
+{{- if eq .Values.role "central" }}
+- {name: aggregator, key: aggregator, module: aggregator, singleton: true}
+{{- else if eq .Values.role "hospital" }}
+- {name: emr-gateway, key: emrGateway, module: emr_gateway, singleton: false}
+- {name: hospital-agent, key: hospitalAgent, module: hospital_agent, singleton: true}
+- {name: inference, key: inference, module: inference, singleton: false}
+{{- else }}
+{{- fail (printf "role must be \"central\" or \"hospital\", not %q" (toString .Values.role)) }}
+{{- end }}
+{{- end }}
+
+{{/* Parsed list of components: (include "fibemrss.componentList" .) | fromYaml .items */}}
+{{- define "fibemrss.componentList" -}}
+items:
+{{ include "fibemrss.components" . | indent 2 }}
+{{- end }}
+
+{{- define "fibemrss.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "fibemrss.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fibemrss
+{{- end }}
+
+{{/* Selector labels of one component; call with (dict "root" $ "c" $component). */}}
+{{- define "fibemrss.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fibemrss.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .c.name }}
+{{- end }}
+
+{{- define "fibemrss.componentLabels" -}}
+{{ include "fibemrss.labels" .root }}
+app.kubernetes.io/component: {{ .c.name }}
+{{- end }}
+
+{{- define "fibemrss.image" -}}
+{{- $root := .root }}
+{{- $repo := printf "%s/fibemrss-%s" (trimSuffix "/" $root.Values.image.registry) .c.name }}
+{{- $digest := index $root.Values.image.digests .c.key | default "" }}
+{{- if $digest }}
+{{- printf "%s@%s" $repo $digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default $root.Chart.AppVersion $root.Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret names: the existingSecret when given, else <fullname>-<suffix>. */}}
+{{- define "fibemrss.tlsSecretName" -}}
+{{- $t := index .root.Values.tls .c.key }}
+{{- default (printf "%s-%s-tls" (include "fibemrss.fullname" .root) .c.name) $t.existingSecret }}
+{{- end }}
+
+{{- define "fibemrss.databaseSecretName" -}}
+{{- default (printf "%s-database" (include "fibemrss.fullname" .)) .Values.database.existingSecret }}
+{{- end }}
+
+{{- define "fibemrss.pseudonymSecretName" -}}
+{{- default (printf "%s-pseudonym-key" (include "fibemrss.fullname" .)) .Values.pseudonymKey.existingSecret }}
+{{- end }}
+
+{{/* Which HE context a component mounts: hospital-agent the hospital one, the aggregator the
+public one, the others none. Call with (dict "root" $ "c" $component). */}}
+{{- define "fibemrss.heContext" -}}
+{{- if eq .c.name "hospital-agent" }}hospital{{ else if eq .c.name "aggregator" }}aggregator{{ end }}
+{{- end }}
+
+{{- define "fibemrss.heSecretName" -}}
+{{- $which := .which }}
+{{- $he := index .root.Values.heContext $which }}
+{{- default (printf "%s-he-%s" (include "fibemrss.fullname" .root) $which) $he.existingSecret }}
+{{- end }}

@@ -1,0 +1,339 @@
+"""Properties of the Kubernetes manifests: the Helm chart for both roles and the kustomize overlays."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS = ROOT / "var" / "deploy-tools"
+HELM = TOOLS / "bin" / "helm"
+KUBECTL = TOOLS / "bin" / "kubectl"
+CHART = ROOT / "deploy" / "helm" / "fibemrss"
+OVERLAYS = ROOT / "deploy" / "k8s" / "overlays"
+
+if not (HELM.exists() and KUBECTL.exists()):
+    pytest.skip(
+        f"deploy tools not installed in {TOOLS.relative_to(ROOT)}: run bash deploy/tools/install.sh",
+        allow_module_level=True,
+    )
+
+# The environment contract of the services (docs/runbook.md and the design's table).
+DOCUMENTED_ENV = {
+    "FIBEMRSS_LISTEN",
+    "FIBEMRSS_METRICS_LISTEN",
+    "FIBEMRSS_LOG_LEVEL",
+    "FIBEMRSS_TLS_CA",
+    "FIBEMRSS_TLS_CERT",
+    "FIBEMRSS_TLS_KEY",
+    "DATABASE_URL",
+    "FIBEMRSS_HOSPITAL",
+    "FIBEMRSS_TASK",
+    "FIBEMRSS_HE_CONTEXT",
+    "FIBEMRSS_PSEUDONYM_KEY",
+    "FIBEMRSS_GATEWAY",
+    "FIBEMRSS_AGGREGATOR",
+    "FIBEMRSS_MIGRATE",
+}
+ROLE_FILES = {
+    "central": (CHART / "values-central.yaml", "fibemrss-central", "central"),
+    "hospital": (CHART / "values-hospital-example.yaml", "fibemrss-cleveland", "hospital-cleveland"),
+}
+COMPONENTS = {
+    "central": {"aggregator"},
+    "hospital": {"emr-gateway", "hospital-agent", "inference"},
+}
+Doc = dict[str, Any]
+
+
+def helm_template(role: str, *settings: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    values, namespace, _ = ROLE_FILES[role]
+    args = [str(HELM), "template", "fibemrss", str(CHART), "-n", namespace, "-f", str(values)]
+    for setting in settings:
+        args += ["--set", setting]
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+@cache
+def _rendered(role: str) -> str:
+    return helm_template(role).stdout
+
+
+def render(role: str) -> list[Doc]:
+    """A fresh copy of the chart's output for `role` with its example values file."""
+    return [d for d in yaml.safe_load_all(_rendered(role)) if d]
+
+
+def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def component(doc: Doc) -> str:
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    for deployment in of_kind(docs, "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            yield deployment, container
+
+
+def deployment(docs: list[Doc], name: str) -> Doc:
+    (found,) = [d for d in of_kind(docs, "Deployment") if component(d) == name]
+    return found
+
+
+def secret_volumes(dep: Doc) -> dict[str, Doc]:
+    """Secret volumes of a Deployment's pod, by volume name."""
+    vols = dep["spec"]["template"]["spec"].get("volumes", [])
+    return {v["name"]: v["secret"] for v in vols if "secret" in v}
+
+
+@pytest.fixture(params=["central", "hospital"])
+def role(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_each_role_renders_exactly_its_services(role: str) -> None:
+    docs = render(role)
+    for kind in ("Deployment", "Service", "ServiceAccount", "ConfigMap", "PodDisruptionBudget"):
+        assert {component(d) for d in of_kind(docs, kind)} == COMPONENTS[role], kind
+
+
+def test_every_container_has_requests_and_limits(role: str) -> None:
+    for dep, container in containers(render(role)):
+        resources = container.get("resources", {})
+        for bound in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert resources.get(bound, {}).get(resource), (dep["metadata"]["name"], bound, resource)
+
+
+def test_every_container_is_locked_down(role: str) -> None:
+    for dep, container in containers(render(role)):
+        pod = dep["spec"]["template"]["spec"]
+        sc = container["securityContext"]
+        name = dep["metadata"]["name"]
+        assert sc.get("runAsNonRoot", pod["securityContext"].get("runAsNonRoot")) is True, name
+        assert sc.get("runAsUser", pod["securityContext"].get("runAsUser", 0)) > 0, name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        assert "add" not in sc["capabilities"], name
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        # The read-only root needs a writable /tmp, and it must be an emptyDir.
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert len(tmp) == 1, name
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[tmp[0]["name"]], name
+        assert pod["automountServiceAccountToken"] is False, name
+
+
+def test_every_deployment_has_grpc_probes_on_the_grpc_port(role: str) -> None:
+    for dep, container in containers(render(role)):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports.keys() == {"grpc", "metrics"}
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"]["port"] == ports["grpc"], (dep["metadata"]["name"], probe)
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+
+
+def test_services_name_their_grpc_and_metrics_ports(role: str) -> None:
+    for service in of_kind(render(role), "Service"):
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ports.keys() == {"grpc", "metrics"}
+        assert ports["grpc"]["targetPort"] == "grpc"
+        assert ports["metrics"]["targetPort"] == "metrics"
+
+
+def test_one_service_account_per_service_without_a_token(role: str) -> None:
+    docs = render(role)
+    accounts = {sa["metadata"]["name"]: sa for sa in of_kind(docs, "ServiceAccount")}
+    used = [d["spec"]["template"]["spec"]["serviceAccountName"] for d in of_kind(docs, "Deployment")]
+    assert sorted(used) == sorted(accounts)
+    assert all(sa["automountServiceAccountToken"] is False for sa in accounts.values())
+
+
+def test_aggregator_mounts_only_the_public_he_context() -> None:
+    # Even when the hospital context is given inline, the central role must not render it.
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            helm_template(
+                "central",
+                "heContext.hospital.dataBase64=c2VjcmV0",
+                "heContext.aggregator.dataBase64=cHVibGlj",
+            ).stdout
+        )
+        if d
+    ]
+    secrets = {s["metadata"]["name"]: s for s in of_kind(docs, "Secret")}
+    assert not any("hospital.he" in s.get("data", {}) for s in secrets.values())
+    agg = deployment(docs, "aggregator")
+    volumes = secret_volumes(agg)
+    hospital_secret = "fibemrss-he-hospital"
+    assert hospital_secret not in {v["secretName"] for v in volumes.values()}
+    mounted_keys = {item["key"] for v in volumes.values() for item in v.get("items", [])}
+    assert "hospital.he" not in mounted_keys
+    assert volumes["he-context"] == {
+        "secretName": "fibemrss-he-aggregator",
+        "defaultMode": 0o440,
+        "items": [{"key": "aggregator.he", "path": "aggregator.he"}],
+    }
+    # Every Secret volume names its items: nothing else of a Secret can appear in the pod.
+    assert all(v.get("items") for v in volumes.values())
+    config = of_kind(docs, "ConfigMap")[0]["data"]
+    assert config["FIBEMRSS_HE_CONTEXT"].endswith("/aggregator.he")
+
+
+def test_only_the_hospital_agent_holds_the_hospital_he_context() -> None:
+    docs = render("hospital")
+    holders = {
+        component(d)
+        for d in of_kind(docs, "Deployment")
+        if any(v["secretName"] == "fibemrss-he-hospital" for v in secret_volumes(d).values())
+    }
+    assert holders == {"hospital-agent"}
+    assert "fibemrss-he-aggregator" not in _rendered("hospital")
+
+
+def test_a_network_policy_denies_everything_by_default(role: str) -> None:
+    policies = of_kind(render(role), "NetworkPolicy")
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert len(deny) == 1
+    # Every service has its own policy for both directions, so nothing it does is implied.
+    per_service = service_policies(render(role))
+    assert per_service.keys() == COMPONENTS[role]
+    for policy in per_service.values():
+        assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def service_policies(docs: list[Doc]) -> dict[str, Doc]:
+    """The NetworkPolicy of each service, by component (the namespace-wide ones have none)."""
+    return {
+        component(p): p
+        for p in of_kind(docs, "NetworkPolicy")
+        if "app.kubernetes.io/component" in p["metadata"]["labels"]
+    }
+
+
+def _grpc_ingress_peers(policy: Doc) -> list[Doc]:
+    return [
+        peer
+        for rule in policy["spec"].get("ingress", [])
+        if any(p["port"] == 50051 for p in rule.get("ports", []))
+        for peer in rule["from"]
+    ]
+
+
+def _egress(policy: Doc) -> list[tuple[Doc, int]]:
+    rules = policy["spec"]["egress"]
+    return [(peer, port["port"]) for rule in rules for peer in rule["to"] for port in rule["ports"]]
+
+
+def test_network_policies_allow_exactly_the_documented_flows() -> None:
+    values = yaml.safe_load(ROLE_FILES["hospital"][0].read_text())["networkPolicy"]
+    db = ({"ipBlock": {"cidr": values["database"]["cidr"]}}, values["database"]["port"])
+    policies = service_policies(render("hospital"))
+    release = {"app.kubernetes.io/name": "fibemrss", "app.kubernetes.io/instance": "fibemrss"}
+    component_key = "app.kubernetes.io/component"
+    agent_pods = {"podSelector": {"matchLabels": {**release, component_key: "hospital-agent"}}}
+    gateway_pods = {"podSelector": {"matchLabels": {**release, component_key: "emr-gateway"}}}
+    # Ingress to gRPC: EHR systems and the agent -> gateway; hospital software -> inference; none -> agent.
+    assert _grpc_ingress_peers(policies["emr-gateway"]) == values["ehrClients"] + [agent_pods]
+    assert _grpc_ingress_peers(policies["inference"]) == values["inferenceClients"]
+    assert _grpc_ingress_peers(policies["hospital-agent"]) == []
+    # Egress: PostgreSQL for all; the agent also to the gateway and the aggregator.
+    assert _egress(policies["emr-gateway"]) == [db]
+    assert _egress(policies["inference"]) == [db]
+    aggregator = ({"ipBlock": {"cidr": values["aggregator"]["cidr"]}}, values["aggregator"]["port"])
+    assert _egress(policies["hospital-agent"]) == [db, (gateway_pods, 50051), aggregator]
+
+    central = yaml.safe_load(ROLE_FILES["central"][0].read_text())["networkPolicy"]
+    agg = service_policies(render("central"))["aggregator"]
+    assert _grpc_ingress_peers(agg) == central["agentClients"]
+    assert _egress(agg) == [({"ipBlock": {"cidr": central["database"]["cidr"]}}, central["database"]["port"])]
+
+
+def test_env_var_names_are_the_documented_ones(role: str) -> None:
+    docs = render(role)
+    configmaps = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
+    for dep, container in containers(docs):
+        names = {e["name"] for e in container.get("env", [])}
+        for source in container.get("envFrom", []):
+            names |= set(configmaps[source["configMapRef"]["name"]])
+        assert names <= DOCUMENTED_ENV, (dep["metadata"]["name"], names - DOCUMENTED_ENV)
+        assert {"FIBEMRSS_LISTEN", "DATABASE_URL", "FIBEMRSS_TLS_CA", "FIBEMRSS_TLS_CERT"} <= names
+
+
+def test_secrets_are_referenced_not_rendered_by_default(role: str) -> None:
+    assert of_kind(render(role), "Secret") == []
+
+
+def test_invalid_values_are_refused() -> None:
+    bad = [
+        ("central", "role=orchestrator"),
+        ("hospital", "hospital.name="),
+        ("hospital", "hospitalAgent.replicas=2"),
+        ("central", "aggregator.replicas=3"),
+    ]
+    for role_name, setting in bad:
+        result = helm_template(role_name, setting, check=False)
+        assert result.returncode != 0, setting
+
+
+def _normalized(docs: list[Doc]) -> dict[tuple[str, str], Doc]:
+    """Drop what only Helm adds, so a chart render and a kustomize build compare."""
+    out = {}
+    for doc in docs:
+        if doc["kind"] == "Namespace":
+            continue
+        for meta in (doc["metadata"], doc.get("spec", {}).get("template", {}).get("metadata", {})):
+            for label in ("helm.sh/chart", "app.kubernetes.io/managed-by"):
+                meta.get("labels", {}).pop(label, None)
+            meta.get("annotations", {}).pop("checksum/config", None)
+            if meta.get("annotations") == {}:
+                del meta["annotations"]
+        out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+@pytest.mark.parametrize("role_name", ["central", "hospital"])
+def test_kustomize_overlay_renders_what_the_chart_renders(role_name: str) -> None:
+    _, namespace, overlay = ROLE_FILES[role_name]
+    built = subprocess.run(
+        [str(KUBECTL), "kustomize", str(OVERLAYS / overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(built) if d]
+    (ns,) = of_kind(docs, "Namespace")
+    assert ns["metadata"]["name"] == namespace
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert _normalized(docs) == _normalized(render(role_name))
+
+
+@pytest.mark.slow
+def test_deploy_check_script_passes(tmp_path: Path) -> None:
+    """hadolint, helm lint, kubernetes-validate, kustomize and checkov, as deploy/check.sh runs them."""
+    if not (TOOLS / "venv" / "bin" / "checkov").exists():
+        pytest.skip("checkov not installed: run bash deploy/tools/install.sh")
+    env = {**os.environ, "OUT": str(tmp_path / "deploy-check")}
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "check.sh")], capture_output=True, text=True, env=env, timeout=170
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert ", 0 failed" in result.stdout
