@@ -33,7 +33,7 @@ def _text(content: bytes, field: str) -> str:
     except UnicodeDecodeError as exc:
         raise InvalidArgument(
             "content is not UTF-8", [FieldProblem(field, f"not valid UTF-8 at byte {exc.start}")]
-        )
+        ) from None
 
 
 def _csv_candidates(request: emr_pb2.CsvExport) -> list[Candidate]:

