@@ -13,9 +13,9 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.entrypoint import run_service
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
-from fibemrss.he.codec import add_chunks
 from fibemrss.he.keys import load_aggregator_key
 from fibemrss.server import serve_until_signalled, start_server
+from services.aggregator.ciphertexts import CiphertextAdder
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.servicer import AggregatorServicer
 from services.aggregator.store import AggregatorStore
@@ -33,7 +33,7 @@ def main() -> None:
     holder: dict[str, Coordinator] = {}
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        coordinator = Coordinator(store, lambda a, b: add_chunks(key, a, b), registry)
+        coordinator = Coordinator(store, CiphertextAdder(key), registry)
         holder["c"] = coordinator
         federation_pb2_grpc.add_AggregatorServiceServicer_to_server(
             AggregatorServicer(coordinator, store), server

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from fibemrss.errors import InvalidArgument
+from fibemrss.he.errors import HeError
 from services.aggregator.round_state import (
     FederationSettings,
     Round,
@@ -26,19 +28,22 @@ from services.aggregator.store import AggregatorStore
 
 log = logging.getLogger(__name__)
 
-ChunkAdder = Callable[[bytes, bytes], bytes]
+
+class Adder(Protocol):
+    def check(self, chunk: bytes, index: int, total: int) -> None: ...
+    def add(self, parts: Sequence[bytes]) -> bytes: ...
 
 
 class Coordinator:
     def __init__(
         self,
         store: AggregatorStore,
-        add: ChunkAdder,
+        adder: Adder,
         registry: CollectorRegistry | None = None,
         tick_seconds: float = 0.25,
     ) -> None:
         self._store = store
-        self._add = add
+        self._adder = adder
         self._changed = threading.Condition()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -116,6 +121,7 @@ class Coordinator:
         try:
             with self._store.submission(task, number, hospital, total) as writer:
                 for index, ciphertext in chunks:
+                    self._adder.check(ciphertext, index, total)
                     writer.add(index, ciphertext)
         except psycopg2.errors.UniqueViolation:
             self._submissions.labels(task, "duplicate").inc()
@@ -166,10 +172,19 @@ class Coordinator:
         # One chunk index at a time: memory stays at one chunk per hospital, whatever the model size.
         for index in range(total):
             parts = self._store.chunks_at(settings.task, current.number, index)
-            acc = parts[0]
-            for part in parts[1:]:
-                acc = self._add(acc, part)
-            sums.append(acc)
+            try:
+                sums.append(self._adder.add(parts))
+            except HeError as exc:
+                # Chunks passed the header checks at upload but not a full load: fail the round
+                # (the next one opens) rather than retrying the same bytes forever.
+                reason = f"aggregation failed: {exc}"
+                self._store.fail_round(
+                    settings, current.number, reason, next_round_number(settings, current.number)
+                )
+                self._rounds.labels(settings.task, "failed").inc()
+                log.error("round failed", extra={"task": settings.task, "round": current.number})
+                self._notify()
+                return
         self._store.close_round(
             settings,
             current.number,
