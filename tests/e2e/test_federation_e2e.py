@@ -69,7 +69,14 @@ def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(feder
     with conn, conn.cursor() as cur:
         cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema='public'")
         tables = {r[0] for r in cur.fetchall()}
-        assert tables == {"schema_migrations", "federations", "rounds", "submissions", "submission_chunks", "aggregates"}
+        assert tables == {
+            "schema_migrations",
+            "federations",
+            "rounds",
+            "submissions",
+            "submission_chunks",
+            "aggregates",
+        }
         cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema='public'")
         columns = {r[0] for r in cur.fetchall()}
         assert not columns & {"patient_key", "age_years", "sex", "value", "weight", "examples"}
@@ -110,13 +117,17 @@ def test_aggregator_was_given_no_secret_key(federation) -> None:
 def test_aggregator_refuses_to_start_with_a_secret_key(federation, tmp_path: Path) -> None:
     cluster, _, _, _, _ = federation
     env = dict(os.environ)
-    env.update({
-        "DATABASE_URL": cluster.database_url_for("aggregator"),
-        "FIBEMRSS_HE_CONTEXT": str(cluster.workdir / "keys" / "hospital.he"),
-        "FIBEMRSS_LISTEN": "127.0.0.1:0", "FIBEMRSS_METRICS_LISTEN": "127.0.0.1:0",
-    })
-    proc = subprocess.run([sys.executable, "-m", "services.aggregator"], env=env, capture_output=True,
-                          timeout=60, text=True)
+    env.update(
+        {
+            "DATABASE_URL": cluster.database_url_for("aggregator"),
+            "FIBEMRSS_HE_CONTEXT": str(cluster.workdir / "keys" / "hospital.he"),
+            "FIBEMRSS_LISTEN": "127.0.0.1:0",
+            "FIBEMRSS_METRICS_LISTEN": "127.0.0.1:0",
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.aggregator"], env=env, capture_output=True, timeout=60, text=True
+    )
     assert proc.returncode == 2
     assert "secret key" in proc.stderr
 
