@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--task", default="heart-disease-v1")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_federation_status)
+    from fibemrss import bench_cli
+
+    bench_cli.add_parser(sub)
     return p
 
 
