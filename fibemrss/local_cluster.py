@@ -21,7 +21,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fibemrss.channels import open_channel
-from fibemrss.config import DEFAULT_TASK
+from fibemrss.config import DEFAULT_TASK, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ def demo_pseudonym_key(hospital: str) -> str:
     # Fixed per hospital so the seeded train/test split (a hash of the patient key) is the same in
     # every demo run. Real deployments set FIBEMRSS_PSEUDONYM_KEY from a Secret.
     return hashlib.sha256(f"fibemrss-demo-pseudonym|{hospital}".encode()).hexdigest()
+
+
+def tls_for(endpoints: dict[str, Any], identity: str) -> TlsFiles | None:
+    """The client TLS files of `identity` ("operator@cleveland") from an endpoints JSON, if TLS is on."""
+    tls = endpoints.get("tls")
+    if not tls:
+        return None
+    cert = tls["certs"][identity]
+    return TlsFiles(tls["ca"], cert["cert"], cert["key"])
 
 
 def db_name(hospital: str) -> str:
@@ -61,6 +70,8 @@ class LocalCluster:
     task: str = DEFAULT_TASK
     database_url: str | None = None  # a server to use instead of the embedded one
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Mutual TLS on every link, with a private CA made for this run (see fibemrss/certs.py).
+    tls: bool = True
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _pg: Any = None
     _db_urls: dict[str, str] = field(default_factory=dict)
@@ -71,6 +82,7 @@ class LocalCluster:
         try:
             self._start_database()
             self._make_keys()
+            self._make_certs()
             deadline = time.monotonic() + timeout
             self._spawn("aggregator@central", self._service_env("aggregator", "central"))
             for h in self.hospitals:
@@ -110,6 +122,26 @@ class LocalCluster:
         if not (keys / "hospital.he").exists():
             write_key_files(keys)
 
+    def identities(self) -> list[str]:
+        out = ["aggregator@central", "operator@central"]
+        for h in self.hospitals:
+            out += [f"{role}@{h}" for role in (*HOSPITAL_ROLES, "operator")]
+        return out
+
+    def _make_certs(self) -> None:
+        if not self.tls:
+            return
+        from fibemrss.certs import init_pki
+
+        if not (self.workdir / "pki" / "ca.crt").exists():
+            init_pki(self.workdir / "pki", self.identities())
+
+    def client_tls(self, identity: str) -> TlsFiles | None:
+        if not self.tls:
+            return None
+        pki = self.workdir / "pki"
+        return TlsFiles(str(pki / "ca.crt"), str(pki / f"{identity}.crt"), str(pki / f"{identity}.key"))
+
     def _service_env(self, role: str, where: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FIBEMRSS_") and k != "DATABASE_URL"}
         env.update(self.extra_env)
@@ -127,6 +159,10 @@ class LocalCluster:
             env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "hospital.he")
         if role == "gateway":
             env["FIBEMRSS_PSEUDONYM_KEY"] = demo_pseudonym_key(where)
+        if (tls := self.client_tls(f"{role}@{where}")) is not None:
+            env.update(
+                {"FIBEMRSS_TLS_CA": tls.ca, "FIBEMRSS_TLS_CERT": tls.cert, "FIBEMRSS_TLS_KEY": tls.key}
+            )
         # Each service runs on a small share of two cores: one math thread each.
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
@@ -164,9 +200,8 @@ class LocalCluster:
                 time.sleep(0.1)
             self._check_health(sp, deadline)
 
-    @staticmethod
-    def _check_health(sp: ServiceProcess, deadline: float) -> None:
-        with open_channel(sp.address) as channel:
+    def _check_health(self, sp: ServiceProcess, deadline: float) -> None:
+        with open_channel(sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}")) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 1.0)
@@ -182,7 +217,18 @@ class LocalCluster:
                 h: {r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES} for h in self.hospitals
             },
             "metrics": {name: f"http://{sp.metrics}/metrics" for name, sp in self.processes.items()},
-            "tls": None,
+            "tls": None
+            if not self.tls
+            else {
+                "ca": str(self.workdir / "pki" / "ca.crt"),
+                "certs": {
+                    i: {
+                        "cert": str(self.workdir / "pki" / f"{i}.crt"),
+                        "key": str(self.workdir / "pki" / f"{i}.key"),
+                    }
+                    for i in self.identities()
+                },
+            },
         }
 
     def database_url_for(self, name: str) -> str:

@@ -73,6 +73,7 @@ def start_server(
     register: Callable[[grpc.Server, CollectorRegistry], Sequence[str]],
     config: ServerConfig,
     max_workers: int = 16,
+    authorize: Callable[[str, str], None] | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server; `register` adds the servicers and returns their full
     service names. The returned addresses carry the ports actually bound (port 0 works)."""
@@ -80,7 +81,8 @@ def start_server(
     metrics = ServerMetrics(registry)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
-        interceptors=[ErrorAndMetricsInterceptor(metrics)],
+        # Authorization needs a verified identity, which only mutual TLS gives.
+        interceptors=[ErrorAndMetricsInterceptor(metrics, authorize if config.tls else None)],
         options=GRPC_OPTIONS,
     )
     service_names = list(register(server, registry))

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from fibemrss import errors
 from fibemrss.grpc_status_mapping import abort_with
+from fibemrss.identity import caller_identity
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def _code_name(context: grpc.ServicerContext) -> str:
 
 
 class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, authorize: Callable[[str, str], None] | None = None) -> None:
         self._metrics = metrics
+        self._authorize = authorize
 
     def intercept_service(
         self,
@@ -75,10 +77,21 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
             behavior = handler.unary_unary
         labels = (kind, service, method)
         return make(
-            wrap(behavior, labels),
+            wrap(self._authorized(behavior, full), labels),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _authorized(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        if self._authorize is None:
+            return behavior
+        authorize = self._authorize
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            authorize(caller_identity(context), method)
+            return behavior(request, context)
+
+        return checked
 
     def _fail(self, context: grpc.ServicerContext, exc: Exception, labels: tuple[str, ...]) -> None:
         if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]

@@ -60,7 +60,8 @@ def run_round_bench(n_params: int = 1_000_000, hospitals: int = 4, rounds: int =
 
     names = [f"h{i}" for i in range(hospitals)]
     with tempfile.TemporaryDirectory(prefix="fibemrss-bench-") as tmp:
-        cluster = LocalCluster(Path(tmp), hospitals=())
+        # Plaintext loopback, like the Flower figure it is compared with.
+        cluster = LocalCluster(Path(tmp), hospitals=(), tls=False)
         endpoints = cluster.start()
         try:
             with open_channel(endpoints["aggregator"]) as ch:
@@ -91,6 +92,7 @@ def run_round_bench(n_params: int = 1_000_000, hospitals: int = 4, rounds: int =
     flower = _flower_median(n_params, hospitals)
     return {
         "params": n_params,
+        "transport": "gRPC over loopback, no TLS",
         "hospitals": hospitals,
         "rounds": rounds,
         "round_seconds": [round(s, 3) for s in per_round],

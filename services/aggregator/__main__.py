@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from fibemrss.authorization import central_policy
 from fibemrss.config import ServerConfig, env_str
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
@@ -40,7 +41,7 @@ def main() -> None:
         )
         return [federation_pb2.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
 
-    running = start_server("aggregator", register, config)
+    running = start_server("aggregator", register, config, authorize=central_policy())
     holder["c"].start()
 
     def on_stop() -> None:

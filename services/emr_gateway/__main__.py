@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import grpc
 from prometheus_client import CollectorRegistry
 
+from fibemrss.authorization import hospital_policy
 from fibemrss.config import ServerConfig, env_str
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
@@ -20,6 +21,7 @@ from services.emr_gateway.store import GatewayStore
 
 def main() -> None:
     config = ServerConfig.from_env()
+    hospital = env_str("FIBEMRSS_HOSPITAL")
     database_url = env_str("DATABASE_URL")
     pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
@@ -32,7 +34,7 @@ def main() -> None:
         )
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 
-    running = start_server("emr_gateway", register, config)
+    running = start_server("emr_gateway", register, config, authorize=hospital_policy(hospital))
     serve_until_signalled(running, on_stop=db.close)
 
 

