@@ -134,7 +134,10 @@ def run_federation(
                 total = sum(ev[r].total for ev in evals.values())
                 reported.append({"round": r, "pooled_test_accuracy": correct / total})
                 bar.update(1)
-                bar.write(f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})")
+                if not quiet:
+                    bar.write(
+                        f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})"
+                    )
                 r += 1
             if len(reported) == rounds:
                 final_round = rounds

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
@@ -49,6 +50,8 @@ class Coordinator:
         self._stop = threading.Event()
         self._tick_seconds = tick_seconds
         self._thread = threading.Thread(target=self._run, name="round-ticker", daemon=True)
+        # The newest sum stays in memory: every hospital fetches it right after the round closes.
+        self._latest: tuple[str, int, int, list[bytes]] | None = None
         self._submissions = Counter(
             "fibemrss_submissions_total",
             "Accepted encrypted submissions.",
@@ -167,6 +170,7 @@ class Coordinator:
                 self._notify()
 
     def _aggregate(self, settings: FederationSettings, current: Round) -> None:
+        began = time.perf_counter()
         total = self._store.chunk_count(settings.task, current.number)
         sums: list[bytes] = []
         # One chunk index at a time: memory stays at one chunk per hospital, whatever the model size.
@@ -192,12 +196,25 @@ class Coordinator:
             len(current.submitted),
             next_round_number(settings, current.number),
         )
+        self._latest = (settings.task, current.number, len(current.submitted), sums)
         self._rounds.labels(settings.task, "closed").inc()
         log.info(
             "round closed",
-            extra={"task": settings.task, "round": current.number, "contributors": len(current.submitted)},
+            extra={
+                "task": settings.task,
+                "round": current.number,
+                "contributors": len(current.submitted),
+                "aggregate_seconds": round(time.perf_counter() - began, 3),
+            },
         )
         self._notify()
+
+    def cached_sum(self, task: str, number: int) -> tuple[int, list[bytes]] | None:
+        """(contributors, chunks) of a closed round's sum if it is the newest one, else None."""
+        latest = self._latest
+        if latest is None or latest[0] != task or latest[1] != number:
+            return None
+        return latest[2], latest[3]
 
     def _notify(self) -> None:
         with self._changed:

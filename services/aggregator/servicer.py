@@ -135,6 +135,14 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             raise NotFound(f"round {request.round} of {request.task} does not exist")
         if rounds[request.round].state != RoundState.CLOSED:
             raise FailedPrecondition(f"round {request.round} is {rounds[request.round].state}, not closed")
+        cached = self._coordinator.cached_sum(request.task, request.round)
+        if cached is not None:
+            contributors, chunks = cached
+            for index, data in enumerate(chunks):
+                yield pb.FetchAggregateResponse(
+                    index=index, total_chunks=len(chunks), ciphertext=data, contributors=contributors
+                )
+            return
         for index, total, contributors, data in self._store.aggregate(request.task, request.round):
             yield pb.FetchAggregateResponse(
                 index=index, total_chunks=total, ciphertext=data, contributors=contributors
