@@ -30,6 +30,9 @@ from services.aggregator.store import AggregatorStore
 log = logging.getLogger(__name__)
 
 
+CACHE_LIMIT_BYTES = 256 * 1024 * 1024
+
+
 class Adder(Protocol):
     def check(self, chunk: bytes, index: int, total: int) -> None: ...
     def add(self, parts: Sequence[bytes]) -> bytes: ...
@@ -172,31 +175,38 @@ class Coordinator:
     def _aggregate(self, settings: FederationSettings, current: Round) -> None:
         began = time.perf_counter()
         total = self._store.chunk_count(settings.task, current.number)
-        sums: list[bytes] = []
-        # One chunk index at a time: memory stays at one chunk per hospital, whatever the model size.
-        for index in range(total):
-            parts = self._store.chunks_at(settings.task, current.number, index)
-            try:
-                sums.append(self._adder.add(parts))
-            except HeError as exc:
-                # Chunks passed the header checks at upload but not a full load: fail the round
-                # (the next one opens) rather than retrying the same bytes forever.
-                reason = f"aggregation failed: {exc}"
-                self._store.fail_round(
-                    settings, current.number, reason, next_round_number(settings, current.number)
-                )
-                self._rounds.labels(settings.task, "failed").inc()
-                log.error("round failed", extra={"task": settings.task, "round": current.number})
-                self._notify()
-                return
-        self._store.close_round(
-            settings,
-            current.number,
-            sums,
-            len(current.submitted),
-            next_round_number(settings, current.number),
-        )
-        self._latest = (settings.task, current.number, len(current.submitted), sums)
+        cache: list[bytes] | None = []
+
+        def sum_at(index: int) -> bytes:
+            nonlocal cache
+            summed = self._adder.add(self._store.chunks_at(settings.task, current.number, index))
+            if cache is not None:
+                cache.append(summed)
+                if sum(len(c) for c in cache) > CACHE_LIMIT_BYTES:
+                    cache = None  # a big model is served from the database, chunk by chunk
+            return summed
+
+        try:
+            self._store.close_round(
+                settings,
+                current.number,
+                total,
+                len(current.submitted),
+                next_round_number(settings, current.number),
+                sum_at,
+            )
+        except HeError as exc:
+            # Chunks passed the header checks at upload but not a full load: fail the round (the
+            # next one opens) rather than retrying the same bytes forever.
+            reason = f"aggregation failed: {exc}"
+            self._store.fail_round(
+                settings, current.number, reason, next_round_number(settings, current.number)
+            )
+            self._rounds.labels(settings.task, "failed").inc()
+            log.error("round failed", extra={"task": settings.task, "round": current.number})
+            self._notify()
+            return
+        self._latest = (settings.task, current.number, len(current.submitted), cache) if cache else None
         self._rounds.labels(settings.task, "closed").inc()
         log.info(
             "round closed",

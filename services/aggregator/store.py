@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -168,15 +168,22 @@ class AggregatorStore:
             return [bytes(r[0]) for r in cur.fetchall()]
 
     def close_round(
-        self, s: FederationSettings, number: int, sums: list[bytes], contributors: int, next_round: int | None
+        self,
+        s: FederationSettings,
+        number: int,
+        total_chunks: int,
+        contributors: int,
+        next_round: int | None,
+        sum_at: Callable[[int], bytes],
     ) -> None:
-        """Stores the sum, closes the round and opens the next, all or nothing."""
+        """Stores the sum chunk by chunk (`sum_at(i)` computes chunk i), closes the round and opens
+        the next, all in one transaction: memory holds one chunk position at a time."""
         with self._db.transaction() as cur:
-            for index, ciphertext in enumerate(sums):
+            for index in range(total_chunks):
                 cur.execute(
                     "INSERT INTO aggregates (task, round, idx, total_chunks, contributors, ciphertext) "
                     "VALUES (%s,%s,%s,%s,%s,%s)",
-                    (s.task, number, index, len(sums), contributors, psycopg2.Binary(ciphertext)),
+                    (s.task, number, index, total_chunks, contributors, psycopg2.Binary(sum_at(index))),
                 )
             cur.execute(
                 "UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
