@@ -9,7 +9,6 @@ import grpc
 from fibemrss.config import TlsFiles
 from fibemrss.server import GRPC_OPTIONS
 
-
 # A peer that restarts (a killed aggregator, say) is back within seconds: retry connecting
 # quickly instead of gRPC's default backoff, which grows to two minutes.
 CLIENT_OPTIONS = [
