@@ -192,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cert", help="client certificate, e.g. operator@central.crt")
     status.add_argument("--key", help="client key")
     status.set_defaults(func=cmd_federation_status)
-    from fibemrss import bench_cli
+    from fibemrss import bench_cli, diagnose_cli
 
     bench_cli.add_parser(sub)
+    diagnose_cli.add_parser(sub)
     return p
 
 

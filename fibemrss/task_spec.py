@@ -39,7 +39,10 @@ class HyperParameters:
     learning_rate: float = 0.05
     local_epochs: int = 1
     batch_size: int = 4
+    # The server strategy every hospital applies to the decrypted average (fibemrss.strategies)
+    # and its options, e.g. (("eta", 0.03),) for fedyogi; fedprox takes proximal_mu below.
     strategy: str = "fedavg"
+    server_options: tuple[tuple[str, float], ...] = ()
     proximal_mu: float = 0.0
 
 
@@ -101,6 +104,10 @@ HEART_DISEASE_V1 = TaskSpec(
         ),
     ),
     label=LabelSpec(UCI_HEART, "num", positive_above=0.0),
+    # FedYogi on the decrypted average: the best encrypted strategy of `fibemrss bench quality`
+    # (docs/quality.md), and a stateful one, so the end-to-end tests prove that every hospital
+    # replays it to the same global model.
+    hyper=HyperParameters(learning_rate=0.03, strategy="fedyogi", server_options=(("eta", 0.03),)),
 )
 
 TASKS: dict[str, TaskSpec] = {HEART_DISEASE_V1.name: HEART_DISEASE_V1}

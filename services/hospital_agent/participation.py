@@ -2,8 +2,10 @@
 decrypt each aggregate, evaluate on held-out patients and publish the model version.
 
 The loop keeps no state that matters across restarts: every round it reads where the federation
-stands from the aggregator and the starting model from the last closed round's aggregate, so a
-restarted or late agent simply joins the round that is open.
+stands from the aggregator, and the global model is the task's server strategy applied to the
+closed rounds' aggregates in order. The strategy's state (FedAdam / FedYogi moments) lives in
+memory; a restarted or late agent rebuilds it by replaying every closed aggregate from round 1,
+then joins the round that is open with the same model as every other hospital.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.model_params import accuracy, flatten, init_layers, layer_shapes, param_count, unflatten
 from fibemrss.model_store import ModelStore, ModelVersion
+from fibemrss.strategies import FedAvg, StrategyState, strategy_from_hyper
 from fibemrss.task_spec import TaskSpec
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.training import train_local
@@ -85,6 +88,14 @@ class Participation:
         self._stats: GlobalStats | None = None
         self._data: LocalData | None = None
         self._shapes = layer_shapes(task.model, input_dim(task))
+        self._strategy = strategy_from_hyper(task.hyper)
+        self._reset_global()
+
+    def _reset_global(self) -> None:
+        """Round 0: the seeded initial model, no strategy state, no aggregate applied yet."""
+        self._global = flatten(init_layers(self.task.model, input_dim(self.task)))
+        self._strategy_state = StrategyState()
+        self._applied_round = 0
 
     # -- data ----------------------------------------------------------------------------------
     def _load_examples(self) -> LocalData:
@@ -158,12 +169,35 @@ class Participation:
             )
         return self._stats
 
+    def _closed_rounds(self, after: int, upto: int) -> list[int]:
+        status = self._aggregator.GetFederationStatus(
+            fpb.GetFederationStatusRequest(task=self.task.name), timeout=60
+        ).status
+        return sorted(
+            r.round for r in status.history if r.state == fpb.ROUND_STATE_CLOSED and after < r.round <= upto
+        )
+
     def _global_params(self, base_round: int) -> np.ndarray:
-        if base_round <= 0:
-            return flatten(init_layers(self.task.model, input_dim(self.task)))
-        params = self._decrypt_round(base_round, param_count(self._shapes))
-        self._publish(base_round, params)
-        return params
+        """The global model after the closed rounds up to base_round, identical at every hospital.
+
+        Every hospital folds the same decrypted aggregates, in round order, through the same
+        deterministic strategy step; a failed round has no aggregate and is skipped by all alike.
+        """
+        if base_round < self._applied_round:
+            self._reset_global()  # rounds only move forward: this is a new federation of the task
+        if base_round > self._applied_round:
+            rounds = self._closed_rounds(self._applied_round, base_round)
+            if isinstance(self._strategy, FedAvg):
+                rounds = rounds[-1:]  # stateless: the last average is the model, no replay needed
+            for r in rounds:
+                average = self._decrypt_round(r, param_count(self._shapes))
+                self._global, self._strategy_state = self._strategy.step(
+                    self._strategy_state, self._global, average
+                )
+            self._applied_round = base_round
+        if base_round > 0:
+            self._publish(base_round, self._global)
+        return self._global
 
     # -- model versions ----------------------------------------------------------------------------
     def _publish(self, round_number: int, params: np.ndarray) -> None:

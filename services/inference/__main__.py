@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import grpc
 from prometheus_client import CollectorRegistry
 
-from fibemrss.config import DEFAULT_TASK, ServerConfig, env_str
+from fibemrss.authorization import hospital_policy
+from fibemrss.config import DEFAULT_TASK, ServerConfig, env_float, env_str
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.entrypoint import run_service
@@ -15,24 +16,38 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.model_store import ModelStore
 from fibemrss.server import serve_until_signalled, start_server
 from fibemrss.task_spec import get_task
+from inference import grpc_service_pb2 as kserve_pb2
+from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from services.inference.model_cache import ModelCache
-from services.inference.servicer import DiagnosisServicer
+from services.inference.servicer import DiagnosisServicer, KServeServicer
+
+# A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers
+# measured alike on 2 cores (fibemrss/bench/inference_bench.py), and 8 leaves room for a call
+# that waits on the database to load a pinned version.
+MAX_WORKERS = 8
 
 
 def main() -> None:
     config = ServerConfig.from_env()
+    hospital = env_str("FIBEMRSS_HOSPITAL")
     task = get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
     database_url = env_str("DATABASE_URL")
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
     db = Database(database_url)
-    cache = ModelCache(ModelStore(db), task)
+    cache = ModelCache(ModelStore(db), task, env_float("FIBEMRSS_MODEL_POLL_SECONDS", 1.0))
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache, task.name), server)
-        return [inference_pb2.DESCRIPTOR.services_by_name["DiagnosisService"].full_name]
+        inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache), server)
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(cache), server)
+        return [
+            inference_pb2.DESCRIPTOR.services_by_name["DiagnosisService"].full_name,
+            kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        ]
 
-    running = start_server("inference", register, config)
+    running = start_server(
+        "inference", register, config, max_workers=MAX_WORKERS, authorize=hospital_policy(hospital)
+    )
     cache.start()
 
     def on_stop() -> None:

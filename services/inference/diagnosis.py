@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fibemrss.feature_encoding import GlobalStats, encode, imputed_features
-from fibemrss.feature_extraction import extract
+from fibemrss.feature_encoding import GlobalStats, imputed_features, input_dim, numeric_features
+from fibemrss.feature_extraction import FeatureValue, extract
 from fibemrss.model_params import Layer, forward_logits, sigmoid, unflatten
 from fibemrss.records import PatientRecord
 from fibemrss.task_spec import TaskSpec
@@ -17,6 +18,74 @@ CAVEAT = (
     "This is a statistical reference from a federated model, not a diagnosis. It must be "
     "interpreted by a clinician together with the full clinical picture."
 )
+TOP_CONTRIBUTIONS = 5
+
+
+@dataclass(frozen=True)
+class EncodingPlan:
+    """Where each feature lives in the model input, computed once per model version.
+
+    It encodes exactly like `fibemrss.feature_encoding.encode` (a unit test holds them equal),
+    but one row at a time without re-deriving the layout, and it builds every "feature k
+    missing" row of the occlusion in one vectorized step instead of re-encoding each.
+    """
+
+    task: TaskSpec
+    dim: int
+    # Per feature: its first input column, and for numeric features its global mean and std.
+    starts: tuple[int, ...]
+    moments: tuple[tuple[float, float] | None, ...]
+    # keep[k] is 1 outside feature k's columns and 0 inside; fill[k] holds the encoding of
+    # "feature k missing" in those columns. Row k of x * keep + fill is x with feature k occluded.
+    keep: np.ndarray
+    fill: np.ndarray
+
+    @classmethod
+    def build(cls, task: TaskSpec, stats: GlobalStats) -> EncodingPlan:
+        dim = input_dim(task)
+        n = len(task.features)
+        keep = np.ones((n, dim), dtype=np.float32)
+        fill = np.zeros((n, dim), dtype=np.float32)
+        slot = {i: j for j, i in enumerate(numeric_features(task))}
+        starts: list[int] = []
+        moments: list[tuple[float, float] | None] = []
+        col = 0
+        for k, f in enumerate(task.features):
+            starts.append(col)
+            if k in slot:
+                moments.append((stats.means[slot[k]], stats.stds[slot[k]]))
+                width = 2
+                fill[k, col + 1] = 1.0  # the "was missing" indicator; the value is the mean (z = 0)
+            else:
+                moments.append(None)
+                width = len(f.categories)
+            keep[k, col : col + width] = 0.0
+            col += width
+        return cls(task, dim, tuple(starts), tuple(moments), keep, fill)
+
+    def encode_into(self, out: np.ndarray, values: Sequence[FeatureValue]) -> None:
+        """Writes one row's encoding into `out` (a zeroed float32 row of length `dim`)."""
+        for f, start, moment, value in zip(
+            self.task.features, self.starts, self.moments, values, strict=True
+        ):
+            if moment is not None:
+                if isinstance(value, float | int):
+                    out[start] = (float(value) - moment[0]) / moment[1]
+                else:
+                    out[start + 1] = 1.0
+            elif isinstance(value, str) and value in f.categories:
+                out[start + f.categories.index(value)] = 1.0
+
+    def encode(self, rows: Sequence[Sequence[FeatureValue]]) -> np.ndarray:
+        x = np.zeros((len(rows), self.dim), dtype=np.float32)
+        for r, values in enumerate(rows):
+            self.encode_into(x[r], values)
+        return x
+
+    def with_occlusions(self, x: np.ndarray) -> np.ndarray:
+        """[n, dim] -> [n, 1 + features, dim]: each row, then the row with feature k missing."""
+        occluded = x[:, None, :] * self.keep[None] + self.fill[None]
+        return np.concatenate([x[:, None, :], occluded], axis=1)
 
 
 @dataclass(frozen=True)
@@ -29,6 +98,7 @@ class LoadedModel:
     layers: list[Layer]
     stats: GlobalStats
     threshold: float
+    plan: EncodingPlan
 
     @classmethod
     def from_json(
@@ -36,14 +106,24 @@ class LoadedModel:
     ) -> LoadedModel:
         shapes = [tuple(s) for s in model["shapes"]]
         layers = unflatten(np.asarray(model["params"], dtype=np.float64), shapes)  # type: ignore[arg-type]
+        stats = GlobalStats.from_json(model["stats"])
         return cls(
             task,
             version,
             federated_round,
             layers,
-            GlobalStats.from_json(model["stats"]),
+            stats,
             float(model.get("threshold", task.threshold)),
+            EncodingPlan.build(task, stats),
         )
+
+    @property
+    def input_dim(self) -> int:
+        return self.plan.dim
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Encoded inputs [n, input_dim] -> logits [n] (float64)."""
+        return forward_logits(self.layers, x)
 
 
 @dataclass(frozen=True)
@@ -65,23 +145,44 @@ def risk_band(p: float) -> str:
     return "very high"
 
 
-def diagnose(model: LoadedModel, record: PatientRecord, top: int = 5) -> Reference:
-    values, _ = extract(model.task, record)
-    # Row 0 is the patient; row k+1 is the patient with feature k treated as missing. The logit
-    # difference is the feature's signed contribution (occlusion), valid for any model.
-    rows = [values] + [[None if j == k else v for j, v in enumerate(values)] for k in range(len(values))]
-    logits = forward_logits(model.layers, encode(model.task, model.stats, rows))
-    probability = float(sigmoid(logits[:1])[0])
-    contributions = [
-        (f.name, float(logits[0] - logits[k + 1]))
-        for k, f in enumerate(model.task.features)
-        if values[k] is not None
-    ]
-    contributions.sort(key=lambda c: abs(c[1]), reverse=True)
-    return Reference(
-        probability=probability,
-        label="disease" if probability >= model.threshold else "no disease",
-        risk_band=risk_band(probability),
-        contributions=contributions[:top],
-        imputed=imputed_features(model.task, values),
-    )
+def diagnose(model: LoadedModel, record: PatientRecord, top: int = TOP_CONTRIBUTIONS) -> Reference:
+    return diagnose_batch(model, [record], top)[0]
+
+
+def diagnose_batch(
+    model: LoadedModel, records: Sequence[PatientRecord], top: int = TOP_CONTRIBUTIONS
+) -> list[Reference]:
+    """References for several patients from one forward pass over all their occlusion rows.
+
+    A feature's signed contribution is the patient's logit minus the logit with that feature
+    treated as missing (occlusion): valid for any model, and exact for logistic regression.
+    """
+    task = model.task
+    rows = [extract(task, r)[0] for r in records]
+    x = model.plan.encode(rows)
+    n_features = len(task.features)
+    stacked = model.plan.with_occlusions(x).reshape(-1, model.plan.dim)
+    logits = model.logits(stacked).reshape(len(rows), 1 + n_features)
+    probabilities = sigmoid(logits[:, 0])
+    deltas = logits[:, :1] - logits[:, 1:]
+    names = [f.name for f in task.features]
+    out: list[Reference] = []
+    for values, p, delta in zip(rows, probabilities.tolist(), deltas.tolist(), strict=True):
+        contributions = [(names[k], delta[k]) for k in range(n_features) if values[k] is not None]
+        contributions.sort(key=lambda c: abs(c[1]), reverse=True)
+        out.append(
+            Reference(
+                probability=p,
+                label="disease" if p >= model.threshold else "no disease",
+                risk_band=risk_band(p),
+                contributions=contributions[:top],
+                imputed=imputed_features(task, values),
+            )
+        )
+    return out
+
+
+def infer(model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The raw model on encoded inputs [n, input_dim]: (probability, logit), each [n, 1] float32."""
+    logits = model.logits(x)
+    return sigmoid(logits).astype(np.float32)[:, None], logits.astype(np.float32)[:, None]

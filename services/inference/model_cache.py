@@ -1,7 +1,9 @@
 """Serves model versions from the hospital's model store and picks up new ones without a restart.
 
 A poller swaps in the newest version as one reference assignment, so a request sees either the
-old or the new model, never half of one; pinned versions are loaded on demand and kept.
+old or the new model, never half of one, and never waits for the swap. The version it replaces
+stays in memory, so requests pinned to it keep being served without a database round trip;
+other pinned versions are loaded on demand and kept.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ class ModelCache:
         self._task = task
         self._poll_seconds = poll_seconds
         self._newest: LoadedModel | None = None
-        self._pinned: dict[int, LoadedModel] = {}
+        self._older: dict[int, LoadedModel] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
+
+    @property
+    def task(self) -> TaskSpec:
+        return self._task
 
     def start(self) -> None:
         self.refresh()
@@ -34,14 +40,25 @@ class ModelCache:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def refresh(self) -> None:
         latest = self._store.latest_version(self._task.name)
-        if latest is None or (self._newest is not None and self._newest.version == latest):
+        current = self._newest
+        if latest is None or (current is not None and current.version >= latest):
             return
         mv = self._store.get(self._task.name, latest)
-        self._newest = LoadedModel.from_json(self._task, mv.version, mv.federated_round, mv.model)
+        # Decoded before the swap: requests keep using `current` until the new one is complete.
+        loaded = LoadedModel.from_json(self._task, mv.version, mv.federated_round, mv.model)
+        with self._lock:
+            current = self._newest
+            if current is not None and current.version >= loaded.version:
+                return  # another refresh (poller or first request) got there first
+            if current is not None:
+                self._older[current.version] = current
+            self._older.pop(loaded.version, None)
+            self._newest = loaded
         log.info("model version loaded", extra={"task": self._task.name, "version": mv.version})
 
     def _poll(self) -> None:
@@ -51,16 +68,46 @@ class ModelCache:
             except Exception:  # noqa: BLE001 - keep serving the loaded model if the store blips
                 log.exception("model refresh failed")
 
+    @property
+    def ready(self) -> bool:
+        """True once a version is loaded; from then on there is always one to serve."""
+        return self._newest is not None
+
     def get(self, version: int = 0) -> LoadedModel:
+        """The newest version (0) or a pinned one; NotFound if it was never published."""
         newest = self._newest
+        if newest is None:
+            # Nothing loaded yet: look now rather than wait for the poller, so the first request
+            # after the first publication already gets it.
+            self.refresh()
+            newest = self._newest
         if version == 0 or (newest is not None and newest.version == version):
             if newest is None:
                 raise NotFound(f"no model version of {self._task.name} is published yet")
             return newest
+        held = self._older.get(version)
+        if held is not None:
+            return held
         with self._lock:
-            if version not in self._pinned:
+            if version not in self._older:
                 mv = self._store.get(self._task.name, version)
-                self._pinned[version] = LoadedModel.from_json(
+                self._older[version] = LoadedModel.from_json(
                     self._task, mv.version, mv.federated_round, mv.model
                 )
-            return self._pinned[version]
+            return self._older[version]
+
+    def has(self, version: int) -> bool:
+        try:
+            self.get(version)
+        except NotFound:
+            return False
+        return True
+
+    def versions(self) -> list[int]:
+        """The versions in memory, newest first: the newest and every one served or replaced."""
+        newest = self._newest
+        with self._lock:
+            held = sorted(self._older, reverse=True)
+        return ([newest.version] if newest else []) + [
+            v for v in held if newest is None or v != newest.version
+        ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -29,6 +30,7 @@ if not (HELM.exists() and KUBECTL.exists()):
 DOCUMENTED_ENV = {
     "FIBEMRSS_LISTEN",
     "FIBEMRSS_METRICS_LISTEN",
+    "FIBEMRSS_HEALTH_LISTEN",
     "FIBEMRSS_LOG_LEVEL",
     "FIBEMRSS_TLS_CA",
     "FIBEMRSS_TLS_CERT",
@@ -137,19 +139,54 @@ def test_every_container_is_locked_down(role: str) -> None:
         assert pod["automountServiceAccountToken"] is False, name
 
 
-def test_every_deployment_has_grpc_probes_on_the_grpc_port(role: str) -> None:
-    for dep, container in containers(render(role)):
+def container_env(docs: list[Doc], container: Doc) -> dict[str, Any]:
+    """A container's environment: its ConfigMap sources, then its own env (values or valueFrom)."""
+    configmaps = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]])
+    for item in container.get("env", []):
+        env[item["name"]] = item.get("value", item.get("valueFrom"))
+    return env
+
+
+def test_every_deployment_has_grpc_probes_on_the_plaintext_health_port(role: str) -> None:
+    # The grpc port requires a client certificate, which the kubelet's gRPC probe cannot present:
+    # the probes go to the port named health, where the server answers grpc.health.v1 in plaintext.
+    docs = render(role)
+    for dep, container in containers(docs):
+        name = dep["metadata"]["name"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports.keys() == {"grpc", "metrics"}
+        assert ports.keys() == {"grpc", "metrics", "health"}, name
+        assert len(set(ports.values())) == 3, name
+        assert ports["health"] == 8081, name
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["grpc"]["port"] == ports["grpc"], (dep["metadata"]["name"], probe)
+            assert container[probe]["grpc"]["port"] == ports["health"], (name, probe)
+            assert container[probe]["grpc"].get("service", "") == "", (name, probe)
+        env = container_env(docs, container)
+        assert env["FIBEMRSS_HEALTH_LISTEN"] == f"0.0.0.0:{ports['health']}", name
+        assert env["FIBEMRSS_LISTEN"] == f"0.0.0.0:{ports['grpc']}", name
+        assert env["FIBEMRSS_METRICS_LISTEN"] == f"0.0.0.0:{ports['metrics']}", name
         assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
 
 
+def test_the_health_port_follows_its_value(role: str) -> None:
+    docs = [d for d in yaml.safe_load_all(helm_template(role, "ports.health=9000").stdout) if d]
+    for _dep, container in containers(docs):
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["health"] == 9000
+        assert {
+            container[p]["grpc"]["port"] for p in ("startupProbe", "livenessProbe", "readinessProbe")
+        } == {9000}
+        assert container_env(docs, container)["FIBEMRSS_HEALTH_LISTEN"] == "0.0.0.0:9000"
+
+
 def test_services_name_their_grpc_and_metrics_ports(role: str) -> None:
+    # The plaintext health port is for the kubelet only: no Service exposes it.
     for service in of_kind(render(role), "Service"):
         ports = {p["name"]: p for p in service["spec"]["ports"]}
         assert ports.keys() == {"grpc", "metrics"}
+        assert all(p["port"] != 8081 and p["targetPort"] != "health" for p in ports.values())
         assert ports["grpc"]["targetPort"] == "grpc"
         assert ports["metrics"]["targetPort"] == "metrics"
 
@@ -337,3 +374,98 @@ def test_deploy_check_script_passes(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert ", 0 failed" in result.stdout
+
+
+def test_the_health_port_is_closed_to_pods_by_default(role: str) -> None:
+    # The kubelet probes from the pod's node, which NetworkPolicy always allows: no rule admits
+    # anyone to the plaintext health port unless healthProbeClients names them.
+    for policy in service_policies(render(role)).values():
+        for rule in policy["spec"].get("ingress", []):
+            assert all(p["port"] != 8081 for p in rule.get("ports", [])), component(policy)
+    nodes = "networkPolicy.healthProbeClients[0].ipBlock.cidr=10.0.0.0/16"
+    docs = [d for d in yaml.safe_load_all(helm_template(role, nodes).stdout) if d]
+    for name, policy in service_policies(docs).items():
+        health_rules = [
+            rule for rule in policy["spec"]["ingress"] if any(p["port"] == 8081 for p in rule["ports"])
+        ]
+        assert health_rules == [
+            {"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 8081}]}
+        ], name
+
+
+def test_certificate_and_port_values_are_checked() -> None:
+    for role_name, setting in [
+        ("hospital", "hospital.name=agent@cleveland"),
+        ("hospital", "hospital.name=cleveland\\,hungary"),
+        ("central", "ports.health=50051"),
+        ("hospital", "ports.health=9464"),
+    ]:
+        assert helm_template(role_name, setting, check=False).returncode != 0, setting
+
+
+def test_tls_secrets_hold_exactly_ca_crt_tls_crt_tls_key(role: str) -> None:
+    key = {"central": ["aggregator"], "hospital": ["emrGateway", "hospitalAgent", "inference"]}[role]
+    settings = [f"tls.{k}.{field}=PEM-{field}" for k in key for field in ("caCrt", "tlsCrt", "tlsKey")]
+    docs = [d for d in yaml.safe_load_all(helm_template(role, *settings).stdout) if d]
+    tls_secrets = {
+        s["metadata"]["name"]: s for s in of_kind(docs, "Secret") if s["metadata"]["name"].endswith("-tls")
+    }
+    for dep in of_kind(docs, "Deployment"):
+        volume = secret_volumes(dep)["tls"]
+        assert volume["items"] == [{"key": k, "path": k} for k in ("ca.crt", "tls.crt", "tls.key")]
+        assert set(tls_secrets[volume["secretName"]]["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        env = container_env(docs, container)
+        assert [env[v] for v in ("FIBEMRSS_TLS_CA", "FIBEMRSS_TLS_CERT", "FIBEMRSS_TLS_KEY")] == [
+            "/etc/fibemrss/tls/ca.crt",
+            "/etc/fibemrss/tls/tls.crt",
+            "/etc/fibemrss/tls/tls.key",
+        ]
+
+
+# Which `fibemrss certs init` identity each service's TLS Secret holds (<role>@<site>).
+IDENTITY = {
+    "aggregator": "aggregator@central",
+    "emr-gateway": "gateway@cleveland",
+    "hospital-agent": "agent@cleveland",
+    "inference": "inference@cleveland",
+}
+
+
+def _runbook_secrets() -> dict[str, dict[str, str]]:
+    """`kubectl create secret generic NAME --from-file=KEY=PATH ...` of the runbook: NAME -> KEY -> PATH,
+    with the example hospital's variables filled in."""
+    text = (ROOT / "docs" / "runbook.md").read_text().replace("\\\n", " ")
+    secrets: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        words = line.replace('"', "").replace("$H", "cleveland").split()
+        if "create" not in words or "secret" not in words or "generic" not in words:
+            continue
+        name = words[words.index("generic") + 1]
+        files = [w.removeprefix("--from-file=") for w in words if w.startswith("--from-file=")]
+        secrets[name] = dict(f.split("=", 1) for f in files)
+    return secrets
+
+
+def test_runbook_tls_secrets_use_the_files_certs_init_writes(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    pki = tmp_path / "pki"
+    init = ["certs", "init", "--out", str(pki), "--hospitals", "cleveland"]
+    subprocess.run([sys.executable, "-m", "fibemrss.cli", *init], check=True, capture_output=True, cwd=ROOT)
+    secrets = _runbook_secrets()
+    for role_name in ("central", "hospital"):
+        for dep in of_kind(render(role_name), "Deployment"):
+            name = secret_volumes(dep)["tls"]["secretName"]
+            files = secrets[name]
+            assert files.keys() == {"ca.crt", "tls.crt", "tls.key"}, name
+            paths = {k: tmp_path / v for k, v in files.items()}
+            assert all(p.exists() for p in paths.values()), (name, files)
+            assert paths["ca.crt"] == pki / "ca.crt", name
+            cert = x509.load_pem_x509_certificate(paths["tls.crt"].read_bytes())
+            (cn,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            assert cn.value == IDENTITY[component(dep)], name
+            assert paths["tls.key"] == paths["tls.crt"].with_suffix(".key"), name
+    # The CA's private key goes into no Secret.
+    assert not any(v.endswith("ca.key") for files in secrets.values() for v in files.values())

@@ -27,6 +27,7 @@ class DiagnoseRequest(_message.Message):
     PATIENT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     task: _builtins.str
+    """Empty means the task this service serves; another name is NOT_FOUND."""
     model_version: _builtins.int
     """Pin a model version; 0 means the newest."""
     @_builtins.property
@@ -54,7 +55,9 @@ class FeatureContribution(_message.Message):
     CONTRIBUTION_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
     contribution: _builtins.float
-    """Signed contribution to the logit."""
+    """Signed contribution to the logit: the patient's logit minus the logit with this feature
+    treated as missing (occlusion).
+    """
     def __init__(
         self,
         *,
@@ -91,11 +94,16 @@ class DiagnoseResponse(_message.Message):
     model_version: _builtins.int
     federated_round: _builtins.int
     risk_band: _builtins.str
+    """"low" (< 0.25), "intermediate" (< 0.5), "high" (< 0.75) or "very high"."""
     caveat: _builtins.str
     @_builtins.property
-    def top_contributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureContribution]: ...
+    def top_contributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureContribution]:
+        """The five largest by magnitude, largest first."""
+
     @_builtins.property
-    def imputed_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def imputed_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Features the record lacks; the model saw the federation-wide mean (or no category)."""
+
     def __init__(
         self,
         *,
@@ -117,3 +125,55 @@ class DiagnoseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DiagnoseResponse: _TypeAlias = DiagnoseResponse  # noqa: Y015
+
+@_typing.final
+class DiagnoseBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    PATIENTS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """Empty means the task this service serves; another name is NOT_FOUND."""
+    model_version: _builtins.int
+    """Pin a model version; 0 means the newest. Every patient gets the same version."""
+    @_builtins.property
+    def patients(self) -> _containers.RepeatedCompositeFieldContainer[_emr_pb2.PatientRecord]:
+        """At most 1024 patients per call."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        patients: _abc.Iterable[_emr_pb2.PatientRecord] | None = ...,
+        model_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "patients", b"patients", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiagnoseBatchRequest: _TypeAlias = DiagnoseBatchRequest  # noqa: Y015
+
+@_typing.final
+class DiagnoseBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERENCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def references(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiagnoseResponse]:
+        """One per patient, in request order."""
+
+    def __init__(
+        self,
+        *,
+        references: _abc.Iterable[Global___DiagnoseResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["references", b"references"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiagnoseBatchResponse: _TypeAlias = DiagnoseBatchResponse  # noqa: Y015

@@ -39,13 +39,29 @@ class DiagnosisServiceStub:
                 request_serializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseResponse.FromString,
                 _registered_method=True)
+        self.DiagnoseBatch = channel.unary_unary(
+                '/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch',
+                request_serializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchResponse.FromString,
+                _registered_method=True)
 
 
 class DiagnosisServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Diagnose(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One patient's diagnosis reference. INVALID_ARGUMENT (with field violations) for a bad
+        record, NOT_FOUND for another task or an unknown pinned version, or while no model
+        version is published yet.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiagnoseBatch(self, request, context):
+        """Several patients against one model version, in one forward pass. All or nothing: one bad
+        record fails the call, and its violations name it (`patients[3].sex`).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -57,6 +73,11 @@ def add_DiagnosisServiceServicer_to_server(servicer, server):
                     servicer.Diagnose,
                     request_deserializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseRequest.FromString,
                     response_serializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseResponse.SerializeToString,
+            ),
+            'DiagnoseBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiagnoseBatch,
+                    request_deserializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchRequest.FromString,
+                    response_serializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +107,33 @@ class DiagnosisService:
             '/fibemrss.inference.v1.DiagnosisService/Diagnose',
             fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseRequest.SerializeToString,
             fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiagnoseBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch',
+            fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchRequest.SerializeToString,
+            fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

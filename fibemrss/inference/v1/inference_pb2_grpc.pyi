@@ -32,11 +32,27 @@ class DiagnosisServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DiagnosisServiceAsyncStub: ...
     Diagnose: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DiagnoseRequest, _inference_pb2.DiagnoseResponse]
+    """One patient's diagnosis reference. INVALID_ARGUMENT (with field violations) for a bad
+    record, NOT_FOUND for another task or an unknown pinned version, or while no model
+    version is published yet.
+    """
+    DiagnoseBatch: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DiagnoseBatchRequest, _inference_pb2.DiagnoseBatchResponse]
+    """Several patients against one model version, in one forward pass. All or nothing: one bad
+    record fails the call, and its violations name it (`patients[3].sex`).
+    """
 
 @_typing.type_check_only
 class DiagnosisServiceAsyncStub(DiagnosisServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Diagnose: _aio.UnaryUnaryMultiCallable[_inference_pb2.DiagnoseRequest, _inference_pb2.DiagnoseResponse]  # type: ignore[assignment]
+    """One patient's diagnosis reference. INVALID_ARGUMENT (with field violations) for a bad
+    record, NOT_FOUND for another task or an unknown pinned version, or while no model
+    version is published yet.
+    """
+    DiagnoseBatch: _aio.UnaryUnaryMultiCallable[_inference_pb2.DiagnoseBatchRequest, _inference_pb2.DiagnoseBatchResponse]  # type: ignore[assignment]
+    """Several patients against one model version, in one forward pass. All or nothing: one bad
+    record fails the call, and its violations name it (`patients[3].sex`).
+    """
 
 class DiagnosisServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -44,6 +60,20 @@ class DiagnosisServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _inference_pb2.DiagnoseRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_inference_pb2.DiagnoseResponse, _abc.Awaitable[_inference_pb2.DiagnoseResponse]]: ...
+    ) -> _typing.Union[_inference_pb2.DiagnoseResponse, _abc.Awaitable[_inference_pb2.DiagnoseResponse]]:
+        """One patient's diagnosis reference. INVALID_ARGUMENT (with field violations) for a bad
+        record, NOT_FOUND for another task or an unknown pinned version, or while no model
+        version is published yet.
+        """
+
+    @_abc_1.abstractmethod
+    def DiagnoseBatch(
+        self,
+        request: _inference_pb2.DiagnoseBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DiagnoseBatchResponse, _abc.Awaitable[_inference_pb2.DiagnoseBatchResponse]]:
+        """Several patients against one model version, in one forward pass. All or nothing: one bad
+        record fails the call, and its violations name it (`patients[3].sex`).
+        """
 
 def add_DiagnosisServiceServicer_to_server(servicer: DiagnosisServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

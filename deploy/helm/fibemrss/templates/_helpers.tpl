@@ -23,14 +23,16 @@ The services of the chosen role, as a YAML list. Each entry:
   key:    the values key of this service (image digests, tls, resources)
   module: the Python module the image runs (python -m services.<module>)
   singleton: exactly one replica, Recreate strategy (round state lives in PostgreSQL)
+  identity: the role part of its certificate's identity "<identity>@<site>" (`fibemrss certs
+            init`), the site being `central` or hospital.name
 */}}
 {{- define "fibemrss.components" -}}
 {{- if eq .Values.role "central" }}
-- {name: aggregator, key: aggregator, module: aggregator, singleton: true}
+- {name: aggregator, key: aggregator, module: aggregator, singleton: true, identity: aggregator}
 {{- else if eq .Values.role "hospital" }}
-- {name: emr-gateway, key: emrGateway, module: emr_gateway, singleton: false}
-- {name: hospital-agent, key: hospitalAgent, module: hospital_agent, singleton: true}
-- {name: inference, key: inference, module: inference, singleton: false}
+- {name: emr-gateway, key: emrGateway, module: emr_gateway, singleton: false, identity: gateway}
+- {name: hospital-agent, key: hospitalAgent, module: hospital_agent, singleton: true, identity: agent}
+- {name: inference, key: inference, module: inference, singleton: false, identity: inference}
 {{- else }}
 {{- fail (printf "role must be \"central\" or \"hospital\", not %q" (toString .Values.role)) }}
 {{- end }}
@@ -78,6 +80,12 @@ app.kubernetes.io/component: {{ .c.name }}
 {{- define "fibemrss.tlsSecretName" -}}
 {{- $t := index .root.Values.tls .c.key }}
 {{- default (printf "%s-%s-tls" (include "fibemrss.fullname" .root) .c.name) $t.existingSecret }}
+{{- end }}
+
+{{/* The certificate identity (common name) a component's TLS Secret must hold, e.g.
+gateway@cleveland or aggregator@central; call with (dict "root" $ "c" $component). */}}
+{{- define "fibemrss.tlsIdentity" -}}
+{{- printf "%s@%s" .c.identity (ternary "central" .root.Values.hospital.name (eq .c.name "aggregator")) }}
 {{- end }}
 
 {{- define "fibemrss.databaseSecretName" -}}

@@ -1,0 +1,1 @@
+"""Benchmarks that measure the running services (see each module for what it measures)."""
