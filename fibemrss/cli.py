@@ -1,4 +1,4 @@
-"""The `fibemrss` command: up, demo, keys, federation status."""
+"""The `fibemrss` command: up, demo, ingest, diagnose, keys, certs, federation status, bench."""
 
 from __future__ import annotations
 
@@ -192,10 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cert", help="client certificate, e.g. operator@central.crt")
     status.add_argument("--key", help="client key")
     status.set_defaults(func=cmd_federation_status)
-    from fibemrss import bench_cli, diagnose_cli
+    from fibemrss import bench_cli, diagnose_cli, ingest_cli
 
     bench_cli.add_parser(sub)
     diagnose_cli.add_parser(sub)
+    ingest_cli.add_parser(sub)
     return p
 
 

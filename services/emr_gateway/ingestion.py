@@ -1,25 +1,48 @@
 """Decides each parsed record's fate (accepted, duplicate, quarantined, rejected) and stores it.
 
-Pure of transport: the servicer converts protobuf in and out; the store is passed in.
+Pure of transport: the servicer converts protobuf in and out; the store is passed in. The order
+of the checks is the contract: unsupported, rejected (violations, missing required fields,
+impossible dates), duplicate or contradictory within the batch, quarantined (implausible values
+or dates), then written (units converted to one canonical unit per code).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.errors import FieldProblem
 from fibemrss.records import PatientRecord
-from services.emr_gateway.plausibility import check_observation
+from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 
 Fate = Literal["accepted", "duplicate", "quarantined", "rejected", "unsupported"]
+StoreOutcome = Literal["accepted", "duplicate"]
+# Clocks of senders drift and time zones shift a date by a day: only later than this is "future".
+CLOCK_SKEW = timedelta(days=1)
+MAX_AGE_YEARS = 130
+# A record with hundreds of bad dates gets a readable list, not hundreds of lines.
+MAX_REASONS = 20
+
+
+@dataclass(frozen=True)
+class Write:
+    """One record for the store: saved as a new version, or held in quarantine with reasons."""
+
+    record: PatientRecord
+    patient_key: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def quarantined(self) -> bool:
+        return bool(self.reasons)
 
 
 class RecordStore(Protocol):
-    def save(self, record: PatientRecord, patient_key: str) -> Literal["accepted", "duplicate"]: ...
-    def quarantine(self, record: PatientRecord, reasons: list[str]) -> Literal["accepted", "duplicate"]: ...
+    def write_batch(self, writes: Sequence[Write]) -> list[StoreOutcome]: ...
 
 
 @dataclass(frozen=True)
@@ -43,33 +66,169 @@ class Outcome:
     patient_key: str = ""
 
 
-def plausibility_reasons(record: PatientRecord) -> list[str]:
+def plausibility_reasons(record: PatientRecord, now: datetime | None = None) -> list[str]:
+    """Why this record is suspicious (implausible values, units or dates); empty when it is not."""
     reasons: list[str] = []
     for obs in record.observations:
         reasons.extend(check_observation(obs))
     if record.age_years is not None and not 0 <= record.age_years <= 120:
         reasons.append(f"age {record.age_years:g} years is outside the plausible range 0-120")
+    reasons.extend(date_reasons(record, now or datetime.now(UTC)))
+    reasons = list(dict.fromkeys(reasons))  # one line per distinct problem
+    if len(reasons) > MAX_REASONS:
+        reasons = [*reasons[:MAX_REASONS], f"{len(reasons) - MAX_REASONS} more reasons not listed"]
     return reasons
 
 
-def ingest(candidates: Iterable[Candidate], store: RecordStore, pseudonyms: Pseudonymizer) -> list[Outcome]:
+def date_reasons(record: PatientRecord, now: datetime) -> list[str]:
+    """Dates in the future or before the patient's birth (a birth in the future is rejected
+    earlier: see `required_field_problems`)."""
+    reasons: list[str] = []
+    latest = now + CLOCK_SKEW
+    birth = record.birth_date
+    if birth is not None and birth < (now - timedelta(days=365.25 * MAX_AGE_YEARS)).date():
+        reasons.append(f"birth date means an age over {MAX_AGE_YEARS} years")
+    # A birth date is a local calendar date; allow a day for the time zone of the timestamps.
+    earliest = datetime(birth.year, birth.month, birth.day, tzinfo=UTC) - CLOCK_SKEW if birth else None
+    dated: list[tuple[str, datetime | None]] = [
+        (f"observation {o.code.code}", o.effective) for o in record.observations
+    ]
+    dated += [(f"condition {c.code.code}", c.onset) for c in record.conditions]
+    dated += [(f"encounter {e.source_id}", e.start) for e in record.encounters]
+    for what, when in dated:
+        if when is None:
+            continue
+        if when > latest:
+            reasons.append(f"{what} is dated in the future ({when.date().isoformat()})")
+        elif earliest is not None and when < earliest:
+            reasons.append(f"{what} is dated before the patient's birth")
+    return reasons
+
+
+def required_field_problems(record: PatientRecord, today: date) -> list[FieldProblem]:
+    """What makes a record impossible to store: no identity, no provenance, or an impossible date."""
+    problems: list[FieldProblem] = []
+    if not record.source_patient_id.strip():
+        problems.append(FieldProblem("source_patient_id", "is required"))
+    p = record.provenance
+    for name, value in (
+        ("source_system", p.source_system),
+        ("source_id", p.source_id),
+        ("payload_sha256", p.payload_sha256),
+    ):
+        if not value.strip():
+            problems.append(FieldProblem(f"provenance.{name}", "is required"))
+    if record.birth_date is not None and record.birth_date > today + CLOCK_SKEW:
+        problems.append(FieldProblem("birth_date", "is in the future"))
+    return problems + _text_problems(record)
+
+
+def _text_problems(record: PatientRecord) -> list[FieldProblem]:
+    """Text PostgreSQL cannot store: a NUL character, or a lone surrogate (JSON allows both)."""
+    texts: list[tuple[str, str | None]] = [("source_patient_id", record.source_patient_id)]
+    texts += [(f"provenance.{k}", v) for k, v in vars(record.provenance).items()]
+    texts.append(("sex", record.sex))
+    for i, o in enumerate(record.observations):
+        path = f"observations[{i}]"
+        texts += [(f"{path}.code", v) for v in (o.code.system, o.code.code, o.code.display)]
+        texts += [(f"{path}.unit", o.unit), (f"{path}.source_id", o.source_id)]
+        if o.value_code is not None:
+            texts += [(f"{path}.value_code", v) for v in (o.value_code.system, o.value_code.code)]
+    for i, c in enumerate(record.conditions):
+        texts += [(f"conditions[{i}].code", v) for v in (c.code.system, c.code.code, c.code.display)]
+        texts += [(f"conditions[{i}].clinical_status", c.clinical_status)]
+        texts += [(f"conditions[{i}].source_id", c.source_id)]
+    for i, e in enumerate(record.encounters):
+        texts += [(f"encounters[{i}].source_id", e.source_id), (f"encounters[{i}].class_code", e.class_code)]
+    problems: list[FieldProblem] = []
+    for path, text in texts:
+        if not text:
+            continue
+        if "\x00" in text:
+            problems.append(FieldProblem(path, "contains a NUL character"))
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(FieldProblem(path, "is not valid Unicode text (a lone surrogate)"))
+    return problems
+
+
+def canonical(record: PatientRecord) -> PatientRecord:
+    """The record with every listed quantity in its code's canonical UCUM unit (one unit per code)."""
+    converted = tuple(to_canonical_unit(o) for o in record.observations)
+    if converted == record.observations:
+        return record
+    return replace(record, observations=converted)
+
+
+def ingest(
+    candidates: Iterable[Candidate],
+    store: RecordStore,
+    pseudonyms: Pseudonymizer,
+    now: datetime | None = None,
+) -> list[Outcome]:
+    """Every candidate's fate, in input order; the writes go to the store as one batch."""
+    now = now or datetime.now(UTC)
     outcomes: list[Outcome] = []
+    writes: list[Write] = []
+    written: list[int] = []  # index into outcomes of each write
+    # (source system, source id) -> (payload hash, index of the first record) within this batch
+    seen: dict[tuple[str, str], tuple[str, int]] = {}
     for c in candidates:
         if c.unsupported_reason:
             outcomes.append(Outcome(c.index, c.source_id, "unsupported", [c.unsupported_reason]))
             continue
-        if c.record is None:
+        problems = list(c.violations)
+        if c.record is not None:
+            problems += required_field_problems(c.record, now.date())
+        if c.record is None or problems:
             outcomes.append(
-                Outcome(c.index, c.source_id, "rejected", [v.description for v in c.violations], c.violations)
+                Outcome(c.index, c.source_id, "rejected", [p.description for p in problems], tuple(problems))
             )
             continue
-        key = pseudonyms.patient_key(c.record.provenance.source_system, c.record.source_patient_id)
-        reasons = plausibility_reasons(c.record)
-        if reasons:
-            # Suspicious, not wrong beyond doubt: kept with its reasons for a person to resolve.
-            stored = store.quarantine(c.record, reasons)
-            fate: Fate = "quarantined" if stored == "accepted" else "duplicate"
-            outcomes.append(Outcome(c.index, c.source_id, fate, reasons, patient_key=key))
+        record = c.record
+        p = record.provenance
+        key = pseudonyms.patient_key(p.source_system, record.source_patient_id)
+        first = seen.get((p.source_system, p.source_id))
+        if first is not None and first[0] == p.payload_sha256:
+            outcomes.append(Outcome(c.index, c.source_id, "duplicate", patient_key=key))
             continue
-        outcomes.append(Outcome(c.index, c.source_id, store.save(c.record, key), patient_key=key))
+        reasons = plausibility_reasons(record, now)
+        if first is not None:
+            # Two different contents for one source record in one batch: which one is right is a
+            # question for a person, so the later one waits in quarantine.
+            reasons.insert(
+                0,
+                f"contradicts record {first[1]} of this batch (same source system and source id, "
+                "different content)",
+            )
+        else:
+            seen[(p.source_system, p.source_id)] = (p.payload_sha256, c.index)
+        written.append(len(outcomes))
+        if reasons:
+            # Suspicious, not wrong beyond doubt: kept as sent, with its reasons, for a person.
+            writes.append(Write(record, key, tuple(reasons)))
+            outcomes.append(Outcome(c.index, c.source_id, "quarantined", reasons, patient_key=key))
+        else:
+            writes.append(Write(canonical(record), key))
+            outcomes.append(Outcome(c.index, c.source_id, "accepted", patient_key=key))
+    if writes:
+        for i, stored in zip(written, store.write_batch(writes), strict=True):
+            if stored == "duplicate":
+                outcomes[i].fate = "duplicate"
     return outcomes
+
+
+def resource_counts(candidates: Iterable[Candidate], outcomes: Sequence[Outcome]) -> dict[str, int]:
+    """Normalized items of the records read, by kind; rejected and unsupported ones do not count."""
+    counts: Counter[str] = Counter()
+    fates = {(o.index, o.source_id): o.fate for o in outcomes}
+    for c in candidates:
+        if c.record is None or fates.get((c.index, c.source_id)) in ("rejected", "unsupported"):
+            continue
+        counts["Patient"] += 1
+        counts["Observation"] += len(c.record.observations)
+        counts["Condition"] += len(c.record.conditions)
+        counts["Encounter"] += len(c.record.encounters)
+    return dict(counts)

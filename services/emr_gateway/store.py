@@ -1,146 +1,354 @@
 """The gateway's PostgreSQL adapter: idempotent record storage, quarantine, reads and audit.
 
-Each record is written in its own transaction, so one bad record never takes a batch's good
-records with it, and a rejected record is never partly written.
+Write path: one transaction per ingest batch, one savepoint per record. The batch is first
+written with set-based statements (execute_values: a handful of round trips for the whole batch);
+if any of them fails (a concurrent writer stored the same payload first, for example), the batch
+savepoint is rolled back and every record is written again on its own savepoint, so one bad
+record never takes the batch's good records with it and a rejected record is never partly written.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import asdict
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Literal
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
+from psycopg2.extras import execute_values
 
 from fibemrss.db.pool import Database
-from fibemrss.errors import NotFound
+from fibemrss.errors import FailedPrecondition, NotFound
 from fibemrss.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
+from services.emr_gateway.ingestion import Write
+from services.emr_gateway.record_json import record_from_json, record_to_json
 
 StoreOutcome = Literal["accepted", "duplicate"]
+Cursor = psycopg2.extensions.cursor
+QuarantineStatus = Literal["open", "accepted", "rejected"]
+_PAGE = 1000  # rows per statement of execute_values
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One quarantined record. `record.source_patient_id` holds the patient key, never the raw id."""
+
+    id: int
+    patient_key: str
+    record: PatientRecord
+    reasons: tuple[str, ...]
+    status: QuarantineStatus
+    created_at: datetime
+    resolved_at: datetime | None = None
+    resolved_by: str = ""
+    resolution_reason: str = ""
+
+
+def _obs_row(record_id: int, key: str, o: Observation) -> tuple[Any, ...]:
+    return (
+        record_id,
+        key,
+        o.code.system,
+        o.code.code,
+        o.code.display,
+        o.value,
+        o.unit,
+        o.value_code.system if o.value_code else None,
+        o.value_code.code if o.value_code else None,
+        o.effective,
+        o.source_id,
+    )
+
+
+def _cond_row(record_id: int, key: str, c: Condition) -> tuple[Any, ...]:
+    return (
+        record_id,
+        key,
+        c.code.system,
+        c.code.code,
+        c.code.display,
+        c.onset,
+        c.clinical_status,
+        c.source_id,
+    )
+
+
+def _enc_row(record_id: int, key: str, e: Encounter) -> tuple[Any, ...]:
+    return (record_id, key, e.source_id, e.class_code, e.start, e.end)
+
+
+_INSERT_OBS = (
+    "INSERT INTO observations (record_id, patient_key, code_system, code, display, value, unit, "
+    "value_system, value_code, effective, source_id) VALUES %s"
+)
+_INSERT_COND = (
+    "INSERT INTO conditions (record_id, patient_key, code_system, code, display, onset, "
+    "clinical_status, source_id) VALUES %s"
+)
+_INSERT_ENC = (
+    "INSERT INTO encounters (record_id, patient_key, source_id, class_code, start_at, end_at) VALUES %s"
+)
+_UPSERT_PATIENTS = (
+    "INSERT INTO patients (patient_key, sex, birth_date, age_years) VALUES %s "
+    "ON CONFLICT (patient_key) DO UPDATE SET sex=COALESCE(EXCLUDED.sex, patients.sex), "
+    "birth_date=COALESCE(EXCLUDED.birth_date, patients.birth_date), "
+    "age_years=COALESCE(EXCLUDED.age_years, patients.age_years), updated_at=now()"
+)
+_QUARANTINE_COLUMNS = (
+    "id, patient_key, record_json, reasons, status, created_at, resolved_at, resolved_by, resolution_reason"
+)
+
+
+def quarantine_json(record: PatientRecord, patient_key: str) -> str:
+    """The record as the quarantine stores it: the raw source patient id replaced by the key."""
+    return json.dumps(record_to_json(replace(record, source_patient_id=patient_key)))
+
+
+def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
+    """One row per patient key (a statement may not upsert a row twice): later values win,
+    as they would with one upsert per record."""
+    merged: dict[str, list[Any]] = {}
+    for w in writes:
+        r = w.record
+        row = merged.setdefault(w.patient_key, [w.patient_key, None, None, None])
+        for i, value in enumerate((r.sex, r.birth_date, r.age_years), start=1):
+            if value is not None:
+                row[i] = value
+    return [tuple(row) for row in merged.values()]
 
 
 class GatewayStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    # -- writes ----------------------------------------------------------------------------------
+    def write_batch(self, writes: Sequence[Write]) -> list[StoreOutcome]:
+        """Stores each write (a new record version, or a quarantined record) or finds it already
+        stored; returns "accepted" or "duplicate" for each, in order."""
+        if not writes:
+            return []
+        with self._db.transaction() as cur:
+            cur.execute("SAVEPOINT batch")
+            try:
+                outcomes = self._write_set_based(cur, writes)
+                cur.execute("RELEASE SAVEPOINT batch")
+                return outcomes
+            except psycopg2.IntegrityError:
+                cur.execute("ROLLBACK TO SAVEPOINT batch")
+            return [self._write_one(cur, w) for w in writes]
+
     def save(self, record: PatientRecord, patient_key: str) -> StoreOutcome:
         """Stores a new record version, or does nothing if this exact payload is already stored."""
-        p = record.provenance
+        return self.write_batch([Write(record, patient_key)])[0]
+
+    def quarantine(self, record: PatientRecord, reasons: list[str], patient_key: str = "") -> StoreOutcome:
+        """Holds a record with its reasons; the source patient id is replaced by `patient_key`
+        (callers that give no key get an empty id stored: never the raw one)."""
+        return self.write_batch([Write(record, patient_key, tuple(reasons) or ("quarantined",))])[0]
+
+    def _write_one(self, cur: Cursor, w: Write) -> StoreOutcome:
+        cur.execute("SAVEPOINT one")
         try:
-            with self._db.transaction() as cur:
-                cur.execute(
-                    "SELECT 1 FROM source_records WHERE source_system=%s AND source_id=%s AND payload_sha256=%s",
-                    (p.source_system, p.source_id, p.payload_sha256),
-                )
-                if cur.fetchone() is not None:
-                    return "duplicate"
-                cur.execute(
-                    "INSERT INTO patients (patient_key, sex, birth_date, age_years) VALUES (%s,%s,%s,%s) "
-                    "ON CONFLICT (patient_key) DO UPDATE SET sex=COALESCE(EXCLUDED.sex, patients.sex), "
-                    "birth_date=COALESCE(EXCLUDED.birth_date, patients.birth_date), "
-                    "age_years=COALESCE(EXCLUDED.age_years, patients.age_years), updated_at=now()",
-                    (patient_key, record.sex, record.birth_date, record.age_years),
-                )
-                # A changed payload under the same source id is a new version; history is kept.
-                cur.execute(
-                    "UPDATE source_records SET superseded_at=now() WHERE source_system=%s AND source_id=%s "
-                    "AND superseded_at IS NULL RETURNING version",
-                    (p.source_system, p.source_id),
-                )
-                previous = cur.fetchone()
-                cur.execute(
-                    "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
-                    "VALUES (%s,%s,%s,%s,%s) RETURNING id",
-                    (
-                        p.source_system,
-                        p.source_id,
-                        p.payload_sha256,
-                        patient_key,
-                        (previous[0] + 1) if previous else 1,
-                    ),
-                )
-                record_id = cur.fetchone()[0]
-                self._insert_children(cur, record_id, patient_key, record)
+            outcome = self._quarantine_rows(cur, [w])[0] if w.quarantined else self._save_one(cur, w)
         except psycopg2.errors.UniqueViolation:
             # A concurrent call stored the same payload first: that is a duplicate, not an error.
+            cur.execute("ROLLBACK TO SAVEPOINT one")
             return "duplicate"
+        cur.execute("RELEASE SAVEPOINT one")
+        return outcome
+
+    def _save_one(self, cur: Cursor, w: Write) -> StoreOutcome:
+        p = w.record.provenance
+        cur.execute(
+            "SELECT 1 FROM source_records WHERE source_system=%s AND source_id=%s AND payload_sha256=%s",
+            (p.source_system, p.source_id, p.payload_sha256),
+        )
+        if cur.fetchone() is not None:
+            return "duplicate"
+        self._insert_new(cur, [w])
         return "accepted"
 
-    @staticmethod
-    def _insert_children(
-        cur: psycopg2.extensions.cursor, record_id: int, key: str, record: PatientRecord
-    ) -> None:
-        if record.observations:
-            cur.executemany(
-                "INSERT INTO observations (record_id, patient_key, code_system, code, display, value, unit, "
-                "value_system, value_code, effective, source_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                [
-                    (
-                        record_id,
-                        key,
-                        o.code.system,
-                        o.code.code,
-                        o.code.display,
-                        o.value,
-                        o.unit,
-                        o.value_code.system if o.value_code else None,
-                        o.value_code.code if o.value_code else None,
-                        o.effective,
-                        o.source_id,
-                    )
-                    for o in record.observations
-                ],
-            )
-        if record.conditions:
-            cur.executemany(
-                "INSERT INTO conditions (record_id, patient_key, code_system, code, display, onset, "
-                "clinical_status, source_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                [
-                    (
-                        record_id,
-                        key,
-                        c.code.system,
-                        c.code.code,
-                        c.code.display,
-                        c.onset,
-                        c.clinical_status,
-                        c.source_id,
-                    )
-                    for c in record.conditions
-                ],
-            )
-        if record.encounters:
-            cur.executemany(
-                "INSERT INTO encounters (record_id, patient_key, source_id, class_code, start_at, end_at) "
-                "VALUES (%s,%s,%s,%s,%s,%s)",
-                [(record_id, key, e.source_id, e.class_code, e.start, e.end) for e in record.encounters],
-            )
+    def _write_set_based(self, cur: Cursor, writes: Sequence[Write]) -> list[StoreOutcome]:
+        outcomes: list[StoreOutcome] = ["duplicate"] * len(writes)
+        held = [i for i, w in enumerate(writes) if w.quarantined]
+        for i, outcome in zip(held, self._quarantine_rows(cur, [writes[i] for i in held]), strict=True):
+            outcomes[i] = outcome
+        saves = [i for i, w in enumerate(writes) if not w.quarantined]
+        if not saves:
+            return outcomes
+        sources = [writes[i].record.provenance for i in saves]
+        if len({(p.source_system, p.source_id) for p in sources}) != len(sources):
+            # Two versions of one source record in one call: their order matters, go one by one.
+            for i in saves:
+                outcomes[i] = self._write_one(cur, writes[i])
+            return outcomes
+        stored = execute_values(
+            cur,
+            "SELECT r.source_system, r.source_id, r.payload_sha256 FROM source_records r "
+            "JOIN (VALUES %s) AS v(s, i, h) ON r.source_system = v.s AND r.source_id = v.i "
+            "AND r.payload_sha256 = v.h",
+            [(p.source_system, p.source_id, p.payload_sha256) for p in sources],
+            page_size=_PAGE,
+            fetch=True,
+        )
+        known = set(stored)
+        new = [
+            i
+            for i, p in zip(saves, sources, strict=True)
+            if (p.source_system, p.source_id, p.payload_sha256) not in known
+        ]
+        self._insert_new(cur, [writes[i] for i in new])
+        for i in new:
+            outcomes[i] = "accepted"
+        return outcomes
 
-    def quarantine(self, record: PatientRecord, reasons: list[str]) -> StoreOutcome:
-        p = record.provenance
+    def _insert_new(self, cur: Cursor, writes: Sequence[Write]) -> None:
+        """Writes new versions of distinct source records (none of them stored yet)."""
+        if not writes:
+            return
+        execute_values(cur, _UPSERT_PATIENTS, _patient_rows(writes), page_size=_PAGE)
+        # A changed payload under the same source id is a new version; history is kept.
+        previous = execute_values(
+            cur,
+            "UPDATE source_records r SET superseded_at = now() FROM (VALUES %s) AS v(s, i) "
+            "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
+            "RETURNING r.source_system, r.source_id, r.version",
+            [(w.record.provenance.source_system, w.record.provenance.source_id) for w in writes],
+            page_size=_PAGE,
+            fetch=True,
+        )
+        versions = {(s, i): v for s, i, v in previous}
+        rows = []
+        for w in writes:
+            p = w.record.provenance
+            version = versions.get((p.source_system, p.source_id), 0) + 1
+            rows.append((p.source_system, p.source_id, p.payload_sha256, w.patient_key, version))
+        ids = execute_values(
+            cur,
+            "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
+            "VALUES %s RETURNING source_system, source_id, id",
+            rows,
+            page_size=_PAGE,
+            fetch=True,
+        )
+        record_ids = {(s, i): rid for s, i, rid in ids}
+        obs, conds, encs = [], [], []
+        for w in writes:
+            p, key = w.record.provenance, w.patient_key
+            rid = record_ids[(p.source_system, p.source_id)]
+            obs += [_obs_row(rid, key, o) for o in w.record.observations]
+            conds += [_cond_row(rid, key, c) for c in w.record.conditions]
+            encs += [_enc_row(rid, key, e) for e in w.record.encounters]
+        for sql, rows_ in ((_INSERT_OBS, obs), (_INSERT_COND, conds), (_INSERT_ENC, encs)):
+            if rows_:
+                execute_values(cur, sql, rows_, page_size=_PAGE)
+
+    @staticmethod
+    def _quarantine_rows(cur: Cursor, writes: Sequence[Write]) -> list[StoreOutcome]:
+        if not writes:
+            return []
+        rows = [
+            (
+                w.record.provenance.source_system,
+                w.record.provenance.source_id,
+                w.record.provenance.payload_sha256,
+                w.patient_key,
+                quarantine_json(w.record, w.patient_key),
+                list(w.reasons),
+            )
+            for w in writes
+        ]
+        inserted = execute_values(
+            cur,
+            "INSERT INTO quarantine (source_system, source_id, payload_sha256, patient_key, record_json, "
+            "reasons) VALUES %s ON CONFLICT DO NOTHING RETURNING source_system, source_id, payload_sha256",
+            rows,
+            template="(%s, %s, %s, %s, %s::jsonb, %s::text[])",
+            page_size=_PAGE,
+            fetch=True,
+        )
+        new = set(inserted)
+        return ["accepted" if r[:3] in new else "duplicate" for r in rows]
+
+    # -- quarantine review ---------------------------------------------------------------------
+    def list_quarantine(
+        self, status: QuarantineStatus = "open", after_id: int = 0, limit: int = 100
+    ) -> list[QuarantineEntry]:
         with self._db.transaction() as cur:
             cur.execute(
-                "INSERT INTO quarantine (source_system, source_id, payload_sha256, record_json, reasons) "
-                "VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING id",
-                (
-                    p.source_system,
-                    p.source_id,
-                    p.payload_sha256,
-                    json.dumps(asdict(record), default=str),
-                    reasons,
-                ),
+                f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine WHERE status = %s AND id > %s "  # noqa: S608
+                "ORDER BY id LIMIT %s",
+                (status, after_id, limit),
             )
-            return "accepted" if cur.fetchone() else "duplicate"
+            return [_entry(row) for row in cur.fetchall()]
+
+    def get_quarantined(self, entry_id: int) -> QuarantineEntry:
+        with self._db.transaction() as cur:
+            cur.execute(f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine WHERE id = %s", (entry_id,))  # noqa: S608
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no quarantined record {entry_id}")
+        return _entry(row)
+
+    def resolve_quarantine(
+        self,
+        entry_id: int,
+        accepted: PatientRecord | None,
+        actor: str,
+        reason: str,
+        expected_sha256: str,
+    ) -> tuple[QuarantineEntry, StoreOutcome | None]:
+        """Accepts (storing `accepted` as a new version) or, when `accepted` is None, rejects an
+        open entry; the resolution, the write and the audit row commit together or not at all."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT status, patient_key, payload_sha256 FROM quarantine WHERE id = %s FOR UPDATE",
+                (entry_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"no quarantined record {entry_id}")
+            status, key, sha = row
+            if status != "open":
+                raise FailedPrecondition(f"quarantined record {entry_id} is already {status}")
+            if sha != expected_sha256:
+                raise FailedPrecondition(f"quarantined record {entry_id} changed while it was reviewed")
+            outcome: StoreOutcome | None = None
+            record_id = None
+            if accepted is not None:
+                outcome = self._save_one(cur, Write(accepted, key))
+                p = accepted.provenance
+                cur.execute(
+                    "SELECT id FROM source_records WHERE source_system=%s AND source_id=%s "
+                    "AND payload_sha256=%s",
+                    (p.source_system, p.source_id, p.payload_sha256),
+                )
+                record_id = cur.fetchone()[0]
+            new_status = "accepted" if accepted is not None else "rejected"
+            cur.execute(
+                "UPDATE quarantine SET status=%s, resolution=%s, resolved_at=now(), resolved_by=%s, "
+                f"resolution_reason=%s, resolved_record_id=%s WHERE id=%s RETURNING {_QUARANTINE_COLUMNS}",
+                (new_status, new_status, actor, reason, record_id, entry_id),
+            )
+            entry = _entry(cur.fetchone())
+            self._audit(cur, actor, f"resolve_quarantine:{new_status}", reason, f"quarantine/{entry_id}")
+        return entry, outcome
+
+    # -- audit and reads -------------------------------------------------------------------------
+    @staticmethod
+    def _audit(cur: Cursor, actor: str, action: str, purpose: str, subject: str) -> None:
+        cur.execute(
+            "INSERT INTO audit_log (actor, action, purpose, subject) VALUES (%s,%s,%s,%s)",
+            (actor, action, purpose, subject),
+        )
 
     def audit(self, actor: str, action: str, purpose: str, subject: str = "") -> None:
         with self._db.transaction() as cur:
-            cur.execute(
-                "INSERT INTO audit_log (actor, action, purpose, subject) VALUES (%s,%s,%s,%s)",
-                (actor, action, purpose, subject),
-            )
+            self._audit(cur, actor, action, purpose, subject)
 
     def stats(self) -> dict[str, int]:
         with self._db.transaction() as cur:
@@ -223,3 +431,19 @@ class GatewayStore:
                 conditions=tuple(conditions[key]),
                 encounters=tuple(encounters[key]),
             )
+
+
+def _entry(row: tuple[Any, ...]) -> QuarantineEntry:
+    entry_id, key, record_json, reasons, status, created, resolved_at, resolved_by, why = row
+    data = record_json if isinstance(record_json, dict) else json.loads(record_json)
+    return QuarantineEntry(
+        id=entry_id,
+        patient_key=key,
+        record=record_from_json(data),
+        reasons=tuple(reasons),
+        status=status,
+        created_at=created,
+        resolved_at=resolved_at,
+        resolved_by=resolved_by or "",
+        resolution_reason=why or "",
+    )

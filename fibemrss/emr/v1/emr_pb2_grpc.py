@@ -49,6 +49,16 @@ class EmrGatewayServiceStub:
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsResponse.FromString,
                 _registered_method=True)
+        self.ListQuarantine = channel.unary_unary(
+                '/fibemrss.emr.v1.EmrGatewayService/ListQuarantine',
+                request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineResponse.FromString,
+                _registered_method=True)
+        self.ResolveQuarantine = channel.unary_unary(
+                '/fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine',
+                request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineResponse.FromString,
+                _registered_method=True)
         self.StreamTrainingExamples = channel.unary_stream(
                 '/fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesRequest.SerializeToString,
@@ -80,6 +90,22 @@ class EmrGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQuarantine(self, request, context):
+        """Lists quarantined records with their reasons; patients appear only by pseudonymous key.
+        The read is audited with its purpose.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveQuarantine(self, request, context):
+        """Accepts (optionally with corrections) or rejects one quarantined record; audited with the
+        caller's identity and the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamTrainingExamples(self, request, context):
         """Streams the examples of a federated task, features in the task's order; audited.
         """
@@ -104,6 +130,16 @@ def add_EmrGatewayServiceServicer_to_server(servicer, server):
                     servicer.GetIngestStats,
                     request_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsRequest.FromString,
                     response_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsResponse.SerializeToString,
+            ),
+            'ListQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQuarantine,
+                    request_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineRequest.FromString,
+                    response_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineResponse.SerializeToString,
+            ),
+            'ResolveQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveQuarantine,
+                    request_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineRequest.FromString,
+                    response_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineResponse.SerializeToString,
             ),
             'StreamTrainingExamples': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamTrainingExamples,
@@ -192,6 +228,60 @@ class EmrGatewayService:
             '/fibemrss.emr.v1.EmrGatewayService/GetIngestStats',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.emr.v1.EmrGatewayService/ListQuarantine',
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineRequest.SerializeToString,
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine',
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineRequest.SerializeToString,
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,14 @@ class EmrGatewayServiceStub:
     GetPatient: _grpc.UnaryUnaryMultiCallable[_emr_pb2.GetPatientRequest, _emr_pb2.GetPatientResponse]
     """Reads one patient's normalized record; the read is audited with its purpose."""
     GetIngestStats: _grpc.UnaryUnaryMultiCallable[_emr_pb2.GetIngestStatsRequest, _emr_pb2.GetIngestStatsResponse]
+    ListQuarantine: _grpc.UnaryUnaryMultiCallable[_emr_pb2.ListQuarantineRequest, _emr_pb2.ListQuarantineResponse]
+    """Lists quarantined records with their reasons; patients appear only by pseudonymous key.
+    The read is audited with its purpose.
+    """
+    ResolveQuarantine: _grpc.UnaryUnaryMultiCallable[_emr_pb2.ResolveQuarantineRequest, _emr_pb2.ResolveQuarantineResponse]
+    """Accepts (optionally with corrections) or rejects one quarantined record; audited with the
+    caller's identity and the reason.
+    """
     StreamTrainingExamples: _grpc.UnaryStreamMultiCallable[_emr_pb2.StreamTrainingExamplesRequest, _emr_pb2.StreamTrainingExamplesResponse]
     """Streams the examples of a federated task, features in the task's order; audited."""
 
@@ -53,6 +61,14 @@ class EmrGatewayServiceAsyncStub(EmrGatewayServiceStub):
     GetPatient: _aio.UnaryUnaryMultiCallable[_emr_pb2.GetPatientRequest, _emr_pb2.GetPatientResponse]  # type: ignore[assignment]
     """Reads one patient's normalized record; the read is audited with its purpose."""
     GetIngestStats: _aio.UnaryUnaryMultiCallable[_emr_pb2.GetIngestStatsRequest, _emr_pb2.GetIngestStatsResponse]  # type: ignore[assignment]
+    ListQuarantine: _aio.UnaryUnaryMultiCallable[_emr_pb2.ListQuarantineRequest, _emr_pb2.ListQuarantineResponse]  # type: ignore[assignment]
+    """Lists quarantined records with their reasons; patients appear only by pseudonymous key.
+    The read is audited with its purpose.
+    """
+    ResolveQuarantine: _aio.UnaryUnaryMultiCallable[_emr_pb2.ResolveQuarantineRequest, _emr_pb2.ResolveQuarantineResponse]  # type: ignore[assignment]
+    """Accepts (optionally with corrections) or rejects one quarantined record; audited with the
+    caller's identity and the reason.
+    """
     StreamTrainingExamples: _aio.UnaryStreamMultiCallable[_emr_pb2.StreamTrainingExamplesRequest, _emr_pb2.StreamTrainingExamplesResponse]  # type: ignore[assignment]
     """Streams the examples of a federated task, features in the task's order; audited."""
 
@@ -81,6 +97,26 @@ class EmrGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _emr_pb2.GetIngestStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_emr_pb2.GetIngestStatsResponse, _abc.Awaitable[_emr_pb2.GetIngestStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListQuarantine(
+        self,
+        request: _emr_pb2.ListQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_emr_pb2.ListQuarantineResponse, _abc.Awaitable[_emr_pb2.ListQuarantineResponse]]:
+        """Lists quarantined records with their reasons; patients appear only by pseudonymous key.
+        The read is audited with its purpose.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveQuarantine(
+        self,
+        request: _emr_pb2.ResolveQuarantineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_emr_pb2.ResolveQuarantineResponse, _abc.Awaitable[_emr_pb2.ResolveQuarantineResponse]]:
+        """Accepts (optionally with corrections) or rejects one quarantined record; audited with the
+        caller's identity and the reason.
+        """
 
     @_abc_1.abstractmethod
     def StreamTrainingExamples(

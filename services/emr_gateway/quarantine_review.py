@@ -1,0 +1,55 @@
+"""Quarantine review: applies a reviewer's corrections to a held record and checks them (pure)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from fibemrss.errors import FieldProblem, InvalidArgument
+from fibemrss.records import PatientRecord
+from services.emr_gateway import ucum
+from services.emr_gateway.ingestion import canonical
+from services.emr_gateway.plausibility import check_observation
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A corrected value (and unit, or None to keep the unit as sent) for one observation."""
+
+    observation_index: int
+    value: float
+    unit: str | None = None
+
+
+def corrected_record(record: PatientRecord, corrections: Sequence[Correction]) -> PatientRecord:
+    """The record to store for an accepted entry, units made canonical.
+
+    Without corrections the reviewer vouches for the record as sent. A corrected observation must
+    pass the plausibility check it failed, or the correction is refused naming the field.
+    """
+    observations = list(record.observations)
+    problems: list[FieldProblem] = []
+    seen: set[int] = set()
+    for i, c in enumerate(corrections):
+        path = f"corrections[{i}]"
+        if not 0 <= c.observation_index < len(observations):
+            problems.append(FieldProblem(f"{path}.observation_index", "is not an observation of the record"))
+            continue
+        if c.observation_index in seen:
+            problems.append(FieldProblem(f"{path}.observation_index", "is corrected twice"))
+            continue
+        seen.add(c.observation_index)
+        if not math.isfinite(c.value):
+            problems.append(FieldProblem(f"{path}.value", "must be a finite number"))
+            continue
+        unit = ucum.normalize_unit(c.unit) if c.unit else observations[c.observation_index].unit
+        fixed = replace(observations[c.observation_index], value=c.value, unit=unit)
+        reasons = check_observation(fixed)
+        if reasons:
+            problems.append(FieldProblem(f"{path}.value", f"is still implausible for {fixed.code.code}"))
+            continue
+        observations[c.observation_index] = fixed
+    if problems:
+        raise InvalidArgument("invalid corrections", problems)
+    return canonical(replace(record, observations=tuple(observations)))
