@@ -25,7 +25,7 @@ from services.aggregator.round_state import (
     decide_submission,
     next_round_number,
 )
-from services.aggregator.store import AggregatorStore
+from services.aggregator.store import AggregatorStore, DuplicateSubmission
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,12 @@ class Coordinator:
                 pass
             self._submissions.labels(task, "duplicate").inc()
             return True
-        import psycopg2.errors
-
         try:
             with self._store.submission(task, number, hospital, total) as writer:
                 for index, ciphertext in chunks:
                     self._adder.check(ciphertext, index, total)
                     writer.add(index, ciphertext)
-        except psycopg2.errors.UniqueViolation:
+        except DuplicateSubmission:
             self._submissions.labels(task, "duplicate").inc()
             return True
         self._store.note_submission(settings, number)

@@ -14,6 +14,10 @@ from fibemrss.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.aggregator.round_state import FederationSettings, Round, RoundState
 
 
+class DuplicateSubmission(Exception):
+    """The same hospital's submission for this round was stored by a concurrent call."""
+
+
 class SubmissionWriter:
     """Writes one hospital's chunks inside the submission's transaction, as they arrive."""
 
@@ -119,10 +123,13 @@ class AggregatorStore:
             row = cur.fetchone()
             if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
                 raise FailedPrecondition(f"round {number} of {task} is not accepting submissions")
-            cur.execute(
-                "INSERT INTO submissions (task, round, hospital, total_chunks) VALUES (%s,%s,%s,%s)",
-                (task, number, hospital, total),
-            )
+            try:
+                cur.execute(
+                    "INSERT INTO submissions (task, round, hospital, total_chunks) VALUES (%s,%s,%s,%s)",
+                    (task, number, hospital, total),
+                )
+            except psycopg2.errors.UniqueViolation:
+                raise DuplicateSubmission(hospital) from None
             writer = SubmissionWriter(cur, task, number, hospital, total)
             yield writer
             if len(writer.seen) != total:
