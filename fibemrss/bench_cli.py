@@ -25,7 +25,8 @@ def _he(args: argparse.Namespace) -> int:
 def _round(args: argparse.Namespace) -> int:
     from fibemrss.bench.round_bench import run_round_bench
 
-    _emit(run_round_bench(args.params, args.hospitals, args.rounds), args.json)
+    workdir = Path(args.workdir) if args.workdir else None
+    _emit(run_round_bench(args.params, args.hospitals, args.rounds, workdir), args.json)
     return 0
 
 
@@ -63,6 +64,7 @@ def add_parser(subparsers: Any) -> None:
     rnd.add_argument("--params", type=int, default=1_000_000)
     rnd.add_argument("--hospitals", type=int, default=4)
     rnd.add_argument("--rounds", type=int, default=5)
+    rnd.add_argument("--workdir", help="keep the services' data and logs here")
     rnd.set_defaults(func=_round)
 
     quality = sub.add_parser(

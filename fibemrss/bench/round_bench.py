@@ -52,14 +52,17 @@ def _hospital(name: str, address: str, key_path: str, n_params: int, rounds: int
     channel.close()
 
 
-def run_round_bench(n_params: int = 1_000_000, hospitals: int = 4, rounds: int = 5) -> dict[str, Any]:
+def run_round_bench(
+    n_params: int = 1_000_000, hospitals: int = 4, rounds: int = 5, workdir: Path | None = None
+) -> dict[str, Any]:
     from fibemrss.channels import open_channel
     from fibemrss.federation.v1 import federation_pb2 as pb
     from fibemrss.federation.v1 import federation_pb2_grpc
     from fibemrss.local_cluster import LocalCluster
 
     names = [f"h{i}" for i in range(hospitals)]
-    with tempfile.TemporaryDirectory(prefix="fibemrss-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fibemrss-bench-") as scratch:
+        tmp = str(workdir or scratch)  # a given workdir keeps the services' logs for a look afterwards
         # Plaintext loopback, like the Flower figure it is compared with.
         cluster = LocalCluster(Path(tmp), hospitals=(), tls=False)
         endpoints = cluster.start()

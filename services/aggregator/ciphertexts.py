@@ -39,6 +39,9 @@ class CiphertextAdder:
         if problems:
             raise InvalidArgument("ciphertext chunk does not fit this federation", problems)
 
+    def new_accumulator(self) -> ChunkAccumulator:
+        return ChunkAccumulator(self._key)
+
     def add(self, parts: Sequence[bytes]) -> bytes:
         """The encrypted slot-wise sum of one chunk position over all hospitals."""
         accumulator = ChunkAccumulator(self._key)

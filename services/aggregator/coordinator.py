@@ -25,17 +25,21 @@ from services.aggregator.round_state import (
     decide_submission,
     next_round_number,
 )
+from services.aggregator.running_sums import Accumulator, RunningSums
 from services.aggregator.store import AggregatorStore, DuplicateSubmission
 
 log = logging.getLogger(__name__)
 
 
 CACHE_LIMIT_BYTES = 256 * 1024 * 1024
+# A submission up to this size is also folded into an in-memory running sum as it commits.
+RUNNING_SUM_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class Adder(Protocol):
     def check(self, chunk: bytes, index: int, total: int) -> None: ...
     def add(self, parts: Sequence[bytes]) -> bytes: ...
+    def new_accumulator(self) -> Accumulator: ...
 
 
 class Coordinator:
@@ -55,6 +59,7 @@ class Coordinator:
         self._thread = threading.Thread(target=self._run, name="round-ticker", daemon=True)
         # The newest sum stays in memory: every hospital fetches it right after the round closes.
         self._latest: tuple[str, int, int, list[bytes]] | None = None
+        self._running = RunningSums(adder.new_accumulator)
         self._submissions = Counter(
             "fibemrss_submissions_total",
             "Accepted encrypted submissions.",
@@ -122,14 +127,23 @@ class Coordinator:
                 pass
             self._submissions.labels(task, "duplicate").inc()
             return True
+        kept: list[tuple[int, bytes]] | None = []
+        kept_bytes = 0
         try:
             with self._store.submission(task, number, hospital, total) as writer:
                 for index, ciphertext in chunks:
                     self._adder.check(ciphertext, index, total)
                     writer.add(index, ciphertext)
+                    if kept is not None:
+                        kept.append((index, ciphertext))
+                        kept_bytes += len(ciphertext)
+                        if kept_bytes > RUNNING_SUM_LIMIT_BYTES:
+                            kept = None  # too big to hold: this round is summed from the database
         except DuplicateSubmission:
             self._submissions.labels(task, "duplicate").inc()
             return True
+        if kept is not None:
+            self._running.fold(task, number, hospital, kept)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
         self._wake.set()
@@ -175,9 +189,14 @@ class Coordinator:
         total = self._store.chunk_count(settings.task, current.number)
         cache: list[bytes] | None = []
 
+        running = self._running.take(settings.task, current.number, current.submitted, total)
+
         def sum_at(index: int) -> bytes:
             nonlocal cache
-            summed = self._adder.add(self._store.chunks_at(settings.task, current.number, index))
+            if running is not None:
+                summed = running[index].result()
+            else:
+                summed = self._adder.add(self._store.chunks_at(settings.task, current.number, index))
             if cache is not None:
                 cache.append(summed)
                 if sum(len(c) for c in cache) > CACHE_LIMIT_BYTES:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg2.errors
 import psycopg2.extensions
 
+from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database
 from fibemrss.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.aggregator.round_state import FederationSettings, Round, RoundState
@@ -33,9 +34,12 @@ class SubmissionWriter:
         if index in self.seen:
             raise InvalidArgument(f"chunk {index} was sent twice in one submission")
         self.seen.add(index)
-        self._cur.execute(
-            "INSERT INTO submission_chunks (task, round, hospital, idx, ciphertext) VALUES (%s,%s,%s,%s,%s)",
-            (*self._key, index, psycopg2.Binary(ciphertext)),
+        copy_rows(
+            self._cur,
+            "submission_chunks",
+            ("task", "round", "hospital", "idx", "ciphertext"),
+            ("text", "int8", "text", "int4", "bytea"),
+            [(*self._key, index, ciphertext)],
         )
 
 
@@ -187,10 +191,12 @@ class AggregatorStore:
         the next, all in one transaction: memory holds one chunk position at a time."""
         with self._db.transaction() as cur:
             for index in range(total_chunks):
-                cur.execute(
-                    "INSERT INTO aggregates (task, round, idx, total_chunks, contributors, ciphertext) "
-                    "VALUES (%s,%s,%s,%s,%s,%s)",
-                    (s.task, number, index, total_chunks, contributors, psycopg2.Binary(sum_at(index))),
+                copy_rows(
+                    cur,
+                    "aggregates",
+                    ("task", "round", "idx", "total_chunks", "contributors", "ciphertext"),
+                    ("text", "int8", "int4", "int4", "int4", "bytea"),
+                    [(s.task, number, index, total_chunks, contributors, sum_at(index))],
                 )
             cur.execute(
                 "UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
