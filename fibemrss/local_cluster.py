@@ -7,12 +7,8 @@ loopback and reports the port it got through a ready file; nothing is left runni
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fibemrss.channels import open_channel
 from fibemrss.config import DEFAULT_TASK, TlsFiles
+from fibemrss.service_process import ServiceProcess, base_env
 
 log = logging.getLogger(__name__)
 
 DEMO_HOSPITALS = ("cleveland", "hungary", "switzerland", "va-long-beach")
 HOSPITAL_ROLES = ("gateway", "agent", "inference")
-_MODULES = {
-    "gateway": "services.emr_gateway",
-    "agent": "services.hospital_agent",
-    "inference": "services.inference",
-    "aggregator": "services.aggregator",
-}
 
 
 def demo_pseudonym_key(hospital: str) -> str:
@@ -52,15 +43,6 @@ def tls_for(endpoints: dict[str, Any], identity: str) -> TlsFiles | None:
 
 def db_name(hospital: str) -> str:
     return "hospital_" + hospital.replace("-", "_")
-
-
-@dataclass
-class ServiceProcess:
-    name: str  # e.g. "gateway@cleveland", "aggregator@central"
-    process: subprocess.Popen[bytes]
-    ready_file: Path
-    address: str = ""
-    metrics: str = ""
 
 
 @dataclass
@@ -143,12 +125,9 @@ class LocalCluster:
         return TlsFiles(str(pki / "ca.crt"), str(pki / f"{identity}.crt"), str(pki / f"{identity}.key"))
 
     def _service_env(self, role: str, where: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FIBEMRSS_") and k != "DATABASE_URL"}
+        env = base_env()
         env.update(self.extra_env)
-        env["FIBEMRSS_LISTEN"] = "127.0.0.1:0"
-        env["FIBEMRSS_METRICS_LISTEN"] = "127.0.0.1:0"
         env["FIBEMRSS_TASK"] = self.task
-        env["FIBEMRSS_READY_FILE"] = str(self.workdir / "run" / f"{role}@{where}.json")
         if role == "aggregator":
             env["DATABASE_URL"] = self._db_urls["aggregator"]
             env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "aggregator.he")
@@ -163,42 +142,18 @@ class LocalCluster:
             env.update(
                 {"FIBEMRSS_TLS_CA": tls.ca, "FIBEMRSS_TLS_CERT": tls.cert, "FIBEMRSS_TLS_KEY": tls.key}
             )
-        # Each service runs on a small share of two cores: one math thread each.
-        env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
     def _spawn(self, name: str, env: dict[str, str]) -> None:
-        role = name.split("@")[0]
-        ready = Path(env["FIBEMRSS_READY_FILE"])
-        ready.parent.mkdir(parents=True, exist_ok=True)
-        ready.unlink(missing_ok=True)
-        logs = self.workdir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"{name}.log", "ab") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", _MODULES[role]],
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.processes[name] = ServiceProcess(name, proc, ready)
+        sp = ServiceProcess(name, env, self.workdir)
+        sp.start()
+        self.processes[name] = sp
 
     def _wait_ready(self, deadline: float) -> None:
         for sp in self.processes.values():
-            while not sp.address:
-                if sp.process.poll() is not None:
-                    tail = (self.workdir / "logs" / f"{sp.name}.log").read_text()[-3000:]
-                    raise RuntimeError(f"{sp.name} exited with code {sp.process.returncode}:\n{tail}")
-                if sp.ready_file.exists():
-                    info = json.loads(sp.ready_file.read_text())
-                    sp.address, sp.metrics = info["grpc"], info["metrics"]
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{sp.name} did not become ready in time")
-                time.sleep(0.1)
-            self._check_health(sp, deadline)
+            if not sp.address:
+                sp.wait_ready(deadline)
+                self._check_health(sp, deadline)
 
     def _check_health(self, sp: ServiceProcess, deadline: float) -> None:
         with open_channel(sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}")) as channel:
@@ -235,7 +190,9 @@ class LocalCluster:
         return self._db_urls[name]
 
     def pid(self, name: str) -> int:
-        return self.processes[name].process.pid
+        process = self.processes[name].process
+        assert process is not None
+        return process.pid
 
     def restart(self, name: str, kill: bool = True, timeout: float = 60.0) -> None:
         """Kills one service (SIGKILL by default, as a crash) and starts it again with the same env."""
@@ -247,23 +204,19 @@ class LocalCluster:
             env["FIBEMRSS_AGGREGATOR"] = self.processes["aggregator@central"].address
         # Keep the same port, so peers holding a channel to it reconnect on their own.
         env["FIBEMRSS_LISTEN"] = sp.address
-        sp.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        sp.process.wait(timeout=30)
+        sp.signal(signal.SIGKILL if kill else signal.SIGTERM)
+        sp.wait(30)
         self._spawn(name, env)
         self._wait_ready(time.monotonic() + timeout)
 
     # -- stop ----------------------------------------------------------------------------------------
     def stop(self, grace: float = 15.0) -> None:
+        # Signal everyone first, so they drain in parallel, then wait for each.
         for sp in self.processes.values():
-            if sp.process.poll() is None:
-                sp.process.send_signal(signal.SIGTERM)
+            sp.signal(signal.SIGTERM)
         end = time.monotonic() + grace
         for sp in self.processes.values():
-            try:
-                sp.process.wait(timeout=max(end - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(sp.process.pid, signal.SIGKILL)
-                sp.process.wait(timeout=10)
+            sp.wait(end - time.monotonic())
         if self._pg is not None:
             self._pg.stop()
             self._pg = None

@@ -12,8 +12,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ from fibemrss.feature_encoding import GlobalStats, input_dim, numeric_features
 from fibemrss.model_params import forward_logits, layer_shapes, param_count
 from fibemrss.model_store import ModelStore, ModelVersion
 from fibemrss.records import LOINC, UCI_HEART
+from fibemrss.service_process import ServiceProcess, base_env
 from fibemrss.task_spec import HEART_DISEASE_V1, TaskSpec
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
@@ -109,74 +108,14 @@ def publish(database_url: str, mv: ModelVersion) -> bool:
 
 
 # -- the service as a subprocess -------------------------------------------------------------------
-class InferenceProcess:
-    """`python -m services.inference` on `database_url`; the address comes from its ready file."""
-
-    def __init__(self, database_url: str, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.ready_file = workdir / "inference.ready.json"
-        self.log_file = workdir / "inference.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FIBEMRSS_")}
-        env.update(
-            DATABASE_URL=database_url,
-            FIBEMRSS_TASK=HEART_DISEASE_V1.name,
-            FIBEMRSS_HOSPITAL="bench",
-            FIBEMRSS_READY_FILE=str(self.ready_file),
-            FIBEMRSS_LISTEN="127.0.0.1:0",
-            FIBEMRSS_METRICS_LISTEN="127.0.0.1:0",
-            OMP_NUM_THREADS="1",
-        )
-        env.update(extra_env or {})
-        self._env = env
-        self.process: subprocess.Popen[bytes] | None = None
-        self.address = ""
-        self.metrics = ""
-
-    def start(self, timeout: float = 60.0) -> str:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.ready_file.unlink(missing_ok=True)
-        root = Path(__file__).resolve().parents[2]
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.inference"],
-                env=self._env,
-                cwd=root,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"inference exited with {self.process.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("inference did not become ready in time")
-            time.sleep(0.05)
-        info = json.loads(self.ready_file.read_text())
-        self.address, self.metrics = info["grpc"], info["metrics"]
-        return self.address
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_file.read_text()[-chars:] if self.log_file.exists() else ""
-
-    def stop(self, grace: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def __enter__(self) -> InferenceProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+def inference_process(
+    database_url: str, workdir: Path, extra_env: dict[str, str] | None = None
+) -> ServiceProcess:
+    """`python -m services.inference` on `database_url`, plaintext on loopback; use it with `with`."""
+    env = base_env()
+    env.update(DATABASE_URL=database_url, FIBEMRSS_TASK=HEART_DISEASE_V1.name, FIBEMRSS_HOSPITAL="bench")
+    env.update(extra_env or {})
+    return ServiceProcess("inference@bench", env, workdir)
 
 
 # -- requests, pre-serialized so the load generator spends its CPU on calls, not encoding ----------
@@ -325,7 +264,7 @@ def run_inference_bench(
 
             migrate(database_url, "hospital")
             publish(database_url, sample_model_version())
-            with InferenceProcess(database_url, work / "service") as service:
+            with inference_process(database_url, work / "service") as service:
                 out: dict[str, Any] = {"diagnose": {}, "model_infer": {}}
                 for key, method, payload in (
                     ("diagnose", DIAGNOSE_METHOD, diagnose_request_bytes()),

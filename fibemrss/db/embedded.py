@@ -138,15 +138,6 @@ class EmbeddedPostgres:
 
     def create_database(self, name: str) -> str:
         """Creates `name` if it does not exist and returns its URL."""
-        import psycopg2
+        from fibemrss.db.admin import ensure_database
 
-        conn = psycopg2.connect(self.url("postgres"))
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            conn.close()
-        return self.url(name)
+        return ensure_database(self.url("postgres"), name)

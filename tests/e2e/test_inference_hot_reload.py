@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fibemrss.bench.inference_bench import InferenceProcess, publish, sample_model_version, sample_patient
+from fibemrss.bench.inference_bench import inference_process, publish, sample_model_version, sample_patient
 from fibemrss.feature_encoding import input_dim
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.model_params import forward_logits, sigmoid, unflatten
@@ -83,7 +83,7 @@ def test_new_versions_are_served_without_a_failed_request(
                 continue
             log.versions.append(r.model_version)
 
-    with InferenceProcess(url, tmp_path, {"FIBEMRSS_MODEL_POLL_SECONDS": "0.1"}) as service:
+    with inference_process(url, tmp_path, {"FIBEMRSS_MODEL_POLL_SECONDS": "0.1"}) as service:
         channels = [grpc.insecure_channel(service.address) for _ in range(3)]
         logs = {name: ClientLog() for name in ("infer-a", "infer-b", "pinned-v1", "diagnose-a", "diagnose-b")}
         threads = [

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from fibemrss.bench.inference_bench import InferenceProcess, publish, sample_model_version, sample_patient
+from fibemrss.bench.inference_bench import inference_process, publish, sample_model_version, sample_patient
 from fibemrss.diagnose_cli import add_parser
 from fibemrss.feature_encoding import input_dim, input_names
 from fibemrss.grpc_status_mapping import field_violations
@@ -54,7 +54,7 @@ def service(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
     versions = [sample_model_version(TASK, 1, seed=1), sample_model_version(TASK, 2, seed=2)]
     for mv in versions:
         publish(url, mv)
-    with InferenceProcess(url, tmp_path_factory.mktemp("inference")) as proc:
+    with inference_process(url, tmp_path_factory.mktemp("inference")) as proc:
         yield proc.address, versions
 
 
@@ -182,7 +182,7 @@ def test_model_ready_is_false_until_a_version_is_published(
     fresh_database: Callable[[str], str], tmp_path: Path
 ) -> None:
     url = fresh_database("hospital")
-    with InferenceProcess(url, tmp_path, {"FIBEMRSS_MODEL_POLL_SECONDS": "0.1"}) as proc:
+    with inference_process(url, tmp_path, {"FIBEMRSS_MODEL_POLL_SECONDS": "0.1"}) as proc:
         with grpc.insecure_channel(proc.address) as channel:
             stub = kserve_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerLive(kserve.ServerLiveRequest(), timeout=10).live
