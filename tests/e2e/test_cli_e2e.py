@@ -1,0 +1,117 @@
+"""The README's commands as a user runs them: `fibemrss up`, `fibemrss demo`, `federation status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def processes_using(workdir: Path) -> list[int]:
+    """Live processes whose environment or command line mentions `workdir` (our services do)."""
+    needle = str(workdir).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() or needle in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def fibemrss(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fibemrss.cli", *args]
+
+
+def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp_path: Path) -> None:
+    endpoints_file = tmp_path / "endpoints.json"
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(
+        fibemrss(
+            "up",
+            "--endpoints-json",
+            str(endpoints_file),
+            "--workdir",
+            str(workdir),
+            "--hospitals",
+            "alpha,beta",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not endpoints_file.exists():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "endpoints never written"
+            time.sleep(0.2)
+        endpoints = json.loads(endpoints_file.read_text())
+        assert set(endpoints) == {"aggregator", "hospitals", "metrics", "tls"}
+        assert set(endpoints["hospitals"]) == {"alpha", "beta"}
+        assert set(endpoints["hospitals"]["alpha"]) == {"gateway", "agent", "inference"}
+        assert len(endpoints["metrics"]) == 1 + 2 * 3
+        assert Path(endpoints["tls"]["ca"]).exists()
+        assert set(endpoints["tls"]["certs"]) >= {"agent@alpha", "operator@central", "aggregator@central"}
+
+        status = subprocess.run(
+            fibemrss(
+                "federation",
+                "status",
+                "--aggregator",
+                endpoints["aggregator"],
+                "--task",
+                "nope",
+                "--ca",
+                endpoints["tls"]["ca"],
+                "--cert",
+                endpoints["tls"]["certs"]["operator@central"]["cert"],
+                "--key",
+                endpoints["tls"]["certs"]["operator@central"]["key"],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 1
+        assert "NOT_FOUND" in status.stderr and "Traceback" not in status.stderr
+        assert processes_using(workdir)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0
+    time.sleep(0.5)
+    assert processes_using(workdir) == []
+
+
+def test_demo_prints_rounds_and_a_diagnosis_exits_0_and_leaves_nothing_running(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    workdir = tmp_path / "work"
+    result = subprocess.run(
+        fibemrss("demo", "--rounds", "3", "--json", str(out), "--workdir", str(workdir)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for r in (1, 2, 3):
+        assert f"round   {r}  pooled test accuracy" in result.stdout
+    assert "diagnosis reference for a held-out patient" in result.stdout
+    report = json.loads(out.read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["final"]["pooled_test_accuracy"] > 0.75
+    assert set(report["final"]["per_hospital"]) == {"cleveland", "hungary", "switzerland", "va-long-beach"}
+    assert report["diagnosis"]["model_version"] == 3
+    assert 0.0 <= report["diagnosis"]["probability"] <= 1.0
+    assert report["diagnosis"]["label"] in ("disease", "no disease")
+    assert processes_using(workdir) == []
