@@ -10,6 +10,7 @@ import hashlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ class LocalCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     # Mutual TLS on every link, with a private CA made for this run (see fibemrss/certs.py).
     tls: bool = True
+    # Where agents reach the aggregator, given its real address: tests put a recording proxy
+    # in between to inspect what crosses the wire.
+    agents_reach_aggregator_via: Callable[[str], str] | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _pg: Any = None
     _db_urls: dict[str, str] = field(default_factory=dict)
@@ -74,7 +78,7 @@ class LocalCluster:
             for h in self.hospitals:
                 env = self._service_env("agent", h)
                 env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{h}"].address
-                env["FIBEMRSS_AGGREGATOR"] = self.processes["aggregator@central"].address
+                env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
                 self._spawn(f"agent@{h}", env)
             self._wait_ready(deadline)
         except BaseException:
@@ -103,6 +107,10 @@ class LocalCluster:
         keys = self.workdir / "keys"
         if not (keys / "hospital.he").exists():
             write_key_files(keys)
+
+    def _aggregator_for_agents(self) -> str:
+        address = self.processes["aggregator@central"].address
+        return self.agents_reach_aggregator_via(address) if self.agents_reach_aggregator_via else address
 
     def identities(self) -> list[str]:
         out = ["aggregator@central", "operator@central"]
@@ -201,7 +209,7 @@ class LocalCluster:
         env = self._service_env(role, where)
         if role == "agent":
             env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
-            env["FIBEMRSS_AGGREGATOR"] = self.processes["aggregator@central"].address
+            env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
         # Keep the same port, so peers holding a channel to it reconnect on their own.
         env["FIBEMRSS_LISTEN"] = sp.address
         sp.signal(signal.SIGKILL if kill else signal.SIGTERM)
