@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Offline checks of everything under deploy/ and the service Dockerfiles:
-#   hadolint         services/*/Dockerfile
+# Offline checks of everything under deploy/ and the images' Dockerfile:
+#   hadolint         Dockerfile (the root one: one target per service image)
 #   helm lint        the chart, both roles (with the example values files)
 #   helm template    both roles  -> kubernetes-validate --strict (k8s 1.30 and 1.35)
 #   generate_base    the kustomize bases match the chart
 #   kubectl kustomize each overlay -> kubernetes-validate --strict
-#   checkov          the rendered manifests and the Dockerfiles (deploy/checkov.yaml)
+#   checkov          the rendered manifests and the Dockerfile (deploy/checkov.yaml)
 # Custom resources (the ServiceMonitor) have no bundled schema: kubernetes-validate warns and
 # skips them; any other skipped kind fails the check.
 # Needs the tools of deploy/tools/install.sh (TOOLS, default var/deploy-tools); no cluster,
@@ -62,9 +62,7 @@ validate() {  # validate FILE: strict schema validation; only ServiceMonitor may
   return $rc
 }
 
-for dockerfile in services/*/Dockerfile; do
-  step "hadolint $dockerfile" "$VENV/hadolint" --config .hadolint.yaml "$dockerfile"
-done
+step "hadolint Dockerfile" "$VENV/hadolint" --config .hadolint.yaml Dockerfile
 
 for role in central hospital; do
   values="$CHART/values-$role.yaml"
@@ -88,10 +86,8 @@ done
 
 step "checkov (rendered manifests)" "$VENV/checkov" --config-file deploy/checkov.yaml \
   --framework kubernetes -d "$OUT/manifests"
-dockerfile_args=()
-for dockerfile in services/*/Dockerfile; do dockerfile_args+=(-f "$dockerfile"); done
-step "checkov (Dockerfiles)" "$VENV/checkov" --config-file deploy/checkov.yaml \
-  --framework dockerfile "${dockerfile_args[@]}"
+step "checkov (Dockerfile)" "$VENV/checkov" --config-file deploy/checkov.yaml \
+  --framework dockerfile -f Dockerfile
 
 echo
 echo "deploy checks:"
