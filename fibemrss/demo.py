@@ -181,7 +181,7 @@ def ask_diagnosis(
     ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         # The inference service polls the model store; give it a moment to see the final version.
-        for _ in range(100):
+        for _ in range(300):
             r = stub.Diagnose(
                 inference_pb2.DiagnoseRequest(task=task, patient=record_to_proto(record)), timeout=10
             )

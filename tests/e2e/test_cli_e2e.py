@@ -103,15 +103,16 @@ def test_demo_prints_rounds_and_a_diagnosis_exits_0_and_leaves_nothing_running(t
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    shown = f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, shown
     for r in (1, 2, 3):
-        assert f"round   {r}  pooled test accuracy" in result.stdout
-    assert "diagnosis reference for a held-out patient" in result.stdout
+        assert f"round   {r}  pooled test accuracy" in result.stdout, shown
+    assert "diagnosis reference for a held-out patient" in result.stdout, shown
     report = json.loads(out.read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert report["final"]["pooled_test_accuracy"] > 0.75
     assert set(report["final"]["per_hospital"]) == {"cleveland", "hungary", "switzerland", "va-long-beach"}
-    assert report["diagnosis"]["model_version"] == 3
+    assert report["diagnosis"]["model_version"] == 3, report["diagnosis"]
     assert 0.0 <= report["diagnosis"]["probability"] <= 1.0
     assert report["diagnosis"]["label"] in ("disease", "no disease")
-    assert processes_using(workdir) == []
+    assert processes_using(workdir) == [], shown
