@@ -82,8 +82,12 @@ class Accuracy:
         return self.correct / self.total if self.total else 0.0
 
 
-def accuracy(layers: list[Layer], x: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> Accuracy:
+def accuracy_of_logits(logits: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> Accuracy:
     if len(y) == 0:
         return Accuracy(0, 0)
-    predicted = sigmoid(forward_logits(layers, x)) >= threshold
+    predicted = sigmoid(logits) >= threshold
     return Accuracy(int((predicted == (y > 0.5)).sum()), int(len(y)))
+
+
+def accuracy(layers: list[Layer], x: np.ndarray, y: np.ndarray, threshold: float = 0.5) -> Accuracy:
+    return accuracy_of_logits(forward_logits(layers, x), y, threshold)

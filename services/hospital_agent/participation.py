@@ -31,10 +31,11 @@ from fibemrss.feature_encoding import (
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
-from fibemrss.model_params import accuracy, flatten, init_layers, layer_shapes, param_count, unflatten
+from fibemrss.model_params import accuracy_of_logits, layer_shapes
 from fibemrss.model_store import ModelStore, ModelVersion
 from fibemrss.strategies import FedAvg, StrategyState, strategy_from_hyper
 from fibemrss.task_spec import TaskSpec
+from fibemrss.torch_models import initial_vector, is_builtin, logits_function, parameter_count
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.training import train_local
 
@@ -87,13 +88,13 @@ class Participation:
         self.progress = AgentProgress()
         self._stats: GlobalStats | None = None
         self._data: LocalData | None = None
-        self._shapes = layer_shapes(task.model, input_dim(task))
+        self._n_params = parameter_count(task.model, input_dim(task))
         self._strategy = strategy_from_hyper(task.hyper)
         self._reset_global()
 
     def _reset_global(self) -> None:
         """Round 0: the seeded initial model, no strategy state, no aggregate applied yet."""
-        self._global = flatten(init_layers(self.task.model, input_dim(self.task)))
+        self._global = initial_vector(self.task.model, input_dim(self.task))
         self._strategy_state = StrategyState()
         self._applied_round = 0
 
@@ -190,7 +191,7 @@ class Participation:
             if isinstance(self._strategy, FedAvg):
                 rounds = rounds[-1:]  # stateless: the last average is the model, no replay needed
             for r in rounds:
-                average = self._decrypt_round(r, param_count(self._shapes))
+                average = self._decrypt_round(r, self._n_params)
                 self._global, self._strategy_state = self._strategy.step(
                     self._strategy_state, self._global, average
                 )
@@ -204,7 +205,8 @@ class Participation:
         assert self._data is not None
         stats = self._global_stats()
         x, y = LocalData.matrix(self.task, stats, self._data.test)
-        acc = accuracy(unflatten(params, self._shapes), x, y, self.task.threshold)
+        logits = logits_function(self.task.model, input_dim(self.task), params)(x)
+        acc = accuracy_of_logits(logits, y, self.task.threshold)
         with self.progress.lock:
             if not any(e.round == round_number for e in self.progress.evaluations):
                 self.progress.evaluations.append(
@@ -218,7 +220,12 @@ class Participation:
                 model={
                     "model": self.task.model,
                     "input_names": input_names(self.task),
-                    "shapes": self._shapes,
+                    # Built-in models are served by a numpy forward pass over these layer shapes;
+                    # a custom torch model (None here) is rebuilt by name with torch.
+                    "shapes": layer_shapes(self.task.model, input_dim(self.task))
+                    if is_builtin(self.task.model)
+                    else None,
+                    "input_dim": input_dim(self.task),
                     "params": params.tolist(),
                     "stats": stats.to_json(),
                     "threshold": self.task.threshold,

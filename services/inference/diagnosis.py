@@ -1,8 +1,8 @@
-"""A diagnosis reference from a published model (pure: numpy only, no gRPC, no database)."""
+"""A diagnosis reference from a published model (pure: numpy, and torch only for custom models)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from fibemrss.feature_extraction import FeatureValue, extract
 from fibemrss.model_params import Layer, forward_logits, sigmoid, unflatten
 from fibemrss.records import PatientRecord
 from fibemrss.task_spec import TaskSpec
+from fibemrss.torch_models import logits_function
 
 CAVEAT = (
     "This is a statistical reference from a federated model, not a diagnosis. It must be "
@@ -100,22 +101,23 @@ class LoadedModel:
     threshold: float
     plan: EncodingPlan
 
+    # Set for a custom torch model (see fibemrss.torch_models); built-ins use `layers` in numpy.
+    torch_forward: Callable[[np.ndarray], np.ndarray] | None = None
+
     @classmethod
     def from_json(
         cls, task: TaskSpec, version: int, federated_round: int, model: dict[str, Any]
     ) -> LoadedModel:
-        shapes = [tuple(s) for s in model["shapes"]]
-        layers = unflatten(np.asarray(model["params"], dtype=np.float64), shapes)  # type: ignore[arg-type]
+        params = np.asarray(model["params"], dtype=np.float64)
         stats = GlobalStats.from_json(model["stats"])
-        return cls(
-            task,
-            version,
-            federated_round,
-            layers,
-            stats,
-            float(model.get("threshold", task.threshold)),
-            EncodingPlan.build(task, stats),
-        )
+        plan = EncodingPlan.build(task, stats)
+        threshold = float(model.get("threshold", task.threshold))
+        if model.get("shapes") is None:
+            forward = logits_function(model["model"], plan.dim, params)
+            return cls(task, version, federated_round, [], stats, threshold, plan, forward)
+        shapes = [tuple(s) for s in model["shapes"]]
+        layers = unflatten(params, shapes)  # type: ignore[arg-type]
+        return cls(task, version, federated_round, layers, stats, threshold, plan)
 
     @property
     def input_dim(self) -> int:
@@ -123,6 +125,8 @@ class LoadedModel:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Encoded inputs [n, input_dim] -> logits [n] (float64)."""
+        if self.torch_forward is not None:
+            return self.torch_forward(x)
         return forward_logits(self.layers, x)
 
 
