@@ -223,8 +223,10 @@ class LocalCluster:
         for sp in self.processes.values():
             sp.signal(signal.SIGTERM)
         end = time.monotonic() + grace
-        for sp in self.processes.values():
-            sp.wait(end - time.monotonic())
-        if self._pg is not None:
-            self._pg.stop()
-            self._pg = None
+        try:
+            for sp in self.processes.values():
+                sp.wait(end - time.monotonic())
+        finally:
+            if self._pg is not None:
+                self._pg.stop()
+                self._pg = None

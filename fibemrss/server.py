@@ -139,8 +139,13 @@ def _write_ready_file(path: str, running: RunningServer) -> None:
     os.replace(tmp, path)
 
 
-def serve_until_signalled(running: RunningServer, on_stop: Callable[[], None] | None = None) -> None:
-    """Blocks until SIGTERM or SIGINT, then drains the server and runs `on_stop`."""
+def serve_until_signalled(
+    running: RunningServer,
+    on_stop: Callable[[], None] | None = None,
+    on_drain: Callable[[], None] | None = None,
+) -> None:
+    """Blocks until SIGTERM or SIGINT, then runs `on_drain` (release long-polling calls so the
+    grace period is not spent waiting for them), drains the server and runs `on_stop`."""
     stop = threading.Event()
 
     def handle(signum: int, _frame: object) -> None:
@@ -150,6 +155,8 @@ def serve_until_signalled(running: RunningServer, on_stop: Callable[[], None] | 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
     stop.wait()
+    if on_drain is not None:
+        on_drain()
     running.stop()
     if on_stop is not None:
         on_stop()

@@ -100,7 +100,10 @@ class ServiceProcess:
         try:
             self.process.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended between the timeout and the kill
             self.process.wait(timeout=10)
 
     def stop(self, grace: float = 15.0) -> None:

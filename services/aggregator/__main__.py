@@ -48,7 +48,7 @@ def main() -> None:
         holder["c"].stop()
         db.close()
 
-    serve_until_signalled(running, on_stop=on_stop)
+    serve_until_signalled(running, on_stop=on_stop, on_drain=holder["c"].release_waiters)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,11 @@ class Coordinator:
     def start(self) -> None:
         self._thread.start()
 
+    def release_waiters(self) -> None:
+        """Ends every GetRound long-poll now (at shutdown); agents simply ask again elsewhere."""
+        self._stop.set()
+        self._notify()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -95,7 +100,7 @@ class Coordinator:
             while True:
                 current = self._store.current_round(task)
                 settings = self._store.settings(task)
-                if current.number >= number or self.is_done(settings, current):
+                if current.number >= number or self.is_done(settings, current) or self._stop.is_set():
                     return current
                 remaining = deadline - datetime.now(UTC).timestamp()
                 if remaining <= 0:

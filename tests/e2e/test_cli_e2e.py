@@ -88,8 +88,8 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
         assert processes_using(workdir)
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    assert code == 0
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode(errors="replace")[-3000:]
     time.sleep(0.5)
     assert processes_using(workdir) == []
 
