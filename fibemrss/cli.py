@@ -99,12 +99,11 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 def cmd_federation_status(args: argparse.Namespace) -> int:
     from fibemrss.channels import open_channel
-    from fibemrss.config import TlsFiles
+    from fibemrss.cli_tls import tls_from_args
     from fibemrss.federation.v1 import federation_pb2 as pb
     from fibemrss.federation.v1 import federation_pb2_grpc
 
-    tls = TlsFiles(args.ca, args.cert, args.key) if args.ca else None
-    with open_channel(args.aggregator, tls) as ch:
+    with open_channel(args.aggregator, tls_from_args(args)) as ch:
         st = (
             federation_pb2_grpc.AggregatorServiceStub(ch)
             .GetFederationStatus(pb.GetFederationStatusRequest(task=args.task), timeout=10)
@@ -144,6 +143,8 @@ def cmd_federation_status(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fibemrss.cli_tls import add_tls_arguments
+
     p = argparse.ArgumentParser(prog="fibemrss", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -188,15 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--aggregator", required=True, help="HOST:PORT")
     status.add_argument("--task", default="heart-disease-v1")
     status.add_argument("--json", action="store_true")
-    status.add_argument("--ca", help="CA certificate (PEM) for mutual TLS")
-    status.add_argument("--cert", help="client certificate, e.g. operator@central.crt")
-    status.add_argument("--key", help="client key")
+    add_tls_arguments(status)
     status.set_defaults(func=cmd_federation_status)
-    from fibemrss import bench_cli, diagnose_cli, ingest_cli
+    from fibemrss import bench_cli, diagnose_cli, ingest_cli, quarantine_cli
 
     bench_cli.add_parser(sub)
     diagnose_cli.add_parser(sub)
     ingest_cli.add_parser(sub)
+    quarantine_cli.add_parser(sub)
     return p
 
 

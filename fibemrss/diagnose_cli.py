@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from fibemrss.config import TlsFiles
+from fibemrss.cli_tls import add_tls_arguments, tls_from_args
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,9 +27,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--task", default="", help="default: the task the service serves")
     p.add_argument("--model-version", type=int, default=0, help="pin a model version (default: newest)")
     p.add_argument("--json", action="store_true", help="print the reference as JSON")
-    p.add_argument("--tls-ca", help="CA file; with --tls-cert and --tls-key, use mutual TLS")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
+    add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
     p.set_defaults(func=cmd_diagnose)
     return p  # type: ignore[no-any-return]
@@ -42,15 +40,6 @@ def read_patient(path: Path) -> Any:
         return json_format.Parse(path.read_text(), emr_pb2.PatientRecord())
     except json_format.ParseError as exc:
         raise ValueError(f"{path} is not a PatientRecord in protobuf JSON form: {exc}") from None
-
-
-def _tls(args: argparse.Namespace) -> TlsFiles | None:
-    given = [args.tls_ca, args.tls_cert, args.tls_key]
-    if not any(given):
-        return None
-    if not all(given):
-        raise ValueError("--tls-ca, --tls-cert and --tls-key go together")
-    return TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def reference_to_dict(r: Any) -> dict[str, Any]:
@@ -93,7 +82,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     patient = read_patient(args.patient)
     request = inference_pb2.DiagnoseRequest(task=args.task, patient=patient, model_version=args.model_version)
-    with open_channel(args.inference, _tls(args)) as channel:
+    with open_channel(args.inference, tls_from_args(args)) as channel:
         try:
             response = inference_pb2_grpc.DiagnosisServiceStub(channel).Diagnose(
                 request, timeout=args.timeout

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fibemrss.cli_tls import add_tls_arguments, tls_from_args
+from fibemrss.config import TlsFiles
 from fibemrss.service_process import ServiceProcess, base_env
 
 EXTENSIONS = {"fhir": (".json",), "hl7v2": (".hl7",), "csv": (".csv", ".data")}
@@ -37,6 +39,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--source-name", help="CSV only: the export's origin (default: each file's name)")
     p.add_argument("--gateway", help="HOST:PORT of a running gateway (default: start a throwaway one)")
     p.add_argument("paths", nargs="+", metavar="PATH")
+    add_tls_arguments(p)
     p.set_defaults(func=cmd_ingest)
 
 
@@ -70,7 +73,12 @@ def request_for(fmt: str, path: Path, profile: str | None, source_name: str | No
 
 
 def ingest_files(
-    address: str, fmt: str, files: list[Path], profile: str | None, source: str | None
+    address: str,
+    fmt: str,
+    files: list[Path],
+    profile: str | None,
+    source: str | None,
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     import grpc
 
@@ -81,7 +89,7 @@ def ingest_files(
     totals: Counter[str] = Counter()
     resources: Counter[str] = Counter()
     errors: list[dict[str, Any]] = []
-    with open_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
         for path in files:
             try:
@@ -146,7 +154,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise ValueError("--profile and --source-name apply to --format csv only")
     files = expand(args.paths, args.fmt)
     if args.gateway:
-        summary = ingest_files(args.gateway, args.fmt, files, args.profile, args.source_name)
+        summary = ingest_files(
+            args.gateway, args.fmt, files, args.profile, args.source_name, tls_from_args(args)
+        )
     else:
         with throwaway_gateway() as gateway:
             summary = ingest_files(gateway.address, args.fmt, files, args.profile, args.source_name)

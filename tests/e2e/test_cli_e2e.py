@@ -72,11 +72,11 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
                 endpoints["aggregator"],
                 "--task",
                 "nope",
-                "--ca",
+                "--tls-ca",
                 endpoints["tls"]["ca"],
-                "--cert",
+                "--tls-cert",
                 endpoints["tls"]["certs"]["operator@central"]["cert"],
-                "--key",
+                "--tls-key",
                 endpoints["tls"]["certs"]["operator@central"]["key"],
             ),
             capture_output=True,
@@ -86,6 +86,7 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
         assert status.returncode == 1
         assert "NOT_FOUND" in status.stderr and "Traceback" not in status.stderr
         assert processes_using(workdir)
+        review_quarantine_through_the_cli(endpoints, tmp_path)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
@@ -116,3 +117,55 @@ def test_demo_prints_rounds_and_a_diagnosis_exits_0_and_leaves_nothing_running(t
     assert 0.0 <= report["diagnosis"]["probability"] <= 1.0
     assert report["diagnosis"]["label"] in ("disease", "no disease")
     assert processes_using(workdir) == [], shown
+
+
+def review_quarantine_through_the_cli(endpoints: dict, tmp_path: Path) -> None:
+    """An integration engineer's loop against a TLS gateway: ingest, see the held record, fix it."""
+    certs = endpoints["tls"]["certs"]["operator@alpha"]
+    tls = ["--tls-ca", endpoints["tls"]["ca"], "--tls-cert", certs["cert"], "--tls-key", certs["key"]]
+    gateway = ["--gateway", endpoints["hospitals"]["alpha"]["gateway"]]
+    export = tmp_path / "alpha.data"
+    # Row 2 has a cholesterol of 5.2 "mg/dL": a mmol/L value typed into a mg/dL field.
+    export.write_text("63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n67,1,4,160,5.2,0,2,108,1,1.5,2,3,3,2\n")
+    ingest = subprocess.run(
+        fibemrss("ingest", "--format", "csv", "--profile", "uci-processed", *gateway, *tls, str(export)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    summary = json.loads(ingest.stdout)
+    assert (summary["accepted"], summary["quarantined"]) == (1, 1)
+
+    listing = subprocess.run(
+        fibemrss("quarantine", "list", *gateway, *tls, "--json"), capture_output=True, text=True, timeout=60
+    )
+    assert listing.returncode == 0, listing.stderr
+    [held] = json.loads(listing.stdout)
+    assert any("mmol/L" in reason for reason in held["reasons"])
+    [chol] = [o for o in held["observations"] if o["code"] == "2093-3"]
+
+    resolved = subprocess.run(
+        fibemrss(
+            "quarantine",
+            "resolve",
+            *gateway,
+            *tls,
+            "--id",
+            str(held["id"]),
+            "--accept",
+            "--correct",
+            f"{chol['index']}=5.2:mmol/L",
+            "--reason",
+            "unit typed wrong at admission",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    assert json.loads(resolved.stdout)["fate"] == "FATE_ACCEPTED"
+    still_open = subprocess.run(
+        fibemrss("quarantine", "list", *gateway, *tls, "--json"), capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(still_open.stdout) == []
