@@ -73,13 +73,11 @@ class LocalCluster:
             self._spawn("aggregator@central", self._service_env("aggregator", "central"))
             for h in self.hospitals:
                 self._spawn(f"gateway@{h}", self._service_env("gateway", h))
-                self._spawn(f"inference@{h}", self._service_env("inference", h))
             self._wait_ready(deadline)
+            # Agents and inference services need their gateway's address.
             for h in self.hospitals:
-                env = self._service_env("agent", h)
-                env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{h}"].address
-                env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
-                self._spawn(f"agent@{h}", env)
+                self._spawn(f"agent@{h}", self._service_env("agent", h))
+                self._spawn(f"inference@{h}", self._service_env("inference", h))
             self._wait_ready(deadline)
         except BaseException:
             self.stop()
@@ -144,6 +142,9 @@ class LocalCluster:
             env["FIBEMRSS_HOSPITAL"] = where
         if role == "agent":
             env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "hospital.he")
+            env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
+        if role in ("agent", "inference"):
+            env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
         if role == "gateway":
             env["FIBEMRSS_PSEUDONYM_KEY"] = demo_pseudonym_key(where)
         if (tls := self.client_tls(f"{role}@{where}")) is not None:
@@ -207,9 +208,6 @@ class LocalCluster:
         sp = self.processes[name]
         role, where = name.split("@")
         env = self._service_env(role, where)
-        if role == "agent":
-            env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
-            env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
         # Keep the same port, so peers holding a channel to it reconnect on their own.
         env["FIBEMRSS_LISTEN"] = sp.address
         sp.signal(signal.SIGKILL if kill else signal.SIGTERM)

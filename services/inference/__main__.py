@@ -8,7 +8,8 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from fibemrss.authorization import hospital_policy
-from fibemrss.config import DEFAULT_TASK, ServerConfig, env_float, env_str
+from fibemrss.channels import open_channel
+from fibemrss.config import DEFAULT_TASK, ServerConfig, env_float, env_optional, env_str
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.entrypoint import run_service
@@ -19,6 +20,7 @@ from fibemrss.task_spec import get_task
 from inference import grpc_service_pb2 as kserve_pb2
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from services.inference.model_cache import ModelCache
+from services.inference.patient_directory import PatientDirectory
 from services.inference.servicer import DiagnosisServicer, KServeServicer
 
 # A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers
@@ -36,9 +38,12 @@ def main() -> None:
         migrate(database_url, "hospital")
     db = Database(database_url)
     cache = ModelCache(ModelStore(db), task, env_float("FIBEMRSS_MODEL_POLL_SECONDS", 1.0))
+    # Optional: with the hospital's gateway, Diagnose also accepts a patient key.
+    gateway = env_optional("FIBEMRSS_GATEWAY")
+    directory = PatientDirectory(open_channel(gateway, config.tls)) if gateway else None
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache), server)
+        inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache, directory), server)
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(cache), server)
         return [
             inference_pb2.DESCRIPTOR.services_by_name["DiagnosisService"].full_name,

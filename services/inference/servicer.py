@@ -10,7 +10,7 @@ import json
 
 import grpc
 
-from fibemrss.errors import FieldProblem, InvalidArgument, NotFound
+from fibemrss.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.feature_encoding import input_names
 from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
@@ -20,6 +20,7 @@ from inference import grpc_service_pb2_grpc as kserve_grpc
 from services.inference import tensors
 from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_batch, infer
 from services.inference.model_cache import ModelCache
+from services.inference.patient_directory import PatientDirectory
 
 MAX_BATCH_PATIENTS = 1024
 SERVER_NAME = "fibemrss-inference"
@@ -43,9 +44,10 @@ def _reference_to_proto(model: LoadedModel, ref: Reference) -> pb.DiagnoseRespon
 
 
 class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
-    def __init__(self, cache: ModelCache) -> None:
+    def __init__(self, cache: ModelCache, directory: PatientDirectory | None = None) -> None:
         self._cache = cache
         self._task_name = cache.task.name
+        self._directory = directory
 
     def _check(self, task: str, model_version: int) -> None:
         if task and task != self._task_name:
@@ -57,9 +59,19 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
 
     def Diagnose(self, request: pb.DiagnoseRequest, context: grpc.ServicerContext) -> pb.DiagnoseResponse:
         self._check(request.task, request.model_version)
-        if not request.HasField("patient"):
-            raise InvalidArgument("patient is required", [FieldProblem("patient", "is required")])
-        record = record_from_proto(request.patient)
+        subject = request.WhichOneof("subject")
+        if subject is None:
+            raise InvalidArgument(
+                "patient is required", [FieldProblem("patient", "set patient or patient_key")]
+            )
+        if subject == "patient_key":
+            if self._directory is None:
+                raise FailedPrecondition(
+                    "this inference service has no gateway to read patients from (FIBEMRSS_GATEWAY)"
+                )
+            record = self._directory.fetch(request.patient_key)
+        else:
+            record = record_from_proto(request.patient)
         model = self._cache.get(request.model_version)
         return _reference_to_proto(model, diagnose_batch(model, [record])[0])
 

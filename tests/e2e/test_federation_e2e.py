@@ -199,3 +199,30 @@ def test_a_request_naming_another_hospital_is_permission_denied(federation) -> N
                 fpb.StartFederationRequest(task="x", rounds=1, quorum=1, hospitals=["hungary"]), timeout=10
             )
         assert not_operator.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_diagnose_by_gateway_patient_key_reads_and_audits_the_record(federation) -> None:
+    import grpc
+
+    from fibemrss.channels import open_channel
+    from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+    from fibemrss.local_cluster import tls_for
+
+    cluster, endpoints, _, _, _ = federation
+    db = Database(cluster.database_url_for(db_name("cleveland")))
+    with db.transaction() as cur:
+        cur.execute("SELECT patient_key FROM patients ORDER BY patient_key LIMIT 1")
+        key = cur.fetchone()[0]
+    with open_channel(
+        endpoints["hospitals"]["cleveland"]["inference"], tls_for(endpoints, "operator@cleveland")
+    ) as ch:
+        stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
+        reference = stub.Diagnose(inference_pb2.DiagnoseRequest(patient_key=key), timeout=30)
+        assert 0.0 <= reference.probability <= 1.0 and reference.model_version >= 1
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.Diagnose(inference_pb2.DiagnoseRequest(patient_key="pk_nobody"), timeout=30)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with db.transaction() as cur:
+        cur.execute("SELECT actor, purpose FROM audit_log WHERE action='read_patient' AND subject=%s", (key,))
+        assert cur.fetchall() == [("inference@cleveland", "diagnosis reference")]
+    db.close()

@@ -25,25 +25,35 @@ class DiagnoseRequest(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     PATIENT_FIELD_NUMBER: _builtins.int
+    PATIENT_KEY_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """Empty means the task this service serves; another name is NOT_FOUND."""
+    patient_key: _builtins.str
+    """Or a patient already in this hospital's gateway: the service reads the normalized record
+    from it (the read is audited there with this service's identity).
+    """
     model_version: _builtins.int
     """Pin a model version; 0 means the newest."""
     @_builtins.property
-    def patient(self) -> _emr_pb2.PatientRecord: ...
+    def patient(self) -> _emr_pb2.PatientRecord:
+        """The patient in the shared schema, as the calling software knows them."""
+
     def __init__(
         self,
         *,
         task: _builtins.str = ...,
         patient: _emr_pb2.PatientRecord | None = ...,
+        patient_key: _builtins.str = ...,
         model_version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["patient", b"patient"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["patient", b"patient", "patient_key", b"patient_key", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "patient", b"patient", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "patient", b"patient", "patient_key", b"patient_key", "subject", b"subject", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_subject: _TypeAlias = _typing.Literal["patient", "patient_key"]  # noqa: Y015
+    _WhichOneofArgType_subject: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_subject) -> _WhichOneofReturnType_subject | None: ...
 
 Global___DiagnoseRequest: _TypeAlias = DiagnoseRequest  # noqa: Y015
 

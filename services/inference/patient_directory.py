@@ -1,0 +1,31 @@
+"""Reads a patient's normalized record from the hospital's own gateway, for Diagnose by key."""
+
+from __future__ import annotations
+
+import grpc
+
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.errors import NotFound, PermissionDenied, Unavailable
+from fibemrss.proto_convert import record_from_proto
+from fibemrss.records import PatientRecord
+
+PURPOSE = "diagnosis reference"
+
+
+class PatientDirectory:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
+
+    def fetch(self, patient_key: str) -> PatientRecord:
+        try:
+            response = self._stub.GetPatient(
+                emr_pb2.GetPatientRequest(patient_key=patient_key, purpose=PURPOSE), timeout=10
+            )
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"the gateway has no patient {patient_key}") from None
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                raise PermissionDenied("the gateway refused this service's identity") from None
+            raise Unavailable(f"the hospital gateway did not answer ({code.name})") from None
+        return record_from_proto(response.record)
