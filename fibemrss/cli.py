@@ -191,12 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     add_tls_arguments(status)
     status.set_defaults(func=cmd_federation_status)
-    from fibemrss import bench_cli, diagnose_cli, ingest_cli, quarantine_cli
+    from fibemrss import bench_cli, diagnose_cli, ingest_cli, models_cli, quarantine_cli
 
     bench_cli.add_parser(sub)
     diagnose_cli.add_parser(sub)
     ingest_cli.add_parser(sub)
     quarantine_cli.add_parser(sub)
+    models_cli.add_parser(sub)
     return p
 
 

@@ -26,6 +26,7 @@ class ModelCache:
         self._poll_seconds = poll_seconds
         self._newest: LoadedModel | None = None
         self._older: dict[int, LoadedModel] = {}
+        self._servable: list[int] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
@@ -44,20 +45,29 @@ class ModelCache:
             self._thread.join(timeout=5)
 
     def refresh(self) -> None:
-        latest = self._store.latest_version(self._task.name)
+        servable = self._store.servable_versions(self._task.name)
+        latest = servable[0] if servable else None
         current = self._newest
-        if latest is None or (current is not None and current.version >= latest):
+        with self._lock:
+            self._servable = servable
+            # A retired version is served no more, pinned or not.
+            for version in [v for v in self._older if v not in servable]:
+                del self._older[version]
+        if latest is None or (current is not None and current.version == latest):
             return
         mv = self._store.get(self._task.name, latest)
         # Decoded before the swap: requests keep using `current` until the new one is complete.
         loaded = LoadedModel.from_json(self._task, mv.version, mv.federated_round, mv.model)
         with self._lock:
             current = self._newest
-            if current is not None and current.version >= loaded.version:
+            if current is not None and current.version == loaded.version:
                 return  # another refresh (poller or first request) got there first
-            if current is not None:
+            if not self._servable or self._servable[0] != loaded.version:
+                return  # a later refresh saw another newest version (e.g. this one was retired)
+            if current is not None and current.version in servable:
                 self._older[current.version] = current
             self._older.pop(loaded.version, None)
+            # Usually newer; older when the newest was retired (a rollback).
             self._newest = loaded
         log.info("model version loaded", extra={"task": self._task.name, "version": mv.version})
 
@@ -104,10 +114,6 @@ class ModelCache:
         return True
 
     def versions(self) -> list[int]:
-        """The versions in memory, newest first: the newest and every one served or replaced."""
-        newest = self._newest
+        """Every servable (published, not retired) version as of the last poll, newest first."""
         with self._lock:
-            held = sorted(self._older, reverse=True)
-        return ([newest.version] if newest else []) + [
-            v for v in held if newest is None or v != newest.version
-        ]
+            return list(self._servable)

@@ -178,6 +178,9 @@ class FakeStore:
     def latest_version(self, task: str) -> int | None:
         return max(self.versions) if self.versions else None
 
+    def servable_versions(self, task: str) -> list[int]:
+        return sorted(self.versions, reverse=True)
+
     def get(self, task: str, version: int | None = None) -> ModelVersion:
         self.gets += 1
         if version not in self.versions:
