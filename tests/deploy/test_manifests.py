@@ -44,6 +44,20 @@ DOCUMENTED_ENV = {
     "FIBEMRSS_AGGREGATOR",
     "FIBEMRSS_MIGRATE",
 }
+# Which of them each service gets beyond the ones every service gets (the runbook's table).
+COMMON_ENV = DOCUMENTED_ENV - {
+    "FIBEMRSS_HOSPITAL",
+    "FIBEMRSS_HE_CONTEXT",
+    "FIBEMRSS_PSEUDONYM_KEY",
+    "FIBEMRSS_GATEWAY",
+    "FIBEMRSS_AGGREGATOR",
+}
+SERVICE_ENV = {
+    "aggregator": {"FIBEMRSS_HE_CONTEXT"},
+    "emr-gateway": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_PSEUDONYM_KEY"},
+    "hospital-agent": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_HE_CONTEXT", "FIBEMRSS_GATEWAY", "FIBEMRSS_AGGREGATOR"},
+    "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY"},
+}
 ROLE_FILES = {
     "central": (CHART / "values-central.yaml", "fibemrss-central", "central"),
     "hospital": (CHART / "values-hospital-example.yaml", "fibemrss-cleveland", "hospital-cleveland"),
@@ -290,14 +304,17 @@ def test_network_policies_allow_exactly_the_documented_flows() -> None:
     release = {"app.kubernetes.io/name": "fibemrss", "app.kubernetes.io/instance": "fibemrss"}
     component_key = "app.kubernetes.io/component"
     agent_pods = {"podSelector": {"matchLabels": {**release, component_key: "hospital-agent"}}}
+    inference_pods = {"podSelector": {"matchLabels": {**release, component_key: "inference"}}}
     gateway_pods = {"podSelector": {"matchLabels": {**release, component_key: "emr-gateway"}}}
-    # Ingress to gRPC: EHR systems and the agent -> gateway; hospital software -> inference; none -> agent.
-    assert _grpc_ingress_peers(policies["emr-gateway"]) == values["ehrClients"] + [agent_pods]
+    # Ingress to gRPC: EHR systems, the agent and inference -> gateway; hospital software -> inference;
+    # none -> agent.
+    assert _grpc_ingress_peers(policies["emr-gateway"]) == values["ehrClients"] + [agent_pods, inference_pods]
     assert _grpc_ingress_peers(policies["inference"]) == values["inferenceClients"]
     assert _grpc_ingress_peers(policies["hospital-agent"]) == []
-    # Egress: PostgreSQL for all; the agent also to the gateway and the aggregator.
+    # Egress: PostgreSQL for all; the agent and inference also to the gateway (its gRPC port only);
+    # the agent also to the aggregator.
     assert _egress(policies["emr-gateway"]) == [db]
-    assert _egress(policies["inference"]) == [db]
+    assert _egress(policies["inference"]) == [db, (gateway_pods, 50051)]
     aggregator = ({"ipBlock": {"cidr": values["aggregator"]["cidr"]}}, values["aggregator"]["port"])
     assert _egress(policies["hospital-agent"]) == [db, (gateway_pods, 50051), aggregator]
 
@@ -305,6 +322,34 @@ def test_network_policies_allow_exactly_the_documented_flows() -> None:
     agg = service_policies(render("central"))["aggregator"]
     assert _grpc_ingress_peers(agg) == central["agentClients"]
     assert _egress(agg) == [({"ipBlock": {"cidr": central["database"]["cidr"]}}, central["database"]["port"])]
+
+
+def test_the_agent_and_inference_dial_the_in_cluster_gateway() -> None:
+    # Inference reads patients (Diagnose by patient_key) from the same gateway the agent reads
+    # training examples from: the gateway's Service, on its gRPC port (mutual TLS).
+    docs = render("hospital")
+    (gateway_service,) = [s for s in of_kind(docs, "Service") if component(s) == "emr-gateway"]
+    grpc = {p["name"]: p["port"] for p in gateway_service["spec"]["ports"]}["grpc"]
+    address = f"{gateway_service['metadata']['name']}:{grpc}"
+    assert address == "fibemrss-emr-gateway:50051"
+    for name in ("hospital-agent", "inference", "emr-gateway"):
+        (container,) = deployment(docs, name)["spec"]["template"]["spec"]["containers"]
+        env = container_env(docs, container)
+        if name == "emr-gateway":
+            assert "FIBEMRSS_GATEWAY" not in env
+        else:
+            assert env["FIBEMRSS_GATEWAY"] == address, name
+    # Only the agent dials the aggregator.
+    (inference,) = deployment(docs, "inference")["spec"]["template"]["spec"]["containers"]
+    assert "FIBEMRSS_AGGREGATOR" not in container_env(docs, inference)
+    # The address follows the release's fullname and the gRPC port.
+    renamed = [
+        d
+        for d in yaml.safe_load_all(helm_template("hospital", "fullnameOverride=fx", "ports.grpc=6000").stdout)
+        if d
+    ]
+    (container,) = deployment(renamed, "inference")["spec"]["template"]["spec"]["containers"]
+    assert container_env(renamed, container)["FIBEMRSS_GATEWAY"] == "fx-emr-gateway:6000"
 
 
 def test_env_var_names_are_the_documented_ones(role: str) -> None:
@@ -315,7 +360,7 @@ def test_env_var_names_are_the_documented_ones(role: str) -> None:
         for source in container.get("envFrom", []):
             names |= set(configmaps[source["configMapRef"]["name"]])
         assert names <= DOCUMENTED_ENV, (dep["metadata"]["name"], names - DOCUMENTED_ENV)
-        assert {"FIBEMRSS_LISTEN", "DATABASE_URL", "FIBEMRSS_TLS_CA", "FIBEMRSS_TLS_CERT"} <= names
+        assert names == COMMON_ENV | SERVICE_ENV[component(dep)], dep["metadata"]["name"]
 
 
 def test_secrets_are_referenced_not_rendered_by_default(role: str) -> None:
