@@ -1,33 +1,58 @@
-"""Reads a task's features and label out of a shared-schema PatientRecord (pure)."""
+"""Reads a task's features and label out of a shared-schema patient (pure)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fibemrss.records import PatientRecord
-from fibemrss.task_spec import FeatureSpec, TaskSpec
+from fibemrss.task_spec import TaskSpec
 
 FeatureValue = float | str | None  # a number, a category code, or missing
+# What one observation says: its quantity and its coded answer (either may be missing).
+ObservedValue = tuple[float | None, str | None]
 
 
-def feature_value(spec: FeatureSpec, record: PatientRecord) -> FeatureValue:
-    if spec.source == "age":
-        return record.age_years
-    if spec.source == "sex":
-        return record.sex if record.sex in spec.categories else None
-    obs = record.observation(spec.system, spec.code)
-    if obs is None:
+def values_from(
+    task: TaskSpec, age: float | None, sex: str | None, observed: Mapping[tuple[str, str], ObservedValue]
+) -> list[FeatureValue]:
+    """The task's feature values in spec order, from demographics and the first observation of
+    each code. Both a PatientRecord and a protobuf patient (fibemrss.proto_convert) come here, so
+    the two paths cannot disagree on what a feature is."""
+    out: list[FeatureValue] = []
+    for spec in task.features:
+        if spec.source == "age":
+            out.append(age)
+        elif spec.source == "sex":
+            out.append(sex if sex in spec.categories else None)
+        else:
+            seen = observed.get((spec.system, spec.code))
+            if seen is None:
+                out.append(None)
+            elif spec.source == "numeric":
+                out.append(seen[0])
+            else:
+                out.append(seen[1] if seen[1] in spec.categories else None)
+    return out
+
+
+def observed_values(record: PatientRecord) -> dict[tuple[str, str], ObservedValue]:
+    """The first observation of each code, as PatientRecord.observation() would find it."""
+    observed: dict[tuple[str, str], ObservedValue] = {}
+    for obs in record.observations:
+        key = (obs.code.system, obs.code.code)
+        if key not in observed:
+            observed[key] = (obs.value, obs.value_code.code if obs.value_code is not None else None)
+    return observed
+
+
+def label_from(task: TaskSpec, observed: Mapping[tuple[str, str], ObservedValue]) -> float | None:
+    seen = observed.get((task.label.system, task.label.code))
+    if seen is None or seen[0] is None:
         return None
-    if spec.source == "numeric":
-        return obs.value
-    if obs.value_code is not None and obs.value_code.code in spec.categories:
-        return obs.value_code.code
-    return None
+    return 1.0 if seen[0] > task.label.positive_above else 0.0
 
 
 def extract(task: TaskSpec, record: PatientRecord) -> tuple[list[FeatureValue], float | None]:
     """The task's feature values in spec order and the binary label (None when unknown)."""
-    values = [feature_value(spec, record) for spec in task.features]
-    label_obs = record.observation(task.label.system, task.label.code)
-    label = None
-    if label_obs is not None and label_obs.value is not None:
-        label = 1.0 if label_obs.value > task.label.positive_above else 0.0
-    return values, label
+    observed = observed_values(record)
+    return values_from(task, record.age_years, record.sex, observed), label_from(task, observed)

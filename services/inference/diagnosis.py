@@ -161,8 +161,14 @@ def diagnose_batch(
     A feature's signed contribution is the patient's logit minus the logit with that feature
     treated as missing (occlusion): valid for any model, and exact for logistic regression.
     """
+    return diagnose_values(model, [extract(model.task, r)[0] for r in records], top)
+
+
+def diagnose_values(
+    model: LoadedModel, rows: Sequence[Sequence[FeatureValue]], top: int = TOP_CONTRIBUTIONS
+) -> list[Reference]:
+    """diagnose_batch on feature values already read (fibemrss.proto_convert.feature_values_from_proto)."""
     task = model.task
-    rows = [extract(task, r)[0] for r in records]
     x = model.plan.encode(rows)
     n_features = len(task.features)
     stacked = model.plan.with_occlusions(x).reshape(-1, model.plan.dim)

@@ -12,13 +12,14 @@ import grpc
 
 from fibemrss.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.feature_encoding import input_names
+from fibemrss.feature_extraction import extract
 from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
-from fibemrss.proto_convert import record_from_proto
+from fibemrss.proto_convert import feature_values_from_proto
 from inference import grpc_service_pb2 as kserve
 from inference import grpc_service_pb2_grpc as kserve_grpc
 from services.inference import tensors
-from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_batch, infer
+from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values, infer
 from services.inference.model_cache import ModelCache
 from services.inference.patient_directory import PatientDirectory
 
@@ -69,11 +70,11 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 raise FailedPrecondition(
                     "this inference service has no gateway to read patients from (FIBEMRSS_GATEWAY)"
                 )
-            record = self._directory.fetch(request.patient_key)
+            values = extract(self._cache.task, self._directory.fetch(request.patient_key))[0]
         else:
-            record = record_from_proto(request.patient)
+            values = feature_values_from_proto(self._cache.task, request.patient)
         model = self._cache.get(request.model_version)
-        return _reference_to_proto(model, diagnose_batch(model, [record])[0])
+        return _reference_to_proto(model, diagnose_values(model, [values])[0])
 
     def DiagnoseBatch(
         self, request: pb.DiagnoseBatchRequest, context: grpc.ServicerContext
@@ -85,16 +86,16 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 [FieldProblem("patients", f"must hold between 1 and {MAX_BATCH_PATIENTS} records")],
             )
         # Every record is checked before any is scored, so one call reports every bad field.
-        records, problems = [], []
+        rows, problems = [], []
         for i, patient in enumerate(request.patients):
             try:
-                records.append(record_from_proto(patient, field=f"patients[{i}]"))
+                rows.append(feature_values_from_proto(self._cache.task, patient, field=f"patients[{i}]"))
             except InvalidArgument as exc:
                 problems.extend(exc.violations)
         if problems:
             raise InvalidArgument("invalid patient records", problems)
         model = self._cache.get(request.model_version)
-        refs = diagnose_batch(model, records)
+        refs = diagnose_values(model, rows)
         return pb.DiagnoseBatchResponse(references=[_reference_to_proto(model, r) for r in refs])
 
 

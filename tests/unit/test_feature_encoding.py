@@ -73,3 +73,27 @@ def test_the_test_split_is_fixed_by_the_key_and_holds_about_the_asked_fraction()
     assert 0.15 < len(held_out) / len(keys) < 0.25
     data = LocalData.split(TASK, [Example(k, tuple(row(50.0, 200.0)), 0.0) for k in reversed(keys)])
     assert {e.patient_key for e in data.test} == set(held_out)
+
+
+def test_features_read_from_the_proto_equal_those_of_the_converted_record() -> None:
+    from fibemrss.emr.v1 import emr_pb2
+    from fibemrss.proto_convert import feature_values_from_proto, record_from_proto, record_to_proto
+
+    variants = [
+        PatientRecord("p", Provenance("s", "p", "h")),
+        PatientRecord(
+            "p",
+            Provenance("s", "p", "h"),
+            sex="other",
+            age_years=44.0,
+            observations=(
+                Observation(Code(UCI_HEART, "cp"), value_code=Code(UCI_HEART, "not-a-category")),
+                Observation(Code(UCI_HEART, "thalach"), value=0.0, unit="/min"),
+                Observation(Code(UCI_HEART, "thalach"), value=150.0, unit="/min"),  # the first one counts
+                Observation(Code(UCI_HEART, "oldpeak")),  # made, but no value: missing
+            ),
+        ),
+    ]
+    for record in variants:
+        msg = emr_pb2.PatientRecord.FromString(record_to_proto(record).SerializeToString())
+        assert feature_values_from_proto(TASK, msg) == extract(TASK, record_from_proto(msg))[0]
