@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fibemrss.errors import FieldProblem, InvalidArgument, PermissionDenied
+from fibemrss.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound, PermissionDenied
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.identity import caller_identity
@@ -126,8 +126,6 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def FetchAggregate(
         self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchAggregateResponse]:
-        from fibemrss.errors import FailedPrecondition, NotFound
-
         if request.hospital:
             check_hospital_identity(context, request.hospital)
         rounds = {r.number: r for r in self._store.rounds(request.task)}
