@@ -92,7 +92,6 @@ def run_round_bench(
         rows = [x for x in results if x[1] == r]
         per_round.append(max(x[3] for x in rows) - min(x[2] for x in rows))
     ours = statistics.median(per_round)
-    flower = _flower_median(n_params, hospitals)
     return {
         "params": n_params,
         "transport": "gRPC over loopback, no TLS",
@@ -100,17 +99,10 @@ def run_round_bench(
         "rounds": rounds,
         "round_seconds": [round(s, 3) for s in per_round],
         "ours_median_s": round(ours, 3),
-        "flower_median_s": flower,
-        "ratio": round(ours / flower, 3) if flower else None,
-        "flower_note": None
-        if flower
-        else "flwr is not installed here; measured elsewhere: 7.0 s median (flwr 1.42)",
+        "flower_median_s": None,
+        "ratio": None,
+        "flower_note": (
+            "Flower is not run by this bench; the issue quotes 7.0 s as the median of Flower's "
+            "plaintext FedAvg round (1M parameters, a SuperLink and 4 SuperNodes on loopback, flwr 1.42)"
+        ),
     }
-
-
-def _flower_median(n_params: int, hospitals: int) -> float | None:
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
-        return None
-    return None  # a Flower deployment run is not wired yet; reported as not measured
