@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHON := $(abspath $(BIN))/python
 
-.PHONY: install demo test lint protos check-protos deploy-tools deploy-check clean
+.PHONY: install demo test lint protos check-protos deploy-tools deploy-check flower-venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -39,6 +39,10 @@ deploy-tools:
 
 deploy-check: deploy-tools
 	bash deploy/check.sh
+
+# The bench extra: Flower in its own virtualenv, for `fibemrss bench round` (not needed by tests).
+flower-venv:
+	bash scripts/flower_venv.sh var/flower-venv
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -26,7 +26,7 @@ def _round(args: argparse.Namespace) -> int:
     from fibemrss.bench.round_bench import run_round_bench
 
     workdir = Path(args.workdir) if args.workdir else None
-    _emit(run_round_bench(args.params, args.hospitals, args.rounds, workdir), args.json)
+    _emit(run_round_bench(args.params, args.hospitals, args.rounds, workdir, args.flower), args.json)
     return 0
 
 
@@ -66,6 +66,12 @@ def add_parser(subparsers: Any) -> None:
     rnd.add_argument("--hospitals", type=int, default=4)
     rnd.add_argument("--rounds", type=int, default=5)
     rnd.add_argument("--workdir", help="keep the services' data and logs here")
+    rnd.add_argument(
+        "--flower",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also run Flower's plaintext round (auto: if var/flower-venv exists; on: build it first)",
+    )
     rnd.set_defaults(func=_round)
 
     quality = sub.add_parser(

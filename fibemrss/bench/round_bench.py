@@ -53,8 +53,14 @@ def _hospital(name: str, address: str, key_path: str, n_params: int, rounds: int
 
 
 def run_round_bench(
-    n_params: int = 1_000_000, hospitals: int = 4, rounds: int = 5, workdir: Path | None = None
+    n_params: int = 1_000_000,
+    hospitals: int = 4,
+    rounds: int = 5,
+    workdir: Path | None = None,
+    flower: str = "auto",
 ) -> dict[str, Any]:
+    """Ours, and Flower's round in the same run: `flower` is "auto" (if its venv exists), "on"
+    (build the venv with scripts/flower_venv.sh if needed) or "off"."""
     from fibemrss.channels import open_channel
     from fibemrss.federation.v1 import federation_pb2 as pb
     from fibemrss.federation.v1 import federation_pb2_grpc
@@ -92,6 +98,20 @@ def run_round_bench(
         rows = [x for x in results if x[1] == r]
         per_round.append(max(x[3] for x in rows) - min(x[2] for x in rows))
     ours = statistics.median(per_round)
+    flower_seconds: list[float] | None = None
+    flower_note = "not run (--flower off)"
+    if flower != "off":
+        from fibemrss.bench.flower_round import flower_bin, run_flower_rounds
+
+        bin_dir = flower_bin(build=flower == "on")
+        if bin_dir is None:
+            flower_note = "flwr is not installed (scripts/flower_venv.sh builds it; then --flower on or auto)"
+        else:
+            flower_seconds = run_flower_rounds(bin_dir, n_params, hospitals, rounds)
+            flower_note = (
+                "flwr 1.42.0: a SuperLink and one SuperNode per hospital on loopback, plaintext FedAvg"
+            )
+    flower_median = statistics.median(flower_seconds) if flower_seconds else None
     return {
         "params": n_params,
         "transport": "gRPC over loopback, no TLS",
@@ -99,10 +119,8 @@ def run_round_bench(
         "rounds": rounds,
         "round_seconds": [round(s, 3) for s in per_round],
         "ours_median_s": round(ours, 3),
-        "flower_median_s": None,
-        "ratio": None,
-        "flower_note": (
-            "Flower is not run by this bench; the issue quotes 7.0 s as the median of Flower's "
-            "plaintext FedAvg round (1M parameters, a SuperLink and 4 SuperNodes on loopback, flwr 1.42)"
-        ),
+        "flower_round_seconds": [round(s, 3) for s in flower_seconds] if flower_seconds else None,
+        "flower_median_s": round(flower_median, 3) if flower_median else None,
+        "ratio": round(ours / flower_median, 3) if flower_median else None,
+        "flower_note": flower_note,
     }

@@ -1,0 +1,1 @@
+"""Flower's FedAvg round, timed, for comparison with FIBEMRSS's encrypted round."""
