@@ -27,6 +27,8 @@ class TimedFedAvg(FedAvg):
 def main(grid: Grid, context: Context) -> None:
     n_params = int(context.run_config["num-params"])
     nodes = int(context.run_config["num-nodes"])
-    strategy = TimedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes)
+    strategy = TimedFedAvg(
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes
+    )
     initial = ArrayRecord([np.random.default_rng(0).normal(0, 0.1, n_params).astype(np.float32)])
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(context.run_config["num-server-rounds"]))
