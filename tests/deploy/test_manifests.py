@@ -345,7 +345,9 @@ def test_the_agent_and_inference_dial_the_in_cluster_gateway() -> None:
     # The address follows the release's fullname and the gRPC port.
     renamed = [
         d
-        for d in yaml.safe_load_all(helm_template("hospital", "fullnameOverride=fx", "ports.grpc=6000").stdout)
+        for d in yaml.safe_load_all(
+            helm_template("hospital", "fullnameOverride=fx", "ports.grpc=6000").stdout
+        )
         if d
     ]
     (container,) = deployment(renamed, "inference")["spec"]["template"]["spec"]["containers"]
