@@ -111,13 +111,6 @@ class Coordinator:
     def is_done(settings: FederationSettings, current: Round) -> bool:
         return current.number >= settings.rounds and current.state in (RoundState.CLOSED, RoundState.FAILED)
 
-    def base_round(self, task: str, number: int) -> int:
-        """The latest closed round before `number`: its sum is the starting model of `number`."""
-        closed = [
-            r.number for r in self._store.rounds(task) if r.number < number and r.state == RoundState.CLOSED
-        ]
-        return closed[-1] if closed else -1
-
     # -- submissions -------------------------------------------------------------------------
     def submit(
         self, task: str, number: int, hospital: str, total: int, chunks: Iterable[tuple[int, bytes]]

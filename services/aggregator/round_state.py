@@ -104,3 +104,9 @@ def decide_close(settings: FederationSettings, current: Round, now: datetime) ->
 def next_round_number(settings: FederationSettings, closed_round: int) -> int | None:
     """The round to open after `closed_round` finished (closed or failed), or None when done."""
     return closed_round + 1 if closed_round < settings.rounds else None
+
+
+def base_round(rounds: list[Round], number: int) -> int:
+    """The latest closed round before `number` (its sum is the starting model of `number`), or -1."""
+    closed = [r.number for r in rounds if r.number < number and r.state == RoundState.CLOSED]
+    return closed[-1] if closed else -1

@@ -12,7 +12,7 @@ from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.identity import caller_identity
 from services.aggregator.coordinator import Coordinator
-from services.aggregator.round_state import FederationSettings, Round, RoundState
+from services.aggregator.round_state import FederationSettings, Round, RoundState, base_round
 from services.aggregator.store import AggregatorStore
 
 _STATES = {
@@ -39,8 +39,8 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         self._coordinator = coordinator
         self._store = store
 
-    def _round_info(self, r: Round) -> pb.RoundInfo:
-        settings = self._store.settings(r.task)
+    def _round_info(self, r: Round, settings: FederationSettings, rounds: list[Round]) -> pb.RoundInfo:
+        """`rounds` is the task's whole history, read once per request by the caller."""
         deadline = Timestamp()
         deadline.FromDatetime(r.deadline_at)
         return pb.RoundInfo(
@@ -52,9 +52,14 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             deadline=deadline,
             rounds=settings.rounds,
             federation_done=self._coordinator.is_done(settings, r),
-            base_round=self._coordinator.base_round(r.task, r.number),
+            base_round=base_round(rounds, r.number),
             failure=self._store.failure(r.task, r.number) if r.state == RoundState.FAILED else "",
         )
+
+    def _current_info(self, task: str) -> pb.RoundInfo:
+        settings = self._store.settings(task)  # NotFound for a task without a federation
+        rounds = self._store.rounds(task)
+        return self._round_info(rounds[-1], settings, rounds)
 
     def _status(self, task: str) -> pb.FederationStatus:
         settings = self._store.settings(task)
@@ -64,8 +69,8 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             rounds=settings.rounds,
             quorum=settings.quorum,
             hospitals=list(settings.hospitals),
-            current=self._round_info(rounds[-1]),
-            history=[self._round_info(r) for r in rounds],
+            current=self._round_info(rounds[-1], settings, rounds),
+            history=[self._round_info(r, settings, rounds) for r in rounds],
         )
 
     def StartFederation(
@@ -87,10 +92,8 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
         if request.HasField("wait_for_round"):
             wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
-            current = self._coordinator.wait_for_round(request.task, request.wait_for_round, wait)
-        else:
-            current = self._store.current_round(request.task)
-        return pb.GetRoundResponse(round=self._round_info(current))
+            self._coordinator.wait_for_round(request.task, request.wait_for_round, wait)
+        return pb.GetRoundResponse(round=self._current_info(request.task))
 
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
@@ -119,9 +122,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         duplicate = self._coordinator.submit(
             first.task, first.round, first.hospital, first.total_chunks, chunks()
         )
-        return pb.SubmitUpdateResponse(
-            duplicate=duplicate, round=self._round_info(self._store.current_round(first.task))
-        )
+        return pb.SubmitUpdateResponse(duplicate=duplicate, round=self._current_info(first.task))
 
     def FetchAggregate(
         self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext

@@ -88,3 +88,17 @@ def test_settings_validation_names_each_bad_field() -> None:
         "grace_seconds",
         "deadline_seconds",
     }
+
+
+def test_base_round_is_the_latest_closed_round_before_a_failed_one() -> None:
+    from services.aggregator.round_state import base_round
+
+    rounds = [
+        round_(RoundState.CLOSED, number=0),
+        round_(RoundState.CLOSED, number=1),
+        round_(RoundState.FAILED, number=2),
+        round_(RoundState.OPEN, number=3),
+    ]
+    assert base_round(rounds, 3) == 1
+    assert base_round(rounds, 1) == 0
+    assert base_round(rounds, 0) == -1
