@@ -24,8 +24,6 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt ./
 COPY fibemrss/ fibemrss/
 COPY services/ services/
-# The top-level KServe Open Inference Protocol stubs (package inference).
-COPY inference/ inference/
 RUN pip install --no-cache-dir -c constraints.txt .
 
 # Everything the four images share; each target below adds only its labels and CMD.

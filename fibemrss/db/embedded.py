@@ -17,6 +17,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+from fibemrss.db.admin import ensure_database
+
 log = logging.getLogger(__name__)
 
 SYSTEM_USER = "fibemrss-pg"
@@ -138,6 +140,5 @@ class EmbeddedPostgres:
 
     def create_database(self, name: str) -> str:
         """Creates `name` if it does not exist and returns its URL."""
-        from fibemrss.db.admin import ensure_database
 
         return ensure_database(self.url("postgres"), name)

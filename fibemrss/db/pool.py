@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
-from fibemrss.errors import Unavailable
+from fibemrss.domain.errors import Unavailable
 
 
 class Database:

@@ -8,14 +8,14 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from fibemrss.authorization import central_policy
-from fibemrss.config import ServerConfig, env_str
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
-from fibemrss.entrypoint import run_service
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.keys import load_aggregator_key
-from fibemrss.server import serve_until_signalled, start_server
+from fibemrss.platform.authorization import central_policy
+from fibemrss.platform.config import ServerConfig, env_str
+from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.server import serve_until_signalled, start_server
 from services.aggregator.ciphertexts import CiphertextAdder
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.servicer import AggregatorServicer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fibemrss.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.he.chunk_format import unpack_header
 from fibemrss.he.codec import ChunkAccumulator
 from fibemrss.he.errors import HeError

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from fibemrss.errors import InvalidArgument
+from fibemrss.domain.errors import InvalidArgument
 from fibemrss.he.errors import HeError
 from services.aggregator.round_state import (
     FederationSettings,

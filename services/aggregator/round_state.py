@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from fibemrss.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, PermissionDenied
 
 
 class RoundState(enum.StrEnum):
@@ -49,8 +49,6 @@ class FederationSettings:
         if self.grace_seconds < 0:
             problems.append(("grace_seconds", "must not be negative"))
         if problems:
-            from fibemrss.errors import FieldProblem
-
             raise InvalidArgument("invalid federation settings", [FieldProblem(f, d) for f, d in problems])
 
 

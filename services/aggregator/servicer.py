@@ -7,10 +7,16 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fibemrss.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound, PermissionDenied
+from fibemrss.domain.errors import (
+    FailedPrecondition,
+    FieldProblem,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.identity import caller_identity
+from fibemrss.platform.identity import caller_identity
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.round_state import FederationSettings, Round, RoundState, base_round
 from services.aggregator.store import AggregatorStore

@@ -11,7 +11,7 @@ import psycopg2.extensions
 
 from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database
-from fibemrss.errors import FailedPrecondition, InvalidArgument, NotFound
+from fibemrss.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.aggregator.round_state import FederationSettings, Round, RoundState
 
 

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import grpc
 from prometheus_client import CollectorRegistry
 
-from fibemrss.authorization import hospital_policy
-from fibemrss.config import ServerConfig, env_str
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.entrypoint import run_service
-from fibemrss.server import serve_until_signalled, start_server
+from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.config import ServerConfig, env_str
+from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.server import serve_until_signalled, start_server
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore

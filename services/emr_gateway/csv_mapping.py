@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from fibemrss.errors import FieldProblem, InvalidArgument
-from fibemrss.records import Code, Observation, PatientRecord, Provenance
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.records import Code, Observation, PatientRecord, Provenance
 from services.emr_gateway import ucum
 from services.emr_gateway.csv_profiles import ParsedRow
 

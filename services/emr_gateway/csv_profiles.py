@@ -14,8 +14,8 @@ import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from fibemrss.errors import FieldProblem
-from fibemrss.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
+from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
 
 UCI_COLUMNS = (
     "age",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from fibemrss.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
 
 
 @dataclass(frozen=True)

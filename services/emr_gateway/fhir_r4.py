@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from fibemrss.records import (
+from fibemrss.domain.records import (
     ICD10,
     ICD10_CM,
     LOINC,

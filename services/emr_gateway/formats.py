@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fibemrss.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from services.emr_gateway import fhir_r4, hl7v2
 from services.emr_gateway.ingestion import Candidate
 

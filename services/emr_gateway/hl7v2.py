@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Literal
 from urllib.parse import quote
 
-from fibemrss.records import (
+from fibemrss.domain.records import (
     ICD10,
     ICD10_CM,
     LOINC,

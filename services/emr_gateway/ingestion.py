@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
-from fibemrss.errors import FieldProblem
-from fibemrss.records import PatientRecord
+from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.records import PatientRecord
 from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fibemrss.records import LOINC, UCI_HEART, Observation
+from fibemrss.domain.records import LOINC, UCI_HEART, Observation
 
 from . import ucum
 

@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from fibemrss.errors import FieldProblem, InvalidArgument
-from fibemrss.records import PatientRecord
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.records import PatientRecord
 from services.emr_gateway import ucum
 from services.emr_gateway.ingestion import canonical
 from services.emr_gateway.plausibility import check_observation

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from fibemrss.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
+from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
 
 
 def _code(code: Code | None) -> dict[str, str] | None:

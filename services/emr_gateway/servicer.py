@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
+from fibemrss.domain.feature_extraction import extract
+from fibemrss.domain.task_spec import get_task
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.errors import FieldProblem, InvalidArgument, NotFound
-from fibemrss.feature_extraction import extract
-from fibemrss.identity import caller_identity
-from fibemrss.proto_convert import record_to_proto
-from fibemrss.task_spec import get_task
+from fibemrss.platform.identity import caller_identity
+from fibemrss.serde.records import record_to_proto
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
 from services.emr_gateway.formats import candidates_for

@@ -22,8 +22,8 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from fibemrss.db.pool import Database
-from fibemrss.errors import FailedPrecondition, NotFound
-from fibemrss.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
+from fibemrss.domain.errors import FailedPrecondition, NotFound
+from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
 from services.emr_gateway.ingestion import Write
 from services.emr_gateway.record_json import record_from_json, record_to_json
 

@@ -9,18 +9,18 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from fibemrss.authorization import hospital_policy
-from fibemrss.channels import open_channel
-from fibemrss.config import DEFAULT_TASK, ServerConfig, env_str
 from fibemrss.db.migrate import migrate
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.entrypoint import run_service
+from fibemrss.domain.task_spec import get_task
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
-from fibemrss.model_store import ModelStore
-from fibemrss.server import serve_until_signalled, start_server
-from fibemrss.task_spec import get_task
+from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_str
+from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.server import serve_until_signalled, start_server
 from services.hospital_agent.participation import Participation
 from services.hospital_agent.servicer import HospitalAgentServicer
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fibemrss.feature_encoding import GlobalStats, encode
-from fibemrss.feature_extraction import FeatureValue
-from fibemrss.task_spec import TaskSpec
+from fibemrss.domain.feature_encoding import GlobalStats, encode
+from fibemrss.domain.feature_extraction import FeatureValue
+from fibemrss.domain.task_spec import TaskSpec
 
 
 @dataclass(frozen=True)

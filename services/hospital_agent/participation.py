@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.feature_encoding import (
+from fibemrss.db.model_store import ModelStore, ModelVersion
+from fibemrss.domain.feature_encoding import (
     GlobalStats,
     global_stats_from_average,
     input_dim,
@@ -28,14 +28,14 @@ from fibemrss.feature_encoding import (
     local_stats_vector,
     stats_vector_length,
 )
+from fibemrss.domain.model_params import accuracy_of_logits, layer_shapes
+from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
-from fibemrss.model_params import accuracy_of_logits, layer_shapes
-from fibemrss.model_store import ModelStore, ModelVersion
-from fibemrss.strategies import FedAvg, StrategyState, strategy_from_hyper
-from fibemrss.task_spec import TaskSpec
-from fibemrss.torch_models import initial_vector, is_builtin, logits_function, parameter_count
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.training import train_local
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from fibemrss.errors import NotFound
+from fibemrss.domain.errors import NotFound
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from services.hospital_agent.participation import Participation

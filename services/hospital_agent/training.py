@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fibemrss.task_spec import HyperParameters
-from fibemrss.torch_models import build_module, load_vector, vector_of
+from fibemrss.domain.task_spec import HyperParameters
+from fibemrss.domain.torch_models import build_module, load_vector, vector_of
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and cores are shared
 

@@ -7,24 +7,24 @@ from collections.abc import Sequence
 import grpc
 from prometheus_client import CollectorRegistry
 
-from fibemrss.authorization import hospital_policy
-from fibemrss.channels import open_channel
-from fibemrss.config import DEFAULT_TASK, ServerConfig, env_float, env_optional, env_str
 from fibemrss.db.migrate import migrate
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.entrypoint import run_service
+from fibemrss.domain.task_spec import get_task
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.model_store import ModelStore
-from fibemrss.server import serve_until_signalled, start_server
-from fibemrss.task_spec import get_task
-from inference import grpc_service_pb2 as kserve_pb2
-from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
+from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
+from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_float, env_optional, env_str
+from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.server import serve_until_signalled, start_server
 from services.inference.model_cache import ModelCache
 from services.inference.patient_directory import PatientDirectory
 from services.inference.servicer import DiagnosisServicer, KServeServicer
 
 # A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers
-# measured alike on 2 cores (fibemrss/bench/inference_bench.py), and 8 leaves room for a call
+# measured alike on 2 cores (fibemrss/tools/bench/inference_bench.py), and 8 leaves room for a call
 # that waits on the database to load a pinned version.
 MAX_WORKERS = 8
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from fibemrss.feature_encoding import GlobalStats, imputed_features, input_dim, numeric_features
-from fibemrss.feature_extraction import FeatureValue, extract
-from fibemrss.model_params import Layer, forward_logits, sigmoid, unflatten
-from fibemrss.records import PatientRecord
-from fibemrss.task_spec import TaskSpec
-from fibemrss.torch_models import logits_function
+from fibemrss.domain.feature_encoding import GlobalStats, imputed_features, input_dim, numeric_features
+from fibemrss.domain.feature_extraction import FeatureValue, extract
+from fibemrss.domain.model_params import Layer, forward_logits, sigmoid, unflatten
+from fibemrss.domain.records import PatientRecord
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.torch_models import logits_function
 
 CAVEAT = (
     "This is a statistical reference from a federated model, not a diagnosis. It must be "
@@ -26,7 +26,7 @@ TOP_CONTRIBUTIONS = 5
 class EncodingPlan:
     """Where each feature lives in the model input, computed once per model version.
 
-    It encodes exactly like `fibemrss.feature_encoding.encode` (a unit test holds them equal),
+    It encodes exactly like `fibemrss.domain.feature_encoding.encode` (a unit test holds them equal),
     but one row at a time without re-deriving the layout, and it builds every "feature k
     missing" row of the occlusion in one vectorized step instead of re-encoding each.
     """
@@ -101,7 +101,7 @@ class LoadedModel:
     threshold: float
     plan: EncodingPlan
 
-    # Set for a custom torch model (see fibemrss.torch_models); built-ins use `layers` in numpy.
+    # Set for a custom torch model (see fibemrss.domain.torch_models); built-ins use `layers` in numpy.
     torch_forward: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
@@ -167,7 +167,7 @@ def diagnose_batch(
 def diagnose_values(
     model: LoadedModel, rows: Sequence[Sequence[FeatureValue]], top: int = TOP_CONTRIBUTIONS
 ) -> list[Reference]:
-    """diagnose_batch on feature values already read (fibemrss.proto_convert.feature_values_from_proto)."""
+    """diagnose_batch on feature values already read (fibemrss.serde.records.feature_values_from_proto)."""
     task = model.task
     x = model.plan.encode(rows)
     n_features = len(task.features)

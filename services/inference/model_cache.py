@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from fibemrss.errors import NotFound
-from fibemrss.model_store import ModelStore
-from fibemrss.task_spec import TaskSpec
+from fibemrss.db.model_store import ModelStore
+from fibemrss.domain.errors import NotFound
+from fibemrss.domain.task_spec import TaskSpec
 from services.inference.diagnosis import LoadedModel
 
 log = logging.getLogger(__name__)

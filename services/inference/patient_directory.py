@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from fibemrss.domain.errors import NotFound, PermissionDenied, Unavailable
+from fibemrss.domain.records import PatientRecord
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.errors import NotFound, PermissionDenied, Unavailable
-from fibemrss.proto_convert import record_from_proto
-from fibemrss.records import PatientRecord
+from fibemrss.serde.records import record_from_proto
 
 PURPOSE = "diagnosis reference"
 

@@ -10,14 +10,14 @@ import json
 
 import grpc
 
-from fibemrss.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
-from fibemrss.feature_encoding import input_names
-from fibemrss.feature_extraction import extract
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
+from fibemrss.domain.feature_encoding import input_names
+from fibemrss.domain.feature_extraction import extract
 from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
-from fibemrss.proto_convert import feature_values_from_proto
-from inference import grpc_service_pb2 as kserve
-from inference import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.serde.records import feature_values_from_proto
 from services.inference import tensors
 from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values, infer
 from services.inference.model_cache import ModelCache

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fibemrss.errors import FieldProblem, InvalidArgument
-from inference import grpc_service_pb2 as kserve
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("probability", "logit")

@@ -116,7 +116,7 @@ def test_the_virtualenv_is_built_once_from_the_project_and_its_constraints() -> 
     copied = {args.split()[0] for args in build.all("COPY")} | {
         word for args in build.all("COPY") for word in args.split()[:-1]
     }
-    assert {"pyproject.toml", "constraints.txt", "fibemrss/", "services/", "inference/"} <= copied
+    assert {"pyproject.toml", "constraints.txt", "fibemrss/", "services/"} <= copied
     assert any("pip install" in run and "-c constraints.txt ." in run for run in build.all("RUN"))
     # Only the runtime stage takes the virtualenv; the targets inherit it.
     copies_from_build = [

@@ -500,7 +500,9 @@ def test_runbook_tls_secrets_use_the_files_certs_init_writes(tmp_path: Path) -> 
 
     pki = tmp_path / "pki"
     init = ["certs", "init", "--out", str(pki), "--hospitals", "cleveland"]
-    subprocess.run([sys.executable, "-m", "fibemrss.cli", *init], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "fibemrss.tools.cli", *init], check=True, capture_output=True, cwd=ROOT
+    )
     secrets = _runbook_secrets()
     for role_name in ("central", "hospital"):
         for dep in of_kind(render(role_name), "Deployment"):

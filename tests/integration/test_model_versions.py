@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from fibemrss.bench.inference_bench import sample_model_version
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.errors import FailedPrecondition, NotFound
-from fibemrss.model_store import ModelStore
-from fibemrss.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.errors import FailedPrecondition, NotFound
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.tools.bench.inference_bench import sample_model_version
 from services.inference.model_cache import ModelCache
 
 TASK = HEART_DISEASE_V1.name
@@ -59,7 +59,7 @@ def test_the_last_servable_version_cannot_be_retired(store) -> None:
 
 def test_models_cli_lists_and_retires(store) -> None:
     url, _, _ = store
-    cli = [sys.executable, "-m", "fibemrss.cli", "models"]
+    cli = [sys.executable, "-m", "fibemrss.tools.cli", "models"]
     retire = subprocess.run(
         [*cli, "retire", "--database-url", url, "--version", "2", "--reason", "bad calibration"],
         capture_output=True,

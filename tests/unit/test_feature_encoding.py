@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fibemrss.feature_encoding import (
+from fibemrss.domain.feature_encoding import (
     encode,
     global_stats_from_average,
     input_dim,
@@ -12,9 +12,9 @@ from fibemrss.feature_encoding import (
     local_stats_vector,
     numeric_features,
 )
-from fibemrss.feature_extraction import extract
-from fibemrss.records import UCI_HEART, Code, Observation, PatientRecord, Provenance
-from fibemrss.task_spec import HEART_DISEASE_V1 as TASK
+from fibemrss.domain.feature_extraction import extract
+from fibemrss.domain.records import UCI_HEART, Code, Observation, PatientRecord, Provenance
+from fibemrss.domain.task_spec import HEART_DISEASE_V1 as TASK
 from services.hospital_agent.local_data import Example, LocalData, is_test
 
 
@@ -77,7 +77,7 @@ def test_the_test_split_is_fixed_by_the_key_and_holds_about_the_asked_fraction()
 
 def test_features_read_from_the_proto_equal_those_of_the_converted_record() -> None:
     from fibemrss.emr.v1 import emr_pb2
-    from fibemrss.proto_convert import feature_values_from_proto, record_from_proto, record_to_proto
+    from fibemrss.serde.records import feature_values_from_proto, record_from_proto, record_to_proto
 
     variants = [
         PatientRecord("p", Provenance("s", "p", "h")),

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fibemrss.records import ICD10, LOINC, SNOMED
+from fibemrss.domain.records import ICD10, LOINC, SNOMED
 from services.emr_gateway.errors import FieldViolation, ParseError
 from services.emr_gateway.fhir_r4 import MAPPED_TYPES, BundleParse, parse_bundle
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fibemrss.records import LOINC, SNOMED
+from fibemrss.domain.records import LOINC, SNOMED
 from services.emr_gateway.errors import ParseError
 from services.emr_gateway.hl7v2 import LOCAL_SYSTEM_PREFIX, Hl7Parse, parse_message
 from services.emr_gateway.plausibility import check_observation

@@ -7,7 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fibemrss.bench.quality_bench import (
+from fibemrss.domain.model_params import flatten, init_layers
+from fibemrss.domain.strategies import StrategyState, client_proximal_mu, strategy_by_name
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
+from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.tools.bench.quality_bench import (
     TRAIN_FRACTION,
     BenchConfig,
     HeRound,
@@ -18,11 +23,6 @@ from fibemrss.bench.quality_bench import (
     run_federated,
     split_indices,
 )
-from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
-from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
-from fibemrss.model_params import flatten, init_layers
-from fibemrss.strategies import StrategyState, client_proximal_mu, strategy_by_name
-from fibemrss.task_spec import HEART_DISEASE_V1
 from services.hospital_agent.training import train_local
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"

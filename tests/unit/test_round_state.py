@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fibemrss.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from fibemrss.domain.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.aggregator.round_state import (
     FederationSettings,
     Round,

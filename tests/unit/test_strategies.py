@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from fibemrss.errors import InvalidArgument
-from fibemrss.strategies import (
+from fibemrss.domain.errors import InvalidArgument
+from fibemrss.domain.strategies import (
     STRATEGY_NAMES,
     FedAdam,
     FedAvg,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fibemrss.errors import InvalidArgument
-from fibemrss.feature_encoding import GlobalStats, input_dim, numeric_features
-from fibemrss.model_params import forward_logits, layer_shapes, sigmoid, unflatten
-from fibemrss.records import PatientRecord, Provenance
-from fibemrss.task_spec import HEART_DISEASE_V1, HyperParameters
-from fibemrss.torch_models import (
+from fibemrss.domain.errors import InvalidArgument
+from fibemrss.domain.feature_encoding import GlobalStats, input_dim, numeric_features
+from fibemrss.domain.model_params import forward_logits, layer_shapes, sigmoid, unflatten
+from fibemrss.domain.records import PatientRecord, Provenance
+from fibemrss.domain.task_spec import HEART_DISEASE_V1, HyperParameters
+from fibemrss.domain.torch_models import (
     build_module,
     initial_vector,
     load_vector,
@@ -22,7 +22,7 @@ from fibemrss.torch_models import (
 from services.hospital_agent.training import train_local
 from services.inference.diagnosis import LoadedModel, diagnose_batch
 
-CUSTOM = "fibemrss.model_examples:residual_mlp"
+CUSTOM = "fibemrss.domain.model_examples:residual_mlp"
 
 
 @pytest.mark.parametrize("model", ["logistic_regression", "mlp"])
@@ -57,7 +57,7 @@ def test_a_custom_factory_by_name_trains_and_serves() -> None:
     np.testing.assert_allclose(vector_of(module), trained, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["resnet", "fibemrss.model_examples:nope", "no.such.module:f", ":"])
+@pytest.mark.parametrize("name", ["resnet", "fibemrss.domain.model_examples:nope", "no.such.module:f", ":"])
 def test_unknown_models_are_refused_naming_the_field(name: str) -> None:
     with pytest.raises(InvalidArgument) as error:
         parameter_count(name, 3)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fibemrss.records import LOINC, UCI_HEART, Code, Observation
+from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation
 from services.emr_gateway import ucum
 from services.emr_gateway.plausibility import PLAUSIBLE, check_observation, to_canonical_unit
 from services.emr_gateway.ucum import UnitError, canonical_unit, convert, normalize_unit

@@ -1,0 +1,120 @@
+"""Federated task specifications shared by every hospital and the aggregator (pure data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fibemrss.domain.errors import NotFound
+from fibemrss.domain.records import LOINC, UCI_HEART
+
+FeatureSource = Literal["age", "sex", "numeric", "coded"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One model input, named by code and unit so every hospital extracts the same thing."""
+
+    name: str
+    source: FeatureSource
+    system: str = ""
+    code: str = ""
+    unit: str = ""  # UCUM unit the value is expressed in, for numeric features
+    # For categorical features (sex, coded): the category codes, in one-hot order.
+    categories: tuple[str, ...] = ()
+    # A nominal magnitude, so that federated statistics travel as O(1) numbers in fixed point.
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    system: str
+    code: str
+    # The label is 1 when the observed value is strictly above this.
+    positive_above: float
+
+
+@dataclass(frozen=True)
+class HyperParameters:
+    learning_rate: float = 0.05
+    local_epochs: int = 1
+    batch_size: int = 4
+    # The server strategy every hospital applies to the decrypted average (fibemrss.domain.strategies)
+    # and its options, e.g. (("eta", 0.03),) for fedyogi; fedprox takes proximal_mu below.
+    strategy: str = "fedavg"
+    server_options: tuple[tuple[str, float], ...] = ()
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    features: tuple[FeatureSpec, ...]
+    label: LabelSpec
+    model: str = "logistic_regression"
+    hyper: HyperParameters = field(default_factory=HyperParameters)
+    rounds: int = 15
+    quorum: int = 4
+    threshold: float = 0.5
+    # Each hospital holds out this fraction of its patients, chosen by a seeded hash of the
+    # patient key, so the split is fixed across runs and restarts.
+    test_fraction: float = 0.2
+    split_seed: str = "heart-disease-v1-split-1"
+
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise NotFound(f"task {self.name} has no feature {name!r}")
+
+
+HEART_DISEASE_V1 = TaskSpec(
+    name="heart-disease-v1",
+    features=(
+        FeatureSpec("age", "age", unit="a", scale=50.0),
+        FeatureSpec("sex", "sex", categories=("male", "female")),
+        FeatureSpec(
+            "chest_pain",
+            "coded",
+            UCI_HEART,
+            "cp",
+            categories=("typical-angina", "atypical-angina", "non-anginal", "asymptomatic"),
+        ),
+        FeatureSpec("resting_systolic_bp", "numeric", LOINC, "8480-6", unit="mm[Hg]", scale=100.0),
+        FeatureSpec("cholesterol", "numeric", LOINC, "2093-3", unit="mg/dL", scale=200.0),
+        FeatureSpec("fasting_glucose_over_120", "coded", UCI_HEART, "fbs", categories=("true", "false")),
+        FeatureSpec(
+            "resting_ecg",
+            "coded",
+            UCI_HEART,
+            "restecg",
+            categories=("normal", "st-t-abnormality", "lv-hypertrophy"),
+        ),
+        FeatureSpec("max_heart_rate", "numeric", UCI_HEART, "thalach", unit="/min", scale=100.0),
+        FeatureSpec("exercise_angina", "coded", UCI_HEART, "exang", categories=("true", "false")),
+        FeatureSpec("st_depression", "numeric", UCI_HEART, "oldpeak", unit="mm", scale=1.0),
+        FeatureSpec("st_slope", "coded", UCI_HEART, "slope", categories=("upsloping", "flat", "downsloping")),
+        FeatureSpec("vessels_colored", "numeric", UCI_HEART, "ca", unit="1", scale=1.0),
+        FeatureSpec(
+            "thalassemia",
+            "coded",
+            UCI_HEART,
+            "thal",
+            categories=("normal", "fixed-defect", "reversible-defect"),
+        ),
+    ),
+    label=LabelSpec(UCI_HEART, "num", positive_above=0.0),
+    # FedYogi on the decrypted average: the best encrypted strategy of `fibemrss bench quality`
+    # (docs/quality.md), and a stateful one, so the end-to-end tests prove that every hospital
+    # replays it to the same global model.
+    hyper=HyperParameters(learning_rate=0.03, strategy="fedyogi", server_options=(("eta", 0.03),)),
+)
+
+TASKS: dict[str, TaskSpec] = {HEART_DISEASE_V1.name: HEART_DISEASE_V1}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise NotFound(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

@@ -1,0 +1,46 @@
+"""Who may call what, decided from the mutual-TLS identity "<role>@<site>" of the caller.
+
+Hospital services answer only identities of their own hospital; the aggregator lets only the
+federation operator start federations and checks per request that an agent acts for its own
+hospital (services/aggregator/servicer.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fibemrss.domain.errors import PermissionDenied, Unauthenticated
+
+Authorize = Callable[[str, str], None]  # (caller identity, full method name) -> raises if refused
+
+# Probes and tooling may use these on any authenticated connection.
+_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _site(identity: str) -> str:
+    if identity.startswith("unauthenticated:") or "@" not in identity:
+        raise Unauthenticated("a client certificate naming <role>@<site> is required")
+    return identity.rpartition("@")[2]
+
+
+def hospital_policy(hospital: str) -> Authorize:
+    def authorize(identity: str, method: str) -> None:
+        if method.startswith(_OPEN_SERVICES):
+            return
+        if _site(identity) != hospital:
+            raise PermissionDenied(
+                f"{identity} may not call {method.rsplit('/', 1)[-1]} at hospital {hospital}"
+            )
+
+    return authorize
+
+
+def central_policy() -> Authorize:
+    def authorize(identity: str, method: str) -> None:
+        if method.startswith(_OPEN_SERVICES):
+            return
+        _site(identity)
+        if method.endswith("/StartFederation") and identity != "operator@central":
+            raise PermissionDenied(f"only operator@central may start a federation, not {identity}")
+
+    return authorize

@@ -1,0 +1,83 @@
+"""Configuration from environment variables (12-factor); see the table in README.md."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from fibemrss.domain.errors import ConfigError
+
+DEFAULT_TASK = "heart-disease-v1"
+
+
+def env_str(name: str, default: str | None = None) -> str:
+    """The variable's value, or `default`; with no default a missing variable stops start-up."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        if default is None:
+            raise ConfigError(f"environment variable {name} is required but not set")
+        return default
+    return value
+
+
+def env_optional(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What every service's bootstrap needs."""
+
+    listen: str
+    metrics_listen: str
+    tls: TlsFiles | None
+    # When set, the bound addresses are written here as JSON once the server is ready
+    # (how `fibemrss up` learns the ports chosen for port 0).
+    ready_file: str | None
+    # A plaintext port that serves only grpc.health.v1, for Kubernetes' gRPC probes, which
+    # cannot present a client certificate to the mutual-TLS port.
+    health_listen: str | None = None
+
+    @classmethod
+    def from_env(cls) -> ServerConfig:
+        ca, cert, key = (
+            env_optional("FIBEMRSS_TLS_CA"),
+            env_optional("FIBEMRSS_TLS_CERT"),
+            env_optional("FIBEMRSS_TLS_KEY"),
+        )
+        given = [v for v in (ca, cert, key) if v]
+        if given and len(given) != 3:
+            raise ConfigError("FIBEMRSS_TLS_CA, FIBEMRSS_TLS_CERT and FIBEMRSS_TLS_KEY must be set together")
+        tls = TlsFiles(ca, cert, key) if ca and cert and key else None
+        return cls(
+            listen=env_str("FIBEMRSS_LISTEN", "127.0.0.1:0"),
+            metrics_listen=env_str("FIBEMRSS_METRICS_LISTEN", "127.0.0.1:0"),
+            tls=tls,
+            ready_file=env_optional("FIBEMRSS_READY_FILE"),
+            health_listen=env_optional("FIBEMRSS_HEALTH_LISTEN"),
+        )
+
+
+def split_host_port(address: str, variable: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"{variable}={address!r} must be HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)

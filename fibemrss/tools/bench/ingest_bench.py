@@ -1,0 +1,124 @@
+"""Ingestion throughput: Synthea FHIR bundles through the gateway over gRPC into PostgreSQL.
+
+Run: `python -m fibemrss.tools.bench.ingest_bench [--shared-data ../shared/data] [--json out.json]`.
+
+The gateway runs as its own process (as deployed) over a fresh embedded PostgreSQL. The anchor is
+PostgreSQL's own bulk path measured in the same run on the same server: `COPY` of exactly the rows
+the gateway stored (patients, source records, observations, conditions, encounters) into empty
+copies of those tables with the same indexes. `ratio` is how close the whole gateway (gRPC,
+JSON parsing, normalization, validation, pseudonyms, idempotency checks, versioning) comes to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.platform.channels import open_channel
+from fibemrss.tools.commands.ingest import throwaway_gateway
+from fibemrss.tools.paths import DEFAULT_SHARED_DATA
+
+TABLES = ("patients", "source_records", "observations", "conditions", "encounters")
+MAPPED = ("Patient", "Encounter", "Observation", "Condition")
+
+
+def _bundles(shared_data: Path) -> list[bytes]:
+    files = sorted((shared_data / "fhir_r4").glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no FHIR bundles under {shared_data / 'fhir_r4'}")
+    return [f.read_bytes() for f in files]
+
+
+def _count_resources(bundles: list[bytes]) -> tuple[int, int]:
+    """(every resource in the bundles, the Patient/Encounter/Observation/Condition ones)."""
+    total = mapped = 0
+    for content in bundles:
+        for entry in json.loads(content).get("entry", []):
+            total += 1
+            mapped += entry.get("resource", {}).get("resourceType") in MAPPED
+    return total, mapped
+
+
+def _copy_anchor(database_url: str) -> tuple[int, float]:
+    """(rows, seconds) of COPY of the stored rows into empty copies of their tables."""
+    conn = psycopg2.connect(database_url)
+    try:
+        dumps: dict[str, str] = {}
+        with conn, conn.cursor() as cur:
+            for table in TABLES:
+                buf = io.StringIO()
+                cur.copy_expert(f"COPY {table} TO STDOUT", buf)
+                dumps[table] = buf.getvalue()
+                cur.execute(f"CREATE TABLE bench_{table} (LIKE {table} INCLUDING ALL)")
+        rows = sum(d.count("\n") for d in dumps.values())
+        start = time.perf_counter()
+        with conn, conn.cursor() as cur:
+            for table in TABLES:
+                cur.copy_expert(f"COPY bench_{table} FROM STDIN", io.StringIO(dumps[table]))
+        seconds = time.perf_counter() - start
+        with conn, conn.cursor() as cur:
+            for table in TABLES:
+                cur.execute(f"DROP TABLE bench_{table}")
+        return rows, seconds
+    finally:
+        conn.close()
+
+
+def run_ingest_bench(shared_data: Path) -> dict[str, Any]:
+    bundles = _bundles(shared_data)
+    resources, mapped = _count_resources(bundles)
+    with throwaway_gateway() as gateway, open_channel(gateway.address) as channel:
+        stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
+        # One small call first, so connection set-up is not timed.
+        stub.GetIngestStats(emr_pb2.GetIngestStatsRequest(), timeout=30)
+        start = time.perf_counter()
+        accepted = 0
+        for content in bundles:
+            response = stub.Ingest(
+                emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=content)), timeout=300
+            )
+            accepted += response.accepted
+        seconds = time.perf_counter() - start
+        rows, copy_seconds = _copy_anchor(gateway.database_url)
+    resources_per_s = resources / seconds
+    copy_rows_per_s = rows / copy_seconds
+    return {
+        "bundles": len(bundles),
+        "accepted": accepted,
+        "resources": resources,
+        "mapped_resources": mapped,
+        "stored_rows": rows,
+        "ingest_seconds": round(seconds, 3),
+        "copy_seconds": round(copy_seconds, 4),
+        "resources_per_s": round(resources_per_s, 1),
+        "mapped_resources_per_s": round(mapped / seconds, 1),
+        "stored_rows_per_s": round(rows / seconds, 1),
+        "copy_rows_per_s": round(copy_rows_per_s, 1),
+        "ratio": round(resources_per_s / copy_rows_per_s, 3),
+        "stored_rows_ratio": round((rows / seconds) / copy_rows_per_s, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shared-data", default=str(DEFAULT_SHARED_DATA))
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    result = run_ingest_bench(Path(args.shared_data))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

