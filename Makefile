@@ -24,9 +24,14 @@ demo: $(STAMP)
 test: $(STAMP) lint check-protos deploy-tools
 	$(BIN)/python -m pytest -q
 
+# Lint and the house rules: ruff, buf, the import contracts (layers, no service imports another,
+# no I/O in the domain; pyproject.toml [tool.importlinter]), no import cycle, mypy clean.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/buf lint
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python scripts/check_import_cycles.py fibemrss services
+	$(BIN)/mypy
 
 protos: $(STAMP)
 	bash scripts/gen_protos.sh

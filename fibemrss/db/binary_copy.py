@@ -19,11 +19,16 @@ _TRAILER = struct.pack("!h", -1)
 
 
 def _field(value: object, kind: ColumnType) -> bytes:
-    if kind == "int4":
-        return struct.pack("!ii", 4, int(value))  # type: ignore[call-overload]
-    if kind == "int8":
-        return struct.pack("!iq", 8, int(value))  # type: ignore[call-overload]
-    data = str(value).encode() if kind == "text" else bytes(value)  # type: ignore[call-overload]
+    if kind in ("int4", "int8"):
+        if not isinstance(value, int):
+            raise TypeError(f"a {kind} column needs an int, not {type(value).__name__}")
+        return struct.pack("!ii", 4, value) if kind == "int4" else struct.pack("!iq", 8, value)
+    if kind == "text":
+        data = str(value).encode()
+    elif isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+    else:
+        raise TypeError(f"a bytea column needs bytes, not {type(value).__name__}")
     return struct.pack("!i", len(data)) + data
 
 

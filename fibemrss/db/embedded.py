@@ -80,8 +80,19 @@ class EmbeddedPostgres:
     def _run(self, args: list[str], timeout: float = 120) -> None:
         # Group too: keeping root's group would make the group bits of root-owned parent
         # folders (often ---) apply instead of the "other" bits we opened.
-        as_user = {"user": self._user, "group": self._user, "extra_groups": []} if self._user else {}
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd="/", **as_user)
+        if self._user:
+            result = subprocess.run(
+                args,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd="/",
+                user=self._user,
+                group=self._user,
+                extra_groups=[],
+            )
+        else:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd="/")
         if result.returncode != 0:
             log_file = self.data_dir / "server.log"
             tail = log_file.read_text()[-2000:] if log_file.exists() else ""

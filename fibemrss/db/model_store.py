@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
 
-from fibemrss.db.pool import Database
+from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, NotFound
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    task: str
-    version: int
-    federated_round: int
-    model: dict[str, Any]  # model name, input names, shapes, flat params, global feature statistics
-    metrics: dict[str, Any]
+from fibemrss.domain.published_model import ModelVersion, PublishedModel
 
 
 class ModelStore:
@@ -29,7 +19,13 @@ class ModelStore:
             cur.execute(
                 "INSERT INTO model_versions (task, version, federated_round, model_json, metrics) "
                 "VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING version",
-                (mv.task, mv.version, mv.federated_round, json.dumps(mv.model), json.dumps(mv.metrics)),
+                (
+                    mv.task,
+                    mv.version,
+                    mv.federated_round,
+                    json.dumps(mv.model.to_json()),
+                    json.dumps(mv.metrics),
+                ),
             )
             if cur.fetchone() is None:
                 return False
@@ -74,7 +70,7 @@ class ModelStore:
             raise NotFound(f"no published model for task {task!r} ({which})")
         if row[4] is not None:
             raise NotFound(f"version {version} of {task!r} is retired")
-        return ModelVersion(task, int(row[0]), int(row[1]), row[2], row[3])
+        return ModelVersion(task, int(row[0]), int(row[1]), PublishedModel.from_json(row[2]), row[3])
 
     def retire(self, task: str, version: int, actor: str, reason: str) -> None:
         """Stops serving a version, audited. The last servable version cannot be retired."""
@@ -91,7 +87,7 @@ class ModelStore:
             if row[0] is not None:
                 return  # already retired: a repeat changes nothing
             cur.execute("SELECT count(*) FROM model_versions WHERE task=%s AND retired_at IS NULL", (task,))
-            if cur.fetchone()[0] <= 1:
+            if one_row(cur)[0] <= 1:
                 raise FailedPrecondition(f"version {version} is the only servable version of {task!r}")
             cur.execute(
                 "UPDATE model_versions SET retired_at=now(), retired_by=%s, retire_reason=%s "

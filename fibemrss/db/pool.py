@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
 from fibemrss.domain.errors import Unavailable
+
+Cursor = psycopg2.extensions.cursor
+
+
+def one_row(cur: Cursor) -> tuple[Any, ...]:
+    """The row of a query that always returns one (an aggregate, an INSERT ... RETURNING)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("the query returned no row")
+    return row
 
 
 class Database:

@@ -37,7 +37,7 @@ def local_stats_vector(task: TaskSpec, rows: Sequence[Sequence[FeatureValue]]) -
     out = np.zeros(stats_vector_length(task))
     for j, i in enumerate(numeric_features(task)):
         scale = task.features[i].scale
-        xs = [float(r[i]) / scale for r in rows if isinstance(r[i], float | int)]
+        xs = [float(v) / scale for r in rows if isinstance(v := r[i], float | int)]
         out[3 * j] = len(xs) / n
         out[3 * j + 1] = sum(xs) / n
         out[3 * j + 2] = sum(x * x for x in xs) / n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import TaskSpec
@@ -57,3 +58,16 @@ def extract(task: TaskSpec, record: PatientRecord) -> tuple[list[FeatureValue], 
     observed = observed_values(record)
     return values_from(task, record.age_years, record.sex, observed), label_from(task, observed)
 
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One patient's features for a task, under the pseudonymous key; label None when unknown."""
+
+    patient_key: str
+    values: tuple[FeatureValue, ...]
+    label: float | None
+
+
+def training_example(task: TaskSpec, patient_key: str, record: PatientRecord) -> TrainingExample:
+    values, label = extract(task, record)
+    return TrainingExample(patient_key, tuple(values), label)

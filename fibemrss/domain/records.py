@@ -17,6 +17,12 @@ ICD10_CM = "http://hl7.org/fhir/sid/icd-10-cm"
 UCI_HEART = "urn:fibemrss:uci-heart"
 
 
+# FHIR administrative gender: the values a record's sex may take, whatever format it came in.
+SEXES = frozenset({"male", "female", "other", "unknown"})
+# Ages (and birth dates meaning an age) beyond this are refused or quarantined as implausible.
+MAX_AGE_YEARS = 130
+
+
 @dataclass(frozen=True)
 class Code:
     system: str

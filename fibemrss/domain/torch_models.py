@@ -56,7 +56,7 @@ def _factory(model: str) -> Callable[[int], Any]:
         raise InvalidArgument(
             "model factory not callable", [FieldProblem("model", f"{model!r} is not callable")]
         )
-    return factory  # type: ignore[no-any-return]
+    return factory
 
 
 def build_module(model: str, input_dim: int) -> Any:

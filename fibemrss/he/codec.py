@@ -279,3 +279,17 @@ class UpdateDecryptor:
         self._decryptor.decrypt(ciphertext, plain)
         # decode_int64 maps [0, t) to the centered range (-t/2, t/2], which is how negatives come back.
         return np.asarray(self._encoder.decode_int64(plain), dtype=np.int64)
+
+
+class UpdateCodec:
+    """Both directions under one hospital key: what a hospital agent needs of the codec."""
+
+    def __init__(self, key: HospitalKey) -> None:
+        self._encryptor = UpdateEncryptor(key)
+        self._decryptor = UpdateDecryptor(key)
+
+    def encrypt(self, values: np.ndarray, weight: int) -> list[bytes]:
+        return self._encryptor.encrypt(values, weight)
+
+    def decrypt_average(self, chunks: Sequence[bytes], n_values: int) -> tuple[np.ndarray, int]:
+        return self._decryptor.decrypt_average(chunks, n_values)

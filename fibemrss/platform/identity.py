@@ -6,8 +6,8 @@ import grpc
 
 
 def caller_identity(context: grpc.ServicerContext) -> str:
-    auth = context.auth_context()
-    names = auth.get("x509_common_name") or []
-    if names:
-        return names[0].decode("utf-8", errors="replace")
+    names = context.auth_context().get("x509_common_name")
+    first = names[0] if names else None
+    if isinstance(first, bytes):
+        return first.decode("utf-8", errors="replace")
     return f"unauthenticated:{context.peer()}"

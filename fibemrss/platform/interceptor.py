@@ -42,7 +42,7 @@ class ServerMetrics:
 
 
 def _code_name(context: grpc.ServicerContext) -> str:
-    code = context.code()  # type: ignore[attr-defined]
+    code = context.code()  # type: ignore[attr-defined]  # grpc >= 1.38 has it; grpc-stubs 1.53 lacks it
     if code is None:
         return "OK"
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
@@ -63,6 +63,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
             return None
         full = handler_call_details.method  # "/package.Service/Method"
         service, _, method = full.lstrip("/").rpartition("/")
+        behavior: Callable[..., Any] | None
         if handler.request_streaming and handler.response_streaming:
             kind, make, wrap = "bidi_stream", grpc.stream_stream_rpc_method_handler, self._wrap_stream
             behavior = handler.stream_stream
@@ -75,6 +76,8 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         else:
             kind, make, wrap = "unary", grpc.unary_unary_rpc_method_handler, self._wrap_unary
             behavior = handler.unary_unary
+        if behavior is None:
+            return handler  # a handler without its behaviour: grpc answers UNIMPLEMENTED itself
         labels = (kind, service, method)
         return make(
             wrap(self._authorized(behavior, full), labels),
@@ -94,7 +97,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         return checked
 
     def _fail(self, context: grpc.ServicerContext, exc: Exception, labels: tuple[str, ...]) -> None:
-        if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]
+        if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]  # as in _code_name
             raise exc  # already aborted by the handler itself
         if not isinstance(exc, errors.DomainError):
             log.error("unhandled error in %s/%s", labels[1], labels[2], exc_info=exc)

@@ -54,6 +54,8 @@ def abort_with(context: grpc.ServicerContext, error: BaseException) -> None:
 
 def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     """Client side: the (field, description) pairs of a BadRequest detail, if any."""
+    # A failed call's RpcError is also a grpc.Call, which is what from_call reads; the stubs type
+    # RpcError without Call's methods.
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     out: list[tuple[str, str]] = []
     if status is None:

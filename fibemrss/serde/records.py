@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
+from datetime import date
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import FeatureValue, ObservedValue, values_from
-from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
+from fibemrss.domain.records import (
+    MAX_AGE_YEARS,
+    SEXES,
+    Code,
+    Condition,
+    Encounter,
+    Observation,
+    PatientRecord,
+    Provenance,
+)
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.emr.v1 import emr_pb2
-
-
-def _ts_to_proto(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
-
-
-def _ts_from_proto(msg: object, field: str) -> datetime | None:
-    if not msg.HasField(field):  # type: ignore[attr-defined]
-        return None
-    return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+from fibemrss.serde.values import timestamp_from_proto, timestamp_to_proto
 
 
 def code_to_proto(code: Code) -> emr_pb2.Code:
@@ -41,7 +35,7 @@ def observation_to_proto(obs: Observation) -> emr_pb2.Observation:
         msg.value = obs.value
     if obs.value_code is not None:
         msg.value_code.CopyFrom(code_to_proto(obs.value_code))
-    if (ts := _ts_to_proto(obs.effective)) is not None:
+    if (ts := timestamp_to_proto(obs.effective)) is not None:
         msg.effective.CopyFrom(ts)
     return msg
 
@@ -55,7 +49,7 @@ def observation_from_proto(msg: emr_pb2.Observation) -> Observation:
         msg.value if msg.HasField("value") else None,
         msg.unit or None,
         Code(value_code.system, value_code.code, value_code.display) if value_code is not None else None,
-        msg.effective.ToDatetime(tzinfo=UTC) if msg.HasField("effective") else None,
+        timestamp_from_proto(msg.effective if msg.HasField("effective") else None),
         msg.source_id,
     )
 
@@ -80,13 +74,13 @@ def record_to_proto(record: PatientRecord, patient_key: str = "") -> emr_pb2.Pat
         cm = msg.conditions.add(
             code=code_to_proto(c.code), clinical_status=c.clinical_status, source_id=c.source_id
         )
-        if (ts := _ts_to_proto(c.onset)) is not None:
+        if (ts := timestamp_to_proto(c.onset)) is not None:
             cm.onset.CopyFrom(ts)
     for e in record.encounters:
         em = msg.encounters.add(source_id=e.source_id, class_code=e.class_code)
-        if (ts := _ts_to_proto(e.start)) is not None:
+        if (ts := timestamp_to_proto(e.start)) is not None:
             em.start.CopyFrom(ts)
-        if (ts := _ts_to_proto(e.end)) is not None:
+        if (ts := timestamp_to_proto(e.end)) is not None:
             em.end.CopyFrom(ts)
     return msg
 
@@ -100,10 +94,10 @@ def _check_record(msg: emr_pb2.PatientRecord, field: str) -> date | None:
             birth = date.fromisoformat(msg.birth_date)
         except ValueError:
             problems.append(FieldProblem(f"{field}.birth_date", "must be an ISO 8601 date (YYYY-MM-DD)"))
-    if msg.sex and msg.sex not in ("male", "female", "other", "unknown"):
+    if msg.sex and msg.sex not in SEXES:
         problems.append(FieldProblem(f"{field}.sex", "must be one of male, female, other, unknown"))
-    if msg.HasField("age_years") and not 0 <= msg.age_years <= 130:
-        problems.append(FieldProblem(f"{field}.age_years", "must be between 0 and 130"))
+    if msg.HasField("age_years") and not 0 <= msg.age_years <= MAX_AGE_YEARS:
+        problems.append(FieldProblem(f"{field}.age_years", f"must be between 0 and {MAX_AGE_YEARS}"))
     for i, o in enumerate(msg.observations):
         if not o.code.code:
             problems.append(FieldProblem(f"{field}.observations[{i}].code.code", "is required"))
@@ -146,11 +140,21 @@ def record_from_proto(msg: emr_pb2.PatientRecord, field: str = "patient") -> Pat
         age_years=msg.age_years if msg.HasField("age_years") else None,
         observations=tuple(observation_from_proto(o) for o in msg.observations),
         conditions=tuple(
-            Condition(code_from_proto(c.code), _ts_from_proto(c, "onset"), c.clinical_status, c.source_id)
+            Condition(
+                code_from_proto(c.code),
+                timestamp_from_proto(c.onset if c.HasField("onset") else None),
+                c.clinical_status,
+                c.source_id,
+            )
             for c in msg.conditions
         ),
         encounters=tuple(
-            Encounter(e.source_id, e.class_code, _ts_from_proto(e, "start"), _ts_from_proto(e, "end"))
+            Encounter(
+                e.source_id,
+                e.class_code,
+                timestamp_from_proto(e.start if e.HasField("start") else None),
+                timestamp_from_proto(e.end if e.HasField("end") else None),
+            )
             for e in msg.encounters
         ),
     )

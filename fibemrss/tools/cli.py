@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except grpc.RpcError as exc:
-        print(f"fibemrss: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"fibemrss: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - a CLI prints one clear line, not a traceback
         print(f"fibemrss: {exc}", file=sys.stderr)

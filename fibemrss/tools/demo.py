@@ -244,6 +244,6 @@ def run_demo(
         _say(quiet, f"done in {time.monotonic() - started:.1f} s; stopping every service")
         return result
     except grpc.RpcError as exc:
-        raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None  # type: ignore[attr-defined]
+        raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None
     finally:
         cluster.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from fibemrss.domain.errors import (
     FailedPrecondition,
@@ -17,6 +16,7 @@ from fibemrss.domain.errors import (
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.identity import caller_identity
+from fibemrss.serde.values import timestamp_to_proto
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.round_state import FederationSettings, Round, RoundState, base_round
 from services.aggregator.store import AggregatorStore
@@ -47,15 +47,13 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
 
     def _round_info(self, r: Round, settings: FederationSettings, rounds: list[Round]) -> pb.RoundInfo:
         """`rounds` is the task's whole history, read once per request by the caller."""
-        deadline = Timestamp()
-        deadline.FromDatetime(r.deadline_at)
         return pb.RoundInfo(
             task=r.task,
             round=r.number,
             state=_STATES[r.state],
             submitted=sorted(r.submitted),
             quorum=settings.quorum,
-            deadline=deadline,
+            deadline=timestamp_to_proto(r.deadline_at),
             rounds=settings.rounds,
             federation_done=self._coordinator.is_done(settings, r),
             base_round=base_round(rounds, r.number),

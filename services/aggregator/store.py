@@ -10,7 +10,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from fibemrss.db.binary_copy import copy_rows
-from fibemrss.db.pool import Database
+from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.aggregator.round_state import FederationSettings, Round, RoundState
 
@@ -165,7 +165,7 @@ class AggregatorStore:
                 "SELECT max(total_chunks), min(total_chunks) FROM submissions WHERE task=%s AND round=%s",
                 (task, number),
             )
-            hi, lo = cur.fetchone()
+            hi, lo = one_row(cur)
         if hi != lo:
             raise FailedPrecondition(f"hospitals sent different chunk counts for round {number}")
         return int(hi or 0)
@@ -225,5 +225,5 @@ class AggregatorStore:
                     "SELECT total_chunks, contributors, ciphertext FROM aggregates WHERE task=%s AND round=%s AND idx=%s",
                     (task, number, index),
                 )
-                total, contributors, data = cur.fetchone()
+                total, contributors, data = one_row(cur)
             yield index, total, contributors, bytes(data)

@@ -17,6 +17,7 @@ from fibemrss.platform.server import serve_until_signalled, start_server
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore
+from services.emr_gateway.use_cases import Gateway
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(
-            EmrGatewayServicer(GatewayStore(db), pseudonyms), server
+            EmrGatewayServicer(Gateway(GatewayStore(db), pseudonyms)), server
         )
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 

@@ -19,14 +19,14 @@ from typing import Any
 import yaml
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.domain.records import Code, Observation, PatientRecord, Provenance
+from fibemrss.domain.records import SEXES, Code, Observation, PatientRecord, Provenance
 from services.emr_gateway import ucum
 from services.emr_gateway.csv_profiles import ParsedRow
+from services.emr_gateway.parsing import NotANumber, finite_number
 
 MAX_PROFILE_BYTES = 256 * 1024
 DEFAULT_MISSING = ("", "?", "na", "n/a", "nan", "null")
 FIELD = "csv.profile_file"
-SEXES = frozenset({"male", "female", "other", "unknown"})
 
 
 @dataclass(frozen=True)
@@ -381,11 +381,7 @@ def _record(
 
 def _number(raw: str, path: str, problems: list[FieldProblem]) -> float | None:
     try:
-        value = float(raw.strip())
-    except ValueError:
-        problems.append(FieldProblem(path, "is not a number"))
+        return finite_number(raw)
+    except NotANumber as exc:
+        problems.append(FieldProblem(path, str(exc)))
         return None
-    if not math.isfinite(value):
-        problems.append(FieldProblem(path, "must be a finite number"))
-        return None
-    return value

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fibemrss.domain.errors import FieldProblem
 from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
+from services.emr_gateway.parsing import NotANumber, finite_number
 
 UCI_COLUMNS = (
     "age",
@@ -108,14 +109,10 @@ def _number(raw: str, field: str, problems: list[FieldProblem]) -> float | None:
     if text.lower() in _MISSING:
         return None
     try:
-        value = float(text)
-    except ValueError:
-        problems.append(FieldProblem(field, f"{text[:40]!r} is not a number"))
+        return finite_number(text)
+    except NotANumber as exc:
+        problems.append(FieldProblem(field, str(exc)))  # the cell's text is never quoted back
         return None
-    if value != value or value in (float("inf"), float("-inf")):
-        problems.append(FieldProblem(field, "must be a finite number"))
-        return None
-    return value
 
 
 def _category(raw: str, field: str, table: dict[str, str], problems: list[FieldProblem]) -> str | None:

@@ -19,13 +19,14 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timezone
 from typing import Any
 
 from fibemrss.domain.records import (
     ICD10,
     ICD10_CM,
     LOINC,
+    SEXES,
     SNOMED,
     Code,
     Condition,
@@ -37,14 +38,13 @@ from fibemrss.domain.records import (
 
 from . import ucum
 from .errors import FieldViolation, ParseError
+from .parsing import capped, utc_offset
 
 BUNDLE_TYPES = frozenset({"collection", "transaction", "batch", "searchset"})
 MAPPED_TYPES = ("Patient", "Encounter", "Observation", "Condition")
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 DEFAULT_SOURCE_SYSTEM = "fhir"
-GENDERS = frozenset({"male", "female", "other", "unknown"})
 # A ParseError lists at most this many violations, so a hostile bundle cannot make a huge reply.
-MAX_VIOLATIONS = 100
 
 
 @dataclass(frozen=True)
@@ -306,10 +306,7 @@ def _meta_source(resource: dict[str, Any]) -> str | None:
 
 
 def _capped(violations: list[FieldViolation]) -> list[FieldViolation]:
-    if len(violations) <= MAX_VIOLATIONS:
-        return violations
-    extra = len(violations) - MAX_VIOLATIONS
-    return [*violations[:MAX_VIOLATIONS], FieldViolation("entry", f"{extra} more violations not listed")]
+    return capped(violations, lambda extra: FieldViolation("entry", f"{extra} more violations not listed"))
 
 
 def _entry_order(violation: FieldViolation) -> int:
@@ -345,7 +342,7 @@ def _patient_record(
 ) -> PatientRecord:
     res = patient.resource
     gender = _opt_str(res, "gender", path)
-    if gender is not None and gender not in GENDERS:
+    if gender is not None and gender not in SEXES:
         raise _Invalid(f"{path}.gender", "must be male, female, other or unknown")
     birth = _opt_str(res, "birthDate", path)
     birth_date = _date(birth, f"{path}.birthDate", notes) if birth is not None else None
@@ -631,11 +628,7 @@ def _parse_datetime(text: str, path: str) -> datetime:
 
 
 def _offset(zone: str) -> timezone:
-    hours, minutes = int(zone[1:3]), int(zone[4:6])
-    if hours > 14 or minutes > 59:
-        raise ValueError("offset out of range")
-    delta = timedelta(hours=hours, minutes=minutes)
-    return timezone(-delta if zone[0] == "-" else delta)
+    return utc_offset(zone[0], zone[1:3], zone[4:6])
 
 
 _DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timezone, tzinfo
 from typing import Literal
 from urllib.parse import quote
 
@@ -34,6 +34,7 @@ from fibemrss.domain.records import (
 
 from . import ucum
 from .errors import FieldViolation, ParseError
+from .parsing import capped, utc_offset
 
 # Message code -> trigger events the gateway maps.
 MAPPED_EVENTS: dict[str, frozenset[str]] = {
@@ -77,7 +78,6 @@ DISCARDED_STATUSES: dict[str, str] = {
     "W": "posted in error (wrong patient or test)",
     "X": "could not be obtained",
 }
-MAX_VIOLATIONS = 100
 
 _SEGMENT_NAME = re.compile(r"[A-Z][A-Z0-9]{2}")
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
@@ -297,10 +297,7 @@ def _delimiters(msh: str) -> _Delimiters:
 
 
 def _capped(violations: list[FieldViolation]) -> list[FieldViolation]:
-    if len(violations) <= MAX_VIOLATIONS:
-        return violations
-    extra = len(violations) - MAX_VIOLATIONS
-    return [*violations[:MAX_VIOLATIONS], FieldViolation("message", f"{extra} more violations not listed")]
+    return capped(violations, lambda extra: FieldViolation("message", f"{extra} more violations not listed"))
 
 
 # --- mapping ----------------------------------------------------------------------------------
@@ -569,11 +566,7 @@ class _Mapper:
 
 
 def _offset(text: str) -> timezone:
-    hours, minutes = int(text[1:3]), int(text[3:5])
-    if hours > 14 or minutes > 59:
-        raise ValueError("offset out of range")
-    delta = timedelta(hours=hours, minutes=minutes)
-    return timezone(-delta if text[0] == "-" else delta)
+    return utc_offset(text[0], text[1:3], text[3:5])
 
 
 def _system(name: str) -> str:

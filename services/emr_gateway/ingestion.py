@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
-from fibemrss.domain.records import PatientRecord
+from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
 from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 
@@ -23,7 +23,6 @@ Fate = Literal["accepted", "duplicate", "quarantined", "rejected", "unsupported"
 StoreOutcome = Literal["accepted", "duplicate"]
 # Clocks of senders drift and time zones shift a date by a day: only later than this is "future".
 CLOCK_SKEW = timedelta(days=1)
-MAX_AGE_YEARS = 130
 # A record with hundreds of bad dates gets a readable list, not hundreds of lines.
 MAX_REASONS = 20
 

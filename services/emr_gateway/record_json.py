@@ -12,8 +12,12 @@ def _code(code: Code | None) -> dict[str, str] | None:
     return None if code is None else {"system": code.system, "code": code.code, "display": code.display}
 
 
-def _code_from(data: Any) -> Code | None:
-    return None if data is None else Code(data["system"], data["code"], data.get("display", ""))
+def _code_of(data: dict[str, Any]) -> Code:
+    return Code(data["system"], data["code"], data.get("display", ""))
+
+
+def _code_from(data: dict[str, Any] | None) -> Code | None:
+    return None if data is None else _code_of(data)
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -73,7 +77,7 @@ def record_from_json(data: dict[str, Any]) -> PatientRecord:
         age_years=data.get("age_years"),
         observations=tuple(
             Observation(
-                code=_code_from(o["code"]),  # type: ignore[arg-type]
+                code=_code_of(o["code"]),
                 value=o.get("value"),
                 unit=o.get("unit"),
                 value_code=_code_from(o.get("value_code")),
@@ -84,7 +88,7 @@ def record_from_json(data: dict[str, Any]) -> PatientRecord:
         ),
         conditions=tuple(
             Condition(
-                code=_code_from(c["code"]),  # type: ignore[arg-type]
+                code=_code_of(c["code"]),
                 onset=_ts_from(c.get("onset")),
                 clinical_status=c.get("clinical_status", ""),
                 source_id=c.get("source_id", ""),

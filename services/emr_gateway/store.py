@@ -12,40 +12,23 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extras import execute_values
 
-from fibemrss.db.pool import Database
+from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, NotFound
 from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
-from services.emr_gateway.ingestion import Write
+from services.emr_gateway.ingestion import StoreOutcome, Write
 from services.emr_gateway.record_json import record_from_json, record_to_json
+from services.emr_gateway.use_cases import QuarantineEntry, QuarantineStatus
 
-StoreOutcome = Literal["accepted", "duplicate"]
 Cursor = psycopg2.extensions.cursor
-QuarantineStatus = Literal["open", "accepted", "rejected"]
 _PAGE = 1000  # rows per statement of execute_values
-
-
-@dataclass(frozen=True)
-class QuarantineEntry:
-    """One quarantined record. `record.source_patient_id` holds the patient key, never the raw id."""
-
-    id: int
-    patient_key: str
-    record: PatientRecord
-    reasons: tuple[str, ...]
-    status: QuarantineStatus
-    created_at: datetime
-    resolved_at: datetime | None = None
-    resolved_by: str = ""
-    resolution_reason: str = ""
 
 
 def _obs_row(record_id: int, key: str, o: Observation) -> tuple[Any, ...]:
@@ -327,14 +310,14 @@ class GatewayStore:
                     "AND payload_sha256=%s",
                     (p.source_system, p.source_id, p.payload_sha256),
                 )
-                record_id = cur.fetchone()[0]
+                record_id = one_row(cur)[0]
             new_status = "accepted" if accepted is not None else "rejected"
             cur.execute(
                 "UPDATE quarantine SET status=%s, resolution=%s, resolved_at=now(), resolved_by=%s, "
                 f"resolution_reason=%s, resolved_record_id=%s WHERE id=%s RETURNING {_QUARANTINE_COLUMNS}",
                 (new_status, new_status, actor, reason, record_id, entry_id),
             )
-            entry = _entry(cur.fetchone())
+            entry = _entry(one_row(cur))
             self._audit(cur, actor, f"resolve_quarantine:{new_status}", reason, f"quarantine/{entry_id}")
         return entry, outcome
 
@@ -362,7 +345,7 @@ class GatewayStore:
                 "source_records",
             ):
                 cur.execute(f"SELECT count(*) FROM {table}")  # noqa: S608 - fixed table names
-                out[table] = int(cur.fetchone()[0])
+                out[table] = int(one_row(cur)[0])
             return out
 
     def get_patient(self, patient_key: str) -> PatientRecord:

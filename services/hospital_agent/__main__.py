@@ -14,14 +14,15 @@ from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.domain.task_spec import get_task
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
-from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
+from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_str
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
-from services.hospital_agent.participation import Participation
+from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
+from services.hospital_agent.protocol import Participation
 from services.hospital_agent.servicer import HospitalAgentServicer
 
 
@@ -37,10 +38,11 @@ def main() -> None:
     participation = Participation(
         hospital,
         task,
-        gateway=open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls),
-        aggregator=open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls),
-        encryptor=UpdateEncryptor(key),
-        decryptor=UpdateDecryptor(key),
+        gateway=GrpcGateway(open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls), task.name),
+        aggregator=GrpcAggregator(
+            open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls), task.name, hospital
+        ),
+        codec=UpdateCodec(key),
         models=ModelStore(db),
     )
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from fibemrss.domain.feature_encoding import GlobalStats, imputed_features, input_dim, numeric_features
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.model_params import Layer, forward_logits, sigmoid, unflatten
+from fibemrss.domain.published_model import PublishedModel
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import logits_function
@@ -105,19 +105,15 @@ class LoadedModel:
     torch_forward: Callable[[np.ndarray], np.ndarray] | None = None
 
     @classmethod
-    def from_json(
-        cls, task: TaskSpec, version: int, federated_round: int, model: dict[str, Any]
+    def from_published(
+        cls, task: TaskSpec, version: int, federated_round: int, model: PublishedModel
     ) -> LoadedModel:
-        params = np.asarray(model["params"], dtype=np.float64)
-        stats = GlobalStats.from_json(model["stats"])
-        plan = EncodingPlan.build(task, stats)
-        threshold = float(model.get("threshold", task.threshold))
-        if model.get("shapes") is None:
-            forward = logits_function(model["model"], plan.dim, params)
-            return cls(task, version, federated_round, [], stats, threshold, plan, forward)
-        shapes = [tuple(s) for s in model["shapes"]]
-        layers = unflatten(params, shapes)  # type: ignore[arg-type]
-        return cls(task, version, federated_round, layers, stats, threshold, plan)
+        plan = EncodingPlan.build(task, model.stats)
+        if model.shapes is None:
+            forward = logits_function(model.model, plan.dim, model.params)
+            return cls(task, version, federated_round, [], model.stats, model.threshold, plan, forward)
+        layers = unflatten(model.params, list(model.shapes))
+        return cls(task, version, federated_round, layers, model.stats, model.threshold, plan)
 
     @property
     def input_dim(self) -> int:

@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
-from fibemrss.db.model_store import ModelStore
 from fibemrss.domain.errors import NotFound
+from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import TaskSpec
 from services.inference.diagnosis import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
+class ModelSource(Protocol):
+    """The hospital's model store, as the cache reads it (`fibemrss.db.model_store.ModelStore`)."""
+
+    def servable_versions(self, task: str) -> list[int]: ...
+
+    def get(self, task: str, version: int | None = None) -> ModelVersion: ...
+
+
 class ModelCache:
-    def __init__(self, store: ModelStore, task: TaskSpec, poll_seconds: float = 1.0) -> None:
+    def __init__(self, store: ModelSource, task: TaskSpec, poll_seconds: float = 1.0) -> None:
         self._store = store
         self._task = task
         self._poll_seconds = poll_seconds
@@ -57,7 +66,7 @@ class ModelCache:
             return
         mv = self._store.get(self._task.name, latest)
         # Decoded before the swap: requests keep using `current` until the new one is complete.
-        loaded = LoadedModel.from_json(self._task, mv.version, mv.federated_round, mv.model)
+        loaded = LoadedModel.from_published(self._task, mv.version, mv.federated_round, mv.model)
         with self._lock:
             current = self._newest
             if current is not None and current.version == loaded.version:
@@ -101,7 +110,7 @@ class ModelCache:
         with self._lock:
             if version not in self._older:
                 mv = self._store.get(self._task.name, version)
-                self._older[version] = LoadedModel.from_json(
+                self._older[version] = LoadedModel.from_published(
                     self._task, mv.version, mv.federated_round, mv.model
                 )
             return self._older[version]

@@ -22,7 +22,7 @@ class PatientDirectory:
                 emr_pb2.GetPatientRequest(patient_key=patient_key, purpose=PURPOSE), timeout=10
             )
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code = exc.code()
             if code == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"the gateway has no patient {patient_key}") from None
             if code == grpc.StatusCode.PERMISSION_DENIED:

@@ -84,7 +84,7 @@ def test_nothing_patient_level_or_plaintext_reaches_the_aggregator(tmp_path) -> 
             with db.transaction() as cur:
                 cur.execute("SELECT patient_key FROM patients")
                 needles += [r[0].encode() for r in cur.fetchall()]
-            params = ModelStore(db).get(cluster.task, 2).model["params"]
+            params = ModelStore(db).get(cluster.task, 2).model.params.tolist()
             db.close()
             largest = sorted(params, key=abs)[-5:]
             needles += [np.float64(p).tobytes() for p in largest] + [np.float32(p).tobytes() for p in largest]

@@ -60,7 +60,7 @@ def test_all_hospitals_hold_the_same_global_model(federation) -> None:
     models = []
     for h in cluster.hospitals:
         db = Database(cluster.database_url_for(db_name(h)))
-        models.append(ModelStore(db).get(cluster.task, ROUNDS).model["params"])
+        models.append(ModelStore(db).get(cluster.task, ROUNDS).model.params.tolist())
         db.close()
     assert all(m == models[0] for m in models[1:])
 
@@ -91,7 +91,7 @@ def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(feder
     with hospital_db.transaction() as cur:
         cur.execute("SELECT patient_key FROM patients LIMIT 50")
         keys = [r[0].encode() for r in cur.fetchall()]
-    params = ModelStore(hospital_db).get(cluster.task, ROUNDS).model["params"]
+    params = ModelStore(hospital_db).get(cluster.task, ROUNDS).model.params.tolist()
     hospital_db.close()
     import numpy as np
 

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 
-from fibemrss.db.model_store import ModelVersion
 from fibemrss.domain.feature_encoding import input_dim
 from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
+from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import HEART_DISEASE_V1
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
@@ -44,7 +44,7 @@ class ClientLog:
 
 
 def probability(mv: ModelVersion, x: np.ndarray) -> np.ndarray:
-    layers = unflatten(np.asarray(mv.model["params"]), [tuple(s) for s in mv.model["shapes"]])  # type: ignore[misc]
+    layers = unflatten(np.asarray(mv.model.params.tolist()), [tuple(s) for s in mv.model.shapes])  # type: ignore[misc]
     return sigmoid(forward_logits(layers, x))
 
 

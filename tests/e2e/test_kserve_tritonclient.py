@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from fibemrss.db.model_store import ModelVersion
 from fibemrss.domain.feature_encoding import input_dim, input_names
 from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
+from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import HEART_DISEASE_V1
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
@@ -44,7 +44,7 @@ MODEL = TASK.name
 
 
 def expected(mv: ModelVersion, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    layers = unflatten(np.asarray(mv.model["params"]), [tuple(s) for s in mv.model["shapes"]])  # type: ignore[misc]
+    layers = unflatten(np.asarray(mv.model.params.tolist()), [tuple(s) for s in mv.model.shapes])  # type: ignore[misc]
     logits = forward_logits(layers, x)
     return sigmoid(logits), logits
 
@@ -128,7 +128,7 @@ def test_model_metadata_documents_the_input_layout(service: tuple[str, list]) ->
             kserve.ModelMetadataRequest(name=MODEL), timeout=10
         )
     assert json.loads(meta.properties["input_columns"]) == input_names(TASK)
-    assert json.loads(meta.properties["feature_statistics"]) == v2.model["stats"]
+    assert json.loads(meta.properties["feature_statistics"]) == v2.model.stats.to_json()
     assert meta.properties["model_version"] == "2"
 
 

@@ -84,6 +84,6 @@ def wait_for_model(store: ModelStore, task: str, version: int) -> list[float]:
     end = time.monotonic() + 60
     while time.monotonic() < end:
         if (store.latest_version(task) or 0) >= version:
-            return store.get(task, version).model["params"]
+            return store.get(task, version).model.params.tolist()
         time.sleep(0.2)
     raise TimeoutError(f"model version {version} was never published")

@@ -27,6 +27,7 @@ from services.emr_gateway import ucum
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore
+from services.emr_gateway.use_cases import Gateway as GatewayUseCases
 from tests.conftest import SHARED_DATA, shared_file
 
 TABLES = ("patients", "source_records", "observations", "conditions", "encounters", "quarantine", "audit_log")
@@ -109,7 +110,9 @@ class Gateway:
 def serve_gateway(url: str) -> Iterator[Gateway]:
     """The gateway servicer on a real gRPC server on 127.0.0.1:0, over the database at `url`."""
     db = Database(url)
-    servicer = EmrGatewayServicer(GatewayStore(db), Pseudonymizer(b"integration-test-pseudonym-key"))
+    servicer = EmrGatewayServicer(
+        GatewayUseCases(GatewayStore(db), Pseudonymizer(b"integration-test-pseudonym-key"))
+    )
 
     def register(server: grpc.Server, _registry: object) -> list[str]:
         emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(servicer, server)

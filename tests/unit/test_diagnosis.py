@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fibemrss.db.model_store import ModelVersion
 from fibemrss.domain.errors import InvalidArgument, NotFound
 from fibemrss.domain.feature_encoding import encode, input_dim
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.model_params import forward_logits, sigmoid
+from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import HEART_DISEASE_V1
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
@@ -23,7 +23,7 @@ TASK = HEART_DISEASE_V1
 
 def loaded(version: int = 1, seed: int = 0) -> LoadedModel:
     mv = sample_model_version(TASK, version, seed)
-    return LoadedModel.from_json(TASK, mv.version, mv.federated_round, mv.model)
+    return LoadedModel.from_published(TASK, mv.version, mv.federated_round, mv.model)
 
 
 def random_rows(n: int, seed: int = 0) -> list[list[FeatureValue]]:

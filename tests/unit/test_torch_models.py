@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fibemrss.domain.errors import InvalidArgument
-from fibemrss.domain.feature_encoding import GlobalStats, input_dim, numeric_features
+from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names, numeric_features
 from fibemrss.domain.model_params import forward_logits, layer_shapes, sigmoid, unflatten
+from fibemrss.domain.published_model import PublishedModel
 from fibemrss.domain.records import PatientRecord, Provenance
 from fibemrss.domain.task_spec import HEART_DISEASE_V1, HyperParameters
 from fibemrss.domain.torch_models import (
@@ -70,17 +71,21 @@ def test_inference_serves_a_custom_model_published_without_layer_shapes() -> Non
     vector = np.random.default_rng(3).normal(0, 0.3, size=parameter_count(CUSTOM, dim))
     n_numeric = len(numeric_features(task))
     stats = GlobalStats((50.0,) * n_numeric, (10.0,) * n_numeric, (1.0,) * n_numeric)
-    model = LoadedModel.from_json(
+    model = LoadedModel.from_published(
         task,
         7,
         7,
-        {
-            "model": CUSTOM,
-            "shapes": None,
-            "params": vector.tolist(),
-            "stats": stats.to_json(),
-            "threshold": 0.5,
-        },
+        PublishedModel.from_json(
+            {
+                "model": CUSTOM,
+                "input_names": input_names(task),
+                "input_dim": dim,
+                "shapes": None,
+                "params": vector.tolist(),
+                "stats": stats.to_json(),
+                "threshold": 0.5,
+            }
+        ),
     )
     patient = PatientRecord("p", Provenance("s", "p", "h"), sex="female", age_years=70.0)
     ref = diagnose_batch(model, [patient])[0]

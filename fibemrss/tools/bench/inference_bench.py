@@ -25,10 +25,11 @@ import numpy as np
 
 from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.db.migrate import migrate
-from fibemrss.db.model_store import ModelStore, ModelVersion
+from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.domain.feature_encoding import GlobalStats, input_dim, numeric_features
+from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names, numeric_features
 from fibemrss.domain.model_params import forward_logits, layer_shapes, param_count
+from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import LOINC, UCI_HEART
 from fibemrss.domain.task_spec import HEART_DISEASE_V1, TaskSpec
 from fibemrss.emr.v1 import emr_pb2
@@ -63,13 +64,15 @@ def sample_model_version(task: TaskSpec = HEART_DISEASE_V1, version: int = 1, se
         task=task.name,
         version=version,
         federated_round=version,
-        model={
-            "model": task.model,
-            "shapes": [list(s) for s in shapes],
-            "params": params.tolist(),
-            "stats": stats.to_json(),
-            "threshold": task.threshold,
-        },
+        model=PublishedModel(
+            model=task.model,
+            input_names=tuple(input_names(task)),
+            input_dim=dim,
+            shapes=tuple(shapes),
+            params=params,
+            stats=stats,
+            threshold=task.threshold,
+        ),
         metrics={"source": "sample_model_version"},
     )
 
@@ -152,7 +155,8 @@ def _client_process(
 
     async def main() -> None:
         async with grpc.aio.insecure_channel(address) as channel:
-            call = channel.unary_unary(method)  # bytes in, bytes out: no client-side (de)serializing
+            # bytes in, bytes out: no client-side (de)serializing
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
             for _ in range(20):  # warm-up: connection, server caches, code paths
                 await call(payload, timeout=10)
             ready.put(os.getpid())
@@ -225,7 +229,7 @@ def in_process_times(task: TaskSpec = HEART_DISEASE_V1, repeats: int = 2000) -> 
     diagnosis reference (extraction, encoding, occlusion rows, forward pass) without gRPC."""
 
     mv = sample_model_version(task)
-    model = LoadedModel.from_json(task, mv.version, mv.federated_round, mv.model)
+    model = LoadedModel.from_published(task, mv.version, mv.federated_round, mv.model)
     x = np.random.default_rng(2).normal(size=(1, input_dim(task))).astype(np.float32)
     record = record_from_proto(sample_patient())
 

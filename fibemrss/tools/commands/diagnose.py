@@ -35,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
     p.set_defaults(func=cmd_diagnose)
-    return p  # type: ignore[no-any-return]
+    return p
 
 
 def read_patient(path: Path) -> Any:
@@ -89,7 +89,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
             violations = field_violations(exc)
             if not violations:
                 raise
-            print(f"fibemrss: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"fibemrss: {exc.code().name}: {exc.details()}", file=sys.stderr)
             for field, why in violations:
                 print(f"  {field}: {why}", file=sys.stderr)
             return 1

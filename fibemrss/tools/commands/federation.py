@@ -32,7 +32,7 @@ def run_status(args: argparse.Namespace) -> int:
             .GetFederationStatus(pb.GetFederationStatusRequest(task=args.task), timeout=10)
             .status
         )
-    history = [
+    history: list[dict[str, Any]] = [
         {
             "round": r.round,
             "state": pb.RoundState.Name(r.state).removeprefix("ROUND_STATE_").lower(),
@@ -41,7 +41,7 @@ def run_status(args: argparse.Namespace) -> int:
         }
         for r in st.history
     ]
-    out = {
+    out: dict[str, Any] = {
         "task": st.task,
         "rounds": st.rounds,
         "quorum": st.quorum,

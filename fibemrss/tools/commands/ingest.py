@@ -99,8 +99,8 @@ def ingest_files(
                 errors.append(
                     {
                         "file": str(path),
-                        "code": exc.code().name,  # type: ignore[attr-defined]
-                        "message": exc.details(),  # type: ignore[attr-defined]
+                        "code": exc.code().name,
+                        "message": exc.details(),
                         "violations": [{"field": f, "description": d} for f, d in field_violations(exc)],
                     }
                 )

@@ -1,0 +1,212 @@
+"""What the gateway does, whatever transport asked: ingest a payload, review quarantine, read a
+patient, stream training examples. gRPC today (`servicer.py`); MLLP and FHIR REST call the same
+functions, so parsing, rules and audit exist once. No gRPC and no database here: the store is a
+port, implemented by `store.GatewayStore`. Field names in errors are the request's fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.feature_extraction import TrainingExample, training_example
+from fibemrss.domain.records import PatientRecord
+from fibemrss.domain.task_spec import get_task
+from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
+from services.emr_gateway.csv_profiles import PROFILES
+from services.emr_gateway.formats import candidates_for
+from services.emr_gateway.ingestion import (
+    Candidate,
+    Outcome,
+    RecordStore,
+    StoreOutcome,
+    ingest,
+    resource_counts,
+)
+from services.emr_gateway.pseudonym import Pseudonymizer
+from services.emr_gateway.quarantine_review import Correction, corrected_record
+
+QuarantineStatus = Literal["open", "accepted", "rejected"]
+QUARANTINE_STATUSES: tuple[QuarantineStatus, ...] = ("open", "accepted", "rejected")
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """One quarantined record. `record.source_patient_id` holds the patient key, never the raw id."""
+
+    id: int
+    patient_key: str
+    record: PatientRecord
+    reasons: tuple[str, ...]
+    status: QuarantineStatus
+    created_at: datetime
+    resolved_at: datetime | None = None
+    resolved_by: str = ""
+    resolution_reason: str = ""
+
+
+class GatewayStorePort(RecordStore, Protocol):
+    def list_quarantine(
+        self, status: QuarantineStatus = "open", after_id: int = 0, limit: int = 100
+    ) -> list[QuarantineEntry]: ...
+
+    def get_quarantined(self, entry_id: int) -> QuarantineEntry: ...
+
+    def resolve_quarantine(
+        self, entry_id: int, accepted: PatientRecord | None, actor: str, reason: str, expected_sha256: str
+    ) -> tuple[QuarantineEntry, StoreOutcome | None]: ...
+
+    def audit(self, actor: str, action: str, purpose: str, subject: str = "") -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def get_patient(self, patient_key: str) -> PatientRecord: ...
+
+    def current_patients(self) -> Iterator[tuple[str, PatientRecord]]: ...
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcomes: list[Outcome]
+    resources: dict[str, int]
+
+
+@dataclass(frozen=True)
+class CsvPayload:
+    content: bytes
+    profile: str = ""
+    profile_file: bytes = b""  # a user profile (YAML or JSON) instead of a named one
+    source_name: str = ""
+
+
+@dataclass(frozen=True)
+class QuarantinePage:
+    entries: list[QuarantineEntry]
+    next_after: int | None  # the id to continue after, None on the last page
+
+
+def text_of(content: bytes, field: str) -> str:
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(
+            "content is not UTF-8", [FieldProblem(field, f"not valid UTF-8 at byte {exc.start}")]
+        ) from None
+
+
+def csv_candidates(payload: CsvPayload) -> list[Candidate]:
+    source = payload.source_name or "csv"
+    if payload.profile_file:
+        if payload.profile:
+            raise InvalidArgument(
+                "two profiles", [FieldProblem("csv.profile", "set either profile or profile_file, not both")]
+            )
+        profile = load_profile(payload.profile_file)
+        rows = parse_with_profile(profile, text_of(payload.content, "csv.content"), source)
+    else:
+        parse = PROFILES.get(payload.profile)
+        if parse is None:
+            known = ", ".join(sorted(PROFILES))
+            raise InvalidArgument(
+                "unknown CSV profile",
+                [FieldProblem("csv.profile", f"{payload.profile[:40]!r} is not one of {known}")],
+            )
+        rows = parse(text_of(payload.content, "csv.content"), source)
+    return [Candidate(r.index, r.source_id, r.record, r.violations) for r in rows]
+
+
+def listing_problems(purpose: str, size: int) -> list[FieldProblem]:
+    problems: list[FieldProblem] = []
+    if size < 0:
+        problems.append(FieldProblem("page_size", "must not be negative"))
+    if not purpose.strip():
+        problems.append(FieldProblem("purpose", "say why quarantined records are read"))
+    return problems
+
+
+class Gateway:
+    def __init__(self, store: GatewayStorePort, pseudonyms: Pseudonymizer) -> None:
+        self._store = store
+        self._pseudonyms = pseudonyms
+
+    # -- ingestion -------------------------------------------------------------------------------
+    def ingest_candidates(self, candidates: Sequence[Candidate]) -> IngestResult:
+        outcomes = ingest(candidates, self._store, self._pseudonyms)
+        return IngestResult(outcomes, resource_counts(candidates, outcomes))
+
+    def ingest_payload(self, kind: str | None, content: bytes | CsvPayload) -> IngestResult:
+        """`kind` is "fhir", "hl7v2" (content: bytes) or "csv" (content: a CsvPayload)."""
+        if kind is None:
+            raise InvalidArgument("empty request", [FieldProblem("payload", "set one of fhir, hl7v2, csv")])
+        if isinstance(content, CsvPayload):
+            return self.ingest_candidates(csv_candidates(content))
+        return self.ingest_candidates(candidates_for(kind, content))
+
+    # -- quarantine review -------------------------------------------------------------------------
+    def list_quarantine(
+        self, actor: str, purpose: str, status: QuarantineStatus, after: int, size: int
+    ) -> QuarantinePage:
+        """One page of held records, audited with the caller's purpose."""
+        problems = listing_problems(purpose, size)
+        if problems:
+            raise InvalidArgument("invalid listing request", problems)
+        size = min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        entries = self._store.list_quarantine(status, after, size + 1)
+        more = len(entries) > size
+        entries = entries[:size]
+        self._store.audit(actor, "list_quarantine", purpose, f"status={status} n={len(entries)}")
+        return QuarantinePage(entries, entries[-1].id if more and entries else None)
+
+    def resolve_quarantine(
+        self,
+        actor: str,
+        entry_id: int,
+        accept: bool | None,
+        corrections: Sequence[Correction],
+        reason: str,
+    ) -> tuple[QuarantineEntry, StoreOutcome | None]:
+        """Accept (with corrections) or reject one held record; `accept` None: not said. The
+        resolution, the stored record and the audit row commit together."""
+        problems: list[FieldProblem] = []
+        if entry_id <= 0:
+            problems.append(FieldProblem("id", "is required"))
+        if accept is None:
+            problems.append(FieldProblem("resolution", "must be RESOLUTION_ACCEPT or RESOLUTION_REJECT"))
+        if accept is False and corrections:
+            problems.append(FieldProblem("corrections", "only an accepted record can be corrected"))
+        if not reason.strip():
+            problems.append(FieldProblem("reason", "say why; it is written to the audit log"))
+        if problems:
+            raise InvalidArgument("invalid resolution", problems)
+        entry = self._store.get_quarantined(entry_id)
+        accepted = corrected_record(entry.record, list(corrections)) if accept else None
+        return self._store.resolve_quarantine(
+            entry.id, accepted, actor, reason, entry.record.provenance.payload_sha256
+        )
+
+    # -- reads -------------------------------------------------------------------------------------
+    def read_patient(self, actor: str, patient_key: str, purpose: str) -> PatientRecord:
+        if not patient_key:
+            raise InvalidArgument("patient_key is required", [FieldProblem("patient_key", "is required")])
+        if not purpose:
+            raise InvalidArgument(
+                "purpose is required", [FieldProblem("purpose", "say why the record is read")]
+            )
+        record = self._store.get_patient(patient_key)
+        self._store.audit(actor, "read_patient", purpose, patient_key)
+        return record
+
+    def training_examples(self, actor: str, task_name: str, purpose: str) -> Iterator[TrainingExample]:
+        """Every current patient's features for the task, audited once per stream."""
+        task = get_task(task_name)
+        self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
+        for key, record in self._store.current_patients():
+            yield training_example(task, key, record)
+
+    def stats(self) -> dict[str, int]:
+        return self._store.stats()

@@ -1,0 +1,120 @@
+"""The agent's ports over gRPC: the aggregator and the hospital's gateway.
+
+Each call has a deadline; gRPC errors become the domain errors the protocol understands:
+UNAVAILABLE and DEADLINE_EXCEEDED (a peer restarting) are `Unavailable` and retried by the
+protocol, NOT_FOUND is `NotFound` (no federation of the task yet), anything else `PeerRefused`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+import grpc
+
+from fibemrss.domain.errors import DomainError, NotFound, Unavailable
+from fibemrss.domain.feature_extraction import TrainingExample
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.federation.v1 import federation_pb2 as fpb
+from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.serde.values import training_example_from_proto
+from services.hospital_agent.ports import PeerRefused, Phase, RoundView
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_PHASES = {
+    fpb.ROUND_STATE_OPEN: Phase.OPEN,
+    fpb.ROUND_STATE_COLLECTING: Phase.COLLECTING,
+    fpb.ROUND_STATE_AGGREGATING: Phase.AGGREGATING,
+    fpb.ROUND_STATE_CLOSED: Phase.CLOSED,
+    fpb.ROUND_STATE_FAILED: Phase.FAILED,
+}
+T = TypeVar("T")
+
+
+def domain_error(exc: grpc.RpcError) -> DomainError:
+    code: grpc.StatusCode = exc.code()  # grpc.Call's, not RpcError's
+    message = f"{code.name}: {exc.details()}"
+    if code in RETRYABLE:
+        return Unavailable(message)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(message)
+    return PeerRefused(message)
+
+
+def _call(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        raise domain_error(exc) from None
+
+
+def round_view_from_proto(info: fpb.RoundInfo) -> RoundView:
+    phase = _PHASES.get(info.state)
+    if phase is None:
+        raise PeerRefused(f"the aggregator reported an unknown round state {info.state}")
+    return RoundView(
+        round=int(info.round),
+        phase=phase,
+        base_round=int(info.base_round),
+        submitted=frozenset(info.submitted),
+        federation_done=info.federation_done,
+    )
+
+
+class GrpcAggregator:
+    def __init__(self, channel: grpc.Channel, task: str, hospital: str, wait_seconds: float = 20.0) -> None:
+        self._stub = federation_pb2_grpc.AggregatorServiceStub(channel)
+        self._task = task
+        self._hospital = hospital
+        self._wait_seconds = wait_seconds
+
+    def current_round(self, wait_for: int | None) -> RoundView:
+        request = fpb.GetRoundRequest(task=self._task)
+        if wait_for is not None:
+            request.wait_for_round = wait_for
+            request.wait_seconds = self._wait_seconds
+        return round_view_from_proto(_call(lambda: self._stub.GetRound(request, timeout=60).round))
+
+    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None:
+        def requests() -> Iterator[fpb.SubmitUpdateRequest]:
+            for i, data in enumerate(chunks):
+                if i == 0:
+                    yield fpb.SubmitUpdateRequest(
+                        task=self._task,
+                        round=round_number,
+                        hospital=self._hospital,
+                        total_chunks=len(chunks),
+                        index=0,
+                        ciphertext=data,
+                    )
+                else:
+                    yield fpb.SubmitUpdateRequest(index=i, ciphertext=data)
+
+        _call(lambda: self._stub.SubmitUpdate(requests(), timeout=120))
+
+    def fetch_aggregate(self, round_number: int) -> list[bytes]:
+        request = fpb.FetchAggregateRequest(task=self._task, round=round_number, hospital=self._hospital)
+        return _call(lambda: [c.ciphertext for c in self._stub.FetchAggregate(request, timeout=120)])
+
+    def closed_rounds(self) -> list[int]:
+        request = fpb.GetFederationStatusRequest(task=self._task)
+        status = _call(lambda: self._stub.GetFederationStatus(request, timeout=60).status)
+        return [int(r.round) for r in status.history if r.state == fpb.ROUND_STATE_CLOSED]
+
+
+class GrpcGateway:
+    def __init__(self, channel: grpc.Channel, task: str) -> None:
+        self._stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
+        self._task = task
+
+    def training_examples(self, purpose: str) -> Iterable[TrainingExample]:
+        request = emr_pb2.StreamTrainingExamplesRequest(task=self._task, purpose=purpose)
+
+        def read_all() -> list[TrainingExample]:
+            return [
+                training_example_from_proto(ex)
+                for batch in self._stub.StreamTrainingExamples(request)
+                for ex in batch.examples
+            ]
+
+        return _call(read_all)

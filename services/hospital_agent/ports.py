@@ -1,0 +1,77 @@
+"""What the agent's federated protocol needs from the outside world, as small ports.
+
+The protocol (`protocol.py`) runs against these; `grpc_adapters.py` implements the aggregator
+and gateway ports over gRPC, `fibemrss.db.model_store.ModelStore` the model store, and the HE
+codec (`fibemrss.he`) the codec. Unit tests run the protocol with fakes of the transports and
+the store and a real codec. Failures come back as domain errors: `Unavailable` (a peer or the
+database is down; retried), `NotFound` (no federation of the task yet), `PeerRefused` (a peer
+said no; the agent stops and reports it).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fibemrss.domain.errors import DomainError
+from fibemrss.domain.feature_extraction import TrainingExample
+from fibemrss.domain.published_model import ModelVersion
+
+
+class Phase(enum.StrEnum):
+    OPEN = "open"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """Where the federation of the task stands, as the aggregator reports it."""
+
+    round: int
+    phase: Phase
+    base_round: int  # the latest closed round before this one: its sum is this round's start
+    submitted: frozenset[str]
+    federation_done: bool
+
+    @property
+    def accepting(self) -> bool:
+        return self.phase in (Phase.OPEN, Phase.COLLECTING)
+
+
+class PeerRefused(DomainError):
+    """A peer answered with an error that retrying will not fix (the message names the code)."""
+
+
+class AggregatorPort(Protocol):
+    def current_round(self, wait_for: int | None) -> RoundView:
+        """The current round; with `wait_for`, waits (bounded) until that round is current."""
+        ...
+
+    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None: ...
+
+    def fetch_aggregate(self, round_number: int) -> list[bytes]: ...
+
+    def closed_rounds(self) -> list[int]:
+        """Every closed round of the federation, in any order."""
+        ...
+
+
+class GatewayPort(Protocol):
+    def training_examples(self, purpose: str) -> Iterable[TrainingExample]: ...
+
+
+class ModelStorePort(Protocol):
+    def publish(self, mv: ModelVersion, actor: str) -> bool: ...
+
+
+class CodecPort(Protocol):
+    def encrypt(self, values: np.ndarray, weight: int) -> list[bytes]: ...
+
+    def decrypt_average(self, chunks: Sequence[bytes], n_values: int) -> tuple[np.ndarray, int]: ...

@@ -1,0 +1,291 @@
+"""The agent's whole participation protocol, with fakes for the transports and the model store
+and the real HE codec: statistics round, training rounds, a failed round, an agent restarted in
+the middle that replays, a peer that restarts, a peer that refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import pytest
+
+from fibemrss.domain.errors import FailedPrecondition, NotFound, Unavailable
+from fibemrss.domain.feature_extraction import FeatureValue, TrainingExample
+from fibemrss.domain.published_model import ModelVersion
+from fibemrss.domain.task_spec import HEART_DISEASE_V1, TaskSpec
+from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
+from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
+from services.hospital_agent.ports import PeerRefused, Phase, RoundView
+from services.hospital_agent.protocol import TRAINING_PURPOSE, Participation
+
+# FedYogi keeps server moments across rounds: a restarted agent must replay to get them back.
+TASK: TaskSpec = dataclasses.replace(
+    HEART_DISEASE_V1,
+    hyper=dataclasses.replace(HEART_DISEASE_V1.hyper, strategy="fedyogi", server_options=(("eta", 0.05),)),
+)
+HOSPITALS = ("a", "b")
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[HospitalKey, AggregatorKey]:
+    hospital, aggregator = generate_keys()
+    return load_hospital_key(hospital), load_aggregator_key(aggregator)
+
+
+def synthetic_examples(seed: int, n: int = 60) -> list[TrainingExample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        values: list[FeatureValue] = []
+        for f in TASK.features:
+            if f.categories:
+                values.append(str(rng.choice(f.categories)) if rng.random() > 0.1 else None)
+            else:
+                values.append(float(rng.normal(f.scale, f.scale / 4)) if rng.random() > 0.1 else None)
+        age = values[0] if isinstance(values[0], float) else 50.0
+        label = 1.0 if age + rng.normal(0, 5) > 52 else 0.0
+        out.append(TrainingExample(f"{seed}-{i:03d}", tuple(values), label))
+    out.append(TrainingExample(f"{seed}-unlabelled", tuple(None for _ in TASK.features), None))
+    return out
+
+
+class FakeAggregator:
+    """The aggregator's round logic in miniature, adding real ciphertexts with its public key.
+
+    Every hospital must submit before a round ends; the rounds in `failing` end FAILED with no
+    sum, as a round past its deadline without quorum does."""
+
+    def __init__(self, key: AggregatorKey, rounds: int, failing: set[int]) -> None:
+        self._key = key
+        self._rounds = rounds
+        self._failing = failing
+        self._lock = threading.Condition()
+        self.current = 0
+        self.phase = {0: Phase.OPEN}
+        self.uploads: dict[int, dict[str, list[bytes]]] = {0: {}}
+        self.sums: dict[int, list[bytes]] = {}
+
+    def view(self, hospital: str) -> HospitalView:
+        return HospitalView(self, hospital)
+
+    def info(self) -> RoundView:
+        closed = [r for r, p in self.phase.items() if p == Phase.CLOSED and r < self.current]
+        phase = self.phase[self.current]
+        return RoundView(
+            round=self.current,
+            phase=phase,
+            base_round=max(closed) if closed else -1,
+            submitted=frozenset(self.uploads[self.current]),
+            federation_done=self.current == self._rounds and phase in (Phase.CLOSED, Phase.FAILED),
+        )
+
+    def wait_for(self, number: int | None) -> RoundView:
+        with self._lock:
+            if number is not None:
+                self._lock.wait_for(lambda: self.current >= number or self.info().federation_done, timeout=5)
+            return self.info()
+
+    def submit(self, hospital: str, number: int, chunks: Sequence[bytes]) -> None:
+        with self._lock:
+            if number != self.current or self.phase[number] not in (Phase.OPEN, Phase.COLLECTING):
+                raise FailedPrecondition(f"round {number} is not open")
+            self.uploads[number][hospital] = list(chunks)
+            self.phase[number] = Phase.COLLECTING
+            if set(self.uploads[number]) == set(HOSPITALS):
+                self._close(number)
+            self._lock.notify_all()
+
+    def _close(self, number: int) -> None:
+        if number in self._failing:
+            self.phase[number] = Phase.FAILED
+        else:
+            uploads = list(self.uploads[number].values())
+            sums = []
+            for i in range(len(uploads[0])):
+                acc = ChunkAccumulator(self._key)
+                for chunks in uploads:
+                    acc.add(chunks[i])
+                sums.append(acc.result())
+            self.sums[number] = sums
+            self.phase[number] = Phase.CLOSED
+        if number < self._rounds:
+            self.current = number + 1
+            self.phase[self.current] = Phase.OPEN
+            self.uploads[self.current] = {}
+
+    def fetch(self, number: int) -> list[bytes]:
+        with self._lock:
+            if number not in self.sums:
+                raise FailedPrecondition(f"round {number} has no sum")
+            return list(self.sums[number])
+
+    def closed(self) -> list[int]:
+        with self._lock:
+            return [r for r, p in self.phase.items() if p == Phase.CLOSED]
+
+
+class HospitalView:
+    """The aggregator port of one hospital; `trip` makes one call fail once, as a fault would."""
+
+    def __init__(self, aggregator: FakeAggregator, hospital: str) -> None:
+        self._agg = aggregator
+        self._hospital = hospital
+        self.trip: tuple[str, int, Callable[[], Exception]] | None = None  # (method, round, error)
+        self.calls: list[tuple[str, int | None]] = []
+
+    def _maybe_trip(self, method: str, number: int | None) -> None:
+        self.calls.append((method, number))
+        if self.trip is not None and self.trip[0] == method and self.trip[1] == number:
+            make_error, self.trip = self.trip[2], None
+            raise make_error()
+
+    def current_round(self, wait_for: int | None) -> RoundView:
+        info = self._agg.wait_for(wait_for)
+        self._maybe_trip("current_round", info.round)
+        return info
+
+    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None:
+        self._maybe_trip("submit", round_number)
+        self._agg.submit(self._hospital, round_number, chunks)
+
+    def fetch_aggregate(self, round_number: int) -> list[bytes]:
+        self._maybe_trip("fetch_aggregate", round_number)
+        return self._agg.fetch(round_number)
+
+    def closed_rounds(self) -> list[int]:
+        return self._agg.closed()
+
+
+class FakeGateway:
+    def __init__(self, examples: list[TrainingExample]) -> None:
+        self._examples = examples
+        self.purposes: list[str] = []
+
+    def training_examples(self, purpose: str) -> Iterable[TrainingExample]:
+        self.purposes.append(purpose)
+        return list(self._examples)
+
+
+class FakeModelStore:
+    def __init__(self) -> None:
+        self.versions: dict[int, ModelVersion] = {}
+        self.attempts: list[tuple[ModelVersion, str]] = []
+
+    def publish(self, mv: ModelVersion, actor: str) -> bool:
+        self.attempts.append((mv, actor))
+        if mv.version in self.versions:
+            return False
+        self.versions[mv.version] = mv
+        return True
+
+
+def participation(
+    hospital: str, view: HospitalView, store: FakeModelStore, key: HospitalKey, seed: int
+) -> tuple[Participation, FakeGateway]:
+    gateway = FakeGateway(synthetic_examples(seed))
+    return (
+        Participation(hospital, TASK, gateway, view, UpdateCodec(key), store, retry_delay=lambda _: 0.01),
+        gateway,
+    )
+
+
+def run_in_thread(p: Participation, stop: threading.Event) -> threading.Thread:
+    thread = threading.Thread(target=p.run, args=(stop,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_hospitals_federate_through_a_failed_round_and_a_restarted_agent_replays(
+    keys: tuple[HospitalKey, AggregatorKey],
+) -> None:
+    hospital_key, aggregator_key = keys
+    agg = FakeAggregator(aggregator_key, rounds=3, failing={2})
+    store_a, store_b = FakeModelStore(), FakeModelStore()
+    view_a, view_b1 = agg.view("a"), agg.view("b")
+    a, gateway_a = participation("a", view_a, store_a, hospital_key, seed=1)
+    b1, _ = participation("b", view_b1, store_b, hospital_key, seed=2)
+    stop_a, stop_b1 = threading.Event(), threading.Event()
+    # The aggregator restarts under a's submission of round 1: a retries and carries on.
+    view_a.trip = ("submit", 1, lambda: Unavailable("UNAVAILABLE: aggregator restarting"))
+
+    # b's process dies when it first sees round 2 open: its stop is set as the call fails.
+    class Crash(Unavailable):
+        def __init__(self) -> None:
+            stop_b1.set()
+            super().__init__("process killed")
+
+    view_b1.trip = ("current_round", 2, Crash)
+    thread_a, thread_b1 = run_in_thread(a, stop_a), run_in_thread(b1, stop_b1)
+    thread_b1.join(timeout=60)
+    assert not thread_b1.is_alive()
+    assert b1.progress.last_submitted_round == 1 and not b1.progress.done
+    assert agg.current == 2 and "b" not in agg.uploads[2]
+
+    # A fresh agent for b (nothing in memory) replays round 1 and joins round 2.
+    view_b2 = agg.view("b")
+    b2, _ = participation("b", view_b2, store_b, hospital_key, seed=2)
+    thread_b2 = run_in_thread(b2, threading.Event())
+    thread_a.join(timeout=120)
+    thread_b2.join(timeout=120)
+    assert not thread_a.is_alive() and not thread_b2.is_alive()
+
+    for p in (a, b2):
+        assert p.progress.done and p.progress.error == ""
+        assert p.progress.last_submitted_round == 3
+        assert p.progress.train_examples + p.progress.test_examples == 60  # the unlabelled one is skipped
+    assert agg.phase == {0: Phase.CLOSED, 1: Phase.CLOSED, 2: Phase.FAILED, 3: Phase.CLOSED}
+    assert ("fetch_aggregate", 1) in view_b2.calls  # the replay
+    assert gateway_a.purposes == [TRAINING_PURPOSE]
+    # Versions follow the closed rounds only; both hospitals publish the same model for each.
+    assert sorted(store_a.versions) == sorted(store_b.versions) == [1, 3]
+    for version in (1, 3):
+        pa, pb = store_a.versions[version].model, store_b.versions[version].model
+        np.testing.assert_array_equal(pa.params, pb.params)
+        assert pa.stats == pb.stats
+        assert store_a.versions[version].federated_round == version
+    assert {actor for _, actor in store_a.attempts} == {"agent@a"}
+    assert not np.array_equal(store_a.versions[1].model.params, store_a.versions[3].model.params)
+
+    # Without the replay, FedYogi's moments are lost: one step from round 1 alone differs.
+    fresh = Participation(
+        "a", TASK, FakeGateway([]), agg.view("a"), UpdateCodec(hospital_key), FakeModelStore()
+    )
+    fresh._data = a._data  # the same local data, so only the strategy state can differ
+    g1 = fresh._global_params(1).copy()
+    np.testing.assert_array_equal(g1, store_a.versions[1].model.params)
+    moments_after_1 = fresh._strategy_state
+    average3, _ = UpdateCodec(hospital_key).decrypt_average(agg.fetch(3), len(g1))
+    without_moments, _ = fresh._strategy.step(type(moments_after_1)(), g1, average3)
+    assert not np.allclose(without_moments, store_a.versions[3].model.params)
+
+    # A restart after the end replays both closed rounds and arrives at the same final model.
+    store_c = FakeModelStore()
+    c, _ = participation("a", agg.view("a"), store_c, hospital_key, seed=1)
+    c.run(threading.Event())
+    assert c.progress.done
+    np.testing.assert_array_equal(store_c.versions[3].model.params, store_a.versions[3].model.params)
+
+
+def test_a_refusing_peer_stops_the_agent_with_the_reason_and_no_federation_yet_is_waited_out(
+    keys: tuple[HospitalKey, AggregatorKey],
+) -> None:
+    hospital_key, aggregator_key = keys
+    agg = FakeAggregator(aggregator_key, rounds=1, failing=set())
+    view = agg.view("a")
+    a, _ = participation("a", view, FakeModelStore(), hospital_key, seed=3)
+    view.trip = ("current_round", 0, lambda: NotFound("NOT_FOUND: no federation of the task"))
+    # Waiting for the federation swallows NOT_FOUND; a refused upload ends the agent's part.
+    original = view.submit
+
+    def refuse(round_number: int, chunks: Sequence[bytes]) -> None:
+        if round_number == 0:
+            raise PeerRefused("PERMISSION_DENIED: caller agent@a may not act for hospital 'x'")
+        original(round_number, chunks)
+
+    view.submit = refuse  # type: ignore[method-assign]  # a fake's method swapped for one call path
+    a.run(threading.Event())
+    assert a.progress.error == "PERMISSION_DENIED: caller agent@a may not act for hospital 'x'"
+    assert not a.progress.done and a.progress.last_submitted_round == -1
+    assert view.calls[0] == ("current_round", 0)
