@@ -64,10 +64,6 @@ PLAUSIBLE: dict[tuple[str, str], PlausibleRange] = {
 }
 
 
-def plausible_range(system: str, code: str) -> PlausibleRange | None:
-    return PLAUSIBLE.get((system, code))
-
-
 def check_observation(obs: Observation) -> list[str]:
     """The reasons this observation's value is implausible; empty when it is fine or when there
     is nothing to check (an unlisted code, a coded value, no value)."""

@@ -30,7 +30,6 @@ from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.quarantine_review import Correction, corrected_record
 
 QuarantineStatus = Literal["open", "accepted", "rejected"]
-QUARANTINE_STATUSES: tuple[QuarantineStatus, ...] = ("open", "accepted", "rejected")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
