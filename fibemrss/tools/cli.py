@@ -17,16 +17,17 @@ from fibemrss.tools.commands import (
     keys,
     models,
     quarantine,
+    report,
     up,
 )
 
-COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench)
+COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fibemrss",
-        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench",
+        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench, report",
     )
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

@@ -225,8 +225,10 @@ def run_federated(
     config: BenchConfig,
     average: Averager,
     rounds: int | None = None,
+    on_round: Callable[[int, np.ndarray], None] | None = None,
 ) -> np.ndarray:
-    """The agents' loop: train from the global model, average (plain or encrypted), server step."""
+    """The agents' loop: train from the global model, average (plain or encrypted), server step.
+    `on_round(r, params)` sees the global model after each round."""
     hyper = config.hyper(client_proximal_mu(strategy))
     params = flatten(init_layers(task.model, hospitals[0].x_train.shape[1]))
     state = StrategyState()
@@ -235,6 +237,8 @@ def run_federated(
         updates = [train_local(task.model, params, h.x_train, h.y_train, hyper, seed=r) for h in hospitals]
         avg = average(updates, [len(h.y_train) for h in hospitals])
         params, state = strategy.step(state, params, avg)
+        if on_round is not None:
+            on_round(r, params)
     return params
 
 
@@ -246,7 +250,11 @@ def train_centralized(task: TaskSpec, x: np.ndarray, y: np.ndarray, config: Benc
 
 # -- the bench -------------------------------------------------------------------------------------------
 def prepare(
-    task: TaskSpec, shared_data: Path | None, stats_average: Averager, validation: bool = False
+    task: TaskSpec,
+    shared_data: Path | None,
+    stats_average: Averager,
+    validation: bool = False,
+    split_seed: int = SPLIT_SEED,
 ) -> tuple[list[Hospital], GlobalStats, str]:
     """Encoded hospitals; with validation=True the held-out rows are carved from the TRAIN rows
     (the test rows are never read), which is what the hyper-parameters were chosen on."""
@@ -254,7 +262,7 @@ def prepare(
     train_rows: dict[str, Rows] = {}
     held_out_rows: dict[str, Rows] = {}
     for k, (h, hospital_rows) in enumerate(rows.items()):
-        train_idx, test_idx = split_indices([label for _, label in hospital_rows], (SPLIT_SEED, k))
+        train_idx, test_idx = split_indices([label for _, label in hospital_rows], (split_seed, k))
         train_rows[h] = [hospital_rows[i] for i in train_idx]
         held_out_rows[h] = [hospital_rows[i] for i in test_idx]
         if validation:

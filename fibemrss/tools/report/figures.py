@@ -1,0 +1,355 @@
+"""The report's plots, one function per figure: benchmark JSON in, a PNG and its caption out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+import numpy as np  # noqa: E402
+
+from fibemrss.tools.report.metrics import auc, bootstrap_auc_interval, calibration, roc_curve  # noqa: E402
+
+COLORS = {"fedavg": "#1f77b4", "fedyogi": "#d62728", "fedadam": "#2ca02c", "fedprox": "#9467bd"}
+
+
+@dataclass(frozen=True)
+class Figure:
+    file: str
+    title: str
+    caption: str
+
+
+def _save(fig: Any, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _mean_sd(rows: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(rows, dtype=np.float64)
+    sd = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+    return a.mean(axis=0), sd
+
+
+def accuracy_per_round(curves: dict[str, Any], out: Path, when: str) -> Figure:
+    runs = curves["runs"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    rounds = np.arange(1, curves["rounds"] + 1)
+    for key in runs[0]["curves"]:
+        strategy, mode = key.rsplit("_", 1)
+        mean, sd = _mean_sd([r["curves"][key]["pooled"] for r in runs])
+        style = "-" if mode == "encrypted" else ":"
+        ax.plot(rounds, mean, style, color=COLORS.get(strategy, "k"), label=f"{strategy} ({mode})")
+        if mode == "encrypted":
+            ax.fill_between(rounds, mean - sd, mean + sd, color=COLORS.get(strategy, "k"), alpha=0.15)
+    pooled = curves["final_pooled_test_accuracy"]["pooled_training"]["mean"]
+    ax.axhline(pooled, color="grey", ls="--", lw=1, label=f"pooled training {pooled:.3f}")
+    for name, value in curves["flamby_published_pooled_test_accuracy"].items():
+        ax.axhline(value, color="black", ls="-.", lw=0.6, alpha=0.5)
+        ax.annotate(f"FLamby {name} {value}", (rounds[-1], value), fontsize=7, ha="right", va="bottom")
+    ax.set_xlabel("federated round")
+    ax.set_ylabel("pooled test accuracy")
+    ax.set_ylim(0.5, 0.9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    name = _save(fig, out, "accuracy_per_round.png")
+    final = curves["final_pooled_test_accuracy"]
+    text = ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in final.items())
+    return Figure(
+        name,
+        "Pooled test accuracy per round",
+        f"Mean over {len(runs)} split seeds ({', '.join(map(str, curves['seeds']))}); band: ± 1 sd of the "
+        f"encrypted runs; dotted: the same strategy in plaintext. Final round: {text}. FLamby's published "
+        f"figures are pooled test accuracy on their own 740-patient split (metric as named in the bench "
+        f"JSON), shown for orientation, not as a same-run comparison. {when}",
+    )
+
+
+def accuracy_per_hospital(curves: dict[str, Any], out: Path, when: str) -> Figure:
+    runs = curves["runs"]
+    strategy = curves["task_strategy"]
+    hospitals = list(runs[0]["local_only"])
+    fig, axes = plt.subplots(2, 2, figsize=(8, 5.5), sharex=True, sharey=True)
+    rounds = np.arange(1, curves["rounds"] + 1)
+    for ax, h in zip(axes.ravel(), hospitals, strict=False):
+        for key, color in (
+            (f"{strategy}_encrypted", COLORS.get(strategy, "r")),
+            ("fedavg_encrypted", COLORS["fedavg"]),
+        ):
+            mean, sd = _mean_sd([r["curves"][key]["per_hospital"][h] for r in runs])
+            ax.plot(rounds, mean, color=color, label=key.replace("_", " "))
+            ax.fill_between(rounds, mean - sd, mean + sd, color=color, alpha=0.12)
+        local = curves["final_per_hospital_test_accuracy"][h]["local_only"]["mean"]
+        ax.axhline(local, color="grey", ls="--", lw=1, label=f"local only {local:.3f}")
+        ax.set_title(h, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in axes[1]:
+        ax.set_xlabel("round")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy")
+    name = _save(fig, out, "accuracy_per_hospital.png")
+    return Figure(
+        name,
+        "Test accuracy per hospital per round",
+        f"Each hospital's own held-out patients, mean ± sd over {len(runs)} split seeds; dashed: the "
+        f"hospital trained alone with the same epoch budget. {when}",
+    )
+
+
+def final_per_hospital(curves: dict[str, Any], out: Path, when: str) -> Figure:
+    per = curves["final_per_hospital_test_accuracy"]
+    hospitals = list(per)
+    strategy = curves["task_strategy"]
+    methods = ["local_only", "fedavg_encrypted", f"{strategy}_encrypted", "pooled_training"]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.2
+    for i, m in enumerate(methods):
+        means = [per[h][m]["mean"] for h in hospitals]
+        sds = [per[h][m]["sd"] for h in hospitals]
+        ax.bar(
+            np.arange(len(hospitals)) + (i - 1.5) * width,
+            means,
+            width,
+            yerr=sds,
+            capsize=2,
+            label=m.replace("_", " "),
+        )
+    ax.set_xticks(np.arange(len(hospitals)), hospitals)
+    ax.set_ylabel("test accuracy (final round)")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    name = _save(fig, out, "final_per_hospital.png")
+    return Figure(
+        name,
+        "Final accuracy per hospital: alone, federated, pooled",
+        f"Mean ± sd over {len(curves['seeds'])} split seeds. Pooled training sees every hospital's rows in one "
+        f"place (what federation avoids) and is the reference. {when}",
+    )
+
+
+def roc(curves: dict[str, Any], out: Path, when: str) -> Figure:
+    runs = curves["runs"]
+    first = runs[0]["scores"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    per_seed: dict[str, list[float]] = {h: [] for h in first}
+    for r in runs:
+        for h, s in r["scores"].items():
+            per_seed[h].append(auc(np.array(s["y"]), np.array(s["p"])))
+    notes = []
+    for h, s in first.items():
+        y, p = np.array(s["y"]), np.array(s["p"])
+        fpr, tpr = roc_curve(y, p)
+        low, high = bootstrap_auc_interval(y, p)
+        ax.plot(fpr, tpr, label=f"{h}: AUC {auc(y, p):.3f} [{low:.3f}, {high:.3f}]")
+        values = [v for v in per_seed[h] if v == v]
+        notes.append(f"{h} {np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    name = _save(fig, out, "roc.png")
+    return Figure(
+        name,
+        f"ROC per hospital ({curves['task_strategy']}, encrypted, final model)",
+        f"Curves and 95% bootstrap intervals (1,000 resamples of the test patients) for split seed "
+        f"{curves['seeds'][0]}; AUC over all {len(runs)} seeds, mean ± sd: {'; '.join(notes)}. {when}",
+    )
+
+
+def calibration_plot(curves: dict[str, Any], out: Path, when: str) -> Figure:
+    y = np.concatenate([np.array(s["y"]) for r in curves["runs"] for s in r["scores"].values()])
+    p = np.concatenate([np.array(s["p"]) for r in curves["runs"] for s in r["scores"].values()])
+    cal = calibration(y, p, bins=10)
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(5.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    filled = cal.counts > 0
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    ax.plot(cal.mean_predicted[filled], cal.observed_rate[filled], "o-", label="federated model")
+    ax.set_ylabel("observed disease rate")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.bar((cal.bin_edges[:-1] + cal.bin_edges[1:]) / 2, cal.counts, width=0.09, color="#999")
+    hist.set_xlabel("predicted probability")
+    hist.set_ylabel("patients")
+    name = _save(fig, out, "calibration.png")
+    return Figure(
+        name,
+        "Calibration (reliability diagram)",
+        f"Final {curves['task_strategy']} encrypted model, test patients of every hospital and seed pooled "
+        f"({len(y)} predictions), 10 equal-width bins; expected calibration error "
+        f"{cal.expected_calibration_error:.3f}. {when}",
+    )
+
+
+def encryption_gap(curves: dict[str, Any], out: Path, when: str) -> Figure:
+    runs = curves["runs"]
+    labels = list(runs[0]["max_abs_param_diff_encrypted_vs_plain"])
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, label in enumerate(labels):
+        values = [r["max_abs_param_diff_encrypted_vs_plain"][label] for r in runs]
+        ax.scatter(
+            np.full(len(values), i) + np.linspace(-0.1, 0.1, len(values)),
+            values,
+            color=COLORS.get(label, "k"),
+        )
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("max |encrypted − plaintext| parameter")
+    ax.grid(alpha=0.3)
+    name = _save(fig, out, "encryption_gap.png")
+    gaps = {
+        k: max(
+            abs(a - b)
+            for a, b in zip(
+                r["curves"][f"{k}_encrypted"]["pooled"], r["curves"][f"{k}_plain"]["pooled"], strict=True
+            )
+        )
+        for r in runs
+        for k in labels
+    }
+    return Figure(
+        name,
+        "What encryption costs in accuracy",
+        f"Largest parameter difference between the encrypted and the plaintext run of the same strategy "
+        f"after the last round, one dot per split seed (fixed-point encoding in BFV is the only source). "
+        f"Largest pooled-accuracy difference in any round: "
+        f"{', '.join(f'{k} {v:.4f}' for k, v in gaps.items())}. {when}",
+    )
+
+
+def he_cost(he: dict[str, Any], out: Path, when: str) -> list[Figure]:
+    ours, flare = he["ours"], he["flare_ckks"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    names = ["upload_bytes_per_param", "download_bytes_per_param"]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, [ours[n] for n in names], 0.4, label="FIBEMRSS BFV")
+    ax.bar(x + 0.2, [flare[n] for n in names], 0.4, label="NVIDIA FLARE CKKS")
+    ax.axhline(4.0, color="grey", ls="--", lw=1, label="float32 (4 B)")
+    ax.set_xticks(x, ["upload", "download"])
+    ax.set_ylabel("bytes per parameter")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    bytes_fig = _save(fig, out, "he_bytes.png")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    phases = ["encrypt_s_per_million", "aggregate_s_per_million", "decrypt_s_per_million"]
+    bottom_o = bottom_f = 0.0
+    for phase in phases:
+        ax.bar(0, ours[phase], 0.5, bottom=bottom_o, label=phase.split("_")[0])
+        ax.bar(1, flare[phase], 0.5, bottom=bottom_f, color=ax.patches[-1].get_facecolor())
+        bottom_o += ours[phase]
+        bottom_f += flare[phase]
+    ax.set_xticks([0, 1], ["FIBEMRSS BFV", "FLARE CKKS"])
+    ax.set_ylabel("seconds per million parameters")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    time_fig = _save(fig, out, "he_seconds.png")
+    n = he.get("params", "")
+    return [
+        Figure(
+            bytes_fig,
+            "HE upload and download size",
+            f"Bytes per model parameter of one hospital's upload and the aggregate it downloads, ours "
+            f"({ours['upload_bytes_per_param']:.2f} B up) next to FLARE's CKKS settings "
+            f"({flare['upload_bytes_per_param']:.1f} B up), {n} parameters, same run. {when}",
+        ),
+        Figure(
+            time_fig,
+            "HE compute per million parameters",
+            f"Encrypt, aggregate (4 uploads) and decrypt seconds per million parameters on one core, same "
+            f"run: ours {sum(ours[p] for p in phases):.2f} s, FLARE CKKS {sum(flare[p] for p in phases):.2f} s. {when}",
+        ),
+    ]
+
+
+def round_latency(rnd: dict[str, Any], out: Path, when: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.scatter(
+        np.zeros(len(rnd["round_seconds"])), rnd["round_seconds"], color=COLORS["fedyogi"], label="each round"
+    )
+    ax.bar(0, rnd["ours_median_s"], 0.5, alpha=0.4, color=COLORS["fedyogi"], label="median")
+    labels = ["FIBEMRSS encrypted"]
+    if rnd.get("flower_round_seconds"):
+        ax.scatter(
+            np.ones(len(rnd["flower_round_seconds"])), rnd["flower_round_seconds"], color=COLORS["fedavg"]
+        )
+        ax.bar(1, rnd["flower_median_s"], 0.5, alpha=0.4, color=COLORS["fedavg"])
+        labels.append("Flower plaintext")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("seconds per round")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    name = _save(fig, out, "round_latency.png")
+    flower = (
+        f"Flower's plaintext FedAvg round {rnd['flower_median_s']} s in the same run, ratio {rnd['ratio']}"
+        if rnd.get("flower_median_s")
+        else f"Flower not run ({rnd.get('flower_note') or 'no var/flower-venv'})"
+    )
+    return Figure(
+        name,
+        "Round latency",
+        f"A full encrypted round with {rnd['hospitals']} hospital processes and {rnd['params']:,} parameters "
+        f"({rnd['transport']}): median {rnd['ours_median_s']} s; {flower}. {when}",
+    )
+
+
+def ingest(ing: dict[str, Any], out: Path, when: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    names = ["resources_per_s", "stored_rows_per_s", "copy_rows_per_s"]
+    ax.bar(range(3), [ing[n] for n in names], color=["#1f77b4", "#1f77b4", "#7f7f7f"])
+    ax.set_xticks(
+        range(3), ["FHIR resources/s\n(gRPC Ingest)", "stored rows/s", "PostgreSQL COPY\nrows/s (limit)"]
+    )
+    ax.set_yscale("log")
+    ax.set_ylabel("per second")
+    ax.grid(axis="y", alpha=0.3)
+    name = _save(fig, out, "ingest.png")
+    return Figure(
+        name,
+        "Gateway ingest next to PostgreSQL COPY",
+        f"The {ing['bundles']} shared Synthea bundles through one gateway over gRPC: {ing['resources_per_s']:,.0f} "
+        f"resources/s; COPY of the same rows {ing['copy_rows_per_s']:,.0f} rows/s; ratio {ing['ratio']}. {when}",
+    )
+
+
+def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
+    fig, (rps_ax, p99_ax) = plt.subplots(1, 2, figsize=(8, 3.6))
+    for key, color in (("diagnose", COLORS["fedyogi"]), ("model_infer", COLORS["fedavg"])):
+        clients = sorted(inf[key], key=int)
+        rps_ax.plot(
+            [int(c) for c in clients], [inf[key][c]["rps"] for c in clients], "o-", color=color, label=key
+        )
+        p99_ax.plot(
+            [int(c) for c in clients], [inf[key][c]["p99_ms"] for c in clients], "o-", color=color, label=key
+        )
+    rps_ax.axhline(4000, color="grey", ls="--", lw=1, label="goal 4,000/s at 8 clients")
+    p99_ax.axhline(5, color="grey", ls="--", lw=1, label="goal p99 5 ms")
+    for ax, label in ((rps_ax, "requests/s"), (p99_ax, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    name = _save(fig, out, "inference.png")
+    eight = inf["diagnose"].get("8")
+    figure = f"at 8 clients Diagnose {eight['rps']:,.0f} req/s, p99 {eight['p99_ms']} ms" if eight else ""
+    return Figure(
+        name,
+        "Inference throughput and tail latency",
+        f"Single-patient Diagnose and KServe ModelInfer over loopback gRPC; {figure}; forward pass "
+        f"{inf.get('forward_pass_ms', '?')} ms. {when}",
+    )
+
+
+Builder = Callable[[dict[str, Any], Path, str], Figure | list[Figure]]

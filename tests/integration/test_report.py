@@ -1,0 +1,47 @@
+"""`fibemrss report --from`: real benchmark JSON (small sizes) in, a self-contained HTML page, a
+Markdown page and one PNG per figure out; a missing benchmark is named, not fatal."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fibemrss.tools.bench.curves import run_quality_curves
+from fibemrss.tools.bench.he_bench import run_he_bench
+from fibemrss.tools.bench.quality_bench import BenchConfig
+from fibemrss.tools.cli import main
+from fibemrss.tools.report.build import machine
+from tests.conftest import SHARED_DATA
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_from_benchmark_json_has_every_figure_inline_and_names_what_is_missing(
+    tmp_path: Path, capsys: object
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    shared = SHARED_DATA if (SHARED_DATA / "heart_disease").is_dir() else None
+    curves = run_quality_curves(shared, seeds=(43, 44), config=BenchConfig(rounds=3))
+    curves["measured"] = machine()
+    (data / "curves.json").write_text(json.dumps(curves))
+    he = {**run_he_bench(20_000), "params": 20_000, "measured": machine()}
+    (data / "he.json").write_text(json.dumps(he))
+
+    out = tmp_path / "report"
+    assert main(["report", "--out", str(out), "--from", str(data)]) == 0
+    result = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]  # pytest's capsys
+    assert len(result["figures"]) == 8  # six from the curves, two from the HE bench
+    assert set(result["missing"]) == {"round", "ingest", "inference"}
+    page = (out / "report.html").read_text()
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 8
+    assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # one file: no external asset
+    for name in result["figures"]:
+        blob = (out / name).read_bytes()
+        assert blob.startswith(PNG) and len(blob) > 5_000
+    md = (out / "REPORT.md").read_text()
+    assert md.count("![") == 8 and "round: " in md
+    # Captions carry the run's own figures and the machine they were measured on.
+    final = curves["final_pooled_test_accuracy"]["fedyogi_encrypted"]["mean"]
+    assert f"{final:.3f}" in page and f"{machine()['cores']} cores" in page
