@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from fibemrss.domain.task_spec import HEART_DISEASE_V1, TaskSpec
 from fibemrss.emr.v1 import emr_pb2
 from fibemrss.inference.v1 import inference_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.diagnosis import LoadedModel, diagnose
@@ -126,6 +128,42 @@ def inference_process(
     env.update(DATABASE_URL=database_url, FIBEMRSS_TASK=HEART_DISEASE_V1.name, FIBEMRSS_HOSPITAL="bench")
     env.update(extra_env or {})
     return ServiceProcess("inference@bench", env, workdir)
+
+
+# -- the ceiling: Python gRPC with a handler that does nothing ------------------------------------
+EMPTY_METHOD = "/bench.Empty/Call"
+
+
+def _empty_server(port_out: Any, stop: Any) -> None:
+    """A gRPC server built like ours (same thread pool size and options) whose one handler returns
+    an empty message at once: what Python gRPC itself serves on this machine."""
+
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Empty", {"Call": grpc.unary_unary_rpc_method_handler(call)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    port_out.put(port)
+    stop.wait()
+    server.stop(grace=None)
+
+
+def measure_ceiling(payload: bytes, clients: int, duration: float) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    port_out, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_empty_server, args=(port_out, stop))
+    proc.start()
+    try:
+        port = port_out.get(timeout=60)
+        return measure(f"127.0.0.1:{port}", EMPTY_METHOD, payload, clients, duration)
+    finally:
+        stop.set()
+        proc.join(timeout=10)
 
 
 # -- requests, pre-serialized so the load generator spends its CPU on calls, not encoding ----------
@@ -272,6 +310,12 @@ def run_inference_bench(
                 ):
                     for clients in concurrency:
                         out[key][str(clients)] = measure(service.address, method, payload, clients, duration)
+                # The limit, in the same run: an empty handler at 8 clients (the goal's concurrency).
+                ceiling = measure_ceiling(diagnose_request_bytes(), 8, duration)
+                out["empty_handler_ceiling_8_clients"] = ceiling
+                eight = out["diagnose"].get("8")
+                if eight and ceiling["rps"]:
+                    out["diagnose_8_clients_ratio_to_ceiling"] = round(eight["rps"] / ceiling["rps"], 3)
         finally:
             if pg is not None:
                 pg.stop()

@@ -20,7 +20,7 @@ import numpy as np
 
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
+from fibemrss.he.codec import ChunkAccumulator, UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.bench.flower_round import flower_bin, run_flower_rounds
@@ -39,6 +39,7 @@ def _hospital(name: str, address: str, key_path: str, n_params: int, rounds: int
         stub.GetRound(pb.GetRoundRequest(task=TASK, wait_for_round=r, wait_seconds=30), timeout=60)
         began = time.time()
         chunks = encryptor.encrypt(values, 100)
+        encrypted = time.time()
 
         def requests(r: int = r, chunks: list[bytes] = chunks) -> Iterator[pb.SubmitUpdateRequest]:
             for i, data in enumerate(chunks):
@@ -47,11 +48,50 @@ def _hospital(name: str, address: str, key_path: str, n_params: int, rounds: int
                 )
 
         stub.SubmitUpdate(requests(), timeout=120)
+        submitted = time.time()
         stub.GetRound(pb.GetRoundRequest(task=TASK, wait_for_round=r + 1, wait_seconds=60), timeout=90)
+        closed = time.time()
         summed = [c.ciphertext for c in stub.FetchAggregate(pb.FetchAggregateRequest(task=TASK, round=r))]
+        fetched = time.time()
         decryptor.decrypt_average(summed, n_params)
-        out.put((name, r, began, time.time()))
+        done = time.time()
+        phases = {
+            "encrypt": encrypted - began,
+            "upload": submitted - encrypted,
+            "wait_for_close": closed - submitted,
+            "fetch": fetched - closed,
+            "decrypt": done - fetched,
+        }
+        out.put((name, r, began, done, phases))
     channel.close()
+
+
+def compute_floor(key_path: Path, n_params: int, hospitals: int) -> dict[str, float]:
+    """The round's HE work alone, in this process, one core: one hospital's encryption (they run in
+    parallel), the aggregator adding every upload, one decryption. No network, no database."""
+    key = load_hospital_key(key_path.read_bytes())
+    values = np.random.default_rng(0).normal(0, 0.1, n_params)
+    began = time.perf_counter()
+    upload = UpdateEncryptor(key).encrypt(values, 100)
+    encrypt_s = time.perf_counter() - began
+    aggregator = key.aggregator_key()
+    began = time.perf_counter()
+    summed = []
+    for chunk in upload:
+        acc = ChunkAccumulator(aggregator)
+        for _ in range(hospitals):
+            acc.add(chunk)
+        summed.append(acc.result())
+    add_s = time.perf_counter() - began
+    began = time.perf_counter()
+    UpdateDecryptor(key).decrypt_average(summed, n_params)
+    decrypt_s = time.perf_counter() - began
+    return {
+        "encrypt_s": round(encrypt_s, 3),
+        "aggregate_s": round(add_s, 3),
+        "decrypt_s": round(decrypt_s, 3),
+        "total_s": round(encrypt_s + add_s + decrypt_s, 3),
+    }
 
 
 def run_round_bench(
@@ -89,6 +129,7 @@ def run_round_bench(
             results = [queue.get(timeout=600) for _ in range(hospitals * rounds)]
             for p in procs:
                 p.join(timeout=60)
+            floor = compute_floor(Path(key), n_params, hospitals)
         finally:
             cluster.stop()
     per_round = []
@@ -96,6 +137,9 @@ def run_round_bench(
         rows = [x for x in results if x[1] == r]
         per_round.append(max(x[3] for x in rows) - min(x[2] for x in rows))
     ours = statistics.median(per_round)
+    # Where a round's time goes: each phase's median over hospitals and rounds.
+    phase_names = list(results[0][4])
+    phases = {name: round(statistics.median(x[4][name] for x in results), 3) for name in phase_names}
     flower_seconds: list[float] | None = None
     flower_note = "not run (--flower off)"
     if flower != "off":
@@ -119,4 +163,13 @@ def run_round_bench(
         "flower_median_s": round(flower_median, 3) if flower_median else None,
         "ratio": round(ours / flower_median, 3) if flower_median else None,
         "flower_note": flower_note,
+        "phases_median_s": phases,
+        "phases_note": "per hospital: encrypt; upload (stream until the aggregator stored it); "
+        "wait_for_close (the others' uploads and the aggregator's sum); fetch; decrypt",
+        "compute_floor": floor,
+        "ratio_to_compute_floor": round(ours / floor["total_s"], 3) if floor["total_s"] else None,
+        "goals": {
+            "ratio_to_flower_at_most_0.2": (ours / flower_median <= 0.2) if flower_median else None,
+            "ratio_to_compute_floor_at_most_1.5": ours <= 1.5 * floor["total_s"],
+        },
     }

@@ -274,33 +274,52 @@ def he_cost(he: dict[str, Any], out: Path, when: str) -> list[Figure]:
 
 
 def round_latency(rnd: dict[str, Any], out: Path, when: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (ax, phases_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
     ax.scatter(
         np.zeros(len(rnd["round_seconds"])), rnd["round_seconds"], color=COLORS["fedyogi"], label="each round"
     )
     ax.bar(0, rnd["ours_median_s"], 0.5, alpha=0.4, color=COLORS["fedyogi"], label="median")
-    labels = ["FIBEMRSS encrypted"]
+    labels = ["FIBEMRSS\nencrypted"]
     if rnd.get("flower_round_seconds"):
         ax.scatter(
             np.ones(len(rnd["flower_round_seconds"])), rnd["flower_round_seconds"], color=COLORS["fedavg"]
         )
         ax.bar(1, rnd["flower_median_s"], 0.5, alpha=0.4, color=COLORS["fedavg"])
-        labels.append("Flower plaintext")
+        labels.append("Flower\nplaintext")
+    floor = (rnd.get("compute_floor") or {}).get("total_s")
+    if floor:
+        ax.axhline(floor, color="grey", ls="--", lw=1, label=f"HE compute floor {floor} s")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("seconds per round")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
+    phases = rnd.get("phases_median_s") or {}
+    left = 0.0
+    for phase, seconds in phases.items():
+        phases_ax.barh(0, seconds, left=left, label=f"{phase} {seconds} s")
+        left += seconds
+    phases_ax.set_yticks([])
+    phases_ax.set_xlabel("seconds (median per hospital)")
+    phases_ax.set_title("where a hospital's round goes", fontsize=9)
+    if phases:
+        phases_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
     name = _save(fig, out, "round_latency.png")
     flower = (
         f"Flower's plaintext FedAvg round {rnd['flower_median_s']} s in the same run, ratio {rnd['ratio']}"
         if rnd.get("flower_median_s")
         else f"Flower not run ({rnd.get('flower_note') or 'no var/flower-venv'})"
     )
+    floor_text = (
+        f"; the HE work alone (encrypt, add {rnd['hospitals']} uploads, decrypt; one core, same run) takes "
+        f"{floor} s, ratio {rnd.get('ratio_to_compute_floor')}"
+        if floor
+        else ""
+    )
     return Figure(
         name,
         "Round latency",
         f"A full encrypted round with {rnd['hospitals']} hospital processes and {rnd['params']:,} parameters "
-        f"({rnd['transport']}): median {rnd['ours_median_s']} s; {flower}. {when}",
+        f"({rnd['transport']}): median {rnd['ours_median_s']} s; {flower}{floor_text}. {when}",
     )
 
 
@@ -334,6 +353,11 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
             [int(c) for c in clients], [inf[key][c]["p99_ms"] for c in clients], "o-", color=color, label=key
         )
     rps_ax.axhline(4000, color="grey", ls="--", lw=1, label="goal 4,000/s at 8 clients")
+    ceiling = inf.get("empty_handler_ceiling_8_clients")
+    if ceiling:
+        rps_ax.scatter(
+            [8], [ceiling["rps"]], marker="_", s=400, color="black", label="empty handler, 8 clients"
+        )
     p99_ax.axhline(5, color="grey", ls="--", lw=1, label="goal p99 5 ms")
     for ax, label in ((rps_ax, "requests/s"), (p99_ax, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
@@ -344,6 +368,12 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
     name = _save(fig, out, "inference.png")
     eight = inf["diagnose"].get("8")
     figure = f"at 8 clients Diagnose {eight['rps']:,.0f} req/s, p99 {eight['p99_ms']} ms" if eight else ""
+    ceiling = inf.get("empty_handler_ceiling_8_clients")
+    if ceiling:
+        figure += (
+            f" (Python gRPC with an empty handler, same run: {ceiling['rps']:,.0f} req/s; ratio "
+            f"{inf.get('diagnose_8_clients_ratio_to_ceiling')})"
+        )
     return Figure(
         name,
         "Inference throughput and tail latency",
