@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fibemrss.domain.errors import NotFound
-from fibemrss.domain.records import LOINC, UCI_HEART
 
-FeatureSource = Literal["age", "sex", "numeric", "coded"]
+FeatureSource = Literal["age", "sex", "numeric", "coded", "condition"]
+LabelKind = Literal["observation", "condition"]
+# A condition feature is one-hot over these: recorded (active) within its window, or not.
+CONDITION_CATEGORIES = ("present", "absent")
 
 
 @dataclass(frozen=True)
@@ -24,14 +26,30 @@ class FeatureSpec:
     categories: tuple[str, ...] = ()
     # A nominal magnitude, so that federated statistics travel as O(1) numbers in fixed point.
     scale: float = 1.0
+    # Condition features: present when recorded with an onset at most this many days before the
+    # patient's latest dated entry (None: at any time).
+    within_days: int | None = None
 
 
 @dataclass(frozen=True)
 class LabelSpec:
     system: str
     code: str
-    # The label is 1 when the observed value is strictly above this.
-    positive_above: float
+    # kind "observation": the label is 1 when the observed value is strictly above this.
+    positive_above: float = 0.0
+    # kind "condition": 1 when the condition is recorded (within `within_days`), else 0.
+    kind: LabelKind = "observation"
+    within_days: int | None = None
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """Who a study may read: patients outside it are never exported for the study."""
+
+    min_age: float | None = None
+    max_age: float | None = None
+    # Observations (system, code) a patient must have to take part.
+    required: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,61 +78,12 @@ class TaskSpec:
     # patient key, so the split is fixed across runs and restarts.
     test_fraction: float = 0.2
     split_seed: str = "heart-disease-v1-split-1"
+    cohort: CohortSpec = field(default_factory=CohortSpec)
+    description: str = ""
+    version: int = 1  # the study document's version: part of its identity
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:
             if f.name == name:
                 return f
         raise NotFound(f"task {self.name} has no feature {name!r}")
-
-
-HEART_DISEASE_V1 = TaskSpec(
-    name="heart-disease-v1",
-    features=(
-        FeatureSpec("age", "age", unit="a", scale=50.0),
-        FeatureSpec("sex", "sex", categories=("male", "female")),
-        FeatureSpec(
-            "chest_pain",
-            "coded",
-            UCI_HEART,
-            "cp",
-            categories=("typical-angina", "atypical-angina", "non-anginal", "asymptomatic"),
-        ),
-        FeatureSpec("resting_systolic_bp", "numeric", LOINC, "8480-6", unit="mm[Hg]", scale=100.0),
-        FeatureSpec("cholesterol", "numeric", LOINC, "2093-3", unit="mg/dL", scale=200.0),
-        FeatureSpec("fasting_glucose_over_120", "coded", UCI_HEART, "fbs", categories=("true", "false")),
-        FeatureSpec(
-            "resting_ecg",
-            "coded",
-            UCI_HEART,
-            "restecg",
-            categories=("normal", "st-t-abnormality", "lv-hypertrophy"),
-        ),
-        FeatureSpec("max_heart_rate", "numeric", UCI_HEART, "thalach", unit="/min", scale=100.0),
-        FeatureSpec("exercise_angina", "coded", UCI_HEART, "exang", categories=("true", "false")),
-        FeatureSpec("st_depression", "numeric", UCI_HEART, "oldpeak", unit="mm", scale=1.0),
-        FeatureSpec("st_slope", "coded", UCI_HEART, "slope", categories=("upsloping", "flat", "downsloping")),
-        FeatureSpec("vessels_colored", "numeric", UCI_HEART, "ca", unit="1", scale=1.0),
-        FeatureSpec(
-            "thalassemia",
-            "coded",
-            UCI_HEART,
-            "thal",
-            categories=("normal", "fixed-defect", "reversible-defect"),
-        ),
-    ),
-    label=LabelSpec(UCI_HEART, "num", positive_above=0.0),
-    # FedYogi on the decrypted average: the best encrypted strategy of `fibemrss bench quality`
-    # (docs/quality.md), and a stateful one, so the end-to-end tests prove that every hospital
-    # replays it to the same global model.
-    hyper=HyperParameters(learning_rate=0.03, strategy="fedyogi", server_options=(("eta", 0.03),)),
-)
-
-TASKS: dict[str, TaskSpec] = {HEART_DISEASE_V1.name: HEART_DISEASE_V1}
-
-
-def get_task(name: str) -> TaskSpec:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise NotFound(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None

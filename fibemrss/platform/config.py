@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from fibemrss.domain.errors import ConfigError
+from fibemrss.domain.errors import ConfigError, InvalidArgument
+from fibemrss.domain.study import parse_study
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.tasks import get_task, register
 
 DEFAULT_TASK = "heart-disease-v1"
 
@@ -81,3 +85,24 @@ def split_host_port(address: str, variable: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"{variable}={address!r} must be HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def task_from_env() -> TaskSpec:
+    """The study a service works on: FIBEMRSS_STUDY_FILE (a study document, registered so that
+    the service also answers for it by name) or a shipped study named by FIBEMRSS_TASK."""
+    path = env_optional("FIBEMRSS_STUDY_FILE")
+    if path:
+        try:
+            content = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"FIBEMRSS_STUDY_FILE: cannot read {path}: {exc.strerror}") from None
+        try:
+            task = register(parse_study(content, "FIBEMRSS_STUDY_FILE"))
+        except InvalidArgument as exc:
+            fields = "; ".join(f"{v.field} {v.description}" for v in exc.violations)
+            raise ConfigError(f"FIBEMRSS_STUDY_FILE: {exc}: {fields}") from None
+        named = env_optional("FIBEMRSS_TASK")
+        if named and named != task.name:
+            raise ConfigError(f"FIBEMRSS_TASK is {named!r} but FIBEMRSS_STUDY_FILE holds {task.name!r}")
+        return task
+    return get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.domain.feature_extraction import FeatureValue, ObservedValue, values_from
+from fibemrss.domain.feature_extraction import (
+    INACTIVE_STATUSES,
+    FeatureValue,
+    ObservedValue,
+    age_in_years,
+    values_from,
+)
 from fibemrss.domain.records import (
     MAX_AGE_YEARS,
     SEXES,
@@ -113,7 +119,7 @@ def feature_values_from_proto(
 ) -> list[FeatureValue]:
     """Validates like record_from_proto, then reads the task's features straight from the message:
     the Diagnose hot path, which needs no full PatientRecord."""
-    _check_record(msg, field)
+    birth = _check_record(msg, field)
     observed: dict[tuple[str, str], ObservedValue] = {}
     for o in msg.observations:
         code = o.code
@@ -124,7 +130,26 @@ def feature_values_from_proto(
                 o.value_code.code if o.HasField("value_code") else None,
             )
     age = msg.age_years if msg.HasField("age_years") else None
-    return values_from(task, age, msg.sex or None, observed)
+    if birth is None and not any(f.source == "condition" for f in task.features):
+        return values_from(task, age, msg.sex or None, observed)
+    onsets: dict[tuple[str, str], list[datetime | None]] = {}
+    times: list[datetime] = []
+    for c in msg.conditions:
+        onset = timestamp_from_proto(c.onset if c.HasField("onset") else None)
+        if onset is not None:
+            times.append(onset)
+        if c.clinical_status.lower() not in INACTIVE_STATUSES:
+            onsets.setdefault((c.code.system, c.code.code), []).append(onset)
+    for o in msg.observations:
+        if (effective := timestamp_from_proto(o.effective if o.HasField("effective") else None)) is not None:
+            times.append(effective)
+    for e in msg.encounters:
+        if (start := timestamp_from_proto(e.start if e.HasField("start") else None)) is not None:
+            times.append(start)
+    reference = max(times) if times else None
+    if age is None and birth is not None:
+        age = age_in_years(birth, reference)
+    return values_from(task, age, msg.sex or None, observed, onsets, reference)
 
 
 def record_from_proto(msg: emr_pb2.PatientRecord, field: str = "patient") -> PatientRecord:

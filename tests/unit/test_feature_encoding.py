@@ -14,7 +14,7 @@ from fibemrss.domain.feature_encoding import (
 )
 from fibemrss.domain.feature_extraction import extract
 from fibemrss.domain.records import UCI_HEART, Code, Observation, PatientRecord, Provenance
-from fibemrss.domain.task_spec import HEART_DISEASE_V1 as TASK
+from fibemrss.domain.tasks import HEART_DISEASE_V1 as TASK
 from services.hospital_agent.local_data import Example, LocalData, is_test
 
 

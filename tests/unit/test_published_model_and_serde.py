@@ -15,7 +15,7 @@ from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names
 from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.model_params import layer_shapes, param_count
 from fibemrss.domain.published_model import PublishedModel
-from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.emr.v1 import emr_pb2
 from fibemrss.serde.values import (
     feature_value_from_proto,

@@ -9,7 +9,7 @@ import pytest
 
 from fibemrss.domain.model_params import flatten, init_layers
 from fibemrss.domain.strategies import StrategyState, client_proximal_mu, strategy_by_name
-from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.tools.bench.quality_bench import (

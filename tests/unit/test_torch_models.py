@@ -11,7 +11,8 @@ from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names
 from fibemrss.domain.model_params import forward_logits, layer_shapes, sigmoid, unflatten
 from fibemrss.domain.published_model import PublishedModel
 from fibemrss.domain.records import PatientRecord, Provenance
-from fibemrss.domain.task_spec import HEART_DISEASE_V1, HyperParameters
+from fibemrss.domain.task_spec import HyperParameters
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.domain.torch_models import (
     build_module,
     initial_vector,

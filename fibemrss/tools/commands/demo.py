@@ -7,12 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from fibemrss.tools.demo import run_demo
+from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from fibemrss.tools.workdir import work_folder
 
 
 def add_parser(subparsers: Any) -> None:
     demo = subparsers.add_parser("demo", help="federate the UCI heart-disease hospitals end to end")
-    demo.add_argument("--rounds", type=int, default=15)
+    demo.add_argument(
+        "--rounds", type=int, help="federated rounds (default: the study's, 15 for heart-disease-v1)"
+    )
+    demo.add_argument(
+        "--study", help="a study document (YAML/JSON) instead of heart-disease-v1 (docs/studies.md)"
+    )
+    demo.add_argument("--shared-data", default=str(DEFAULT_SHARED_DATA), help="for FHIR studies: shared/data")
     demo.add_argument("--json", help="write rounds, final accuracy and the diagnosis here")
     demo.add_argument("--workdir")
     demo.add_argument("--database-url")
@@ -35,5 +42,7 @@ def run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             database_url=args.database_url,
             serve_endpoints=Path(args.endpoints_json) if args.serve else None,
+            study_file=Path(args.study) if args.study else None,
+            shared_data=Path(args.shared_data),
         )
     return 0
