@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.errors import Unavailable
 from fibemrss.feature_encoding import (
     GlobalStats,
     global_stats_from_average,
@@ -237,11 +238,17 @@ class Participation:
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Takes part until the federation is done; rides out peers that restart."""
+        """Takes part until the federation is done; rides out peers and databases that restart."""
         while not stop.is_set():
             try:
                 self._run(stop)
                 return
+            except Unavailable as exc:
+                # Its own PostgreSQL restarted (the model store): resume once it is back; a
+                # version published before the loss is not published twice.
+                log.warning("database unavailable, retrying", extra={"reason": str(exc)})
+                stop.wait(1.0)
+                continue
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code in RETRYABLE:
