@@ -22,6 +22,9 @@ if [[ "$BASE_IMAGE" == localhost/fibemrss-base:* ]]; then
   BASE_IMAGE="$BASE_IMAGE" bash deploy/images/build_base.sh
 fi
 bash deploy/images/wheelhouse.sh var/wheelhouse
+# The images these tags named before this build: removed below once nothing names them.
+old_ids=$("$ENGINE" image inspect --format '{{.Id}}' $(printf "localhost/fibemrss-%s:$TAG " "${SERVICES[@]}") \
+  2>/dev/null || true)
 for s in "${SERVICES[@]}"; do
   t0=$(date +%s)
   # podman/buildah and BuildKit both reuse the build and runtime stages for the 2nd..4th target.
@@ -30,6 +33,9 @@ for s in "${SERVICES[@]}"; do
   echo "built localhost/fibemrss-$s:$TAG in $(( $(date +%s) - t0 )) s"
 done
 seconds=$(( $(date +%s) - start ))
+for id in $old_ids; do
+  "$ENGINE" rmi "$id" >/dev/null 2>&1 || true   # still tagged (unchanged) or used: kept
+done
 
 "$ENGINE" image inspect --format '{{json .RootFS.Layers}}' \
   $(printf "localhost/fibemrss-%s:$TAG " "${SERVICES[@]}") > var/images-layers.txt
