@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from fibemrss.authorization import hospital_policy
 from fibemrss.config import ServerConfig, env_str
@@ -29,8 +29,13 @@ def main() -> None:
     db = Database(database_url)
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
+        records = Counter(
+            "fibemrss_ingested_records", "Records ingested, by fate.", ["fate"], registry=registry
+        )
+        for fate in ("accepted", "duplicate", "quarantined", "rejected", "unsupported"):
+            records.labels(fate)  # every series exists from the start, at 0
         emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(
-            EmrGatewayServicer(GatewayStore(db), pseudonyms), server
+            EmrGatewayServicer(GatewayStore(db), pseudonyms, records), server
         )
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
 
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.errors import FieldProblem, InvalidArgument, NotFound
@@ -138,9 +139,13 @@ def _outcome_to_proto(o: Outcome) -> emr_pb2.RecordOutcome:
 
 
 class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
-    def __init__(self, store: GatewayStore, pseudonyms: Pseudonymizer) -> None:
+    def __init__(
+        self, store: GatewayStore, pseudonyms: Pseudonymizer, records: Counter | None = None
+    ) -> None:
         self._store = store
         self._pseudonyms = pseudonyms
+        # fibemrss_ingested_records_total{fate}: every record's fate (quarantine rate, rejections).
+        self._records = records
 
     def Ingest(self, request: emr_pb2.IngestRequest, context: grpc.ServicerContext) -> emr_pb2.IngestResponse:
         kind = request.WhichOneof("payload")
@@ -151,6 +156,9 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
         else:
             candidates = candidates_for(kind, getattr(request, kind).content)
         outcomes = ingest(candidates, self._store, self._pseudonyms)
+        if self._records is not None:
+            for o in outcomes:
+                self._records.labels(o.fate).inc()
         response = emr_pb2.IngestResponse(
             outcomes=[_outcome_to_proto(o) for o in outcomes],
             resources=resource_counts(candidates, outcomes),
