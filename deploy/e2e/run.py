@@ -695,6 +695,27 @@ def probe_from(container: str, targets: list[tuple[str, str, int]]) -> dict[str,
     return {line.split(" ", 1)[1]: line.startswith("open") for line in out.splitlines() if " " in line}
 
 
+def check_security(dep: Deployment) -> dict[str, Any]:
+    """What the chart's securityContext asks, as the pods run: UID 10001, read-only root."""
+    bad = []
+    for site in dep.sites:
+        for kind in site.kinds:
+            c = site.container(kind)
+            uid = podman("exec", c, "id", "-u").strip()
+            ro = podman("inspect", c, "--format", "{{.HostConfig.ReadonlyRootfs}}").strip()
+            wrote = (
+                subprocess.run(["podman", "exec", c, "touch", "/probe"], capture_output=True).returncode == 0
+            )
+            if uid != "10001" or ro != "true" or wrote:
+                bad.append(f"{c}: uid {uid}, read-only root {ro}, could write / {wrote}")
+    if bad:
+        raise AssertionError("securityContext not in force: " + "; ".join(bad))
+    log(
+        f"security: all {sum(len(s.kinds) for s in dep.sites)} containers run as UID 10001 on a read-only root"
+    )
+    return {"uid": 10001, "read_only_root": True}
+
+
 def check_isolation(dep: Deployment) -> dict[str, Any]:
     """A hospital's pods cannot reach another hospital's gateway; nothing but the agents reaches
     the aggregator (on any of its addresses). Positive controls: each agent reaches its own
@@ -716,12 +737,14 @@ def check_isolation(dep: Deployment) -> dict[str, Any]:
             for other in dep.hospitals:
                 if other is not site:
                     targets.append((f"gateway@{other.name}", dep.address(other, "emr-gateway"), GRPC))
-            expect_open = set()
+            # Control: the probe itself works in this image (its own port on loopback).
+            targets.append(("self", "127.0.0.1", 5432 if kind == "postgresql" else HEALTH))
+            expect_open = {"self"}
             if kind == "hospital-agent":
                 assert site.uplink is not None
                 targets.append(("own-gateway", dep.address(site, "emr-gateway"), GRPC))
                 targets.append(("aggregator-via-uplink", site.uplink.ip("aggregator"), GRPC))
-                expect_open = {"own-gateway", "aggregator-via-uplink"}
+                expect_open |= {"own-gateway", "aggregator-via-uplink"}
             jobs.append((site, kind, targets, expect_open))
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda j: probe_from(j[0].container(j[1]), j[2]), jobs))
@@ -999,6 +1022,7 @@ def main() -> int:
         result["final_pooled_test_accuracy"] = result["rounds"][-1]["pooled_test_accuracy"]
         result["diagnosis"] = diagnose(dep, pki, patient_key, max(m["version"] for m in models.values()))
         log(f"diagnosis reference: {result['diagnosis']}")
+        result["security"] = check_security(dep)
         result["isolation"] = check_isolation(dep)
         result["monitoring"] = check_monitoring(dep)
         if result["final_pooled_test_accuracy"] < 0.75:
