@@ -896,6 +896,10 @@ T0 = time.monotonic()
 
 
 def preflight() -> None:
+    if os.geteuid() != 0:
+        sys.exit(
+            "deploy-e2e runs rootful podman (static addresses on its own networks, iptables in a pod): run as root"
+        )
     if shutil.which("podman") is None:
         sys.exit("deploy-e2e needs podman (apt-get install podman runc): see docs/runbook.md")
     os.environ.setdefault("CONTAINERS_CONF", str(ROOT / "deploy" / "podman" / "containers.conf"))
