@@ -1,33 +1,41 @@
 # syntax=docker/dockerfile:1
 # Images of the four FIBEMRSS services, one build target each (one process per image:
-# python -m services.<module>). Build from the repository root, which is the build context:
+# python -m services.<module>). Build from the repository root, which is the build context, after
+# preparing the wheelhouse (the build installs from it and needs no network):
+#   bash deploy/images/wheelhouse.sh            # var/wheelhouse: the project's wheel + its deps
 #   docker build --target emr-gateway    -t fibemrss-emr-gateway:0.1.0 .
 #   docker build --target hospital-agent -t fibemrss-hospital-agent:0.1.0 .
 #   docker build --target aggregator     -t fibemrss-aggregator:0.1.0 .
 #   docker build --target inference      -t fibemrss-inference:0.1.0 .
+# or simply `make images` (podman or docker; see docs/runbook.md, "Images").
 # Always pass --target: without it Docker builds the last stage only. The virtualenv is built
-# once (stage build) and shared by every image through the runtime stage, so BuildKit builds
-# it once for all four targets.
+# once (stage build) and shared by every image through the runtime stage: one identical layer
+# in all four.
+# BASE_IMAGE: any Debian 12 image with python3 3.11 and venv; `make images` on a machine without
+# a registry builds localhost/fibemrss-base:bookworm from Debian packages
+# (deploy/images/build_base.sh).
 # Runtime configuration comes only from environment variables and mounted Secrets
 # (see docs/runbook.md); nothing secret is baked into the images.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS build
-# torch is pinned to 2.13.0 by constraints.txt. The CPU-only index keeps gigabytes of CUDA
-# wheels out of the images; pass --build-arg PIP_EXTRA_INDEX_URL= to use PyPI alone.
-ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+FROM ${BASE_IMAGE} AS build
+# The wheelhouse (deploy/images/wheelhouse.sh): the project is installed from its own wheel, never
+# from source folders, so the image follows the package layout that pyproject.toml declares.
+# torch is pinned to 2.13.0 (CPU) by constraints.txt.
+ARG WHEELHOUSE=var/wheelhouse
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /src
-COPY pyproject.toml constraints.txt ./
-COPY fibemrss/ fibemrss/
-COPY services/ services/
-RUN pip install --no-cache-dir -c constraints.txt .
+    PIP_NO_INDEX=1
+COPY ${WHEELHOUSE}/ /wheels/
+# torch's C++ headers, C++ test binaries and bundled protoc are for building and testing
+# torch itself, not for running it (torch/bin/torch_shm_manager stays).
+WORKDIR /opt/venv/lib/python3.11/site-packages/torch
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --find-links /wheels fibemrss==0.1.0 \
+ && rm -rf include test share/cmake bin/*Test bin/protoc* bin/test_*
 
 # Everything the four images share; each target below adds only its labels and CMD.
-FROM python:3.11-slim-bookworm AS runtime
+FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.version="0.1.0"
 # A fixed numeric user, so Kubernetes' runAsNonRoot can verify it without /etc/passwd.
 RUN groupadd --system --gid 10001 fibemrss \

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHON := $(abspath $(BIN))/python
 
-.PHONY: install demo test lint protos check-protos deploy-tools deploy-check flower-venv clean
+.PHONY: install demo test lint protos check-protos deploy-tools deploy-check images base-images deploy-e2e flower-venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -44,6 +44,20 @@ deploy-tools:
 
 deploy-check: deploy-tools
 	bash deploy/check.sh
+
+# The four service images (podman, or docker), from a wheelhouse of the project's constraints;
+# BASE_IMAGE=python:3.11-slim-bookworm where a registry is reachable (docs/runbook.md, "Images").
+images: $(STAMP)
+	bash deploy/images/build.sh
+
+# The local Debian 12 base and PostgreSQL images only (mmdebstrap + podman import).
+base-images:
+	bash deploy/images/build_base.sh
+
+# The Helm chart (central + four hospitals) as real pods with podman kube play, the demo's job
+# against them (docs/runbook.md, "End-to-end deployment test"); writes var/deploy-e2e.json.
+deploy-e2e: images deploy-tools
+	$(BIN)/python deploy/e2e/run.py
 
 # The bench extra: Flower in its own virtualenv, for `fibemrss bench round` (not needed by tests).
 flower-venv:

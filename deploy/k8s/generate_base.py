@@ -27,12 +27,19 @@ DEFAULT_HELM = REPO / "var" / "deploy-tools" / "bin" / "helm"
 
 # The chart values each base is rendered with: placeholders the overlays patch.
 ROLE_VALUES: dict[str, list[str]] = {
-    "central": ["role=central", "serviceMonitor.enabled=true"],
+    "central": [
+        "role=central",
+        "serviceMonitor.enabled=true",
+        "monitoring.grafanaDashboard.enabled=true",
+        "monitoring.prometheusRule.enabled=true",
+    ],
     "hospital": [
         "role=hospital",
         "hospital.name=example",
         "hospital.aggregatorAddress=aggregator.example.org:443",
         "serviceMonitor.enabled=true",
+        "monitoring.grafanaDashboard.enabled=true",
+        "monitoring.prometheusRule.enabled=true",
     ],
 }
 HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")

@@ -72,6 +72,18 @@ class Coordinator:
         self._current = Gauge(
             "fibemrss_current_round", "The open round per task.", ["task"], registry=registry
         )
+        self._deadline = Gauge(
+            "fibemrss_round_deadline_timestamp_seconds",
+            "Deadline (Unix time) of the open round per task; 0 once the federation is done.",
+            ["task"],
+            registry=registry,
+        )
+        self._last_submitted = Gauge(
+            "fibemrss_hospital_last_submitted_round",
+            "The newest round each hospital's accepted submission was for.",
+            ["task", "hospital"],
+            registry=registry,
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -144,6 +156,7 @@ class Coordinator:
             self._running.fold(task, number, hospital, kept)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
+        self._last_submitted.labels(task, hospital).set(number)
         self._wake.set()
         return False
 
@@ -162,6 +175,8 @@ class Coordinator:
             settings = self._store.settings(task)
             current = self._store.current_round(task)
             self._current.labels(task).set(current.number)
+            done = self.is_done(settings, current)
+            self._deadline.labels(task).set(0 if done else current.deadline_at.timestamp())
             if current.state == RoundState.AGGREGATING:
                 self._aggregate(settings, current)  # left over from a crash
                 continue

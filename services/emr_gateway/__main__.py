@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
@@ -14,6 +14,7 @@ from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import ServerConfig, env_optional, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
+from services.emr_gateway.ingestion import Outcome
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore
@@ -32,8 +33,19 @@ def main() -> None:
     db = Database(database_url)
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
+        # fibemrss_ingested_records_total{fate}: every record's fate (quarantine rate, rejections).
+        records = Counter(
+            "fibemrss_ingested_records", "Records ingested, by fate.", ["fate"], registry=registry
+        )
+        for fate in ("accepted", "duplicate", "quarantined", "rejected", "unsupported"):
+            records.labels(fate)  # every series exists from the start, at 0
+
+        def count(outcomes: Sequence[Outcome]) -> None:
+            for o in outcomes:
+                records.labels(o.fate).inc()
+
         emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(
-            EmrGatewayServicer(Gateway(GatewayStore(db), pseudonyms)), server
+            EmrGatewayServicer(Gateway(GatewayStore(db), pseudonyms, on_outcomes=count)), server
         )
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 

@@ -6,7 +6,7 @@ port, implemented by `store.GatewayStore`. Field names in errors are the request
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
@@ -129,13 +129,22 @@ def listing_problems(purpose: str, size: int) -> list[FieldProblem]:
 
 
 class Gateway:
-    def __init__(self, store: GatewayStorePort, pseudonyms: Pseudonymizer) -> None:
+    def __init__(
+        self,
+        store: GatewayStorePort,
+        pseudonyms: Pseudonymizer,
+        on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
+    ) -> None:
         self._store = store
         self._pseudonyms = pseudonyms
+        # Told every batch's fates, whatever transport brought it (metrics count them).
+        self._on_outcomes = on_outcomes
 
     # -- ingestion -------------------------------------------------------------------------------
     def ingest_candidates(self, candidates: Sequence[Candidate]) -> IngestResult:
         outcomes = ingest(candidates, self._store, self._pseudonyms)
+        if self._on_outcomes is not None:
+            self._on_outcomes(outcomes)
         return IngestResult(outcomes, resource_counts(candidates, outcomes))
 
     def ingest_payload(self, kind: str | None, content: bytes | CsvPayload) -> IngestResult:

@@ -107,3 +107,13 @@ public one, the others none. Call with (dict "root" $ "c" $component). */}}
 {{- $he := index .root.Values.heContext $which }}
 {{- default (printf "%s-he-%s" (include "fibemrss.fullname" .root) $which) $he.existingSecret }}
 {{- end }}
+
+{{- define "fibemrss.postgresqlSecretName" -}}
+{{- default (printf "%s-postgresql" (include "fibemrss.fullname" .)) .Values.postgresql.existingSecret }}
+{{- end }}
+
+{{/* DATABASE_URL of the bundled PostgreSQL (postgresql.enabled with an inline password). */}}
+{{- define "fibemrss.bundledDatabaseUrl" -}}
+{{- $pg := .Values.postgresql }}
+{{- printf "postgresql://%s:%s@%s-postgresql:5432/%s" $pg.user (urlquery $pg.password) (include "fibemrss.fullname" .) $pg.database }}
+{{- end }}
