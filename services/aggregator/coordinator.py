@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -93,14 +93,19 @@ class Coordinator:
             log.info("federation started", extra={"task": settings.task, "rounds": settings.rounds})
         self._notify()
 
-    def wait_for_round(self, task: str, number: int, timeout: float) -> Round:
-        """Returns once round `number` exists (or the federation is done), or at the timeout."""
+    def wait_for_round(
+        self, task: str, number: int, timeout: float, still_wanted: Callable[[], bool] = lambda: True
+    ) -> Round:
+        """Returns once round `number` exists (or the federation is done), at the timeout, or
+        within a second of the caller going away (`still_wanted` false), freeing its worker."""
         deadline = datetime.now(UTC).timestamp() + timeout
         with self._changed:
             while True:
                 current = self._store.current_round(task)
                 settings = self._store.settings(task)
                 if current.number >= number or self.is_done(settings, current) or self._stop.is_set():
+                    return current
+                if not still_wanted():
                     return current
                 remaining = deadline - datetime.now(UTC).timestamp()
                 if remaining <= 0:

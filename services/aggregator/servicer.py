@@ -96,7 +96,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
         if request.HasField("wait_for_round"):
             wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
-            self._coordinator.wait_for_round(request.task, request.wait_for_round, wait)
+            self._coordinator.wait_for_round(request.task, request.wait_for_round, wait, context.is_active)
         return pb.GetRoundResponse(round=self._current_info(request.task))
 
     def SubmitUpdate(

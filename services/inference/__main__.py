@@ -15,6 +15,7 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.capacity import CallLimits
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_float, env_optional, env_str
 from fibemrss.platform.entrypoint import run_service
@@ -30,7 +31,10 @@ MAX_WORKERS = 8
 
 
 def main() -> None:
-    config = ServerConfig.from_env()
+    # Every inference call is unary and short: the one caller (ehr@h) may use every worker.
+    config = ServerConfig.from_env(
+        CallLimits(max_workers=MAX_WORKERS, per_identity=MAX_WORKERS, waiting_streams=2)
+    )
     hospital = env_str("FIBEMRSS_HOSPITAL")
     task = get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
     database_url = env_str("DATABASE_URL")
@@ -50,9 +54,7 @@ def main() -> None:
             kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         ]
 
-    running = start_server(
-        "inference", register, config, max_workers=MAX_WORKERS, authorize=hospital_policy(hospital)
-    )
+    running = start_server("inference", register, config, authorize=hospital_policy(hospital))
     cache.start()
 
     def on_stop() -> None:
