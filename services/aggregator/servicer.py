@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -12,6 +16,7 @@ from fibemrss.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -29,6 +34,45 @@ _STATES = {
     RoundState.FAILED: pb.ROUND_STATE_FAILED,
 }
 MAX_WAIT_SECONDS = 30.0
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """An upload whose sender stalls (no chunk for `idle_seconds`) or drags on past
+    `total_seconds` is cancelled; it held no lock and stored nothing."""
+
+    idle_seconds: float = 30.0
+    total_seconds: float = 300.0
+
+
+class UploadWatchdog:
+    """Cancels one upload call at its limits, which ends the handler's blocked read."""
+
+    def __init__(self, context: grpc.ServicerContext, limits: UploadLimits) -> None:
+        self._context, self._limits = context, limits
+        self._began = self._last = time.monotonic()
+        self._done = threading.Event()
+        self.expired = ""
+        threading.Thread(target=self._watch, name="upload-watchdog", daemon=True).start()
+
+    def chunk_arrived(self) -> None:
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(0.2, self._limits.idle_seconds / 4)):
+            now = time.monotonic()
+            if now - self._last > self._limits.idle_seconds:
+                self.expired = f"no chunk for {self._limits.idle_seconds:g} s"
+            elif now - self._began > self._limits.total_seconds:
+                self.expired = f"upload longer than {self._limits.total_seconds:g} s"
+            if self.expired:
+                log.warning("upload cancelled", extra={"reason": self.expired})
+                self._context.cancel()
+                return
 
 
 def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> None:
@@ -41,9 +85,12 @@ def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> Non
 
 
 class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
-    def __init__(self, coordinator: Coordinator, store: AggregatorStore) -> None:
+    def __init__(
+        self, coordinator: Coordinator, store: AggregatorStore, upload_limits: UploadLimits | None = None
+    ) -> None:
         self._coordinator = coordinator
         self._store = store
+        self._upload_limits = upload_limits or UploadLimits()
 
     def _round_info(self, r: Round, settings: FederationSettings, rounds: list[Round]) -> pb.RoundInfo:
         """`rounds` is the task's whole history, read once per request by the caller."""
@@ -118,14 +165,23 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             raise InvalidArgument("incomplete first chunk", problems)
         check_hospital_identity(context, first.hospital)
 
+        watchdog = UploadWatchdog(context, self._upload_limits)
+
         def chunks() -> Iterator[tuple[int, bytes]]:
             yield first.index, first.ciphertext
-            for chunk in request_iterator:
-                yield chunk.index, chunk.ciphertext
+            try:
+                for chunk in request_iterator:
+                    watchdog.chunk_arrived()
+                    yield chunk.index, chunk.ciphertext
+            except grpc.RpcError:
+                raise Unavailable(f"upload cancelled: {watchdog.expired or 'the sender went away'}") from None
 
-        duplicate = self._coordinator.submit(
-            first.task, first.round, first.hospital, first.total_chunks, chunks()
-        )
+        try:
+            duplicate = self._coordinator.submit(
+                first.task, first.round, first.hospital, first.total_chunks, chunks()
+            )
+        finally:
+            watchdog.close()
         return pb.SubmitUpdateResponse(duplicate=duplicate, round=self._current_info(first.task))
 
     def FetchAggregate(
