@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
+from fibemrss.domain.text import text_problem
 from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 
@@ -139,18 +140,7 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
         texts += [(f"conditions[{i}].source_id", c.source_id)]
     for i, e in enumerate(record.encounters):
         texts += [(f"encounters[{i}].source_id", e.source_id), (f"encounters[{i}].class_code", e.class_code)]
-    problems: list[FieldProblem] = []
-    for path, text in texts:
-        if not text:
-            continue
-        if "\x00" in text:
-            problems.append(FieldProblem(path, "contains a NUL character"))
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            problems.append(FieldProblem(path, "is not valid Unicode text (a lone surrogate)"))
-    return problems
+    return [FieldProblem(path, why) for path, text in texts if text and (why := text_problem(text))]
 
 
 def canonical(record: PatientRecord) -> PatientRecord:

@@ -15,6 +15,7 @@ from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, training_example
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import get_task
+from fibemrss.domain.text import text_problems
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
 from services.emr_gateway.formats import candidates_for
@@ -125,7 +126,7 @@ def listing_problems(purpose: str, size: int) -> list[FieldProblem]:
         problems.append(FieldProblem("page_size", "must not be negative"))
     if not purpose.strip():
         problems.append(FieldProblem("purpose", "say why quarantined records are read"))
-    return problems
+    return problems + text_problems({"purpose": purpose})
 
 
 class Gateway:
@@ -180,6 +181,7 @@ class Gateway:
             problems.append(FieldProblem("corrections", "only an accepted record can be corrected"))
         if not reason.strip():
             problems.append(FieldProblem("reason", "say why; it is written to the audit log"))
+        problems += text_problems({"reason": reason})
         if problems:
             raise InvalidArgument("invalid resolution", problems)
         entry = self._store.get_quarantined(entry_id)
@@ -196,6 +198,8 @@ class Gateway:
             raise InvalidArgument(
                 "purpose is required", [FieldProblem("purpose", "say why the record is read")]
             )
+        if problems := text_problems({"patient_key": patient_key, "purpose": purpose}):
+            raise InvalidArgument("text that cannot be stored", problems)
         record = self._store.get_patient(patient_key)
         self._store.audit(actor, "read_patient", purpose, patient_key)
         return record
@@ -203,6 +207,8 @@ class Gateway:
     def training_examples(self, actor: str, task_name: str, purpose: str) -> Iterator[TrainingExample]:
         """Every current patient's features for the task, audited once per stream."""
         task = get_task(task_name)
+        if problems := text_problems({"purpose": purpose}):
+            raise InvalidArgument("text that cannot be stored", problems)
         self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
         for key, record in self._store.current_patients():
             yield training_example(task, key, record)
