@@ -40,6 +40,13 @@ class FederationSettings:
             problems.append(("rounds", "must be at least 1"))
         if not self.hospitals:
             problems.append(("hospitals", "name at least one hospital"))
+        for i, name in enumerate(self.hospitals):
+            if not name or name == "central" or "@" in name:
+                problems.append(
+                    (f"hospitals[{i}]", "may not be empty, 'central' (the operator's site) or hold '@'")
+                )
+        if len(set(self.hospitals)) != len(self.hospitals):
+            problems.append(("hospitals", "names a hospital twice"))
         if not 1 <= self.quorum <= max(len(self.hospitals), 1):
             problems.append(
                 ("quorum", f"must be between 1 and the number of hospitals ({len(self.hospitals)})")

@@ -146,7 +146,9 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
     def GetPatient(
         self, request: emr_pb2.GetPatientRequest, context: grpc.ServicerContext
     ) -> emr_pb2.GetPatientResponse:
-        record = self._gateway.read_patient(caller_identity(context), request.patient_key, request.purpose)
+        record = self._gateway.read_patient(
+            caller_identity(context), request.patient_key, request.purpose, request.on_behalf_of
+        )
         return emr_pb2.GetPatientResponse(record=record_to_proto(record, patient_key=request.patient_key))
 
     def GetIngestStats(

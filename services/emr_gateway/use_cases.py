@@ -129,6 +129,21 @@ def listing_problems(purpose: str, size: int) -> list[FieldProblem]:
     return problems + text_problems({"purpose": purpose})
 
 
+def reader(actor: str, on_behalf_of: str) -> str:
+    """Who a read is audited as. The inference service reads for its caller and must name it:
+    an identity of the same hospital ("ehr@h"), recorded as "ehr@h via inference@h"."""
+    if not actor.startswith("inference@"):
+        return actor
+    site = actor.partition("@")[2]
+    role, at, caller_site = on_behalf_of.partition("@")
+    if not (role and at and caller_site == site) or text_problems({"on_behalf_of": on_behalf_of}):
+        raise InvalidArgument(
+            "name the caller",
+            [FieldProblem("on_behalf_of", f"name the identity this read is for, <role>@{site}")],
+        )
+    return f"{on_behalf_of} via {actor}"
+
+
 class Gateway:
     def __init__(self, store: GatewayStorePort, pseudonyms: Pseudonymizer) -> None:
         self._store = store
@@ -191,7 +206,11 @@ class Gateway:
         )
 
     # -- reads -------------------------------------------------------------------------------------
-    def read_patient(self, actor: str, patient_key: str, purpose: str) -> PatientRecord:
+    def read_patient(
+        self, actor: str, patient_key: str, purpose: str, on_behalf_of: str = ""
+    ) -> PatientRecord:
+        """One patient by key, audited as the real caller: a service reading for someone names them."""
+        actor = reader(actor, on_behalf_of)
         if not patient_key:
             raise InvalidArgument("patient_key is required", [FieldProblem("patient_key", "is required")])
         if not purpose:
