@@ -24,6 +24,7 @@ from services.emr_gateway.ingestion import (
     Outcome,
     RecordStore,
     StoreOutcome,
+    bound_details,
     ingest,
     resource_counts,
 )
@@ -152,7 +153,9 @@ class Gateway:
     # -- ingestion -------------------------------------------------------------------------------
     def ingest_candidates(self, candidates: Sequence[Candidate]) -> IngestResult:
         outcomes = ingest(candidates, self._store, self._pseudonyms)
-        return IngestResult(outcomes, resource_counts(candidates, outcomes))
+        counts = resource_counts(candidates, outcomes)
+        bound_details(outcomes)
+        return IngestResult(outcomes, counts)
 
     def ingest_payload(self, kind: str | None, content: bytes | CsvPayload) -> IngestResult:
         """`kind` is "fhir", "hl7v2" (content: bytes) or "csv" (content: a CsvPayload)."""

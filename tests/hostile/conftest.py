@@ -19,7 +19,7 @@ HOSPITALS = ("a", "b", "c")
 IDENTITIES = [
     "aggregator@central",
     "operator@central",
-    *(f"{role}@{h}" for h in HOSPITALS for role in ("agent", "operator")),
+    *(f"{role}@{h}" for h in HOSPITALS for role in ("agent", "operator", "gateway")),
 ]
 
 
@@ -100,3 +100,26 @@ def start_aggregator(
     finally:
         for p in started:
             p.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    federation: Federation, postgres_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """Hospital a's gateway as a real process, mutual TLS, its own fresh database."""
+    import uuid
+
+    from fibemrss.db.admin import ensure_database
+
+    tls = federation.tls("gateway@a")
+    env = base_env()
+    env.update(
+        DATABASE_URL=ensure_database(postgres_server, f"gw_{uuid.uuid4().hex[:12]}"),
+        FIBEMRSS_HOSPITAL="a",
+        FIBEMRSS_PSEUDONYM_KEY="0" * 64,
+        FIBEMRSS_TLS_CA=tls.ca,
+        FIBEMRSS_TLS_CERT=tls.cert,
+        FIBEMRSS_TLS_KEY=tls.key,
+    )
+    with ServiceProcess("gateway@a", env, tmp_path_factory.mktemp("gateway")) as process:
+        yield process
