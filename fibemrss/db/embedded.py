@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from fibemrss.db.admin import ensure_database
+from fibemrss.he.keys import write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,6 @@ def _make_traversable(path: Path) -> None:
             parent.chmod(mode | 0o005)
 
 
-def _create_secret_file(path: Path, content: str) -> None:
-    """Created 0600 in one step (never chmod after writing), refusing a file or link already there."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(content)
-
-
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.resolve()
@@ -84,7 +78,7 @@ class EmbeddedPostgres:
 
     def _password(self) -> str:
         if not self._password_file.exists():
-            _create_secret_file(self._password_file, secrets.token_urlsafe(24))
+            write_private_file(self._password_file, secrets.token_urlsafe(24).encode())
         return self._password_file.read_text().strip()
 
     @property

@@ -107,7 +107,9 @@ def test_cell_values_are_never_quoted_in_errors(stub: emr_pb2_grpc.EmrGatewaySer
     secret = "Zorglub-MRN-4411"
     content = UCI_ROW.replace("63,1,1,", f"63,1,{secret},", 1).encode()
     response = stub.Ingest(
-        emr_pb2.IngestRequest(csv=emr_pb2.CsvExport(profile="uci-processed", content=content, source_name="q")),
+        emr_pb2.IngestRequest(
+            csv=emr_pb2.CsvExport(profile="uci-processed", content=content, source_name="q")
+        ),
         timeout=30,
     )
     assert [v.field for v in response.outcomes[0].violations] == ["row[0].cp"]
