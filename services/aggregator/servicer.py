@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from fibemrss.domain.errors import (
     PermissionDenied,
     Unavailable,
 )
+from fibemrss.domain.text import text_problems
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.identity import caller_identity
@@ -84,6 +86,12 @@ def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> Non
         raise PermissionDenied(f"caller {identity} may not act for hospital {hospital!r}")
 
 
+def check_names(**fields: str) -> None:
+    """Names PostgreSQL cannot hold (a NUL character) are refused before any query."""
+    if problems := text_problems(fields):
+        raise InvalidArgument("text that cannot be stored", problems)
+
+
 class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def __init__(
         self, coordinator: Coordinator, store: AggregatorStore, upload_limits: UploadLimits | None = None
@@ -141,8 +149,10 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         return pb.StartFederationResponse(status=self._status(request.task))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
+        check_names(task=request.task)
         if request.HasField("wait_for_round"):
-            wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
+            asked = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
+            wait = min(max(asked, 0.0), MAX_WAIT_SECONDS)
             self._coordinator.wait_for_round(request.task, request.wait_for_round, wait, context.is_active)
         return pb.GetRoundResponse(round=self._current_info(request.task))
 
@@ -161,6 +171,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         ]
         if first.total_chunks < 1:
             problems.append(FieldProblem("total_chunks", "must be at least 1"))
+        problems += text_problems({"task": first.task, "hospital": first.hospital})
         if problems:
             raise InvalidArgument("incomplete first chunk", problems)
         check_hospital_identity(context, first.hospital)
@@ -187,6 +198,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def FetchAggregate(
         self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchAggregateResponse]:
+        check_names(task=request.task, hospital=request.hospital)
         if request.hospital:
             check_hospital_identity(context, request.hospital)
         rounds = {r.number: r for r in self._store.rounds(request.task)}
@@ -210,4 +222,5 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def GetFederationStatus(
         self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetFederationStatusResponse:
+        check_names(task=request.task)
         return pb.GetFederationStatusResponse(status=self._status(request.task))
