@@ -2,8 +2,10 @@
 
 This is the default store for the demo and the tests; production points DATABASE_URL at its own
 server. The server listens on loopback TCP only (no Unix socket: data paths can exceed the
-107-byte socket path limit). PostgreSQL refuses to run as root, so under root it runs as a
-dedicated system user.
+107-byte socket path limit) and authenticates every connection, loopback included, with a
+password made for the data folder (SCRAM). It keeps fsync on: an accepted record survives a crash
+of the machine, not only of a process. PostgreSQL refuses to run as root, so under root it runs
+as a dedicated system user.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import importlib.util
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 from fibemrss.db.admin import ensure_database
+from fibemrss.he.keys import write_private_file
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,18 @@ class EmbeddedPostgres:
         self._user = _run_as()
 
     @property
+    def _password_file(self) -> Path:
+        # Beside the data folder: initdb wants the folder itself empty.
+        return self.data_dir.with_name(self.data_dir.name + ".password")
+
+    def _password(self) -> str:
+        if not self._password_file.exists():
+            write_private_file(self._password_file, secrets.token_urlsafe(24).encode())
+        return self._password_file.read_text().strip()
+
+    @property
     def base_url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}"
+        return f"postgresql://postgres:{self._password()}@127.0.0.1:{self.port}"
 
     def url(self, database: str) -> str:
         return f"{self.base_url}/{database}"
@@ -107,6 +121,9 @@ class EmbeddedPostgres:
             shutil.chown(self.data_dir, self._user, self._user)
         self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
+            self._password()
+            if self._user:
+                shutil.chown(self._password_file, self._user, self._user)  # initdb reads it as that user
             self._run(
                 [
                     self._bin("initdb"),
@@ -114,17 +131,17 @@ class EmbeddedPostgres:
                     str(self.data_dir),
                     "-U",
                     "postgres",
-                    "--auth=trust",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={self._password_file}",
                     "--encoding=UTF8",
                     "--no-locale",
                 ]
             )
-        self.port = _free_port()
-        # Durability against a crash of the machine is not the embedded server's job (that is
-        # the production server's); against a crash of any FIBEMRSS process it stays intact.
+        # A restart keeps its port, so clients holding the URL reconnect.
+        self.port = self.port or _free_port()
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
-            "-c fsync=off -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB"
+            "-c max_connections=200 -c shared_buffers=64MB"
         )
         self._run(
             [
@@ -144,10 +161,11 @@ class EmbeddedPostgres:
         log.info("embedded postgres started", extra={"port": self.port, "data_dir": str(self.data_dir)})
         return self.base_url
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """`mode` "immediate" stops like a crash (every process killed, recovery at the next start)."""
         if not (self.data_dir / "postmaster.pid").exists():
             return
-        self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60", "-m", "fast", "stop"])
+        self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop"])
 
     def create_database(self, name: str) -> str:
         """Creates `name` if it does not exist and returns its URL."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.pool
 
@@ -23,23 +25,56 @@ def one_row(cur: Cursor) -> tuple[Any, ...]:
     return row
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on every transaction, so one stuck statement or lock holder stalls nobody for long;
+    PostgreSQL cancels past them and the caller gets UNAVAILABLE (retry)."""
+
+    lock_ms: int = 10_000
+    statement_ms: int = 120_000
+    idle_in_transaction_ms: int = 300_000
+
+    def options(self) -> str:
+        return (
+            f"-c lock_timeout={self.lock_ms} -c statement_timeout={self.statement_ms} "
+            f"-c idle_in_transaction_session_timeout={self.idle_in_transaction_ms}"
+        )
+
+
 class Database:
-    def __init__(self, url: str, max_connections: int = 8) -> None:
+    def __init__(self, url: str, max_connections: int = 8, timeouts: Timeouts | None = None) -> None:
         self.url = url
+        self.timeouts = timeouts or Timeouts()
         try:
-            self._pool = psycopg2.pool.ThreadedConnectionPool(1, max_connections, url)
+            self._pool = psycopg2.pool.ThreadedConnectionPool(
+                1, max_connections, url, options=self.timeouts.options()
+            )
+        except psycopg2.OperationalError as exc:
+            raise Unavailable(f"database unreachable: {exc.__class__.__name__}") from exc
+
+    def _connection(self) -> psycopg2.extensions.connection:
+        try:
+            return self._pool.getconn()
+        except psycopg2.pool.PoolError:
+            # Every connection is in use: a transient overload, not a bug of the caller's request.
+            raise Unavailable("database connection pool exhausted; retry") from None
         except psycopg2.OperationalError as exc:
             raise Unavailable(f"database unreachable: {exc.__class__.__name__}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg2.extensions.cursor]:
-        """A cursor inside one transaction: committed on success, rolled back on any error."""
-        conn = self._pool.getconn()
+        """A cursor inside one transaction: committed on success, rolled back on any error. A
+        connection that died (a PostgreSQL restart) is dropped, so the next call reconnects."""
+        conn = self._connection()
         broken = False
         try:
             with conn, conn.cursor() as cur:
                 yield cur
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            # Lock and statement timeouts are OperationalErrors on a connection that still works.
+            broken = isinstance(exc, psycopg2.InterfaceError) or conn.closed != 0
+            if isinstance(exc, psycopg2.errors.LockNotAvailable | psycopg2.errors.QueryCanceled):
+                raise Unavailable(f"database busy: {exc.__class__.__name__}; retry") from exc
             broken = True
             raise Unavailable("database connection lost") from exc
         finally:

@@ -43,6 +43,10 @@ class Unauthenticated(DomainError):
     pass
 
 
+class ResourceExhausted(DomainError):
+    """The caller holds more than its share of a server (calls, streams); it may retry later."""
+
+
 class Unavailable(DomainError):
     """A dependency (database, peer service) is down; the caller may retry."""
 

@@ -98,14 +98,30 @@ def write_key_files(
     hospital_path = out_dir / HOSPITAL_KEY_FILE
     aggregator_path = out_dir / AGGREGATOR_KEY_FILE
     for path, content in ((hospital_path, hospital_bytes), (aggregator_path, aggregator_bytes)):
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        fd = os.open(path, flags, 0o600)
-        try:
-            os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
-            os.write(fd, content)
-        finally:
-            os.close(fd)
+        write_private_file(path, content, overwrite)
     return hospital_path, aggregator_path
+
+
+def write_private_file(path: Path, content: bytes, overwrite: bool = False) -> None:
+    """Writes a secret: mode 0600 from its creation (never widened, never chmod-ed after), and
+    never through a symbolic link. A new file is created with O_EXCL; with `overwrite`, the
+    content goes to a new file beside it that is renamed over the old one, which replaces a link
+    itself rather than writing to wherever it points."""
+    if path.is_symlink():
+        raise FileExistsError(f"{path} is a symbolic link; a key is never written through one")
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; refusing to replace it")
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if overwrite else path
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if overwrite:
+        os.replace(target, path)
 
 
 def load_hospital_key(data: bytes) -> HospitalKey:

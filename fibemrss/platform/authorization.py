@@ -1,46 +1,97 @@
-"""Who may call what, decided from the mutual-TLS identity "<role>@<site>" of the caller.
+"""Who may call what: the role matrix of DESIGN.md ("Roles"), enforced here and nowhere else.
 
-Hospital services answer only identities of their own hospital; the aggregator lets only the
-federation operator start federations and checks per request that an agent acts for its own
-hospital (services/aggregator/servicer.py).
+A caller is the mutual-TLS identity "<role>@<site>" of its client certificate. Each rule names
+who may call a method (or every method of a service, by its "/package.Service/" prefix):
+"role@h" is that role of the server's own hospital (at the aggregator: of any hospital), and
+"operator@central" is the federation operator. A method without a rule is refused to everyone,
+so a new RPC is closed until it is given one. Health and reflection are open to every
+authenticated caller. The aggregator also checks that an agent acts for its own hospital
+(services/aggregator/servicer.py), and the gateway that inference names the caller it reads for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from fibemrss.domain.errors import PermissionDenied, Unauthenticated
+from fibemrss.domain.errors import ConfigError, PermissionDenied, Unauthenticated
 
 Authorize = Callable[[str, str], None]  # (caller identity, full method name) -> raises if refused
 
+CENTRAL = "central"
 # Probes and tooling may use these on any authenticated connection.
-_OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_GATEWAY = "/fibemrss.emr.v1.EmrGatewayService/"
+_AGENT = "/fibemrss.federation.v1.HospitalAgentService/"
+_AGGREGATOR = "/fibemrss.federation.v1.AggregatorService/"
+_DIAGNOSIS = "/fibemrss.inference.v1.DiagnosisService/"
+_KSERVE = "/inference.GRPCInferenceService/"  # the KServe v2 wire package
+
+HOSPITAL_RULES: Mapping[str, frozenset[str]] = {
+    _GATEWAY + "Ingest": frozenset({"operator@h"}),
+    _GATEWAY + "GetIngestStats": frozenset({"operator@h"}),
+    _GATEWAY + "ListQuarantine": frozenset({"operator@h"}),
+    _GATEWAY + "ResolveQuarantine": frozenset({"operator@h"}),
+    _GATEWAY + "StreamTrainingExamples": frozenset({"agent@h"}),
+    # One patient by key, on behalf of the caller the inference service names (audited as such).
+    _GATEWAY + "GetPatient": frozenset({"inference@h"}),
+    _AGENT + "GetAgentStatus": frozenset({"operator@h"}),
+    _DIAGNOSIS: frozenset({"ehr@h"}),
+    _KSERVE: frozenset({"ehr@h"}),
+}
+
+CENTRAL_RULES: Mapping[str, frozenset[str]] = {
+    _AGGREGATOR + "StartFederation": frozenset({"operator@central"}),
+    _AGGREGATOR + "GetRound": frozenset({"agent@h", "operator@central"}),
+    _AGGREGATOR + "SubmitUpdate": frozenset({"agent@h"}),
+    _AGGREGATOR + "FetchAggregate": frozenset({"agent@h"}),
+    _AGGREGATOR + "GetFederationStatus": frozenset({"agent@h", "operator@h", "operator@central"}),
+}
 
 
-def _site(identity: str) -> str:
-    if identity.startswith("unauthenticated:") or "@" not in identity:
+def split_identity(identity: str) -> tuple[str, str]:
+    """(role, site) of "<role>@<site>", or Unauthenticated."""
+    role, at, site = identity.partition("@")
+    if identity.startswith("unauthenticated:") or not at or not role or not site or "@" in site:
         raise Unauthenticated("a client certificate naming <role>@<site> is required")
-    return identity.rpartition("@")[2]
+    return role, site
+
+
+def check_hospital_name(name: str) -> None:
+    if not name or name == CENTRAL or "@" in name:
+        raise ConfigError(f"{name!r} cannot name a hospital ('{CENTRAL}' is the federation operator's site)")
+
+
+def _rule(rules: Mapping[str, frozenset[str]], method: str) -> frozenset[str]:
+    if method in rules:
+        return rules[method]
+    return rules.get(method.rpartition("/")[0] + "/", frozenset())
+
+
+def _policy(rules: Mapping[str, frozenset[str]], hospital: str | None) -> Authorize:
+    """`hospital` is the server's own hospital, or None at the central site."""
+
+    def authorize(identity: str, method: str) -> None:
+        role, site = split_identity(identity)
+        if method.startswith(OPEN_SERVICES):
+            return
+        if site == CENTRAL:
+            as_rule = f"{role}@central"
+        elif hospital is None or site == hospital:
+            as_rule = f"{role}@h"
+        else:
+            as_rule = ""  # another hospital's certificate: nothing here
+        if as_rule not in _rule(rules, method):
+            where = f"hospital {hospital}" if hospital else "the aggregator"
+            raise PermissionDenied(f"{identity} may not call {method.rsplit('/', 1)[-1]} at {where}")
+
+    return authorize
 
 
 def hospital_policy(hospital: str) -> Authorize:
-    def authorize(identity: str, method: str) -> None:
-        if method.startswith(_OPEN_SERVICES):
-            return
-        if _site(identity) != hospital:
-            raise PermissionDenied(
-                f"{identity} may not call {method.rsplit('/', 1)[-1]} at hospital {hospital}"
-            )
-
-    return authorize
+    check_hospital_name(hospital)
+    return _policy(HOSPITAL_RULES, hospital)
 
 
 def central_policy() -> Authorize:
-    def authorize(identity: str, method: str) -> None:
-        if method.startswith(_OPEN_SERVICES):
-            return
-        _site(identity)
-        if method.endswith("/StartFederation") and identity != "operator@central":
-            raise PermissionDenied(f"only operator@central may start a federation, not {identity}")
-
-    return authorize
+    return _policy(CENTRAL_RULES, None)

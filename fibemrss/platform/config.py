@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fibemrss.domain.errors import ConfigError, InvalidArgument
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import get_task, register
+from fibemrss.platform.capacity import CallLimits
 
 DEFAULT_TASK = "heart-disease-v1"
 
@@ -39,6 +40,27 @@ def env_float(name: str, default: float) -> float:
         raise ConfigError(f"environment variable {name}={raw!r} is not a number") from None
 
 
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def call_limits_from_env(default: CallLimits) -> CallLimits:
+    limits = CallLimits(
+        max_workers=env_int("FIBEMRSS_MAX_WORKERS", default.max_workers),
+        per_identity=env_int("FIBEMRSS_MAX_CALLS_PER_IDENTITY", default.per_identity),
+        waiting_streams=env_int("FIBEMRSS_MAX_WATCH_STREAMS", default.waiting_streams),
+        max_stream_seconds=env_float("FIBEMRSS_MAX_STREAM_SECONDS", default.max_stream_seconds),
+    )
+    limits.validate()
+    return limits
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     ca: str
@@ -59,9 +81,11 @@ class ServerConfig:
     # A plaintext port that serves only grpc.health.v1, for Kubernetes' gRPC probes, which
     # cannot present a client certificate to the mutual-TLS port.
     health_listen: str | None = None
+    # Worker threads and what one caller may hold of them (fibemrss/platform/capacity.py).
+    limits: CallLimits = field(default_factory=CallLimits)
 
     @classmethod
-    def from_env(cls) -> ServerConfig:
+    def from_env(cls, default_limits: CallLimits | None = None) -> ServerConfig:
         ca, cert, key = (
             env_optional("FIBEMRSS_TLS_CA"),
             env_optional("FIBEMRSS_TLS_CERT"),
@@ -77,6 +101,7 @@ class ServerConfig:
             tls=tls,
             ready_file=env_optional("FIBEMRSS_READY_FILE"),
             health_listen=env_optional("FIBEMRSS_HEALTH_LISTEN"),
+            limits=call_limits_from_env(default_limits or CallLimits()),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,6 +12,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from fibemrss.domain import errors
+from fibemrss.platform.capacity import CallLimiter
 from fibemrss.platform.identity import caller_identity
 from fibemrss.platform.status_mapping import abort_with
 
@@ -49,9 +51,15 @@ def _code_name(context: grpc.ServicerContext) -> str:
 
 
 class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: ServerMetrics, authorize: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        authorize: Callable[[str, str], None] | None = None,
+        limiter: CallLimiter | None = None,
+    ) -> None:
         self._metrics = metrics
         self._authorize = authorize
+        self._limiter = limiter
 
     def intercept_service(
         self,
@@ -79,22 +87,59 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         if behavior is None:
             return handler  # a handler without its behaviour: grpc answers UNIMPLEMENTED itself
         labels = (kind, service, method)
+        streams = handler.request_streaming or handler.response_streaming
+        guard = self._guarded_stream if handler.response_streaming else self._guarded
         return make(
-            wrap(self._authorized(behavior, full), labels),
+            wrap(guard(behavior, full, streams), labels),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _authorized(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        if self._authorize is None:
-            return behavior
-        authorize = self._authorize
+    def _admit(self, context: grpc.ServicerContext, method: str) -> Callable[[], None]:
+        """Authorizes the caller and takes its capacity slot; returns what releases the slot."""
+        identity = caller_identity(context)
+        if self._authorize is not None:
+            self._authorize(identity, method)
+        if self._limiter is None:
+            return lambda: None
+        limiter = self._limiter
+        limiter.acquire(identity, method)
+        return lambda: limiter.release(identity, method)
 
-        def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            authorize(caller_identity(context), method)
-            return behavior(request, context)
+    def _lifetime(self, context: grpc.ServicerContext, streams: bool) -> threading.Timer | None:
+        """A stream is cancelled at the lifetime limit, which ends a blocked read or watch."""
+        if not streams or self._limiter is None:
+            return None
+        timer = threading.Timer(self._limiter.limits.max_stream_seconds, context.cancel)
+        timer.daemon = True
+        timer.start()
+        return timer
 
-        return checked
+    def _guarded(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            release = self._admit(context, method)
+            timer = self._lifetime(context, streams)
+            try:
+                return behavior(request, context)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                release()
+
+        return guarded
+
+    def _guarded_stream(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            release = self._admit(context, method)
+            timer = self._lifetime(context, streams)
+            try:
+                yield from behavior(request, context)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                release()
+
+        return guarded
 
     def _fail(self, context: grpc.ServicerContext, exc: Exception, labels: tuple[str, ...]) -> None:
         if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]  # as in _code_name

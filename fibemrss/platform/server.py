@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from fibemrss.platform.capacity import CallLimiter
 from fibemrss.platform.config import ServerConfig, TlsFiles, split_host_port
 from fibemrss.platform.interceptor import ErrorAndMetricsInterceptor, ServerMetrics
 
@@ -29,6 +30,27 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class ProbeHealth(health_pb2_grpc.HealthServicer):
+    """The plaintext probe port's health: Check only, and NOT_SERVING while every worker of the
+    main port is busy, so an orchestrator sees a saturated server as not ready."""
+
+    def __init__(self, shared: health.HealthServicer, limiter: CallLimiter) -> None:
+        self._shared = shared
+        self._limiter = limiter
+
+    def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        response = self._shared.Check(request, context)
+        if self._limiter.saturated():
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return response
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> None:
+        # Probes poll Check; a watch would hold one of this port's two threads for good.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the probe port answers Check only")
 
 
 def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
@@ -72,18 +94,26 @@ def start_server(
     name: str,
     register: Callable[[grpc.Server, CollectorRegistry], Sequence[str]],
     config: ServerConfig,
-    max_workers: int = 16,
     authorize: Callable[[str, str], None] | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server; `register` adds the servicers and returns their full
-    service names. The returned addresses carry the ports actually bound (port 0 works)."""
+    service names. The returned addresses carry the ports actually bound (port 0 works).
+
+    Capacity is explicit (config.limits): `max_workers` threads, a bounded queue before them
+    (grpc answers RESOURCE_EXHAUSTED beyond, instead of queueing without end), a share per caller
+    and a bound on health watches (the interceptor answers RESOURCE_EXHAUSTED), and a lifetime
+    limit on every stream."""
+    limits = config.limits
+    limits.validate()
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
+    limiter = CallLimiter(limits)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name),
+        futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix=name),
         # Authorization needs a verified identity, which only mutual TLS gives.
-        interceptors=[ErrorAndMetricsInterceptor(metrics, authorize if config.tls else None)],
+        interceptors=[ErrorAndMetricsInterceptor(metrics, authorize if config.tls else None, limiter)],
         options=GRPC_OPTIONS,
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     service_names = list(register(server, registry))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -106,8 +136,11 @@ def start_server(
     health_server, health_address = None, ""
     if config.health_listen:
         # Shares the health servicer: a draining server reports NOT_SERVING here too.
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+            maximum_concurrent_rpcs=8,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(ProbeHealth(health_servicer, limiter), health_server)
         h_host, _ = split_host_port(config.health_listen, "FIBEMRSS_HEALTH_LISTEN")
         h_port = health_server.add_insecure_port(config.health_listen)
         health_server.start()

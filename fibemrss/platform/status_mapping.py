@@ -19,6 +19,7 @@ _CODES: list[tuple[type[errors.DomainError], int]] = [
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (errors.Unavailable, code_pb2.UNAVAILABLE),
 ]
 

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fibemrss.he.keys import write_private_file
+
 VALIDITY = datetime.timedelta(days=365)
 
 
@@ -26,12 +28,11 @@ class CertPaths:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+    """0600 from creation, never through a symbolic link (a new ceremony replaces the old key)."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.chmod(0o600)
+    write_private_file(path, pem, overwrite=True)
 
 
 def _name(common_name: str) -> x509.Name:

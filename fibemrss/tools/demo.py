@@ -183,7 +183,7 @@ def ask_diagnosis(
     endpoints: dict[str, Any], hospital: str, task: str, record: Any, final_version: int
 ) -> dict[str, Any]:
     with open_channel(
-        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"operator@{hospital}")
+        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"ehr@{hospital}")
     ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         # The inference service polls the model store; give it a moment to see the final version.

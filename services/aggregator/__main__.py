@@ -13,12 +13,12 @@ from fibemrss.db.pool import Database
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.keys import load_aggregator_key
 from fibemrss.platform.authorization import central_policy
-from fibemrss.platform.config import ServerConfig, env_str
+from fibemrss.platform.config import ServerConfig, env_float, env_str
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.aggregator.ciphertexts import CiphertextAdder
 from services.aggregator.coordinator import Coordinator
-from services.aggregator.servicer import AggregatorServicer
+from services.aggregator.servicer import AggregatorServicer, UploadLimits
 from services.aggregator.store import AggregatorStore
 
 
@@ -29,6 +29,11 @@ def main() -> None:
     key = load_aggregator_key(Path(env_str("FIBEMRSS_HE_CONTEXT")).read_bytes())
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "aggregator")
+    default = UploadLimits()
+    upload_limits = UploadLimits(
+        idle_seconds=env_float("FIBEMRSS_UPLOAD_IDLE_SECONDS", default.idle_seconds),
+        total_seconds=env_float("FIBEMRSS_UPLOAD_SECONDS", default.total_seconds),
+    )
     db = Database(database_url)
     store = AggregatorStore(db)
     holder: dict[str, Coordinator] = {}
@@ -37,7 +42,7 @@ def main() -> None:
         coordinator = Coordinator(store, CiphertextAdder(key), registry)
         holder["c"] = coordinator
         federation_pb2_grpc.add_AggregatorServiceServicer_to_server(
-            AggregatorServicer(coordinator, store), server
+            AggregatorServicer(coordinator, store, upload_limits), server
         )
         return [federation_pb2.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
 

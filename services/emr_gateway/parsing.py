@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Callable, Sequence
 from datetime import timedelta, timezone
@@ -10,6 +11,19 @@ from typing import TypeVar
 V = TypeVar("V")
 
 MAX_VIOLATIONS = 100  # per payload: enough to fix it, bounded so a junk payload stays small
+
+
+CSV_CELL_LIMIT = csv.field_size_limit()  # the csv module's limit on one cell, in characters
+CSV_CELL_PROBLEM = f"holds a cell longer than {CSV_CELL_LIMIT} characters or an unreadable quoted cell"
+
+
+def csv_cells(line: str, delimiter: str = ",") -> list[str] | None:
+    """The cells of one CSV line, or None when the csv module cannot read it (a cell beyond its
+    size limit): the caller rejects that row, not the whole batch."""
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error:
+        return None
 
 
 class NotANumber(ValueError):

@@ -74,7 +74,11 @@ def _page(request: emr_pb2.ListQuarantineRequest) -> tuple[QuarantineStatus, int
         status = names.get(request.status, "open")
     after = 0
     if request.page_token:
-        if not request.page_token.isdigit() or len(request.page_token) > 18:
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+        if (
+            not (request.page_token.isascii() and request.page_token.isdigit())
+            or len(request.page_token) > 18
+        ):
             problems.append(FieldProblem("page_token", "is not a token this server returned"))
         else:
             after = int(request.page_token)
@@ -146,7 +150,9 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
     def GetPatient(
         self, request: emr_pb2.GetPatientRequest, context: grpc.ServicerContext
     ) -> emr_pb2.GetPatientResponse:
-        record = self._gateway.read_patient(caller_identity(context), request.patient_key, request.purpose)
+        record = self._gateway.read_patient(
+            caller_identity(context), request.patient_key, request.purpose, request.on_behalf_of
+        )
         return emr_pb2.GetPatientResponse(record=record_to_proto(record, patient_key=request.patient_key))
 
     def GetIngestStats(

@@ -15,6 +15,7 @@ from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, in_cohort, training_example
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.tasks import get_task
+from fibemrss.domain.text import text_problems
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
 from services.emr_gateway.formats import candidates_for
@@ -23,6 +24,7 @@ from services.emr_gateway.ingestion import (
     Outcome,
     RecordStore,
     StoreOutcome,
+    bound_details,
     ingest,
     resource_counts,
 )
@@ -125,7 +127,22 @@ def listing_problems(purpose: str, size: int) -> list[FieldProblem]:
         problems.append(FieldProblem("page_size", "must not be negative"))
     if not purpose.strip():
         problems.append(FieldProblem("purpose", "say why quarantined records are read"))
-    return problems
+    return problems + text_problems({"purpose": purpose})
+
+
+def reader(actor: str, on_behalf_of: str) -> str:
+    """Who a read is audited as. The inference service reads for its caller and must name it:
+    an identity of the same hospital ("ehr@h"), recorded as "ehr@h via inference@h"."""
+    if not actor.startswith("inference@"):
+        return actor
+    site = actor.partition("@")[2]
+    role, at, caller_site = on_behalf_of.partition("@")
+    if not (role and at and caller_site == site) or text_problems({"on_behalf_of": on_behalf_of}):
+        raise InvalidArgument(
+            "name the caller",
+            [FieldProblem("on_behalf_of", f"name the identity this read is for, <role>@{site}")],
+        )
+    return f"{on_behalf_of} via {actor}"
 
 
 class Gateway:
@@ -145,7 +162,9 @@ class Gateway:
         outcomes = ingest(candidates, self._store, self._pseudonyms)
         if self._on_outcomes is not None:
             self._on_outcomes(outcomes)
-        return IngestResult(outcomes, resource_counts(candidates, outcomes))
+        counts = resource_counts(candidates, outcomes)
+        bound_details(outcomes)
+        return IngestResult(outcomes, counts)
 
     def ingest_payload(self, kind: str | None, content: bytes | CsvPayload) -> IngestResult:
         """`kind` is "fhir", "hl7v2" (content: bytes) or "csv" (content: a CsvPayload)."""
@@ -189,6 +208,7 @@ class Gateway:
             problems.append(FieldProblem("corrections", "only an accepted record can be corrected"))
         if not reason.strip():
             problems.append(FieldProblem("reason", "say why; it is written to the audit log"))
+        problems += text_problems({"reason": reason})
         if problems:
             raise InvalidArgument("invalid resolution", problems)
         entry = self._store.get_quarantined(entry_id)
@@ -198,13 +218,19 @@ class Gateway:
         )
 
     # -- reads -------------------------------------------------------------------------------------
-    def read_patient(self, actor: str, patient_key: str, purpose: str) -> PatientRecord:
+    def read_patient(
+        self, actor: str, patient_key: str, purpose: str, on_behalf_of: str = ""
+    ) -> PatientRecord:
+        """One patient by key, audited as the real caller: a service reading for someone names them."""
+        actor = reader(actor, on_behalf_of)
         if not patient_key:
             raise InvalidArgument("patient_key is required", [FieldProblem("patient_key", "is required")])
         if not purpose:
             raise InvalidArgument(
                 "purpose is required", [FieldProblem("purpose", "say why the record is read")]
             )
+        if problems := text_problems({"patient_key": patient_key, "purpose": purpose}):
+            raise InvalidArgument("text that cannot be stored", problems)
         record = self._store.get_patient(patient_key)
         self._store.audit(actor, "read_patient", purpose, patient_key)
         return record
@@ -213,6 +239,8 @@ class Gateway:
         """Every current patient of the study's cohort, with the study's features; audited once
         per stream. Patients outside the cohort are never read into an example."""
         task = get_task(task_name)
+        if problems := text_problems({"purpose": purpose}):
+            raise InvalidArgument("text that cannot be stored", problems)
         self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
         for key, record in self._store.current_patients():
             if in_cohort(task, record):

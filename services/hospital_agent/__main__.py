@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from fibemrss.db.migrate import migrate
@@ -19,7 +20,8 @@ from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
-from fibemrss.platform.server import serve_until_signalled, start_server
+from fibemrss.platform.server import RunningServer, serve_until_signalled, start_server
+from services.hospital_agent.aggregate_bounds import AggregateBounds
 from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
 from services.hospital_agent.protocol import Participation
 from services.hospital_agent.servicer import HospitalAgentServicer
@@ -34,6 +36,20 @@ def main() -> None:
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
     db = Database(database_url)
+    agent_service = federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"].full_name
+    health: dict[str, RunningServer] = {}
+
+    def on_health(reason: str) -> None:
+        # The agent's own service says whether its federation loop works; the process stays
+        # SERVING (it answers status) so a failing loop is shown, not restarted in a loop.
+        if "server" in health:
+            state = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if reason
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            health["server"].health.set(agent_service, state)
+
     participation = Participation(
         hospital,
         task,
@@ -43,15 +59,18 @@ def main() -> None:
         ),
         codec=UpdateCodec(key),
         models=ModelStore(db),
+        bounds=AggregateBounds.of(key.params),
+        on_health=on_health,
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         federation_pb2_grpc.add_HospitalAgentServiceServicer_to_server(
             HospitalAgentServicer(participation), server
         )
-        return [federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"].full_name]
+        return [agent_service]
 
     running = start_server("hospital_agent", register, config, authorize=hospital_policy(hospital))
+    health["server"] = running
     stop = threading.Event()
     loop = threading.Thread(target=participation.run, args=(stop,), name="federation", daemon=True)
     loop.start()

@@ -1,8 +1,9 @@
 """The agent's ports over gRPC: the aggregator and the hospital's gateway.
 
 Each call has a deadline; gRPC errors become the domain errors the protocol understands:
-UNAVAILABLE and DEADLINE_EXCEEDED (a peer restarting) are `Unavailable` and retried by the
-protocol, NOT_FOUND is `NotFound` (no federation of the task yet), anything else `PeerRefused`.
+UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED and CANCELLED (a peer restarting,
+busy, or ending a call at its limit) are `Unavailable`, NOT_FOUND is `NotFound` (no federation of
+the task yet), anything else `PeerRefused`. The protocol retries them all, with backoff.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.serde.values import training_example_from_proto
 from services.hospital_agent.ports import PeerRefused, Phase, RoundView
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.CANCELLED,
+)
 _PHASES = {
     fpb.ROUND_STATE_OPEN: Phase.OPEN,
     fpb.ROUND_STATE_COLLECTING: Phase.COLLECTING,

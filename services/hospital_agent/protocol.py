@@ -12,6 +12,7 @@ as every other hospital.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fibemrss.domain.errors import DomainError, NotFound, Unavailable
+from fibemrss.domain.errors import DomainError, FailedPrecondition, NotFound, Unavailable
 from fibemrss.domain.feature_encoding import (
     GlobalStats,
     global_stats_from_average,
@@ -33,6 +34,15 @@ from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
+from fibemrss.he.errors import HeError
+from fibemrss.he.params import DEFAULT_PARAMS
+from services.hospital_agent.aggregate_bounds import (
+    AggregateBounds,
+    AggregateRejected,
+    check_aggregate,
+    check_model,
+    contributors,
+)
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.ports import (
     AggregatorPort,
@@ -67,12 +77,19 @@ class AgentProgress:
     error: str = ""
     train_examples: int = 0
     test_examples: int = 0
+    # Failures in a row since the last step that worked; `error` says the last one's reason.
+    consecutive_failures: int = 0
+    # Things the operator should know that did not stop the agent (a capped weight, a rejected
+    # aggregate), each once.
+    warnings: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def fixed_retry_delay(attempt: int) -> float:
-    """Seconds to wait before retry `attempt` (1, 2, ...) after a peer was unavailable."""
-    return 1.0
+def capped_backoff(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): exponential, capped, with jitter (between half
+    and all of the step) so hospitals that failed together do not retry together."""
+    step = min(cap, base * 2.0 ** min(attempt - 1, 30))
+    return random.uniform(step / 2, step)
 
 
 class Participation:
@@ -84,8 +101,12 @@ class Participation:
         aggregator: AggregatorPort,
         codec: CodecPort,
         models: ModelStorePort,
-        retry_delay: Callable[[int], float] = fixed_retry_delay,
+        retry_delay: Callable[[int], float] = capped_backoff,
+        bounds: AggregateBounds | None = None,
+        on_health: Callable[[str], None] | None = None,
     ) -> None:
+        """`bounds` are the codec's (AggregateBounds.of(key.params)); `on_health` is told the
+        reason whenever a step fails ("" once one works again), for the service's health."""
         self.hospital = hospital
         self.task = task
         self._gateway = gateway
@@ -93,6 +114,8 @@ class Participation:
         self._codec = codec
         self._models = models
         self._retry_delay = retry_delay
+        self._bounds = bounds or AggregateBounds.of(DEFAULT_PARAMS)
+        self._on_health = on_health
         self.progress = AgentProgress()
         self._stats: GlobalStats | None = None
         self._data: LocalData | None = None
@@ -105,6 +128,7 @@ class Participation:
         self._global = initial_vector(self.task.model, input_dim(self.task))
         self._strategy_state = StrategyState()
         self._applied_round = 0
+        self._good_round = 0  # the latest round whose aggregate is in the model
 
     # -- data ----------------------------------------------------------------------------------
     def _load_examples(self) -> LocalData:
@@ -114,6 +138,8 @@ class Participation:
             if e.label is not None  # no outcome recorded: cannot train or evaluate on it
         ]
         data = LocalData.split(self.task, examples)
+        if not data.train:
+            raise FailedPrecondition("the gateway has no labelled training examples for this task yet")
         with self.progress.lock:
             self.progress.train_examples, self.progress.test_examples = len(data.train), len(data.test)
         log.info("examples loaded", extra={"train": len(data.train), "test": len(data.test)})
@@ -121,14 +147,28 @@ class Participation:
 
     # -- aggregates ------------------------------------------------------------------------------
     def _submit(self, round_number: int, values: np.ndarray, weight: int) -> None:
-        self._aggregator.submit(round_number, self._codec.encrypt(values, weight))
+        self._aggregator.submit(round_number, self._codec.encrypt(values, self._capped(weight)))
         with self.progress.lock:
             self.progress.last_submitted_round = round_number
+        self._recovered()
+
+    def _capped(self, weight: int) -> int:
+        """The codec bounds one hospital's weight: beyond it, the update counts as that many."""
+        if weight <= self._bounds.max_weight:
+            return weight
+        self._warn(
+            f"weight capped at {self._bounds.max_weight} (the codec's maximum) for {weight} training examples"
+        )
+        return self._bounds.max_weight
 
     def _decrypt_round(self, round_number: int, n_values: int) -> np.ndarray:
-        average, _total_weight = self._codec.decrypt_average(
-            self._aggregator.fetch_aggregate(round_number), n_values
-        )
+        """The round's decrypted average, checked against the codec's bounds before any use."""
+        chunks = self._aggregator.fetch_aggregate(round_number)
+        try:
+            average, total_weight = self._codec.decrypt_average(chunks, n_values)
+        except HeError as exc:
+            raise AggregateRejected(f"the aggregate does not decrypt: {exc}") from None
+        check_aggregate(average, total_weight, contributors(chunks), self._bounds)
         return average
 
     def _global_stats(self) -> GlobalStats:
@@ -150,17 +190,31 @@ class Participation:
             rounds = sorted(
                 r for r in self._aggregator.closed_rounds() if self._applied_round < r <= base_round
             )
-            if isinstance(self._strategy, FedAvg):
-                rounds = rounds[-1:]  # stateless: the last average is the model, no replay needed
+            stateless = isinstance(self._strategy, FedAvg)
+            if stateless:
+                rounds.reverse()  # the newest good average is the model, no replay needed
             for r in rounds:
-                average = self._decrypt_round(r, self._n_params)
-                self._global, self._strategy_state = self._strategy.step(
-                    self._strategy_state, self._global, average
-                )
+                if self._apply(r) and stateless:
+                    break
             self._applied_round = base_round
-        if base_round > 0:
-            self._publish(base_round, self._global)
+        if self._good_round > 0:
+            self._publish(self._good_round, self._global)  # a rejected round keeps the last good model
         return self._global
+
+    def _apply(self, round_number: int) -> bool:
+        """Folds one closed round's aggregate into the global model, unless it is out of bounds:
+        then every hospital skips it alike and says why."""
+        try:
+            average = self._decrypt_round(round_number, self._n_params)
+            new_global, new_state = self._strategy.step(self._strategy_state, self._global, average)
+            check_model(new_global)
+        except AggregateRejected as exc:
+            log.error("aggregate rejected", extra={"round": round_number, "reason": str(exc)})
+            self._warn(f"round {round_number}: aggregate rejected, not published: {exc}")
+            return False
+        self._global, self._strategy_state = new_global, new_state
+        self._good_round = round_number
+        return True
 
     # -- model versions ----------------------------------------------------------------------------
     def _publish(self, round_number: int, params: np.ndarray) -> None:
@@ -198,21 +252,48 @@ class Participation:
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Takes part until the federation is done; rides out peers that restart."""
-        attempt = 0
+        """Takes part until the federation is done. Every failure (a peer restarting or refusing,
+        the database gone, a bug) is logged, reported in the progress and through `on_health`,
+        and retried after `retry_delay`: the loop never dies while the process lives."""
         while not stop.is_set():
             try:
                 self._run(stop)
                 return
-            except Unavailable as exc:
-                attempt += 1
-                log.warning("peer unavailable, retrying", extra={"reason": str(exc), "attempt": attempt})
-                stop.wait(self._retry_delay(attempt))
-            except DomainError as exc:
-                with self.progress.lock:
-                    self.progress.error = str(exc)
-                log.error("federation stopped", extra={"reason": str(exc)})
-                return
+            except Exception as exc:  # noqa: BLE001 - reported and retried, whatever it is
+                stop.wait(self._retry_delay(self._failed(exc)))
+
+    def _failed(self, exc: Exception) -> int:
+        # Domain errors carry no patient data by design; anything else is named by its type only.
+        reason = (
+            str(exc)
+            if isinstance(exc, DomainError)
+            else f"internal error ({type(exc).__name__}); see the log"
+        )
+        with self.progress.lock:
+            self.progress.consecutive_failures += 1
+            self.progress.error = reason
+            attempt = self.progress.consecutive_failures
+        if isinstance(exc, Unavailable | NotFound):
+            log.warning("step failed, retrying", extra={"reason": reason, "attempt": attempt})
+        else:
+            log.error("step failed, retrying", extra={"reason": reason, "attempt": attempt}, exc_info=exc)
+        if self._on_health is not None:
+            self._on_health(reason)
+        return attempt
+
+    def _recovered(self) -> None:
+        with self.progress.lock:
+            failing = self.progress.consecutive_failures > 0
+            self.progress.consecutive_failures = 0
+            self.progress.error = ""
+        if failing and self._on_health is not None:
+            self._on_health("")
+
+    def _warn(self, message: str) -> None:
+        with self.progress.lock:
+            if message not in self.progress.warnings:
+                self.progress.warnings.append(message)
+                log.warning(message)
 
     def _run(self, stop: threading.Event) -> None:
         info = self._wait_for_federation(stop)
@@ -227,6 +308,7 @@ class Participation:
                 self._global_params(info.round if info.phase == Phase.CLOSED else info.base_round)
                 with self.progress.lock:
                     self.progress.done = True
+                self._recovered()
                 log.info("federation finished", extra={"task": self.task.name})
                 return
             if not info.accepting or self.hospital in info.submitted:

@@ -35,5 +35,7 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
                 error=progress.error,
                 train_examples=progress.train_examples,
                 test_examples=progress.test_examples,
+                warnings=list(progress.warnings),
+                consecutive_failures=progress.consecutive_failures,
             )
         return pb.GetAgentStatusResponse(status=status)

@@ -14,6 +14,7 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.capacity import CallLimits
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig, env_float, env_optional, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
@@ -29,7 +30,10 @@ MAX_WORKERS = 8
 
 
 def main() -> None:
-    config = ServerConfig.from_env()
+    # Every inference call is unary and short: the one caller (ehr@h) may use every worker.
+    config = ServerConfig.from_env(
+        CallLimits(max_workers=MAX_WORKERS, per_identity=MAX_WORKERS, waiting_streams=2)
+    )
     hospital = env_str("FIBEMRSS_HOSPITAL")
     task = task_from_env()
     database_url = env_str("DATABASE_URL")
@@ -49,9 +53,7 @@ def main() -> None:
             kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         ]
 
-    running = start_server(
-        "inference", register, config, max_workers=MAX_WORKERS, authorize=hospital_policy(hospital)
-    )
+    running = start_server("inference", register, config, authorize=hospital_policy(hospital))
     cache.start()
 
     def on_stop() -> None:

@@ -16,10 +16,14 @@ class PatientDirectory:
     def __init__(self, channel: grpc.Channel) -> None:
         self._stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
 
-    def fetch(self, patient_key: str) -> PatientRecord:
+    def fetch(self, patient_key: str, on_behalf_of: str) -> PatientRecord:
+        """The record, read for `on_behalf_of` (the caller's identity), which the gateway audits."""
         try:
             response = self._stub.GetPatient(
-                emr_pb2.GetPatientRequest(patient_key=patient_key, purpose=PURPOSE), timeout=10
+                emr_pb2.GetPatientRequest(
+                    patient_key=patient_key, purpose=PURPOSE, on_behalf_of=on_behalf_of
+                ),
+                timeout=10,
             )
         except grpc.RpcError as exc:
             code = exc.code()

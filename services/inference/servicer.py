@@ -17,6 +17,7 @@ from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import feature_values_from_proto
 from services.inference import tensors
 from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values, infer
@@ -70,7 +71,8 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 raise FailedPrecondition(
                     "this inference service has no gateway to read patients from (FIBEMRSS_GATEWAY)"
                 )
-            values = extract(self._cache.task, self._directory.fetch(request.patient_key))[0]
+            record = self._directory.fetch(request.patient_key, on_behalf_of=caller_identity(context))
+            values = extract(self._cache.task, record)[0]
         else:
             values = feature_values_from_proto(self._cache.task, request.patient)
         model = self._cache.get(request.model_version)

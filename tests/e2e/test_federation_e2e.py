@@ -214,7 +214,7 @@ def test_diagnose_by_gateway_patient_key_reads_and_audits_the_record(federation)
         cur.execute("SELECT patient_key FROM patients ORDER BY patient_key LIMIT 1")
         key = cur.fetchone()[0]
     with open_channel(
-        endpoints["hospitals"]["cleveland"]["inference"], tls_for(endpoints, "operator@cleveland")
+        endpoints["hospitals"]["cleveland"]["inference"], tls_for(endpoints, "ehr@cleveland")
     ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         reference = stub.Diagnose(inference_pb2.DiagnoseRequest(patient_key=key), timeout=30)
@@ -224,5 +224,5 @@ def test_diagnose_by_gateway_patient_key_reads_and_audits_the_record(federation)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     with db.transaction() as cur:
         cur.execute("SELECT actor, purpose FROM audit_log WHERE action='read_patient' AND subject=%s", (key,))
-        assert cur.fetchall() == [("inference@cleveland", "diagnosis reference")]
+        assert cur.fetchall() == [("ehr@cleveland via inference@cleveland", "diagnosis reference")]
     db.close()

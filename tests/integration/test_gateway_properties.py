@@ -4,6 +4,7 @@ UNKNOWN or INTERNAL, and nothing written unless a record was accepted or quarant
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,8 +18,9 @@ from fibemrss.db.migrate import migrate
 from fibemrss.emr.v1 import emr_pb2
 from tests.integration.test_gateway_ingest import Gateway, serve_gateway
 
+# FIBEMRSS_FUZZ_EXAMPLES raises the count for a long fuzzing run (figures in docs/security.md).
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("FIBEMRSS_FUZZ_EXAMPLES", "40")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

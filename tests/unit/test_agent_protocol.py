@@ -58,10 +58,18 @@ class FakeAggregator:
     Every hospital must submit before a round ends; the rounds in `failing` end FAILED with no
     sum, as a round past its deadline without quorum does."""
 
-    def __init__(self, key: AggregatorKey, rounds: int, failing: set[int]) -> None:
+    def __init__(
+        self,
+        key: AggregatorKey,
+        rounds: int,
+        failing: set[int],
+        hostile: dict[int, list[bytes]] | None = None,
+    ) -> None:
+        """`hostile` adds a further upload to a round's sum, as a hospital holding the key could."""
         self._key = key
         self._rounds = rounds
         self._failing = failing
+        self._hostile = hostile or {}
         self._lock = threading.Condition()
         self.current = 0
         self.phase = {0: Phase.OPEN}
@@ -103,6 +111,8 @@ class FakeAggregator:
             self.phase[number] = Phase.FAILED
         else:
             uploads = list(self.uploads[number].values())
+            if number in self._hostile:
+                uploads.append(self._hostile[number])
             sums = []
             for i in range(len(uploads[0])):
                 acc = ChunkAccumulator(self._key)
@@ -269,24 +279,56 @@ def test_two_hospitals_federate_through_a_failed_round_and_a_restarted_agent_rep
     np.testing.assert_array_equal(store_c.versions[3].model.params, store_a.versions[3].model.params)
 
 
-def test_a_refusing_peer_stops_the_agent_with_the_reason_and_no_federation_yet_is_waited_out(
+def test_a_refusing_peer_is_reported_and_retried_until_it_accepts_and_no_federation_yet_is_waited_out(
     keys: tuple[HospitalKey, AggregatorKey],
 ) -> None:
     hospital_key, aggregator_key = keys
     agg = FakeAggregator(aggregator_key, rounds=1, failing=set())
     view = agg.view("a")
-    a, _ = participation("a", view, FakeModelStore(), hospital_key, seed=3)
+    health: list[str] = []
+    gateway = FakeGateway(synthetic_examples(3))
+    a = Participation(
+        "a",
+        TASK,
+        gateway,
+        view,
+        UpdateCodec(hospital_key),
+        FakeModelStore(),
+        retry_delay=lambda _: 0.01,
+        on_health=health.append,
+    )
     view.trip = ("current_round", 0, lambda: NotFound("NOT_FOUND: no federation of the task"))
-    # Waiting for the federation swallows NOT_FOUND; a refused upload ends the agent's part.
+    # Waiting for the federation swallows NOT_FOUND; a refused upload is reported and retried.
     original = view.submit
+    refusals = iter(range(2))
 
     def refuse(round_number: int, chunks: Sequence[bytes]) -> None:
-        if round_number == 0:
+        if round_number == 0 and next(refusals, None) is not None:
+            assert a.progress.consecutive_failures == (0 if not health else 1)
             raise PeerRefused("PERMISSION_DENIED: caller agent@a may not act for hospital 'x'")
         original(round_number, chunks)
 
     view.submit = refuse  # type: ignore[method-assign]  # a fake's method swapped for one call path
+    done = threading.Event()
+
+    def second_hospital() -> None:
+        b, _ = participation("b", agg.view("b"), FakeModelStore(), hospital_key, seed=4)
+        b.run(threading.Event())
+        done.set()
+
+    threading.Thread(target=second_hospital, daemon=True).start()
     a.run(threading.Event())
-    assert a.progress.error == "PERMISSION_DENIED: caller agent@a may not act for hospital 'x'"
-    assert not a.progress.done and a.progress.last_submitted_round == -1
+    assert done.wait(60)
+    reason = "PERMISSION_DENIED: caller agent@a may not act for hospital 'x'"
+    assert health == [reason, reason, ""]  # shown while failing, cleared once a step worked
+    assert a.progress.done and a.progress.error == "" and a.progress.consecutive_failures == 0
     assert view.calls[0] == ("current_round", 0)
+
+
+def test_capped_backoff_grows_to_its_cap_with_jitter() -> None:
+    from services.hospital_agent.protocol import capped_backoff
+
+    delays = [[capped_backoff(n) for n in range(1, 12)] for _ in range(20)]
+    for run in delays:
+        assert 0.25 <= run[0] <= 0.5 and all(15.0 <= d <= 30.0 for d in run[7:])
+    assert len({run[3] for run in delays}) > 1  # jittered

@@ -530,18 +530,24 @@ class GetPatientRequest(_message.Message):
 
     PATIENT_KEY_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
+    ON_BEHALF_OF_FIELD_NUMBER: _builtins.int
     patient_key: _builtins.str
     purpose: _builtins.str
     """Why the caller reads this record; written to the audit log."""
+    on_behalf_of: _builtins.str
+    """The identity ("<role>@<hospital>") the reading service acts for; required from inference,
+    whose read is audited as "<on_behalf_of> via inference@<hospital>".
+    """
     def __init__(
         self,
         *,
         patient_key: _builtins.str = ...,
         purpose: _builtins.str = ...,
+        on_behalf_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["patient_key", b"patient_key", "purpose", b"purpose"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["on_behalf_of", b"on_behalf_of", "patient_key", b"patient_key", "purpose", b"purpose"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -473,6 +473,8 @@ class AgentStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
     TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     task: _builtins.str
     last_submitted_round: _builtins.int
@@ -480,8 +482,16 @@ class AgentStatus(_message.Message):
     error: _builtins.str
     train_examples: _builtins.int
     test_examples: _builtins.int
+    consecutive_failures: _builtins.int
+    """Failed steps in a row (retried with capped exponential backoff); `error` is the last reason."""
     @_builtins.property
     def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evaluation]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the operator should know that did not stop the agent: a weight capped at the codec's
+        maximum, a round whose aggregate was rejected as outside the codec's bounds (with the reason).
+        """
+
     def __init__(
         self,
         *,
@@ -493,10 +503,12 @@ class AgentStatus(_message.Message):
         error: _builtins.str = ...,
         train_examples: _builtins.int = ...,
         test_examples: _builtins.int = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
+        consecutive_failures: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "done", b"done", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,6 +36,13 @@ def _round(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hostile(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.hostile_bench import run_hostile_bench
+
+    _emit(run_hostile_bench(args.rounds, args.params), args.json)
+    return 0
+
+
 def _quality(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.quality_bench import run_quality_bench
 
@@ -80,6 +87,13 @@ def add_parser(subparsers: Any) -> None:
     )
     rnd.set_defaults(func=_round)
 
+    hostile = sub.add_parser(
+        "hostile", help="rounds closed and honest latency while a flood, a stall and bad chunks go on"
+    )
+    hostile.add_argument("--rounds", type=int, default=10)
+    hostile.add_argument("--params", type=int, default=1000)
+    hostile.set_defaults(func=_hostile)
+
     quality = sub.add_parser(
         "quality", help="FLamby Fed-Heart-Disease protocol: local, pooled, FedAvg, encrypted"
     )
@@ -97,5 +111,5 @@ def add_parser(subparsers: Any) -> None:
     inference = sub.add_parser("inference", help="Diagnose and ModelInfer latency and throughput")
     inference.set_defaults(func=_inference)
 
-    for p in (he, rnd, quality, ingest, inference):
+    for p in (he, rnd, hostile, quality, ingest, inference):
         p.add_argument("--json", help="also write the result here")

@@ -24,7 +24,7 @@ def add_parser(subparsers: Any) -> None:
 def run_init(args: argparse.Namespace) -> int:
     identities = ["aggregator@central", "operator@central"]
     for h in args.hospitals.split(","):
-        identities += [f"{role}@{h}" for role in ("gateway", "agent", "inference", "operator")]
+        identities += [f"{role}@{h}" for role in ("gateway", "agent", "inference", "operator", "ehr")]
     paths = init_pki(Path(args.out), identities, args.hostnames.split(",") if args.hostnames else None)
     print(
         json.dumps(

@@ -1,0 +1,91 @@
+"""Capacity per caller: bounded concurrent calls per identity, a bound on long-lived streams, and a
+lifetime limit on every stream, so no certificate holder can occupy every worker thread.
+
+The synchronous gRPC server runs each call, streams included, on one worker thread for its whole
+life. Without these bounds a few dozen `grpc.health.v1.Health/Watch` streams, held by any
+certificate of the federation, would pin every worker and the server would stop answering.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from fibemrss.domain.errors import ConfigError, ResourceExhausted
+
+# Streams that exist only to wait (a health watch): a small global bound, whoever holds them.
+WAITING_STREAMS = ("/grpc.health.v1.Health/Watch",)
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """How many calls a server runs at once, and how many of them one caller may hold."""
+
+    max_workers: int = 32
+    # Calls one identity ("<role>@<site>", or a peer address without TLS) may have running.
+    per_identity: int = 16
+    # Health watches in flight over all callers.
+    waiting_streams: int = 4
+    # Any stream (either direction) is cancelled after this long.
+    max_stream_seconds: float = 600.0
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """Calls running or queued for a worker; grpc answers RESOURCE_EXHAUSTED beyond."""
+        return 4 * self.max_workers
+
+    def validate(self) -> None:
+        if self.max_workers < 2:
+            raise ConfigError("FIBEMRSS_MAX_WORKERS must be at least 2")
+        if not 1 <= self.per_identity <= self.max_workers:
+            raise ConfigError("FIBEMRSS_MAX_CALLS_PER_IDENTITY must lie between 1 and FIBEMRSS_MAX_WORKERS")
+        if not 0 <= self.waiting_streams < self.max_workers:
+            raise ConfigError("FIBEMRSS_MAX_WATCH_STREAMS must be below FIBEMRSS_MAX_WORKERS")
+        if self.max_stream_seconds <= 0:
+            raise ConfigError("FIBEMRSS_MAX_STREAM_SECONDS must be positive")
+
+
+class CallLimiter:
+    """Counts calls in flight, per identity and in all; refuses a call beyond a bound."""
+
+    def __init__(self, limits: CallLimits) -> None:
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._per_identity: Counter[str] = Counter()
+        self._waiting = 0
+        self._in_flight = 0
+
+    def acquire(self, identity: str, method: str) -> None:
+        """Takes a slot for the call, or raises ResourceExhausted naming the bound."""
+        waiting = method in WAITING_STREAMS
+        with self._lock:
+            if self._per_identity[identity] >= self.limits.per_identity:
+                raise ResourceExhausted(
+                    f"{identity} already has {self.limits.per_identity} calls in flight; retry later"
+                )
+            if waiting and self._waiting >= self.limits.waiting_streams:
+                raise ResourceExhausted(
+                    f"{self.limits.waiting_streams} health watches are open; use Check or retry later"
+                )
+            if self._in_flight >= self.limits.max_workers:
+                raise ResourceExhausted("the server is at capacity; retry later")
+            self._per_identity[identity] += 1
+            self._waiting += waiting
+            self._in_flight += 1
+
+    def release(self, identity: str, method: str) -> None:
+        with self._lock:
+            self._per_identity[identity] -= 1
+            if self._per_identity[identity] <= 0:
+                del self._per_identity[identity]
+            self._waiting -= method in WAITING_STREAMS
+            self._in_flight -= 1
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def saturated(self) -> bool:
+        """True when every worker is busy: a probe should then say NOT_SERVING."""
+        return self.in_flight() >= self.limits.max_workers

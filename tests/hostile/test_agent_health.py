@@ -1,0 +1,69 @@
+"""A real agent process whose loop keeps failing (its gateway is down): it stays up, says why in its
+status, counts the failures, and its own health service says NOT_SERVING."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fibemrss.db.admin import ensure_database
+from fibemrss.federation.v1 import federation_pb2 as pb
+from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.tools.service_process import ServiceProcess, base_env
+from tests.hostile.conftest import Federation, StartAggregator
+
+AGENT_SERVICE = "fibemrss.federation.v1.HospitalAgentService"
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket closes
+
+
+def test_an_agent_whose_gateway_is_down_reports_it_and_is_not_serving(
+    start_aggregator: StartAggregator,
+    federation: Federation,
+    postgres_server: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    aggregator = start_aggregator()
+    with federation.channel(aggregator.address, "operator@central") as ch:
+        federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
+            pb.StartFederationRequest(task="heart-disease-v1", rounds=1, quorum=1, hospitals=["a"]),
+            timeout=10,
+        )
+    tls = federation.tls("agent@a")
+    env = base_env()
+    env.update(
+        DATABASE_URL=ensure_database(postgres_server, f"agent_{uuid.uuid4().hex[:12]}"),
+        FIBEMRSS_HOSPITAL="a",
+        FIBEMRSS_HE_CONTEXT=str(federation.keys / "hospital.he"),
+        FIBEMRSS_AGGREGATOR=aggregator.address,
+        FIBEMRSS_GATEWAY=_closed_port(),
+        FIBEMRSS_TLS_CA=tls.ca,
+        FIBEMRSS_TLS_CERT=tls.cert,
+        FIBEMRSS_TLS_KEY=tls.key,
+    )
+    with ServiceProcess("agent@a", env, tmp_path_factory.mktemp("agent")) as agent:
+        with federation.channel(agent.address, "operator@a") as ch:
+            status_stub = federation_pb2_grpc.HospitalAgentServiceStub(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            end = time.monotonic() + 60
+            status = status_stub.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status
+            while status.consecutive_failures < 2 and time.monotonic() < end:
+                time.sleep(0.5)
+                status = status_stub.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status
+            assert status.consecutive_failures >= 2, status  # retried, not dead
+            assert "UNAVAILABLE" in status.error and not status.done
+            check = health.Check(health_pb2.HealthCheckRequest(service=AGENT_SERVICE), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # The process itself stays up and answers: it is shown failing, not restarted in a loop.
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+        assert agent.running()

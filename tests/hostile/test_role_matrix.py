@@ -1,0 +1,193 @@
+"""The role matrix of DESIGN.md as a table: every RPC of every service, called by every role of
+the hospital, of another hospital and of the central site, against real service processes over
+mutual TLS. A refused call is PERMISSION_DENIED (UNAUTHENTICATED for a certificate naming no
+<role>@<site>); an allowed one gets past authorization (any other code: the requests are empty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from grpc_health.v1 import health_pb2
+
+from fibemrss.db.pool import Database
+from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.federation.v1 import federation_pb2
+from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import TlsFiles
+from fibemrss.platform.status_mapping import field_violations
+from fibemrss.tools.certs import init_pki
+from fibemrss.tools.local_cluster import LocalCluster, db_name
+
+pytestmark = pytest.mark.e2e
+
+H = "h"
+ROLES = ("operator", "agent", "inference", "ehr", "gateway")
+CALLERS = [
+    *(f"{role}@{site}" for site in (H, "other") for role in ROLES),
+    "operator@central",
+    "aggregator@central",
+    "agent@central",
+    "mallory",  # a certificate of the federation's CA that names no <role>@<site>
+]
+# DESIGN.md's matrix, written out here on its own so the test does not check the code against itself.
+ALLOWED: dict[str, set[str]] = {
+    "fibemrss.emr.v1.EmrGatewayService/Ingest": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/GetIngestStats": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/ListQuarantine": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples": {"agent@h"},
+    "fibemrss.emr.v1.EmrGatewayService/GetPatient": {"inference@h"},
+    "fibemrss.federation.v1.HospitalAgentService/GetAgentStatus": {"operator@h"},
+    "fibemrss.inference.v1.DiagnosisService/Diagnose": {"ehr@h"},
+    "fibemrss.inference.v1.DiagnosisService/DiagnoseBatch": {"ehr@h"},
+    **{
+        f"inference.GRPCInferenceService/{m.name}": {"ehr@h"}
+        for m in kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    },
+    # At the aggregator "agent@<hospital>" is any hospital's agent; the servicer then checks that
+    # it acts for its own hospital (tests/e2e/test_federation_e2e.py).
+    "fibemrss.federation.v1.AggregatorService/StartFederation": {"operator@central"},
+    "fibemrss.federation.v1.AggregatorService/GetRound": {"agent@h", "agent@other", "operator@central"},
+    "fibemrss.federation.v1.AggregatorService/SubmitUpdate": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/GetFederationStatus": {
+        "agent@h",
+        "agent@other",
+        "operator@h",
+        "operator@other",
+        "operator@central",
+    },
+    "grpc.health.v1.Health/Check": {c for c in CALLERS if c != "mallory"},
+}
+SERVICES: dict[str, ServiceDescriptor] = {
+    "gateway": emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"],
+    "agent": federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"],
+    "inference-diagnosis": inference_pb2.DESCRIPTOR.services_by_name["DiagnosisService"],
+    "inference-kserve": kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+    "aggregator": federation_pb2.DESCRIPTOR.services_by_name["AggregatorService"],
+}
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].methods_by_name["Check"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    work = tmp_path_factory.mktemp("roles")
+    c = LocalCluster(work, (H,))
+    init_pki(work / "pki", sorted({*c.identities(), *CALLERS}))  # the cluster keeps this PKI
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _tls(work: Path, identity: str) -> TlsFiles:
+    pki = work / "pki"
+    return TlsFiles(str(pki / "ca.crt"), str(pki / f"{identity}.crt"), str(pki / f"{identity}.key"))
+
+
+def _address(cluster: LocalCluster, server: str) -> str:
+    role = {"inference-diagnosis": "inference", "inference-kserve": "inference"}.get(server, server)
+    name = "aggregator@central" if role == "aggregator" else f"{role}@{H}"
+    return cluster.processes[name].address
+
+
+def _call(channel: grpc.Channel, method: MethodDescriptor) -> grpc.StatusCode:
+    """Calls `method` with an empty request; the status code it ends with."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    request = message_factory.GetMessageClass(method.input_type)()
+    kwargs = {"request_serializer": lambda m: m.SerializeToString(), "response_deserializer": lambda b: b}
+    try:
+        if method.client_streaming:
+            channel.stream_unary(path, **kwargs)(iter([request]), timeout=20)
+        elif method.server_streaming:
+            call = channel.unary_stream(path, **kwargs)(request, timeout=20)
+            try:
+                next(call, None)
+            finally:
+                call.cancel()
+        else:
+            channel.unary_unary(path, **kwargs)(request, timeout=20)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _cases() -> list[tuple[str, MethodDescriptor]]:
+    out = [(server, m) for server, service in SERVICES.items() for m in service.methods]
+    return out + [(server, HEALTH) for server in ("gateway", "agent", "inference-diagnosis", "aggregator")]
+
+
+def test_every_rpc_of_every_service_answers_every_role_as_the_matrix_says(cluster: LocalCluster) -> None:
+    cases = _cases()
+    assert {f"{m.containing_service.full_name}/{m.name}" for _, m in cases} == set(ALLOWED)
+    wrong: list[str] = []
+    for caller in CALLERS:
+        channels: dict[str, grpc.Channel] = {}
+        try:
+            for server, method in cases:
+                if server not in channels:
+                    channels[server] = open_channel(_address(cluster, server), _tls(cluster.workdir, caller))
+                code = _call(channels[server], method)
+                name = f"{method.containing_service.full_name}/{method.name}"
+                allowed = caller in ALLOWED[name]
+                refused = code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+                if allowed == refused:
+                    wrong.append(f"{caller} -> {server} {name}: {code.name}")
+                if not allowed and caller == "mallory" and code != grpc.StatusCode.UNAUTHENTICATED:
+                    wrong.append(f"{caller} -> {server} {name}: {code.name}, not UNAUTHENTICATED")
+        finally:
+            for ch in channels.values():
+                ch.close()
+    assert wrong == []
+
+
+def test_inference_reads_a_patient_only_for_a_named_caller_who_is_what_the_gateway_audits(
+    cluster: LocalCluster,
+) -> None:
+    with open_channel(_address(cluster, "gateway"), _tls(cluster.workdir, "operator@h")) as ch:
+        ingested = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
+            emr_pb2.IngestRequest(
+                csv=emr_pb2.CsvExport(
+                    profile="uci-processed",
+                    content=b"63,1,1,145,233,1,2,150,0,2.3,3,0,6,0\n",
+                    source_name="t",
+                )
+            ),
+            timeout=30,
+        )
+    key = ingested.outcomes[0].patient_key
+    assert key
+    with open_channel(_address(cluster, "gateway"), _tls(cluster.workdir, "inference@h")) as ch:
+        stub = emr_pb2_grpc.EmrGatewayServiceStub(ch)
+        for on_behalf_of in ("", "ehr@other", "mallory"):
+            with pytest.raises(grpc.RpcError) as unnamed:
+                stub.GetPatient(
+                    emr_pb2.GetPatientRequest(patient_key=key, purpose="p", on_behalf_of=on_behalf_of),
+                    timeout=10,
+                )
+            assert unnamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert [f for f, _ in field_violations(unnamed.value)] == ["on_behalf_of"]
+    # Through the inference service, the caller is named for it: ehr@h's read is audited as ehr@h.
+    with open_channel(_address(cluster, "inference-diagnosis"), _tls(cluster.workdir, "ehr@h")) as ch:
+        try:
+            inference_pb2_grpc.DiagnosisServiceStub(ch).Diagnose(
+                inference_pb2.DiagnoseRequest(patient_key=key), timeout=30
+            )
+        except grpc.RpcError as exc:  # no model is published in this cluster: the read still happened
+            assert exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION), exc
+    db = Database(cluster.database_url_for(db_name(H)))
+    try:
+        with db.transaction() as cur:
+            cur.execute("SELECT actor FROM audit_log WHERE action='read_patient' AND subject=%s", (key,))
+            assert cur.fetchall() == [("ehr@h via inference@h",)]
+    finally:
+        db.close()
