@@ -60,6 +60,11 @@ class TaskSpec:
     # patient key, so the split is fixed across runs and restarts.
     test_fraction: float = 0.2
     split_seed: str = "heart-disease-v1-split-1"
+    # Privacy of the aggregation (docs/he-codec.md): uploads carry pairwise masks that cancel
+    # only in the sum of a whole cohort, and no hospital submits to, or decrypts, a sum of fewer
+    # than min_contributors hospitals.
+    pairwise_masking: bool = True
+    min_contributors: int = 3
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

@@ -96,7 +96,9 @@ def expand_mask(seed: bytes, n_slots: int, modulus: int) -> np.ndarray:
     return out
 
 
-def pairwise_seed(own: MaskKeyPair, own_name: str, peer_name: str, peer_key: bytes, context: MaskContext) -> bytes:
+def pairwise_seed(
+    own: MaskKeyPair, own_name: str, peer_name: str, peer_key: bytes, context: MaskContext
+) -> bytes:
     low, high = sorted((own_name, peer_name))
     return HKDF(
         algorithm=hashes.SHA256(), length=_SEED_BYTES, salt=None, info=context.info(low, high)

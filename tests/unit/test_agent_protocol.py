@@ -21,9 +21,12 @@ from services.hospital_agent.ports import PeerRefused, Phase, RoundView
 from services.hospital_agent.protocol import TRAINING_PURPOSE, Participation
 
 # FedYogi keeps server moments across rounds: a restarted agent must replay to get them back.
+# Unmasked, two hospitals: the round logic alone (masked rounds: test_agent_masked_rounds.py).
 TASK: TaskSpec = dataclasses.replace(
     HEART_DISEASE_V1,
     hyper=dataclasses.replace(HEART_DISEASE_V1.hyper, strategy="fedyogi", server_options=(("eta", 0.05),)),
+    pairwise_masking=False,
+    min_contributors=2,
 )
 HOSPITALS = ("a", "b")
 
