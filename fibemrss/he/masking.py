@@ -88,9 +88,10 @@ def expand_mask(seed: bytes, n_slots: int, modulus: int) -> np.ndarray:
     filled = 0
     while filled < n_slots:
         want = n_slots - filled
-        words = np.frombuffer(encryptor.update(b"\0" * (8 * (want + 16))), dtype="<u8")
-        words = (words & np.uint64(2**_WORD_BITS - 1)).astype(np.int64)
-        words = words[words < modulus][:want]
+        words = np.frombuffer(encryptor.update(bytes(8 * want)), dtype="<u8").view(np.int64)
+        words = words & np.int64(2**_WORD_BITS - 1)
+        if (words >= modulus).any():  # about once in 1.7e9 words: redraw those from the stream
+            words = words[words < modulus]
         out[filled : filled + words.size] = words
         filled += words.size
     return out
@@ -122,7 +123,13 @@ def cohort_mask(
         if peer == own_name:
             continue
         mask = expand_mask(pairwise_seed(own, own_name, peer, key, context), n_slots, modulus)
-        total = (total + mask) % modulus if own_name < peer else (total - mask) % modulus
+        if own_name < peer:
+            total += mask
+        else:
+            total -= mask
+        # total stays in (-modulus, 2 modulus): fold it back into [0, modulus) without a division
+        np.subtract(total, modulus, out=total, where=total >= modulus)
+        np.add(total, modulus, out=total, where=total < 0)
     return total
 
 
