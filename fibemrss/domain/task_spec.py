@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fibemrss.domain.dataset_size import Weighting
 from fibemrss.domain.errors import NotFound
 from fibemrss.domain.records import LOINC, UCI_HEART
 
@@ -65,6 +66,12 @@ class TaskSpec:
     # than min_contributors hospitals.
     pairwise_masking: bool = True
     min_contributors: int = 3
+    # The weight of a hospital's updates (fibemrss.domain.dataset_size): "noised" is its example
+    # count plus discrete Laplace noise of this scale, rounded to this quantum, drawn once per
+    # federation, so no one computes its patient count; "examples" is the exact count.
+    weighting: Weighting = "noised"
+    weight_noise_scale: float = 8.0
+    weight_quantum: int = 8
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

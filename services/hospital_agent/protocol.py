@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fibemrss.domain.dataset_size import federation_weight
 from fibemrss.domain.errors import DomainError, NotFound, Unavailable
 from fibemrss.domain.feature_encoding import (
     GlobalStats,
@@ -52,6 +53,7 @@ from services.hospital_agent.training import train_local
 log = logging.getLogger(__name__)
 
 TRAINING_PURPOSE = "federated training"
+DATASET_SIZE_SECRET_NAME = "dataset-size-v1"
 
 
 @dataclass
@@ -105,9 +107,12 @@ class Participation:
         self._n_params = parameter_count(task.model, input_dim(task))
         self._strategy = strategy_from_hyper(task.hyper)
         self._keys: KeyExchange | None = None
+        self._secrets = secrets
+        if (task.pairwise_masking or task.weighting == "noised") and secrets is None:
+            raise ValueError("pairwise masking and noised weights need the hospital's secret store")
+        self._weights: dict[bytes, int] = {}
         if task.pairwise_masking:
-            if secrets is None:
-                raise ValueError("pairwise masking needs the hospital's secret store")
+            assert secrets is not None
             self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
         self._reset_global()
 
@@ -274,6 +279,23 @@ class Participation:
             stop.wait(0.5)
         return None
 
+    def _weight(self, info: RoundView) -> int:
+        """This hospital's weight in the federation: fixed once per federation id."""
+        assert self._data is not None
+        if info.federation_id not in self._weights:
+            secret = b"" if self._secrets is None else self._secrets.secret(DATASET_SIZE_SECRET_NAME)
+            self._weights[info.federation_id] = federation_weight(
+                len(self._data.train),
+                secret,
+                info.federation_id,
+                self.task.name,
+                self.task.weighting,
+                self.task.weight_noise_scale,
+                self.task.weight_quantum,
+                self._codec.params.max_weight,
+            )
+        return self._weights[info.federation_id]
+
     def _excluded(self, info: RoundView) -> bool:
         """A masked round whose cohort is fixed without this hospital: wait for the next round."""
         return self._keys is not None and info.cohort is not None and self.hospital not in info.cohort
@@ -282,15 +304,15 @@ class Participation:
         assert self._data is not None
         if self._keys is not None:
             self._keys.publish_key(info)
-        n_train = len(self._data.train)
+        weight = self._weight(info)
         if info.round == 0:
             stats = local_stats_vector(self.task, [e.values for e in self._data.train])
-            return self._submit(info, stats, n_train, stop)
+            return self._submit(info, stats, weight, stop)
         start = time.perf_counter()
         params = self._global_params(info.base_round)
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
         new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=info.round)
-        if not self._submit(info, new_params, n_train, stop):
+        if not self._submit(info, new_params, weight, stop):
             return False
         log.info(
             "round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)}

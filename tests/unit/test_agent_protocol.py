@@ -27,6 +27,7 @@ TASK: TaskSpec = dataclasses.replace(
     hyper=dataclasses.replace(HEART_DISEASE_V1.hyper, strategy="fedyogi", server_options=(("eta", 0.05),)),
     pairwise_masking=False,
     min_contributors=2,
+    weighting="examples",
 )
 HOSPITALS = ("a", "b")
 
