@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from fibemrss.domain.dataset_size import Weighting
@@ -48,6 +48,25 @@ class HyperParameters:
 
 
 @dataclass(frozen=True)
+class DpSpec:
+    """Patient-level differential privacy of local training (DP-SGD, fibemrss.domain.privacy_accounting).
+
+    Each step samples every training example independently with probability `sample_rate`
+    (Poisson sampling, which the accountant assumes), clips each example's gradient to
+    `max_grad_norm`, and adds Gaussian noise of standard deviation noise_multiplier x max_grad_norm
+    to their sum. `noise_multiplier` None derives it from (target_epsilon, target_delta) over the
+    task's rounds. The spend depends only on these fields and the task's rounds and local epochs,
+    never on a hospital's dataset size.
+    """
+
+    target_epsilon: float | None = 1.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    sample_rate: float = 0.05
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     features: tuple[FeatureSpec, ...]
@@ -72,6 +91,8 @@ class TaskSpec:
     weighting: Weighting = "noised"
     weight_noise_scale: float = 8.0
     weight_quantum: int = 8
+    # Patient-level DP-SGD in local training; None trains without it.
+    dp: DpSpec | None = None
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:
@@ -122,7 +143,16 @@ HEART_DISEASE_V1 = TaskSpec(
     hyper=HyperParameters(learning_rate=0.03, strategy="fedyogi", server_options=(("eta", 0.03),)),
 )
 
-TASKS: dict[str, TaskSpec] = {HEART_DISEASE_V1.name: HEART_DISEASE_V1}
+# The same task with patient-level DP-SGD (epsilon 1, delta 1e-3 over its 15 rounds: FLamby's
+# delta), used by `fibemrss demo --dp`.
+HEART_DISEASE_V1_DP = replace(
+    HEART_DISEASE_V1,
+    name="heart-disease-v1-dp",
+    hyper=replace(HEART_DISEASE_V1.hyper, learning_rate=0.1),
+    dp=DpSpec(target_epsilon=1.0, target_delta=1e-3, max_grad_norm=1.0, sample_rate=0.05),
+)
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (HEART_DISEASE_V1, HEART_DISEASE_V1_DP)}
 
 
 def get_task(name: str) -> TaskSpec:

@@ -16,17 +16,20 @@ from fibemrss.tools.commands import (
     ingest,
     keys,
     models,
+    privacy,
     quarantine,
     up,
 )
 
-COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench)
+COMMANDS = (up, demo, ingest, quarantine, models, privacy, keys, certs, federation, diagnose, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fibemrss",
-        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, bench",
+        description=(
+            "FIBEMRSS: up, demo, ingest, quarantine, models, privacy, keys, certs, federation, diagnose, bench"
+        ),
     )
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

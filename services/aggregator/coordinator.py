@@ -157,11 +157,16 @@ class Coordinator:
         total: int,
         chunks: Iterable[tuple[int, bytes]],
         attempt: int = 0,
+        epsilon: float = 0.0,
     ) -> bool:
         """Stores a whole submission; returns True when it was a repeat of an accepted one.
         Under pairwise masking `attempt` names the cohort the upload's masks were made for."""
         if total < 1:
             raise InvalidArgument("total_chunks must be at least 1")
+        if not (epsilon >= 0.0 and epsilon < float("inf")):
+            raise InvalidArgument(
+                "invalid epsilon", [FieldProblem("epsilon", "must be a finite number >= 0")]
+            )
         settings = self._store.settings(task)
         current = self._store.current_round(task)
         decision = decide_submission(settings, current, number, hospital)
@@ -176,7 +181,7 @@ class Coordinator:
         kept_bytes = 0
         try:
             masked_attempt = attempt if settings.pairwise_masking else None
-            with self._store.submission(task, number, hospital, total, masked_attempt) as writer:
+            with self._store.submission(task, number, hospital, total, masked_attempt, epsilon) as writer:
                 for index, ciphertext in chunks:
                     self._adder.check(ciphertext, index, total)
                     writer.add(index, ciphertext)

@@ -84,6 +84,7 @@ class Round:
     # With pairwise masking: the hospitals whose masks the round's uploads carry; None while the
     # key stage is open.
     cohort: frozenset[str] | None = None
+    epsilon: float = 0.0  # the largest DP epsilon its submitters report (0 without DP)
 
 
 SubmissionDecision = Literal["accept", "duplicate"]

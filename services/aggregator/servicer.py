@@ -65,6 +65,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             cohort=sorted(r.cohort or ()),
             federation_id=settings.federation_id,
             min_contributors=settings.min_contributors,
+            epsilon=r.epsilon,
         )
 
     def _current_info(self, task: str) -> pb.RoundInfo:
@@ -137,7 +138,13 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
                 yield chunk.index, chunk.ciphertext
 
         duplicate = self._coordinator.submit(
-            first.task, first.round, first.hospital, first.total_chunks, chunks(), first.attempt
+            first.task,
+            first.round,
+            first.hospital,
+            first.total_chunks,
+            chunks(),
+            first.attempt,
+            first.epsilon,
         )
         return pb.SubmitUpdateResponse(duplicate=duplicate, round=self._current_info(first.task))
 

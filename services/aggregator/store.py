@@ -123,7 +123,7 @@ class AggregatorStore:
             cur.execute(
                 "SELECT r.round, r.state, r.deadline_at, r.quorum_at, "
                 "COALESCE(array_agg(s.hospital) FILTER (WHERE s.hospital IS NOT NULL), '{}'), "
-                "r.attempt, r.cohort "
+                "r.attempt, r.cohort, COALESCE(max(s.epsilon), 0) "
                 "FROM rounds r LEFT JOIN submissions s ON s.task=r.task AND s.round=r.round "
                 "WHERE r.task=%s GROUP BY r.round, r.state, r.deadline_at, r.quorum_at, r.attempt, r.cohort "
                 "ORDER BY r.round",
@@ -139,8 +139,9 @@ class AggregatorStore:
                     frozenset(subs),
                     attempt,
                     None if cohort is None else frozenset(cohort),
+                    float(epsilon),
                 )
-                for n, state, deadline, quorum_at, subs, attempt, cohort in cur.fetchall()
+                for n, state, deadline, quorum_at, subs, attempt, cohort, epsilon in cur.fetchall()
             ]
 
     def current_round(self, task: str) -> Round:
@@ -157,7 +158,13 @@ class AggregatorStore:
 
     @contextmanager
     def submission(
-        self, task: str, number: int, hospital: str, total: int, masked_attempt: int | None = None
+        self,
+        task: str,
+        number: int,
+        hospital: str,
+        total: int,
+        masked_attempt: int | None = None,
+        epsilon: float = 0.0,
     ) -> Iterator[SubmissionWriter]:
         """A transaction that stores a whole submission or nothing. The round row is share-locked,
         so the round cannot start aggregating (or restart) while this upload is in flight. With
@@ -179,8 +186,9 @@ class AggregatorStore:
                 )
             try:
                 cur.execute(
-                    "INSERT INTO submissions (task, round, hospital, total_chunks) VALUES (%s,%s,%s,%s)",
-                    (task, number, hospital, total),
+                    "INSERT INTO submissions (task, round, hospital, total_chunks, epsilon) "
+                    "VALUES (%s,%s,%s,%s,%s)",
+                    (task, number, hospital, total, epsilon),
                 )
             except psycopg2.errors.UniqueViolation:
                 raise DuplicateSubmission(hospital) from None

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
+from fibemrss.db.privacy_ledger import PrivacyLedger
 from fibemrss.domain.task_spec import get_task
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
@@ -46,6 +47,9 @@ def main() -> None:
         codec=UpdateCodec(key),
         models=ModelStore(db),
         secrets=LocalSecretStore(db),
+        # The hospital's own privacy ledger and budgets (`fibemrss privacy ledger|budget`).
+        ledger=PrivacyLedger(db),
+        dataset=env_str("FIBEMRSS_DATASET", "emr"),
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:

@@ -79,7 +79,9 @@ class GrpcAggregator:
             request.wait_seconds = self._wait_seconds
         return round_view_from_proto(_call(lambda: self._stub.GetRound(request, timeout=60).round))
 
-    def submit(self, round_number: int, chunks: Sequence[bytes], attempt: int = 0) -> None:
+    def submit(
+        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+    ) -> None:
         def requests() -> Iterator[fpb.SubmitUpdateRequest]:
             for i, data in enumerate(chunks):
                 if i == 0:
@@ -91,6 +93,7 @@ class GrpcAggregator:
                         index=0,
                         ciphertext=data,
                         attempt=attempt,
+                        epsilon=epsilon,
                     )
                 else:
                     yield fpb.SubmitUpdateRequest(index=i, ciphertext=data)

@@ -61,8 +61,11 @@ class AggregatorPort(Protocol):
         """The current round; with `wait_for`, waits (bounded) until that round is current."""
         ...
 
-    def submit(self, round_number: int, chunks: Sequence[bytes], attempt: int = 0) -> None:
-        """`attempt`: under pairwise masking, the attempt whose cohort the masks were made for."""
+    def submit(
+        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+    ) -> None:
+        """`attempt`: under pairwise masking, the attempt whose cohort the masks were made for;
+        `epsilon`: the DP spend in the federation after this round (public, from the task spec)."""
         ...
 
     def fetch_aggregate(self, round_number: int) -> list[bytes]: ...

@@ -12,6 +12,7 @@ as every other hospital.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from fibemrss.domain.feature_encoding import (
     stats_vector_length,
 )
 from fibemrss.domain.model_params import accuracy_of_logits, layer_shapes
+from fibemrss.domain.privacy_accounting import epsilon_after_rounds, noise_multiplier, steps_per_round
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
 from fibemrss.domain.task_spec import TaskSpec
@@ -48,7 +50,8 @@ from services.hospital_agent.ports import (
     RoundView,
     SecretPort,
 )
-from services.hospital_agent.training import train_local
+from services.hospital_agent.privacy_guard import LedgerPort, PrivacyGuard
+from services.hospital_agent.training import train_local, train_local_dp
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class Evaluation:
     correct: int
     total: int
     model_version: int
+    epsilon: float | None = None  # this hospital's DP-SGD spend in the federation through this round
 
 
 @dataclass
@@ -74,6 +78,10 @@ class AgentProgress:
     error: str = ""
     train_examples: int = 0
     test_examples: int = 0
+    # Patient-level DP: the (epsilon, delta) this hospital has spent on the task in this
+    # federation, after each training round it took part in.
+    dp_delta: float = 0.0
+    epsilon_by_round: dict[int, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -93,6 +101,8 @@ class Participation:
         models: ModelStorePort,
         retry_delay: Callable[[int], float] = fixed_retry_delay,
         secrets: SecretPort | None = None,
+        ledger: LedgerPort | None = None,
+        dataset: str = "emr",
     ) -> None:
         self.hospital = hospital
         self.task = task
@@ -111,6 +121,8 @@ class Participation:
         if (task.pairwise_masking or task.weighting == "noised") and secrets is None:
             raise ValueError("pairwise masking and noised weights need the hospital's secret store")
         self._weights: dict[bytes, int] = {}
+        self._guard = PrivacyGuard(hospital, task, dataset, ledger) if ledger is not None else None
+        self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
         if task.pairwise_masking:
             assert secrets is not None
             self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
@@ -136,17 +148,20 @@ class Participation:
         return data
 
     # -- aggregates ------------------------------------------------------------------------------
-    def _submit(self, info: RoundView, values: np.ndarray, weight: int, stop: threading.Event) -> bool:
+    def _submit(
+        self, info: RoundView, values: np.ndarray, weight: int, stop: threading.Event, epsilon: float = 0.0
+    ) -> bool:
         """Uploads; False when a masked round restarted under the upload (take part again now)."""
+        epsilon = epsilon if math.isfinite(epsilon) else 0.0
         if self._keys is None:
-            self._aggregator.submit(info.round, self._codec.encrypt(values, weight))
+            self._aggregator.submit(info.round, self._codec.encrypt(values, weight), 0, epsilon)
         else:
             masked = self._keys.mask_for(info, ChunkKind.WEIGHTED_UPDATE, values.size, stop)
             if masked is None:
                 return True  # nothing to upload to this round
             chunks = self._codec.encrypt(values, weight, masked.mask)
             try:
-                self._aggregator.submit(info.round, chunks, masked.attempt)
+                self._aggregator.submit(info.round, chunks, masked.attempt, epsilon)
             except PeerRefused:
                 now = self._aggregator.current_round(None)
                 if (now.round, now.attempt) != (info.round, masked.attempt):
@@ -207,7 +222,13 @@ class Participation:
         with self.progress.lock:
             if not any(e.round == round_number for e in self.progress.evaluations):
                 self.progress.evaluations.append(
-                    Evaluation(round_number, acc.correct, acc.total, round_number)
+                    Evaluation(
+                        round_number,
+                        acc.correct,
+                        acc.total,
+                        round_number,
+                        self.progress.epsilon_by_round.get(round_number),
+                    )
                 )
         published = PublishedModel(
             model=self.task.model,
@@ -226,10 +247,22 @@ class Participation:
                 version=round_number,
                 federated_round=round_number,
                 model=published,
-                metrics={"local_test_accuracy": acc.value, "local_test_examples": acc.total},
+                metrics={
+                    "local_test_accuracy": acc.value,
+                    "local_test_examples": acc.total,
+                    **self._dp_metrics(round_number),
+                },
             ),
             actor=f"agent@{self.hospital}",
         )
+
+    def _dp_metrics(self, round_number: int) -> dict[str, float]:
+        dp = self.task.dp
+        with self.progress.lock:
+            epsilon = self.progress.epsilon_by_round.get(round_number)
+        if dp is None or epsilon is None:
+            return {}
+        return {"dp_epsilon": epsilon, "dp_delta": dp.target_delta, "dp_max_grad_norm": dp.max_grad_norm}
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -279,6 +312,16 @@ class Participation:
             stop.wait(0.5)
         return None
 
+    def _account(self, info: RoundView) -> float:
+        """Checks the hospital's budget and records this round's spend (raises BudgetExceeded);
+        the federation's DP-SGD epsilon after the round."""
+        if self._guard is not None:
+            return self._guard.before_round(info.federation_id, info.round).epsilon
+        if info.round >= 1 and self.task.dp is not None:
+            self._dp_rounds += 1
+            return epsilon_after_rounds(self.task, self.task.dp, self._dp_rounds)
+        return 0.0
+
     def _weight(self, info: RoundView) -> int:
         """This hospital's weight in the federation: fixed once per federation id."""
         assert self._data is not None
@@ -304,6 +347,7 @@ class Participation:
         assert self._data is not None
         if self._keys is not None:
             self._keys.publish_key(info)
+        epsilon = self._account(info)
         weight = self._weight(info)
         if info.round == 0:
             stats = local_stats_vector(self.task, [e.values for e in self._data.train])
@@ -311,8 +355,18 @@ class Participation:
         start = time.perf_counter()
         params = self._global_params(info.base_round)
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
-        new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=info.round)
-        if not self._submit(info, new_params, weight, stop):
+        dp = self.task.dp
+        if dp is None:
+            new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=info.round)
+        else:
+            sigma, steps = noise_multiplier(self.task, dp), steps_per_round(self.task, dp)
+            new_params = train_local_dp(
+                self.task.model, params, x, y, self.task.hyper, dp, sigma, steps, info.round
+            )
+            with self.progress.lock:
+                self.progress.epsilon_by_round[info.round] = epsilon
+                self.progress.dp_delta = dp.target_delta
+        if not self._submit(info, new_params, weight, stop, epsilon if dp is not None else 0.0):
             return False
         log.info(
             "round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)}

@@ -150,7 +150,9 @@ class HospitalView:
         self._maybe_trip("current_round", info.round)
         return info
 
-    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None:
+    def submit(
+        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+    ) -> None:
         self._maybe_trip("submit", round_number)
         self._agg.submit(self._hospital, round_number, chunks)
 
@@ -283,7 +285,7 @@ def test_a_refusing_peer_stops_the_agent_with_the_reason_and_no_federation_yet_i
     # Waiting for the federation swallows NOT_FOUND; a refused upload ends the agent's part.
     original = view.submit
 
-    def refuse(round_number: int, chunks: Sequence[bytes]) -> None:
+    def refuse(round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0) -> None:
         if round_number == 0:
             raise PeerRefused("PERMISSION_DENIED: caller agent@a may not act for hospital 'x'")
         original(round_number, chunks)

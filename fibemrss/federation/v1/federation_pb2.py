@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fibemrss/federation/v1/federation.proto\x12\x16\x66ibemrss.federation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x01\n\x16StartFederationRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x15\n\rgrace_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x11\n\thospitals\x18\x06 \x03(\t\x12\x18\n\x10pairwise_masking\x18\x07 \x01(\x08\x12\x18\n\x10min_contributors\x18\x08 \x01(\x05\"S\n\x17StartFederationResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"~\n\x0fGetRoundRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x1b\n\x0ewait_for_round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fwait_for_cohort\x18\x04 \x01(\x08\x42\x11\n\x0f_wait_for_round\"D\n\x10GetRoundResponse\x12\x30\n\x05round\x18\x01 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"\xfc\x02\n\tRoundInfo\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".fibemrss.federation.v1.RoundState\x12\x11\n\tsubmitted\x18\x04 \x03(\t\x12\x0e\n\x06quorum\x18\x05 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66\x65\x64\x65ration_done\x18\x07 \x01(\x08\x12\x0e\n\x06rounds\x18\x08 \x01(\x05\x12\x12\n\nbase_round\x18\t \x01(\x03\x12\x0f\n\x07\x66\x61ilure\x18\n \x01(\t\x12\x18\n\x10pairwise_masking\x18\x0b \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x14\n\x0c\x63ohort_fixed\x18\r \x01(\x08\x12\x0e\n\x06\x63ohort\x18\x0e \x03(\t\x12\x15\n\rfederation_id\x18\x0f \x01(\x0c\x12\x18\n\x10min_contributors\x18\x10 \x01(\x05\"\x8e\x01\n\x13SubmitUpdateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\x12\x14\n\x0ctotal_chunks\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\"[\n\x14SubmitUpdateResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x30\n\x05round\x18\x02 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"F\n\x15\x46\x65tchAggregateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\"g\n\x16\x46\x65tchAggregateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_chunks\x18\x02 \x01(\x05\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x04 \x01(\x05\"Z\n\x15PublishMaskKeyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"J\n\x16PublishMaskKeyResponse\x12\x30\n\x05round\x18\x01 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"1\n\x12GetMaskKeysRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\"/\n\x07MaskKey\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"D\n\x13GetMaskKeysResponse\x12-\n\x04keys\x18\x01 \x03(\x0b\x32\x1f.fibemrss.federation.v1.MaskKey\"*\n\x1aGetFederationStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"W\n\x1bGetFederationStatusResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"\xef\x01\n\x10\x46\x65\x64\x65rationStatus\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x11\n\thospitals\x18\x04 \x03(\t\x12\x32\n\x07\x63urrent\x18\x05 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\x12\x32\n\x07history\x18\x06 \x03(\x0b\x32!.fibemrss.federation.v1.RoundInfo\x12\x18\n\x10pairwise_masking\x18\x07 \x01(\x08\x12\x18\n\x10min_contributors\x18\x08 \x01(\x05\"%\n\x15GetAgentStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"R\n\nEvaluation\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\"M\n\x16GetAgentStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.fibemrss.federation.v1.AgentStatus\"\xd0\x01\n\x0b\x41gentStatus\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x1c\n\x14last_submitted_round\x18\x03 \x01(\x03\x12\x37\n\x0b\x65valuations\x18\x04 \x03(\x0b\x32\".fibemrss.federation.v1.Evaluation\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0etrain_examples\x18\x07 \x01(\x05\x12\x15\n\rtest_examples\x18\x08 \x01(\x05*\xa8\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x16\n\x12ROUND_STATE_CLOSED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05\x32\x9f\x06\n\x11\x41ggregatorService\x12r\n\x0fStartFederation\x12..fibemrss.federation.v1.StartFederationRequest\x1a/.fibemrss.federation.v1.StartFederationResponse\x12]\n\x08GetRound\x12\'.fibemrss.federation.v1.GetRoundRequest\x1a(.fibemrss.federation.v1.GetRoundResponse\x12k\n\x0cSubmitUpdate\x12+.fibemrss.federation.v1.SubmitUpdateRequest\x1a,.fibemrss.federation.v1.SubmitUpdateResponse(\x01\x12q\n\x0e\x46\x65tchAggregate\x12-.fibemrss.federation.v1.FetchAggregateRequest\x1a..fibemrss.federation.v1.FetchAggregateResponse0\x01\x12~\n\x13GetFederationStatus\x12\x32.fibemrss.federation.v1.GetFederationStatusRequest\x1a\x33.fibemrss.federation.v1.GetFederationStatusResponse\x12o\n\x0ePublishMaskKey\x12-.fibemrss.federation.v1.PublishMaskKeyRequest\x1a..fibemrss.federation.v1.PublishMaskKeyResponse\x12\x66\n\x0bGetMaskKeys\x12*.fibemrss.federation.v1.GetMaskKeysRequest\x1a+.fibemrss.federation.v1.GetMaskKeysResponse2\x87\x01\n\x14HospitalAgentService\x12o\n\x0eGetAgentStatus\x12-.fibemrss.federation.v1.GetAgentStatusRequest\x1a..fibemrss.federation.v1.GetAgentStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'fibemrss/federation/v1/federation.proto\x12\x16\x66ibemrss.federation.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x01\n\x16StartFederationRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x15\n\rgrace_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\x12\x11\n\thospitals\x18\x06 \x03(\t\x12\x18\n\x10pairwise_masking\x18\x07 \x01(\x08\x12\x18\n\x10min_contributors\x18\x08 \x01(\x05\"S\n\x17StartFederationResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"~\n\x0fGetRoundRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x1b\n\x0ewait_for_round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fwait_for_cohort\x18\x04 \x01(\x08\x42\x11\n\x0f_wait_for_round\"D\n\x10GetRoundResponse\x12\x30\n\x05round\x18\x01 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"\x8d\x03\n\tRoundInfo\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".fibemrss.federation.v1.RoundState\x12\x11\n\tsubmitted\x18\x04 \x03(\t\x12\x0e\n\x06quorum\x18\x05 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x66\x65\x64\x65ration_done\x18\x07 \x01(\x08\x12\x0e\n\x06rounds\x18\x08 \x01(\x05\x12\x12\n\nbase_round\x18\t \x01(\x03\x12\x0f\n\x07\x66\x61ilure\x18\n \x01(\t\x12\x18\n\x10pairwise_masking\x18\x0b \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x0c \x01(\x05\x12\x14\n\x0c\x63ohort_fixed\x18\r \x01(\x08\x12\x0e\n\x06\x63ohort\x18\x0e \x03(\t\x12\x15\n\rfederation_id\x18\x0f \x01(\x0c\x12\x18\n\x10min_contributors\x18\x10 \x01(\x05\x12\x0f\n\x07\x65psilon\x18\x11 \x01(\x01\"\x9f\x01\n\x13SubmitUpdateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\x12\x14\n\x0ctotal_chunks\x18\x04 \x01(\x05\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x0f\n\x07\x65psilon\x18\x08 \x01(\x01\"[\n\x14SubmitUpdateResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x30\n\x05round\x18\x02 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"F\n\x15\x46\x65tchAggregateRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\"g\n\x16\x46\x65tchAggregateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x14\n\x0ctotal_chunks\x18\x02 \x01(\x05\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontributors\x18\x04 \x01(\x05\"Z\n\x15PublishMaskKeyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08hospital\x18\x03 \x01(\t\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"J\n\x16PublishMaskKeyResponse\x12\x30\n\x05round\x18\x01 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\"1\n\x12GetMaskKeysRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\"/\n\x07MaskKey\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"D\n\x13GetMaskKeysResponse\x12-\n\x04keys\x18\x01 \x03(\x0b\x32\x1f.fibemrss.federation.v1.MaskKey\"*\n\x1aGetFederationStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"W\n\x1bGetFederationStatusResponse\x12\x38\n\x06status\x18\x01 \x01(\x0b\x32(.fibemrss.federation.v1.FederationStatus\"\xef\x01\n\x10\x46\x65\x64\x65rationStatus\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x05\x12\x0e\n\x06quorum\x18\x03 \x01(\x05\x12\x11\n\thospitals\x18\x04 \x03(\t\x12\x32\n\x07\x63urrent\x18\x05 \x01(\x0b\x32!.fibemrss.federation.v1.RoundInfo\x12\x32\n\x07history\x18\x06 \x03(\x0b\x32!.fibemrss.federation.v1.RoundInfo\x12\x18\n\x10pairwise_masking\x18\x07 \x01(\x08\x12\x18\n\x10min_contributors\x18\x08 \x01(\x05\"%\n\x15GetAgentStatusRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"c\n\nEvaluation\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x63orrect\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0f\n\x07\x65psilon\x18\x05 \x01(\x01\"M\n\x16GetAgentStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.fibemrss.federation.v1.AgentStatus\"\xfc\x01\n\x0b\x41gentStatus\x12\x10\n\x08hospital\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x1c\n\x14last_submitted_round\x18\x03 \x01(\x03\x12\x37\n\x0b\x65valuations\x18\x04 \x03(\x0b\x32\".fibemrss.federation.v1.Evaluation\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x16\n\x0etrain_examples\x18\x07 \x01(\x05\x12\x15\n\rtest_examples\x18\x08 \x01(\x05\x12\n\n\x02\x64p\x18\t \x01(\x08\x12\x0f\n\x07\x65psilon\x18\n \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x01*\xa8\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10ROUND_STATE_OPEN\x10\x01\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x02\x12\x1b\n\x17ROUND_STATE_AGGREGATING\x10\x03\x12\x16\n\x12ROUND_STATE_CLOSED\x10\x04\x12\x16\n\x12ROUND_STATE_FAILED\x10\x05\x32\x9f\x06\n\x11\x41ggregatorService\x12r\n\x0fStartFederation\x12..fibemrss.federation.v1.StartFederationRequest\x1a/.fibemrss.federation.v1.StartFederationResponse\x12]\n\x08GetRound\x12\'.fibemrss.federation.v1.GetRoundRequest\x1a(.fibemrss.federation.v1.GetRoundResponse\x12k\n\x0cSubmitUpdate\x12+.fibemrss.federation.v1.SubmitUpdateRequest\x1a,.fibemrss.federation.v1.SubmitUpdateResponse(\x01\x12q\n\x0e\x46\x65tchAggregate\x12-.fibemrss.federation.v1.FetchAggregateRequest\x1a..fibemrss.federation.v1.FetchAggregateResponse0\x01\x12~\n\x13GetFederationStatus\x12\x32.fibemrss.federation.v1.GetFederationStatusRequest\x1a\x33.fibemrss.federation.v1.GetFederationStatusResponse\x12o\n\x0ePublishMaskKey\x12-.fibemrss.federation.v1.PublishMaskKeyRequest\x1a..fibemrss.federation.v1.PublishMaskKeyResponse\x12\x66\n\x0bGetMaskKeys\x12*.fibemrss.federation.v1.GetMaskKeysRequest\x1a+.fibemrss.federation.v1.GetMaskKeysResponse2\x87\x01\n\x14HospitalAgentService\x12o\n\x0eGetAgentStatus\x12-.fibemrss.federation.v1.GetAgentStatusRequest\x1a..fibemrss.federation.v1.GetAgentStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fibemrss.federation.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUNDSTATE']._serialized_start=2501
-  _globals['_ROUNDSTATE']._serialized_end=2669
+  _globals['_ROUNDSTATE']._serialized_start=2596
+  _globals['_ROUNDSTATE']._serialized_end=2764
   _globals['_STARTFEDERATIONREQUEST']._serialized_start=101
   _globals['_STARTFEDERATIONREQUEST']._serialized_end=291
   _globals['_STARTFEDERATIONRESPONSE']._serialized_start=293
@@ -43,41 +43,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETROUNDRESPONSE']._serialized_start=506
   _globals['_GETROUNDRESPONSE']._serialized_end=574
   _globals['_ROUNDINFO']._serialized_start=577
-  _globals['_ROUNDINFO']._serialized_end=957
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=960
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1102
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1104
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1195
-  _globals['_FETCHAGGREGATEREQUEST']._serialized_start=1197
-  _globals['_FETCHAGGREGATEREQUEST']._serialized_end=1267
-  _globals['_FETCHAGGREGATERESPONSE']._serialized_start=1269
-  _globals['_FETCHAGGREGATERESPONSE']._serialized_end=1372
-  _globals['_PUBLISHMASKKEYREQUEST']._serialized_start=1374
-  _globals['_PUBLISHMASKKEYREQUEST']._serialized_end=1464
-  _globals['_PUBLISHMASKKEYRESPONSE']._serialized_start=1466
-  _globals['_PUBLISHMASKKEYRESPONSE']._serialized_end=1540
-  _globals['_GETMASKKEYSREQUEST']._serialized_start=1542
-  _globals['_GETMASKKEYSREQUEST']._serialized_end=1591
-  _globals['_MASKKEY']._serialized_start=1593
-  _globals['_MASKKEY']._serialized_end=1640
-  _globals['_GETMASKKEYSRESPONSE']._serialized_start=1642
-  _globals['_GETMASKKEYSRESPONSE']._serialized_end=1710
-  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_start=1712
-  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_end=1754
-  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_start=1756
-  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_end=1843
-  _globals['_FEDERATIONSTATUS']._serialized_start=1846
-  _globals['_FEDERATIONSTATUS']._serialized_end=2085
-  _globals['_GETAGENTSTATUSREQUEST']._serialized_start=2087
-  _globals['_GETAGENTSTATUSREQUEST']._serialized_end=2124
-  _globals['_EVALUATION']._serialized_start=2126
-  _globals['_EVALUATION']._serialized_end=2208
-  _globals['_GETAGENTSTATUSRESPONSE']._serialized_start=2210
-  _globals['_GETAGENTSTATUSRESPONSE']._serialized_end=2287
-  _globals['_AGENTSTATUS']._serialized_start=2290
-  _globals['_AGENTSTATUS']._serialized_end=2498
-  _globals['_AGGREGATORSERVICE']._serialized_start=2672
-  _globals['_AGGREGATORSERVICE']._serialized_end=3471
-  _globals['_HOSPITALAGENTSERVICE']._serialized_start=3474
-  _globals['_HOSPITALAGENTSERVICE']._serialized_end=3609
+  _globals['_ROUNDINFO']._serialized_end=974
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=977
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1136
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1138
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1229
+  _globals['_FETCHAGGREGATEREQUEST']._serialized_start=1231
+  _globals['_FETCHAGGREGATEREQUEST']._serialized_end=1301
+  _globals['_FETCHAGGREGATERESPONSE']._serialized_start=1303
+  _globals['_FETCHAGGREGATERESPONSE']._serialized_end=1406
+  _globals['_PUBLISHMASKKEYREQUEST']._serialized_start=1408
+  _globals['_PUBLISHMASKKEYREQUEST']._serialized_end=1498
+  _globals['_PUBLISHMASKKEYRESPONSE']._serialized_start=1500
+  _globals['_PUBLISHMASKKEYRESPONSE']._serialized_end=1574
+  _globals['_GETMASKKEYSREQUEST']._serialized_start=1576
+  _globals['_GETMASKKEYSREQUEST']._serialized_end=1625
+  _globals['_MASKKEY']._serialized_start=1627
+  _globals['_MASKKEY']._serialized_end=1674
+  _globals['_GETMASKKEYSRESPONSE']._serialized_start=1676
+  _globals['_GETMASKKEYSRESPONSE']._serialized_end=1744
+  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_start=1746
+  _globals['_GETFEDERATIONSTATUSREQUEST']._serialized_end=1788
+  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_start=1790
+  _globals['_GETFEDERATIONSTATUSRESPONSE']._serialized_end=1877
+  _globals['_FEDERATIONSTATUS']._serialized_start=1880
+  _globals['_FEDERATIONSTATUS']._serialized_end=2119
+  _globals['_GETAGENTSTATUSREQUEST']._serialized_start=2121
+  _globals['_GETAGENTSTATUSREQUEST']._serialized_end=2158
+  _globals['_EVALUATION']._serialized_start=2160
+  _globals['_EVALUATION']._serialized_end=2259
+  _globals['_GETAGENTSTATUSRESPONSE']._serialized_start=2261
+  _globals['_GETAGENTSTATUSRESPONSE']._serialized_end=2338
+  _globals['_AGENTSTATUS']._serialized_start=2341
+  _globals['_AGENTSTATUS']._serialized_end=2593
+  _globals['_AGGREGATORSERVICE']._serialized_start=2767
+  _globals['_AGGREGATORSERVICE']._serialized_end=3566
+  _globals['_HOSPITALAGENTSERVICE']._serialized_start=3569
+  _globals['_HOSPITALAGENTSERVICE']._serialized_end=3704
 # @@protoc_insertion_point(module_scope)

@@ -186,6 +186,7 @@ class RoundInfo(_message.Message):
     COHORT_FIELD_NUMBER: _builtins.int
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     state: Global___RoundState.ValueType
@@ -207,6 +208,10 @@ class RoundInfo(_message.Message):
     cohort_fixed: _builtins.bool
     federation_id: _builtins.bytes
     min_contributors: _builtins.int
+    epsilon: _builtins.float
+    """Patient-level DP: the largest epsilon the round's submitters report having spent in this
+    federation after training it (0 without DP). A function of the task spec only.
+    """
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -232,10 +237,11 @@ class RoundInfo(_message.Message):
         cohort: _abc.Iterable[_builtins.str] | None = ...,
         federation_id: _builtins.bytes = ...,
         min_contributors: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_round", b"base_round", "cohort", b"cohort", "cohort_fixed", b"cohort_fixed", "deadline", b"deadline", "failure", b"failure", "federation_done", b"federation_done", "federation_id", b"federation_id", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_round", b"base_round", "cohort", b"cohort", "cohort_fixed", b"cohort_fixed", "deadline", b"deadline", "epsilon", b"epsilon", "failure", b"failure", "federation_done", b"federation_done", "federation_id", b"federation_id", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -252,6 +258,7 @@ class SubmitUpdateRequest(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """Set on the first chunk of a stream."""
     round: _builtins.int
@@ -262,6 +269,8 @@ class SubmitUpdateRequest(_message.Message):
     ciphertext: _builtins.bytes
     attempt: _builtins.int
     """With pairwise masking: the attempt whose cohort the masks were made for (first chunk)."""
+    epsilon: _builtins.float
+    """Patient-level DP: the epsilon the hospital has spent in this federation after this round."""
     def __init__(
         self,
         *,
@@ -272,10 +281,11 @@ class SubmitUpdateRequest(_message.Message):
         index: _builtins.int = ...,
         ciphertext: _builtins.bytes = ...,
         attempt: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ciphertext", b"ciphertext", "hospital", b"hospital", "index", b"index", "round", b"round", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ciphertext", b"ciphertext", "epsilon", b"epsilon", "hospital", b"hospital", "index", b"index", "round", b"round", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,11 +590,14 @@ class Evaluation(_message.Message):
     CORRECT_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """Global model after training round `round` (0 is the untrained model)."""
     correct: _builtins.int
     total: _builtins.int
     model_version: _builtins.int
+    epsilon: _builtins.float
+    """Patient-level DP: this hospital's epsilon in the federation through this round (0 without DP)."""
     def __init__(
         self,
         *,
@@ -592,10 +605,11 @@ class Evaluation(_message.Message):
         correct: _builtins.int = ...,
         total: _builtins.int = ...,
         model_version: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "model_version", b"model_version", "round", b"round", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "epsilon", b"epsilon", "model_version", b"model_version", "round", b"round", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -633,6 +647,9 @@ class AgentStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
     TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
+    DP_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     task: _builtins.str
     last_submitted_round: _builtins.int
@@ -640,6 +657,12 @@ class AgentStatus(_message.Message):
     error: _builtins.str
     train_examples: _builtins.int
     test_examples: _builtins.int
+    dp: _builtins.bool
+    """Patient-level DP (DP-SGD): whether local training is private, and (epsilon, delta) spent
+    in this federation so far.
+    """
+    epsilon: _builtins.float
+    delta: _builtins.float
     @_builtins.property
     def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evaluation]: ...
     def __init__(
@@ -653,10 +676,13 @@ class AgentStatus(_message.Message):
         error: _builtins.str = ...,
         train_examples: _builtins.int = ...,
         test_examples: _builtins.int = ...,
+        dp: _builtins.bool = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "done", b"done", "dp", b"dp", "epsilon", b"epsilon", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -18,6 +18,12 @@ def add_parser(subparsers: Any) -> None:
     demo.add_argument("--database-url")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument(
+        "--dp",
+        action="store_true",
+        help="patient-level DP-SGD in local training (task heart-disease-v1-dp: epsilon 1, delta 1e-3 "
+        "over 15 rounds); prints the epsilon spent per round",
+    )
+    demo.add_argument(
         "--serve", action="store_true", help="keep serving after the rounds until SIGINT/SIGTERM"
     )
     demo.add_argument(
@@ -35,5 +41,6 @@ def run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             database_url=args.database_url,
             serve_endpoints=Path(args.endpoints_json) if args.serve else None,
+            dp=args.dp,
         )
     return 0

@@ -17,3 +17,7 @@ CREATE TABLE mask_keys (
     PRIMARY KEY (task, round, hospital),
     FOREIGN KEY (task, round) REFERENCES rounds(task, round)
 );
+
+-- Patient-level DP: the epsilon a hospital reports having spent after the round (a function of
+-- the task spec, not of any data), shown in the federation status.
+ALTER TABLE submissions ADD COLUMN epsilon double precision;
