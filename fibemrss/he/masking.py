@@ -134,8 +134,12 @@ def cohort_mask(
 
 
 def apply_mask(slots: np.ndarray, mask: np.ndarray, modulus: int) -> np.ndarray:
-    """(slots + mask) mod modulus, in the centered range (-modulus/2, modulus/2] SEAL encodes."""
+    """(slots + mask) mod modulus, in the centered range (-modulus/2, modulus/2] SEAL encodes.
+
+    Encoded slots lie in (-modulus/2, modulus/2] (the codec's bounds keep them far inside) and the
+    mask in [0, modulus), so one conditional subtraction folds the sum back: no division."""
     if mask.shape != slots.shape:
         raise ValueError(f"mask covers {mask.size} slots, the vector {slots.size}")
-    masked = (slots.astype(np.int64) % modulus + mask) % modulus
-    return np.where(masked > modulus // 2, masked - modulus, masked)
+    masked = slots.astype(np.int64) + mask
+    np.subtract(masked, modulus, out=masked, where=masked > modulus // 2)
+    return masked

@@ -246,7 +246,11 @@ def train_centralized(task: TaskSpec, x: np.ndarray, y: np.ndarray, config: Benc
 
 # -- the bench -------------------------------------------------------------------------------------------
 def prepare(
-    task: TaskSpec, shared_data: Path | None, stats_average: Averager, validation: bool = False
+    task: TaskSpec,
+    shared_data: Path | None,
+    stats_average: Averager,
+    validation: bool = False,
+    split_seed: int = SPLIT_SEED,
 ) -> tuple[list[Hospital], GlobalStats, str]:
     """Encoded hospitals; with validation=True the held-out rows are carved from the TRAIN rows
     (the test rows are never read), which is what the hyper-parameters were chosen on."""
@@ -254,7 +258,7 @@ def prepare(
     train_rows: dict[str, Rows] = {}
     held_out_rows: dict[str, Rows] = {}
     for k, (h, hospital_rows) in enumerate(rows.items()):
-        train_idx, test_idx = split_indices([label for _, label in hospital_rows], (SPLIT_SEED, k))
+        train_idx, test_idx = split_indices([label for _, label in hospital_rows], (split_seed, k))
         train_rows[h] = [hospital_rows[i] for i in train_idx]
         held_out_rows[h] = [hospital_rows[i] for i in test_idx]
         if validation:
