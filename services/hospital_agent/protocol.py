@@ -123,6 +123,8 @@ class Participation:
         self._weights: dict[bytes, int] = {}
         self._guard = PrivacyGuard(hospital, task, dataset, ledger) if ledger is not None else None
         self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
+        # The last round's update, kept for a masked round that restarts as another attempt.
+        self._trained: tuple[tuple[bytes, int], np.ndarray, float] | None = None
         if task.pairwise_masking:
             assert secrets is not None
             self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
@@ -347,12 +349,19 @@ class Participation:
         assert self._data is not None
         if self._keys is not None:
             self._keys.publish_key(info)
-        epsilon = self._account(info)
         weight = self._weight(info)
         if info.round == 0:
+            self._account(info)
             stats = local_stats_vector(self.task, [e.values for e in self._data.train])
             return self._submit(info, stats, weight, stop)
         start = time.perf_counter()
+        key = (info.federation_id, info.round)
+        if self._trained is not None and self._trained[0] == key:
+            # A masked round restarted: upload the same update again (under fresh masks), so
+            # nothing new is released and no new privacy is spent.
+            _, new_params, epsilon = self._trained
+            return self._submit(info, new_params, weight, stop, epsilon)
+        epsilon = self._account(info)
         params = self._global_params(info.base_round)
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
         dp = self.task.dp
@@ -366,7 +375,9 @@ class Participation:
             with self.progress.lock:
                 self.progress.epsilon_by_round[info.round] = epsilon
                 self.progress.dp_delta = dp.target_delta
-        if not self._submit(info, new_params, weight, stop, epsilon if dp is not None else 0.0):
+        epsilon = epsilon if dp is not None else 0.0
+        self._trained = (key, new_params, epsilon)
+        if not self._submit(info, new_params, weight, stop, epsilon):
             return False
         log.info(
             "round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)}
