@@ -23,6 +23,7 @@ from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.task_spec import (
     CONDITION_CATEGORIES,
     CohortSpec,
+    DpSpec,
     FeatureSpec,
     HyperParameters,
     LabelSpec,
@@ -36,7 +37,7 @@ MODELS = ("logistic_regression", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 TOP_LEVEL = {
     "format", "study", "version", "description", "features", "label", "cohort", "model",
-    "hyper_parameters", "federation", "evaluation",
+    "hyper_parameters", "federation", "evaluation", "privacy",
 }  # fmt: skip
 
 
@@ -214,6 +215,48 @@ def _hyper(r: _Reader, raw: Any) -> HyperParameters:
     )
 
 
+def _privacy(r: _Reader, raw: Any) -> dict[str, Any]:
+    d = r.obj(
+        raw or {},
+        "privacy",
+        {"pairwise_masking", "min_contributors", "weighting", "weight_noise_scale", "weight_quantum", "dp"},
+    )
+    out: dict[str, Any] = {}
+    masking = d.get("pairwise_masking", True)
+    if not isinstance(masking, bool):
+        r.bad("privacy.pairwise_masking", "must be true or false")
+    out["pairwise_masking"] = bool(masking)
+    out["min_contributors"] = r.integer(d, "min_contributors", "privacy.min_contributors", 3, low=1) or 3
+    weighting = r.text(d, "weighting", "privacy.weighting", required=False, default="noised")
+    if weighting not in ("noised", "examples"):
+        r.bad("privacy.weighting", "must be noised or examples")
+    out["weighting"] = weighting
+    out["weight_noise_scale"] = r.number(d, "weight_noise_scale", "privacy.weight_noise_scale", 8.0, low=0.0)
+    out["weight_quantum"] = r.integer(d, "weight_quantum", "privacy.weight_quantum", 8, low=1) or 8
+    out["dp"] = None
+    if d.get("dp") is not None:
+        dp = r.obj(
+            d["dp"],
+            "privacy.dp",
+            {"target_epsilon", "target_delta", "max_grad_norm", "noise_multiplier", "sample_rate"},
+        )
+        out["dp"] = DpSpec(
+            target_epsilon=r.number(dp, "target_epsilon", "privacy.dp.target_epsilon", 1.0, positive=True),
+            target_delta=r.number(
+                dp, "target_delta", "privacy.dp.target_delta", 1e-5, positive=True, high=0.1
+            )
+            or 1e-5,
+            max_grad_norm=r.number(dp, "max_grad_norm", "privacy.dp.max_grad_norm", 1.0, positive=True)
+            or 1.0,
+            noise_multiplier=r.number(
+                dp, "noise_multiplier", "privacy.dp.noise_multiplier", None, positive=True
+            ),
+            sample_rate=r.number(dp, "sample_rate", "privacy.dp.sample_rate", 0.05, positive=True, high=1.0)
+            or 0.05,
+        )
+    return out
+
+
 def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
     """A study document (YAML or JSON) as a TaskSpec; InvalidArgument naming every bad field."""
     try:
@@ -264,6 +307,7 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
     threshold = r.number(ev, "threshold", "evaluation.threshold", 0.5, low=0.0, high=1.0) or 0.5
     test_fraction = r.number(ev, "test_fraction", "evaluation.test_fraction", 0.2, low=0.0, high=0.9)
     split_seed = r.text(ev, "split_seed", "evaluation.split_seed", required=False, default=f"{name}-split-1")
+    privacy = _privacy(r, d.get("privacy"))
     if r.problems:
         raise InvalidArgument("invalid study document", r.problems)
     return TaskSpec(
@@ -280,6 +324,7 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
         cohort=cohort,
         description=r.text(d, "description", "description", required=False),
         version=version or 1,
+        **privacy,
     )
 
 
@@ -338,6 +383,25 @@ def study_to_json(task: TaskSpec) -> dict[str, Any]:
             "split_seed": task.split_seed,
         },
     }
+    doc["privacy"] = {
+        "pairwise_masking": task.pairwise_masking,
+        "min_contributors": task.min_contributors,
+        "weighting": task.weighting,
+        "weight_noise_scale": task.weight_noise_scale,
+        "weight_quantum": task.weight_quantum,
+    }
+    if task.dp is not None:
+        doc["privacy"]["dp"] = {
+            k: v
+            for k, v in (
+                ("target_epsilon", task.dp.target_epsilon),
+                ("target_delta", task.dp.target_delta),
+                ("max_grad_norm", task.dp.max_grad_norm),
+                ("noise_multiplier", task.dp.noise_multiplier),
+                ("sample_rate", task.dp.sample_rate),
+            )
+            if v is not None
+        }
     c = task.cohort
     if c != CohortSpec():
         doc["cohort"] = {

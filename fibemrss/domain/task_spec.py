@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fibemrss.domain.dataset_size import Weighting
 from fibemrss.domain.errors import NotFound
 
 FeatureSource = Literal["age", "sex", "numeric", "coded", "condition"]
@@ -65,6 +66,25 @@ class HyperParameters:
 
 
 @dataclass(frozen=True)
+class DpSpec:
+    """Patient-level differential privacy of local training (DP-SGD, fibemrss.domain.privacy_accounting).
+
+    Each step samples every training example independently with probability `sample_rate`
+    (Poisson sampling, which the accountant assumes), clips each example's gradient to
+    `max_grad_norm`, and adds Gaussian noise of standard deviation noise_multiplier x max_grad_norm
+    to their sum. `noise_multiplier` None derives it from (target_epsilon, target_delta) over the
+    task's rounds. The spend depends only on these fields and the task's rounds and local epochs,
+    never on a hospital's dataset size.
+    """
+
+    target_epsilon: float | None = 1.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    sample_rate: float = 0.05
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     features: tuple[FeatureSpec, ...]
@@ -81,6 +101,19 @@ class TaskSpec:
     cohort: CohortSpec = field(default_factory=CohortSpec)
     description: str = ""
     version: int = 1  # the study document's version: part of its identity
+    # Privacy of the aggregation (docs/he-codec.md): uploads carry pairwise masks that cancel
+    # only in the sum of a whole cohort, and no hospital submits to, or decrypts, a sum of fewer
+    # than min_contributors hospitals.
+    pairwise_masking: bool = True
+    min_contributors: int = 3
+    # The weight of a hospital's updates (fibemrss.domain.dataset_size): "noised" is its example
+    # count plus discrete Laplace noise of this scale, rounded to this quantum, drawn once per
+    # federation, so no one computes its patient count; "examples" is the exact count.
+    weighting: Weighting = "noised"
+    weight_noise_scale: float = 8.0
+    weight_quantum: int = 8
+    # Patient-level DP-SGD in local training; None trains without it.
+    dp: DpSpec | None = None
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

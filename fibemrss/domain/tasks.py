@@ -20,6 +20,8 @@ def _shipped() -> dict[str, TaskSpec]:
 
 TASKS: dict[str, TaskSpec] = _shipped()
 HEART_DISEASE_V1 = TASKS["heart-disease-v1"]
+# The same study with patient-level DP-SGD, used by `fibemrss demo --dp`.
+HEART_DISEASE_V1_DP = TASKS["heart-disease-v1-dp"]
 
 
 def get_task(name: str) -> TaskSpec:

@@ -17,6 +17,7 @@ from tenseal import sealapi
 from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, pack_chunk, unpack_chunk, unpack_header
 from fibemrss.he.errors import HeFormatError, HeKeyError, HeOverflowError
 from fibemrss.he.keys import AggregatorKey, HospitalKey
+from fibemrss.he.masking import apply_mask
 from fibemrss.he.params import HeParams
 from fibemrss.he.seal_bytes import SealBytes
 
@@ -26,6 +27,11 @@ def ciphertexts_per_chunk_layout(params: HeParams, n_slots: int) -> list[int]:
     n_ciphertexts = max(1, math.ceil(n_slots / params.slots_per_ciphertext))
     per_chunk = params.ciphertexts_per_chunk
     return [min(per_chunk, n_ciphertexts - start) for start in range(0, n_ciphertexts, per_chunk)]
+
+
+def slot_count(kind: ChunkKind, n_values: int) -> int:
+    """Slots a vector of n_values occupies (a weighted update puts its weight in slot 0)."""
+    return n_values + 1 if kind is ChunkKind.WEIGHTED_UPDATE else n_values
 
 
 def _as_vector(values: np.ndarray) -> np.ndarray:
@@ -58,12 +64,14 @@ class UpdateEncryptor:
     def params(self) -> HeParams:
         return self._params
 
-    def encrypt(self, values: np.ndarray, weight: int) -> list[bytes]:
+    def encrypt(self, values: np.ndarray, weight: int, mask: np.ndarray | None = None) -> list[bytes]:
         """Encrypt weight * values in fixed point, and weight itself, as chunks to stream.
 
         Bounds (HeOverflowError beyond them): 1 <= weight <= params.max_weight (2^16) and
         |value| <= params.max_abs_value (2^7); the decrypted average is then exact to
         params.average_error_bound (2^-17) for up to params.max_parties (64) hospitals.
+        `mask` (fibemrss.he.masking.cohort_mask over `slot_count` slots, weight slot included) is
+        added modulo the plain modulus before encryption; masks of a whole cohort cancel in the sum.
         """
         vector = _as_vector(values)
         checked_weight = self._checked_weight(weight)
@@ -77,9 +85,13 @@ class UpdateEncryptor:
         slots = np.empty(vector.size + 1, dtype=np.int64)
         slots[0] = checked_weight
         slots[1:] = np.rint(vector * (checked_weight * 2.0**self._params.frac_bits))
-        return self._encrypt_slots(slots, ChunkKind.WEIGHTED_UPDATE, self._params.frac_bits, vector.size)
+        return self._encrypt_slots(
+            slots, ChunkKind.WEIGHTED_UPDATE, self._params.frac_bits, vector.size, mask
+        )
 
-    def encrypt_sums(self, values: np.ndarray, frac_bits: int | None = None) -> list[bytes]:
+    def encrypt_sums(
+        self, values: np.ndarray, frac_bits: int | None = None, mask: np.ndarray | None = None
+    ) -> list[bytes]:
         """Encrypt values to be summed across hospitals (counts, sums, sums of squares).
 
         Each |value| must be at most params.max_abs_sum_value(frac_bits): 2^32 (about 4.3e9) at the
@@ -99,7 +111,7 @@ class UpdateEncryptor:
                 "(HeParams.max_abs_sum_value) or not finite; pre-scale it or lower frac_bits"
             )
         slots = np.rint(vector * 2.0**bits).astype(np.int64)
-        return self._encrypt_slots(slots, ChunkKind.SUMS, bits, vector.size)
+        return self._encrypt_slots(slots, ChunkKind.SUMS, bits, vector.size, mask)
 
     def _checked_weight(self, weight: int) -> int:
         if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
@@ -114,8 +126,10 @@ class UpdateEncryptor:
         return int(weight)
 
     def _encrypt_slots(
-        self, slots: np.ndarray, kind: ChunkKind, frac_bits: int, n_values: int
+        self, slots: np.ndarray, kind: ChunkKind, frac_bits: int, n_values: int, mask: np.ndarray | None
     ) -> list[bytes]:
+        if mask is not None:
+            slots = apply_mask(slots, np.asarray(mask, dtype=np.int64), self._params.plain_modulus)
         layout = ciphertexts_per_chunk_layout(self._params, slots.size)
         n_per_ciphertext = self._params.slots_per_ciphertext
         chunks: list[bytes] = []
@@ -222,25 +236,38 @@ class UpdateDecryptor:
         self._decryptor = sealapi.Decryptor(key.seal_context, key.secret_key)
         self._scratch = SealBytes()
 
-    def decrypt_average(self, chunks: Sequence[bytes], n_values: int) -> tuple[np.ndarray, int]:
-        """(sum_k w_k v_k / sum_k w_k, sum_k w_k) of the hospitals summed into chunks."""
-        slots, _ = self._decrypt_slots(chunks, n_values, ChunkKind.WEIGHTED_UPDATE)
+    def decrypt_average(
+        self, chunks: Sequence[bytes], n_values: int, min_parties: int = 1
+    ) -> tuple[np.ndarray, int]:
+        """(sum_k w_k v_k / sum_k w_k, sum_k w_k) of the hospitals summed into chunks; refuses
+        (HeFormatError) a sum of fewer than min_parties hospitals."""
+        slots, _ = self._decrypt_slots(chunks, n_values, ChunkKind.WEIGHTED_UPDATE, min_parties)
         total_weight = int(slots[0])
         if total_weight < 1:
             raise HeFormatError("decrypted total weight is not positive: the chunks are corrupt")
         scale = 2.0**self._params.frac_bits * total_weight
         return slots[1 : n_values + 1].astype(np.float64) / scale, total_weight
 
+    def decrypt_slots(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
+        """The raw integer slots of a weighted update or its sum (weight slot first): what anyone
+        holding the key sees of a ciphertext. Under pairwise masking an individual upload, or a sum
+        missing a cohort member, gives values uniform modulo the plain modulus."""
+        headers = unpack_header(chunks[0]) if chunks else None
+        if headers is None:
+            raise HeFormatError("no chunk given")
+        slots, _ = self._decrypt_slots(chunks, n_values, headers.kind, 1)
+        return slots[: slot_count(headers.kind, n_values)]
+
     def decrypt_sums(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
         """Slot-wise sums over the hospitals summed into chunks, at the frac_bits they were encrypted with."""
-        slots, header = self._decrypt_slots(chunks, n_values, ChunkKind.SUMS)
+        slots, header = self._decrypt_slots(chunks, n_values, ChunkKind.SUMS, 1)
         return slots[:n_values].astype(np.float64) / 2.0**header.frac_bits
 
     def _decrypt_slots(
-        self, chunks: Sequence[bytes], n_values: int, kind: ChunkKind
+        self, chunks: Sequence[bytes], n_values: int, kind: ChunkKind, min_parties: int
     ) -> tuple[np.ndarray, ChunkHeader]:
         headers = [unpack_header(chunk) for chunk in chunks]
-        n_slots = n_values + (1 if kind is ChunkKind.WEIGHTED_UPDATE else 0)
+        n_slots = slot_count(kind, n_values)
         layout = ciphertexts_per_chunk_layout(self._params, n_slots)
         if len(chunks) != len(layout):
             raise HeFormatError(f"expected {len(layout)} chunks for {n_values} values, got {len(chunks)}")
@@ -259,6 +286,11 @@ class UpdateDecryptor:
             if header.n_ciphertexts != layout[header.chunk_index] or header.chunk_index in by_index:
                 raise HeFormatError(f"chunk {header.chunk_index} is duplicated or has the wrong size")
             by_index[header.chunk_index] = chunk
+        if headers[0].parties < min_parties:
+            raise HeFormatError(
+                f"the sum holds {headers[0].parties} contributors, fewer than the minimum {min_parties}: "
+                "refusing to decrypt it"
+            )
         if headers[0].parties > self._params.max_parties:
             raise HeOverflowError(
                 f"chunks sum {headers[0].parties} parties, beyond {self._params.max_parties}"
@@ -288,8 +320,14 @@ class UpdateCodec:
         self._encryptor = UpdateEncryptor(key)
         self._decryptor = UpdateDecryptor(key)
 
-    def encrypt(self, values: np.ndarray, weight: int) -> list[bytes]:
-        return self._encryptor.encrypt(values, weight)
+    @property
+    def params(self) -> HeParams:
+        return self._encryptor.params
 
-    def decrypt_average(self, chunks: Sequence[bytes], n_values: int) -> tuple[np.ndarray, int]:
-        return self._decryptor.decrypt_average(chunks, n_values)
+    def encrypt(self, values: np.ndarray, weight: int, mask: np.ndarray | None = None) -> list[bytes]:
+        return self._encryptor.encrypt(values, weight, mask)
+
+    def decrypt_average(
+        self, chunks: Sequence[bytes], n_values: int, min_parties: int = 1
+    ) -> tuple[np.ndarray, int]:
+        return self._decryptor.decrypt_average(chunks, n_values, min_parties)

@@ -16,19 +16,37 @@ from fibemrss.tools.commands import (
     ingest,
     keys,
     models,
+    privacy,
     quarantine,
     report,
     study,
     up,
 )
 
-COMMANDS = (up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, study, bench, report)
+COMMANDS = (
+    up,
+    demo,
+    ingest,
+    quarantine,
+    models,
+    privacy,
+    keys,
+    certs,
+    federation,
+    diagnose,
+    study,
+    bench,
+    report,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fibemrss",
-        description="FIBEMRSS: up, demo, ingest, quarantine, models, keys, certs, federation, diagnose, study, bench, report",
+        description=(
+            "FIBEMRSS: up, demo, ingest, quarantine, models, privacy, keys, certs, federation, diagnose, study, "
+            "bench, report"
+        ),
     )
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from fibemrss.domain.records import UCI_HEART
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
-from fibemrss.domain.tasks import HEART_DISEASE_V1
+from fibemrss.domain.tasks import HEART_DISEASE_V1, HEART_DISEASE_V1_DP, get_task, register
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -27,6 +27,7 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.serde.records import record_to_proto
 from fibemrss.tools.commands.diagnose import reference_to_dict
+from fibemrss.tools.federation_request import start_request
 from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, demo_pseudonym_key, tls_for
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
@@ -111,15 +112,7 @@ def run_federation(
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
     with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-            fpb.StartFederationRequest(
-                task=task,
-                rounds=rounds,
-                quorum=len(hospitals),
-                grace_seconds=0.0,
-                deadline_seconds=120.0,
-                hospitals=hospitals,
-            ),
-            timeout=30,
+            start_request(get_task(task), hospitals, rounds), timeout=30
         )
     channels = {
         h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"))
@@ -143,11 +136,17 @@ def run_federation(
             while r <= rounds and all(r in ev for ev in evals.values()):
                 correct = sum(ev[r].correct for ev in evals.values())
                 total = sum(ev[r].total for ev in evals.values())
-                reported.append({"round": r, "pooled_test_accuracy": correct / total})
+                line: dict[str, float] = {"round": r, "pooled_test_accuracy": correct / total}
+                dp = any(st.dp for st in statuses.values())
+                if dp:  # every hospital spends the same: a function of the task spec only
+                    line["epsilon"] = max(ev[r].epsilon for ev in evals.values())
+                    line["delta"] = max(st.delta for st in statuses.values())
+                reported.append(line)
                 bar.update(1)
                 if not quiet:
                     bar.write(
                         f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})"
+                        + (f"  epsilon {line['epsilon']:.3f} (delta {line['delta']:g})" if dp else "")
                     )
                 r += 1
             if len(reported) == rounds:
@@ -235,7 +234,7 @@ def ask_diagnosis_by_key(
     """A diagnosis reference for a stored patient, by key: the inference service reads the record
     from its hospital's gateway (audited there)."""
     with open_channel(
-        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"operator@{hospital}")
+        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"ehr@{hospital}")
     ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         for _ in range(300):
@@ -255,11 +254,12 @@ def run_demo(
     serve_endpoints: Path | None = None,
     study_file: Path | None = None,
     shared_data: Path = DEFAULT_SHARED_DATA,
+    dp: bool = False,
 ) -> DemoResult:
-    study = HEART_DISEASE_V1
+    study = HEART_DISEASE_V1_DP if dp else HEART_DISEASE_V1
     extra_env: dict[str, str] = {}
     if study_file is not None:
-        study = parse_study(study_file.read_bytes(), str(study_file))
+        study = register(parse_study(study_file.read_bytes(), str(study_file)))
         extra_env["FIBEMRSS_STUDY_FILE"] = str(study_file.resolve())
     task = study.name
     rounds = rounds or study.rounds

@@ -15,10 +15,18 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
+from fibemrss.domain.errors import (
+    FailedPrecondition,
+    FieldProblem,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from fibemrss.he.errors import HeError
+from fibemrss.he.masking import PUBLIC_KEY_BYTES
 from fibemrss.he.params import HeParams
 from services.aggregator.ciphertexts import RoundLayout, expected_layout
+from services.aggregator.cohorts import check_masked_submission, decide_cohort, decide_masked_close
 from services.aggregator.round_state import (
     FederationSettings,
     Round,
@@ -119,11 +127,43 @@ class Coordinator:
         """Returns once round `number` exists (or the federation is done), at the timeout, or
         within a second of the caller going away (`still_wanted` false), freeing its worker."""
         deadline = datetime.now(UTC).timestamp() + timeout
+        first_attempt: int | None = None
         with self._changed:
             while True:
                 current = self._store.current_round(task)
                 settings = self._store.settings(task)
-                if current.number >= number or self.is_done(settings, current) or self._stop.is_set():
+                if first_attempt is None:
+                    first_attempt = current.attempt
+                if (
+                    current.number >= number
+                    or current.attempt != first_attempt  # a masked round restarted: its cohort uploads again
+                    or self.is_done(settings, current)
+                    or self._stop.is_set()
+                    or not still_wanted()
+                ):
+                    return current
+                remaining = deadline - datetime.now(UTC).timestamp()
+                if remaining <= 0:
+                    return current
+                self._changed.wait(min(remaining, 1.0))
+
+    def wait_for_cohort(
+        self, task: str, timeout: float, still_wanted: Callable[[], bool] = lambda: True
+    ) -> Round:
+        """Returns once the current round's cohort is fixed (or the round is over), or at the timeout."""
+        deadline = datetime.now(UTC).timestamp() + timeout
+        with self._changed:
+            first: tuple[int, int] | None = None
+            while True:
+                current = self._store.current_round(task)
+                if first is None:
+                    first = (current.number, current.attempt)
+                if (
+                    current.cohort is not None
+                    or (current.number, current.attempt) != first
+                    or current.state not in (RoundState.OPEN, RoundState.COLLECTING)
+                    or self._stop.is_set()
+                ):
                     return current
                 if not still_wanted():
                     return current
@@ -138,14 +178,29 @@ class Coordinator:
 
     # -- submissions -------------------------------------------------------------------------
     def submit(
-        self, task: str, number: int, hospital: str, total: int, chunks: Iterable[tuple[int, bytes]]
+        self,
+        task: str,
+        number: int,
+        hospital: str,
+        total: int,
+        chunks: Iterable[tuple[int, bytes]],
+        attempt: int = 0,
+        epsilon: float = 0.0,
     ) -> bool:
-        """Stores a whole submission; returns True when it was a repeat of an accepted one."""
+        """Stores a whole submission; returns True when it was a repeat of an accepted one.
+        Under pairwise masking `attempt` names the cohort the upload's masks were made for."""
         if total < 1:
             raise InvalidArgument("total_chunks must be at least 1")
+        if not (epsilon >= 0.0 and epsilon < float("inf")):
+            raise InvalidArgument(
+                "invalid epsilon", [FieldProblem("epsilon", "must be a finite number >= 0")]
+            )
         settings = self._store.settings(task)
         current = self._store.current_round(task)
-        if decide_submission(settings, current, number, hospital) == "duplicate":
+        decision = decide_submission(settings, current, number, hospital)
+        if settings.pairwise_masking and decision != "duplicate":
+            check_masked_submission(current, hospital, attempt)
+        if decision == "duplicate":
             for _ in chunks:  # drain the stream; the stored copy stands
                 pass
             self._submissions.labels(task, "duplicate").inc()
@@ -155,14 +210,15 @@ class Coordinator:
         self._adder.check_upload(received, total, expected_layout(task, number, self._adder.params))
         try:
             # One short transaction: nothing is locked while the sender is still sending.
-            with self._store.submission(task, number, hospital, total) as writer:
+            masked_attempt = attempt if settings.pairwise_masking else None
+            with self._store.submission(task, number, hospital, total, masked_attempt, epsilon) as writer:
                 for index, ciphertext in received:
                     writer.add(index, ciphertext)
         except DuplicateSubmission:
             self._submissions.labels(task, "duplicate").inc()
             return True
         if sum(len(c) for _, c in received) <= RUNNING_SUM_LIMIT_BYTES:
-            self._running.fold(task, number, hospital, received)
+            self._running.fold(task, number, hospital, received, attempt if settings.pairwise_masking else 1)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
         self._last_submitted.labels(task, hospital).set(number)
@@ -181,6 +237,32 @@ class Coordinator:
                 )
             received.append((index, ciphertext))
         return received
+
+    # -- pairwise masking ------------------------------------------------------------------------
+    def publish_mask_key(self, task: str, number: int, hospital: str, public_key: bytes) -> None:
+        settings = self._store.settings(task)
+        if not settings.pairwise_masking:
+            raise FailedPrecondition(f"the federation of {task} does not use pairwise masking")
+        if hospital not in settings.hospitals:
+            raise PermissionDenied(f"hospital {hospital!r} is not part of the federation for {task}")
+        if len(public_key) != PUBLIC_KEY_BYTES:
+            raise InvalidArgument(
+                "malformed mask key",
+                [FieldProblem("public_key", f"must be a {PUBLIC_KEY_BYTES}-byte X25519 public key")],
+            )
+        current = self._store.current_round(task)
+        if number != current.number:
+            raise FailedPrecondition(f"round {number} is not the current round {current.number} of {task}")
+        self._store.publish_mask_key(task, number, hospital, public_key)
+        self._wake.set()
+
+    def mask_keys(self, task: str, number: int) -> dict[str, bytes]:
+        rounds = {r.number: r for r in self._store.rounds(task)}
+        if number not in rounds:
+            raise NotFound(f"round {number} of {task} does not exist")
+        if rounds[number].cohort is None:
+            raise FailedPrecondition(f"the cohort of round {number} of {task} is not fixed yet")
+        return self._store.mask_keys(task, number)
 
     # -- the ticker ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -201,6 +283,9 @@ class Coordinator:
             self._deadline.labels(task).set(0 if done else current.deadline_at.timestamp())
             if current.state == RoundState.AGGREGATING:
                 self._aggregate(settings, current)  # left over from a crash
+                continue
+            if settings.pairwise_masking:
+                self._tick_masked(settings, current)
                 continue
             if current.quorum_at is None and len(current.submitted) >= settings.quorum:
                 self._store.note_submission(settings, current.number)
@@ -224,6 +309,54 @@ class Coordinator:
         log.warning("round failed", extra={"task": settings.task, "round": number, "reason": reason})
         self._notify()
 
+    def _tick_masked(self, settings: FederationSettings, current: Round) -> None:
+        """A masked round: fix its cohort, then aggregate the whole cohort, restart without the
+        missing members, or fail (services/aggregator/cohorts.py)."""
+        now = datetime.now(UTC)
+        if current.cohort is None:
+            decision = decide_cohort(
+                settings, current, self._store.mask_key_times(settings.task, current.number), now
+            )
+            if decision == "fix" and self._store.fix_cohort(settings, current.number):
+                log.info("cohort fixed", extra={"task": settings.task, "round": current.number})
+                self._notify()
+            elif decision == "fail":
+                self._fail(settings, current, f"deadline passed with fewer than {settings.needed} mask keys")
+            return
+        if current.quorum_at is None and len(current.submitted) >= settings.quorum:
+            self._store.note_submission(settings, current.number)
+            current = self._store.current_round(settings.task)
+        cohort = current.cohort or frozenset()
+        close = decide_masked_close(settings, current, now)
+        if close == "aggregate" and self._store.mark_aggregating(settings.task, current.number):
+            self._aggregate(settings, current)
+        elif close == "restart" and self._store.restart_round(
+            settings, current.number, current.attempt, current.submitted
+        ):
+            log.warning(
+                "round restarted without the members that did not submit",
+                extra={
+                    "task": settings.task,
+                    "round": current.number,
+                    "attempt": current.attempt + 1,
+                    "missing": sorted(cohort - current.submitted),
+                },
+            )
+            self._notify()
+        elif close == "fail":
+            self._fail(
+                settings,
+                current,
+                f"deadline passed with {len(current.submitted)} of the cohort's {len(cohort)} "
+                f"uploads, fewer than the {settings.needed} required",
+            )
+
+    def _fail(self, settings: FederationSettings, current: Round, reason: str) -> None:
+        self._store.fail_round(settings, current.number, reason, next_round_number(settings, current.number))
+        self._rounds.labels(settings.task, "failed").inc()
+        log.warning("round failed", extra={"task": settings.task, "round": current.number, "reason": reason})
+        self._notify()
+
     def _aggregate(self, settings: FederationSettings, current: Round) -> None:
         began = time.perf_counter()
         try:
@@ -234,7 +367,7 @@ class Coordinator:
             return
         cache: list[bytes] | None = []
 
-        running = self._running.take(settings.task, current.number, current.submitted, total)
+        running = self._running.take(settings.task, current.number, current.submitted, total, current.attempt)
 
         def sum_at(index: int) -> bytes:
             nonlocal cache

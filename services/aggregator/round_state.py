@@ -35,6 +35,17 @@ class FederationSettings:
     grace_seconds: float
     deadline_seconds: float
     hospitals: tuple[str, ...]
+    # Pairwise masking (services/aggregator/cohorts.py): a key stage fixes each round's cohort,
+    # and only the whole cohort's uploads make a sum.
+    pairwise_masking: bool = False
+    # No sum is produced of fewer submissions than this.
+    min_contributors: int = 1
+    federation_id: bytes = b""
+
+    @property
+    def needed(self) -> int:
+        """Submissions a round needs before it may produce a sum."""
+        return max(self.quorum, self.min_contributors)
 
     def validate(self) -> None:
         problems = []
@@ -53,6 +64,15 @@ class FederationSettings:
             problems.append(
                 ("quorum", f"must be between 1 and the number of hospitals ({len(self.hospitals)})")
             )
+        if not 1 <= self.min_contributors <= max(len(self.hospitals), 1):
+            problems.append(
+                (
+                    "min_contributors",
+                    f"must be between 1 and the number of hospitals ({len(self.hospitals)})",
+                )
+            )
+        elif self.quorum < self.min_contributors:
+            problems.append(("quorum", f"must be at least min_contributors ({self.min_contributors})"))
         if not 0 < self.deadline_seconds <= MAX_SECONDS:
             problems.append(("deadline_seconds", f"must be positive and at most {MAX_SECONDS:g}"))
         if not 0 <= self.grace_seconds <= MAX_SECONDS:
@@ -73,6 +93,11 @@ class Round:
     deadline_at: datetime
     quorum_at: datetime | None
     submitted: frozenset[str]
+    attempt: int = 1
+    # With pairwise masking: the hospitals whose masks the round's uploads carry; None while the
+    # key stage is open.
+    cohort: frozenset[str] | None = None
+    epsilon: float = 0.0  # the largest DP epsilon its submitters report (0 without DP)
 
 
 SubmissionDecision = Literal["accept", "duplicate"]
@@ -108,7 +133,7 @@ def decide_close(settings: FederationSettings, current: Round, now: datetime) ->
     if current.quorum_at is not None and now >= current.quorum_at + timedelta(seconds=settings.grace_seconds):
         return "aggregate"
     if now >= current.deadline_at:
-        return "aggregate" if n >= settings.quorum else "fail"
+        return "aggregate" if n >= settings.needed else "fail"
     return "wait"
 
 

@@ -35,12 +35,15 @@ class RunningSums:
     def __init__(self, new_accumulator: Callable[[], Accumulator]) -> None:
         self._new = new_accumulator
         self._lock = threading.Lock()
-        self._rounds: dict[tuple[str, int], _RoundSum] = {}
+        # Keyed by (task, round, attempt): a masked round that restarts starts a new sum.
+        self._rounds: dict[tuple[str, int, int], _RoundSum] = {}
 
-    def fold(self, task: str, number: int, hospital: str, chunks: Sequence[tuple[int, bytes]]) -> None:
-        """Adds one committed submission's chunks to the round's running sum."""
+    def fold(
+        self, task: str, number: int, hospital: str, chunks: Sequence[tuple[int, bytes]], attempt: int = 1
+    ) -> None:
+        """Adds one committed submission's chunks to the running sum of the round's attempt."""
         with self._lock:
-            entry = self._rounds.setdefault((task, number), _RoundSum())
+            entry = self._rounds.setdefault((task, number, attempt), _RoundSum())
             if entry.broken or hospital in entry.hospitals:
                 return
             try:
@@ -54,12 +57,14 @@ class RunningSums:
                 return
             entry.hospitals.add(hospital)
 
-    def take(self, task: str, number: int, hospitals: frozenset[str], total: int) -> list[Accumulator] | None:
+    def take(
+        self, task: str, number: int, hospitals: frozenset[str], total: int, attempt: int = 1
+    ) -> list[Accumulator] | None:
         """The round's sums if they hold exactly `hospitals` and every chunk position, else None."""
         with self._lock:
-            entry = self._rounds.pop((task, number), None)
-            # Older rounds can no longer be closed: drop what is left of them.
-            for key in [k for k in self._rounds if k[0] == task and k[1] < number]:
+            entry = self._rounds.pop((task, number, attempt), None)
+            # Older rounds and attempts can no longer be closed: drop what is left of them.
+            for key in [k for k in self._rounds if k[0] == task and (k[1], k[2]) < (number, attempt)]:
                 del self._rounds[key]
         if entry is None or entry.broken or entry.hospitals != set(hospitals):
             return None

@@ -77,6 +77,9 @@ class UploadWatchdog:
                 return
 
 
+DEFAULT_MIN_CONTRIBUTORS = 3
+
+
 def check_hospital_identity(context: grpc.ServicerContext, hospital: str) -> None:
     """With mutual TLS, an agent's certificate names its hospital ("agent@<hospital>")."""
     identity = caller_identity(context)
@@ -113,6 +116,13 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             federation_done=self._coordinator.is_done(settings, r),
             base_round=base_round(rounds, r.number),
             failure=self._store.failure(r.task, r.number) if r.state == RoundState.FAILED else "",
+            pairwise_masking=settings.pairwise_masking,
+            attempt=r.attempt,
+            cohort_fixed=r.cohort is not None,
+            cohort=sorted(r.cohort or ()),
+            federation_id=settings.federation_id,
+            min_contributors=settings.min_contributors,
+            epsilon=r.epsilon,
         )
 
     def _current_info(self, task: str) -> pb.RoundInfo:
@@ -130,6 +140,8 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             hospitals=list(settings.hospitals),
             current=self._round_info(rounds[-1], settings, rounds),
             history=[self._round_info(r, settings, rounds) for r in rounds],
+            pairwise_masking=settings.pairwise_masking,
+            min_contributors=settings.min_contributors,
         )
 
     def StartFederation(
@@ -144,16 +156,20 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             grace_seconds=request.grace_seconds,
             deadline_seconds=request.deadline_seconds or 300.0,
             hospitals=tuple(request.hospitals),
+            pairwise_masking=request.pairwise_masking,
+            min_contributors=request.min_contributors or DEFAULT_MIN_CONTRIBUTORS,
         )
         self._coordinator.start_federation(settings)
         return pb.StartFederationResponse(status=self._status(request.task))
 
     def GetRound(self, request: pb.GetRoundRequest, context: grpc.ServicerContext) -> pb.GetRoundResponse:
         check_names(task=request.task)
+        asked = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
+        wait = min(max(asked, 0.0), MAX_WAIT_SECONDS)
         if request.HasField("wait_for_round"):
-            asked = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
-            wait = min(max(asked, 0.0), MAX_WAIT_SECONDS)
             self._coordinator.wait_for_round(request.task, request.wait_for_round, wait, context.is_active)
+        elif request.wait_for_cohort:
+            self._coordinator.wait_for_cohort(request.task, wait, context.is_active)
         return pb.GetRoundResponse(round=self._current_info(request.task))
 
     def SubmitUpdate(
@@ -189,7 +205,13 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
 
         try:
             duplicate = self._coordinator.submit(
-                first.task, first.round, first.hospital, first.total_chunks, chunks()
+                first.task,
+                first.round,
+                first.hospital,
+                first.total_chunks,
+                chunks(),
+                first.attempt,
+                first.epsilon,
             )
         finally:
             watchdog.close()
@@ -218,6 +240,28 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             yield pb.FetchAggregateResponse(
                 index=index, total_chunks=total, ciphertext=data, contributors=contributors
             )
+
+    def PublishMaskKey(
+        self, request: pb.PublishMaskKeyRequest, context: grpc.ServicerContext
+    ) -> pb.PublishMaskKeyResponse:
+        problems = [
+            FieldProblem(f, "is required")
+            for f, v in (("task", request.task), ("hospital", request.hospital))
+            if not v
+        ]
+        if problems:
+            raise InvalidArgument("incomplete mask key", problems)
+        check_hospital_identity(context, request.hospital)
+        self._coordinator.publish_mask_key(request.task, request.round, request.hospital, request.public_key)
+        return pb.PublishMaskKeyResponse(round=self._current_info(request.task))
+
+    def GetMaskKeys(
+        self, request: pb.GetMaskKeysRequest, context: grpc.ServicerContext
+    ) -> pb.GetMaskKeysResponse:
+        keys = self._coordinator.mask_keys(request.task, request.round)
+        return pb.GetMaskKeysResponse(
+            keys=[pb.MaskKey(hospital=h, public_key=k) for h, k in sorted(keys.items())]
+        )
 
     def GetFederationStatus(
         self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -50,16 +51,38 @@ class AggregatorStore:
     def create_federation(self, s: FederationSettings) -> bool:
         """Creates the federation and opens round 0; False if it already existed identically."""
         with self._db.transaction() as cur:
-            cur.execute("SELECT rounds, quorum, hospitals FROM federations WHERE task=%s", (s.task,))
+            cur.execute(
+                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors FROM federations "
+                "WHERE task=%s",
+                (s.task,),
+            )
             row = cur.fetchone()
             if row is not None:
-                if (row[0], row[1], sorted(row[2])) != (s.rounds, s.quorum, sorted(s.hospitals)):
+                if (row[0], row[1], sorted(row[2]), row[3], row[4]) != (
+                    s.rounds,
+                    s.quorum,
+                    sorted(s.hospitals),
+                    s.pairwise_masking,
+                    s.min_contributors,
+                ):
                     raise FailedPrecondition(f"a federation for {s.task} already exists with other settings")
                 return False
             cur.execute(
-                "INSERT INTO federations (task, rounds, quorum, grace_seconds, deadline_seconds, hospitals) "
-                "VALUES (%s,%s,%s,%s,%s,%s)",
-                (s.task, s.rounds, s.quorum, s.grace_seconds, s.deadline_seconds, list(s.hospitals)),
+                "INSERT INTO federations (task, rounds, quorum, grace_seconds, deadline_seconds, hospitals, "
+                "pairwise_masking, min_contributors, federation_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (
+                    s.task,
+                    s.rounds,
+                    s.quorum,
+                    s.grace_seconds,
+                    s.deadline_seconds,
+                    list(s.hospitals),
+                    s.pairwise_masking,
+                    s.min_contributors,
+                    # The masks of every round are bound to this id: a new federation of the same
+                    # task never reuses a mask.
+                    os.urandom(16),
+                ),
             )
             self._open_round(cur, s, 0)
             return True
@@ -84,26 +107,41 @@ class AggregatorStore:
     def settings(self, task: str) -> FederationSettings:
         with self._db.transaction() as cur:
             cur.execute(
-                "SELECT rounds, quorum, grace_seconds, deadline_seconds, hospitals FROM federations WHERE task=%s",
+                "SELECT rounds, quorum, grace_seconds, deadline_seconds, hospitals, pairwise_masking, "
+                "min_contributors, federation_id FROM federations WHERE task=%s",
                 (task,),
             )
             row = cur.fetchone()
         if row is None:
             raise NotFound(f"no federation for task {task!r}")
-        return FederationSettings(task, row[0], row[1], row[2], row[3], tuple(row[4]))
+        return FederationSettings(
+            task, row[0], row[1], row[2], row[3], tuple(row[4]), row[5], row[6], bytes(row[7])
+        )
 
     def rounds(self, task: str) -> list[Round]:
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT r.round, r.state, r.deadline_at, r.quorum_at, "
-                "COALESCE(array_agg(s.hospital) FILTER (WHERE s.hospital IS NOT NULL), '{}') "
+                "COALESCE(array_agg(s.hospital) FILTER (WHERE s.hospital IS NOT NULL), '{}'), "
+                "r.attempt, r.cohort, COALESCE(max(s.epsilon), 0) "
                 "FROM rounds r LEFT JOIN submissions s ON s.task=r.task AND s.round=r.round "
-                "WHERE r.task=%s GROUP BY r.round, r.state, r.deadline_at, r.quorum_at ORDER BY r.round",
+                "WHERE r.task=%s GROUP BY r.round, r.state, r.deadline_at, r.quorum_at, r.attempt, r.cohort "
+                "ORDER BY r.round",
                 (task,),
             )
             return [
-                Round(task, n, RoundState(state), deadline, quorum_at, frozenset(subs))
-                for n, state, deadline, quorum_at, subs in cur.fetchall()
+                Round(
+                    task,
+                    n,
+                    RoundState(state),
+                    deadline,
+                    quorum_at,
+                    frozenset(subs),
+                    attempt,
+                    None if cohort is None else frozenset(cohort),
+                    float(epsilon),
+                )
+                for n, state, deadline, quorum_at, subs, attempt, cohort, epsilon in cur.fetchall()
             ]
 
     def current_round(self, task: str) -> Round:
@@ -119,19 +157,39 @@ class AggregatorStore:
         return (row[0] or "") if row else ""
 
     @contextmanager
-    def submission(self, task: str, number: int, hospital: str, total: int) -> Iterator[SubmissionWriter]:
+    def submission(
+        self,
+        task: str,
+        number: int,
+        hospital: str,
+        total: int,
+        masked_attempt: int | None = None,
+        epsilon: float = 0.0,
+    ) -> Iterator[SubmissionWriter]:
         """A transaction that stores a whole submission or nothing. The round row is share-locked,
-        so the round cannot start aggregating while this upload is in flight."""
+        so the round cannot start aggregating (or restart) while this upload is in flight. With
+        `masked_attempt`, the upload must be masked for the round's current cohort and attempt."""
         with self._db.transaction() as cur:
-            cur.execute("SELECT state FROM rounds WHERE task=%s AND round=%s FOR SHARE", (task, number))
+            cur.execute(
+                "SELECT state, attempt, cohort FROM rounds WHERE task=%s AND round=%s FOR SHARE",
+                (task, number),
+            )
             row = cur.fetchone()
             if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
                 raise FailedPrecondition(f"round {number} of {task} is not accepting submissions")
             self._check_chunk_count(cur, task, number, total)
+            if masked_attempt is not None and (
+                row[2] is None or hospital not in row[2] or row[1] != masked_attempt
+            ):
+                raise FailedPrecondition(
+                    f"the upload is masked for attempt {masked_attempt} of round {number}, which is not "
+                    f"the round's current attempt {row[1]} with this hospital in its cohort"
+                )
             try:
                 cur.execute(
-                    "INSERT INTO submissions (task, round, hospital, total_chunks) VALUES (%s,%s,%s,%s)",
-                    (task, number, hospital, total),
+                    "INSERT INTO submissions (task, round, hospital, total_chunks, epsilon) "
+                    "VALUES (%s,%s,%s,%s,%s)",
+                    (task, number, hospital, total, epsilon),
                 )
             except psycopg2.errors.UniqueViolation:
                 raise DuplicateSubmission(hospital) from None
@@ -215,6 +273,8 @@ class AggregatorStore:
                 "UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
                 (s.task, number),
             )
+            # Individual uploads are not kept: they go in the transaction that commits their sum.
+            self._delete_uploads(cur, s.task, number)
             if next_round is not None:
                 self._open_round(cur, s, next_round)
 
@@ -224,8 +284,95 @@ class AggregatorStore:
                 "UPDATE rounds SET state='failed', closed_at=now(), failure=%s WHERE task=%s AND round=%s",
                 (reason, s.task, number),
             )
+            self._delete_uploads(cur, s.task, number)
             if next_round is not None:
                 self._open_round(cur, s, next_round)
+
+    @staticmethod
+    def _delete_uploads(cur: psycopg2.extensions.cursor, task: str, number: int) -> None:
+        """The ciphertexts of a finished round's individual uploads; who submitted stays."""
+        cur.execute("DELETE FROM submission_chunks WHERE task=%s AND round=%s", (task, number))
+
+    # -- pairwise masking ------------------------------------------------------------------------
+    def publish_mask_key(self, task: str, number: int, hospital: str, public_key: bytes) -> None:
+        """Stores a hospital's public key for a round; replaces it while the cohort is open, and
+        after that accepts only the identical key (a restarted agent repeating itself)."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT state, cohort FROM rounds WHERE task=%s AND round=%s FOR SHARE", (task, number)
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"round {number} of {task} does not exist")
+            cur.execute(
+                "SELECT public_key FROM mask_keys WHERE task=%s AND round=%s AND hospital=%s",
+                (task, number, hospital),
+            )
+            existing = cur.fetchone()
+            if existing is not None and bytes(existing[0]) == public_key:
+                return
+            if RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING) or row[1] is not None:
+                raise FailedPrecondition(
+                    f"the cohort of round {number} of {task} is already fixed; a new mask key is too late"
+                )
+            cur.execute(
+                "INSERT INTO mask_keys (task, round, hospital, public_key) VALUES (%s,%s,%s,%s) "
+                "ON CONFLICT (task, round, hospital) DO UPDATE SET public_key=EXCLUDED.public_key, "
+                "published_at=clock_timestamp()",
+                (task, number, hospital, public_key),
+            )
+
+    def mask_key_times(self, task: str, number: int) -> list[datetime]:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT published_at FROM mask_keys WHERE task=%s AND round=%s ORDER BY published_at",
+                (task, number),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+    def mask_keys(self, task: str, number: int) -> dict[str, bytes]:
+        """The public keys of the round's cohort (empty while the cohort is not fixed)."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT k.hospital, k.public_key FROM mask_keys k JOIN rounds r "
+                "ON r.task=k.task AND r.round=k.round WHERE k.task=%s AND k.round=%s "
+                "AND k.hospital = ANY(r.cohort)",
+                (task, number),
+            )
+            return {h: bytes(k) for h, k in cur.fetchall()}
+
+    def fix_cohort(self, s: FederationSettings, number: int) -> bool:
+        """Closes the key stage: the cohort is every hospital with a key; the submission stage
+        gets a full deadline of its own."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE rounds SET cohort = (SELECT array_agg(hospital ORDER BY hospital) FROM mask_keys "
+                "WHERE task=%s AND round=%s), deadline_at=%s "
+                "WHERE task=%s AND round=%s AND cohort IS NULL AND state IN ('open','collecting')",
+                (s.task, number, datetime.now(UTC) + timedelta(seconds=s.deadline_seconds), s.task, number),
+            )
+            return cur.rowcount == 1
+
+    def restart_round(self, s: FederationSettings, number: int, attempt: int, cohort: frozenset[str]) -> bool:
+        """The round again as attempt + 1 with `cohort` (the members that did submit): the old
+        attempt's uploads are deleted, a fresh deadline starts."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "UPDATE rounds SET attempt=attempt + 1, cohort=%s, quorum_at=NULL, state='open', deadline_at=%s "
+                "WHERE task=%s AND round=%s AND attempt=%s AND state IN ('open','collecting')",
+                (
+                    sorted(cohort),
+                    datetime.now(UTC) + timedelta(seconds=s.deadline_seconds),
+                    s.task,
+                    number,
+                    attempt,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._delete_uploads(cur, s.task, number)
+            cur.execute("DELETE FROM submissions WHERE task=%s AND round=%s", (s.task, number))
+            return True
 
     def aggregate(self, task: str, number: int) -> Iterator[tuple[int, int, int, bytes]]:
         """(index, total, contributors, ciphertext) of a closed round's sum, chunk by chunk."""

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
+from fibemrss.db.privacy_ledger import PrivacyLedger
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
@@ -23,6 +24,7 @@ from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import RunningServer, serve_until_signalled, start_server
 from services.hospital_agent.aggregate_bounds import AggregateBounds
 from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
+from services.hospital_agent.local_secrets import LocalSecretStore
 from services.hospital_agent.protocol import Participation
 from services.hospital_agent.servicer import HospitalAgentServicer
 
@@ -61,6 +63,10 @@ def main() -> None:
         models=ModelStore(db),
         bounds=AggregateBounds.of(key.params),
         on_health=on_health,
+        secrets=LocalSecretStore(db),
+        # The hospital's own privacy ledger and budgets (`fibemrss privacy ledger|budget`).
+        ledger=PrivacyLedger(db),
+        dataset=env_str("FIBEMRSS_DATASET", "emr"),
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:

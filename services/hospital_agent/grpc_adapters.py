@@ -65,6 +65,10 @@ def round_view_from_proto(info: fpb.RoundInfo) -> RoundView:
         base_round=int(info.base_round),
         submitted=frozenset(info.submitted),
         federation_done=info.federation_done,
+        pairwise_masking=info.pairwise_masking,
+        attempt=max(int(info.attempt), 1),
+        cohort=frozenset(info.cohort) if info.cohort_fixed else None,
+        federation_id=bytes(info.federation_id),
     )
 
 
@@ -82,7 +86,9 @@ class GrpcAggregator:
             request.wait_seconds = self._wait_seconds
         return round_view_from_proto(_call(lambda: self._stub.GetRound(request, timeout=60).round))
 
-    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None:
+    def submit(
+        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+    ) -> None:
         def requests() -> Iterator[fpb.SubmitUpdateRequest]:
             for i, data in enumerate(chunks):
                 if i == 0:
@@ -93,6 +99,8 @@ class GrpcAggregator:
                         total_chunks=len(chunks),
                         index=0,
                         ciphertext=data,
+                        attempt=attempt,
+                        epsilon=epsilon,
                     )
                 else:
                     yield fpb.SubmitUpdateRequest(index=i, ciphertext=data)
@@ -102,6 +110,21 @@ class GrpcAggregator:
     def fetch_aggregate(self, round_number: int) -> list[bytes]:
         request = fpb.FetchAggregateRequest(task=self._task, round=round_number, hospital=self._hospital)
         return _call(lambda: [c.ciphertext for c in self._stub.FetchAggregate(request, timeout=120)])
+
+    def publish_mask_key(self, round_number: int, public_key: bytes) -> RoundView:
+        request = fpb.PublishMaskKeyRequest(
+            task=self._task, round=round_number, hospital=self._hospital, public_key=public_key
+        )
+        return round_view_from_proto(_call(lambda: self._stub.PublishMaskKey(request, timeout=60).round))
+
+    def wait_for_cohort(self) -> RoundView:
+        request = fpb.GetRoundRequest(task=self._task, wait_for_cohort=True, wait_seconds=self._wait_seconds)
+        return round_view_from_proto(_call(lambda: self._stub.GetRound(request, timeout=60).round))
+
+    def mask_keys(self, round_number: int) -> dict[str, bytes]:
+        request = fpb.GetMaskKeysRequest(task=self._task, round=round_number)
+        response = _call(lambda: self._stub.GetMaskKeys(request, timeout=60))
+        return {k.hospital: bytes(k.public_key) for k in response.keys}
 
     def closed_rounds(self) -> list[int]:
         request = fpb.GetFederationStatusRequest(task=self._task)

@@ -20,6 +20,7 @@ import numpy as np
 from fibemrss.domain.errors import DomainError
 from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.published_model import ModelVersion
+from fibemrss.he.params import HeParams
 
 
 class Phase(enum.StrEnum):
@@ -39,6 +40,12 @@ class RoundView:
     base_round: int  # the latest closed round before this one: its sum is this round's start
     submitted: frozenset[str]
     federation_done: bool
+    # Pairwise masking (docs/he-codec.md): the round's attempt, its cohort once fixed (None
+    # during the key stage) and the federation id every mask is bound to.
+    pairwise_masking: bool = False
+    attempt: int = 1
+    cohort: frozenset[str] | None = None
+    federation_id: bytes = b""
 
     @property
     def accepting(self) -> bool:
@@ -54,9 +61,24 @@ class AggregatorPort(Protocol):
         """The current round; with `wait_for`, waits (bounded) until that round is current."""
         ...
 
-    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None: ...
+    def submit(
+        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+    ) -> None:
+        """`attempt`: under pairwise masking, the attempt whose cohort the masks were made for;
+        `epsilon`: the DP spend in the federation after this round (public, from the task spec)."""
+        ...
 
     def fetch_aggregate(self, round_number: int) -> list[bytes]: ...
+
+    def publish_mask_key(self, round_number: int, public_key: bytes) -> RoundView: ...
+
+    def wait_for_cohort(self) -> RoundView:
+        """The current round once its cohort is fixed, its attempt changes or it moves on (bounded)."""
+        ...
+
+    def mask_keys(self, round_number: int) -> dict[str, bytes]:
+        """The public keys of the round's cohort, by hospital."""
+        ...
 
     def closed_rounds(self) -> list[int]:
         """Every closed round of the federation, in any order."""
@@ -71,7 +93,18 @@ class ModelStorePort(Protocol):
     def publish(self, mv: ModelVersion, actor: str) -> bool: ...
 
 
-class CodecPort(Protocol):
-    def encrypt(self, values: np.ndarray, weight: int) -> list[bytes]: ...
+class SecretPort(Protocol):
+    def secret(self, name: str) -> bytes:
+        """A 32-byte secret of this hospital that survives restarts and never leaves it."""
+        ...
 
-    def decrypt_average(self, chunks: Sequence[bytes], n_values: int) -> tuple[np.ndarray, int]: ...
+
+class CodecPort(Protocol):
+    @property
+    def params(self) -> HeParams: ...
+
+    def encrypt(self, values: np.ndarray, weight: int, mask: np.ndarray | None = None) -> list[bytes]: ...
+
+    def decrypt_average(
+        self, chunks: Sequence[bytes], n_values: int, min_parties: int = 1
+    ) -> tuple[np.ndarray, int]: ...

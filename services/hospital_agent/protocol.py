@@ -12,6 +12,7 @@ as every other hospital.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fibemrss.domain.dataset_size import federation_weight
 from fibemrss.domain.errors import DomainError, FailedPrecondition, NotFound, Unavailable
 from fibemrss.domain.feature_encoding import (
     GlobalStats,
@@ -30,10 +32,12 @@ from fibemrss.domain.feature_encoding import (
     stats_vector_length,
 )
 from fibemrss.domain.model_params import accuracy_of_logits, layer_shapes
+from fibemrss.domain.privacy_accounting import epsilon_after_rounds, noise_multiplier, steps_per_round
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
+from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.errors import HeError
 from fibemrss.he.params import DEFAULT_PARAMS
 from services.hospital_agent.aggregate_bounds import (
@@ -43,20 +47,25 @@ from services.hospital_agent.aggregate_bounds import (
     check_model,
     contributors,
 )
+from services.hospital_agent.key_exchange import KeyExchange
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.ports import (
     AggregatorPort,
     CodecPort,
     GatewayPort,
     ModelStorePort,
+    PeerRefused,
     Phase,
     RoundView,
+    SecretPort,
 )
-from services.hospital_agent.training import train_local
+from services.hospital_agent.privacy_guard import LedgerPort, PrivacyGuard
+from services.hospital_agent.training import train_local, train_local_dp
 
 log = logging.getLogger(__name__)
 
 TRAINING_PURPOSE = "federated training"
+DATASET_SIZE_SECRET_NAME = "dataset-size-v1"
 
 
 @dataclass
@@ -65,6 +74,7 @@ class Evaluation:
     correct: int
     total: int
     model_version: int
+    epsilon: float | None = None  # this hospital's DP-SGD spend in the federation through this round
 
 
 @dataclass
@@ -82,6 +92,10 @@ class AgentProgress:
     # Things the operator should know that did not stop the agent (a capped weight, a rejected
     # aggregate), each once.
     warnings: list[str] = field(default_factory=list)
+    # Patient-level DP: the (epsilon, delta) this hospital has spent on the task in this
+    # federation, after each training round it took part in.
+    dp_delta: float = 0.0
+    epsilon_by_round: dict[int, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -104,6 +118,9 @@ class Participation:
         retry_delay: Callable[[int], float] = capped_backoff,
         bounds: AggregateBounds | None = None,
         on_health: Callable[[str], None] | None = None,
+        secrets: SecretPort | None = None,
+        ledger: LedgerPort | None = None,
+        dataset: str = "emr",
     ) -> None:
         """`bounds` are the codec's (AggregateBounds.of(key.params)); `on_health` is told the
         reason whenever a step fails ("" once one works again), for the service's health."""
@@ -121,6 +138,18 @@ class Participation:
         self._data: LocalData | None = None
         self._n_params = parameter_count(task.model, input_dim(task))
         self._strategy = strategy_from_hyper(task.hyper)
+        self._keys: KeyExchange | None = None
+        self._secrets = secrets
+        if (task.pairwise_masking or task.weighting == "noised") and secrets is None:
+            raise ValueError("pairwise masking and noised weights need the hospital's secret store")
+        self._weights: dict[bytes, int] = {}
+        self._guard = PrivacyGuard(hospital, task, dataset, ledger) if ledger is not None else None
+        self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
+        # The last round's update, kept for a masked round that restarts as another attempt.
+        self._trained: tuple[tuple[bytes, int], np.ndarray, float] | None = None
+        if task.pairwise_masking:
+            assert secrets is not None
+            self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
         self._reset_global()
 
     def _reset_global(self) -> None:
@@ -146,11 +175,31 @@ class Participation:
         return data
 
     # -- aggregates ------------------------------------------------------------------------------
-    def _submit(self, round_number: int, values: np.ndarray, weight: int) -> None:
-        self._aggregator.submit(round_number, self._codec.encrypt(values, self._capped(weight)))
+    def _submit(
+        self, info: RoundView, values: np.ndarray, weight: int, stop: threading.Event, epsilon: float = 0.0
+    ) -> bool:
+        """Uploads; False when a masked round restarted under the upload (take part again now)."""
+        epsilon = epsilon if math.isfinite(epsilon) else 0.0
+        weight = self._capped(weight)
+        if self._keys is None:
+            self._aggregator.submit(info.round, self._codec.encrypt(values, weight), 0, epsilon)
+        else:
+            masked = self._keys.mask_for(info, ChunkKind.WEIGHTED_UPDATE, values.size, stop)
+            if masked is None:
+                return True  # nothing to upload to this round
+            chunks = self._codec.encrypt(values, weight, masked.mask)
+            try:
+                self._aggregator.submit(info.round, chunks, masked.attempt, epsilon)
+            except PeerRefused:
+                now = self._aggregator.current_round(None)
+                if (now.round, now.attempt) != (info.round, masked.attempt):
+                    log.info("the round restarted under the upload", extra={"round": info.round})
+                    return False
+                raise
         with self.progress.lock:
-            self.progress.last_submitted_round = round_number
+            self.progress.last_submitted_round = info.round
         self._recovered()
+        return True
 
     def _capped(self, weight: int) -> int:
         """The codec bounds one hospital's weight: beyond it, the update counts as that many."""
@@ -162,12 +211,13 @@ class Participation:
         return self._bounds.max_weight
 
     def _decrypt_round(self, round_number: int, n_values: int) -> np.ndarray:
-        """The round's decrypted average, checked against the codec's bounds before any use."""
+        """The round's decrypted average, refused below the task's minimum of contributors and
+        checked against the codec's bounds before any use."""
         chunks = self._aggregator.fetch_aggregate(round_number)
         try:
-            average, total_weight = self._codec.decrypt_average(chunks, n_values)
+            average, total_weight = self._codec.decrypt_average(chunks, n_values, self.task.min_contributors)
         except HeError as exc:
-            raise AggregateRejected(f"the aggregate does not decrypt: {exc}") from None
+            raise AggregateRejected(f"the aggregate of round {round_number} is refused: {exc}") from None
         check_aggregate(average, total_weight, contributors(chunks), self._bounds)
         return average
 
@@ -226,7 +276,13 @@ class Participation:
         with self.progress.lock:
             if not any(e.round == round_number for e in self.progress.evaluations):
                 self.progress.evaluations.append(
-                    Evaluation(round_number, acc.correct, acc.total, round_number)
+                    Evaluation(
+                        round_number,
+                        acc.correct,
+                        acc.total,
+                        round_number,
+                        self.progress.epsilon_by_round.get(round_number),
+                    )
                 )
         published = PublishedModel(
             model=self.task.model,
@@ -245,10 +301,22 @@ class Participation:
                 version=round_number,
                 federated_round=round_number,
                 model=published,
-                metrics={"local_test_accuracy": acc.value, "local_test_examples": acc.total},
+                metrics={
+                    "local_test_accuracy": acc.value,
+                    "local_test_examples": acc.total,
+                    **self._dp_metrics(round_number),
+                },
             ),
             actor=f"agent@{self.hospital}",
         )
+
+    def _dp_metrics(self, round_number: int) -> dict[str, float]:
+        dp = self.task.dp
+        with self.progress.lock:
+            epsilon = self.progress.epsilon_by_round.get(round_number)
+        if dp is None or epsilon is None:
+            return {}
+        return {"dp_epsilon": epsilon, "dp_delta": dp.target_delta, "dp_max_grad_norm": dp.max_grad_norm}
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -311,11 +379,11 @@ class Participation:
                 self._recovered()
                 log.info("federation finished", extra={"task": self.task.name})
                 return
-            if not info.accepting or self.hospital in info.submitted:
+            if not info.accepting or self.hospital in info.submitted or self._excluded(info):
                 wanted = info.round + 1
                 continue
-            self._take_part(info)
-            wanted = info.round + 1
+            done_with_round = self._take_part(info, stop)
+            wanted = info.round + 1 if done_with_round else None
 
     def _wait_for_federation(self, stop: threading.Event) -> RoundView | None:
         while not stop.is_set():
@@ -326,17 +394,72 @@ class Participation:
             stop.wait(0.5)
         return None
 
-    def _take_part(self, info: RoundView) -> None:
+    def _account(self, info: RoundView) -> float:
+        """Checks the hospital's budget and records this round's spend (raises BudgetExceeded);
+        the federation's DP-SGD epsilon after the round."""
+        if self._guard is not None:
+            return self._guard.before_round(info.federation_id, info.round).epsilon
+        if info.round >= 1 and self.task.dp is not None:
+            self._dp_rounds += 1
+            return epsilon_after_rounds(self.task, self.task.dp, self._dp_rounds)
+        return 0.0
+
+    def _weight(self, info: RoundView) -> int:
+        """This hospital's weight in the federation: fixed once per federation id."""
         assert self._data is not None
-        n_train = len(self._data.train)
+        if info.federation_id not in self._weights:
+            secret = b"" if self._secrets is None else self._secrets.secret(DATASET_SIZE_SECRET_NAME)
+            self._weights[info.federation_id] = federation_weight(
+                len(self._data.train),
+                secret,
+                info.federation_id,
+                self.task.name,
+                self.task.weighting,
+                self.task.weight_noise_scale,
+                self.task.weight_quantum,
+                self._codec.params.max_weight,
+            )
+        return self._weights[info.federation_id]
+
+    def _excluded(self, info: RoundView) -> bool:
+        """A masked round whose cohort is fixed without this hospital: wait for the next round."""
+        return self._keys is not None and info.cohort is not None and self.hospital not in info.cohort
+
+    def _take_part(self, info: RoundView, stop: threading.Event) -> bool:
+        assert self._data is not None
+        if self._keys is not None:
+            self._keys.publish_key(info)
+        weight = self._weight(info)
         if info.round == 0:
-            self._submit(0, local_stats_vector(self.task, [e.values for e in self._data.train]), n_train)
-            return
+            self._account(info)
+            stats = local_stats_vector(self.task, [e.values for e in self._data.train])
+            return self._submit(info, stats, weight, stop)
         start = time.perf_counter()
+        key = (info.federation_id, info.round)
+        if self._trained is not None and self._trained[0] == key:
+            # A masked round restarted: upload the same update again (under fresh masks), so
+            # nothing new is released and no new privacy is spent.
+            _, new_params, epsilon = self._trained
+            return self._submit(info, new_params, weight, stop, epsilon)
+        epsilon = self._account(info)
         params = self._global_params(info.base_round)
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
-        new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=info.round)
-        self._submit(info.round, new_params, n_train)
+        dp = self.task.dp
+        if dp is None:
+            new_params = train_local(self.task.model, params, x, y, self.task.hyper, seed=info.round)
+        else:
+            sigma, steps = noise_multiplier(self.task, dp), steps_per_round(self.task, dp)
+            new_params = train_local_dp(
+                self.task.model, params, x, y, self.task.hyper, dp, sigma, steps, info.round
+            )
+            with self.progress.lock:
+                self.progress.epsilon_by_round[info.round] = epsilon
+                self.progress.dp_delta = dp.target_delta
+        epsilon = epsilon if dp is not None else 0.0
+        self._trained = (key, new_params, epsilon)
+        if not self._submit(info, new_params, weight, stop, epsilon):
+            return False
         log.info(
             "round submitted", extra={"round": info.round, "seconds": round(time.perf_counter() - start, 3)}
         )
+        return True

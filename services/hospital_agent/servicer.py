@@ -27,7 +27,11 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
                 last_submitted_round=progress.last_submitted_round,
                 evaluations=[
                     pb.Evaluation(
-                        round=e.round, correct=e.correct, total=e.total, model_version=e.model_version
+                        round=e.round,
+                        correct=e.correct,
+                        total=e.total,
+                        model_version=e.model_version,
+                        epsilon=e.epsilon or 0.0,
                     )
                     for e in progress.evaluations
                 ],
@@ -37,5 +41,8 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
                 test_examples=progress.test_examples,
                 warnings=list(progress.warnings),
                 consecutive_failures=progress.consecutive_failures,
+                dp=self._p.task.dp is not None,
+                epsilon=max(progress.epsilon_by_round.values(), default=0.0),
+                delta=progress.dp_delta,
             )
         return pb.GetAgentStatusResponse(status=status)

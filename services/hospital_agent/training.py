@@ -1,12 +1,15 @@
-"""Local training in PyTorch from the current global parameters (FedAvg, or FedProx with mu > 0)."""
+"""Local training in PyTorch from the current global parameters (FedAvg, or FedProx with mu > 0),
+without or with patient-level differential privacy (DP-SGD)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
 from torch import nn
 
-from fibemrss.domain.task_spec import HyperParameters
+from fibemrss.domain.task_spec import DpSpec, HyperParameters
 from fibemrss.domain.torch_models import build_module, load_vector, vector_of
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give, and cores are shared
@@ -38,4 +41,63 @@ def train_local(
                 )
             loss.backward()
             optimizer.step()
+    return vector_of(net)
+
+
+def train_local_dp(
+    model: str,
+    global_params: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    hyper: HyperParameters,
+    dp: DpSpec,
+    noise_multiplier: float,
+    steps: int,
+    seed: int,
+) -> np.ndarray:
+    """DP-SGD from `global_params`: `steps` steps, each a Poisson sample of rate dp.sample_rate,
+    per-example gradients clipped to dp.max_grad_norm, summed, Gaussian noise of standard deviation
+    noise_multiplier x max_grad_norm added, divided by the expected batch size. The noise comes
+    from the OS's randomness, never from `seed` (seeded noise could be replayed and removed).
+    FedProx's proximal term touches no example, so it is added after the noise."""
+    net = build_module(model, x.shape[1])
+    load_vector(net, global_params)
+    net.train()
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach().clone() for n, p in net.named_parameters()}
+    anchor = {n: p.clone() for n, p in params.items()}
+    xt = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.float32))
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def example_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logit = torch.func.functional_call(net, p, (xi.unsqueeze(0),)).reshape(-1)[0]
+        return loss_fn(logit, yi)
+
+    per_example_grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
+    sampler = torch.Generator().manual_seed(seed)  # which examples: public randomness is fine
+    noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    expected_batch = max(dp.sample_rate * len(yt), 1.0)
+    clip = dp.max_grad_norm
+    for _ in range(steps):
+        chosen = torch.rand(len(yt), generator=sampler) < dp.sample_rate
+        summed = {n: torch.zeros_like(p) for n, p in params.items()}
+        if chosen.any():
+            grads = per_example_grads(params, xt[chosen], yt[chosen])
+            norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values()))
+            scale = (clip / (norms + 1e-12)).clamp(max=1.0)
+            for n in names:
+                summed[n] = (grads[n] * scale.reshape(-1, *([1] * (grads[n].dim() - 1)))).sum(0)
+        with torch.no_grad():
+            for n in names:
+                noisy = summed[n] + torch.normal(
+                    0.0, noise_multiplier * clip, summed[n].shape, generator=noise
+                )
+                step = noisy / expected_batch
+                if hyper.proximal_mu > 0:
+                    step = step + hyper.proximal_mu * (params[n] - anchor[n])
+                params[n] = params[n] - hyper.learning_rate * step
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(params[n])
     return vector_of(net)

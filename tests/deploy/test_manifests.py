@@ -43,6 +43,7 @@ DOCUMENTED_ENV = {
     "FIBEMRSS_GATEWAY",
     "FIBEMRSS_AGGREGATOR",
     "FIBEMRSS_MIGRATE",
+    "FIBEMRSS_DATASET",
 }
 # Which of them each service gets beyond the ones every service gets (the runbook's table).
 COMMON_ENV = DOCUMENTED_ENV - {
@@ -51,11 +52,18 @@ COMMON_ENV = DOCUMENTED_ENV - {
     "FIBEMRSS_PSEUDONYM_KEY",
     "FIBEMRSS_GATEWAY",
     "FIBEMRSS_AGGREGATOR",
+    "FIBEMRSS_DATASET",
 }
 SERVICE_ENV = {
     "aggregator": {"FIBEMRSS_HE_CONTEXT"},
     "emr-gateway": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_PSEUDONYM_KEY"},
-    "hospital-agent": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_HE_CONTEXT", "FIBEMRSS_GATEWAY", "FIBEMRSS_AGGREGATOR"},
+    "hospital-agent": {
+        "FIBEMRSS_HOSPITAL",
+        "FIBEMRSS_HE_CONTEXT",
+        "FIBEMRSS_GATEWAY",
+        "FIBEMRSS_AGGREGATOR",
+        "FIBEMRSS_DATASET",
+    },
     "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY"},
 }
 ROLE_FILES = {

@@ -78,7 +78,13 @@ def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(feder
             "submissions",
             "submission_chunks",
             "aggregates",
+            "mask_keys",
         }
+        # Individual uploads went with the commit of their round's sum; mask keys are public keys.
+        cur.execute("SELECT count(*) FROM submission_chunks")
+        assert cur.fetchone()[0] == 0
+        cur.execute("SELECT DISTINCT length(public_key) FROM mask_keys")
+        assert [r[0] for r in cur.fetchall()] == [32]
         cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema='public'")
         columns = {r[0] for r in cur.fetchall()}
         assert not columns & {"patient_key", "age_years", "sex", "value", "weight", "examples"}

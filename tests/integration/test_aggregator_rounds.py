@@ -89,6 +89,8 @@ def start(
             grace_seconds=grace,
             deadline_seconds=deadline,
             hospitals=HOSPITALS,
+            # These rounds are unmasked and some close with two uploads on purpose.
+            min_contributors=min(quorum, 3),
         )
     )
 
@@ -184,7 +186,8 @@ def test_malformed_chunk_is_invalid_argument_and_nothing_is_stored(aggregator: A
             pb.StartFederationRequest(task="other", rounds=0, quorum=9, hospitals=["x"])
         )
     assert settings.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert {f for f, _ in field_violations(settings.value)} == {"rounds", "quorum"}
+    # The default minimum of 3 contributors cannot be met by one hospital either.
+    assert {f for f, _ in field_violations(settings.value)} == {"rounds", "quorum", "min_contributors"}
 
 
 def test_deadline_without_quorum_fails_the_round_and_the_next_builds_on_the_last_closed(

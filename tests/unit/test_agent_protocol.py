@@ -22,9 +22,13 @@ from services.hospital_agent.ports import PeerRefused, Phase, RoundView
 from services.hospital_agent.protocol import TRAINING_PURPOSE, Participation
 
 # FedYogi keeps server moments across rounds: a restarted agent must replay to get them back.
+# Unmasked, two hospitals: the round logic alone (masked rounds: test_agent_masked_rounds.py).
 TASK: TaskSpec = dataclasses.replace(
     HEART_DISEASE_V1,
     hyper=dataclasses.replace(HEART_DISEASE_V1.hyper, strategy="fedyogi", server_options=(("eta", 0.05),)),
+    pairwise_masking=False,
+    min_contributors=2,
+    weighting="examples",
 )
 HOSPITALS = ("a", "b")
 
@@ -157,7 +161,9 @@ class HospitalView:
         self._maybe_trip("current_round", info.round)
         return info
 
-    def submit(self, round_number: int, chunks: Sequence[bytes]) -> None:
+    def submit(
+        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+    ) -> None:
         self._maybe_trip("submit", round_number)
         self._agg.submit(self._hospital, round_number, chunks)
 
@@ -302,7 +308,7 @@ def test_a_refusing_peer_is_reported_and_retried_until_it_accepts_and_no_federat
     original = view.submit
     refusals = iter(range(2))
 
-    def refuse(round_number: int, chunks: Sequence[bytes]) -> None:
+    def refuse(round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0) -> None:
         if round_number == 0 and next(refusals, None) is not None:
             assert a.progress.consecutive_failures == (0 if not health else 1)
             raise PeerRefused("PERMISSION_DENIED: caller agent@a may not act for hospital 'x'")

@@ -55,6 +55,8 @@ class StartFederationRequest(_message.Message):
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
     HOSPITALS_FIELD_NUMBER: _builtins.int
+    PAIRWISE_MASKING_FIELD_NUMBER: _builtins.int
+    MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     rounds: _builtins.int
     """Training rounds after the statistics round 0."""
@@ -63,6 +65,10 @@ class StartFederationRequest(_message.Message):
     """Seconds a round stays open after it reaches quorum for late hospitals; 0 closes at once."""
     deadline_seconds: _builtins.float
     """Seconds after which an open round fails if it never reaches quorum."""
+    pairwise_masking: _builtins.bool
+    """Uploads carry pairwise masks: a round closes only with its whole cohort's uploads."""
+    min_contributors: _builtins.int
+    """No round's sum is produced with fewer contributors; 0 means the default, 3."""
     @_builtins.property
     def hospitals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Hospitals that may take part."""
@@ -76,10 +82,12 @@ class StartFederationRequest(_message.Message):
         grace_seconds: _builtins.float = ...,
         deadline_seconds: _builtins.float = ...,
         hospitals: _abc.Iterable[_builtins.str] | None = ...,
+        pairwise_masking: _builtins.bool = ...,
+        min_contributors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "grace_seconds", b"grace_seconds", "hospitals", b"hospitals", "quorum", b"quorum", "rounds", b"rounds", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "grace_seconds", b"grace_seconds", "hospitals", b"hospitals", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "rounds", b"rounds", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,19 +120,25 @@ class GetRoundRequest(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     WAIT_FOR_ROUND_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_COHORT_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     wait_for_round: _builtins.int
     wait_seconds: _builtins.float
+    wait_for_cohort: _builtins.bool
+    """With pairwise masking: waits (up to `wait_seconds`) until the current round's cohort is
+    fixed, its attempt changes or the round moves on.
+    """
     def __init__(
         self,
         *,
         task: _builtins.str = ...,
         wait_for_round: _builtins.int | None = ...,
         wait_seconds: _builtins.float = ...,
+        wait_for_cohort: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_wait_for_round", b"_wait_for_round", "wait_for_round", b"wait_for_round"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait_for_round", b"_wait_for_round", "task", b"task", "wait_for_round", b"wait_for_round", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_wait_for_round", b"_wait_for_round", "task", b"task", "wait_for_cohort", b"wait_for_cohort", "wait_for_round", b"wait_for_round", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__wait_for_round: _TypeAlias = _typing.Literal["wait_for_round"]  # noqa: Y015
     _WhichOneofArgType__wait_for_round: _TypeAlias = _typing.Literal["_wait_for_round", b"_wait_for_round"]  # noqa: Y015
@@ -166,6 +180,13 @@ class RoundInfo(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     BASE_ROUND_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    PAIRWISE_MASKING_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    COHORT_FIXED_FIELD_NUMBER: _builtins.int
+    COHORT_FIELD_NUMBER: _builtins.int
+    FEDERATION_ID_FIELD_NUMBER: _builtins.int
+    MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     state: Global___RoundState.ValueType
@@ -178,10 +199,25 @@ class RoundInfo(_message.Message):
     (-1 when none). A failed round is skipped this way.
     """
     failure: _builtins.str
+    pairwise_masking: _builtins.bool
+    """Pairwise masking (docs/he-codec.md): a round restarts without the hospitals of its cohort
+    that did not submit, as attempt 2, 3, ...; masks are bound to the federation id, the round
+    and the attempt.
+    """
+    attempt: _builtins.int
+    cohort_fixed: _builtins.bool
+    federation_id: _builtins.bytes
+    min_contributors: _builtins.int
+    epsilon: _builtins.float
+    """Patient-level DP: the largest epsilon the round's submitters report having spent in this
+    federation after training it (0 without DP). A function of the task spec only.
+    """
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -195,10 +231,17 @@ class RoundInfo(_message.Message):
         rounds: _builtins.int = ...,
         base_round: _builtins.int = ...,
         failure: _builtins.str = ...,
+        pairwise_masking: _builtins.bool = ...,
+        attempt: _builtins.int = ...,
+        cohort_fixed: _builtins.bool = ...,
+        cohort: _abc.Iterable[_builtins.str] | None = ...,
+        federation_id: _builtins.bytes = ...,
+        min_contributors: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_round", b"base_round", "deadline", b"deadline", "failure", b"failure", "federation_done", b"federation_done", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_round", b"base_round", "cohort", b"cohort", "cohort_fixed", b"cohort_fixed", "deadline", b"deadline", "epsilon", b"epsilon", "failure", b"failure", "federation_done", b"federation_done", "federation_id", b"federation_id", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -214,6 +257,8 @@ class SubmitUpdateRequest(_message.Message):
     TOTAL_CHUNKS_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """Set on the first chunk of a stream."""
     round: _builtins.int
@@ -222,6 +267,10 @@ class SubmitUpdateRequest(_message.Message):
     index: _builtins.int
     """Position of this chunk; chunk i of every hospital covers the same slots."""
     ciphertext: _builtins.bytes
+    attempt: _builtins.int
+    """With pairwise masking: the attempt whose cohort the masks were made for (first chunk)."""
+    epsilon: _builtins.float
+    """Patient-level DP: the epsilon the hospital has spent in this federation after this round."""
     def __init__(
         self,
         *,
@@ -231,10 +280,12 @@ class SubmitUpdateRequest(_message.Message):
         total_chunks: _builtins.int = ...,
         index: _builtins.int = ...,
         ciphertext: _builtins.bytes = ...,
+        attempt: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "hospital", b"hospital", "index", b"index", "round", b"round", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ciphertext", b"ciphertext", "epsilon", b"epsilon", "hospital", b"hospital", "index", b"index", "round", b"round", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,6 +369,119 @@ class FetchAggregateResponse(_message.Message):
 Global___FetchAggregateResponse: _TypeAlias = FetchAggregateResponse  # noqa: Y015
 
 @_typing.final
+class PublishMaskKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    HOSPITAL_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    round: _builtins.int
+    hospital: _builtins.str
+    public_key: _builtins.bytes
+    """X25519 public key, 32 bytes."""
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        round: _builtins.int = ...,
+        hospital: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key", "round", b"round", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishMaskKeyRequest: _TypeAlias = PublishMaskKeyRequest  # noqa: Y015
+
+@_typing.final
+class PublishMaskKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def round(self) -> Global___RoundInfo: ...
+    def __init__(
+        self,
+        *,
+        round: Global___RoundInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishMaskKeyResponse: _TypeAlias = PublishMaskKeyResponse  # noqa: Y015
+
+@_typing.final
+class GetMaskKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    round: _builtins.int
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMaskKeysRequest: _TypeAlias = GetMaskKeysRequest  # noqa: Y015
+
+@_typing.final
+class MaskKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSPITAL_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    hospital: _builtins.str
+    public_key: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        hospital: _builtins.str = ...,
+        public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaskKey: _TypeAlias = MaskKey  # noqa: Y015
+
+@_typing.final
+class GetMaskKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskKey]: ...
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___MaskKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMaskKeysResponse: _TypeAlias = GetMaskKeysResponse  # noqa: Y015
+
+@_typing.final
 class GetFederationStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -366,9 +530,13 @@ class FederationStatus(_message.Message):
     HOSPITALS_FIELD_NUMBER: _builtins.int
     CURRENT_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    PAIRWISE_MASKING_FIELD_NUMBER: _builtins.int
+    MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     rounds: _builtins.int
     quorum: _builtins.int
+    pairwise_masking: _builtins.bool
+    min_contributors: _builtins.int
     @_builtins.property
     def hospitals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -384,10 +552,12 @@ class FederationStatus(_message.Message):
         hospitals: _abc.Iterable[_builtins.str] | None = ...,
         current: Global___RoundInfo | None = ...,
         history: _abc.Iterable[Global___RoundInfo] | None = ...,
+        pairwise_masking: _builtins.bool = ...,
+        min_contributors: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "history", b"history", "hospitals", b"hospitals", "quorum", b"quorum", "rounds", b"rounds", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "history", b"history", "hospitals", b"hospitals", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "rounds", b"rounds", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,11 +590,14 @@ class Evaluation(_message.Message):
     CORRECT_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """Global model after training round `round` (0 is the untrained model)."""
     correct: _builtins.int
     total: _builtins.int
     model_version: _builtins.int
+    epsilon: _builtins.float
+    """Patient-level DP: this hospital's epsilon in the federation through this round (0 without DP)."""
     def __init__(
         self,
         *,
@@ -432,10 +605,11 @@ class Evaluation(_message.Message):
         correct: _builtins.int = ...,
         total: _builtins.int = ...,
         model_version: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "model_version", b"model_version", "round", b"round", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correct", b"correct", "epsilon", b"epsilon", "model_version", b"model_version", "round", b"round", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,6 +649,9 @@ class AgentStatus(_message.Message):
     TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    DP_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     task: _builtins.str
     last_submitted_round: _builtins.int
@@ -484,6 +661,12 @@ class AgentStatus(_message.Message):
     test_examples: _builtins.int
     consecutive_failures: _builtins.int
     """Failed steps in a row (retried with capped exponential backoff); `error` is the last reason."""
+    dp: _builtins.bool
+    """Patient-level DP (DP-SGD): whether local training is private, and (epsilon, delta) spent
+    in this federation so far.
+    """
+    epsilon: _builtins.float
+    delta: _builtins.float
     @_builtins.property
     def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Evaluation]: ...
     @_builtins.property
@@ -505,10 +688,13 @@ class AgentStatus(_message.Message):
         test_examples: _builtins.int = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         consecutive_failures: _builtins.int = ...,
+        dp: _builtins.bool = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "done", b"done", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "delta", b"delta", "done", b"done", "dp", b"dp", "epsilon", b"epsilon", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,16 @@ class AggregatorServiceStub:
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusResponse.FromString,
                 _registered_method=True)
+        self.PublishMaskKey = channel.unary_unary(
+                '/fibemrss.federation.v1.AggregatorService/PublishMaskKey',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyResponse.FromString,
+                _registered_method=True)
+        self.GetMaskKeys = channel.unary_unary(
+                '/fibemrss.federation.v1.AggregatorService/GetMaskKeys',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServiceServicer:
@@ -99,6 +109,22 @@ class AggregatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishMaskKey(self, request, context):
+        """Pairwise masking: a hospital's X25519 public key for one round (docs/he-codec.md). The
+        round's cohort is the set of hospitals whose key is in when the key stage ends; a key may be
+        replaced until then and repeated identically after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMaskKeys(self, request, context):
+        """The public keys of a round's cohort, once it is fixed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +152,16 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
                     servicer.GetFederationStatus,
                     request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusRequest.FromString,
                     response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusResponse.SerializeToString,
+            ),
+            'PublishMaskKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishMaskKey,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyResponse.SerializeToString,
+            ),
+            'GetMaskKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMaskKeys,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +299,60 @@ class AggregatorService:
             '/fibemrss.federation.v1.AggregatorService/GetFederationStatus',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishMaskKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/PublishMaskKey',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMaskKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/GetMaskKeys',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,13 @@ class AggregatorServiceStub:
     FetchAggregate: _grpc.UnaryStreamMultiCallable[_federation_pb2.FetchAggregateRequest, _federation_pb2.FetchAggregateResponse]
     """The encrypted sum of a closed round, as a stream of chunks."""
     GetFederationStatus: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetFederationStatusRequest, _federation_pb2.GetFederationStatusResponse]
+    PublishMaskKey: _grpc.UnaryUnaryMultiCallable[_federation_pb2.PublishMaskKeyRequest, _federation_pb2.PublishMaskKeyResponse]
+    """Pairwise masking: a hospital's X25519 public key for one round (docs/he-codec.md). The
+    round's cohort is the set of hospitals whose key is in when the key stage ends; a key may be
+    replaced until then and repeated identically after.
+    """
+    GetMaskKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetMaskKeysRequest, _federation_pb2.GetMaskKeysResponse]
+    """The public keys of a round's cohort, once it is fixed."""
 
 @_typing.type_check_only
 class AggregatorServiceAsyncStub(AggregatorServiceStub):
@@ -59,6 +66,13 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
     FetchAggregate: _aio.UnaryStreamMultiCallable[_federation_pb2.FetchAggregateRequest, _federation_pb2.FetchAggregateResponse]  # type: ignore[assignment]
     """The encrypted sum of a closed round, as a stream of chunks."""
     GetFederationStatus: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetFederationStatusRequest, _federation_pb2.GetFederationStatusResponse]  # type: ignore[assignment]
+    PublishMaskKey: _aio.UnaryUnaryMultiCallable[_federation_pb2.PublishMaskKeyRequest, _federation_pb2.PublishMaskKeyResponse]  # type: ignore[assignment]
+    """Pairwise masking: a hospital's X25519 public key for one round (docs/he-codec.md). The
+    round's cohort is the set of hospitals whose key is in when the key stage ends; a key may be
+    replaced until then and repeated identically after.
+    """
+    GetMaskKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetMaskKeysRequest, _federation_pb2.GetMaskKeysResponse]  # type: ignore[assignment]
+    """The public keys of a round's cohort, once it is fixed."""
 
 class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,6 +115,25 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _federation_pb2.GetFederationStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.GetFederationStatusResponse, _abc.Awaitable[_federation_pb2.GetFederationStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PublishMaskKey(
+        self,
+        request: _federation_pb2.PublishMaskKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.PublishMaskKeyResponse, _abc.Awaitable[_federation_pb2.PublishMaskKeyResponse]]:
+        """Pairwise masking: a hospital's X25519 public key for one round (docs/he-codec.md). The
+        round's cohort is the set of hospitals whose key is in when the key stage ends; a key may be
+        replaced until then and repeated identically after.
+        """
+
+    @_abc_1.abstractmethod
+    def GetMaskKeys(
+        self,
+        request: _federation_pb2.GetMaskKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.GetMaskKeysResponse, _abc.Awaitable[_federation_pb2.GetMaskKeysResponse]]:
+        """The public keys of a round's cohort, once it is fixed."""
 
 def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -51,6 +51,14 @@ def _quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.privacy_bench import run_privacy_bench
+
+    shared = Path(args.shared_data)
+    _emit(run_privacy_bench(shared if (shared / "heart_disease").is_dir() else None, args.params), args.json)
+    return 0
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.ingest_bench import run_ingest_bench
 
@@ -104,6 +112,14 @@ def add_parser(subparsers: Any) -> None:
     )
     quality.set_defaults(func=_quality)
 
+    privacy = sub.add_parser(
+        "privacy",
+        help="pairwise masking's upload size and round time; accuracy under DP-SGD at several epsilons",
+    )
+    privacy.add_argument("--params", type=int, default=1_000_000)
+    privacy.add_argument("--shared-data", default=default_shared, help="folder holding heart_disease/")
+    privacy.set_defaults(func=_privacy)
+
     ingest = sub.add_parser("ingest", help="Synthea bundles through the gateway, next to PostgreSQL COPY")
     ingest.add_argument("--shared-data", default=default_shared)
     ingest.set_defaults(func=_ingest)
@@ -111,5 +127,5 @@ def add_parser(subparsers: Any) -> None:
     inference = sub.add_parser("inference", help="Diagnose and ModelInfer latency and throughput")
     inference.set_defaults(func=_inference)
 
-    for p in (he, rnd, hostile, quality, ingest, inference):
+    for p in (he, rnd, hostile, quality, privacy, ingest, inference):
         p.add_argument("--json", help="also write the result here")

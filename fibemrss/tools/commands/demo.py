@@ -25,6 +25,12 @@ def add_parser(subparsers: Any) -> None:
     demo.add_argument("--database-url")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument(
+        "--dp",
+        action="store_true",
+        help="patient-level DP-SGD in local training (task heart-disease-v1-dp: epsilon 1, delta 1e-3 "
+        "over 15 rounds); prints the epsilon spent per round",
+    )
+    demo.add_argument(
         "--serve", action="store_true", help="keep serving after the rounds until SIGINT/SIGTERM"
     )
     demo.add_argument(
@@ -44,5 +50,6 @@ def run(args: argparse.Namespace) -> int:
             serve_endpoints=Path(args.endpoints_json) if args.serve else None,
             study_file=Path(args.study) if args.study else None,
             shared_data=Path(args.shared_data),
+            dp=args.dp,
         )
     return 0

@@ -37,6 +37,8 @@ def run_status(args: argparse.Namespace) -> int:
             "round": r.round,
             "state": pb.RoundState.Name(r.state).removeprefix("ROUND_STATE_").lower(),
             "submitted": list(r.submitted),
+            **({"attempt": r.attempt} if r.attempt > 1 else {}),
+            **({"epsilon": r.epsilon} if r.epsilon else {}),
             **({"failure": r.failure} if r.failure else {}),
         }
         for r in st.history
@@ -46,6 +48,8 @@ def run_status(args: argparse.Namespace) -> int:
         "rounds": st.rounds,
         "quorum": st.quorum,
         "hospitals": list(st.hospitals),
+        "pairwise_masking": st.pairwise_masking,
+        "min_contributors": st.min_contributors,
         "current_round": st.current.round,
         "done": st.current.federation_done,
         "history": history,
@@ -55,12 +59,15 @@ def run_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"task {out['task']}: round {out['current_round']} of {out['rounds']} "
-        f"(quorum {st.quorum} of {len(st.hospitals)})"
+        f"(quorum {st.quorum} of {len(st.hospitals)}, at least {st.min_contributors} contributors"
+        f"{', pairwise masking' if st.pairwise_masking else ''})"
         f"{' - done' if out['done'] else ''}"
     )
     for h in history:
         print(
             f"  round {h['round']:>3}  {h['state']:<11}  submitted: {', '.join(h['submitted']) or '-'}"
+            + (f"  attempt {h['attempt']}" if "attempt" in h else "")
+            + (f"  epsilon {h['epsilon']:.3f}" if "epsilon" in h else "")
             + (f"  ({h['failure']})" if "failure" in h else "")
         )
     return 0

@@ -1,0 +1,29 @@
+"""The StartFederation request for a task spec: its masking and minimum of contributors travel
+with it, so the aggregator runs the rounds the hospitals' task spec expects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.federation.v1 import federation_pb2 as fpb
+
+
+def start_request(
+    task: TaskSpec,
+    hospitals: Sequence[str],
+    rounds: int,
+    quorum: int | None = None,
+    grace_seconds: float = 0.0,
+    deadline_seconds: float = 120.0,
+) -> fpb.StartFederationRequest:
+    return fpb.StartFederationRequest(
+        task=task.name,
+        rounds=rounds,
+        quorum=len(hospitals) if quorum is None else quorum,
+        grace_seconds=grace_seconds,
+        deadline_seconds=deadline_seconds,
+        hospitals=list(hospitals),
+        pairwise_masking=task.pairwise_masking,
+        min_contributors=task.min_contributors,
+    )
