@@ -45,6 +45,8 @@ CENTRAL_RULES: Mapping[str, frozenset[str]] = {
     _AGGREGATOR + "GetRound": frozenset({"agent@h", "operator@central"}),
     _AGGREGATOR + "SubmitUpdate": frozenset({"agent@h"}),
     _AGGREGATOR + "FetchAggregate": frozenset({"agent@h"}),
+    _AGGREGATOR + "PublishMaskKey": frozenset({"agent@h"}),
+    _AGGREGATOR + "GetMaskKeys": frozenset({"agent@h"}),
     _AGGREGATOR + "GetFederationStatus": frozenset({"agent@h", "operator@h", "operator@central"}),
 }
 
