@@ -15,6 +15,10 @@ Authorize = Callable[[str, str], None]  # (caller identity, full method name) ->
 
 # Probes and tooling may use these on any authenticated connection.
 _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Methods that only some roles of the hospital may call (DESIGN.md's table). The MLLP and FHIR
+# REST edges ask with these same names, so every transport follows one rule.
+INGEST_METHOD = "/fibemrss.emr.v1.EmrGatewayService/Ingest"
+_ROLES: dict[str, tuple[str, ...]] = {INGEST_METHOD: ("operator",)}
 
 
 def _site(identity: str) -> str:
@@ -31,6 +35,10 @@ def hospital_policy(hospital: str) -> Authorize:
             raise PermissionDenied(
                 f"{identity} may not call {method.rsplit('/', 1)[-1]} at hospital {hospital}"
             )
+        roles = _ROLES.get(method)
+        if roles is not None and identity.partition("@")[0] not in roles:
+            allowed = " or ".join(f"{r}@{hospital}" for r in roles)
+            raise PermissionDenied(f"only {allowed} may call {method.rsplit('/', 1)[-1]}, not {identity}")
 
     return authorize
 

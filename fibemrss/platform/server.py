@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +74,12 @@ def start_server(
     config: ServerConfig,
     max_workers: int = 16,
     authorize: Callable[[str, str], None] | None = None,
+    edges: Mapping[str, str] | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server; `register` adds the servicers and returns their full
-    service names. The returned addresses carry the ports actually bound (port 0 works)."""
+    service names. The returned addresses carry the ports actually bound (port 0 works). `edges`
+    are the addresses of the service's other listeners (MLLP, HTTPS), already bound, named in the
+    ready file beside the gRPC address."""
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     server = grpc.server(
@@ -127,15 +130,17 @@ def start_server(
     )
     log.info("serving", extra={"grpc": running.address, "metrics": running.metrics_address})
     if config.ready_file:
-        _write_ready_file(config.ready_file, running)
+        _write_ready_file(config.ready_file, running, edges or {})
     return running
 
 
-def _write_ready_file(path: str, running: RunningServer) -> None:
+def _write_ready_file(path: str, running: RunningServer, edges: Mapping[str, str]) -> None:
     # Written to a temporary name and renamed, so a reader never sees half a file.
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"grpc": running.address, "metrics": running.metrics_address, "pid": os.getpid()}, f)
+        json.dump(
+            {"grpc": running.address, "metrics": running.metrics_address, "pid": os.getpid(), **edges}, f
+        )
     os.replace(tmp, path)
 
 

@@ -11,9 +11,11 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
-from fibemrss.platform.config import ServerConfig, env_str
+from fibemrss.platform.config import ServerConfig, edge_listen, env_str
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
+from fibemrss.platform.tls import server_ssl_context
+from services.emr_gateway.mllp import MllpListen, MllpServer
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore
@@ -27,16 +29,31 @@ def main() -> None:
     pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
+    mllp_listen = edge_listen("FIBEMRSS_MLLP_LISTEN", "FIBEMRSS_MLLP_PLAINTEXT_LISTEN", config.tls)
     db = Database(database_url)
+    gateway = Gateway(GatewayStore(db), pseudonyms)
+    authorize = hospital_policy(hospital)
+
+    edges: dict[str, str] = {}
+    mllp: MllpServer | None = None
+    if mllp_listen is not None:
+        ssl_context = server_ssl_context(mllp_listen.tls) if mllp_listen.tls else None
+        listen = MllpListen(mllp_listen.host, mllp_listen.port, ssl_context)
+        mllp = MllpServer(gateway, hospital, listen, authorize).start()
+        edges["mllp"] = mllp.address
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(
-            EmrGatewayServicer(Gateway(GatewayStore(db), pseudonyms)), server
-        )
+        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(gateway), server)
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 
-    running = start_server("emr_gateway", register, config, authorize=hospital_policy(hospital))
-    serve_until_signalled(running, on_stop=db.close)
+    running = start_server("emr_gateway", register, config, authorize=authorize, edges=edges)
+
+    def on_stop() -> None:
+        if mllp is not None:
+            mllp.stop()
+        db.close()
+
+    serve_until_signalled(running, on_stop=on_stop)
 
 
 if __name__ == "__main__":
