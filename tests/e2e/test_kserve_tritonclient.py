@@ -63,16 +63,6 @@ def service(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
         yield proc.address, versions
 
 
-@pytest.fixture(scope="session")
-def triton_python() -> str:
-    build = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "triton_venv.sh")], capture_output=True, text=True, timeout=600
-    )
-    if build.returncode != 0:
-        pytest.skip(f"could not build the tritonclient virtualenv (PyPI unreachable?): {build.stderr[-500:]}")
-    return str(ROOT / build.stdout.strip().splitlines()[-1])
-
-
 def test_tritonclient_sees_health_metadata_and_the_models_own_outputs(
     service: tuple[str, list], triton_python: str, tmp_path: Path
 ) -> None:
