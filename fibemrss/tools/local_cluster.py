@@ -149,7 +149,7 @@ class LocalCluster:
         edge = "_LISTEN" if self.tls else "_PLAINTEXT_LISTEN"
         if role == "gateway":
             env[f"FIBEMRSS_MLLP{edge}"] = "127.0.0.1:0"
-        if role == "inference":
+        if role in ("gateway", "inference"):
             env[f"FIBEMRSS_HTTP{edge}"] = "127.0.0.1:0"
         if (tls := self.client_tls(f"{role}@{where}")) is not None:
             env.update(
@@ -184,7 +184,7 @@ class LocalCluster:
             "hospitals": {
                 h: {
                     **{r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES},
-                    # "mllp" (HOST:PORT) from the gateway, "kserve_http" (a base URL) from inference
+                    # "mllp" (HOST:PORT) and "fhir" (a base URL) from the gateway, "kserve_http" from inference
                     **{k: v for r in HOSPITAL_ROLES for k, v in self.processes[f"{r}@{h}"].edges.items()},
                 }
                 for h in self.hospitals

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
@@ -13,8 +14,10 @@ from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import ServerConfig, edge_listen, env_str
 from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
 from fibemrss.platform.tls import server_ssl_context
+from services.emr_gateway.fhir_rest import FhirRest
 from services.emr_gateway.mllp import MllpListen, MllpServer
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
@@ -30,6 +33,7 @@ def main() -> None:
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
     mllp_listen = edge_listen("FIBEMRSS_MLLP_LISTEN", "FIBEMRSS_MLLP_PLAINTEXT_LISTEN", config.tls)
+    http_listen = edge_listen("FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_HTTP_PLAINTEXT_LISTEN", config.tls)
     db = Database(database_url)
     gateway = Gateway(GatewayStore(db), pseudonyms)
     authorize = hospital_policy(hospital)
@@ -41,6 +45,12 @@ def main() -> None:
         listen = MllpListen(mllp_listen.host, mllp_listen.port, ssl_context)
         mllp = MllpServer(gateway, hospital, listen, authorize).start()
         edges["mllp"] = mllp.address
+    fhir: FhirRest | None = None
+    http: RunningHttp | None = None
+    if http_listen is not None:
+        fhir = FhirRest(gateway, authorize if http_listen.tls else None)
+        http = start_http("emr_gateway", Starlette(routes=fhir.routes()), http_listen)
+        edges["fhir"] = http.base_url + "/fhir"
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(gateway), server)
@@ -51,6 +61,10 @@ def main() -> None:
     def on_stop() -> None:
         if mllp is not None:
             mllp.stop()
+        if http is not None:
+            http.stop()
+        if fhir is not None:
+            fhir.close()
         db.close()
 
     serve_until_signalled(running, on_stop=on_stop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, training_example
@@ -17,7 +17,8 @@ from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import get_task
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
-from services.emr_gateway.formats import candidates_for
+from services.emr_gateway.fhir_r4 import BundleParse, parse_bundle_object
+from services.emr_gateway.formats import bundle_candidates, candidates_for
 from services.emr_gateway.ingestion import (
     Candidate,
     Outcome,
@@ -73,6 +74,14 @@ class GatewayStorePort(RecordStore, Protocol):
 class IngestResult:
     outcomes: list[Outcome]
     resources: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BundleIngest:
+    """One FHIR bundle's parse and the fates of its candidates (one per patient record)."""
+
+    parsed: BundleParse
+    outcomes: list[Outcome]
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,30 @@ class Gateway:
         if isinstance(content, CsvPayload):
             return self.ingest_candidates(csv_candidates(content))
         return self.ingest_candidates(candidates_for(kind, content))
+
+    def ingest_fhir_bundles(self, bundles: Sequence[Any]) -> list[BundleIngest | InvalidArgument]:
+        """FHIR bundles already read from JSON (REST batch, transaction, NDJSON import groups),
+        written as one batch. A bundle refused whole (unreadable, or a transaction with a bad entry)
+        gets its error in its place and writes nothing."""
+        parsed: list[BundleParse | InvalidArgument] = []
+        candidates: list[Candidate] = []
+        for bundle in bundles:
+            try:
+                one = parse_bundle_object(bundle)
+            except InvalidArgument as exc:
+                parsed.append(exc)
+                continue
+            parsed.append(one)
+            candidates.extend(bundle_candidates(one))
+        outcomes = iter(ingest(candidates, self._store, self._pseudonyms))
+        out: list[BundleIngest | InvalidArgument] = []
+        for p in parsed:
+            if isinstance(p, InvalidArgument):
+                out.append(p)
+            else:
+                n = len(p.records) + len(p.rejected) + (1 if p.unattributed else 0)
+                out.append(BundleIngest(p, [next(outcomes) for _ in range(n)]))
+        return out
 
     # -- quarantine review -------------------------------------------------------------------------
     def list_quarantine(

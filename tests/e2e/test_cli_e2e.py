@@ -22,7 +22,7 @@ from fibemrss.platform.tls import client_ssl_context
 
 
 def check_edges(endpoints: dict[str, Any], hospital: str) -> None:
-    """The MLLP and KServe REST edges that `up` named answer over mutual TLS."""
+    """The MLLP, FHIR and KServe REST edges that `up` named answer over mutual TLS."""
     tls = endpoints["tls"]
     certs = tls["certs"]
 
@@ -36,6 +36,9 @@ def check_edges(endpoints: dict[str, Any], hospital: str) -> None:
         client.socket = context(f"operator@{hospital}").wrap_socket(client.socket, server_hostname=host)
         ack = hl7.parse(client.send_message(message)[1:-2].decode())
     assert str(ack["MSA"][0][1]) == "AA" and str(ack["MSA"][0][2]) == "UP-1"
+    with httpx.Client(verify=context(f"operator@{hospital}"), timeout=30) as http:
+        metadata = http.get(endpoints["hospitals"][hospital]["fhir"] + "/metadata").json()
+        assert metadata["resourceType"] == "CapabilityStatement"
     with httpx.Client(verify=context(f"ehr@{hospital}"), timeout=30) as http:
         assert http.get(endpoints["hospitals"][hospital]["kserve_http"] + "/v2/health/live").json() == {
             "live": True
@@ -94,6 +97,7 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
             "agent",
             "inference",
             "mllp",
+            "fhir",
             "kserve_http",
         }
         check_edges(endpoints, "alpha")
