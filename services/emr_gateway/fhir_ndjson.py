@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from services.emr_gateway.fhir_r4 import read_json
+from fibemrss.domain.normalize.fhir_r4 import read_json
 
 _PATIENT_REF = re.compile(r"(?:^|/)Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?\Z")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fibemrss.domain.errors import FieldProblem
-from services.emr_gateway.fhir_r4 import MAPPED_TYPES, BundleParse
+from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, BundleParse
 from services.emr_gateway.ingestion import Outcome
 
 FHIR_VERSION = "4.0.1"

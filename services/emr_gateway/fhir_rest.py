@@ -31,11 +31,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
+from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, read_json
 from fibemrss.platform.authorization import INGEST_METHOD
 from fibemrss.platform.http_server import http_status_for, request_identity
 from services.emr_gateway import fhir_outcomes as fo
 from services.emr_gateway.fhir_ndjson import LineGroup, group_lines
-from services.emr_gateway.fhir_r4 import MAPPED_TYPES, read_json
 from services.emr_gateway.use_cases import BundleIngest, Gateway
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from services.emr_gateway import fhir_r4, hl7v2
+from fibemrss.domain.normalize import fhir_r4
+from services.emr_gateway import hl7v2
 from services.emr_gateway.ingestion import Candidate
 
 

@@ -15,8 +15,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.normalize.plausibility import check_observation, to_canonical_unit
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
-from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 
 Fate = Literal["accepted", "duplicate", "quarantined", "rejected", "unsupported"]

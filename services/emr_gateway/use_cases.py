@@ -13,11 +13,11 @@ from typing import Any, Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, training_example
+from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import get_task
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
-from services.emr_gateway.fhir_r4 import BundleParse, parse_bundle_object
 from services.emr_gateway.formats import bundle_candidates, candidates_for
 from services.emr_gateway.ingestion import (
     Candidate,
