@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
-from fibemrss.domain.normalize.plausibility import check_observation, to_canonical_unit
+from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
 from services.emr_gateway.pseudonym import Pseudonymizer
 
@@ -151,14 +151,6 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
         except UnicodeEncodeError:
             problems.append(FieldProblem(path, "is not valid Unicode text (a lone surrogate)"))
     return problems
-
-
-def canonical(record: PatientRecord) -> PatientRecord:
-    """The record with every listed quantity in its code's canonical UCUM unit (one unit per code)."""
-    converted = tuple(to_canonical_unit(o) for o in record.observations)
-    if converted == record.observations:
-        return record
-    return replace(record, observations=converted)
 
 
 def ingest(

@@ -8,9 +8,8 @@ from dataclasses import dataclass, replace
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.normalize import ucum
-from fibemrss.domain.normalize.plausibility import check_observation
+from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import PatientRecord
-from services.emr_gateway.ingestion import canonical
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from fibemrss.platform.config import (
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
+from services.inference.cds_rest import CdsHooks
 from services.inference.model_cache import ModelCache
 from services.inference.open_inference import OpenInference
 from services.inference.patient_directory import PatientDirectory
@@ -59,9 +60,11 @@ def main() -> None:
     edges: dict[str, str] = {}
     http: RunningHttp | None = None
     if http_listen is not None:
-        routes = KServeRest(core, authorize if http_listen.tls else None).routes()
+        guard = authorize if http_listen.tls else None
+        routes = KServeRest(core, guard).routes() + CdsHooks(cache, guard).routes()
         http = start_http("inference", Starlette(routes=routes), http_listen)
         edges["kserve_http"] = http.base_url
+        edges["cds_hooks"] = http.base_url + "/cds-services"
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache, directory), server)

@@ -99,6 +99,7 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
             "mllp",
             "fhir",
             "kserve_http",
+            "cds_hooks",
         }
         check_edges(endpoints, "alpha")
         assert len(endpoints["metrics"]) == 1 + 2 * 3

@@ -10,9 +10,6 @@ import json
 import os
 import ssl
 import subprocess
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,15 +17,11 @@ import numpy as np
 import pytest
 
 from fibemrss.domain.feature_encoding import input_dim
-from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import HEART_DISEASE_V1
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.channels import open_channel
-from fibemrss.platform.config import TlsFiles
-from fibemrss.platform.tls import client_ssl_context
-from fibemrss.tools.bench.inference_bench import inference_process, publish, sample_model_version
-from fibemrss.tools.certs import init_pki
+from tests.e2e.conftest import InferenceHttps
 from tests.e2e.test_kserve_tritonclient import expected
 
 pytestmark = pytest.mark.e2e
@@ -38,69 +31,32 @@ TASK = HEART_DISEASE_V1
 MODEL = TASK.name
 
 
-@dataclass
-class Service:
-    grpc: str
-    http: str  # https://HOST:PORT
-    pki: Path
-    versions: list[ModelVersion]
-
-    def tls(self, identity: str) -> TlsFiles:
-        return TlsFiles(
-            str(self.pki / "ca.crt"), str(self.pki / f"{identity}.crt"), str(self.pki / f"{identity}.key")
-        )
-
-    def client(self, identity: str = "ehr@h") -> httpx.Client:
-        return httpx.Client(base_url=self.http, verify=client_ssl_context(self.tls(identity)), timeout=30)
-
-
-@pytest.fixture(scope="module")
-def service(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    from fibemrss.db.admin import ensure_database
-    from fibemrss.db.migrate import migrate
-
-    url = ensure_database(postgres_server, f"t_{uuid.uuid4().hex[:12]}")
-    migrate(url, "hospital")
-    versions = [sample_model_version(TASK, 1, seed=1), sample_model_version(TASK, 2, seed=2)]
-    for mv in versions:
-        publish(url, mv)
-    pki = tmp_path_factory.mktemp("pki")
-    init_pki(pki, ["inference@h", "ehr@h", "ehr@other"])
-    env = {
-        "FIBEMRSS_HOSPITAL": "h",
-        "FIBEMRSS_TLS_CA": str(pki / "ca.crt"),
-        "FIBEMRSS_TLS_CERT": str(pki / "inference@h.crt"),
-        "FIBEMRSS_TLS_KEY": str(pki / "inference@h.key"),
-        "FIBEMRSS_HTTP_LISTEN": "127.0.0.1:0",
-    }
-    with inference_process(url, tmp_path_factory.mktemp("inference"), env) as proc:
-        yield Service(proc.address, proc.edges["kserve_http"], pki, versions)
-
-
-def grpc_infer(service: Service, x: np.ndarray, version: str = "") -> kserve.ModelInferResponse:
+def grpc_infer(
+    inference_https: InferenceHttps, x: np.ndarray, version: str = ""
+) -> kserve.ModelInferResponse:
     request = kserve.ModelInferRequest(model_name=MODEL, model_version=version, id="check-1")
     request.inputs.add(name="features", datatype="FP32", shape=x.shape)
     request.raw_input_contents.append(x.astype("<f4").tobytes())
-    with open_channel(service.grpc, service.tls("ehr@h")) as channel:
+    with open_channel(inference_https.grpc, inference_https.tls("ehr@h")) as channel:
         return kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
 
 
 def test_tritonclient_http_sees_what_grpc_answers(
-    service: Service,
+    inference_https: InferenceHttps,
     triton_python: str,
     tmp_path: Path,
 ) -> None:
-    v1, v2 = service.versions
+    v1, v2 = inference_https.versions
     x = np.random.default_rng(11).normal(size=(4, input_dim(TASK))).astype(np.float32)
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps(x.tolist()))
-    t = service.tls("ehr@h")
+    t = inference_https.tls("ehr@h")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run(
         [
             triton_python,
             str(ROOT / "tests" / "e2e" / "triton_http_check.py"),
-            service.http.removeprefix("https://"),
+            inference_https.http.removeprefix("https://"),
             MODEL,
             str(inputs),
             t.ca,
@@ -126,7 +82,7 @@ def test_tritonclient_http_sees_what_grpc_answers(
         got = seen[key]
         assert got["model_version"] == str(mv.version) and got["id"] == "check-1", key
         assert got["probability_shape"] == [4, 1]
-        over_grpc = grpc_infer(service, x, version)
+        over_grpc = grpc_infer(inference_https, x, version)
         grpc_p = np.frombuffer(over_grpc.raw_output_contents[0], "<f4")
         grpc_logit = np.frombuffer(over_grpc.raw_output_contents[1], "<f4")
         # Binary data carries the very float32 bytes; JSON carries the float32 value as a double.
@@ -142,8 +98,8 @@ def test_tritonclient_http_sees_what_grpc_answers(
     assert seen["unknown_model"]["status"] == "404"
 
 
-def test_json_errors_name_the_rest_field(service: Service) -> None:
-    with service.client() as client:
+def test_json_errors_name_the_rest_field(inference_https: InferenceHttps) -> None:
+    with inference_https.client() as client:
         body = {
             "inputs": [{"name": "features", "datatype": "FP32", "shape": [1, input_dim(TASK)], "data": [1.0]}]
         }
@@ -157,14 +113,14 @@ def test_json_errors_name_the_rest_field(service: Service) -> None:
         assert r.status_code == 404 and "no-such-model" in r.json()["error"]
 
 
-def test_another_hospitals_certificate_is_refused(service: Service) -> None:
-    with service.client("ehr@other") as client:
+def test_another_hospitals_certificate_is_refused(inference_https: InferenceHttps) -> None:
+    with inference_https.client("ehr@other") as client:
         r = client.get("/v2/health/ready")
     assert r.status_code == 403 and "ehr@other" in r.json()["error"]
 
 
-def test_without_a_client_certificate_there_is_no_connection(service: Service) -> None:
-    no_certificate = ssl.create_default_context(cafile=service.tls("ehr@h").ca)
-    with httpx.Client(base_url=service.http, verify=no_certificate, timeout=10) as client:
+def test_without_a_client_certificate_there_is_no_connection(inference_https: InferenceHttps) -> None:
+    no_certificate = ssl.create_default_context(cafile=inference_https.tls("ehr@h").ca)
+    with httpx.Client(base_url=inference_https.http, verify=no_certificate, timeout=10) as client:
         with pytest.raises(httpx.HTTPError):
             client.get("/v2/health/live")

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fhir.resources.R4B.riskassessment import RiskAssessment
 from google.protobuf import json_format
 
 from fibemrss.domain.feature_encoding import input_dim, input_names
@@ -211,3 +212,12 @@ def test_diagnose_cli_prints_the_reference(
     )
     assert args.func(args) == 0
     assert "version 1" in capsys.readouterr().out
+
+    args = parser.parse_args(
+        ["diagnose", "--inference", address, "--patient", str(patient), "--fhir", "--fhir-patient", "p7"]
+    )
+    assert args.func(args) == 0
+    assessment = RiskAssessment.model_validate_json(capsys.readouterr().out)
+    assert assessment.subject.reference == "Patient/p7"
+    assert assessment.method.coding[0].display == "heart-disease-v1 version 2"
+    assert 0.0 <= float(assessment.prediction[0].probabilityDecimal) <= 1.0
