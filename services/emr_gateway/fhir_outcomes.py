@@ -212,7 +212,7 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
                 "security": {
                     "description": "Mutual TLS: a client certificate operator@<hospital> is required to ingest."
                 },
-                "resource": [{"type": t, "interaction": create} for t in MAPPED_TYPES],
+                "resource": [{"type": t, "interaction": create} for t in (*MAPPED_TYPES, "Consent")],
                 "interaction": [{"code": "batch"}, {"code": "transaction"}],
                 "operation": [
                     {

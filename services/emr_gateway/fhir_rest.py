@@ -149,6 +149,8 @@ class FhirRest:
     async def _resource(self, request: Request) -> Response:
         rtype = request.path_params["type"]
         resource = _read_json(await _body(request, MAX_BUNDLE_BYTES))
+        if rtype == "Consent":
+            return await self._consent(request, resource)
         if rtype not in MAPPED_TYPES:
             raise NotFound(
                 f"resource type {rtype[:40]} is not ingested here (mapped: {', '.join(MAPPED_TYPES)})"
@@ -165,6 +167,20 @@ class FhirRest:
             status = 422
         headers = {"Location": outcome.location} if outcome.location else None
         return fhir_response(outcome.outcome, status, headers)
+
+    async def _consent(self, request: Request, resource: Any) -> Response:
+        actor = request_identity(request.scope)
+        key, stored = await run_in_threadpool(self._gateway.record_consent, actor, resource)
+        decision = resource.get("provision", {}).get("type") if isinstance(resource, dict) else ""
+        text = (
+            f"research use {decision}: recorded for patient {key}"
+            if stored == "accepted"
+            else ("already recorded: nothing changed")
+        )
+        code = "informational" if stored == "accepted" else "duplicate"
+        return fhir_response(
+            fo.message_outcome("information", code, text), 201 if stored == "accepted" else 200
+        )
 
     # -- bulk NDJSON import ----------------------------------------------------------------------
     async def _import(self, request: Request) -> Response:

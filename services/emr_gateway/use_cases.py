@@ -16,6 +16,7 @@ from fibemrss.domain.feature_extraction import TrainingExample, training_example
 from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import get_task
+from services.emr_gateway.consent import ConsentDecision, parse_consent
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
 from services.emr_gateway.formats import bundle_candidates, candidates_for
@@ -68,6 +69,12 @@ class GatewayStorePort(RecordStore, Protocol):
     def get_patient(self, patient_key: str) -> PatientRecord: ...
 
     def current_patients(self) -> Iterator[tuple[str, PatientRecord]]: ...
+
+    def patient_key_for_source(self, source_system: str, source_id: str) -> str | None: ...
+
+    def record_consent(self, patient_key: str, c: ConsentDecision, actor: str) -> StoreOutcome: ...
+
+    def research_denied(self) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -234,11 +241,42 @@ class Gateway:
         return record
 
     def training_examples(self, actor: str, task_name: str, purpose: str) -> Iterator[TrainingExample]:
-        """Every current patient's features for the task, audited once per stream."""
+        """Every current patient's features for the task, audited once per stream, leaving out
+        every patient whose latest research Consent denies (the exclusion is audited too)."""
         task = get_task(task_name)
+        denied = self._store.research_denied()
         self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
+        excluded = 0
         for key, record in self._store.current_patients():
+            if key in denied:
+                excluded += 1
+                continue
             yield training_example(task, key, record)
+        if excluded:
+            self._store.audit(actor, "consent_excluded", purpose or "training", f"{task_name} n={excluded}")
+
+    # -- consent -----------------------------------------------------------------------------------
+    def record_consent(self, actor: str, resource: Any) -> tuple[str, StoreOutcome]:
+        """A FHIR Consent about research use: (the patient key, accepted or duplicate). The
+        decision is kept with its provenance and audited with the caller's identity."""
+        c = parse_consent(resource)
+        if c.patient_identifier:
+            key = self._pseudonyms.patient_key(c.source_system, c.patient_identifier)
+        else:
+            found = self._store.patient_key_for_source(c.source_system, c.patient_id)
+            if found is None:
+                raise InvalidArgument(
+                    "unknown patient",
+                    [
+                        FieldProblem(
+                            "patient.reference",
+                            f"no patient with this id from source system {c.source_system[:60]} is stored; "
+                            "send it after the Patient, or name patient.identifier",
+                        )
+                    ],
+                )
+            key = found
+        return key, self._store.record_consent(key, c, actor)
 
     def stats(self) -> dict[str, int]:
         return self._store.stats()

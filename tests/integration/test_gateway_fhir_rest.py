@@ -282,3 +282,63 @@ def test_only_the_hospitals_operator_may_ingest(fhir_server: Fhir, identity: str
     assert r.status_code == 403
     assert OperationOutcome.model_validate(r.json()).issue[0].code == "forbidden"
     assert fhir_server.count("source_records") == 0
+
+
+def consent(cid: str, decision: str, when: str, patient: str = "Patient/p1") -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "id": cid,
+        "status": "active",
+        "scope": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": patient},
+        "dateTime": when,
+        "provision": {"type": decision},
+    }
+
+
+def exported(fhir: Fhir) -> set[str]:
+    db = Database(fhir.url)
+    try:
+        gateway = Gateway(GatewayStore(db), Pseudonymizer(KEY))
+        return {e.patient_key for e in gateway.training_examples("agent@h", "heart-disease-v1", "training")}
+    finally:
+        db.close()
+
+
+def test_a_research_denial_removes_the_patient_from_training_until_permitted(fhir_server: Fhir) -> None:
+    with fhir_server.client() as client:
+        ok = {**BAD_BUNDLE, "entry": [BAD_BUNDLE["entry"][0], BAD_BUNDLE["entry"][2]]}
+        doc = client.post("", json=ok).json()
+        assert [e["response"]["status"] for e in doc["entry"]] == ["201 Created", "201 Created"]
+        everyone = exported(fhir_server)
+        assert len(everyone) == 2
+
+        r = client.post("/Consent", json=consent("c1", "deny", "2026-01-01T10:00:00Z"))
+        assert r.status_code == 201, r.text
+        OperationOutcome.model_validate(r.json())
+        assert client.post("/Consent", json=consent("c1", "deny", "2026-01-01T10:00:00Z")).status_code == 200
+        remaining = exported(fhir_server)
+        assert len(remaining) == 1 and remaining < everyone
+        (denied,) = everyone - remaining
+
+        r = client.post("/Consent", json=consent("c2", "permit", "2026-02-01T10:00:00Z"))
+        assert r.status_code == 201
+        assert exported(fhir_server) == everyone
+
+        # Bad Consents name the field; one about a patient never seen says so.
+        bad = {**consent("c3", "maybe", "yesterday"), "status": "draft"}
+        r = client.post("/Consent", json=bad)
+        assert r.status_code == 400
+        fields = {x for i in r.json()["issue"] for x in i.get("expression", [])}
+        assert fields == {"Consent.status", "Consent.provision.type", "Consent.dateTime"}
+        r = client.post("/Consent", json=consent("c4", "deny", "2026-03-01T10:00:00Z", "Patient/nobody"))
+        assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["Consent.patient.reference"]
+    with psycopg2.connect(fhir_server.url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT action, subject FROM audit_log WHERE action LIKE 'consent%%' ORDER BY id")
+        rows = cur.fetchall()
+    assert ("consent_deny", denied) in rows and ("consent_permit", denied) in rows
+    assert any(action == "consent_excluded" for action, _ in rows)
+    assert fhir_server.count("consents") == 2
