@@ -4,8 +4,11 @@ Framing is the Minimal Lower Layer Protocol: <VT 0x0B> message <FS 0x1C><CR 0x0D
 carries any number of messages, answered in order; each one goes through `Gateway.ingest_payload`
 ("hl7v2"), the same use case as gRPC `Ingest`, so parsing, rules, idempotency and audit exist once.
 
-One asyncio loop serves every connection on its own thread, and each message's ingestion runs in
-a bounded worker pool, so a slow or stalled sender holds nothing but its own connection. With
+One asyncio loop serves every connection on its own thread; a slow or stalled sender holds
+nothing but its own connection. Ingestion runs in a small worker pool, and the messages that wait
+while a batch is written go together into the next one (`Gateway.ingest_messages`: one database
+transaction for many senders, with exactly the fates of one-by-one ingestion), so throughput
+grows with the number of connections while a lone sender waits for no timer. With
 TLS (the default) the client certificate is required and its identity must pass the same
 authorization as gRPC `Ingest`; a refused caller gets AR for each message, nothing stored.
 """
@@ -35,6 +38,8 @@ END_BLOCK = b"\x1c\x0d"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # A connection that sends nothing for this long is closed (interface engines reconnect).
 IDLE_TIMEOUT_SECONDS = 600.0
+MAX_BATCH = 64  # messages per database batch
+BATCHERS = 2  # batches in flight: one is parsed while another waits on the database
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class MllpServer:
         self._authorize = authorize if listen.ssl_context is not None else None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mllp")
         self._writers: set[asyncio.StreamWriter] = set()
+        self._queue: asyncio.Queue[tuple[bytes, asyncio.Future[bytes]]] | None = None
+        self._batchers: list[asyncio.Task[None]] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="mllp-loop", daemon=True)
         self._server: asyncio.Server | None = None
@@ -75,6 +82,8 @@ class MllpServer:
         return self
 
     async def _open(self) -> asyncio.Server:
+        self._queue = asyncio.Queue()
+        self._batchers = [asyncio.create_task(self._batcher()) for _ in range(BATCHERS)]
         return await asyncio.start_server(
             self._connection,
             self._listen.host,
@@ -93,6 +102,8 @@ class MllpServer:
             server.close()
             for writer in list(self._writers):
                 writer.close()  # Python 3.11 has no Server.close_clients
+            for task in self._batchers:
+                task.cancel()
             await server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=30)
@@ -119,7 +130,10 @@ class MllpServer:
                 if refusal:
                     ack = self._encode(message, hl7_ack.ack_refused(refusal))
                 else:
-                    ack = await loop.run_in_executor(self._pool, self._handle, message)
+                    assert self._queue is not None
+                    answer: asyncio.Future[bytes] = loop.create_future()
+                    await self._queue.put((message, answer))
+                    ack = await answer
                 writer.write(START_BLOCK + ack + END_BLOCK)
                 await writer.drain()
         except (ConnectionError, TimeoutError, ssl.SSLError) as exc:
@@ -167,19 +181,39 @@ class MllpServer:
         start = data.rfind(START_BLOCK)
         return data[start + 1 : -2] if start >= 0 else data[:-2]
 
-    def _handle(self, message: bytes) -> bytes:
+    async def _batcher(self) -> None:
+        """Takes every message waiting (up to MAX_BATCH), ingests them as one batch, answers each."""
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self._queue.get()]
+            while not self._queue.empty() and len(items) < MAX_BATCH:
+                items.append(self._queue.get_nowait())
+            acks = await loop.run_in_executor(self._pool, self._handle, [m for m, _ in items])
+            for (_, answer), ack in zip(items, acks, strict=True):
+                if not answer.done():  # its connection may have gone meanwhile
+                    answer.set_result(ack)
+
+    def _handle(self, messages: list[bytes]) -> list[bytes]:
+        failure: hl7_ack.Ack | None = None
         try:
-            result = self._gateway.ingest_payload("hl7v2", message)
-            ack = hl7_ack.ack_for_outcomes(result.outcomes)
-        except InvalidArgument as exc:
-            ack = hl7_ack.ack_for_problems(exc.violations)
+            results = self._gateway.ingest_messages("hl7v2", messages)
         except DomainError as exc:
-            log.warning("mllp message not ingested", extra={"error": type(exc).__name__})
-            ack = hl7_ack.ack_for_failure(f"not stored, send again later: {exc}")
-        except Exception:  # noqa: BLE001 - the sender gets AE and resends; the log has the cause
-            log.exception("mllp message failed")
-            ack = hl7_ack.ack_for_failure("not stored, send again later: internal error")
-        return self._encode(message, ack)
+            log.warning("mllp messages not ingested", extra={"error": type(exc).__name__, "n": len(messages)})
+            failure = hl7_ack.ack_for_failure(f"not stored, send again later: {exc}")
+        except Exception:  # noqa: BLE001 - the senders get AE and resend; the log has the cause
+            log.exception("mllp messages failed")
+            failure = hl7_ack.ack_for_failure("not stored, send again later: internal error")
+        if failure is not None:
+            return [self._encode(m, failure) for m in messages]
+        acks = []
+        for message, result in zip(messages, results, strict=True):
+            if isinstance(result, InvalidArgument):
+                ack = hl7_ack.ack_for_problems(result.violations)
+            else:
+                ack = hl7_ack.ack_for_outcomes(result.outcomes)
+            acks.append(self._encode(message, ack))
+        return acks
 
     def _encode(self, message: bytes, ack: hl7_ack.Ack) -> bytes:
         return hl7_ack.encode_ack(hl7_ack.read_header(message), ack, uuid.uuid4().hex[:20], self._facility)

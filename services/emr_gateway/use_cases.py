@@ -162,6 +162,38 @@ class Gateway:
             return self.ingest_candidates(csv_candidates(content))
         return self.ingest_candidates(candidates_for(kind, content))
 
+    def ingest_messages(self, kind: str, payloads: Sequence[bytes]) -> list[IngestResult | InvalidArgument]:
+        """Several "fhir" or "hl7v2" payloads (an MLLP listener's pending messages), each its own
+        unit as in `ingest_payload`, written in as few database batches as their fates allow:
+        a payload naming a source record that an earlier one of the batch names waits for the
+        next batch, so the result is exactly that of ingesting them one after another."""
+        results: list[IngestResult | InvalidArgument | None] = []
+        parsed: dict[int, list[Candidate]] = {}
+        for i, payload in enumerate(payloads):
+            try:
+                parsed[i] = candidates_for(kind, payload)
+                results.append(None)
+            except InvalidArgument as exc:
+                results.append(exc)
+        pending = list(parsed)
+        while pending:
+            batch: list[int] = []
+            later: list[int] = []
+            names: set[tuple[str, str]] = set()
+            for i in pending:
+                keys = {(c.record.provenance.source_system, c.source_id) for c in parsed[i] if c.record}
+                if keys & names:
+                    later.append(i)
+                    continue
+                names |= keys
+                batch.append(i)
+            outcomes = iter(ingest([c for i in batch for c in parsed[i]], self._store, self._pseudonyms))
+            for i in batch:
+                mine = [next(outcomes) for _ in parsed[i]]
+                results[i] = IngestResult(mine, resource_counts(parsed[i], mine))
+            pending = later
+        return [r for r in results if r is not None]
+
     def ingest_fhir_bundles(self, bundles: Sequence[Any]) -> list[BundleIngest | InvalidArgument]:
         """FHIR bundles already read from JSON (REST batch, transaction, NDJSON import groups),
         written as one batch. A bundle refused whole (unreadable, or a transaction with a bad entry)

@@ -25,6 +25,7 @@ from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import EdgeListen, TlsFiles
 from fibemrss.platform.http_server import start_http
 from fibemrss.platform.tls import client_ssl_context
+from fibemrss.tools.bench.edge_ingest_bench import as_ndjson
 from fibemrss.tools.certs import init_pki
 from services.emr_gateway.fhir_rest import FhirRest
 from services.emr_gateway.pseudonym import Pseudonymizer
@@ -92,29 +93,6 @@ def valid_bundle(doc: dict[str, Any]) -> Bundle:
     for entry in doc["entry"]:
         OperationOutcome.model_validate(entry["response"]["outcome"])
     return bundle
-
-
-def as_ndjson(bundles: list[dict[str, Any]]) -> bytes:
-    """The bundles' resources as a Bulk Data export writes them: one per line, grouped by type,
-    with references as Type/id (there are no fullUrls in NDJSON)."""
-    lines: dict[str, list[str]] = {}
-    for bundle in bundles:
-        names = {
-            e["fullUrl"]: f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle["entry"]
-        }
-
-        def rewrite(node: Any, names: dict[str, str] = names) -> Any:
-            if isinstance(node, dict):
-                return {k: (names.get(v, v) if k == "reference" else rewrite(v)) for k, v in node.items()}
-            if isinstance(node, list):
-                return [rewrite(v) for v in node]
-            return node
-
-        for e in bundle["entry"]:
-            r = rewrite(e["resource"])
-            lines.setdefault(r["resourceType"], []).append(json.dumps(r))
-    order = ["Patient"] + sorted(t for t in lines if t != "Patient")
-    return "".join(line + "\n" for t in order for line in lines[t]).encode()
 
 
 def test_capability_statement_is_valid_r4(fhir_server: Fhir) -> None:
