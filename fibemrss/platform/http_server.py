@@ -88,7 +88,10 @@ class RunningHttp:
 
 def start_http(name: str, app: ASGIApp, listen: EdgeListen, workers_hint: int = 0) -> RunningHttp:
     """Binds (port 0 works), starts uvicorn on its own thread, and returns once it serves."""
-    sock = socket.socket(socket.AF_INET6 if ":" in listen.host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it every small response waits for the peer's delayed ACK (~40 ms).
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((listen.host, listen.port))
     sock.listen(1024)
