@@ -13,6 +13,7 @@ import psycopg2
 import pytest
 
 from fibemrss.db.pool import Database
+from fibemrss.domain.errors import InvalidArgument
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.tls import client_ssl_context, server_ssl_context
@@ -192,3 +193,36 @@ def test_plaintext_on_a_named_loopback_address(fresh_database: Callable[[str], s
     finally:
         mllp.stop()
         db.close()
+
+
+def test_batched_messages_get_the_fates_of_one_by_one(fresh_database: Callable[[str], str]) -> None:
+    """The listener writes waiting messages as one batch: the fates and rows must be those of
+    ingesting them one after another, re-sends and a changed re-send of one control id included."""
+    paths = messages()
+    first = paths[0].read_bytes()
+    changed = (
+        first.replace(b"EVERYMAN", b"EVERYWOMAN") if b"EVERYMAN" in first else first + b"\rNTE|1||changed"
+    )
+    batch = [p.read_bytes() for p in paths] + [first, changed, b"not HL7", paths[5].read_bytes()]
+    one_by_one, batched = fresh_database("hospital"), fresh_database("hospital")
+
+    gw, db = gateway(one_by_one)
+    expected = []
+    for m in batch:
+        try:
+            expected.append([o.fate for o in gw.ingest_payload("hl7v2", m).outcomes])
+        except InvalidArgument as exc:
+            expected.append([f"invalid:{exc.violations[0].field}"])
+    db.close()
+    gw, db = gateway(batched)
+    got = [
+        [f"invalid:{r.violations[0].field}"]
+        if isinstance(r, InvalidArgument)
+        else [o.fate for o in r.outcomes]
+        for r in gw.ingest_messages("hl7v2", batch)
+    ]
+    db.close()
+    assert got == expected
+    assert "duplicate" in got[len(paths)]
+    for table in ("source_records", "observations", "quarantine", "patients"):
+        assert count(batched, table) == count(one_by_one, table), table
