@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the separate virtualenv in which tests run NVIDIA's tritonclient against our KServe API.
+# Builds the separate virtualenv in which tests run NVIDIA's tritonclient (gRPC and HTTP) against our KServe API.
 #
 # Why separate: tritonclient needs protobuf < 7 and ships its own `inference` protos, while the
 # project needs protobuf >= 7.35 and registers the same `inference.*` symbols; one process cannot
@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-var/triton-venv}
-PINS=("tritonclient[grpc]==2.73.0" "protobuf>=6.30,<7" "grpcio==1.85.1" "numpy>=2,<3")
+PINS=("tritonclient[grpc,http]==2.73.0" "protobuf>=6.30,<7" "grpcio==1.85.1" "numpy>=2,<3")
 STAMP="$DIR/.pins"
 if [ -x "$DIR/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "${PINS[*]}" ]; then
   echo "$DIR/bin/python"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,3 +132,47 @@ def task_from_env() -> TaskSpec:
             raise ConfigError(f"FIBEMRSS_TASK is {named!r} but FIBEMRSS_STUDY_FILE holds {task.name!r}")
         return task
     return get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
+
+
+@dataclass(frozen=True)
+class EdgeListen:
+    """Where a non-gRPC edge (MLLP, HTTPS) listens; `tls` None only on a named loopback address."""
+
+    host: str
+    port: int
+    tls: TlsFiles | None
+
+
+def edge_listen(variable: str, plaintext_variable: str, tls: TlsFiles | None) -> EdgeListen | None:
+    """An edge's address from `variable` (mutual TLS, with the service's FIBEMRSS_TLS_* files) or,
+    only when explicitly asked, from `plaintext_variable`, which must name a loopback address.
+    None when neither is set: the edge is off."""
+    listen, plaintext = env_optional(variable), env_optional(plaintext_variable)
+    if listen and plaintext:
+        raise ConfigError(f"set either {variable} or {plaintext_variable}, not both")
+    if listen:
+        if tls is None:
+            raise ConfigError(
+                f"{variable} needs mutual TLS (FIBEMRSS_TLS_CA/CERT/KEY); for plaintext on a local "
+                f"address set {plaintext_variable} instead"
+            )
+        host, port = split_host_port(listen, variable)
+        return EdgeListen(host, port, tls)
+    if plaintext:
+        host, port = split_host_port(plaintext, plaintext_variable)
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"{plaintext_variable}={plaintext!r}: plaintext is allowed only on a loopback address "
+                "such as 127.0.0.1"
+            )
+        return EdgeListen(host, port, None)
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

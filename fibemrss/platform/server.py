@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +95,12 @@ def start_server(
     register: Callable[[grpc.Server, CollectorRegistry], Sequence[str]],
     config: ServerConfig,
     authorize: Callable[[str, str], None] | None = None,
+    edges: Mapping[str, str] | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server; `register` adds the servicers and returns their full
-    service names. The returned addresses carry the ports actually bound (port 0 works).
+    service names. The returned addresses carry the ports actually bound (port 0 works). `edges`
+    are the addresses of the service's other listeners (MLLP, HTTPS), already bound, named in the
+    ready file beside the gRPC address.
 
     Capacity is explicit (config.limits): `max_workers` threads, a bounded queue before them
     (grpc answers RESOURCE_EXHAUSTED beyond, instead of queueing without end), a share per caller
@@ -160,15 +163,17 @@ def start_server(
     )
     log.info("serving", extra={"grpc": running.address, "metrics": running.metrics_address})
     if config.ready_file:
-        _write_ready_file(config.ready_file, running)
+        _write_ready_file(config.ready_file, running, edges or {})
     return running
 
 
-def _write_ready_file(path: str, running: RunningServer) -> None:
+def _write_ready_file(path: str, running: RunningServer, edges: Mapping[str, str]) -> None:
     # Written to a temporary name and renamed, so a reader never sees half a file.
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"grpc": running.address, "metrics": running.metrics_address, "pid": os.getpid()}, f)
+        json.dump(
+            {"grpc": running.address, "metrics": running.metrics_address, "pid": os.getpid(), **edges}, f
+        )
     os.replace(tmp, path)
 
 

@@ -145,6 +145,12 @@ class LocalCluster:
             env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
         if role == "gateway":
             env["FIBEMRSS_PSEUDONYM_KEY"] = demo_pseudonym_key(where)
+        # The non-gRPC edges: mutual TLS when the cluster has it, else plaintext on loopback.
+        edge = "_LISTEN" if self.tls else "_PLAINTEXT_LISTEN"
+        if role == "gateway":
+            env[f"FIBEMRSS_MLLP{edge}"] = "127.0.0.1:0"
+        if role in ("gateway", "inference"):
+            env[f"FIBEMRSS_HTTP{edge}"] = "127.0.0.1:0"
         if (tls := self.client_tls(f"{role}@{where}")) is not None:
             env.update(
                 {"FIBEMRSS_TLS_CA": tls.ca, "FIBEMRSS_TLS_CERT": tls.cert, "FIBEMRSS_TLS_KEY": tls.key}
@@ -176,7 +182,12 @@ class LocalCluster:
         return {
             "aggregator": self.processes["aggregator@central"].address,
             "hospitals": {
-                h: {r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES} for h in self.hospitals
+                h: {
+                    **{r: self.processes[f"{r}@{h}"].address for r in HOSPITAL_ROLES},
+                    # "mllp" (HOST:PORT) and "fhir" (a base URL) from the gateway, "kserve_http" from inference
+                    **{k: v for r in HOSPITAL_ROLES for k, v in self.processes[f"{r}@{h}"].edges.items()},
+                }
+                for h in self.hospitals
             },
             "metrics": {name: f"http://{sp.metrics}/metrics" for name, sp in self.processes.items()},
             "tls": None

@@ -37,6 +37,8 @@ class ServiceProcess:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
     metrics: str = ""
+    # The other listeners the service named in its ready file: "mllp", "fhir", "kserve_http", ...
+    edges: dict[str, str] = field(default_factory=dict)
     _started: float = field(default=0.0, repr=False)
 
     @property
@@ -80,6 +82,7 @@ class ServiceProcess:
             time.sleep(0.05)
         info = json.loads(self.ready_file.read_text())
         self.address, self.metrics = info["grpc"], info["metrics"]
+        self.edges = {k: v for k, v in info.items() if k not in ("grpc", "metrics", "pid")}
         return self.address
 
     def log_tail(self, chars: int = 3000) -> str:

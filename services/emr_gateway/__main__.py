@@ -6,15 +6,20 @@ from collections.abc import Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
+from starlette.applications import Starlette
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
-from fibemrss.platform.config import ServerConfig, env_optional, env_str, task_from_env
+from fibemrss.platform.config import ServerConfig, edge_listen, env_optional, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
+from fibemrss.platform.tls import server_ssl_context
+from services.emr_gateway.fhir_rest import FhirRest
 from services.emr_gateway.ingestion import Outcome
+from services.emr_gateway.mllp import MllpListen, MllpServer
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore
@@ -30,27 +35,57 @@ def main() -> None:
         task_from_env()  # a study given as a document: training exports answer for it by name
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
+    mllp_listen = edge_listen("FIBEMRSS_MLLP_LISTEN", "FIBEMRSS_MLLP_PLAINTEXT_LISTEN", config.tls)
+    http_listen = edge_listen("FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_HTTP_PLAINTEXT_LISTEN", config.tls)
     db = Database(database_url)
+    counters: dict[str, Counter] = {}  # filled when the server registers its metrics
+
+    def count(outcomes: Sequence[Outcome]) -> None:
+        if "records" in counters:
+            for o in outcomes:
+                counters["records"].labels(o.fate).inc()
+
+    gateway = Gateway(GatewayStore(db), pseudonyms, on_outcomes=count)
+    authorize = hospital_policy(hospital)
+
+    edges: dict[str, str] = {}
+    mllp: MllpServer | None = None
+    if mllp_listen is not None:
+        ssl_context = server_ssl_context(mllp_listen.tls) if mllp_listen.tls else None
+        listen = MllpListen(mllp_listen.host, mllp_listen.port, ssl_context)
+        mllp = MllpServer(gateway, hospital, listen, authorize).start()
+        edges["mllp"] = mllp.address
+    fhir: FhirRest | None = None
+    http: RunningHttp | None = None
+    if http_listen is not None:
+        fhir = FhirRest(gateway, authorize if http_listen.tls else None)
+        http = start_http("emr_gateway", Starlette(routes=fhir.routes()), http_listen)
+        edges["fhir"] = http.base_url + "/fhir"
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        # fibemrss_ingested_records_total{fate}: every record's fate (quarantine rate, rejections).
+        # fibemrss_ingested_records_total{fate}: every record's fate (quarantine rate, rejections),
+        # whichever edge (gRPC, MLLP, FHIR REST) brought it.
         records = Counter(
             "fibemrss_ingested_records", "Records ingested, by fate.", ["fate"], registry=registry
         )
         for fate in ("accepted", "duplicate", "quarantined", "rejected", "unsupported"):
             records.labels(fate)  # every series exists from the start, at 0
-
-        def count(outcomes: Sequence[Outcome]) -> None:
-            for o in outcomes:
-                records.labels(o.fate).inc()
-
-        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(
-            EmrGatewayServicer(Gateway(GatewayStore(db), pseudonyms, on_outcomes=count)), server
-        )
+        counters["records"] = records
+        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(gateway), server)
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 
-    running = start_server("emr_gateway", register, config, authorize=hospital_policy(hospital))
-    serve_until_signalled(running, on_stop=db.close)
+    running = start_server("emr_gateway", register, config, authorize=authorize, edges=edges)
+
+    def on_stop() -> None:
+        if mllp is not None:
+            mllp.stop()
+        if http is not None:
+            http.stop()
+        if fhir is not None:
+            fhir.close()
+        db.close()
+
+    serve_until_signalled(running, on_stop=on_stop)
 
 
 if __name__ == "__main__":

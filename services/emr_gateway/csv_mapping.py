@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.normalize import ucum
+from fibemrss.domain.normalize.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 from fibemrss.domain.records import SEXES, Code, Observation, PatientRecord, Provenance
-from services.emr_gateway import ucum
 from services.emr_gateway.csv_profiles import ParsedRow
-from services.emr_gateway.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 
 MAX_PROFILE_BYTES = 256 * 1024
 DEFAULT_MISSING = ("", "?", "na", "n/a", "nan", "null")

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.normalize.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
-from services.emr_gateway.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 
 UCI_COLUMNS = (
     "age",

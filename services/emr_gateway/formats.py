@@ -11,14 +11,19 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from services.emr_gateway import fhir_r4, hl7v2
+from fibemrss.domain.normalize import fhir_r4
+from services.emr_gateway import hl7v2
 from services.emr_gateway.ingestion import Candidate
 
 
 def fhir_candidates(content: bytes) -> list[Candidate]:
     """One candidate per Patient of the bundle: its record, or the violations that reject it.
     Errors in entries that belong to no patient are reported as one extra rejected candidate."""
-    parsed = fhir_r4.parse_bundle(content)
+    return bundle_candidates(fhir_r4.parse_bundle(content))
+
+
+def bundle_candidates(parsed: fhir_r4.BundleParse) -> list[Candidate]:
+    """The candidates of a parsed bundle, as `fhir_candidates` describes them."""
     out = [Candidate(i, r.provenance.source_id, r) for i, r in enumerate(parsed.records)]
     for rejected in parsed.rejected:
         out.append(Candidate(len(out), rejected.patient_id, None, rejected.violations))

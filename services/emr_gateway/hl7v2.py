@@ -19,6 +19,9 @@ from datetime import UTC, date, datetime, timezone, tzinfo
 from typing import Literal
 from urllib.parse import quote
 
+from fibemrss.domain.normalize import ucum
+from fibemrss.domain.normalize.errors import FieldViolation, ParseError
+from fibemrss.domain.normalize.parsing import capped, utc_offset
 from fibemrss.domain.records import (
     ICD10,
     ICD10_CM,
@@ -31,10 +34,6 @@ from fibemrss.domain.records import (
     PatientRecord,
     Provenance,
 )
-
-from . import ucum
-from .errors import FieldViolation, ParseError
-from .parsing import capped, utc_offset
 
 # Message code -> trigger events the gateway maps.
 MAPPED_EVENTS: dict[str, frozenset[str]] = {

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
 from fibemrss.domain.text import text_problem
-from services.emr_gateway.plausibility import check_observation, to_canonical_unit
 from services.emr_gateway.pseudonym import Pseudonymizer
 
 Fate = Literal["accepted", "duplicate", "quarantined", "rejected", "unsupported"]
@@ -144,14 +144,6 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
     for i, e in enumerate(record.encounters):
         texts += [(f"encounters[{i}].source_id", e.source_id), (f"encounters[{i}].class_code", e.class_code)]
     return [FieldProblem(path, why) for path, text in texts if text and (why := text_problem(text))]
-
-
-def canonical(record: PatientRecord) -> PatientRecord:
-    """The record with every listed quantity in its code's canonical UCUM unit (one unit per code)."""
-    converted = tuple(to_canonical_unit(o) for o in record.observations)
-    if converted == record.observations:
-        return record
-    return replace(record, observations=converted)
 
 
 def ingest(

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.normalize import ucum
+from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import PatientRecord
-from services.emr_gateway import ucum
-from services.emr_gateway.ingestion import canonical
-from services.emr_gateway.plausibility import check_observation
 
 
 @dataclass(frozen=True)

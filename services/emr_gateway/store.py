@@ -23,6 +23,7 @@ from psycopg2.extras import execute_values
 from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, NotFound
 from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
+from services.emr_gateway.consent import ConsentDecision
 from services.emr_gateway.ingestion import StoreOutcome, Write
 from services.emr_gateway.record_json import record_from_json, record_to_json
 from services.emr_gateway.use_cases import QuarantineEntry, QuarantineStatus
@@ -328,6 +329,51 @@ class GatewayStore:
             "INSERT INTO audit_log (actor, action, purpose, subject) VALUES (%s,%s,%s,%s)",
             (actor, action, purpose, subject),
         )
+
+    # -- consent -----------------------------------------------------------------------------------
+    def patient_key_for_source(self, source_system: str, source_id: str) -> str | None:
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT patient_key FROM source_records WHERE source_system = %s AND source_id = %s "
+                "ORDER BY version DESC LIMIT 1",
+                (source_system, source_id),
+            )
+            row = cur.fetchone()
+        return str(row[0]) if row else None
+
+    def record_consent(self, patient_key: str, c: ConsentDecision, actor: str) -> StoreOutcome:
+        """Stores the decision and its audit row in one transaction; the same Consent again is a
+        duplicate (nothing written, nothing audited)."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "INSERT INTO consents (patient_key, decision, decided_at, source_system, source_id, "
+                "payload_sha256, recorded_by) VALUES (%s,%s,%s,%s,%s,%s,%s) "
+                "ON CONFLICT (source_system, source_id, payload_sha256) DO NOTHING RETURNING id",
+                (
+                    patient_key,
+                    c.decision,
+                    c.decided_at,
+                    c.source_system,
+                    c.source_id,
+                    c.payload_sha256,
+                    actor,
+                ),
+            )
+            if cur.fetchone() is None:
+                return "duplicate"
+            self._audit(cur, actor, f"consent_{c.decision}", "research", patient_key)
+        return "accepted"
+
+    def research_denied(self) -> set[str]:
+        """Patients whose latest research Consent (by its dateTime, else its arrival) denies."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT patient_key FROM (SELECT DISTINCT ON (patient_key) patient_key, decision "
+                "FROM consents WHERE purpose = 'research' "
+                "ORDER BY patient_key, coalesce(decided_at, recorded_at) DESC, id DESC) latest "
+                "WHERE decision = 'deny'"
+            )
+            return {str(key) for (key,) in cur.fetchall()}
 
     def audit(self, actor: str, action: str, purpose: str, subject: str = "") -> None:
         with self._db.transaction() as cur:

@@ -9,16 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, in_cohort, training_example
+from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.tasks import get_task
 from fibemrss.domain.text import text_problems
+from services.emr_gateway.consent import ConsentDecision, parse_consent
 from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.csv_profiles import PROFILES
-from services.emr_gateway.formats import candidates_for
+from services.emr_gateway.formats import bundle_candidates, candidates_for
 from services.emr_gateway.ingestion import (
     Candidate,
     Outcome,
@@ -70,11 +72,25 @@ class GatewayStorePort(RecordStore, Protocol):
 
     def current_patients(self) -> Iterator[tuple[str, PatientRecord]]: ...
 
+    def patient_key_for_source(self, source_system: str, source_id: str) -> str | None: ...
+
+    def record_consent(self, patient_key: str, c: ConsentDecision, actor: str) -> StoreOutcome: ...
+
+    def research_denied(self) -> set[str]: ...
+
 
 @dataclass(frozen=True)
 class IngestResult:
     outcomes: list[Outcome]
     resources: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BundleIngest:
+    """One FHIR bundle's parse and the fates of its candidates (one per patient record)."""
+
+    parsed: BundleParse
+    outcomes: list[Outcome]
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,62 @@ class Gateway:
             return self.ingest_candidates(csv_candidates(content))
         return self.ingest_candidates(candidates_for(kind, content))
 
+    def ingest_messages(self, kind: str, payloads: Sequence[bytes]) -> list[IngestResult | InvalidArgument]:
+        """Several "fhir" or "hl7v2" payloads (an MLLP listener's pending messages), each its own
+        unit as in `ingest_payload`, written in as few database batches as their fates allow:
+        a payload naming a source record that an earlier one of the batch names waits for the
+        next batch, so the result is exactly that of ingesting them one after another."""
+        results: list[IngestResult | InvalidArgument | None] = []
+        parsed: dict[int, list[Candidate]] = {}
+        for i, payload in enumerate(payloads):
+            try:
+                parsed[i] = candidates_for(kind, payload)
+                results.append(None)
+            except InvalidArgument as exc:
+                results.append(exc)
+        pending = list(parsed)
+        while pending:
+            batch: list[int] = []
+            later: list[int] = []
+            names: set[tuple[str, str]] = set()
+            for i in pending:
+                keys = {(c.record.provenance.source_system, c.source_id) for c in parsed[i] if c.record}
+                if keys & names:
+                    later.append(i)
+                    continue
+                names |= keys
+                batch.append(i)
+            outcomes = iter(ingest([c for i in batch for c in parsed[i]], self._store, self._pseudonyms))
+            for i in batch:
+                mine = [next(outcomes) for _ in parsed[i]]
+                results[i] = IngestResult(mine, resource_counts(parsed[i], mine))
+            pending = later
+        return [r for r in results if r is not None]
+
+    def ingest_fhir_bundles(self, bundles: Sequence[Any]) -> list[BundleIngest | InvalidArgument]:
+        """FHIR bundles already read from JSON (REST batch, transaction, NDJSON import groups),
+        written as one batch. A bundle refused whole (unreadable, or a transaction with a bad entry)
+        gets its error in its place and writes nothing."""
+        parsed: list[BundleParse | InvalidArgument] = []
+        candidates: list[Candidate] = []
+        for bundle in bundles:
+            try:
+                one = parse_bundle_object(bundle)
+            except InvalidArgument as exc:
+                parsed.append(exc)
+                continue
+            parsed.append(one)
+            candidates.extend(bundle_candidates(one))
+        outcomes = iter(ingest(candidates, self._store, self._pseudonyms))
+        out: list[BundleIngest | InvalidArgument] = []
+        for p in parsed:
+            if isinstance(p, InvalidArgument):
+                out.append(p)
+            else:
+                n = len(p.records) + len(p.rejected) + (1 if p.unattributed else 0)
+                out.append(BundleIngest(p, [next(outcomes) for _ in range(n)]))
+        return out
+
     # -- quarantine review -------------------------------------------------------------------------
     def list_quarantine(
         self, actor: str, purpose: str, status: QuarantineStatus, after: int, size: int
@@ -237,14 +309,45 @@ class Gateway:
 
     def training_examples(self, actor: str, task_name: str, purpose: str) -> Iterator[TrainingExample]:
         """Every current patient of the study's cohort, with the study's features; audited once
-        per stream. Patients outside the cohort are never read into an example."""
+        per stream. Patients outside the cohort are never read into an example, nor any whose
+        latest research Consent denies (that exclusion is audited too)."""
         task = get_task(task_name)
         if problems := text_problems({"purpose": purpose}):
             raise InvalidArgument("text that cannot be stored", problems)
+        denied = self._store.research_denied()
         self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
+        excluded = 0
         for key, record in self._store.current_patients():
+            if key in denied:
+                excluded += 1
+                continue
             if in_cohort(task, record):
                 yield training_example(task, key, record)
+        if excluded:
+            self._store.audit(actor, "consent_excluded", purpose or "training", f"{task_name} n={excluded}")
+
+    # -- consent -----------------------------------------------------------------------------------
+    def record_consent(self, actor: str, resource: Any) -> tuple[str, StoreOutcome]:
+        """A FHIR Consent about research use: (the patient key, accepted or duplicate). The
+        decision is kept with its provenance and audited with the caller's identity."""
+        c = parse_consent(resource)
+        if c.patient_identifier:
+            key = self._pseudonyms.patient_key(c.source_system, c.patient_identifier)
+        else:
+            found = self._store.patient_key_for_source(c.source_system, c.patient_id)
+            if found is None:
+                raise InvalidArgument(
+                    "unknown patient",
+                    [
+                        FieldProblem(
+                            "patient.reference",
+                            f"no patient with this id from source system {c.source_system[:60]} is stored; "
+                            "send it after the Patient, or name patient.identifier",
+                        )
+                    ],
+                )
+            key = found
+        return key, self._store.record_consent(key, c, actor)
 
     def stats(self) -> dict[str, int]:
         return self._store.stats()

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import grpc
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
@@ -16,11 +17,22 @@ from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.capacity import CallLimits
 from fibemrss.platform.channels import open_channel
-from fibemrss.platform.config import ServerConfig, env_float, env_optional, env_str, task_from_env
+from fibemrss.platform.config import (
+    ServerConfig,
+    edge_listen,
+    env_float,
+    env_optional,
+    env_str,
+    task_from_env,
+)
 from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
+from services.inference.cds_rest import CdsHooks
 from services.inference.model_cache import ModelCache
+from services.inference.open_inference import OpenInference
 from services.inference.patient_directory import PatientDirectory
+from services.inference.rest import KServeRest
 from services.inference.servicer import DiagnosisServicer, KServeServicer
 
 # A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers
@@ -37,6 +49,7 @@ def main() -> None:
     hospital = env_str("FIBEMRSS_HOSPITAL")
     task = task_from_env()
     database_url = env_str("DATABASE_URL")
+    http_listen = edge_listen("FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_HTTP_PLAINTEXT_LISTEN", config.tls)
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
     db = Database(database_url)
@@ -45,18 +58,31 @@ def main() -> None:
     gateway = env_optional("FIBEMRSS_GATEWAY")
     directory = PatientDirectory(open_channel(gateway, config.tls)) if gateway else None
 
+    core = OpenInference(cache)
+    authorize = hospital_policy(hospital)
+    edges: dict[str, str] = {}
+    http: RunningHttp | None = None
+    if http_listen is not None:
+        guard = authorize if http_listen.tls else None
+        routes = KServeRest(core, guard).routes() + CdsHooks(cache, guard).routes()
+        http = start_http("inference", Starlette(routes=routes), http_listen)
+        edges["kserve_http"] = http.base_url
+        edges["cds_hooks"] = http.base_url + "/cds-services"
+
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache, directory), server)
-        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(cache), server)
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core), server)
         return [
             inference_pb2.DESCRIPTOR.services_by_name["DiagnosisService"].full_name,
             kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         ]
 
-    running = start_server("inference", register, config, authorize=hospital_policy(hospital))
+    running = start_server("inference", register, config, authorize=authorize, edges=edges)
     cache.start()
 
     def on_stop() -> None:
+        if http is not None:
+            http.stop()
         cache.stop()
         db.close()
 

@@ -6,12 +6,9 @@ raised, and the shared interceptor turns them into statuses with field violation
 
 from __future__ import annotations
 
-import json
-
 import grpc
 
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
-from fibemrss.domain.feature_encoding import input_names
 from fibemrss.domain.feature_extraction import extract
 from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
@@ -19,15 +16,12 @@ from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import feature_values_from_proto
-from services.inference import tensors
-from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values, infer
+from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
 from services.inference.model_cache import ModelCache
+from services.inference.open_inference import OpenInference
 from services.inference.patient_directory import PatientDirectory
 
 MAX_BATCH_PATIENTS = 1024
-SERVER_NAME = "fibemrss-inference"
-SERVER_VERSION = "0.1.0"
-PLATFORM = "fibemrss_numpy"
 
 
 def _reference_to_proto(model: LoadedModel, ref: Reference) -> pb.DiagnoseResponse:
@@ -102,81 +96,37 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
 
 
 class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    """`inference.GRPCInferenceService`; the model name is the task name, versions are numbers."""
+    """`inference.GRPCInferenceService` over `OpenInference`, which the REST edge calls too."""
 
-    def __init__(self, cache: ModelCache) -> None:
-        self._cache = cache
-        self._task_name = cache.task.name
-        self._input_names = input_names(cache.task)
-
-    def _model(self, name: str, version: str, version_field: str) -> LoadedModel:
-        if name != self._task_name:
-            raise NotFound(f"unknown model {name!r}; this server serves {self._task_name}")
-        return self._cache.get(tensors.parse_version(version, version_field))
+    def __init__(self, core: OpenInference) -> None:
+        self._core = core
 
     def ServerLive(
         self, request: kserve.ServerLiveRequest, context: grpc.ServicerContext
     ) -> kserve.ServerLiveResponse:
-        return kserve.ServerLiveResponse(live=True)
+        return kserve.ServerLiveResponse(live=self._core.server_live())
 
     def ServerReady(
         self, request: kserve.ServerReadyRequest, context: grpc.ServicerContext
     ) -> kserve.ServerReadyResponse:
-        # Strict readiness (as Triton's default): ready only when the one model can serve.
-        return kserve.ServerReadyResponse(ready=self._cache.ready)
+        return kserve.ServerReadyResponse(ready=self._core.server_ready())
 
     def ModelReady(
         self, request: kserve.ModelReadyRequest, context: grpc.ServicerContext
     ) -> kserve.ModelReadyResponse:
-        if request.name != self._task_name:
-            return kserve.ModelReadyResponse(ready=False)
-        return kserve.ModelReadyResponse(
-            ready=self._cache.has(tensors.parse_version(request.version, "version"))
-        )
+        return kserve.ModelReadyResponse(ready=self._core.model_ready(request.name, request.version))
 
     def ServerMetadata(
         self, request: kserve.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> kserve.ServerMetadataResponse:
-        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        return self._core.server_metadata()
 
     def ModelMetadata(
         self, request: kserve.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> kserve.ModelMetadataResponse:
-        model = self._model(request.name, request.version, "version")
-        spec = tensors.input_spec(model.input_dim)
-        tensor = kserve.ModelMetadataResponse.TensorMetadata
-        return kserve.ModelMetadataResponse(
-            name=self._task_name,
-            versions=[str(v) for v in self._cache.versions()],
-            platform=PLATFORM,
-            inputs=[tensor(name=spec.name, datatype=spec.datatype, shape=spec.shape)],
-            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in tensors.output_specs()],
-            properties={
-                "model_version": str(model.version),
-                "federated_round": str(model.federated_round),
-                "architecture": model.task.model,
-                "threshold": repr(model.threshold),
-                # Column j of `features` is the encoded input named here; see docs/inference.md.
-                "input_columns": json.dumps(self._input_names),
-                "input_encoding": (
-                    "numeric: (value - mean) / std, then a <name>_missing indicator (1 with value 0 "
-                    "when missing); categorical: one-hot <name>=<code>, all 0 when missing"
-                ),
-                "feature_statistics": json.dumps(model.stats.to_json()),
-            },
-        )
+        return self._core.model_metadata(request.name, request.version)
 
     def ModelInfer(
         self, request: kserve.ModelInferRequest, context: grpc.ServicerContext
     ) -> kserve.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version, "model_version")
-        wanted = tensors.requested_outputs(request)
-        x = tensors.decode_features(request, model.input_dim)
-        probability, logit = infer(model, x)
-        response = kserve.ModelInferResponse(
-            model_name=self._task_name, model_version=str(model.version), id=request.id
-        )
-        values = {"probability": probability, "logit": logit}
-        for name in wanted:
-            tensors.add_output(response, name, values[name])
-        return response
+        return self._core.model_infer(request)

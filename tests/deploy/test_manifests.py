@@ -44,9 +44,13 @@ DOCUMENTED_ENV = {
     "FIBEMRSS_AGGREGATOR",
     "FIBEMRSS_MIGRATE",
     "FIBEMRSS_DATASET",
+    "FIBEMRSS_MLLP_LISTEN",
+    "FIBEMRSS_HTTP_LISTEN",
 }
 # Which of them each service gets beyond the ones every service gets (the runbook's table).
 COMMON_ENV = DOCUMENTED_ENV - {
+    "FIBEMRSS_MLLP_LISTEN",
+    "FIBEMRSS_HTTP_LISTEN",
     "FIBEMRSS_HOSPITAL",
     "FIBEMRSS_HE_CONTEXT",
     "FIBEMRSS_PSEUDONYM_KEY",
@@ -56,7 +60,12 @@ COMMON_ENV = DOCUMENTED_ENV - {
 }
 SERVICE_ENV = {
     "aggregator": {"FIBEMRSS_HE_CONTEXT"},
-    "emr-gateway": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_PSEUDONYM_KEY"},
+    "emr-gateway": {
+        "FIBEMRSS_HOSPITAL",
+        "FIBEMRSS_PSEUDONYM_KEY",
+        "FIBEMRSS_MLLP_LISTEN",
+        "FIBEMRSS_HTTP_LISTEN",
+    },
     "hospital-agent": {
         "FIBEMRSS_HOSPITAL",
         "FIBEMRSS_HE_CONTEXT",
@@ -64,8 +73,10 @@ SERVICE_ENV = {
         "FIBEMRSS_AGGREGATOR",
         "FIBEMRSS_DATASET",
     },
-    "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY"},
+    "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY", "FIBEMRSS_HTTP_LISTEN"},
 }
+# The ports beyond grpc and metrics each service's Service exposes (mutual TLS, like gRPC).
+EDGE_PORTS = {"emr-gateway": {"mllp": 2575, "https": 8443}, "inference": {"https": 8443}}
 ROLE_FILES = {
     "central": (CHART / "values-central.yaml", "fibemrss-central", "central"),
     "hospital": (CHART / "values-hospital-example.yaml", "fibemrss-cleveland", "hospital-cleveland"),
@@ -181,8 +192,9 @@ def test_every_deployment_has_grpc_probes_on_the_plaintext_health_port(role: str
     for dep, container in containers(docs):
         name = dep["metadata"]["name"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports.keys() == {"grpc", "metrics", "health"}, name
-        assert len(set(ports.values())) == 3, name
+        edges = EDGE_PORTS.get(component(dep), {})
+        assert ports.keys() == {"grpc", "metrics", "health", *edges}, name
+        assert len(set(ports.values())) == 3 + len(edges), name
         assert ports["health"] == 8081, name
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert container[probe]["grpc"]["port"] == ports["health"], (name, probe)
@@ -209,7 +221,10 @@ def test_services_name_their_grpc_and_metrics_ports(role: str) -> None:
     # The plaintext health port is for the kubelet only: no Service exposes it.
     for service in of_kind(render(role), "Service"):
         ports = {p["name"]: p for p in service["spec"]["ports"]}
-        assert ports.keys() == {"grpc", "metrics"}
+        edges = EDGE_PORTS.get(component(service), {})
+        assert ports.keys() == {"grpc", "metrics", *edges}
+        assert {n: ports[n]["port"] for n in edges} == edges
+        assert all(ports[n]["targetPort"] == n for n in edges)
         assert all(p["port"] != 8081 and p["targetPort"] != "health" for p in ports.values())
         assert ports["grpc"]["targetPort"] == "grpc"
         assert ports["metrics"]["targetPort"] == "metrics"
@@ -333,6 +348,27 @@ def test_network_policies_allow_exactly_the_documented_flows() -> None:
     agg = service_policies(render("central"))["aggregator"]
     assert _grpc_ingress_peers(agg) == central["agentClients"]
     assert _egress(agg) == [({"ipBlock": {"cidr": central["database"]["cidr"]}}, central["database"]["port"])]
+
+
+def test_ehr_systems_reach_mllp_and_https_and_hospital_software_https() -> None:
+    values = yaml.safe_load(ROLE_FILES["hospital"][0].read_text())["networkPolicy"]
+    docs = render("hospital")
+    policies = service_policies(docs)
+    for name, clients in (("emr-gateway", values["ehrClients"]), ("inference", values["inferenceClients"])):
+        rules = [r for r in policies[name]["spec"]["ingress"] if r["from"] == clients]
+        assert len(rules) == 1, name
+        assert {p["port"] for p in rules[0]["ports"]} == {50051, *EDGE_PORTS[name].values()}, name
+        # Only those clients: no other rule opens an edge port.
+        others = [r for r in policies[name]["spec"]["ingress"] if r["from"] != clients]
+        assert not {p["port"] for r in others for p in r["ports"]} & set(EDGE_PORTS[name].values())
+    for dep, container in containers(docs):
+        env = container_env(docs, container)
+        edges = EDGE_PORTS.get(component(dep), {})
+        assert ("FIBEMRSS_MLLP_LISTEN" in env) == ("mllp" in edges)
+        if "https" in edges:
+            assert env["FIBEMRSS_HTTP_LISTEN"] == "0.0.0.0:8443"
+        if "mllp" in edges:
+            assert env["FIBEMRSS_MLLP_LISTEN"] == "0.0.0.0:2575"
 
 
 def test_the_agent_and_inference_dial_the_in_cluster_gateway() -> None:

@@ -5,12 +5,45 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import hl7
+import hl7.client
+import httpx
 import pytest
+
+from fibemrss.platform.config import TlsFiles
+from fibemrss.platform.tls import client_ssl_context
+
+
+def check_edges(endpoints: dict[str, Any], hospital: str) -> None:
+    """The MLLP, FHIR and KServe REST edges that `up` named answer over mutual TLS."""
+    tls = endpoints["tls"]
+    certs = tls["certs"]
+
+    def context(identity: str) -> ssl.SSLContext:
+        files = TlsFiles(tls["ca"], certs[identity]["cert"], certs[identity]["key"])
+        return client_ssl_context(files)
+
+    host, port = endpoints["hospitals"][hospital]["mllp"].rsplit(":", 1)
+    message = "MSH|^~\\&|EHR|A|FIB|A|20240101||ADT^A04|UP-1|P|2.5.1\rPID|1||42^^^A^MR||DOE^J||19700101|F\r"
+    with hl7.client.MLLPClient(host, int(port)) as client:
+        client.socket = context(f"operator@{hospital}").wrap_socket(client.socket, server_hostname=host)
+        ack = hl7.parse(client.send_message(message)[1:-2].decode())
+    assert str(ack["MSA"][0][1]) == "AA" and str(ack["MSA"][0][2]) == "UP-1"
+    with httpx.Client(verify=context(f"operator@{hospital}"), timeout=30) as http:
+        metadata = http.get(endpoints["hospitals"][hospital]["fhir"] + "/metadata").json()
+        assert metadata["resourceType"] == "CapabilityStatement"
+    with httpx.Client(verify=context(f"ehr@{hospital}"), timeout=30) as http:
+        assert http.get(endpoints["hospitals"][hospital]["kserve_http"] + "/v2/health/live").json() == {
+            "live": True
+        }
+
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +92,16 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
         endpoints = json.loads(endpoints_file.read_text())
         assert set(endpoints) == {"aggregator", "hospitals", "metrics", "tls"}
         assert set(endpoints["hospitals"]) == {"alpha", "beta"}
-        assert set(endpoints["hospitals"]["alpha"]) == {"gateway", "agent", "inference"}
+        assert set(endpoints["hospitals"]["alpha"]) == {
+            "gateway",
+            "agent",
+            "inference",
+            "mllp",
+            "fhir",
+            "kserve_http",
+            "cds_hooks",
+        }
+        check_edges(endpoints, "alpha")
         assert len(endpoints["metrics"]) == 1 + 2 * 3
         assert Path(endpoints["tls"]["ca"]).exists()
         assert set(endpoints["tls"]["certs"]) >= {"agent@alpha", "operator@central", "aggregator@central"}

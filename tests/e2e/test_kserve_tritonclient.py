@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fhir.resources.R4B.riskassessment import RiskAssessment
 from google.protobuf import json_format
 
 from fibemrss.domain.feature_encoding import input_dim, input_names
@@ -61,16 +62,6 @@ def service(postgres_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
         publish(url, mv)
     with inference_process(url, tmp_path_factory.mktemp("inference")) as proc:
         yield proc.address, versions
-
-
-@pytest.fixture(scope="session")
-def triton_python() -> str:
-    build = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "triton_venv.sh")], capture_output=True, text=True, timeout=600
-    )
-    if build.returncode != 0:
-        pytest.skip(f"could not build the tritonclient virtualenv (PyPI unreachable?): {build.stderr[-500:]}")
-    return str(ROOT / build.stdout.strip().splitlines()[-1])
 
 
 def test_tritonclient_sees_health_metadata_and_the_models_own_outputs(
@@ -221,3 +212,12 @@ def test_diagnose_cli_prints_the_reference(
     )
     assert args.func(args) == 0
     assert "version 1" in capsys.readouterr().out
+
+    args = parser.parse_args(
+        ["diagnose", "--inference", address, "--patient", str(patient), "--fhir", "--fhir-patient", "p7"]
+    )
+    assert args.func(args) == 0
+    assessment = RiskAssessment.model_validate_json(capsys.readouterr().out)
+    assert assessment.subject.reference == "Patient/p7"
+    assert assessment.method.coding[0].display == "heart-disease-v1 version 2"
+    assert 0.0 <= float(assessment.prediction[0].probabilityDecimal) <= 1.0

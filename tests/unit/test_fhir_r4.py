@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fibemrss.domain.normalize.errors import FieldViolation, ParseError
+from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, BundleParse, parse_bundle
 from fibemrss.domain.records import ICD10, LOINC, SNOMED
-from services.emr_gateway.errors import FieldViolation, ParseError
-from services.emr_gateway.fhir_r4 import MAPPED_TYPES, BundleParse, parse_bundle
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FHIR_DIR = SHARED / "fhir_r4"

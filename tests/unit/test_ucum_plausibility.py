@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fibemrss.domain.normalize import ucum
+from fibemrss.domain.normalize.plausibility import PLAUSIBLE, check_observation, to_canonical_unit
+from fibemrss.domain.normalize.ucum import UnitError, canonical_unit, convert, normalize_unit
 from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation
-from services.emr_gateway import ucum
-from services.emr_gateway.plausibility import PLAUSIBLE, check_observation, to_canonical_unit
-from services.emr_gateway.ucum import UnitError, canonical_unit, convert, normalize_unit
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -261,7 +261,7 @@ def test_real_synthea_values_are_all_plausible() -> None:
     """The Synthea patients (aged 0 to 71) must pass: the ranges catch mistakes, not children."""
     if not (SHARED / "fhir_r4").is_dir():
         pytest.skip(f"shared data not found at {SHARED} (checked out without ../shared/data)")
-    from services.emr_gateway.fhir_r4 import parse_bundle
+    from fibemrss.domain.normalize.fhir_r4 import parse_bundle
 
     checked = 0
     for path in sorted((SHARED / "fhir_r4").glob("*.json")):

@@ -1,4 +1,5 @@
-"""Latency and throughput of the inference service over loopback gRPC, from separate client processes.
+"""Latency and throughput of the inference service over loopback gRPC, from separate client processes,
+and of KServe v2 REST infer (JSON tensors, HTTP/1.1 keep-alive, plaintext like the gRPC figures).
 
 The service runs as its own process (`python -m services.inference`) on a real PostgreSQL with
 one published model version; each concurrency level runs closed-loop clients (each sends its
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import multiprocessing as mp
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent import futures
@@ -263,6 +266,55 @@ def measure(address: str, method: str, payload: bytes, clients: int, duration: f
     }
 
 
+def kserve_rest_body(task: TaskSpec = HEART_DISEASE_V1) -> bytes:
+    """One patient's encoded row as a KServe v2 REST infer request with JSON tensors."""
+    x = np.random.default_rng(1).normal(size=(1, input_dim(task))).astype("<f4")
+    tensor = {"name": "features", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def _rest_caller(
+    host: str, port: int, path: str, body: bytes, end: float, out: list[float], failed: list[int]
+) -> None:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    headers = {"Content-Type": "application/json"}
+    for _ in range(20):  # warm-up
+        conn.request("POST", path, body, headers)
+        conn.getresponse().read()
+    while (start := time.perf_counter()) < end:
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            failed.append(response.status)
+            continue
+        out.append(time.perf_counter() - start)
+    conn.close()
+
+
+def measure_rest(base_url: str, path: str, body: bytes, clients: int, duration: float) -> dict[str, float]:
+    """Closed-loop HTTP/1.1 keep-alive clients (threads; the server is another process)."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    latencies: list[float] = []
+    failed: list[int] = []
+    end = time.perf_counter() + duration + 0.5  # the warm-up fits in the half second
+    threads = [
+        threading.Thread(target=_rest_caller, args=(host, int(port), path, body, end, latencies, failed))
+        for _ in range(clients)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ms = np.asarray(latencies) * 1000.0
+    return {
+        "rps": round(len(latencies) / duration, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3) if len(ms) else float("nan"),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3) if len(ms) else float("nan"),
+        "failures": len(failed),
+    }
+
+
 def in_process_times(task: TaskSpec = HEART_DISEASE_V1, repeats: int = 2000) -> dict[str, float]:
     """Median milliseconds of the model's forward pass on one encoded patient, and of a whole
     diagnosis reference (extraction, encoding, occlusion rows, forward pass) without gRPC."""
@@ -303,14 +355,20 @@ def run_inference_bench(
         try:
             migrate(database_url, "hospital")
             publish(database_url, sample_model_version())
-            with inference_process(database_url, work / "service") as service:
-                out: dict[str, Any] = {"diagnose": {}, "model_infer": {}}
+            rest = {"FIBEMRSS_HTTP_PLAINTEXT_LISTEN": "127.0.0.1:0"}
+            with inference_process(database_url, work / "service", rest) as service:
+                out: dict[str, Any] = {"diagnose": {}, "model_infer": {}, "kserve_rest_infer": {}}
                 for key, method, payload in (
                     ("diagnose", DIAGNOSE_METHOD, diagnose_request_bytes()),
                     ("model_infer", MODEL_INFER_METHOD, model_infer_request_bytes()),
                 ):
                     for clients in concurrency:
                         out[key][str(clients)] = measure(service.address, method, payload, clients, duration)
+                infer_path = f"/v2/models/{HEART_DISEASE_V1.name}/infer"
+                for clients in concurrency:
+                    out["kserve_rest_infer"][str(clients)] = measure_rest(
+                        service.edges["kserve_http"], infer_path, kserve_rest_body(), clients, duration
+                    )
                 # The limit, in the same run: an empty handler at 8 clients (the goal's concurrency).
                 ceiling = measure_ceiling(diagnose_request_bytes(), 8, duration)
                 out["empty_handler_ceiling_8_clients"] = ceiling

@@ -1,4 +1,5 @@
-"""Ingestion throughput: Synthea FHIR bundles through the gateway over gRPC into PostgreSQL.
+"""Ingestion throughput: Synthea FHIR bundles through the gateway over gRPC into PostgreSQL (and,
+in `edges`, MLLP, FHIR REST and NDJSON: `edge_ingest_bench.py`).
 
 Run: `python -m fibemrss.tools.bench.ingest_bench [--shared-data ../shared/data] [--json out.json]`.
 
@@ -23,6 +24,7 @@ import psycopg2
 
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
+from fibemrss.tools.bench.edge_ingest_bench import run_edge_ingest_bench
 from fibemrss.tools.commands.ingest import throwaway_gateway
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 
@@ -72,7 +74,17 @@ def _copy_anchor(database_url: str) -> tuple[int, float]:
         conn.close()
 
 
-def run_ingest_bench(shared_data: Path) -> dict[str, Any]:
+def run_ingest_bench(shared_data: Path, edges: bool = True) -> dict[str, Any]:
+    """The gRPC figures, then (with `edges`) MLLP, FHIR REST and NDJSON over mutual TLS."""
+    out = run_grpc_ingest_bench(shared_data)
+    if edges:
+        out["edges"] = run_edge_ingest_bench(shared_data)
+        ndjson = out["edges"]["ndjson_import"]["resources_per_s"]
+        out["edges"]["ndjson_vs_grpc"] = round(ndjson / out["resources_per_s"], 3)
+    return out
+
+
+def run_grpc_ingest_bench(shared_data: Path) -> dict[str, Any]:
     bundles = _bundles(shared_data)
     resources, mapped = _count_resources(bundles)
     with throwaway_gateway() as gateway, open_channel(gateway.address) as channel:

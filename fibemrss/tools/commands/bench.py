@@ -120,11 +120,15 @@ def add_parser(subparsers: Any) -> None:
     privacy.add_argument("--shared-data", default=default_shared, help="folder holding heart_disease/")
     privacy.set_defaults(func=_privacy)
 
-    ingest = sub.add_parser("ingest", help="Synthea bundles through the gateway, next to PostgreSQL COPY")
+    ingest = sub.add_parser(
+        "ingest", help="Synthea bundles over gRPC next to PostgreSQL COPY; MLLP, FHIR REST, NDJSON over mTLS"
+    )
     ingest.add_argument("--shared-data", default=default_shared)
     ingest.set_defaults(func=_ingest)
 
-    inference = sub.add_parser("inference", help="Diagnose and ModelInfer latency and throughput")
+    inference = sub.add_parser(
+        "inference", help="Diagnose, ModelInfer (gRPC) and KServe REST infer: latency, throughput"
+    )
     inference.set_defaults(func=_inference)
 
     for p in (he, rnd, hostile, quality, privacy, ingest, inference):

@@ -16,6 +16,7 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+from services.inference.fhir_reference import ReferenceView, risk_assessment
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -32,6 +33,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--task", default="", help="default: the task the service serves")
     p.add_argument("--model-version", type=int, default=0, help="pin a model version (default: newest)")
     p.add_argument("--json", action="store_true", help="print the reference as JSON")
+    p.add_argument(
+        "--fhir",
+        action="store_true",
+        help="print the reference as a FHIR R4 RiskAssessment (JSON) about --fhir-patient",
+    )
+    p.add_argument("--fhir-patient", default="", help="the Patient id the RiskAssessment names (subject)")
     add_tls_arguments(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds")
     p.set_defaults(func=cmd_diagnose)
@@ -94,5 +101,21 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                 print(f"  {field}: {why}", file=sys.stderr)
             return 1
     ref = reference_to_dict(response)
+    if args.fhir:
+        print(json.dumps(risk_assessment(reference_view(response), args.fhir_patient), indent=2))
+        return 0
     print(json.dumps(ref, indent=2) if args.json else format_reference(ref))
     return 0
+
+
+def reference_view(r: inference_pb2.DiagnoseResponse) -> ReferenceView:
+    return ReferenceView(
+        task=r.model_name,
+        model_version=r.model_version,
+        federated_round=r.federated_round,
+        probability=r.probability,
+        risk_band=r.risk_band,
+        contributions=[(c.feature, c.contribution) for c in r.top_contributions],
+        imputed=list(r.imputed_features),
+        caveat=r.caveat,
+    )

@@ -9,7 +9,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,11 +120,13 @@ def ingest_files(
 class Throwaway:
     address: str  # the gateway's HOST:PORT
     database_url: str
+    edges: dict[str, str] = field(default_factory=dict)  # "mllp", "fhir" when asked for in extra_env
 
 
 @contextmanager
-def throwaway_gateway() -> Iterator[Throwaway]:
-    """A gateway subprocess over a fresh embedded PostgreSQL, both removed afterwards."""
+def throwaway_gateway(extra_env: dict[str, str] | None = None) -> Iterator[Throwaway]:
+    """A gateway subprocess over a fresh embedded PostgreSQL, both removed afterwards; `extra_env`
+    adds settings (TLS files, the MLLP and HTTP listeners)."""
 
     with tempfile.TemporaryDirectory(prefix="fibemrss-ingest-") as tmp:
         work = Path(tmp)
@@ -139,8 +141,9 @@ def throwaway_gateway() -> Iterator[Throwaway]:
                 FIBEMRSS_PSEUDONYM_KEY=secrets.token_hex(32),
                 FIBEMRSS_HOSPITAL="ingest-cli",
             )
+            env.update(extra_env or {})
             with ServiceProcess("gateway@ingest-cli", env, work) as gateway:
-                yield Throwaway(gateway.address, database_url)
+                yield Throwaway(gateway.address, database_url, gateway.edges)
         finally:
             pg.stop()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fibemrss.domain.records import LOINC, UCI_HEART, Observation
+from fibemrss.domain.records import LOINC, UCI_HEART, Observation, PatientRecord
 
 from . import ucum
 
@@ -133,3 +133,11 @@ def _round3(value: float) -> str:
     decimals = 2 - math.floor(math.log10(abs(value)))
     text = f"{round(value, decimals):.{max(decimals, 0)}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def canonical(record: PatientRecord) -> PatientRecord:
+    """The record with every listed quantity in its code's canonical UCUM unit (one unit per code)."""
+    converted = tuple(to_canonical_unit(o) for o in record.observations)
+    if converted == record.observations:
+        return record
+    return replace(record, observations=converted)

@@ -74,6 +74,9 @@ class BundleParse:
     rejected: tuple[RejectedPatient, ...] = ()
     unattributed: tuple[FieldViolation, ...] = ()
     notes: tuple[FieldViolation, ...] = ()
+    # entry index -> key of the patient the entry belongs to (its record's source id), for
+    # per-entry answers (FHIR batch-response); entries of no patient are absent.
+    entry_patients: Mapping[int, str] = field(default_factory=dict)
 
 
 class _Invalid(Exception):
@@ -104,7 +107,11 @@ def parse_bundle(data: bytes | str) -> BundleParse:
     Raises ParseError when the payload is not a readable Bundle, and for any error in a
     transaction bundle. Never raises anything else.
     """
-    bundle = _load_json(data)
+    return parse_bundle_object(_load_json(data))
+
+
+def parse_bundle_object(bundle: Any) -> BundleParse:
+    """`parse_bundle` of a bundle already read from JSON (the NDJSON import builds its own)."""
     if not isinstance(bundle, dict):
         raise ParseError([FieldViolation("$", "a FHIR Bundle must be a JSON object")])
     if bundle.get("resourceType") != "Bundle":
@@ -146,6 +153,7 @@ def parse_bundle(data: bytes | str) -> BundleParse:
         resources.append((i, resource, full_url))
 
     patients, index = _index_patients(resources, unattributed)
+    entry_patients = {p.index: key for key, p in patients.items()}
     types_by_url = {url: resource["resourceType"] for _, resource, url in resources if url}
     for i, resource, _ in resources:
         rtype = resource["resourceType"]
@@ -161,6 +169,7 @@ def parse_bundle(data: bytes | str) -> BundleParse:
             notes.append(FieldViolation(f"{path}.subject", f"{rtype} about something other than a patient"))
             continue
         owner = patients[key]
+        entry_patients[i] = key
         try:
             _map_resource(rtype, resource, path, owner, notes)
         except _Invalid as exc:
@@ -195,10 +204,17 @@ def parse_bundle(data: bytes | str) -> BundleParse:
         rejected=tuple(rejected),
         unattributed=tuple(unattributed),
         notes=tuple(notes),
+        entry_patients=entry_patients,
     )
 
 
 # --- bundle level -----------------------------------------------------------------------------
+
+
+def read_json(data: bytes | str) -> Any:
+    """JSON as every FHIR input is read: UTF-8 (a BOM allowed), no NaN or Infinity; ParseError
+    naming `$` otherwise."""
+    return _load_json(data)
 
 
 def _load_json(data: bytes | str) -> Any:

@@ -1,0 +1,322 @@
+"""FHIR R4 REST on the gateway (Starlette): batch/transaction Bundles, single resources, metadata,
+and a bulk NDJSON import with a status URL to poll.
+
+A thin adapter: every request goes to `Gateway.ingest_fhir_bundles`, the FHIR use case whose
+parser, rules, idempotency and audit the gRPC `Ingest` uses too, and every answer is built by
+`fhir_outcomes`. Callers are authorized by `fibemrss.platform.authorization` with the name of
+the gRPC method they stand for (ingesting is `Ingest`).
+
+Bulk import follows the Bulk Data asynchronous request pattern: `POST [base]/$import` with an
+NDJSON body (`application/fhir+ndjson`) answers 202 with `Content-Location:
+[base]/$import-status/<id>`; polling that answers 202 with `X-Progress` while it runs, then 200
+with a manifest whose `output` names the per-line outcomes (one OperationOutcome per line, NDJSON,
+`id` = `line-<n>`). Jobs live in the gateway's memory: a restart forgets them, not the records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
+from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, read_json
+from fibemrss.platform.authorization import INGEST_METHOD
+from fibemrss.platform.http_server import http_status_for, request_identity
+from services.emr_gateway import fhir_outcomes as fo
+from services.emr_gateway.fhir_ndjson import LineGroup, group_lines
+from services.emr_gateway.use_cases import BundleIngest, Gateway
+
+log = logging.getLogger(__name__)
+
+Authorize = Callable[[str, str], None]
+FHIR_JSON = "application/fhir+json"
+READ_METHOD = "/fibemrss.emr.v1.EmrGatewayService/GetIngestStats"
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+MAX_IMPORT_BYTES = 512 * 1024 * 1024
+GROUPS_PER_WRITE = 200  # patient groups per database batch of an import
+MAX_JOBS = 100  # finished jobs kept for polling; the oldest are forgotten first
+
+
+def fhir_response(doc: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(doc, separators=(",", ":")), status, headers, media_type=FHIR_JSON)
+
+
+def error_response(exc: BaseException, root: str = "Bundle") -> Response:
+    status = http_status_for(exc)
+    if status == 500:
+        log.error("fhir request failed", exc_info=exc)
+        return fhir_response(
+            fo.message_outcome("fatal", "exception", "internal error; see the server log"), 500
+        )
+    if isinstance(exc, InvalidArgument) and exc.violations:
+        return fhir_response(fo.problems_outcome(exc.violations, root), status)
+    code = {401: "login", 403: "forbidden", 404: "not-found", 503: "transient"}.get(status, "processing")
+    return fhir_response(fo.message_outcome("error", code, str(exc)), status)
+
+
+@dataclass
+class ImportJob:
+    id: str
+    request: str
+    started: str
+    lines: int = 0
+    done_lines: int = 0
+    finished: bool = False
+    failed: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    outcomes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (line, OperationOutcome)
+
+
+class FhirRest:
+    def __init__(self, gateway: Gateway, authorize: Authorize | None, base_path: str = "/fhir") -> None:
+        self._gateway = gateway
+        self._authorize = authorize
+        self._base = base_path
+        self._jobs: dict[str, ImportJob] = {}
+        self._jobs_lock = threading.Lock()
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fhir-import")
+
+    def routes(self) -> list[Route]:
+        b, h = self._base, self._handler
+        return [
+            Route(f"{b}/metadata", h(READ_METHOD, self._metadata), methods=["GET"]),
+            Route(b, h(INGEST_METHOD, self._bundle), methods=["POST"]),
+            Route(b + "/", h(INGEST_METHOD, self._bundle), methods=["POST"]),  # as clients join URLs
+            Route(b + "/$import", h(INGEST_METHOD, self._import), methods=["POST"]),
+            Route(b + "/$import-status/{job}", h(INGEST_METHOD, self._import_status), methods=["GET"]),
+            Route(
+                b + "/$import-status/{job}/outcomes.ndjson",
+                h(INGEST_METHOD, self._import_outcomes),
+                methods=["GET"],
+            ),
+            Route(b + "/{type}", h(INGEST_METHOD, self._resource), methods=["POST"]),
+        ]
+
+    def close(self) -> None:
+        self._runner.shutdown(wait=True, cancel_futures=True)
+
+    def _handler(
+        self, method: str, handle: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if self._authorize is not None:
+                    self._authorize(request_identity(request.scope), method)
+                return await handle(request)
+            except Exception as exc:  # noqa: BLE001 - error_response decides what the client sees
+                return error_response(exc, request.path_params.get("type", "Bundle"))
+
+        return endpoint
+
+    def _base_url(self, request: Request) -> str:
+        return str(request.base_url).rstrip("/") + self._base
+
+    # -- metadata --------------------------------------------------------------------------------
+    async def _metadata(self, request: Request) -> Response:
+        return fhir_response(
+            fo.capability_statement(self._base_url(request), datetime.now(UTC).date().isoformat())
+        )
+
+    # -- batch / transaction ---------------------------------------------------------------------
+    async def _bundle(self, request: Request) -> Response:
+        bundle = _read_json(await _body(request, MAX_BUNDLE_BYTES))
+        kind = bundle.get("type") if isinstance(bundle, dict) else None
+        if kind not in ("batch", "transaction"):
+            raise InvalidArgument(
+                "not a batch or transaction",
+                [FieldProblem("type", "POST [base] takes a batch or transaction Bundle")],
+            )
+        result = (await run_in_threadpool(self._gateway.ingest_fhir_bundles, [bundle]))[0]
+        if isinstance(result, InvalidArgument):
+            raise result  # a transaction with a bad entry, or no readable Bundle: nothing stored
+        entries = bundle.get("entry") or []
+        outcomes = fo.entry_outcomes(entries, result.parsed, result.outcomes)
+        return fhir_response(fo.response_bundle(kind, outcomes))
+
+    # -- one resource ----------------------------------------------------------------------------
+    async def _resource(self, request: Request) -> Response:
+        rtype = request.path_params["type"]
+        resource = _read_json(await _body(request, MAX_BUNDLE_BYTES))
+        if rtype == "Consent":
+            return await self._consent(request, resource)
+        if rtype not in MAPPED_TYPES:
+            raise NotFound(
+                f"resource type {rtype[:40]} is not ingested here (mapped: {', '.join(MAPPED_TYPES)})"
+            )
+        if not isinstance(resource, dict) or resource.get("resourceType") != rtype:
+            raise InvalidArgument("wrong resource", [FieldProblem("resourceType", f"must be {rtype!r}")])
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [{"resource": resource}]}
+        result = (await run_in_threadpool(self._gateway.ingest_fhir_bundles, [bundle]))[0]
+        if isinstance(result, InvalidArgument):
+            raise result
+        outcome = fo.entry_outcomes(bundle["entry"], result.parsed, result.outcomes, root=rtype)[0]
+        status = int(outcome.status.split()[0])
+        if outcome.fate == "not mapped":
+            status = 422
+        headers = {"Location": outcome.location} if outcome.location else None
+        return fhir_response(outcome.outcome, status, headers)
+
+    async def _consent(self, request: Request, resource: Any) -> Response:
+        actor = request_identity(request.scope)
+        key, stored = await run_in_threadpool(self._gateway.record_consent, actor, resource)
+        decision = resource.get("provision", {}).get("type") if isinstance(resource, dict) else ""
+        text = (
+            f"research use {decision}: recorded for patient {key}"
+            if stored == "accepted"
+            else ("already recorded: nothing changed")
+        )
+        code = "informational" if stored == "accepted" else "duplicate"
+        return fhir_response(
+            fo.message_outcome("information", code, text), 201 if stored == "accepted" else 200
+        )
+
+    # -- bulk NDJSON import ----------------------------------------------------------------------
+    async def _import(self, request: Request) -> Response:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_IMPORT_BYTES:
+                raise InvalidArgument(
+                    "import too large", [FieldProblem("body", f"over {MAX_IMPORT_BYTES} bytes")]
+                )
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        job = ImportJob(uuid.uuid4().hex, str(request.url), datetime.now(UTC).isoformat())
+        with self._jobs_lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > MAX_JOBS:
+                oldest = next(iter(self._jobs))
+                if not self._jobs[oldest].finished:
+                    break
+                del self._jobs[oldest]
+        self._runner.submit(self._run_import, job, body)
+        status_url = f"{self._base_url(request)}/$import-status/{job.id}"
+        return fhir_response(
+            fo.message_outcome("information", "informational", f"import accepted; poll {status_url}"),
+            202,
+            {"Content-Location": status_url},
+        )
+
+    def _run_import(self, job: ImportJob, body: bytes) -> None:
+        try:
+            lines = body.split(b"\n")
+            if lines and not lines[-1].strip():
+                lines.pop()  # the newline that ends the last line starts no line
+            groups, problems, job.lines = group_lines(lines)
+            for p in problems:
+                self._record(job, p.line, "rejected", fo.problems_outcome([p.problem], "Resource"))
+            for start in range(0, len(groups), GROUPS_PER_WRITE):
+                batch = groups[start : start + GROUPS_PER_WRITE]
+                results = self._gateway.ingest_fhir_bundles([g.bundle() for g in batch])
+                for group, result in zip(batch, results, strict=True):
+                    self._record_group(job, group, result)
+        except Exception as exc:  # noqa: BLE001 - the job reports it; the log has the cause
+            log.exception("fhir import failed")
+            job.failed = "internal error; see the server log" if http_status_for(exc) == 500 else str(exc)
+        finally:
+            job.outcomes.sort(key=lambda item: item[0])
+            job.finished = True
+
+    def _record_group(self, job: ImportJob, group: LineGroup, result: BundleIngest | InvalidArgument) -> None:
+        if isinstance(result, InvalidArgument):
+            for line in group.lines:
+                self._record(job, line, "rejected", fo.problems_outcome(result.violations, "Resource"))
+            return
+        entries = [{"resource": r} for r in group.resources]
+        for line, resource, e in zip(
+            group.lines,
+            group.resources,
+            fo.entry_outcomes(entries, result.parsed, result.outcomes),
+            strict=True,
+        ):
+            root = resource.get("resourceType", "Resource")
+            outcome = _rooted(e.outcome, root, e.index)
+            self._record(job, line, e.fate, outcome)
+
+    def _record(self, job: ImportJob, line: int, fate: str, outcome: dict[str, Any]) -> None:
+        outcome = {**outcome, "id": f"line-{line}"}
+        outcome["issue"] = [
+            {**i, "diagnostics": f"line {line}: {i.get('diagnostics', '')}"} for i in outcome["issue"]
+        ]
+        job.outcomes.append((line, outcome))
+        job.counts[fate] = job.counts.get(fate, 0) + 1
+        job.done_lines += 1
+
+    def _job(self, request: Request) -> ImportJob:
+        with self._jobs_lock:
+            job = self._jobs.get(request.path_params["job"])
+        if job is None:
+            raise NotFound("no such import job (jobs are kept in memory until the gateway restarts)")
+        return job
+
+    async def _import_status(self, request: Request) -> Response:
+        job = self._job(request)
+        if not job.finished:
+            progress = f"{job.done_lines} of {job.lines or '?'} lines"
+            return Response(status_code=202, headers={"X-Progress": progress, "Retry-After": "1"})
+        if job.failed:
+            return fhir_response(fo.message_outcome("error", "exception", job.failed), 500)
+        errors = job.counts.get("rejected", 0)
+        manifest = {
+            "transactionTime": job.started,
+            "request": job.request,
+            "requiresAccessToken": False,
+            "output": [
+                {
+                    "type": "OperationOutcome",
+                    "url": f"{self._base_url(request)}/$import-status/{job.id}/outcomes.ndjson",
+                    "count": len(job.outcomes),
+                }
+            ],
+            "error": [],
+            "extension": {"lines": job.lines, "fates": dict(sorted(job.counts.items())), "rejected": errors},
+        }
+        return Response(json.dumps(manifest), 200, media_type="application/json")
+
+    async def _import_outcomes(self, request: Request) -> Response:
+        job = self._job(request)
+        if not job.finished:
+            return Response(
+                status_code=202, headers={"X-Progress": f"{job.done_lines} lines", "Retry-After": "1"}
+            )
+        text = "".join(json.dumps(o, separators=(",", ":")) + "\n" for _, o in job.outcomes)
+        return Response(text, media_type="application/fhir+ndjson")
+
+
+def _rooted(outcome: dict[str, Any], root: str, index: int) -> dict[str, Any]:
+    """An import line's outcome with expressions from its resource ("Observation.valueQuantity")
+    rather than from the bundle the import built around it."""
+    prefix = f"Bundle.entry[{index}].resource"
+    issues = []
+    for i in outcome["issue"]:
+        i = dict(i)
+        if "expression" in i:
+            i["expression"] = [
+                root + e.removeprefix(prefix) if e.startswith(prefix) else e for e in i["expression"]
+            ]
+        issues.append(i)
+    return {**outcome, "issue": issues}
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    body = await request.body()
+    if len(body) > limit:
+        raise InvalidArgument("request too large", [FieldProblem("body", f"over {limit} bytes")])
+    return body
+
+
+def _read_json(body: bytes) -> Any:
+    return read_json(body)  # ParseError (InvalidArgument) naming "$" for anything but JSON

@@ -1,0 +1,109 @@
+"""CDS Hooks 2.0 over REST (Starlette): discovery and the `patient-view` service of the task.
+
+Cards come from `fhir_reference` and the reference from `diagnosis.diagnose_values`, the code
+behind gRPC `Diagnose`. Callers are authorized as for `Diagnose`. A request the service cannot
+answer with a risk (no prefetch, no model yet) gets a card saying so; only a body that is no
+CDS Hooks request at all, an unknown service or a refused caller gets an HTTP error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument, NotFound
+from fibemrss.platform.http_server import http_status_for, request_identity
+from services.inference import fhir_reference as fr
+from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
+from services.inference.model_cache import ModelCache
+
+log = logging.getLogger(__name__)
+
+Authorize = Callable[[str, str], None]
+DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+def reference_view(model: LoadedModel, ref: Reference) -> fr.ReferenceView:
+    return fr.ReferenceView(
+        task=model.task.name,
+        model_version=model.version,
+        federated_round=model.federated_round,
+        probability=ref.probability,
+        risk_band=ref.risk_band,
+        contributions=ref.contributions,
+        imputed=ref.imputed,
+        caveat=CAVEAT,
+    )
+
+
+class CdsHooks:
+    def __init__(self, cache: ModelCache, authorize: Authorize | None) -> None:
+        self._cache = cache
+        self._task = cache.task
+        self._authorize = authorize
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/cds-services", self._guarded(self._discovery), methods=["GET"]),
+            Route("/cds-services/{id}", self._guarded(self._service), methods=["POST"]),
+        ]
+
+    def _guarded(
+        self, handle: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if self._authorize is not None:
+                    self._authorize(request_identity(request.scope), DIAGNOSE_METHOD)
+                return await handle(request)
+            except Exception as exc:  # noqa: BLE001 - mapped below, never a traceback
+                status = http_status_for(exc)
+                if status == 500:
+                    log.error("cds hooks request failed", exc_info=exc)
+                    return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
+                text = str(exc)
+                if isinstance(exc, InvalidArgument) and exc.violations:
+                    text += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+                return JSONResponse({"error": text}, status_code=status)
+
+        return endpoint
+
+    async def _discovery(self, request: Request) -> Response:
+        return JSONResponse(fr.discovery(self._task))
+
+    async def _service(self, request: Request) -> Response:
+        if request.path_params["id"] != fr.service_id(self._task):
+            raise NotFound(f"no CDS service {request.path_params['id'][:60]!r}; see GET /cds-services")
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidArgument("request too large", [FieldProblem("body", f"over {MAX_BODY_BYTES} bytes")])
+        try:
+            doc: Any = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidArgument("not JSON", [FieldProblem("body", "must be a CDS Hooks request")]) from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument("not a request", [FieldProblem("body", "must be a JSON object")])
+        if doc.get("hook") != "patient-view":
+            raise InvalidArgument("wrong hook", [FieldProblem("hook", "this service answers patient-view")])
+        if not isinstance(doc.get("hookInstance"), str):
+            raise InvalidArgument("no hookInstance", [FieldProblem("hookInstance", "is required (a UUID)")])
+        return JSONResponse({"cards": [await run_in_threadpool(self._card, doc)]})
+
+    def _card(self, doc: dict[str, Any]) -> dict[str, Any]:
+        read = fr.read_prefetch(self._task, doc)
+        if read.values is None:
+            return fr.missing_card(self._task, read.missing)
+        try:
+            model = self._cache.get(0)
+        except DomainError:
+            return fr.missing_card(self._task, ["a published model version: none is loaded yet"])
+        ref = diagnose_values(model, [read.values])[0]
+        return fr.risk_card(reference_view(model, ref), read)

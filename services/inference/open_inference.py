@@ -1,0 +1,88 @@
+"""The Open Inference Protocol (KServe v2) for every transport: gRPC (`servicer.KServeServicer`) and
+REST (`rest.py`) call these same methods, so both give the same answers and the same errors.
+
+Requests and responses are the KServe protobuf messages (the REST edge converts its JSON to and
+from them); domain errors name the offending field as the gRPC request spells it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fibemrss.domain.errors import NotFound
+from fibemrss.domain.feature_encoding import input_names
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from services.inference import tensors
+from services.inference.diagnosis import LoadedModel, infer
+from services.inference.model_cache import ModelCache
+
+SERVER_NAME = "fibemrss-inference"
+SERVER_VERSION = "0.1.0"
+PLATFORM = "fibemrss_numpy"
+
+
+class OpenInference:
+    """The model name is the task name; versions are the published version numbers."""
+
+    def __init__(self, cache: ModelCache) -> None:
+        self._cache = cache
+        self.model_name = cache.task.name
+        self._input_names = input_names(cache.task)
+
+    def _model(self, name: str, version: str, version_field: str) -> LoadedModel:
+        if name != self.model_name:
+            raise NotFound(f"unknown model {name!r}; this server serves {self.model_name}")
+        return self._cache.get(tensors.parse_version(version, version_field))
+
+    def server_live(self) -> bool:
+        return True
+
+    def server_ready(self) -> bool:
+        # Strict readiness (as Triton's default): ready only when the one model can serve.
+        return self._cache.ready
+
+    def model_ready(self, name: str, version: str) -> bool:
+        if name != self.model_name:
+            return False
+        return self._cache.has(tensors.parse_version(version, "version"))
+
+    def server_metadata(self) -> kserve.ServerMetadataResponse:
+        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+
+    def model_metadata(self, name: str, version: str) -> kserve.ModelMetadataResponse:
+        model = self._model(name, version, "version")
+        spec = tensors.input_spec(model.input_dim)
+        tensor = kserve.ModelMetadataResponse.TensorMetadata
+        return kserve.ModelMetadataResponse(
+            name=self.model_name,
+            versions=[str(v) for v in self._cache.versions()],
+            platform=PLATFORM,
+            inputs=[tensor(name=spec.name, datatype=spec.datatype, shape=spec.shape)],
+            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in tensors.output_specs()],
+            properties={
+                "model_version": str(model.version),
+                "federated_round": str(model.federated_round),
+                "architecture": model.task.model,
+                "threshold": repr(model.threshold),
+                # Column j of `features` is the encoded input named here; see docs/inference.md.
+                "input_columns": json.dumps(self._input_names),
+                "input_encoding": (
+                    "numeric: (value - mean) / std, then a <name>_missing indicator (1 with value 0 "
+                    "when missing); categorical: one-hot <name>=<code>, all 0 when missing"
+                ),
+                "feature_statistics": json.dumps(model.stats.to_json()),
+            },
+        )
+
+    def model_infer(self, request: kserve.ModelInferRequest) -> kserve.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version, "model_version")
+        wanted = tensors.requested_outputs(request)
+        x = tensors.decode_features(request, model.input_dim)
+        probability, logit = infer(model, x)
+        response = kserve.ModelInferResponse(
+            model_name=self.model_name, model_version=str(model.version), id=request.id
+        )
+        values = {"probability": probability, "logit": logit}
+        for name in wanted:
+            tensors.add_output(response, name, values[name])
+        return response

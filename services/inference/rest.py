@@ -1,0 +1,268 @@
+"""KServe v2 (Open Inference Protocol) over REST: a Starlette adapter over `OpenInference`.
+
+JSON tensors and the binary tensor data extension (the `Inference-Header-Content-Length` header;
+tritonclient sends and asks for binary data by default) are converted to and from the same
+`ModelInferRequest` / `ModelInferResponse` the gRPC servicer passes, so both transports answer
+alike. Errors are `{"error": "..."}` with 400 (bad request), 403, 404 or 503 as the protocol says;
+field names are those of the REST body (`inputs[0].data`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.platform.http_server import http_status_for, request_identity
+from services.inference.open_inference import OpenInference
+
+log = logging.getLogger(__name__)
+
+Authorize = Callable[[str, str], None]
+HEADER_LENGTH = "inference-header-content-length"
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# The gRPC methods whose authorization rules the REST routes follow.
+_METHOD = "/inference.GRPCInferenceService/"
+# gRPC field paths as the REST body spells them.
+_REST_FIELDS = [
+    (re.compile(r"^inputs\[(\d+)\]\.contents(\.\w+)?$"), r"inputs[\1].data"),
+    (re.compile(r"^raw_input_contents\[(\d+)\]$"), r"inputs[\1].data (binary)"),
+    (re.compile(r"^raw_input_contents$"), "inputs[].parameters.binary_data_size"),
+    (re.compile(r"^model_version$"), "path: versions/{version}"),
+]
+
+
+def rest_field(field: str) -> str:
+    for pattern, replacement in _REST_FIELDS:
+        if pattern.match(field):
+            return pattern.sub(replacement, field)
+    return field
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    status = http_status_for(exc)
+    if status == 500:
+        log.error("kserve rest request failed", exc_info=exc)
+        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
+    text = str(exc)
+    if isinstance(exc, InvalidArgument) and exc.violations:
+        text += ": " + "; ".join(f"{rest_field(v.field)}: {v.description}" for v in exc.violations)
+    return JSONResponse({"error": text}, status_code=status)
+
+
+class KServeRest:
+    def __init__(self, core: OpenInference, authorize: Authorize | None) -> None:
+        self._core = core
+        self._authorize = authorize
+
+    def routes(self) -> list[Route]:
+        h = self._handler
+        return [
+            Route("/v2/health/live", h("ServerLive", self._live)),
+            Route("/v2/health/ready", h("ServerReady", self._ready)),
+            Route("/v2", h("ServerMetadata", self._server_metadata)),
+            Route("/v2/models/{name}", h("ModelMetadata", self._model_metadata)),
+            Route("/v2/models/{name}/versions/{version}", h("ModelMetadata", self._model_metadata)),
+            Route("/v2/models/{name}/ready", h("ModelReady", self._model_ready)),
+            Route("/v2/models/{name}/versions/{version}/ready", h("ModelReady", self._model_ready)),
+            Route("/v2/models/{name}/infer", h("ModelInfer", self._infer), methods=["POST"]),
+            Route(
+                "/v2/models/{name}/versions/{version}/infer", h("ModelInfer", self._infer), methods=["POST"]
+            ),
+        ]
+
+    def _handler(
+        self, method: str, handle: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if self._authorize is not None:
+                    self._authorize(request_identity(request.scope), _METHOD + method)
+                return await handle(request)
+            except Exception as exc:  # noqa: BLE001 - error_response decides what the client sees
+                return error_response(exc)
+
+        return endpoint
+
+    async def _live(self, request: Request) -> Response:
+        live = self._core.server_live()
+        return JSONResponse({"live": live}, status_code=200 if live else 400)
+
+    async def _ready(self, request: Request) -> Response:
+        ready = self._core.server_ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 400)
+
+    async def _server_metadata(self, request: Request) -> Response:
+        meta = self._core.server_metadata()
+        return JSONResponse({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
+
+    async def _model_metadata(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version", "")
+        meta = await run_in_threadpool(self._core.model_metadata, name, version)
+        return JSONResponse(
+            {
+                "name": meta.name,
+                "versions": list(meta.versions),
+                "platform": meta.platform,
+                "inputs": [_tensor_metadata(t) for t in meta.inputs],
+                "outputs": [_tensor_metadata(t) for t in meta.outputs],
+                "properties": dict(meta.properties),
+            }
+        )
+
+    async def _model_ready(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params.get("version", "")
+        ready = await run_in_threadpool(self._core.model_ready, name, version)
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 400)
+
+    async def _infer(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidArgument("request too large", [FieldProblem("body", f"over {MAX_BODY_BYTES} bytes")])
+        proto, binary_outputs, all_binary = infer_request_from_rest(
+            body,
+            request.headers.get(HEADER_LENGTH),
+            request.path_params["name"],
+            request.path_params.get("version", ""),
+        )
+        response = await run_in_threadpool(self._core.model_infer, proto)
+        return infer_response_to_rest(response, binary_outputs, all_binary)
+
+
+def _tensor_metadata(t: kserve.ModelMetadataResponse.TensorMetadata) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+
+
+def _json_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON part of a request and the binary tensor data after it."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidArgument(
+                "bad binary request",
+                [
+                    FieldProblem(
+                        "Inference-Header-Content-Length", "must be the JSON header's length in bytes"
+                    )
+                ],
+            )
+        split = int(header_length)
+        head, binary = body[:split], body[split:]
+    else:
+        head, binary = body, b""
+    try:
+        doc = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("body is not JSON", [FieldProblem("body", "must be a JSON object")]) from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("body is not a JSON object", [FieldProblem("body", "must be a JSON object")])
+    return doc, binary
+
+
+def _flat_numbers(data: Any, field: str) -> list[float]:
+    array = np.asarray(data, dtype=object).ravel() if isinstance(data, list) else None
+    if array is None or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in array):
+        raise InvalidArgument("bad tensor data", [FieldProblem(field, "must be a (nested) list of numbers")])
+    return [float(v) for v in array]
+
+
+def infer_request_from_rest(
+    body: bytes, header_length: str | None, name: str, version: str
+) -> tuple[kserve.ModelInferRequest, set[str], bool]:
+    """(the request, the outputs asked for as binary data, whether every output is binary)."""
+    doc, binary = _json_body(body, header_length)
+    problems: list[FieldProblem] = []
+    request = kserve.ModelInferRequest(model_name=name, model_version=version, id=str(doc.get("id", "")))
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgument("inputs are required", [FieldProblem("inputs", "must be a non-empty list")])
+    offset = 0
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict):
+            problems.append(FieldProblem(f"inputs[{i}]", "must be an object"))
+            continue
+        shape = item.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            problems.append(FieldProblem(f"inputs[{i}].shape", "must be a list of non-negative integers"))
+            shape = []
+        tensor = request.inputs.add(name=str(item.get("name", "")), datatype=str(item.get("datatype", "")))
+        tensor.shape.extend(shape)
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                problems.append(
+                    FieldProblem(
+                        f"inputs[{i}].parameters.binary_data_size", "does not match the binary data sent"
+                    )
+                )
+                continue
+            request.raw_input_contents.append(binary[offset : offset + size])
+            offset += size
+        elif "data" in item:
+            if tensor.datatype == "FP32":
+                try:
+                    tensor.contents.fp32_contents.extend(_flat_numbers(item["data"], f"inputs[{i}].data"))
+                except InvalidArgument as exc:
+                    problems.extend(exc.violations)
+        else:
+            problems.append(FieldProblem(f"inputs[{i}].data", "is required (or binary_data_size)"))
+    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        problems.append(FieldProblem("inputs", "either every input or none uses the binary data extension"))
+    if offset != len(binary):
+        problems.append(FieldProblem("body", "binary data beyond what the inputs' binary_data_size name"))
+    binary_outputs: set[str] = set()
+    parameters = doc.get("parameters") or {}
+    all_binary = bool(isinstance(parameters, dict) and parameters.get("binary_data_output"))
+    for j, out in enumerate(doc.get("outputs") or []):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            problems.append(FieldProblem(f"outputs[{j}].name", "is required"))
+            continue
+        request.outputs.add(name=out["name"])
+        if (out.get("parameters") or {}).get("binary_data"):
+            binary_outputs.add(out["name"])
+    if problems:
+        raise InvalidArgument("invalid inference request", problems)
+    return request, binary_outputs, all_binary
+
+
+def infer_response_to_rest(
+    response: kserve.ModelInferResponse, binary_outputs: set[str], all_binary: bool
+) -> Response:
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        if all_binary or tensor.name in binary_outputs:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = np.frombuffer(raw, dtype="<f4").astype(float).tolist()
+        outputs.append(entry)
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": outputs,
+    }
+    if response.id:
+        doc["id"] = response.id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(head, media_type="application/json")
+    return Response(
+        head + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )

@@ -1,0 +1,228 @@
+"""HL7 v2 over MLLP, driven by python-hl7's own client over mutual TLS into real PostgreSQL."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import hl7
+import hl7.client
+import psycopg2
+import pytest
+
+from fibemrss.db.pool import Database
+from fibemrss.domain.errors import InvalidArgument
+from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.config import TlsFiles
+from fibemrss.platform.tls import client_ssl_context, server_ssl_context
+from fibemrss.tools.certs import init_pki
+from services.emr_gateway.mllp import MllpListen, MllpServer
+from services.emr_gateway.pseudonym import Pseudonymizer
+from services.emr_gateway.store import GatewayStore
+from services.emr_gateway.use_cases import Gateway
+from tests.conftest import SHARED_DATA, shared_file
+
+HOSPITAL = "h"
+KEY = b"mllp-test-pseudonym-key"
+
+
+def count(url: str, table: str) -> int:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table}")
+        return int(cur.fetchone()[0])
+
+
+def gateway(url: str) -> tuple[Gateway, Database]:
+    db = Database(url)
+    return Gateway(GatewayStore(db), Pseudonymizer(KEY)), db
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pki")
+    init_pki(out, [f"gateway@{HOSPITAL}", f"operator@{HOSPITAL}", f"agent@{HOSPITAL}", "operator@other"])
+    return out
+
+
+def tls(pki: Path, identity: str) -> TlsFiles:
+    return TlsFiles(str(pki / "ca.crt"), str(pki / f"{identity}.crt"), str(pki / f"{identity}.key"))
+
+
+@pytest.fixture
+def server(fresh_database: Callable[[str], str], pki: Path) -> Iterator[tuple[MllpServer, str]]:
+    url = fresh_database("hospital")
+    gw, db = gateway(url)
+    context = server_ssl_context(tls(pki, f"gateway@{HOSPITAL}"))
+    mllp = MllpServer(gw, HOSPITAL, MllpListen("127.0.0.1", 0, context), hospital_policy(HOSPITAL)).start()
+    try:
+        yield mllp, url
+    finally:
+        mllp.stop()
+        db.close()
+
+
+def tls_client(address: str, pki: Path, identity: str) -> hl7.client.MLLPClient:
+    """python-hl7's MLLPClient with its socket wrapped in TLS (it has no TLS option of its own)."""
+    host, port = address.rsplit(":", 1)
+    client = hl7.client.MLLPClient(host, int(port))
+    client.socket = client_ssl_context(tls(pki, identity)).wrap_socket(client.socket, server_hostname=host)
+    return client
+
+
+def parse_ack(raw: bytes) -> hl7.Message:
+    assert raw.startswith(b"\x0b") and raw.endswith(b"\x1c\r"), raw[:20]
+    return hl7.parse(raw[1:-2].decode("utf-8"))
+
+
+def messages() -> list[Path]:
+    shared_file("hl7v2")
+    return sorted((SHARED_DATA / "hl7v2").glob("*.hl7"))
+
+
+def expected_code(fates: list[str]) -> str:
+    if "unsupported" in fates:
+        return "AR"
+    if "rejected" in fates or "quarantined" in fates:
+        return "AE"
+    return "AA"
+
+
+def test_every_shared_message_over_one_tls_connection_gets_its_ack(
+    server: tuple[MllpServer, str], pki: Path, fresh_database: Callable[[str], str]
+) -> None:
+    mllp, url = server
+    paths = messages()
+    # The fates the same use case gives over gRPC, in a second database, are what MSA-1 must say.
+    reference, ref_db = gateway(fresh_database("hospital"))
+    fates = {
+        p.name: [o.fate for o in reference.ingest_payload("hl7v2", p.read_bytes()).outcomes] for p in paths
+    }
+    ref_db.close()
+    codes: dict[str, str] = {}
+    with tls_client(mllp.address, pki, f"operator@{HOSPITAL}") as client:
+        for path in paths:
+            ack = parse_ack(client.send_message(path.read_bytes()))
+            control_id = hl7.parse(path.read_bytes().decode("utf-8-sig").replace("\n", "\r"))["MSH"][0][10]
+            assert str(ack["MSH"][0][9]).startswith("ACK"), path.name
+            assert str(ack["MSA"][0][2]) == str(control_id), path.name
+            codes[path.name] = str(ack["MSA"][0][1])
+            assert codes[path.name] == expected_code(fates[path.name]), path.name
+            if codes[path.name] != "AA":
+                assert ack.segments("ERR"), path.name
+            if "quarantined" in fates[path.name]:
+                assert str(ack["MSA"][0][3]).startswith("quarantined"), path.name
+                assert all(str(e[4]) == "W" for e in ack.segments("ERR"))
+        # The same connection again: every message is now a duplicate, answered AA (or AR: unmapped).
+        for path in paths:
+            again = str(parse_ack(client.send_message(path.read_bytes()))["MSA"][0][1])
+            assert again == ("AR" if codes[path.name] == "AR" else "AA"), path.name
+    assert len(codes) == 23
+    assert set(codes.values()) == {"AA", "AE", "AR"}
+    assert sum(c == "AE" for c in codes.values()) == 5  # the five quarantined samples
+    assert count(url, "quarantine") == 5
+
+
+def test_a_rejected_message_names_its_fields_in_err_and_stores_nothing(
+    server: tuple[MllpServer, str], pki: Path
+) -> None:
+    mllp, url = server
+    bad = (
+        "MSH|^~\\&|LAB|H|FIB|H|20240101120000||ORU^R01|BAD-1|P|2.5.1\r"
+        "PID|1||12345^^^H^MR||DOE^JANE||19700101|F\r"
+        "OBR|1|||24331-1^Lipid panel^LN\r"
+        "OBX|1|NM|2093-3^Cholesterol^LN||abc|mg/dL|||||F\r"
+    )
+    with tls_client(mllp.address, pki, f"operator@{HOSPITAL}") as client:
+        ack = parse_ack(client.send_message(bad))
+        assert str(ack["MSA"][0][1]) == "AE" and str(ack["MSA"][0][2]) == "BAD-1"
+        locations = [str(e[2]) for e in ack.segments("ERR")]
+        assert "OBX^1^5" in locations
+        assert "rejected" in str(ack["MSA"][0][3])
+        # Unreadable bytes: AR, and the connection still serves the next message.
+        ack = parse_ack(client.send_message("this is no HL7 message"))
+        assert str(ack["MSA"][0][1]) == "AR"
+        ok = bad.replace("||abc|", "||190|").replace("BAD-1", "OK-1")
+        assert str(parse_ack(client.send_message(ok))["MSA"][0][1]) == "AA"
+    assert count(url, "source_records") == 1
+
+
+def test_a_stalled_sender_does_not_block_another(server: tuple[MllpServer, str], pki: Path) -> None:
+    mllp, _ = server
+    host, port = mllp.address.rsplit(":", 1)
+    context = client_ssl_context(tls(pki, f"operator@{HOSPITAL}"))
+    with context.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host) as stalled:
+        stalled.sendall(b"\x0bMSH|^~\\&|LAB|H|FIB|H|20240101||ADT^A01|HALF|P|2.5.1\r")  # never finished
+        path = messages()[0]
+        with tls_client(mllp.address, pki, f"operator@{HOSPITAL}") as client:
+            client.socket.settimeout(10)
+            assert str(parse_ack(client.send_message(path.read_bytes()))["MSA"][0][1]) == "AA"
+
+
+@pytest.mark.parametrize("identity", [f"agent@{HOSPITAL}", "operator@other"])
+def test_only_the_hospitals_operator_may_ingest(
+    server: tuple[MllpServer, str], pki: Path, identity: str
+) -> None:
+    mllp, url = server
+    with tls_client(mllp.address, pki, identity) as client:
+        ack = parse_ack(client.send_message(messages()[0].read_bytes()))
+    assert str(ack["MSA"][0][1]) == "AR" and "refused" in str(ack["MSA"][0][3])
+    assert count(url, "source_records") == 0
+
+
+def test_without_a_client_certificate_nothing_is_read(server: tuple[MllpServer, str], pki: Path) -> None:
+    mllp, _ = server
+    host, port = mllp.address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with context.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host) as s:
+            s.sendall(b"\x0b" + messages()[0].read_bytes() + b"\x1c\r")
+            if not s.recv(4096):
+                raise ConnectionError("closed without an answer")
+
+
+def test_plaintext_on_a_named_loopback_address(fresh_database: Callable[[str], str]) -> None:
+    gw, db = gateway(fresh_database("hospital"))
+    mllp = MllpServer(gw, HOSPITAL, MllpListen("127.0.0.1", 0, None), hospital_policy(HOSPITAL)).start()
+    try:
+        host, port = mllp.address.rsplit(":", 1)
+        with hl7.client.MLLPClient(host, int(port)) as client:
+            ack = parse_ack(client.send_message(messages()[0].read_bytes()))
+        assert str(ack["MSA"][0][1]) == "AA"
+    finally:
+        mllp.stop()
+        db.close()
+
+
+def test_batched_messages_get_the_fates_of_one_by_one(fresh_database: Callable[[str], str]) -> None:
+    """The listener writes waiting messages as one batch: the fates and rows must be those of
+    ingesting them one after another, re-sends and a changed re-send of one control id included."""
+    paths = messages()
+    first = paths[0].read_bytes()
+    changed = (
+        first.replace(b"EVERYMAN", b"EVERYWOMAN") if b"EVERYMAN" in first else first + b"\rNTE|1||changed"
+    )
+    batch = [p.read_bytes() for p in paths] + [first, changed, b"not HL7", paths[5].read_bytes()]
+    one_by_one, batched = fresh_database("hospital"), fresh_database("hospital")
+
+    gw, db = gateway(one_by_one)
+    expected = []
+    for m in batch:
+        try:
+            expected.append([o.fate for o in gw.ingest_payload("hl7v2", m).outcomes])
+        except InvalidArgument as exc:
+            expected.append([f"invalid:{exc.violations[0].field}"])
+    db.close()
+    gw, db = gateway(batched)
+    got = [
+        [f"invalid:{r.violations[0].field}"]
+        if isinstance(r, InvalidArgument)
+        else [o.fate for o in r.outcomes]
+        for r in gw.ingest_messages("hl7v2", batch)
+    ]
+    db.close()
+    assert got == expected
+    assert "duplicate" in got[len(paths)]
+    for table in ("source_records", "observations", "quarantine", "patients"):
+        assert count(batched, table) == count(one_by_one, table), table
