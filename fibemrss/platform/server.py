@@ -99,8 +99,8 @@ def start_server(
     """Builds, binds and starts a server; `register` adds the servicers and returns their full
     service names. The returned addresses carry the ports actually bound (port 0 works).
 
-    Capacity is explicit (config.limits): `max_workers` threads, a bounded queue before them
-    (grpc answers RESOURCE_EXHAUSTED beyond, instead of queueing without end), a share per caller
+    Capacity is explicit (config.limits): `max_workers` threads and as many calls in flight
+    (grpc answers RESOURCE_EXHAUSTED beyond, instead of queueing in silence), a share per caller
     and a bound on health watches (the interceptor answers RESOURCE_EXHAUSTED), and a lifetime
     limit on every stream."""
     limits = config.limits
