@@ -32,8 +32,9 @@ class CallLimits:
 
     @property
     def max_concurrent_rpcs(self) -> int:
-        """Calls running or queued for a worker; grpc answers RESOURCE_EXHAUSTED beyond."""
-        return 4 * self.max_workers
+        """Calls in flight at most: one per worker, so no call waits in a queue in silence while
+        every worker is held; grpc answers RESOURCE_EXHAUSTED beyond."""
+        return self.max_workers
 
     def validate(self) -> None:
         if self.max_workers < 2:

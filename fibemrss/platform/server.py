@@ -102,8 +102,8 @@ def start_server(
     are the addresses of the service's other listeners (MLLP, HTTPS), already bound, named in the
     ready file beside the gRPC address.
 
-    Capacity is explicit (config.limits): `max_workers` threads, a bounded queue before them
-    (grpc answers RESOURCE_EXHAUSTED beyond, instead of queueing without end), a share per caller
+    Capacity is explicit (config.limits): `max_workers` threads and as many calls in flight
+    (grpc answers RESOURCE_EXHAUSTED beyond, instead of queueing in silence), a share per caller
     and a bound on health watches (the interceptor answers RESOURCE_EXHAUSTED), and a lifetime
     limit on every stream."""
     limits = config.limits

@@ -36,9 +36,10 @@ from services.inference.rest import KServeRest
 from services.inference.servicer import DiagnosisServicer, KServeServicer
 
 # A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers
-# measured alike on 2 cores (fibemrss/tools/bench/inference_bench.py), and 8 leaves room for a call
-# that waits on the database to load a pinned version.
-MAX_WORKERS = 8
+# measured alike on 2 cores (fibemrss/tools/bench/inference_bench.py). Calls beyond the workers
+# are refused (RESOURCE_EXHAUSTED), not queued, so there are as many workers as concurrent
+# callers a hospital's software may have: 32, the bench's largest load.
+MAX_WORKERS = 32
 
 
 def main() -> None:
