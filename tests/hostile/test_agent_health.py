@@ -34,7 +34,9 @@ def test_an_agent_whose_gateway_is_down_reports_it_and_is_not_serving(
     aggregator = start_aggregator()
     with federation.channel(aggregator.address, "operator@central") as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-            pb.StartFederationRequest(task="heart-disease-v1", rounds=1, quorum=1, hospitals=["a"]),
+            pb.StartFederationRequest(
+                min_contributors=1, task="heart-disease-v1", rounds=1, quorum=1, hospitals=["a"]
+            ),
             timeout=10,
         )
     tls = federation.tls("agent@a")

@@ -35,7 +35,7 @@ def crafted(key: HospitalKey, n_values: int, weight_slot: int, value_slot: int) 
     slots = np.full(n_values + 1, value_slot, dtype=np.int64)
     slots[0] = weight_slot
     encryptor = UpdateEncryptor(key)
-    return encryptor._encrypt_slots(slots, ChunkKind.WEIGHTED_UPDATE, key.params.frac_bits, n_values)
+    return encryptor._encrypt_slots(slots, ChunkKind.WEIGHTED_UPDATE, key.params.frac_bits, n_values, None)
 
 
 def test_out_of_bound_aggregates_are_rejected_by_every_hospital_and_the_last_good_model_stays(

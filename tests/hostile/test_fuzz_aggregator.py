@@ -48,7 +48,12 @@ def stubs(
     stubs = {i: federation_pb2_grpc.AggregatorServiceStub(c) for i, c in channels.items()}
     stubs["operator@central"].StartFederation(
         pb.StartFederationRequest(
-            task="fuzz", rounds=3, quorum=2, deadline_seconds=600, hospitals=["a", "b"]
+            min_contributors=1,  # these runs test uploads and capacity, not collusion
+            task="fuzz",
+            rounds=3,
+            quorum=2,
+            deadline_seconds=600,
+            hospitals=["a", "b"],
         ),
         timeout=10,
     )
@@ -76,6 +81,7 @@ def _call(fn, *args):  # type: ignore[no-untyped-def]
 )
 def test_start_federation(stubs, task, rounds, quorum, grace, deadline, hospitals) -> None:  # type: ignore[no-untyped-def]
     request = pb.StartFederationRequest(
+        min_contributors=1,  # these runs test uploads and capacity, not collusion
         task=f"x{task}",
         rounds=rounds,
         quorum=quorum,

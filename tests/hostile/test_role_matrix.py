@@ -58,6 +58,8 @@ ALLOWED: dict[str, set[str]] = {
     "fibemrss.federation.v1.AggregatorService/GetRound": {"agent@h", "agent@other", "operator@central"},
     "fibemrss.federation.v1.AggregatorService/SubmitUpdate": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/GetFederationStatus": {
         "agent@h",
         "agent@other",

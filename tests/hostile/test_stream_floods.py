@@ -89,7 +89,10 @@ def test_a_watch_flood_from_an_operator_certificate_is_refused_and_honest_calls_
     with federation.channel(aggregator.address, "operator@central") as channel:
         stub = federation_pb2_grpc.AggregatorServiceStub(channel)
         started = stub.StartFederation(
-            pb.StartFederationRequest(task="flood", rounds=1, quorum=1, hospitals=["a", "b"]), timeout=10
+            pb.StartFederationRequest(
+                min_contributors=1, task="flood", rounds=1, quorum=1, hospitals=["a", "b"]
+            ),
+            timeout=10,
         )
         assert started.status.current.round == 0
     with federation.channel(aggregator.address, "agent@b") as channel:
@@ -107,7 +110,10 @@ def test_one_identity_holds_at_most_its_share_and_a_saturated_server_says_not_se
 ) -> None:
     with federation.channel(aggregator.address, "operator@central") as channel:
         federation_pb2_grpc.AggregatorServiceStub(channel).StartFederation(
-            pb.StartFederationRequest(task="long-poll", rounds=1, quorum=1, hospitals=["a"]), timeout=10
+            pb.StartFederationRequest(
+                min_contributors=1, task="long-poll", rounds=1, quorum=1, hospitals=["a"]
+            ),
+            timeout=10,
         )
     # Long polls for a round that will not come: each holds a worker for up to 30 s.
     wait = pb.GetRoundRequest(task="long-poll", wait_for_round=5, wait_seconds=30)

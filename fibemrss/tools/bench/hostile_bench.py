@@ -191,6 +191,7 @@ def _run(work: Path, task: str, n: int, rounds: int, disturbed: bool) -> dict[st
     try:
         federation_pb2_grpc.AggregatorServiceStub(channels["operator@central"]).StartFederation(
             pb.StartFederationRequest(
+                min_contributors=1,  # these runs test uploads and capacity, not collusion
                 task=task,
                 rounds=rounds,
                 quorum=2,
