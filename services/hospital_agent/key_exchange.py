@@ -55,11 +55,21 @@ class KeyExchange:
         context = MaskContext(info.federation_id, self._task.name, info.round, info.attempt)
         return MaskKeyPair(round_key_seed(self._secrets.secret(MASK_SECRET_NAME), context))
 
-    def publish_key(self, info: RoundView) -> None:
-        """Publishes the round's public key early, before training, so the key stage can end."""
+    def publish_key(self, info: RoundView) -> bool:
+        """Publishes the round's public key early, before training, so the key stage can end;
+        False when the cohort was fixed without this hospital in the meantime (sit it out)."""
         self.check_federation(info)
-        if info.cohort is None:
+        if info.cohort is not None:
+            return self._hospital in info.cohort
+        try:
             self._aggregator.publish_mask_key(info.round, self._key_pair(info).public_key)
+        except PeerRefused:
+            now = self._aggregator.current_round(None)
+            if now.round == info.round and now.cohort is not None and self._hospital not in now.cohort:
+                log.info("the cohort was fixed without this hospital", extra={"round": info.round})
+                return False
+            raise
+        return True
 
     def mask_for(
         self, info: RoundView, kind: ChunkKind, n_values: int, stop: threading.Event

@@ -427,8 +427,8 @@ class Participation:
 
     def _take_part(self, info: RoundView, stop: threading.Event) -> bool:
         assert self._data is not None
-        if self._keys is not None:
-            self._keys.publish_key(info)
+        if self._keys is not None and not self._keys.publish_key(info):
+            return True  # the cohort was fixed without this hospital: wait for the next round
         weight = self._weight(info)
         if info.round == 0:
             self._account(info)
