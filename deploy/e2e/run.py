@@ -596,7 +596,14 @@ def run_federation(
                     raise AssertionError("the final round was not evaluated at every hospital")
                 return reported
         for i, k in enumerate(kills):
-            if not k.done and len(reported) >= k.after_round and len(reported) < rounds:
+            # One kill at a time: the next waits until the previous pod is back (two at once,
+            # a hospital's PostgreSQL and an agent, once left the federation stuck: see the report).
+            if (
+                not k.done
+                and len(reported) >= k.after_round
+                and len(reported) < rounds
+                and all(x.back_in is not None for x in kills[:i])
+            ):
                 kill(dep, k)
                 killed_at[i] = time.monotonic()
             if k.done and k.back_in is None and came_back(dep, k):
@@ -962,7 +969,7 @@ def _interrupt(*_: Any) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", "20")))
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", "30")))
     ap.add_argument("--keep", action="store_true", help="leave everything running (for debugging)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds the federation may take")
     args = ap.parse_args()
@@ -1039,7 +1046,12 @@ def main() -> int:
         log(f"FAILED: {result['error']}")
         for site in dep.sites:
             for kind in site.kinds:
-                tail = run("podman", "logs", "--tail", "15", site.container(kind), check=False)
+                tail = subprocess.run(
+                    ["podman", "logs", "--tail", "25", site.container(kind)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ).stdout  # the services log JSON on stderr
                 if tail.strip():
                     print(f"--- {site.container(kind)} (last lines)\n{tail}", file=sys.stderr)
     finally:
