@@ -28,10 +28,11 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_NO_INDEX=1
 COPY ${WHEELHOUSE}/ /wheels/
 # torch's C++ headers, C++ test binaries and bundled protoc are for building and testing
-# torch itself, not for running it (torch/bin/torch_shm_manager stays).
+# torch itself, not for running it (torch/bin/torch_shm_manager stays). No .pyc is written
+# (--no-compile): the root filesystem is read-only and they would only add size.
 WORKDIR /opt/venv/lib/python3.11/site-packages/torch
 RUN python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --find-links /wheels fibemrss==0.1.0 \
+ && /opt/venv/bin/pip install --no-cache-dir --no-compile --find-links /wheels fibemrss==0.1.0 \
  && rm -rf include test share/cmake bin/*Test bin/protoc* bin/test_*
 
 # Everything the four images share; each target below adds only its labels and CMD.
