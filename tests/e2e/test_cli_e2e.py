@@ -161,6 +161,37 @@ def test_demo_prints_rounds_and_a_diagnosis_exits_0_and_leaves_nothing_running(t
     assert processes_using(workdir) == [], shown
 
 
+def test_demo_stopped_by_sigterm_mid_federation_leaves_nothing_running(tmp_path: Path) -> None:
+    """`timeout` or a CI runner stops a demo with SIGTERM: its services and PostgreSQL go with it."""
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen(
+        fibemrss("demo", "--rounds", "30", "--workdir", str(workdir)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "round   1  pooled test accuracy" in line:
+                break
+        assert any("round   1" in line for line in seen), "".join(seen[-40:])
+        assert processes_using(workdir), "the demo's services should be running mid-federation"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while processes_using(workdir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.returncode == 130, "".join(seen[-40:])
+    assert processes_using(workdir) == []
+
+
 def review_quarantine_through_the_cli(endpoints: dict, tmp_path: Path) -> None:
     """An integration engineer's loop against a TLS gateway: ingest, see the held record, fix it."""
     certs = endpoints["tls"]["certs"]["operator@alpha"]
