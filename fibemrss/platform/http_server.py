@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from starlette.requests import Request
+from starlette.responses import Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fibemrss.domain import errors
@@ -38,6 +40,29 @@ _STATUS: list[tuple[type[errors.DomainError], int]] = [
     (errors.FailedPrecondition, 409),
     (errors.Unavailable, 503),
 ]
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(
+    authorize: Callable[[str, str], None] | None,
+    method: str,
+    handle: Handler,
+    on_error: Callable[[Exception, Request], Response],
+) -> Handler:
+    """An endpoint that authorizes the caller's certificate identity for `method`, then runs
+    `handle`; any exception (a refusal included) becomes the edge's own error answer."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            if authorize is not None:
+                authorize(request_identity(request.scope), method)
+            return await handle(request)
+        except Exception as exc:  # noqa: BLE001 - on_error decides what the client sees
+            return on_error(exc, request)
+
+    return endpoint
 
 
 def http_status_for(error: BaseException) -> int:

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,7 +33,7 @@ from starlette.routing import Route
 from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
 from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, read_json
 from fibemrss.platform.authorization import INGEST_METHOD
-from fibemrss.platform.http_server import http_status_for, request_identity
+from fibemrss.platform.http_server import Handler, guarded, http_status_for, request_identity
 from services.emr_gateway import fhir_outcomes as fo
 from services.emr_gateway.fhir_ndjson import LineGroup, group_lines
 from services.emr_gateway.use_cases import BundleIngest, Gateway
@@ -107,18 +107,13 @@ class FhirRest:
     def close(self) -> None:
         self._runner.shutdown(wait=True, cancel_futures=True)
 
-    def _handler(
-        self, method: str, handle: Callable[[Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                if self._authorize is not None:
-                    self._authorize(request_identity(request.scope), method)
-                return await handle(request)
-            except Exception as exc:  # noqa: BLE001 - error_response decides what the client sees
-                return error_response(exc, request.path_params.get("type", "Bundle"))
-
-        return endpoint
+    def _handler(self, method: str, handle: Handler) -> Handler:
+        return guarded(
+            self._authorize,
+            method,
+            handle,
+            lambda exc, request: error_response(exc, request.path_params.get("type", "Bundle")),
+        )
 
     def _base_url(self, request: Request) -> str:
         return str(request.base_url).rstrip("/") + self._base

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument, NotFound
-from fibemrss.platform.http_server import http_status_for, request_identity
+from fibemrss.platform.http_server import Handler, guarded, http_status_for
 from services.inference import fhir_reference as fr
 from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
 from services.inference.model_cache import ModelCache
@@ -56,25 +56,8 @@ class CdsHooks:
             Route("/cds-services/{id}", self._guarded(self._service), methods=["POST"]),
         ]
 
-    def _guarded(
-        self, handle: Callable[[Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                if self._authorize is not None:
-                    self._authorize(request_identity(request.scope), DIAGNOSE_METHOD)
-                return await handle(request)
-            except Exception as exc:  # noqa: BLE001 - mapped below, never a traceback
-                status = http_status_for(exc)
-                if status == 500:
-                    log.error("cds hooks request failed", exc_info=exc)
-                    return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
-                text = str(exc)
-                if isinstance(exc, InvalidArgument) and exc.violations:
-                    text += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
-                return JSONResponse({"error": text}, status_code=status)
-
-        return endpoint
+    def _guarded(self, handle: Handler) -> Handler:
+        return guarded(self._authorize, DIAGNOSE_METHOD, handle, _error_answer)
 
     async def _discovery(self, request: Request) -> Response:
         return JSONResponse(fr.discovery(self._task))
@@ -107,3 +90,15 @@ class CdsHooks:
             return fr.missing_card(self._task, ["a published model version: none is loaded yet"])
         ref = diagnose_values(model, [read.values])[0]
         return fr.risk_card(reference_view(model, ref), read)
+
+
+def _error_answer(exc: Exception, _request: Request) -> Response:
+    """A domain error as its HTTP status with the reason (fields named); anything else 500, logged."""
+    status = http_status_for(exc)
+    if status == 500:
+        log.error("cds hooks request failed", exc_info=exc)
+        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
+    text = str(exc)
+    if isinstance(exc, InvalidArgument) and exc.violations:
+        text += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+    return JSONResponse({"error": text}, status_code=status)

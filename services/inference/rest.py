@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.platform.http_server import http_status_for, request_identity
+from fibemrss.platform.http_server import Handler, guarded, http_status_for
 from services.inference.open_inference import OpenInference
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,8 @@ class KServeRest:
             ),
         ]
 
-    def _handler(
-        self, method: str, handle: Callable[[Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                if self._authorize is not None:
-                    self._authorize(request_identity(request.scope), _METHOD + method)
-                return await handle(request)
-            except Exception as exc:  # noqa: BLE001 - error_response decides what the client sees
-                return error_response(exc)
-
-        return endpoint
+    def _handler(self, method: str, handle: Handler) -> Handler:
+        return guarded(self._authorize, _METHOD + method, handle, lambda exc, _request: error_response(exc))
 
     async def _live(self, request: Request) -> Response:
         live = self._core.server_live()
