@@ -240,12 +240,17 @@ class Participation:
             rounds = sorted(
                 r for r in self._aggregator.closed_rounds() if self._applied_round < r <= base_round
             )
-            stateless = isinstance(self._strategy, FedAvg)
-            if stateless:
-                rounds.reverse()  # the newest good average is the model, no replay needed
-            for r in rounds:
-                if self._apply(r) and stateless:
-                    break
+            if isinstance(self._strategy, FedAvg):
+                for r in reversed(rounds):  # the newest good average is the model, no replay needed
+                    if self._apply(r):
+                        break
+            else:
+                for r in rounds:
+                    self._apply(r)
+                    # Folded in (or skipped by all alike): when a later fetch fails (the
+                    # aggregator restarting under a replay), the retry resumes after this round
+                    # instead of folding the ones before it into the model a second time.
+                    self._applied_round = r
             self._applied_round = base_round
         if self._good_round > 0:
             self._publish(self._good_round, self._global)  # a rejected round keeps the last good model

@@ -338,3 +338,36 @@ def test_capped_backoff_grows_to_its_cap_with_jitter() -> None:
     for run in delays:
         assert 0.25 <= run[0] <= 0.5 and all(15.0 <= d <= 30.0 for d in run[7:])
     assert len({run[3] for run in delays}) > 1  # jittered
+
+
+def test_a_replay_interrupted_by_an_aggregator_restart_resumes_without_applying_a_round_twice(
+    keys: tuple[HospitalKey, AggregatorKey],
+) -> None:
+    """deploy-e2e: an agent restarted late replays every closed aggregate; the aggregator restarting
+    under that replay failed one fetch, and the retry folded the rounds before it in a second time
+    (FedYogi is stateful), so that hospital published another final model than the others."""
+    hospital_key, aggregator_key = keys
+    agg = FakeAggregator(aggregator_key, rounds=4, failing=set())
+    store_a, store_b = FakeModelStore(), FakeModelStore()
+    a, _ = participation("a", agg.view("a"), store_a, hospital_key, seed=1)
+    b, _ = participation("b", agg.view("b"), store_b, hospital_key, seed=2)
+    threads = [run_in_thread(p, threading.Event()) for p in (a, b)]
+    for t in threads:
+        t.join(timeout=120)
+    assert a.progress.done and b.progress.done
+    np.testing.assert_array_equal(store_a.versions[4].model.params, store_b.versions[4].model.params)
+
+    # b restarts (nothing in memory, its model store emptied) and replays rounds 1..4; the
+    # aggregator goes away as it fetches round 3, after rounds 1 and 2 are folded in.
+    view = agg.view("b")
+    view.trip = ("fetch_aggregate", 3, lambda: Unavailable("UNAVAILABLE: Socket closed"))
+    store_b2 = FakeModelStore()
+    b2, _ = participation("b", view, store_b2, hospital_key, seed=2)
+    b2.run(threading.Event())
+    assert b2.progress.done and b2.progress.error == ""
+    assert (
+        view.trip is None
+        and [c for c in view.calls if c[0] == "fetch_aggregate"].count(("fetch_aggregate", 3)) == 2
+    )  # the failed fetch, then the retry
+    assert sorted(store_b2.versions) == [4]
+    np.testing.assert_array_equal(store_b2.versions[4].model.params, store_a.versions[4].model.params)
