@@ -489,6 +489,8 @@ def ingest(dep: Deployment, pki: Path, per_hospital: dict[str, str]) -> tuple[di
 
 
 def start_federation(dep: Deployment, pki: Path, rounds: int) -> None:
+    """The one place the harness starts the federation (as operator@central), so a step before it
+    (a study's proposal and approvals) goes here and nowhere else."""
     agg = dep.central
     with channel(pki, "operator@central", dep.address(agg, "aggregator"), agg.service("aggregator")) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
@@ -623,7 +625,10 @@ def run_federation(
 
 
 def final_models(dep: Deployment) -> dict[str, dict[str, Any]]:
-    """The newest published model at each hospital, read in its own database pod."""
+    """The newest published model at each hospital, read in its own database pod: its version and
+    round, an md5 of its parameters, and an md5 of the whole model (parameters, the global
+    standardization statistics, input names, shapes, threshold: nothing per hospital is in it;
+    the local test metrics are stored beside it, not in it)."""
     out = {}
     for site in dep.hospitals:
         row = podman(
@@ -640,11 +645,26 @@ def final_models(dep: Deployment) -> dict[str, dict[str, Any]]:
             "-F",
             " ",
             "-c",
-            f"SELECT version, federated_round, md5(model_json::text) FROM model_versions "
-            f"WHERE task='{TASK}' ORDER BY version DESC LIMIT 1",
+            "SELECT version, federated_round, md5((model_json->'params')::text), md5(model_json::text) "
+            f"FROM model_versions WHERE task='{TASK}' ORDER BY version DESC LIMIT 1",
         ).split()
-        out[site.name] = {"version": int(row[0]), "federated_round": int(row[1]), "md5": row[2]}
+        out[site.name] = {
+            "version": int(row[0]),
+            "federated_round": int(row[1]),
+            "params_md5": row[2],
+            "md5": row[3],
+        }
     return out
+
+
+def check_same_model(models: dict[str, dict[str, Any]], rounds: int) -> None:
+    """Every hospital's newest model is the last round's, with the same parameters (and the same
+    model around them)."""
+    for what in ("version", "federated_round", "params_md5", "md5"):
+        if len({m[what] for m in models.values()}) != 1:
+            raise AssertionError(f"the hospitals' final models differ in {what}: {models}")
+    if any(m["federated_round"] != rounds for m in models.values()):
+        raise AssertionError(f"the final models are not of round {rounds}: {models}")
 
 
 def diagnose(dep: Deployment, pki: Path, patient_key: str, final_version: int) -> dict[str, Any]:
@@ -1029,10 +1049,7 @@ def main() -> int:
             raise AssertionError(f"expected one restart of each kind, got {result['restarts']}")
         models = final_models(dep)
         result["models"] = models
-        if len({m["md5"] for m in models.values()}) != 1 or any(
-            m["federated_round"] != args.rounds for m in models.values()
-        ):
-            raise AssertionError(f"the hospitals did not finish with the same final model: {models}")
+        check_same_model(models, args.rounds)
         log(
             f"same final model (round {args.rounds}, md5 {next(iter(models.values()))['md5']}) at every hospital"
         )
