@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fibemrss.domain import errors
@@ -63,6 +63,19 @@ def guarded(
             return on_error(exc, request)
 
     return endpoint
+
+
+def json_error(exc: BaseException, edge: str, field: Callable[[str], str] = str) -> JSONResponse:
+    """`{"error": reason}` with the error's HTTP status, each bad field named (`field` renames it
+    for the edge); anything not a domain error is 500 with no detail, logged under `edge`."""
+    status = http_status_for(exc)
+    if status == 500:
+        log.error("%s request failed", edge, exc_info=exc)
+        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
+    text = str(exc)
+    if isinstance(exc, errors.InvalidArgument) and exc.violations:
+        text += ": " + "; ".join(f"{field(v.field)}: {v.description}" for v in exc.violations)
+    return JSONResponse({"error": text}, status_code=status)
 
 
 def http_status_for(error: BaseException) -> int:

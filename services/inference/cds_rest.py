@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument, NotFound
-from fibemrss.platform.http_server import Handler, guarded, http_status_for
+from fibemrss.platform.http_server import Handler, guarded, json_error
 from services.inference import fhir_reference as fr
 from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
 from services.inference.model_cache import ModelCache
@@ -57,7 +57,9 @@ class CdsHooks:
         ]
 
     def _guarded(self, handle: Handler) -> Handler:
-        return guarded(self._authorize, DIAGNOSE_METHOD, handle, _error_answer)
+        return guarded(
+            self._authorize, DIAGNOSE_METHOD, handle, lambda exc, _request: json_error(exc, "cds hooks")
+        )
 
     async def _discovery(self, request: Request) -> Response:
         return JSONResponse(fr.discovery(self._task))
@@ -90,15 +92,3 @@ class CdsHooks:
             return fr.missing_card(self._task, ["a published model version: none is loaded yet"])
         ref = diagnose_values(model, [read.values])[0]
         return fr.risk_card(reference_view(model, ref), read)
-
-
-def _error_answer(exc: Exception, _request: Request) -> Response:
-    """A domain error as its HTTP status with the reason (fields named); anything else 500, logged."""
-    status = http_status_for(exc)
-    if status == 500:
-        log.error("cds hooks request failed", exc_info=exc)
-        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
-    text = str(exc)
-    if isinstance(exc, InvalidArgument) and exc.violations:
-        text += ": " + "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
-    return JSONResponse({"error": text}, status_code=status)

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.platform.http_server import Handler, guarded, http_status_for
+from fibemrss.platform.http_server import Handler, guarded, json_error
 from services.inference.open_inference import OpenInference
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,7 @@ def rest_field(field: str) -> str:
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    status = http_status_for(exc)
-    if status == 500:
-        log.error("kserve rest request failed", exc_info=exc)
-        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
-    text = str(exc)
-    if isinstance(exc, InvalidArgument) and exc.violations:
-        text += ": " + "; ".join(f"{rest_field(v.field)}: {v.description}" for v in exc.violations)
-    return JSONResponse({"error": text}, status_code=status)
+    return json_error(exc, "kserve rest", rest_field)
 
 
 class KServeRest:
