@@ -40,10 +40,14 @@ def test_each_rule_a_study_breaks_is_named() -> None:
     small = policy_problems(DEFAULT_POLICY, HEART_DISEASE_V1, 49)
     assert [p.field for p in small] == ["min_eligible"] and "49" in small[0].description
     assert policy_problems(DEFAULT_POLICY, HEART_DISEASE_V1, None) == []  # no count: rule not judged
-    assert [p.field for p in policy_problems(SitePolicy(require_dp=True), HEART_DISEASE_V1, 500)] == ["require_dp"]
+    assert [p.field for p in policy_problems(SitePolicy(require_dp=True), HEART_DISEASE_V1, 500)] == [
+        "require_dp"
+    ]
     stingy = SitePolicy(max_epsilon=0.5)
     assert [p.field for p in policy_problems(stingy, HEART_DISEASE_V1_DP, 500)] == ["max_epsilon"]
     assert policy_problems(SitePolicy(max_epsilon=1.01), HEART_DISEASE_V1_DP, 500) == []
     loinc_only = SitePolicy(code_systems=("http://loinc.org",))
     problems = policy_problems(loinc_only, HEART_DISEASE_V1, 500)
-    assert [p.field for p in problems] == ["code_systems"] and "urn:fibemrss:uci-heart" in problems[0].description
+    assert [p.field for p in problems] == ["code_systems"] and "urn:fibemrss:uci-heart" in problems[
+        0
+    ].description
