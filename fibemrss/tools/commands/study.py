@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from fibemrss.db.pool import Database
 from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.errors import InvalidArgument
@@ -19,6 +21,7 @@ from fibemrss.domain.study import parse_study, study_hash, study_to_json
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import TASKS, get_task
 from fibemrss.platform.channels import open_channel
+from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.study_review import (
     decide,
     document_of,
@@ -106,7 +109,29 @@ def _document(ref: str) -> bytes:
     return document_of(get_task(ref))
 
 
+def _refused(exc: grpc.RpcError) -> int:
+    """A refused call: every bad field on its own line, then the reason."""
+    for field, why in field_violations(exc):
+        print(f"{field}: {why}", file=sys.stderr)
+    print(f"fibemrss: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
+
+
 def run_propose(args: argparse.Namespace) -> int:
+    try:
+        return _propose(args)
+    except grpc.RpcError as exc:
+        return _refused(exc)
+
+
+def run_review(args: argparse.Namespace) -> int:
+    try:
+        return _review(args)
+    except grpc.RpcError as exc:
+        return _refused(exc)
+
+
+def _propose(args: argparse.Namespace) -> int:
     with open_channel(args.aggregator, tls_from_args(args)) as ch:
         response = propose(ch, _document(args.study))
     p = response.proposal
@@ -115,7 +140,7 @@ def run_propose(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_review(args: argparse.Namespace) -> int:
+def _review(args: argparse.Namespace) -> int:
     tls = tls_from_args(args)
     with open_channel(args.aggregator, tls) as ch:
         proposed = proposal(ch, args.study)
