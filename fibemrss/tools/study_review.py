@@ -56,8 +56,10 @@ def decide(gateway: grpc.Channel, document: bytes, approve: bool, reason: str) -
 
 def _feature_line(task: TaskSpec, i: int) -> str:
     f = task.features[i]
-    if f.source in ("age", "sex"):
-        what = f.source + (f" ({', '.join(f.categories)})" if f.categories else f" in {f.unit}")
+    if f.source == "age":
+        what = "age in years"
+    elif f.source == "sex":
+        what = f"sex ({', '.join(f.categories)})"
     elif f.source == "numeric":
         what = f"observation {f.system} {f.code} in {f.unit}"
     elif f.source == "coded":
@@ -103,10 +105,12 @@ def _label(task: TaskSpec) -> str:
 def _cohort(task: TaskSpec) -> str:
     c = task.cohort
     parts = []
-    if c.min_age is not None or c.max_age is not None:
-        parts.append(
-            f"age {c.min_age if c.min_age is not None else 0:g} to {c.max_age if c.max_age is not None else 130:g}"
-        )
+    if c.min_age is not None and c.max_age is not None:
+        parts.append(f"age {c.min_age:g} to {c.max_age:g}")
+    elif c.min_age is not None:
+        parts.append(f"age {c.min_age:g} and older")
+    elif c.max_age is not None:
+        parts.append(f"age up to {c.max_age:g}")
     parts += [f"has {s} {k}" for s, k in c.required]
     return ", ".join(parts) or "every patient"
 
