@@ -51,10 +51,12 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fibemrss.domain.tasks import get_task
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.tools.study_review import decide, document_of, proposal, propose, review
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "fibemrss"
@@ -489,9 +491,32 @@ def ingest(dep: Deployment, pki: Path, per_hospital: dict[str, str]) -> tuple[di
 
 
 def start_federation(dep: Deployment, pki: Path, rounds: int) -> None:
-    """The one place the harness starts the federation (as operator@central), so a step before it
-    (a study's proposal and approvals) goes here and nowhere else."""
+    """The one place the harness starts the federation (as operator@central), after the study's
+    proposal and approvals: operator@central proposes the study document; each hospital's
+    operator reads the proposal, has its own gateway review it (eligible patients, site policy)
+    and approves it (`fibemrss study propose|review|approve` make the same calls); the federation
+    is pinned to the proposal's hash."""
     agg = dep.central
+    document = document_of(get_task(TASK))
+    with channel(pki, "operator@central", dep.address(agg, "aggregator"), agg.service("aggregator")) as ch:
+        digest = propose(ch, document).proposal.study_hash
+    for site in dep.hospitals:
+        op = f"operator@{site.name}"
+        with channel(pki, op, dep.address(agg, "aggregator"), agg.service("aggregator")) as ch:
+            proposed = proposal(ch, TASK)
+        if proposed.study_hash != digest:
+            raise RuntimeError(f"{site.name} reads {proposed.study_hash} as the proposal, not {digest}")
+        with channel(pki, op, dep.address(site, "emr-gateway"), site.service("emr-gateway")) as ch:
+            r = review(ch, proposed.document)
+            if r.problems:
+                raise RuntimeError(
+                    f"{site.name}'s site policy refuses {TASK}: {[p.description for p in r.problems]}"
+                )
+            decide(ch, proposed.document, True, "approved by the deploy harness's operator")
+        print(
+            f"  {site.name}: {TASK} {digest[:19]}... reviewed ({r.eligible} eligible) and approved",
+            flush=True,
+        )
     with channel(pki, "operator@central", dep.address(agg, "aggregator"), agg.service("aggregator")) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
             fpb.StartFederationRequest(
@@ -504,6 +529,7 @@ def start_federation(dep: Deployment, pki: Path, rounds: int) -> None:
                 # As the task's study document says (fibemrss study show heart-disease-v1).
                 pairwise_masking=True,
                 min_contributors=3,
+                study_hash=digest,
             ),
             timeout=30,
         )

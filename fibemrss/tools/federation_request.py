@@ -16,7 +16,9 @@ def start_request(
     quorum: int | None = None,
     grace_seconds: float = 0.0,
     deadline_seconds: float = 120.0,
+    study_hash: str = "",
 ) -> fpb.StartFederationRequest:
+    """`study_hash`: the proposed document every party must train ("" takes the latest proposal)."""
     return fpb.StartFederationRequest(
         task=task.name,
         rounds=rounds,
@@ -26,4 +28,5 @@ def start_request(
         hospitals=list(hospitals),
         pairwise_masking=task.pairwise_masking,
         min_contributors=task.min_contributors,
+        study_hash=study_hash,
     )

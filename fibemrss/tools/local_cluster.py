@@ -7,6 +7,7 @@ loopback and reports the port it got through a ready file; nothing is left runni
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import time
@@ -19,11 +20,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fibemrss.db.admin import ensure_database
 from fibemrss.db.embedded import EmbeddedPostgres
+from fibemrss.domain.site_policy import SitePolicy, policy_to_json
+from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.tasks import get_task
 from fibemrss.he.keys import write_key_files
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, TlsFiles
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.service_process import ServiceProcess, base_env
+from fibemrss.tools.study_review import document_of, propose_and_approve
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ class LocalCluster:
     # Where agents reach the aggregator, given its real address: tests put a recording proxy
     # in between to inspect what crosses the wire.
     agents_reach_aggregator_via: Callable[[str], str] | None = None
+    # Every hospital's site policy (FIBEMRSS_SITE_POLICY_FILE); None: the default policy.
+    site_policy: SitePolicy | None = None
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _pg: Any = None
     _db_urls: dict[str, str] = field(default_factory=dict)
@@ -145,6 +152,10 @@ class LocalCluster:
             env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
         if role == "gateway":
             env["FIBEMRSS_PSEUDONYM_KEY"] = demo_pseudonym_key(where)
+            if self.site_policy is not None:
+                policy_file = self.workdir / "site-policy.json"
+                policy_file.write_text(json.dumps(policy_to_json(self.site_policy)))
+                env["FIBEMRSS_SITE_POLICY_FILE"] = str(policy_file)
         # The non-gRPC edges: mutual TLS when the cluster has it, else plaintext on loopback.
         edge = "_LISTEN" if self.tls else "_PLAINTEXT_LISTEN"
         if role == "gateway":
@@ -203,6 +214,14 @@ class LocalCluster:
                 },
             },
         }
+
+    def approve_study(self, task: TaskSpec | None = None) -> str:
+        """Proposes the study (the cluster's task by default) as operator@central and has every
+        hospital's operator review and approve it, as the demo does; its hash. Call it once the
+        hospitals' records are in: approval counts the eligible patients."""
+        study = task or get_task(self.task)
+        digest, _ = propose_and_approve(self.endpoints(), self.hospitals, document_of(study), tls_for)
+        return digest
 
     def database_url_for(self, name: str) -> str:
         return self._db_urls[name]

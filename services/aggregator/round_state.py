@@ -41,6 +41,9 @@ class FederationSettings:
     # No sum is produced of fewer submissions than this.
     min_contributors: int = 1
     federation_id: bytes = b""
+    # The study document's hash every party trains (services/aggregator/proposals.py); "" only
+    # for a federation started without a proposal (the aggregator's own tests).
+    study_hash: str = ""
 
     @property
     def needed(self) -> int:

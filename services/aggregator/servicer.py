@@ -25,6 +25,7 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto
 from services.aggregator.coordinator import Coordinator
+from services.aggregator.proposals import Proposal, check_same_study, latest, pinned_hash, propose
 from services.aggregator.round_state import FederationSettings, Round, RoundState, base_round
 from services.aggregator.store import AggregatorStore
 
@@ -123,6 +124,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             federation_id=settings.federation_id,
             min_contributors=settings.min_contributors,
             epsilon=r.epsilon,
+            study_hash=settings.study_hash,
         )
 
     def _current_info(self, task: str) -> pb.RoundInfo:
@@ -142,6 +144,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             history=[self._round_info(r, settings, rounds) for r in rounds],
             pairwise_masking=settings.pairwise_masking,
             min_contributors=settings.min_contributors,
+            study_hash=settings.study_hash,
         )
 
     def StartFederation(
@@ -149,6 +152,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     ) -> pb.StartFederationResponse:
         if not request.task:
             raise InvalidArgument("task is required", [FieldProblem("task", "is required")])
+        check_names(task=request.task, study_hash=request.study_hash)
         settings = FederationSettings(
             task=request.task,
             rounds=request.rounds,
@@ -158,6 +162,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             hospitals=tuple(request.hospitals),
             pairwise_masking=request.pairwise_masking,
             min_contributors=request.min_contributors or DEFAULT_MIN_CONTRIBUTORS,
+            study_hash=pinned_hash(self._store, request.task, request.study_hash),
         )
         self._coordinator.start_federation(settings)
         return pb.StartFederationResponse(status=self._status(request.task))
@@ -191,6 +196,9 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         if problems:
             raise InvalidArgument("incomplete first chunk", problems)
         check_hospital_identity(context, first.hospital)
+        check_same_study(
+            first.task, self._store.settings(first.task).study_hash, first.hospital, first.study_hash
+        )
 
         watchdog = UploadWatchdog(context, self._upload_limits)
 
@@ -252,6 +260,9 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         if problems:
             raise InvalidArgument("incomplete mask key", problems)
         check_hospital_identity(context, request.hospital)
+        check_same_study(
+            request.task, self._store.settings(request.task).study_hash, request.hospital, request.study_hash
+        )
         self._coordinator.publish_mask_key(request.task, request.round, request.hospital, request.public_key)
         return pb.PublishMaskKeyResponse(round=self._current_info(request.task))
 
@@ -268,3 +279,29 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     ) -> pb.GetFederationStatusResponse:
         check_names(task=request.task)
         return pb.GetFederationStatusResponse(status=self._status(request.task))
+
+    # -- study proposals (services/aggregator/proposals.py) ----------------------------------------------
+    def ProposeStudy(
+        self, request: pb.ProposeStudyRequest, context: grpc.ServicerContext
+    ) -> pb.ProposeStudyResponse:
+        proposal, duplicate = propose(self._store, caller_identity(context), request.document)
+        return pb.ProposeStudyResponse(proposal=proposal_to_proto(proposal), duplicate=duplicate)
+
+    def GetStudyProposal(
+        self, request: pb.GetStudyProposalRequest, context: grpc.ServicerContext
+    ) -> pb.GetStudyProposalResponse:
+        if not request.study:
+            raise InvalidArgument("study is required", [FieldProblem("study", "name the study")])
+        check_names(study=request.study)
+        return pb.GetStudyProposalResponse(proposal=proposal_to_proto(latest(self._store, request.study)))
+
+
+def proposal_to_proto(p: Proposal) -> pb.StudyProposal:
+    return pb.StudyProposal(
+        study=p.study,
+        version=p.version,
+        study_hash=p.study_hash,
+        document=p.document,
+        proposed_by=p.proposed_by,
+        proposed_at=timestamp_to_proto(p.proposed_at),
+    )

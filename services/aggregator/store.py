@@ -13,6 +13,7 @@ import psycopg2.extensions
 from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
+from services.aggregator.proposals import Proposal
 from services.aggregator.round_state import FederationSettings, Round, RoundState
 
 
@@ -52,12 +53,17 @@ class AggregatorStore:
         """Creates the federation and opens round 0; False if it already existed identically."""
         with self._db.transaction() as cur:
             cur.execute(
-                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors FROM federations "
+                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors, study_hash FROM federations "
                 "WHERE task=%s",
                 (s.task,),
             )
             row = cur.fetchone()
             if row is not None:
+                if row[5] != s.study_hash:
+                    raise FailedPrecondition(
+                        f"a federation for {s.task} already trains {row[5] or 'an unpinned study'}, "
+                        f"not {s.study_hash or 'an unpinned study'}"
+                    )
                 if (row[0], row[1], sorted(row[2]), row[3], row[4]) != (
                     s.rounds,
                     s.quorum,
@@ -69,7 +75,8 @@ class AggregatorStore:
                 return False
             cur.execute(
                 "INSERT INTO federations (task, rounds, quorum, grace_seconds, deadline_seconds, hospitals, "
-                "pairwise_masking, min_contributors, federation_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                "pairwise_masking, min_contributors, federation_id, study_hash) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                 (
                     s.task,
                     s.rounds,
@@ -82,6 +89,7 @@ class AggregatorStore:
                     # The masks of every round are bound to this id: a new federation of the same
                     # task never reuses a mask.
                     os.urandom(16),
+                    s.study_hash,
                 ),
             )
             self._open_round(cur, s, 0)
@@ -108,15 +116,59 @@ class AggregatorStore:
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT rounds, quorum, grace_seconds, deadline_seconds, hospitals, pairwise_masking, "
-                "min_contributors, federation_id FROM federations WHERE task=%s",
+                "min_contributors, federation_id, study_hash FROM federations WHERE task=%s",
                 (task,),
             )
             row = cur.fetchone()
         if row is None:
             raise NotFound(f"no federation for task {task!r}")
         return FederationSettings(
-            task, row[0], row[1], row[2], row[3], tuple(row[4]), row[5], row[6], bytes(row[7])
+            task, row[0], row[1], row[2], row[3], tuple(row[4]), row[5], row[6], bytes(row[7]), row[8]
         )
+
+    # -- study proposals (services/aggregator/proposals.py) ---------------------------------------------
+    def add_proposal(self, p: Proposal) -> tuple[Proposal, bool]:
+        """Stores a proposal, audited; (the stored one, True) when that document was already there.
+        A different document must raise the version above every earlier proposal of the study."""
+        with self._db.transaction() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("study:" + p.study,))
+            known = self._proposal(cur, p.study, p.study_hash)
+            if known is not None:
+                return known, True
+            cur.execute("SELECT max(version) FROM study_proposals WHERE study=%s", (p.study,))
+            highest = one_row(cur)[0]
+            if highest is not None and p.version <= highest:
+                raise FailedPrecondition(
+                    f"study {p.study} version {highest} is already proposed with other content: "
+                    "raise the version of the new document"
+                )
+            cur.execute(
+                "INSERT INTO study_proposals (study, study_hash, version, document, proposed_by) "
+                "VALUES (%s,%s,%s,%s,%s)",
+                (p.study, p.study_hash, p.version, p.document, p.proposed_by),
+            )
+            cur.execute(
+                "INSERT INTO audit_log (actor, action, subject) VALUES (%s,'propose_study',%s)",
+                (p.proposed_by, f"{p.study} version {p.version} {p.study_hash}"),
+            )
+            stored = self._proposal(cur, p.study, p.study_hash)
+        assert stored is not None
+        return stored, False
+
+    @staticmethod
+    def _proposal(cur: psycopg2.extensions.cursor, study: str, digest: str | None) -> Proposal | None:
+        cur.execute(
+            "SELECT study, study_hash, version, document, proposed_by, proposed_at FROM study_proposals "
+            "WHERE study=%s AND (%s::text IS NULL OR study_hash=%s) ORDER BY version DESC LIMIT 1",
+            (study, digest, digest),
+        )
+        row = cur.fetchone()
+        return None if row is None else Proposal(row[0], row[1], int(row[2]), bytes(row[3]), row[4], row[5])
+
+    def proposal(self, study: str, digest: str | None = None) -> Proposal | None:
+        """The proposal of that hash, or (`digest` None) the study's latest one."""
+        with self._db.transaction() as cur:
+            return self._proposal(cur, study, digest)
 
     def rounds(self, task: str) -> list[Round]:
         with self._db.transaction() as cur:

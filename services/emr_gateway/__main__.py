@@ -10,9 +10,17 @@ from starlette.applications import Starlette
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
+from fibemrss.db.study_approvals import StudyStore
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
-from fibemrss.platform.config import ServerConfig, edge_listen, env_optional, env_str, task_from_env
+from fibemrss.platform.config import (
+    ServerConfig,
+    edge_listen,
+    env_optional,
+    env_str,
+    site_policy_from_file,
+    task_from_env,
+)
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
@@ -23,6 +31,7 @@ from services.emr_gateway.mllp import MllpListen, MllpServer
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.servicer import EmrGatewayServicer
 from services.emr_gateway.store import GatewayStore
+from services.emr_gateway.study_review import StudyReview
 from services.emr_gateway.use_cases import Gateway
 
 
@@ -45,7 +54,13 @@ def main() -> None:
             for o in outcomes:
                 counters["records"].labels(o.fate).inc()
 
-    gateway = Gateway(GatewayStore(db), pseudonyms, on_outcomes=count)
+    store = GatewayStore(db)
+    studies = StudyStore(db)
+    if policy_file := env_optional("FIBEMRSS_SITE_POLICY_FILE"):
+        # The hospital's site policy as a file (a ConfigMap): it replaces the one in the database.
+        studies.set_site_policy(site_policy_from_file(policy_file), f"gateway@{hospital} from {policy_file}")
+    review = StudyReview(hospital, store, studies)
+    gateway = Gateway(store, pseudonyms, on_outcomes=count, studies=review)
     authorize = hospital_policy(hospital)
 
     edges: dict[str, str] = {}
@@ -71,7 +86,7 @@ def main() -> None:
         for fate in ("accepted", "duplicate", "quarantined", "rejected", "unsupported"):
             records.labels(fate)  # every series exists from the start, at 0
         counters["records"] = records
-        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(gateway), server)
+        emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(EmrGatewayServicer(gateway, review), server)
         return [emr_pb2.DESCRIPTOR.services_by_name["EmrGatewayService"].full_name]
 
     running = start_server("emr_gateway", register, config, authorize=authorize, edges=edges)

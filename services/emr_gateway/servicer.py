@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import grpc
 
-from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
+from fibemrss.domain.site_policy import StudyDecision, policy_to_json
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import record_to_proto
 from fibemrss.serde.values import timestamp_to_proto, training_example_to_proto
 from services.emr_gateway.ingestion import Outcome
 from services.emr_gateway.quarantine_review import Correction
+from services.emr_gateway.study_review import Review, StudyReview
 from services.emr_gateway.use_cases import (
     CsvPayload,
     Gateway,
@@ -100,8 +103,9 @@ def _outcome_to_proto(o: Outcome) -> emr_pb2.RecordOutcome:
 
 
 class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, studies: StudyReview | None = None) -> None:
         self._gateway = gateway
+        self._studies = studies
 
     def Ingest(self, request: emr_pb2.IngestRequest, context: grpc.ServicerContext) -> emr_pb2.IngestResponse:
         kind = request.WhichOneof("payload")
@@ -181,3 +185,58 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
                 batch = emr_pb2.StreamTrainingExamplesResponse()
         if batch.examples:
             yield batch
+
+    # -- study review (services/emr_gateway/study_review.py) ------------------------------------------
+    def _review(self) -> StudyReview:
+        if self._studies is None:
+            raise FailedPrecondition("this gateway does not review studies")
+        return self._studies
+
+    def ReviewStudy(
+        self, request: emr_pb2.ReviewStudyRequest, context: grpc.ServicerContext
+    ) -> emr_pb2.ReviewStudyResponse:
+        return review_to_proto(self._review().review(caller_identity(context), request.document))
+
+    def DecideStudy(
+        self, request: emr_pb2.DecideStudyRequest, context: grpc.ServicerContext
+    ) -> emr_pb2.DecideStudyResponse:
+        decision = self._review().decide(
+            caller_identity(context), request.document, request.approve, request.reason
+        )
+        return emr_pb2.DecideStudyResponse(decision=decision_to_proto(decision))
+
+
+def decision_to_proto(d: StudyDecision) -> emr_pb2.StudyDecision:
+    out = emr_pb2.StudyDecision(
+        study=d.study,
+        study_hash=d.study_hash,
+        version=d.version,
+        decision=d.decision,
+        reason=d.reason,
+        decided_by=d.decided_by,
+        decided_at=d.decided_at,
+    )
+    if d.eligible is not None:
+        out.eligible = d.eligible
+    return out
+
+
+def review_to_proto(r: Review) -> emr_pb2.ReviewStudyResponse:
+    out = emr_pb2.ReviewStudyResponse(
+        study=r.task.name,
+        version=r.task.version,
+        study_hash=r.study_hash,
+        patients=r.patients,
+        eligible=r.eligible,
+        consent_excluded=r.consent_excluded,
+        policy_json=json.dumps(policy_to_json(r.policy), sort_keys=True),
+        policy_set=r.policy_set,
+        problems=[emr_pb2.PolicyProblem(rule=p.field, description=p.description) for p in r.problems],
+        code_systems=r.code_systems,
+        model=r.task.model,
+    )
+    if r.decision is not None:
+        out.decision.CopyFrom(decision_to_proto(r.decision))
+    if r.epsilon is not None:
+        out.epsilon = r.epsilon
+    return out

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, in_cohort, training_example
 from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
 from fibemrss.domain.records import PatientRecord
@@ -32,6 +32,7 @@ from services.emr_gateway.ingestion import (
 )
 from services.emr_gateway.pseudonym import Pseudonymizer
 from services.emr_gateway.quarantine_review import Correction, corrected_record
+from services.emr_gateway.study_review import StudyReview
 
 QuarantineStatus = Literal["open", "accepted", "rejected"]
 DEFAULT_PAGE_SIZE = 100
@@ -167,9 +168,13 @@ class Gateway:
         store: GatewayStorePort,
         pseudonyms: Pseudonymizer,
         on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
+        studies: StudyReview | None = None,
     ) -> None:
+        """`studies`: the hospital's study decisions; with them, training examples are exported
+        only for a study document approved here (the service always wires them)."""
         self._store = store
         self._pseudonyms = pseudonyms
+        self._studies = studies
         # Told every batch's fates, whatever transport brought it (metrics count them).
         self._on_outcomes = on_outcomes
 
@@ -314,6 +319,9 @@ class Gateway:
         task = get_task(task_name)
         if problems := text_problems({"purpose": purpose}):
             raise InvalidArgument("text that cannot be stored", problems)
+        if self._studies is not None and (refusal := self._studies.export_problem(task)):
+            self._store.audit(actor, "training_export_refused", purpose or "training", task_name)
+            raise FailedPrecondition(refusal)
         denied = self._store.research_denied()
         self._store.audit(actor, "stream_training_examples", purpose or "training", task_name)
         excluded = 0

@@ -14,6 +14,8 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.db.privacy_ledger import PrivacyLedger
+from fibemrss.db.study_approvals import StudyStore
+from fibemrss.domain.study import study_hash
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
@@ -57,7 +59,10 @@ def main() -> None:
         task,
         gateway=GrpcGateway(open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls), task.name),
         aggregator=GrpcAggregator(
-            open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls), task.name, hospital
+            open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls),
+            task.name,
+            hospital,
+            study_hash=study_hash(task),
         ),
         codec=UpdateCodec(key),
         models=ModelStore(db),
@@ -67,6 +72,8 @@ def main() -> None:
         # The hospital's own privacy ledger and budgets (`fibemrss privacy ledger|budget`).
         ledger=PrivacyLedger(db),
         dataset=env_str("FIBEMRSS_DATASET", "emr"),
+        # The hospital's study decisions: it joins only this document, approved here.
+        approvals=StudyStore(db),
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:

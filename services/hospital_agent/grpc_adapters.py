@@ -69,14 +69,25 @@ def round_view_from_proto(info: fpb.RoundInfo) -> RoundView:
         attempt=max(int(info.attempt), 1),
         cohort=frozenset(info.cohort) if info.cohort_fixed else None,
         federation_id=bytes(info.federation_id),
+        study_hash=info.study_hash,
     )
 
 
 class GrpcAggregator:
-    def __init__(self, channel: grpc.Channel, task: str, hospital: str, wait_seconds: float = 20.0) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        task: str,
+        hospital: str,
+        wait_seconds: float = 20.0,
+        study_hash: str = "",
+    ) -> None:
+        """`study_hash`: the document the hospital trains, sent with every upload and key so the
+        aggregator refuses them for a federation of another document."""
         self._stub = federation_pb2_grpc.AggregatorServiceStub(channel)
         self._task = task
         self._hospital = hospital
+        self._study_hash = study_hash
         self._wait_seconds = wait_seconds
 
     def current_round(self, wait_for: int | None) -> RoundView:
@@ -101,6 +112,7 @@ class GrpcAggregator:
                         ciphertext=data,
                         attempt=attempt,
                         epsilon=epsilon,
+                        study_hash=self._study_hash,
                     )
                 else:
                     yield fpb.SubmitUpdateRequest(index=i, ciphertext=data)
@@ -113,7 +125,11 @@ class GrpcAggregator:
 
     def publish_mask_key(self, round_number: int, public_key: bytes) -> RoundView:
         request = fpb.PublishMaskKeyRequest(
-            task=self._task, round=round_number, hospital=self._hospital, public_key=public_key
+            task=self._task,
+            round=round_number,
+            hospital=self._hospital,
+            public_key=public_key,
+            study_hash=self._study_hash,
         )
         return round_view_from_proto(_call(lambda: self._stub.PublishMaskKey(request, timeout=60).round))
 

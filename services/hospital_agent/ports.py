@@ -20,6 +20,7 @@ import numpy as np
 from fibemrss.domain.errors import DomainError
 from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.published_model import ModelVersion
+from fibemrss.domain.site_policy import SitePolicy, StudyDecision
 from fibemrss.he.params import HeParams
 
 
@@ -46,6 +47,8 @@ class RoundView:
     attempt: int = 1
     cohort: frozenset[str] | None = None
     federation_id: bytes = b""
+    # The study document's hash the federation trains (the aggregator's; "" if it pins none).
+    study_hash: str = ""
 
     @property
     def accepting(self) -> bool:
@@ -83,6 +86,14 @@ class AggregatorPort(Protocol):
     def closed_rounds(self) -> list[int]:
         """Every closed round of the federation, in any order."""
         ...
+
+
+class ApprovalPort(Protocol):
+    """The hospital's own study decisions and site policy (fibemrss.db.study_approvals)."""
+
+    def latest_decision(self, study: str, digest: str) -> StudyDecision | None: ...
+
+    def site_policy(self) -> tuple[SitePolicy, bool]: ...
 
 
 class GatewayPort(Protocol):

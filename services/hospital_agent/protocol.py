@@ -34,7 +34,9 @@ from fibemrss.domain.feature_encoding import (
 from fibemrss.domain.model_params import accuracy_of_logits, layer_shapes
 from fibemrss.domain.privacy_accounting import epsilon_after_rounds, noise_multiplier, steps_per_round
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
+from fibemrss.domain.site_policy import approval_problem, policy_problems
 from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
+from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
 from fibemrss.he.chunk_format import ChunkKind
@@ -51,6 +53,7 @@ from services.hospital_agent.key_exchange import KeyExchange
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.ports import (
     AggregatorPort,
+    ApprovalPort,
     CodecPort,
     GatewayPort,
     ModelStorePort,
@@ -121,9 +124,13 @@ class Participation:
         secrets: SecretPort | None = None,
         ledger: LedgerPort | None = None,
         dataset: str = "emr",
+        approvals: ApprovalPort | None = None,
     ) -> None:
         """`bounds` are the codec's (AggregateBounds.of(key.params)); `on_health` is told the
-        reason whenever a step fails ("" once one works again), for the service's health."""
+        reason whenever a step fails ("" once one works again), for the service's health.
+        `approvals`: the hospital's study decisions; with them (the service always wires them)
+        the agent joins only a federation of this very document (its hash) approved here, and
+        imports the study's model only then."""
         self.hospital = hospital
         self.task = task
         self._gateway = gateway
@@ -136,7 +143,9 @@ class Participation:
         self.progress = AgentProgress()
         self._stats: GlobalStats | None = None
         self._data: LocalData | None = None
-        self._n_params = parameter_count(task.model, input_dim(task))
+        self.study_hash = study_hash(task)
+        self._approvals = approvals
+        self._n_params = 0  # known once the model is prepared (_prepare_model), after the join check
         self._strategy = strategy_from_hyper(task.hyper)
         self._keys: KeyExchange | None = None
         self._secrets = secrets
@@ -150,7 +159,32 @@ class Participation:
         if task.pairwise_masking:
             assert secrets is not None
             self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
-        self._reset_global()
+
+    def _join_problem(self, info: RoundView) -> str:
+        """Why this hospital does not take part in the federation ("" when it may): the federation
+        must train this very document, approved here, whose model the site policy still allows."""
+        if info.study_hash != self.study_hash:
+            return (
+                f"the federation of {self.task.name} trains {info.study_hash or 'an unpinned study'}, "
+                f"this hospital holds {self.study_hash}: not taking part"
+            )
+        if self._approvals is None:
+            return ""
+        name = self.task.name
+        problem = approval_problem(
+            self.hospital, name, self.study_hash, self._approvals.latest_decision(name, self.study_hash)
+        )
+        if problem:
+            return problem
+        policy, _ = self._approvals.site_policy()
+        broken = policy_problems(policy, self.task)
+        return "; ".join(f"site policy {p.field}: {p.description}" for p in broken)
+
+    def _prepare_model(self) -> None:
+        """Sizes (and for a factory, imports) the model: only once the study may be joined."""
+        if not self._n_params:
+            self._n_params = parameter_count(self.task.model, input_dim(self.task))
+            self._reset_global()
 
     def _reset_global(self) -> None:
         """Round 0: the seeded initial model, no strategy state, no aggregate applied yet."""
@@ -234,6 +268,7 @@ class Participation:
         Every hospital folds the same decrypted aggregates, in round order, through the same
         deterministic strategy step; a failed round has no aggregate and is skipped by all alike.
         """
+        self._prepare_model()
         if base_round < self._applied_round:
             self._reset_global()  # rounds only move forward: this is a new federation of the task
         if base_round > self._applied_round:
@@ -372,6 +407,9 @@ class Participation:
         info = self._wait_for_federation(stop)
         if info is None:
             return
+        if problem := self._join_problem(info):
+            raise FailedPrecondition(problem)  # reported in the status, checked again after backoff
+        self._prepare_model()
         if self._data is None:
             self._data = self._load_examples()
         wanted: int | None = None

@@ -28,10 +28,11 @@ def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
     endpoints = cluster.start()
     try:
         ingest_all(endpoints, per_hospital, quiet=True)
+        digest = cluster.approve_study()
         with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
             # Pairwise masking on (the task's default): the restarted agent re-derives its round key.
             federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-                start_request(get_task(cluster.task), hospitals, ROUNDS)
+                start_request(get_task(cluster.task), hospitals, ROUNDS, study_hash=digest)
             )
         wait_for_round(endpoints, cluster.task, 2)
         cluster.restart("aggregator@central", kill=True)

@@ -11,9 +11,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fibemrss.db.admin import ensure_database
+from fibemrss.db.migrate import migrate
+from fibemrss.db.pool import Database
+from fibemrss.db.study_approvals import StudyStore
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.tools.service_process import ServiceProcess, base_env
+from fibemrss.tools.study_review import document_of
 from tests.hostile.conftest import Federation, StartAggregator
 
 AGENT_SERVICE = "fibemrss.federation.v1.HospitalAgentService"
@@ -33,6 +38,10 @@ def test_an_agent_whose_gateway_is_down_reports_it_and_is_not_serving(
 ) -> None:
     aggregator = start_aggregator()
     with federation.channel(aggregator.address, "operator@central") as ch:
+        # A proposed study, approved at the hospital (recorded here: its gateway is the one down).
+        federation_pb2_grpc.AggregatorServiceStub(ch).ProposeStudy(
+            pb.ProposeStudyRequest(document=document_of(HEART_DISEASE_V1)), timeout=10
+        )
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
             pb.StartFederationRequest(
                 min_contributors=1, task="heart-disease-v1", rounds=1, quorum=1, hospitals=["a"]
@@ -40,9 +49,14 @@ def test_an_agent_whose_gateway_is_down_reports_it_and_is_not_serving(
             timeout=10,
         )
     tls = federation.tls("agent@a")
+    database_url = ensure_database(postgres_server, f"agent_{uuid.uuid4().hex[:12]}")
+    migrate(database_url, "hospital")
+    db = Database(database_url)
+    StudyStore(db).record_decision(HEART_DISEASE_V1, "approved", "", 303, "operator@a")
+    db.close()
     env = base_env()
     env.update(
-        DATABASE_URL=ensure_database(postgres_server, f"agent_{uuid.uuid4().hex[:12]}"),
+        DATABASE_URL=database_url,
         FIBEMRSS_HOSPITAL="a",
         FIBEMRSS_HE_CONTEXT=str(federation.keys / "hospital.he"),
         FIBEMRSS_AGGREGATOR=aggregator.address,

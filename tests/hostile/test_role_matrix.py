@@ -45,6 +45,8 @@ ALLOWED: dict[str, set[str]] = {
     "fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
     "fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples": {"agent@h"},
     "fibemrss.emr.v1.EmrGatewayService/GetPatient": {"inference@h"},
+    "fibemrss.emr.v1.EmrGatewayService/ReviewStudy": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/DecideStudy": {"operator@h"},
     "fibemrss.federation.v1.HospitalAgentService/GetAgentStatus": {"operator@h"},
     "fibemrss.inference.v1.DiagnosisService/Diagnose": {"ehr@h"},
     "fibemrss.inference.v1.DiagnosisService/DiagnoseBatch": {"ehr@h"},
@@ -61,6 +63,14 @@ ALLOWED: dict[str, set[str]] = {
     "fibemrss.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/GetFederationStatus": {
+        "agent@h",
+        "agent@other",
+        "operator@h",
+        "operator@other",
+        "operator@central",
+    },
+    "fibemrss.federation.v1.AggregatorService/ProposeStudy": {"operator@central"},
+    "fibemrss.federation.v1.AggregatorService/GetStudyProposal": {
         "agent@h",
         "agent@other",
         "operator@h",

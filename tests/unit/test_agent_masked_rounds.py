@@ -15,6 +15,7 @@ import pytest
 
 from fibemrss.domain.errors import FailedPrecondition, Unavailable
 from fibemrss.domain.privacy_accounting import epsilon_after_rounds
+from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec, UpdateDecryptor
@@ -57,6 +58,7 @@ class MaskedAggregator:
             attempt=self.attempt,
             cohort=self.cohort,
             federation_id=FEDERATION,
+            study_hash=study_hash(TASK),
         )
 
     def restart_without_missing(self) -> None:

@@ -14,6 +14,7 @@ import pytest
 from fibemrss.domain.errors import FailedPrecondition, NotFound, Unavailable
 from fibemrss.domain.feature_extraction import FeatureValue, TrainingExample
 from fibemrss.domain.published_model import ModelVersion
+from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
@@ -92,6 +93,7 @@ class FakeAggregator:
             base_round=max(closed) if closed else -1,
             submitted=frozenset(self.uploads[self.current]),
             federation_done=self.current == self._rounds and phase in (Phase.CLOSED, Phase.FAILED),
+            study_hash=study_hash(TASK),
         )
 
     def wait_for(self, number: int | None) -> RoundView:

@@ -915,3 +915,210 @@ class ResolveQuarantineResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveQuarantineResponse: _TypeAlias = ResolveQuarantineResponse  # noqa: Y015
+
+@_typing.final
+class ReviewStudyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    """The study document (YAML or JSON) as proposed, e.g. from the aggregator's GetStudyProposal."""
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewStudyRequest: _TypeAlias = ReviewStudyRequest  # noqa: Y015
+
+@_typing.final
+class PolicyProblem(_message.Message):
+    """A rule of the site policy that a study breaks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyProblem: _TypeAlias = PolicyProblem  # noqa: Y015
+
+@_typing.final
+class StudyDecision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    study: _builtins.str
+    study_hash: _builtins.str
+    version: _builtins.int
+    decision: _builtins.str
+    """"approved" or "refused"."""
+    reason: _builtins.str
+    eligible: _builtins.int
+    """Eligible patients counted when the decision was made (absent for a refusal made without a count)."""
+    decided_by: _builtins.str
+    decided_at: _builtins.str
+    def __init__(
+        self,
+        *,
+        study: _builtins.str = ...,
+        study_hash: _builtins.str = ...,
+        version: _builtins.int = ...,
+        decision: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        eligible: _builtins.int | None = ...,
+        decided_by: _builtins.str = ...,
+        decided_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_eligible", b"_eligible", "eligible", b"eligible"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_eligible", b"_eligible", "decided_at", b"decided_at", "decided_by", b"decided_by", "decision", b"decision", "eligible", b"eligible", "reason", b"reason", "study", b"study", "study_hash", b"study_hash", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__eligible: _TypeAlias = _typing.Literal["eligible"]  # noqa: Y015
+    _WhichOneofArgType__eligible: _TypeAlias = _typing.Literal["_eligible", b"_eligible"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eligible) -> _WhichOneofReturnType__eligible | None: ...
+
+Global___StudyDecision: _TypeAlias = StudyDecision  # noqa: Y015
+
+@_typing.final
+class ReviewStudyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
+    PATIENTS_FIELD_NUMBER: _builtins.int
+    ELIGIBLE_FIELD_NUMBER: _builtins.int
+    CONSENT_EXCLUDED_FIELD_NUMBER: _builtins.int
+    POLICY_JSON_FIELD_NUMBER: _builtins.int
+    POLICY_SET_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    CODE_SYSTEMS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    study: _builtins.str
+    version: _builtins.int
+    study_hash: _builtins.str
+    patients: _builtins.int
+    """Current patients, those in the study's cohort that its export would read, and those left
+    out because their research Consent denies it.
+    """
+    eligible: _builtins.int
+    consent_excluded: _builtins.int
+    policy_json: _builtins.str
+    """The site policy (JSON) and whether the hospital set it (false: the default policy)."""
+    policy_set: _builtins.bool
+    model: _builtins.str
+    epsilon: _builtins.float
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyProblem]: ...
+    @_builtins.property
+    def decision(self) -> Global___StudyDecision:
+        """The latest decision on this hash, if any."""
+
+    @_builtins.property
+    def code_systems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the study reads and trains: code systems, model, DP epsilon (absent without DP)."""
+
+    def __init__(
+        self,
+        *,
+        study: _builtins.str = ...,
+        version: _builtins.int = ...,
+        study_hash: _builtins.str = ...,
+        patients: _builtins.int = ...,
+        eligible: _builtins.int = ...,
+        consent_excluded: _builtins.int = ...,
+        policy_json: _builtins.str = ...,
+        policy_set: _builtins.bool = ...,
+        problems: _abc.Iterable[Global___PolicyProblem] | None = ...,
+        decision: Global___StudyDecision | None = ...,
+        code_systems: _abc.Iterable[_builtins.str] | None = ...,
+        model: _builtins.str = ...,
+        epsilon: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_decision", b"_decision", "_epsilon", b"_epsilon", "decision", b"decision", "epsilon", b"epsilon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_decision", b"_decision", "_epsilon", b"_epsilon", "code_systems", b"code_systems", "consent_excluded", b"consent_excluded", "decision", b"decision", "eligible", b"eligible", "epsilon", b"epsilon", "model", b"model", "patients", b"patients", "policy_json", b"policy_json", "policy_set", b"policy_set", "problems", b"problems", "study", b"study", "study_hash", b"study_hash", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__decision: _TypeAlias = _typing.Literal["decision"]  # noqa: Y015
+    _WhichOneofArgType__decision: _TypeAlias = _typing.Literal["_decision", b"_decision"]  # noqa: Y015
+    _WhichOneofReturnType__epsilon: _TypeAlias = _typing.Literal["epsilon"]  # noqa: Y015
+    _WhichOneofArgType__epsilon: _TypeAlias = _typing.Literal["_epsilon", b"_epsilon"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decision) -> _WhichOneofReturnType__decision | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon) -> _WhichOneofReturnType__epsilon | None: ...
+
+Global___ReviewStudyResponse: _TypeAlias = ReviewStudyResponse  # noqa: Y015
+
+@_typing.final
+class DecideStudyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    approve: _builtins.bool
+    reason: _builtins.str
+    """Why; written to the audit log (required to refuse)."""
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+        approve: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "document", b"document", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideStudyRequest: _TypeAlias = DecideStudyRequest  # noqa: Y015
+
+@_typing.final
+class DecideStudyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decision(self) -> Global___StudyDecision: ...
+    def __init__(
+        self,
+        *,
+        decision: Global___StudyDecision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideStudyResponse: _TypeAlias = DecideStudyResponse  # noqa: Y015

@@ -64,6 +64,16 @@ class EmrGatewayServiceStub:
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesResponse.FromString,
                 _registered_method=True)
+        self.ReviewStudy = channel.unary_unary(
+                '/fibemrss.emr.v1.EmrGatewayService/ReviewStudy',
+                request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyResponse.FromString,
+                _registered_method=True)
+        self.DecideStudy = channel.unary_unary(
+                '/fibemrss.emr.v1.EmrGatewayService/DecideStudy',
+                request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyResponse.FromString,
+                _registered_method=True)
 
 
 class EmrGatewayServiceServicer:
@@ -113,6 +123,22 @@ class EmrGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReviewStudy(self, request, context):
+        """Study review (docs/studies.md): what a study document reads, how many of this hospital's
+        patients it may read, and what the hospital's site policy says of it. Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideStudy(self, request, context):
+        """Approves or refuses a study document, pinned by its hash, in the hospital's own database.
+        A study that breaks the site policy cannot be approved (FAILED_PRECONDITION naming the rule).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmrGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +171,16 @@ def add_EmrGatewayServiceServicer_to_server(servicer, server):
                     servicer.StreamTrainingExamples,
                     request_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesRequest.FromString,
                     response_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesResponse.SerializeToString,
+            ),
+            'ReviewStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewStudy,
+                    request_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyRequest.FromString,
+                    response_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyResponse.SerializeToString,
+            ),
+            'DecideStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideStudy,
+                    request_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyRequest.FromString,
+                    response_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +345,60 @@ class EmrGatewayService:
             '/fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.emr.v1.EmrGatewayService/ReviewStudy',
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyRequest.SerializeToString,
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.emr.v1.EmrGatewayService/DecideStudy',
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyRequest.SerializeToString,
+            fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyResponse.FromString,
             options,
             channel_credentials,
             insecure,

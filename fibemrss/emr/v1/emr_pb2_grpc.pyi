@@ -50,6 +50,14 @@ class EmrGatewayServiceStub:
     """
     StreamTrainingExamples: _grpc.UnaryStreamMultiCallable[_emr_pb2.StreamTrainingExamplesRequest, _emr_pb2.StreamTrainingExamplesResponse]
     """Streams the examples of a federated task, features in the task's order; audited."""
+    ReviewStudy: _grpc.UnaryUnaryMultiCallable[_emr_pb2.ReviewStudyRequest, _emr_pb2.ReviewStudyResponse]
+    """Study review (docs/studies.md): what a study document reads, how many of this hospital's
+    patients it may read, and what the hospital's site policy says of it. Audited.
+    """
+    DecideStudy: _grpc.UnaryUnaryMultiCallable[_emr_pb2.DecideStudyRequest, _emr_pb2.DecideStudyResponse]
+    """Approves or refuses a study document, pinned by its hash, in the hospital's own database.
+    A study that breaks the site policy cannot be approved (FAILED_PRECONDITION naming the rule).
+    """
 
 @_typing.type_check_only
 class EmrGatewayServiceAsyncStub(EmrGatewayServiceStub):
@@ -71,6 +79,14 @@ class EmrGatewayServiceAsyncStub(EmrGatewayServiceStub):
     """
     StreamTrainingExamples: _aio.UnaryStreamMultiCallable[_emr_pb2.StreamTrainingExamplesRequest, _emr_pb2.StreamTrainingExamplesResponse]  # type: ignore[assignment]
     """Streams the examples of a federated task, features in the task's order; audited."""
+    ReviewStudy: _aio.UnaryUnaryMultiCallable[_emr_pb2.ReviewStudyRequest, _emr_pb2.ReviewStudyResponse]  # type: ignore[assignment]
+    """Study review (docs/studies.md): what a study document reads, how many of this hospital's
+    patients it may read, and what the hospital's site policy says of it. Audited.
+    """
+    DecideStudy: _aio.UnaryUnaryMultiCallable[_emr_pb2.DecideStudyRequest, _emr_pb2.DecideStudyResponse]  # type: ignore[assignment]
+    """Approves or refuses a study document, pinned by its hash, in the hospital's own database.
+    A study that breaks the site policy cannot be approved (FAILED_PRECONDITION naming the rule).
+    """
 
 class EmrGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -125,5 +141,25 @@ class EmrGatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_emr_pb2.StreamTrainingExamplesResponse], _abc.AsyncIterator[_emr_pb2.StreamTrainingExamplesResponse]]:
         """Streams the examples of a federated task, features in the task's order; audited."""
+
+    @_abc_1.abstractmethod
+    def ReviewStudy(
+        self,
+        request: _emr_pb2.ReviewStudyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_emr_pb2.ReviewStudyResponse, _abc.Awaitable[_emr_pb2.ReviewStudyResponse]]:
+        """Study review (docs/studies.md): what a study document reads, how many of this hospital's
+        patients it may read, and what the hospital's site policy says of it. Audited.
+        """
+
+    @_abc_1.abstractmethod
+    def DecideStudy(
+        self,
+        request: _emr_pb2.DecideStudyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_emr_pb2.DecideStudyResponse, _abc.Awaitable[_emr_pb2.DecideStudyResponse]]:
+        """Approves or refuses a study document, pinned by its hash, in the hospital's own database.
+        A study that breaks the site policy cannot be approved (FAILED_PRECONDITION naming the rule).
+        """
 
 def add_EmrGatewayServiceServicer_to_server(servicer: EmrGatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -57,6 +57,7 @@ class StartFederationRequest(_message.Message):
     HOSPITALS_FIELD_NUMBER: _builtins.int
     PAIRWISE_MASKING_FIELD_NUMBER: _builtins.int
     MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     rounds: _builtins.int
     """Training rounds after the statistics round 0."""
@@ -69,6 +70,10 @@ class StartFederationRequest(_message.Message):
     """Uploads carry pairwise masks: a round closes only with its whole cohort's uploads."""
     min_contributors: _builtins.int
     """No round's sum is produced with fewer contributors; 0 means the default, 3."""
+    study_hash: _builtins.str
+    """The study document's hash every party must train ("sha256:..."); empty: the latest proposal
+    of the task. It must be a proposed document of the task.
+    """
     @_builtins.property
     def hospitals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Hospitals that may take part."""
@@ -84,10 +89,11 @@ class StartFederationRequest(_message.Message):
         hospitals: _abc.Iterable[_builtins.str] | None = ...,
         pairwise_masking: _builtins.bool = ...,
         min_contributors: _builtins.int = ...,
+        study_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "grace_seconds", b"grace_seconds", "hospitals", b"hospitals", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "rounds", b"rounds", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "grace_seconds", b"grace_seconds", "hospitals", b"hospitals", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "rounds", b"rounds", "study_hash", b"study_hash", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -187,6 +193,7 @@ class RoundInfo(_message.Message):
     FEDERATION_ID_FIELD_NUMBER: _builtins.int
     MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     state: Global___RoundState.ValueType
@@ -212,6 +219,8 @@ class RoundInfo(_message.Message):
     """Patient-level DP: the largest epsilon the round's submitters report having spent in this
     federation after training it (0 without DP). A function of the task spec only.
     """
+    study_hash: _builtins.str
+    """The study document's hash the federation trains: an agent holding another never takes part."""
     @_builtins.property
     def submitted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -238,10 +247,11 @@ class RoundInfo(_message.Message):
         federation_id: _builtins.bytes = ...,
         min_contributors: _builtins.int = ...,
         epsilon: _builtins.float = ...,
+        study_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_round", b"base_round", "cohort", b"cohort", "cohort_fixed", b"cohort_fixed", "deadline", b"deadline", "epsilon", b"epsilon", "failure", b"failure", "federation_done", b"federation_done", "federation_id", b"federation_id", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_round", b"base_round", "cohort", b"cohort", "cohort_fixed", b"cohort_fixed", "deadline", b"deadline", "epsilon", b"epsilon", "failure", b"failure", "federation_done", b"federation_done", "federation_id", b"federation_id", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "round", b"round", "rounds", b"rounds", "state", b"state", "study_hash", b"study_hash", "submitted", b"submitted", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,6 +269,7 @@ class SubmitUpdateRequest(_message.Message):
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """Set on the first chunk of a stream."""
     round: _builtins.int
@@ -271,6 +282,8 @@ class SubmitUpdateRequest(_message.Message):
     """With pairwise masking: the attempt whose cohort the masks were made for (first chunk)."""
     epsilon: _builtins.float
     """Patient-level DP: the epsilon the hospital has spent in this federation after this round."""
+    study_hash: _builtins.str
+    """The study hash the hospital trains (first chunk); refused unless it is the federation's."""
     def __init__(
         self,
         *,
@@ -282,10 +295,11 @@ class SubmitUpdateRequest(_message.Message):
         ciphertext: _builtins.bytes = ...,
         attempt: _builtins.int = ...,
         epsilon: _builtins.float = ...,
+        study_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ciphertext", b"ciphertext", "epsilon", b"epsilon", "hospital", b"hospital", "index", b"index", "round", b"round", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ciphertext", b"ciphertext", "epsilon", b"epsilon", "hospital", b"hospital", "index", b"index", "round", b"round", "study_hash", b"study_hash", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,11 +390,14 @@ class PublishMaskKeyRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     HOSPITAL_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     hospital: _builtins.str
     public_key: _builtins.bytes
     """X25519 public key, 32 bytes."""
+    study_hash: _builtins.str
+    """The study hash the hospital trains; refused unless it is the federation's."""
     def __init__(
         self,
         *,
@@ -388,10 +405,11 @@ class PublishMaskKeyRequest(_message.Message):
         round: _builtins.int = ...,
         hospital: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
+        study_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key", "round", b"round", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key", "round", b"round", "study_hash", b"study_hash", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -532,11 +550,13 @@ class FederationStatus(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     PAIRWISE_MASKING_FIELD_NUMBER: _builtins.int
     MIN_CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     rounds: _builtins.int
     quorum: _builtins.int
     pairwise_masking: _builtins.bool
     min_contributors: _builtins.int
+    study_hash: _builtins.str
     @_builtins.property
     def hospitals(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -554,14 +574,133 @@ class FederationStatus(_message.Message):
         history: _abc.Iterable[Global___RoundInfo] | None = ...,
         pairwise_masking: _builtins.bool = ...,
         min_contributors: _builtins.int = ...,
+        study_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["current", b"current"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "history", b"history", "hospitals", b"hospitals", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "rounds", b"rounds", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "history", b"history", "hospitals", b"hospitals", "min_contributors", b"min_contributors", "pairwise_masking", b"pairwise_masking", "quorum", b"quorum", "rounds", b"rounds", "study_hash", b"study_hash", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FederationStatus: _TypeAlias = FederationStatus  # noqa: Y015
+
+@_typing.final
+class ProposeStudyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _builtins.bytes
+    """The study document (YAML or JSON); its identity is the hash of its canonical form."""
+    def __init__(
+        self,
+        *,
+        document: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeStudyRequest: _TypeAlias = ProposeStudyRequest  # noqa: Y015
+
+@_typing.final
+class StudyProposal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    PROPOSED_BY_FIELD_NUMBER: _builtins.int
+    PROPOSED_AT_FIELD_NUMBER: _builtins.int
+    study: _builtins.str
+    version: _builtins.int
+    study_hash: _builtins.str
+    document: _builtins.bytes
+    proposed_by: _builtins.str
+    @_builtins.property
+    def proposed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        study: _builtins.str = ...,
+        version: _builtins.int = ...,
+        study_hash: _builtins.str = ...,
+        document: _builtins.bytes = ...,
+        proposed_by: _builtins.str = ...,
+        proposed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proposed_at", b"proposed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "proposed_at", b"proposed_at", "proposed_by", b"proposed_by", "study", b"study", "study_hash", b"study_hash", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StudyProposal: _TypeAlias = StudyProposal  # noqa: Y015
+
+@_typing.final
+class ProposeStudyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    duplicate: _builtins.bool
+    """The same document was already proposed: nothing changed."""
+    @_builtins.property
+    def proposal(self) -> Global___StudyProposal: ...
+    def __init__(
+        self,
+        *,
+        proposal: Global___StudyProposal | None = ...,
+        duplicate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proposal", b"proposal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "proposal", b"proposal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProposeStudyResponse: _TypeAlias = ProposeStudyResponse  # noqa: Y015
+
+@_typing.final
+class GetStudyProposalRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STUDY_FIELD_NUMBER: _builtins.int
+    study: _builtins.str
+    def __init__(
+        self,
+        *,
+        study: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["study", b"study"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStudyProposalRequest: _TypeAlias = GetStudyProposalRequest  # noqa: Y015
+
+@_typing.final
+class GetStudyProposalResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPOSAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def proposal(self) -> Global___StudyProposal: ...
+    def __init__(
+        self,
+        *,
+        proposal: Global___StudyProposal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proposal", b"proposal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proposal", b"proposal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStudyProposalResponse: _TypeAlias = GetStudyProposalResponse  # noqa: Y015
 
 @_typing.final
 class GetAgentStatusRequest(_message.Message):

@@ -69,6 +69,16 @@ class AggregatorServiceStub:
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
                 _registered_method=True)
+        self.ProposeStudy = channel.unary_unary(
+                '/fibemrss.federation.v1.AggregatorService/ProposeStudy',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyResponse.FromString,
+                _registered_method=True)
+        self.GetStudyProposal = channel.unary_unary(
+                '/fibemrss.federation.v1.AggregatorService/GetStudyProposal',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServiceServicer:
@@ -125,6 +135,21 @@ class AggregatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeStudy(self, request, context):
+        """operator@central proposes a study document to the federation (stored with its hash, audited);
+        each hospital reviews and approves or refuses it at home (docs/studies.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStudyProposal(self, request, context):
+        """The latest proposal of a study, for hospitals to review.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +187,16 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
                     servicer.GetMaskKeys,
                     request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.FromString,
                     response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.SerializeToString,
+            ),
+            'ProposeStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProposeStudy,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyResponse.SerializeToString,
+            ),
+            'GetStudyProposal': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStudyProposal,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +388,60 @@ class AggregatorService:
             '/fibemrss.federation.v1.AggregatorService/GetMaskKeys',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/ProposeStudy',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStudyProposal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/GetStudyProposal',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,12 @@ class AggregatorServiceStub:
     """
     GetMaskKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetMaskKeysRequest, _federation_pb2.GetMaskKeysResponse]
     """The public keys of a round's cohort, once it is fixed."""
+    ProposeStudy: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ProposeStudyRequest, _federation_pb2.ProposeStudyResponse]
+    """operator@central proposes a study document to the federation (stored with its hash, audited);
+    each hospital reviews and approves or refuses it at home (docs/studies.md).
+    """
+    GetStudyProposal: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetStudyProposalRequest, _federation_pb2.GetStudyProposalResponse]
+    """The latest proposal of a study, for hospitals to review."""
 
 @_typing.type_check_only
 class AggregatorServiceAsyncStub(AggregatorServiceStub):
@@ -73,6 +79,12 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
     """
     GetMaskKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetMaskKeysRequest, _federation_pb2.GetMaskKeysResponse]  # type: ignore[assignment]
     """The public keys of a round's cohort, once it is fixed."""
+    ProposeStudy: _aio.UnaryUnaryMultiCallable[_federation_pb2.ProposeStudyRequest, _federation_pb2.ProposeStudyResponse]  # type: ignore[assignment]
+    """operator@central proposes a study document to the federation (stored with its hash, audited);
+    each hospital reviews and approves or refuses it at home (docs/studies.md).
+    """
+    GetStudyProposal: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetStudyProposalRequest, _federation_pb2.GetStudyProposalResponse]  # type: ignore[assignment]
+    """The latest proposal of a study, for hospitals to review."""
 
 class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -134,6 +146,24 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.GetMaskKeysResponse, _abc.Awaitable[_federation_pb2.GetMaskKeysResponse]]:
         """The public keys of a round's cohort, once it is fixed."""
+
+    @_abc_1.abstractmethod
+    def ProposeStudy(
+        self,
+        request: _federation_pb2.ProposeStudyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.ProposeStudyResponse, _abc.Awaitable[_federation_pb2.ProposeStudyResponse]]:
+        """operator@central proposes a study document to the federation (stored with its hash, audited);
+        each hospital reviews and approves or refuses it at home (docs/studies.md).
+        """
+
+    @_abc_1.abstractmethod
+    def GetStudyProposal(
+        self,
+        request: _federation_pb2.GetStudyProposalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.GetStudyProposalResponse, _abc.Awaitable[_federation_pb2.GetStudyProposalResponse]]:
+        """The latest proposal of a study, for hospitals to review."""
 
 def add_AggregatorServiceServicer_to_server(servicer: AggregatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

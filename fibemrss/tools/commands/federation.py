@@ -50,6 +50,7 @@ def run_status(args: argparse.Namespace) -> int:
         "hospitals": list(st.hospitals),
         "pairwise_masking": st.pairwise_masking,
         "min_contributors": st.min_contributors,
+        "study_hash": st.study_hash,
         "current_round": st.current.round,
         "done": st.current.federation_done,
         "history": history,
@@ -62,6 +63,7 @@ def run_status(args: argparse.Namespace) -> int:
         f"(quorum {st.quorum} of {len(st.hospitals)}, at least {st.min_contributors} contributors"
         f"{', pairwise masking' if st.pairwise_masking else ''})"
         f"{' - done' if out['done'] else ''}"
+        + (f"\n  study {st.study_hash}" if st.study_hash else "\n  study: not pinned to a proposed document")
     )
     for h in history:
         print(
