@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from fibemrss.domain.feature_encoding import GlobalStats, input_dim
+from fibemrss.domain.feature_encoding import GlobalStats
 from fibemrss.domain.model_params import accuracy_of_logits
 from fibemrss.domain.task_spec import HyperParameters, PersonalizationSpec, TaskSpec
 from fibemrss.domain.torch_models import logits_function
@@ -51,7 +51,7 @@ def choose(global_score: ValidationScore, personalized_score: ValidationScore) -
 
 
 def score(task: TaskSpec, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> ValidationScore:
-    logits = logits_function(task.model, input_dim(task), params)(x).reshape(-1)
+    logits = logits_function(task.model, x.shape[1], params)(x).reshape(-1)
     # Mean binary cross-entropy from logits, stable for large |logit|.
     losses = np.logaddexp(0.0, logits) - y.astype(np.float64) * logits
     acc = accuracy_of_logits(logits, y, task.threshold)
@@ -59,14 +59,19 @@ def score(task: TaskSpec, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> V
 
 
 def fine_tune(
-    task: TaskSpec, spec: PersonalizationSpec, global_params: np.ndarray, x: np.ndarray, y: np.ndarray
+    task: TaskSpec,
+    spec: PersonalizationSpec,
+    global_params: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int = FINE_TUNE_SEED,
 ) -> np.ndarray:
     hyper = HyperParameters(
         learning_rate=spec.learning_rate,
         local_epochs=spec.local_epochs,
         batch_size=task.hyper.batch_size,
     )
-    return train_local(task.model, global_params, x, y, hyper, seed=FINE_TUNE_SEED)
+    return train_local(task.model, global_params, x, y, hyper, seed=seed)
 
 
 def personalize(
@@ -94,10 +99,27 @@ def personalize_rows(
 ) -> Personalized:
     x_fit, y_fit = LocalData.matrix(task, stats, fit)
     x_val, y_val = LocalData.matrix(task, stats, validation)
-    params = fine_tune(task, spec, global_params, x_fit, y_fit)
-    return Personalized(
-        params=params,
-        global_score=score(task, global_params, x_val, y_val),
-        personalized_score=score(task, params, x_val, y_val),
-        fit_examples=len(fit),
-    )
+    return personalize_arrays(task, spec, global_params, (x_fit, y_fit), (x_val, y_val))
+
+
+def personalize_arrays(
+    task: TaskSpec,
+    spec: PersonalizationSpec,
+    global_params: np.ndarray,
+    fit: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    seed: int = FINE_TUNE_SEED,
+    refit: bool = True,
+) -> Personalized:
+    """Fine-tune on `fit`, score both models on `validation`. When the personalized model wins
+    (and `refit`), it is fine-tuned again from the global model with the same settings on fit and
+    validation rows together (every training row, as the global model had), and that one is
+    served; the scores stay those of the validated fit-only model."""
+    params = fine_tune(task, spec, global_params, fit[0], fit[1], seed)
+    global_score = score(task, global_params, *validation)
+    personalized_score = score(task, params, *validation)
+    if refit and choose(global_score, personalized_score) == "personalized":
+        x_all = np.concatenate([fit[0], validation[0]])
+        y_all = np.concatenate([fit[1], validation[1]])
+        params = fine_tune(task, spec, global_params, x_all, y_all, seed)
+    return Personalized(params, global_score, personalized_score, len(fit[1]))
