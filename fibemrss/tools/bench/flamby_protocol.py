@@ -334,7 +334,11 @@ def run_flamby_protocol(
             row["pooled"].append(sum(a * len(c.y_test) for a, c in zip(accs, view, strict=True)) / n_test)
             for c, a in zip(centers, accs, strict=True):
                 row.setdefault(c.name, []).append(a)
-    summary = {method: {k: _mean_sd(v) for k, v in row.items()} for method, row in results.items()}
+    summary: dict[str, dict[str, Any]] = {
+        method: {k: _mean_sd(v) for k, v in row.items()} for method, row in results.items()
+    }
+    for method, row in results.items():
+        summary[method]["by_seed"] = {k: [round(v, 4) for v in values] for k, values in row.items()}
     best = "_global_stats"  # the goals are about what the agents do: global statistics
     worst_loss = max(
         float(g - p)
