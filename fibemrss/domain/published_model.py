@@ -8,7 +8,7 @@ instead of serving a half-understood model. Rows written before the field existe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -94,12 +94,24 @@ class PublishedModel:
             ) from None
 
 
+ModelKind = Literal["global", "personalized"]
+
+
 @dataclass(frozen=True)
 class ModelVersion:
-    """One published version of a task's model at a hospital, with its local evaluation."""
+    """One published version of a task's model at a hospital, with its local evaluation.
+
+    `kind` "global" is the federation's model after `federated_round`; "personalized" is that
+    model fine-tuned on this hospital's own training rows (`base_version` is the global version
+    it started from). A `standby` version is stored and can be pinned but is not served by
+    default: the personalized model that lost the validation choice.
+    """
 
     task: str
     version: int
     federated_round: int
     model: PublishedModel
     metrics: dict[str, Any]
+    kind: ModelKind = "global"
+    base_version: int | None = None
+    standby: bool = False

@@ -27,6 +27,7 @@ from fibemrss.domain.task_spec import (
     FeatureSpec,
     HyperParameters,
     LabelSpec,
+    PersonalizationSpec,
     TaskSpec,
 )
 
@@ -37,7 +38,7 @@ MODELS = ("logistic_regression", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 TOP_LEVEL = {
     "format", "study", "version", "description", "features", "label", "cohort", "model",
-    "hyper_parameters", "federation", "evaluation", "privacy",
+    "hyper_parameters", "federation", "evaluation", "privacy", "personalization",
 }  # fmt: skip
 
 
@@ -215,6 +216,21 @@ def _hyper(r: _Reader, raw: Any) -> HyperParameters:
     )
 
 
+def _personalization(r: _Reader, raw: Any) -> PersonalizationSpec | None:
+    if raw is None:
+        return None
+    path = "personalization"
+    d = r.obj(raw, path, {"local_epochs", "learning_rate", "validation_fraction"})
+    return PersonalizationSpec(
+        local_epochs=r.integer(d, "local_epochs", f"{path}.local_epochs", 5, low=1) or 5,
+        learning_rate=r.number(d, "learning_rate", f"{path}.learning_rate", 0.01, positive=True) or 0.01,
+        validation_fraction=r.number(
+            d, "validation_fraction", f"{path}.validation_fraction", 0.25, positive=True, high=0.9
+        )
+        or 0.25,
+    )
+
+
 def _privacy(r: _Reader, raw: Any) -> dict[str, Any]:
     d = r.obj(
         raw or {},
@@ -308,6 +324,7 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
     test_fraction = r.number(ev, "test_fraction", "evaluation.test_fraction", 0.2, low=0.0, high=0.9)
     split_seed = r.text(ev, "split_seed", "evaluation.split_seed", required=False, default=f"{name}-split-1")
     privacy = _privacy(r, d.get("privacy"))
+    personalization = _personalization(r, d.get("personalization"))
     if r.problems:
         raise InvalidArgument("invalid study document", r.problems)
     return TaskSpec(
@@ -324,6 +341,7 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
         cohort=cohort,
         description=r.text(d, "description", "description", required=False),
         version=version or 1,
+        personalization=personalization,
         **privacy,
     )
 
@@ -401,6 +419,13 @@ def study_to_json(task: TaskSpec) -> dict[str, Any]:
                 ("sample_rate", task.dp.sample_rate),
             )
             if v is not None
+        }
+    if task.personalization is not None:
+        # Only when present, so the identity of a study without it is unchanged.
+        doc["personalization"] = {
+            "local_epochs": task.personalization.local_epochs,
+            "learning_rate": task.personalization.learning_rate,
+            "validation_fraction": task.personalization.validation_fraction,
         }
     c = task.cohort
     if c != CohortSpec():

@@ -85,6 +85,20 @@ class DpSpec:
 
 
 @dataclass(frozen=True)
+class PersonalizationSpec:
+    """After the last round, each hospital fine-tunes the global model on its own training rows.
+
+    A `validation_fraction` of the training rows (by a seeded hash of the patient key, never a
+    test row) is held back from fine-tuning; the hospital serves the personalized model only when
+    its validation log-loss is lower than the global model's on those rows.
+    """
+
+    local_epochs: int = 5
+    learning_rate: float = 0.01
+    validation_fraction: float = 0.25
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     features: tuple[FeatureSpec, ...]
@@ -114,6 +128,8 @@ class TaskSpec:
     weight_quantum: int = 8
     # Patient-level DP-SGD in local training; None trains without it.
     dp: DpSpec | None = None
+    # Personalized local models after the last round; None serves the global model only.
+    personalization: PersonalizationSpec | None = None
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

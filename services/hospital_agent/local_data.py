@@ -26,6 +26,13 @@ def is_test(task: TaskSpec, patient_key: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < task.test_fraction
 
 
+def is_validation(task: TaskSpec, patient_key: str, fraction: float) -> bool:
+    """A training patient held back from fine-tuning to choose between the global and the
+    personalized model (a hash independent of the test split's)."""
+    digest = hashlib.sha256(f"{task.split_seed}|validation|{patient_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 @dataclass(frozen=True)
 class LocalData:
     train: tuple[Example, ...]
@@ -37,6 +44,15 @@ class LocalData:
         return cls(
             tuple(e for e in ordered if not is_test(task, e.patient_key)),
             tuple(e for e in ordered if is_test(task, e.patient_key)),
+        )
+
+    def fit_and_validation(
+        self, task: TaskSpec, fraction: float
+    ) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+        """The training rows split for personalization: (fine-tuning rows, validation rows)."""
+        return (
+            tuple(e for e in self.train if not is_validation(task, e.patient_key, fraction)),
+            tuple(e for e in self.train if is_validation(task, e.patient_key, fraction)),
         )
 
     @staticmethod

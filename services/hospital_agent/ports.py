@@ -101,7 +101,9 @@ class GatewayPort(Protocol):
 
 
 class ModelStorePort(Protocol):
-    def publish(self, mv: ModelVersion, actor: str) -> bool: ...
+    def publish(self, mv: ModelVersion, actor: str, choice: str = "") -> bool:
+        """Once per version; `choice` (with a personalized version) is audited with it."""
+        ...
 
 
 class SecretPort(Protocol):

@@ -51,6 +51,7 @@ from services.hospital_agent.aggregate_bounds import (
 )
 from services.hospital_agent.key_exchange import KeyExchange
 from services.hospital_agent.local_data import Example, LocalData
+from services.hospital_agent.personalization import ValidationScore, personalize
 from services.hospital_agent.ports import (
     AggregatorPort,
     ApprovalPort,
@@ -80,6 +81,18 @@ class Evaluation:
     epsilon: float | None = None  # this hospital's DP-SGD spend in the federation through this round
 
 
+@dataclass(frozen=True)
+class PersonalizationReport:
+    """The hospital's choice between the global and its personalized model, and why."""
+
+    chosen: str  # "global" or "personalized"
+    global_version: int
+    personalized_version: int
+    global_score: ValidationScore
+    personalized_score: ValidationScore
+    fit_examples: int
+
+
 @dataclass
 class AgentProgress:
     """What the agent's status RPC reports; written by the protocol, read by the servicer."""
@@ -99,6 +112,8 @@ class AgentProgress:
     # federation, after each training round it took part in.
     dp_delta: float = 0.0
     epsilon_by_round: dict[int, float] = field(default_factory=dict)
+    # After the last round, when the task personalizes (None before, or without it).
+    personalization: PersonalizationReport | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -307,24 +322,17 @@ class Participation:
         return True
 
     # -- model versions ----------------------------------------------------------------------------
-    def _publish(self, round_number: int, params: np.ndarray) -> None:
+    def _test_accuracy(self, params: np.ndarray) -> tuple[float, int, int]:
+        """(accuracy, correct, total) on the hospital's test rows: reported, never chosen by."""
         assert self._data is not None
-        stats = self._global_stats()
+        x, y = LocalData.matrix(self.task, self._global_stats(), self._data.test)
+        fn = logits_function(self.task.model, input_dim(self.task), params)
+        acc = accuracy_of_logits(fn(x), y, self.task.threshold)
+        return acc.value, acc.correct, acc.total
+
+    def _published(self, params: np.ndarray) -> PublishedModel:
         dim = input_dim(self.task)
-        x, y = LocalData.matrix(self.task, stats, self._data.test)
-        acc = accuracy_of_logits(logits_function(self.task.model, dim, params)(x), y, self.task.threshold)
-        with self.progress.lock:
-            if not any(e.round == round_number for e in self.progress.evaluations):
-                self.progress.evaluations.append(
-                    Evaluation(
-                        round_number,
-                        acc.correct,
-                        acc.total,
-                        round_number,
-                        self.progress.epsilon_by_round.get(round_number),
-                    )
-                )
-        published = PublishedModel(
+        return PublishedModel(
             model=self.task.model,
             input_names=tuple(input_names(self.task)),
             input_dim=dim,
@@ -332,23 +340,90 @@ class Participation:
             # a custom torch model (None here) is rebuilt by name with torch.
             shapes=tuple(layer_shapes(self.task.model, dim)) if is_builtin(self.task.model) else None,
             params=np.asarray(params, dtype=np.float64),
-            stats=stats,
+            stats=self._global_stats(),
             threshold=self.task.threshold,
         )
+
+    def _publish(self, round_number: int, params: np.ndarray) -> None:
+        value, correct, total = self._test_accuracy(params)
+        with self.progress.lock:
+            if not any(e.round == round_number for e in self.progress.evaluations):
+                self.progress.evaluations.append(
+                    Evaluation(
+                        round_number,
+                        correct,
+                        total,
+                        round_number,
+                        self.progress.epsilon_by_round.get(round_number),
+                    )
+                )
         self._models.publish(
             ModelVersion(
                 task=self.task.name,
                 version=round_number,
                 federated_round=round_number,
-                model=published,
+                model=self._published(params),
                 metrics={
-                    "local_test_accuracy": acc.value,
-                    "local_test_examples": acc.total,
+                    "local_test_accuracy": value,
+                    "local_test_examples": total,
                     **self._dp_metrics(round_number),
                 },
             ),
             actor=f"agent@{self.hospital}",
         )
+
+    def personalized_version(self) -> int:
+        """The version number of the personalized model: after every round's (version = round)."""
+        return self.task.rounds + 1
+
+    def _personalize(self) -> None:
+        """After the last round: fine-tune the final global model on this hospital's training rows,
+        choose on validation, publish the personalized model (served when chosen, standby
+        otherwise). Deterministic, so a restarted agent publishes the same version once."""
+        spec = self.task.personalization
+        if spec is None or self._good_round == 0 or self._data is None:
+            return
+        result = personalize(self.task, spec, self._global_stats(), self._global, self._data)
+        if result is None:
+            self._warn("no personalized model: too few training rows to fine-tune and validate")
+            return
+        version = self.personalized_version()
+        g, p = result.global_score, result.personalized_score
+        test_value, _, test_total = self._test_accuracy(result.params)
+        choice = (
+            f"serves the {result.chosen} model: validation log-loss global {g.log_loss:.4f} "
+            f"personalized {p.log_loss:.4f}, accuracy global {g.accuracy:.4f} personalized "
+            f"{p.accuracy:.4f} on {g.examples} validation rows"
+        )
+        self._models.publish(
+            ModelVersion(
+                task=self.task.name,
+                version=version,
+                federated_round=self._good_round,
+                model=self._published(result.params),
+                metrics={
+                    "local_test_accuracy": test_value,
+                    "local_test_examples": test_total,
+                    "chosen": result.chosen,
+                    "fine_tune_examples": result.fit_examples,
+                    "validation_examples": g.examples,
+                    "global_validation_accuracy": g.accuracy,
+                    "global_validation_log_loss": g.log_loss,
+                    "personalized_validation_accuracy": p.accuracy,
+                    "personalized_validation_log_loss": p.log_loss,
+                },
+                kind="personalized",
+                base_version=self._good_round,
+                standby=result.chosen == "global",
+            ),
+            actor=f"agent@{self.hospital}",
+            choice=choice,
+        )
+        with self.progress.lock:
+            self.progress.personalization = PersonalizationReport(
+                result.chosen, self._good_round, version, g, p, result.fit_examples
+            )
+        log.info("personalized model published", extra={"version": version, "chosen": result.chosen})
 
     def _dp_metrics(self, round_number: int) -> dict[str, float]:
         dp = self.task.dp
@@ -417,6 +492,7 @@ class Participation:
             info = self._aggregator.current_round(wanted)
             if info.federation_done:
                 self._global_params(info.round if info.phase == Phase.CLOSED else info.base_round)
+                self._personalize()
                 with self.progress.lock:
                     self.progress.done = True
                 self._recovered()

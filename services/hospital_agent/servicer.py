@@ -7,7 +7,24 @@ import grpc
 from fibemrss.domain.errors import NotFound
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from services.hospital_agent.protocol import Participation
+from services.hospital_agent.protocol import Participation, PersonalizationReport
+
+
+def _personalization(report: PersonalizationReport | None) -> pb.Personalization | None:
+    if report is None:
+        return None
+    g, p = report.global_score, report.personalized_score
+    return pb.Personalization(
+        chosen=report.chosen,
+        global_version=report.global_version,
+        personalized_version=report.personalized_version,
+        global_validation_accuracy=g.accuracy,
+        personalized_validation_accuracy=p.accuracy,
+        global_validation_log_loss=g.log_loss,
+        personalized_validation_log_loss=p.log_loss,
+        validation_examples=g.examples,
+        fine_tune_examples=report.fit_examples,
+    )
 
 
 class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
@@ -44,5 +61,6 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
                 dp=self._p.task.dp is not None,
                 epsilon=max(progress.epsilon_by_round.values(), default=0.0),
                 delta=progress.dp_delta,
+                personalization=_personalization(progress.personalization),
             )
         return pb.GetAgentStatusResponse(status=status)

@@ -36,6 +36,8 @@ def reference_view(model: LoadedModel, ref: Reference) -> fr.ReferenceView:
         task=model.task.name,
         model_version=model.version,
         federated_round=model.federated_round,
+        model_kind=model.kind,
+        base_model_version=model.base_version,
         probability=ref.probability,
         risk_band=ref.risk_band,
         contributions=ref.contributions,

@@ -10,7 +10,7 @@ import numpy as np
 from fibemrss.domain.feature_encoding import GlobalStats, imputed_features, input_dim, numeric_features
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.model_params import Layer, forward_logits, sigmoid, unflatten
-from fibemrss.domain.published_model import PublishedModel
+from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import logits_function
@@ -103,17 +103,50 @@ class LoadedModel:
 
     # Set for a custom torch model (see fibemrss.domain.torch_models); built-ins use `layers` in numpy.
     torch_forward: Callable[[np.ndarray], np.ndarray] | None = None
+    # Which model this is: the federation's ("global") or this hospital's fine-tuned one
+    # ("personalized", from global version `base_version`; 0 for a global model).
+    kind: str = "global"
+    base_version: int = 0
 
     @classmethod
     def from_published(
-        cls, task: TaskSpec, version: int, federated_round: int, model: PublishedModel
+        cls,
+        task: TaskSpec,
+        version: int,
+        federated_round: int,
+        model: PublishedModel,
+        kind: str = "global",
+        base_version: int = 0,
     ) -> LoadedModel:
         plan = EncodingPlan.build(task, model.stats)
-        if model.shapes is None:
-            forward = logits_function(model.model, plan.dim, model.params)
-            return cls(task, version, federated_round, [], model.stats, model.threshold, plan, forward)
-        layers = unflatten(model.params, list(model.shapes))
-        return cls(task, version, federated_round, layers, model.stats, model.threshold, plan)
+        forward = logits_function(model.model, plan.dim, model.params) if model.shapes is None else None
+        layers = [] if model.shapes is None else unflatten(model.params, list(model.shapes))
+        return cls(
+            task,
+            version,
+            federated_round,
+            layers,
+            model.stats,
+            model.threshold,
+            plan,
+            forward,
+            kind,
+            base_version,
+        )
+
+    @classmethod
+    def from_version(cls, task: TaskSpec, mv: ModelVersion) -> LoadedModel:
+        return cls.from_published(
+            task, mv.version, mv.federated_round, mv.model, mv.kind, mv.base_version or 0
+        )
+
+    @property
+    def described(self) -> str:
+        """Which model answered, for people: "global version 15" or "personalized version 16
+        (fine-tuned from global version 15)"."""
+        if self.kind == "personalized":
+            return f"personalized version {self.version} (fine-tuned from global version {self.base_version})"
+        return f"global version {self.version}"
 
     @property
     def input_dim(self) -> int:

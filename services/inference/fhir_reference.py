@@ -42,6 +42,17 @@ class ReferenceView:
     imputed: Sequence[str]
     caveat: str
     outcome: str = "heart disease (any major vessel narrowing > 50%)"
+    model_kind: str = "global"  # or "personalized" (fine-tuned at this hospital)
+    base_model_version: int = 0  # a personalized model's global version; 0 for a global one
+
+    @property
+    def model_described(self) -> str:
+        """ "global version 15" or "personalized version 16 (from global version 15)"."""
+        if self.model_kind == "personalized":
+            return (
+                f"personalized version {self.model_version} (from global version {self.base_model_version})"
+            )
+        return f"{self.model_kind or 'global'} version {self.model_version}"
 
 
 def risk_assessment(ref: ReferenceView, patient_id: str = "", now: datetime | None = None) -> dict[str, Any]:
@@ -58,10 +69,10 @@ def risk_assessment(ref: ReferenceView, patient_id: str = "", now: datetime | No
                 {
                     "system": MODEL_SYSTEM,
                     "code": ref.task,
-                    "display": f"{ref.task} version {ref.model_version}",
+                    "display": f"{ref.task} {ref.model_described}",
                 }
             ],
-            "text": f"federated model {ref.task}, version {ref.model_version}, round {ref.federated_round}",
+            "text": f"federated model {ref.task}, {ref.model_described}, round {ref.federated_round}",
         },
         "prediction": [
             {
@@ -202,7 +213,7 @@ def missing_card(task: TaskSpec, missing: Sequence[str]) -> dict[str, Any]:
 def risk_card(ref: ReferenceView, read: PrefetchRead) -> dict[str, Any]:
     lines = [
         f"**{ref.risk_band.capitalize()} risk** (probability {ref.probability:.2f}) from the federated model "
-        f"{ref.task} version {ref.model_version} (round {ref.federated_round}).",
+        f"{ref.task} {ref.model_described} (round {ref.federated_round}).",
         "",
         "Largest contributions (signed, on the logit):",
         *[f"- {name}: {value:+.3f}" for name, value in ref.contributions],
@@ -221,7 +232,7 @@ def risk_card(ref: ReferenceView, read: PrefetchRead) -> dict[str, Any]:
         ),
         "indicator": _INDICATOR.get(ref.risk_band, "info"),
         "detail": "\n".join(lines),
-        "source": {"label": f"FIBEMRSS {ref.task} version {ref.model_version}"},
+        "source": {"label": f"FIBEMRSS {ref.task} {ref.model_described}"},
         "selectionBehavior": "any",
         "suggestions": [
             {

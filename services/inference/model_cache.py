@@ -1,5 +1,7 @@
 """Serves model versions from the hospital's model store and picks up new ones without a restart.
 
+The version served by default is the store's first servable one: the newest, except that a
+standby version (a personalized model that lost the validation choice) comes after the others.
 A poller swaps in the newest version as one reference assignment, so a request sees either the
 old or the new model, never half of one, and never waits for the swap. The version it replaces
 stays in memory, so requests pinned to it keep being served without a database round trip;
@@ -66,7 +68,7 @@ class ModelCache:
             return
         mv = self._store.get(self._task.name, latest)
         # Decoded before the swap: requests keep using `current` until the new one is complete.
-        loaded = LoadedModel.from_published(self._task, mv.version, mv.federated_round, mv.model)
+        loaded = LoadedModel.from_version(self._task, mv)
         with self._lock:
             current = self._newest
             if current is not None and current.version == loaded.version:
@@ -110,9 +112,7 @@ class ModelCache:
         with self._lock:
             if version not in self._older:
                 mv = self._store.get(self._task.name, version)
-                self._older[version] = LoadedModel.from_published(
-                    self._task, mv.version, mv.federated_round, mv.model
-                )
+                self._older[version] = LoadedModel.from_version(self._task, mv)
             return self._older[version]
 
     def has(self, version: int) -> bool:

@@ -62,6 +62,8 @@ class OpenInference:
             properties={
                 "model_version": str(model.version),
                 "federated_round": str(model.federated_round),
+                "model_kind": model.kind,
+                "base_model_version": str(model.base_version),
                 "architecture": model.task.model,
                 "threshold": repr(model.threshold),
                 # Column j of `features` is the encoded input named here; see docs/inference.md.
@@ -82,6 +84,9 @@ class OpenInference:
         response = kserve.ModelInferResponse(
             model_name=self.model_name, model_version=str(model.version), id=request.id
         )
+        # Which model answered (global or personalized), as response parameters (KServe v2).
+        response.parameters["model_kind"].string_param = model.kind
+        response.parameters["base_model_version"].int64_param = model.base_version
         values = {"probability": probability, "logit": logit}
         for name in wanted:
             tensors.add_output(response, name, values[name])

@@ -239,6 +239,11 @@ def infer_response_to_rest(
         "model_version": response.model_version,
         "outputs": outputs,
     }
+    if response.parameters:
+        doc["parameters"] = {
+            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
+            for key, value in sorted(response.parameters.items())
+        }
     if response.id:
         doc["id"] = response.id
     head = json.dumps(doc, separators=(",", ":")).encode()

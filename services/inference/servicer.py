@@ -36,6 +36,8 @@ def _reference_to_proto(model: LoadedModel, ref: Reference) -> pb.DiagnoseRespon
         imputed_features=ref.imputed,
         risk_band=ref.risk_band,
         caveat=CAVEAT,
+        model_kind=model.kind,
+        base_model_version=model.base_version,
     )
 
 

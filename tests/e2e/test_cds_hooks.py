@@ -153,7 +153,7 @@ def test_patient_view_card_with_the_risk_assessment(inference_https: InferenceHt
     doc = r.json()
     jsonschema.validate(doc, RESPONSE)
     (card,) = doc["cards"]
-    assert card["source"]["label"] == "FIBEMRSS heart-disease-v1 version 2"
+    assert card["source"]["label"] == "FIBEMRSS heart-disease-v1 global version 2"
     assert "imputed" in card["summary"]
     assert "Imputed, not in the record:" in card["detail"] and "max_heart_rate" in card["detail"]
     assert "Not used: thalach" in card["detail"]  # the implausible heart rate, with its reason

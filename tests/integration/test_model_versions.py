@@ -1,7 +1,9 @@
-"""Model versions in a real hospital database: retiring one stops serving it; the newest rolls back."""
+"""Model versions in a real hospital database: retiring one stops serving it; the newest rolls back;
+a personalized version is served only when the hospital chose it."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -11,8 +13,16 @@ from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.domain.errors import FailedPrecondition, NotFound
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.tools.bench.inference_bench import sample_model_version
+from fibemrss.inference.v1 import inference_pb2
+from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.serde.records import record_from_proto
+from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
+from services.inference.cds_rest import reference_view
+from services.inference.diagnosis import diagnose
+from services.inference.fhir_reference import PrefetchRead, risk_card
 from services.inference.model_cache import ModelCache
+from services.inference.open_inference import OpenInference
+from services.inference.servicer import DiagnosisServicer
 
 TASK = HEART_DISEASE_V1.name
 
@@ -82,3 +92,66 @@ def test_models_cli_lists_and_retires(store) -> None:
         timeout=60,
     )
     assert last.returncode == 1 and "Traceback" not in last.stderr and "version 7" in last.stderr
+
+
+def test_the_chosen_model_is_served_and_every_reference_says_which_model_answered(fresh_database) -> None:
+    """Two hospitals: one chose its personalized model (served), one kept the global model (its
+    personalized version stands by: stored, pinnable, not served)."""
+    patient = sample_patient()
+    for chosen in ("personalized", "global"):
+        db = Database(fresh_database("hospital"))
+        try:
+            models = ModelStore(db)
+            assert models.publish(sample_model_version(version=15, seed=1), actor="agent@h")
+            personalized = dataclasses.replace(
+                sample_model_version(version=16, seed=2),
+                federated_round=15,
+                kind="personalized",
+                base_version=15,
+                standby=chosen == "global",
+            )
+            why = f"serves the {chosen} model: validation log-loss ..."
+            assert models.publish(personalized, actor="agent@h", choice=why)
+            assert not models.publish(personalized, actor="agent@h", choice=why)  # a restart: once
+            served = 16 if chosen == "personalized" else 15
+            assert models.latest_version(TASK) == served
+            assert models.get(TASK).version == served
+            cache = ModelCache(models, HEART_DISEASE_V1, poll_seconds=60)
+            cache.refresh()
+            assert cache.versions()[0] == served and sorted(cache.versions()) == [15, 16]
+            assert cache.get(16).kind == "personalized" and cache.get(16).base_version == 15
+            assert cache.get(15).kind == "global" and cache.get(15).base_version == 0
+
+            # gRPC Diagnose's response, KServe v2's, and the CDS Hooks card each name the model.
+            servicer = DiagnosisServicer(cache)
+            ref = servicer.DiagnoseBatch(inference_pb2.DiagnoseBatchRequest(patients=[patient]), None)
+            answer = ref.references[0]
+            assert answer.model_version == served
+            assert answer.model_kind == chosen
+            assert answer.base_model_version == (15 if chosen == "personalized" else 0)
+            pinned = servicer.DiagnoseBatch(
+                inference_pb2.DiagnoseBatchRequest(patients=[patient], model_version=16), None
+            ).references[0]
+            assert (pinned.model_kind, pinned.base_model_version) == ("personalized", 15)
+            kserve_request = kserve.ModelInferRequest(model_name=TASK)
+            features = kserve_request.inputs.add(
+                name="features", datatype="FP32", shape=[1, cache.get().input_dim]
+            )
+            features.contents.fp32_contents.extend([0.0] * cache.get().input_dim)
+            kserve_response = OpenInference(cache).model_infer(kserve_request)
+            assert kserve_response.model_version == str(served)
+            assert kserve_response.parameters["model_kind"].string_param == chosen
+            card = risk_card(
+                reference_view(cache.get(), diagnose(cache.get(), record_from_proto(patient))), PrefetchRead()
+            )
+            expected = (
+                "personalized version 16 (from global version 15)"
+                if chosen == "personalized"
+                else "global version 15"
+            )
+            assert card["source"]["label"] == f"FIBEMRSS {TASK} {expected}"
+            with db.transaction() as cur:
+                cur.execute("SELECT actor, purpose, subject FROM audit_log WHERE action='choose_model'")
+                assert cur.fetchall() == [("agent@h", why, f"{TASK}@16")]
+        finally:
+            db.close()

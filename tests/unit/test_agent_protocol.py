@@ -12,15 +12,21 @@ import numpy as np
 import pytest
 
 from fibemrss.domain.errors import FailedPrecondition, NotFound, Unavailable
+from fibemrss.domain.feature_encoding import global_stats_from_average, input_dim, local_stats_vector
 from fibemrss.domain.feature_extraction import FeatureValue, TrainingExample
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.study import study_hash
-from fibemrss.domain.task_spec import TaskSpec
+from fibemrss.domain.task_spec import PersonalizationSpec, TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
+from fibemrss.domain.torch_models import initial_vector
+from fibemrss.federation.v1 import federation_pb2
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
+from services.hospital_agent.local_data import Example, LocalData, is_test
+from services.hospital_agent.personalization import ValidationScore, choose, personalize
 from services.hospital_agent.ports import PeerRefused, Phase, RoundView
 from services.hospital_agent.protocol import TRAINING_PURPOSE, Participation
+from services.hospital_agent.servicer import HospitalAgentServicer
 
 # FedYogi keeps server moments across rounds: a restarted agent must replay to get them back.
 # Unmasked, two hospitals: the round logic alone (masked rounds: test_agent_masked_rounds.py).
@@ -30,6 +36,7 @@ TASK: TaskSpec = dataclasses.replace(
     pairwise_masking=False,
     min_contributors=2,
     weighting="examples",
+    personalization=None,
 )
 HOSPITALS = ("a", "b")
 
@@ -191,12 +198,15 @@ class FakeModelStore:
     def __init__(self) -> None:
         self.versions: dict[int, ModelVersion] = {}
         self.attempts: list[tuple[ModelVersion, str]] = []
+        self.choices: dict[int, str] = {}
 
-    def publish(self, mv: ModelVersion, actor: str) -> bool:
+    def publish(self, mv: ModelVersion, actor: str, choice: str = "") -> bool:
         self.attempts.append((mv, actor))
         if mv.version in self.versions:
             return False
         self.versions[mv.version] = mv
+        if choice:
+            self.choices[mv.version] = choice
         return True
 
 
@@ -373,3 +383,102 @@ def test_a_replay_interrupted_by_an_aggregator_restart_resumes_without_applying_
     )  # the failed fetch, then the retry
     assert sorted(store_b2.versions) == [4]
     np.testing.assert_array_equal(store_b2.versions[4].model.params, store_a.versions[4].model.params)
+
+
+# -- personalized local models ---------------------------------------------------------------------
+TASK_P: TaskSpec = dataclasses.replace(
+    TASK,
+    rounds=2,
+    personalization=PersonalizationSpec(local_epochs=5, learning_rate=0.05, validation_fraction=0.3),
+)
+
+
+def inverted(examples: list[TrainingExample]) -> list[TrainingExample]:
+    """A hospital whose patients follow the opposite rule: the federation's model fits it badly."""
+    return [dataclasses.replace(e, label=None if e.label is None else 1.0 - e.label) for e in examples]
+
+
+def with_test_rows_perturbed(examples: list[TrainingExample]) -> list[TrainingExample]:
+    """Every test row's label flipped and its numbers shifted; training and validation rows kept."""
+    out = []
+    for e in examples:
+        if e.label is not None and is_test(TASK_P, e.patient_key):
+            values = tuple(v + 30.0 if isinstance(v, float) else v for v in e.values)
+            e = dataclasses.replace(e, values=values, label=1.0 - e.label)
+        out.append(e)
+    return out
+
+
+def federate_personalized(
+    key: tuple[HospitalKey, AggregatorKey], examples_a: list[TrainingExample]
+) -> tuple[Participation, FakeModelStore]:
+    """Two hospitals, two rounds, personalization after the last: hospital a's examples given."""
+    hospital_key, aggregator_key = key
+    agg = FakeAggregator(aggregator_key, rounds=2, failing=set())
+    store_a = FakeModelStore()
+    gateways = {"a": FakeGateway(examples_a), "b": FakeGateway(synthetic_examples(2))}
+    parts = {
+        h: Participation(
+            h, TASK_P, gateways[h], agg.view(h), UpdateCodec(hospital_key),
+            store_a if h == "a" else FakeModelStore(), retry_delay=lambda _: 0.01,
+        )
+        for h in HOSPITALS
+    }  # fmt: skip
+    threads = [run_in_thread(p, threading.Event()) for p in parts.values()]
+    for t in threads:
+        t.join(timeout=120)
+    assert all(p.progress.done and p.progress.error == "" for p in parts.values())
+    return parts["a"], store_a
+
+
+def test_the_personalized_model_is_chosen_on_validation_only_and_published_beside_the_global_one(
+    keys: tuple[HospitalKey, AggregatorKey],
+) -> None:
+    examples = inverted(synthetic_examples(1))
+    a, store = federate_personalized(keys, examples)
+    report = a.progress.personalization
+    assert report is not None and report.chosen == "personalized"
+    assert report.personalized_score.log_loss < report.global_score.log_loss
+    assert (report.global_version, report.personalized_version) == (2, 3)
+    assert sorted(store.versions) == [1, 2, 3]
+    personal = store.versions[3]
+    assert (personal.kind, personal.base_version, personal.standby) == ("personalized", 2, False)
+    assert store.versions[2].kind == "global"
+    assert personal.metrics["chosen"] == "personalized"
+    assert personal.metrics["personalized_validation_log_loss"] == report.personalized_score.log_loss
+    assert "serves the personalized model" in store.choices[3]
+    # The validation rows are training rows held back from fine-tuning, never test rows.
+    assert a._data is not None
+    fit, validation = a._data.fit_and_validation(TASK_P, 0.3)
+    assert report.global_score.examples == len(validation) > 0 and report.fit_examples == len(fit)
+    assert not {e.patient_key for e in validation} & {e.patient_key for e in a._data.test}
+    status = HospitalAgentServicer(a).GetAgentStatus(federation_pb2.GetAgentStatusRequest(), None)  # type: ignore[arg-type]  # the servicer reads no context
+    shown = status.status.personalization
+    assert (shown.chosen, shown.global_version, shown.personalized_version) == ("personalized", 2, 3)
+    assert shown.personalized_validation_log_loss == report.personalized_score.log_loss
+
+    # The same federation with hospital a's test rows perturbed (labels flipped, values moved):
+    # the choice, both validation scores and the personalized model do not change; only the
+    # test accuracy reported beside them does.
+    b, store_b = federate_personalized(keys, with_test_rows_perturbed(examples))
+    assert b.progress.personalization == report
+    np.testing.assert_array_equal(store_b.versions[3].model.params, personal.model.params)
+    assert store_b.versions[3].metrics["local_test_accuracy"] != personal.metrics["local_test_accuracy"]
+
+
+def test_validation_keeps_the_global_model_when_fine_tuning_makes_it_worse() -> None:
+    examples = [
+        Example(e.patient_key, e.values, e.label) for e in synthetic_examples(5, n=120) if e.label is not None
+    ]
+    data = LocalData.split(TASK_P, examples)
+    stats = global_stats_from_average(TASK_P, local_stats_vector(TASK_P, [e.values for e in data.train]))
+    untrained = initial_vector(TASK_P.model, input_dim(TASK_P))
+    fitted = personalize(TASK_P, PersonalizationSpec(20, 0.05, 0.3), stats, untrained, data)
+    assert fitted is not None and fitted.chosen == "personalized"  # from an untrained start, it helps
+    start = fitted.params  # a model already fitted to this hospital: a wild fine-tune only hurts
+    wild = personalize(TASK_P, PersonalizationSpec(5, 50.0, 0.3), stats, start, data)
+    assert wild is not None and wild.chosen == "global"
+    assert wild.personalized_score.log_loss > wild.global_score.log_loss
+    # A tie keeps the federation's model.
+    same = ValidationScore(0.8, 0.4, 30)
+    assert choose(same, same) == "global"

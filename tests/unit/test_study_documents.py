@@ -48,7 +48,8 @@ def test_layout_key_order_comments_and_description_do_not_change_the_identity_bu
     for path, value in (
         (("federation", "rounds"), 16),
         (("hyper_parameters", "learning_rate"), 0.031),
-        (("version",), 2),
+        (("version",), HEART["version"] + 1),
+        (("personalization", "local_epochs"), 31),
         (("label", "observation", "above"), 1),
     ):
         changed = copy.deepcopy(HEART)

@@ -791,6 +791,7 @@ class AgentStatus(_message.Message):
     DP_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    PERSONALIZATION_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     task: _builtins.str
     last_submitted_round: _builtins.int
@@ -814,6 +815,12 @@ class AgentStatus(_message.Message):
         maximum, a round whose aggregate was rejected as outside the codec's bounds (with the reason).
         """
 
+    @_builtins.property
+    def personalization(self) -> Global___Personalization:
+        """After the last round, when the task personalizes: which model the hospital serves and the
+        validation scores it chose by. Unset before, or for a task without personalization.
+        """
+
     def __init__(
         self,
         *,
@@ -830,11 +837,60 @@ class AgentStatus(_message.Message):
         dp: _builtins.bool = ...,
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
+        personalization: Global___Personalization | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["personalization", b"personalization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "delta", b"delta", "done", b"done", "dp", b"dp", "epsilon", b"epsilon", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "delta", b"delta", "done", b"done", "dp", b"dp", "epsilon", b"epsilon", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "personalization", b"personalization", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015
+
+@_typing.final
+class Personalization(_message.Message):
+    """The choice between the federation's final global model and the hospital's personalized one
+    (the global model fine-tuned on its own training rows), made on validation rows only.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    GLOBAL_VERSION_FIELD_NUMBER: _builtins.int
+    PERSONALIZED_VERSION_FIELD_NUMBER: _builtins.int
+    GLOBAL_VALIDATION_ACCURACY_FIELD_NUMBER: _builtins.int
+    PERSONALIZED_VALIDATION_ACCURACY_FIELD_NUMBER: _builtins.int
+    GLOBAL_VALIDATION_LOG_LOSS_FIELD_NUMBER: _builtins.int
+    PERSONALIZED_VALIDATION_LOG_LOSS_FIELD_NUMBER: _builtins.int
+    VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
+    FINE_TUNE_EXAMPLES_FIELD_NUMBER: _builtins.int
+    chosen: _builtins.str
+    """"global" or "personalized"."""
+    global_version: _builtins.int
+    personalized_version: _builtins.int
+    global_validation_accuracy: _builtins.float
+    personalized_validation_accuracy: _builtins.float
+    global_validation_log_loss: _builtins.float
+    personalized_validation_log_loss: _builtins.float
+    validation_examples: _builtins.int
+    fine_tune_examples: _builtins.int
+    def __init__(
+        self,
+        *,
+        chosen: _builtins.str = ...,
+        global_version: _builtins.int = ...,
+        personalized_version: _builtins.int = ...,
+        global_validation_accuracy: _builtins.float = ...,
+        personalized_validation_accuracy: _builtins.float = ...,
+        global_validation_log_loss: _builtins.float = ...,
+        personalized_validation_log_loss: _builtins.float = ...,
+        validation_examples: _builtins.int = ...,
+        fine_tune_examples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "fine_tune_examples", b"fine_tune_examples", "global_validation_accuracy", b"global_validation_accuracy", "global_validation_log_loss", b"global_validation_log_loss", "global_version", b"global_version", "personalized_validation_accuracy", b"personalized_validation_accuracy", "personalized_validation_log_loss", b"personalized_validation_log_loss", "personalized_version", b"personalized_version", "validation_examples", b"validation_examples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Personalization: _TypeAlias = Personalization  # noqa: Y015

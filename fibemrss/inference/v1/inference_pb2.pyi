@@ -96,6 +96,8 @@ class DiagnoseResponse(_message.Message):
     IMPUTED_FEATURES_FIELD_NUMBER: _builtins.int
     RISK_BAND_FIELD_NUMBER: _builtins.int
     CAVEAT_FIELD_NUMBER: _builtins.int
+    MODEL_KIND_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     probability: _builtins.float
     label: _builtins.str
     """"disease" or "no disease" at the task's threshold."""
@@ -106,6 +108,13 @@ class DiagnoseResponse(_message.Message):
     risk_band: _builtins.str
     """"low" (< 0.25), "intermediate" (< 0.5), "high" (< 0.75) or "very high"."""
     caveat: _builtins.str
+    model_kind: _builtins.str
+    """Which model answered: "global" (the federation's model after `federated_round`) or
+    "personalized" (that model fine-tuned on this hospital's own patients, version
+    `model_version`, fine-tuned from global version `base_model_version`).
+    """
+    base_model_version: _builtins.int
+    """For a personalized model, the global version it was fine-tuned from; 0 for a global one."""
     @_builtins.property
     def top_contributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureContribution]:
         """The five largest by magnitude, largest first."""
@@ -127,10 +136,12 @@ class DiagnoseResponse(_message.Message):
         imputed_features: _abc.Iterable[_builtins.str] | None = ...,
         risk_band: _builtins.str = ...,
         caveat: _builtins.str = ...,
+        model_kind: _builtins.str = ...,
+        base_model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caveat", b"caveat", "federated_round", b"federated_round", "imputed_features", b"imputed_features", "label", b"label", "model_name", b"model_name", "model_version", b"model_version", "probability", b"probability", "risk_band", b"risk_band", "threshold", b"threshold", "top_contributions", b"top_contributions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_version", b"base_model_version", "caveat", b"caveat", "federated_round", b"federated_round", "imputed_features", b"imputed_features", "label", b"label", "model_kind", b"model_kind", "model_name", b"model_name", "model_version", b"model_version", "probability", b"probability", "risk_band", b"risk_band", "threshold", b"threshold", "top_contributions", b"top_contributions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

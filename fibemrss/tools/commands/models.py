@@ -33,7 +33,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         with db.transaction() as cur:
             cur.execute(
-                "SELECT version, federated_round, published_at, metrics, retired_at, retire_reason "
+                "SELECT version, federated_round, published_at, metrics, retired_at, retire_reason, "
+                "kind, base_version, standby "
                 "FROM model_versions WHERE task=%s ORDER BY version DESC",
                 (args.task,),
             )
@@ -45,8 +46,11 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "metrics": m,
                     "retired": retired.isoformat() if retired else None,
                     **({"retire_reason": why} if why else {}),
+                    "kind": kind,
+                    **({"base_version": base} if base is not None else {}),
+                    "standby": standby,
                 }
-                for v, r, p, m, retired, why in cur.fetchall()
+                for v, r, p, m, retired, why, kind, base, standby in cur.fetchall()
             ]
     finally:
         db.close()
