@@ -39,6 +39,7 @@ from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.errors import HeError
+from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.he.params import DEFAULT_PARAMS
 from services.hospital_agent.aggregate_bounds import (
     AggregateBounds,
@@ -121,9 +122,13 @@ class Participation:
         secrets: SecretPort | None = None,
         ledger: LedgerPort | None = None,
         dataset: str = "emr",
+        signer: MaskKeySigner | None = None,
+        verifier: MaskKeyVerifier | None = None,
     ) -> None:
         """`bounds` are the codec's (AggregateBounds.of(key.params)); `on_health` is told the
-        reason whenever a step fails ("" once one works again), for the service's health."""
+        reason whenever a step fails ("" once one works again), for the service's health;
+        `signer` / `verifier` sign this agent's round mask keys and check its peers' (with
+        mutual TLS: the agent's certificate and the federation CA)."""
         self.hospital = hospital
         self.task = task
         self._gateway = gateway
@@ -149,7 +154,9 @@ class Participation:
         self._trained: tuple[tuple[bytes, int], np.ndarray, float] | None = None
         if task.pairwise_masking:
             assert secrets is not None
-            self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
+            self._keys = KeyExchange(
+                hospital, task, aggregator, secrets, codec.params.plain_modulus, signer, verifier
+            )
         self._reset_global()
 
     def _reset_global(self) -> None:

@@ -376,11 +376,19 @@ class PublishMaskKeyRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     HOSPITAL_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     hospital: _builtins.str
     public_key: _builtins.bytes
     """X25519 public key, 32 bytes."""
+    signature: _builtins.bytes
+    """The agent's signature over the key, the federation id, the task, the round and its identity
+    (docs/he-codec.md, "Signed round keys"), made with its mutual-TLS certificate's private key.
+    """
+    certificate: _builtins.bytes
+    """The signer's certificate (DER), issued by the federation CA to agent@<hospital>."""
     def __init__(
         self,
         *,
@@ -388,10 +396,12 @@ class PublishMaskKeyRequest(_message.Message):
         round: _builtins.int = ...,
         hospital: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key", "round", b"round", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "hospital", b"hospital", "public_key", b"public_key", "round", b"round", "signature", b"signature", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,17 +455,24 @@ class MaskKey(_message.Message):
 
     HOSPITAL_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     public_key: _builtins.bytes
+    signature: _builtins.bytes
+    """As published: every agent checks them before it derives a mask from `public_key`."""
+    certificate: _builtins.bytes
     def __init__(
         self,
         *,
         hospital: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "hospital", b"hospital", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
