@@ -12,6 +12,7 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.keys import load_aggregator_key
+from fibemrss.he.mask_signatures import MaskKeyVerifier
 from fibemrss.platform.authorization import central_policy
 from fibemrss.platform.config import ServerConfig, env_float, env_str
 from fibemrss.platform.entrypoint import run_service
@@ -39,7 +40,10 @@ def main() -> None:
     holder: dict[str, Coordinator] = {}
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        coordinator = Coordinator(store, CiphertextAdder(key), registry)
+        # With mutual TLS, round mask keys must be signed by their agent's certificate (the
+        # agents check them again themselves: docs/he-codec.md, "Signed round keys").
+        verifier = None if config.tls is None else MaskKeyVerifier(Path(config.tls.ca).read_bytes())
+        coordinator = Coordinator(store, CiphertextAdder(key), registry, mask_key_verifier=verifier)
         holder["c"] = coordinator
         federation_pb2_grpc.add_AggregatorServiceServicer_to_server(
             AggregatorServicer(coordinator, store, upload_limits), server

@@ -23,6 +23,7 @@ from fibemrss.domain.errors import (
     PermissionDenied,
 )
 from fibemrss.he.errors import HeError
+from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeyVerifier, SignedMaskKey
 from fibemrss.he.masking import PUBLIC_KEY_BYTES
 from fibemrss.he.params import HeParams
 from services.aggregator.ciphertexts import RoundLayout, expected_layout
@@ -65,8 +66,13 @@ class Coordinator:
         adder: Adder,
         registry: CollectorRegistry | None = None,
         tick_seconds: float = 0.25,
+        mask_key_verifier: MaskKeyVerifier | None = None,
     ) -> None:
+        """`mask_key_verifier` (the federation CA, with mutual TLS): round keys must carry a valid
+        signature of their hospital's agent, so a hospital that sends a broken one is refused alone
+        instead of making every honest agent refuse the round."""
         self._store = store
+        self._mask_key_verifier = mask_key_verifier
         self._adder = adder
         self._changed = threading.Condition()
         self._wake = threading.Event()
@@ -239,8 +245,9 @@ class Coordinator:
         return received
 
     # -- pairwise masking ------------------------------------------------------------------------
-    def publish_mask_key(self, task: str, number: int, hospital: str, public_key: bytes) -> None:
+    def publish_mask_key(self, task: str, number: int, hospital: str, key: SignedMaskKey) -> None:
         settings = self._store.settings(task)
+        public_key = key.public_key
         if not settings.pairwise_masking:
             raise FailedPrecondition(f"the federation of {task} does not use pairwise masking")
         if hospital not in settings.hospitals:
@@ -250,13 +257,18 @@ class Coordinator:
                 "malformed mask key",
                 [FieldProblem("public_key", f"must be a {PUBLIC_KEY_BYTES}-byte X25519 public key")],
             )
+        if self._mask_key_verifier is not None:
+            try:
+                self._mask_key_verifier.check(settings.federation_id, task, number, hospital, key)
+            except MaskKeyRefused as refused:
+                raise InvalidArgument("mask key refused", [FieldProblem("signature", str(refused))]) from None
         current = self._store.current_round(task)
         if number != current.number:
             raise FailedPrecondition(f"round {number} is not the current round {current.number} of {task}")
-        self._store.publish_mask_key(task, number, hospital, public_key)
+        self._store.publish_mask_key(task, number, hospital, key)
         self._wake.set()
 
-    def mask_keys(self, task: str, number: int) -> dict[str, bytes]:
+    def mask_keys(self, task: str, number: int) -> dict[str, SignedMaskKey]:
         rounds = {r.number: r for r in self._store.rounds(task)}
         if number not in rounds:
             raise NotFound(f"round {number} of {task} does not exist")

@@ -22,6 +22,7 @@ from fibemrss.domain.errors import (
 from fibemrss.domain.text import text_problems
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto
 from services.aggregator.coordinator import Coordinator
@@ -263,7 +264,12 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         check_same_study(
             request.task, self._store.settings(request.task).study_hash, request.hospital, request.study_hash
         )
-        self._coordinator.publish_mask_key(request.task, request.round, request.hospital, request.public_key)
+        self._coordinator.publish_mask_key(
+            request.task,
+            request.round,
+            request.hospital,
+            SignedMaskKey(request.public_key, request.signature, request.certificate),
+        )
         return pb.PublishMaskKeyResponse(round=self._current_info(request.task))
 
     def GetMaskKeys(
@@ -271,7 +277,12 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     ) -> pb.GetMaskKeysResponse:
         keys = self._coordinator.mask_keys(request.task, request.round)
         return pb.GetMaskKeysResponse(
-            keys=[pb.MaskKey(hospital=h, public_key=k) for h, k in sorted(keys.items())]
+            keys=[
+                pb.MaskKey(
+                    hospital=h, public_key=k.public_key, signature=k.signature, certificate=k.certificate
+                )
+                for h, k in sorted(keys.items())
+            ]
         )
 
     def GetFederationStatus(

@@ -13,6 +13,7 @@ import psycopg2.extensions
 from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
+from fibemrss.he.mask_signatures import SignedMaskKey
 from services.aggregator.proposals import Proposal
 from services.aggregator.round_state import FederationSettings, Round, RoundState
 
@@ -346,9 +347,11 @@ class AggregatorStore:
         cur.execute("DELETE FROM submission_chunks WHERE task=%s AND round=%s", (task, number))
 
     # -- pairwise masking ------------------------------------------------------------------------
-    def publish_mask_key(self, task: str, number: int, hospital: str, public_key: bytes) -> None:
-        """Stores a hospital's public key for a round; replaces it while the cohort is open, and
-        after that accepts only the identical key (a restarted agent repeating itself)."""
+    def publish_mask_key(self, task: str, number: int, hospital: str, key: SignedMaskKey) -> None:
+        """Stores a hospital's public key for a round (with its signature and certificate);
+        replaces it while the cohort is open, and after that accepts only the identical key (a
+        restarted agent repeating itself: the first signature stays)."""
+        public_key = key.public_key
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT state, cohort FROM rounds WHERE task=%s AND round=%s FOR SHARE", (task, number)
@@ -368,10 +371,12 @@ class AggregatorStore:
                     f"the cohort of round {number} of {task} is already fixed; a new mask key is too late"
                 )
             cur.execute(
-                "INSERT INTO mask_keys (task, round, hospital, public_key) VALUES (%s,%s,%s,%s) "
+                "INSERT INTO mask_keys (task, round, hospital, public_key, signature, certificate) "
+                "VALUES (%s,%s,%s,%s,%s,%s) "
                 "ON CONFLICT (task, round, hospital) DO UPDATE SET public_key=EXCLUDED.public_key, "
+                "signature=EXCLUDED.signature, certificate=EXCLUDED.certificate, "
                 "published_at=clock_timestamp()",
-                (task, number, hospital, public_key),
+                (task, number, hospital, public_key, key.signature, key.certificate),
             )
 
     def mask_key_times(self, task: str, number: int) -> list[datetime]:
@@ -382,16 +387,16 @@ class AggregatorStore:
             )
             return [r[0] for r in cur.fetchall()]
 
-    def mask_keys(self, task: str, number: int) -> dict[str, bytes]:
-        """The public keys of the round's cohort (empty while the cohort is not fixed)."""
+    def mask_keys(self, task: str, number: int) -> dict[str, SignedMaskKey]:
+        """The signed public keys of the round's cohort (empty while the cohort is not fixed)."""
         with self._db.transaction() as cur:
             cur.execute(
-                "SELECT k.hospital, k.public_key FROM mask_keys k JOIN rounds r "
+                "SELECT k.hospital, k.public_key, k.signature, k.certificate FROM mask_keys k JOIN rounds r "
                 "ON r.task=k.task AND r.round=k.round WHERE k.task=%s AND k.round=%s "
                 "AND k.hospital = ANY(r.cohort)",
                 (task, number),
             )
-            return {h: bytes(k) for h, k in cur.fetchall()}
+            return {h: SignedMaskKey(bytes(k), bytes(s), bytes(c)) for h, k, s, c in cur.fetchall()}
 
     def fix_cohort(self, s: FederationSettings, number: int) -> bool:
         """Closes the key stage: the cohort is every hospital with a key; the submission stage

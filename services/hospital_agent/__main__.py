@@ -19,6 +19,7 @@ from fibemrss.domain.study import study_hash
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
+from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig, env_str, task_from_env
@@ -54,6 +55,11 @@ def main() -> None:
             )
             health["server"].health.set(agent_service, state)
 
+    # With mutual TLS the agent signs its round mask keys with its certificate's key and checks
+    # every peer's against the federation CA (docs/he-codec.md, "Signed round keys").
+    tls = config.tls
+    signer = None if tls is None else MaskKeySigner(Path(tls.cert).read_bytes(), Path(tls.key).read_bytes())
+    verifier = None if tls is None else MaskKeyVerifier(Path(tls.ca).read_bytes())
     participation = Participation(
         hospital,
         task,
@@ -74,6 +80,8 @@ def main() -> None:
         dataset=env_str("FIBEMRSS_DATASET", "emr"),
         # The hospital's study decisions: it joins only this document, approved here.
         approvals=StudyStore(db),
+        signer=signer,
+        verifier=verifier,
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:

@@ -18,6 +18,7 @@ from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.serde.values import training_example_from_proto
 from services.hospital_agent.ports import PeerRefused, Phase, RoundView
 
@@ -123,12 +124,14 @@ class GrpcAggregator:
         request = fpb.FetchAggregateRequest(task=self._task, round=round_number, hospital=self._hospital)
         return _call(lambda: [c.ciphertext for c in self._stub.FetchAggregate(request, timeout=120)])
 
-    def publish_mask_key(self, round_number: int, public_key: bytes) -> RoundView:
+    def publish_mask_key(self, round_number: int, key: SignedMaskKey) -> RoundView:
         request = fpb.PublishMaskKeyRequest(
             task=self._task,
             round=round_number,
             hospital=self._hospital,
-            public_key=public_key,
+            public_key=key.public_key,
+            signature=key.signature,
+            certificate=key.certificate,
             study_hash=self._study_hash,
         )
         return round_view_from_proto(_call(lambda: self._stub.PublishMaskKey(request, timeout=60).round))
@@ -137,10 +140,13 @@ class GrpcAggregator:
         request = fpb.GetRoundRequest(task=self._task, wait_for_cohort=True, wait_seconds=self._wait_seconds)
         return round_view_from_proto(_call(lambda: self._stub.GetRound(request, timeout=60).round))
 
-    def mask_keys(self, round_number: int) -> dict[str, bytes]:
+    def mask_keys(self, round_number: int) -> dict[str, SignedMaskKey]:
         request = fpb.GetMaskKeysRequest(task=self._task, round=round_number)
         response = _call(lambda: self._stub.GetMaskKeys(request, timeout=60))
-        return {k.hospital: bytes(k.public_key) for k in response.keys}
+        return {
+            k.hospital: SignedMaskKey(bytes(k.public_key), bytes(k.signature), bytes(k.certificate))
+            for k in response.keys
+        }
 
     def closed_rounds(self) -> list[int]:
         request = fpb.GetFederationStatusRequest(task=self._task)

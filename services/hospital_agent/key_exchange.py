@@ -1,10 +1,16 @@
 """The agent's pairwise-masking step (against ports: no gRPC, no database).
 
 Per round: publish this hospital's X25519 public key for the round (derived from a secret kept
-in the hospital's database, so a restarted agent publishes the same key), wait until the
-aggregator fixes the round's cohort, check it, fetch the cohort's public keys and build the mask
-that this hospital adds to its encoded update (fibemrss.he.masking). The aggregator stores the
-public keys only; the private key exists in this process's memory, re-derived when needed.
+in the hospital's database, so a restarted agent publishes the same key), signed with this
+agent's mutual-TLS certificate, wait until the aggregator fixes the round's cohort, check it,
+fetch the cohort's public keys, check every peer's signature and certificate against the
+federation CA (fibemrss.he.mask_signatures: a key the aggregator swapped or stripped makes this
+agent refuse the round, naming the peer), and build the mask that this hospital adds to its
+encoded update (fibemrss.he.masking). The aggregator stores the public keys only; the private
+key exists in this process's memory, re-derived when needed.
+
+Without mutual TLS (loopback tests and benchmarks) there is no identity to sign with: keys
+travel unsigned and peers' keys are not checked. An agent with TLS always signs and checks.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import slot_count
 from fibemrss.he.errors import HeKeyError
+from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier, SignedMaskKey
 from fibemrss.he.masking import MaskContext, MaskKeyPair, cohort_mask, round_key_seed
 from services.hospital_agent.ports import AggregatorPort, PeerRefused, RoundView, SecretPort
 
@@ -35,8 +42,19 @@ class MaskedUpload:
 
 class KeyExchange:
     def __init__(
-        self, hospital: str, task: TaskSpec, aggregator: AggregatorPort, secrets: SecretPort, modulus: int
+        self,
+        hospital: str,
+        task: TaskSpec,
+        aggregator: AggregatorPort,
+        secrets: SecretPort,
+        modulus: int,
+        signer: MaskKeySigner | None = None,
+        verifier: MaskKeyVerifier | None = None,
     ) -> None:
+        if (signer is None) != (verifier is None):
+            raise ValueError("mask keys are signed and checked together, or neither (no TLS)")
+        self._signer = signer
+        self._verifier = verifier
         self._hospital = hospital
         self._task = task
         self._aggregator = aggregator
@@ -62,7 +80,7 @@ class KeyExchange:
         if info.cohort is not None:
             return self._hospital in info.cohort
         try:
-            self._aggregator.publish_mask_key(info.round, self._key_pair(info).public_key)
+            self._aggregator.publish_mask_key(info.round, self._signed(info, self._key_pair(info).public_key))
         except PeerRefused:
             now = self._aggregator.current_round(None)
             if now.round == info.round and now.cohort is not None and self._hospital not in now.cohort:
@@ -70,6 +88,30 @@ class KeyExchange:
                 return False
             raise
         return True
+
+    def _signed(self, info: RoundView, public_key: bytes) -> SignedMaskKey:
+        if self._signer is None:
+            return SignedMaskKey(public_key)
+        return self._signer.sign(info.federation_id, self._task.name, info.round, self._hospital, public_key)
+
+    def _check_peers(self, view: RoundView, keys: dict[str, SignedMaskKey]) -> None:
+        """Every peer's key must be its own agent's, for this federation and round."""
+        if self._verifier is None:
+            return
+        for peer, key in sorted(keys.items()):
+            if peer == self._hospital:
+                continue
+            try:
+                self._verifier.check(view.federation_id, self._task.name, view.round, peer, key)
+            except HeKeyError as refused:
+                log.error(
+                    "a relayed mask key is refused; not uploading to the round",
+                    extra={"round": view.round, "peer": peer, "reason": str(refused)},
+                )
+                raise PeerRefused(
+                    f"round {view.round}: refusing to upload, {refused} (substituted by the aggregator "
+                    "or on the way?)"
+                ) from None
 
     def mask_for(
         self, info: RoundView, kind: ChunkKind, n_values: int, stop: threading.Event
@@ -98,8 +140,9 @@ class KeyExchange:
         keys = self._aggregator.mask_keys(view.round)
         if set(keys) != set(cohort):
             raise PeerRefused(f"the aggregator's mask keys of round {view.round} do not match its cohort")
+        self._check_peers(view, keys)
         pair = self._key_pair(view)
-        if keys[self._hospital] != pair.public_key:
+        if keys[self._hospital].public_key != pair.public_key:
             # Published before a restart with another secret (a wiped database): sit this round out.
             log.warning(
                 "the cohort holds another key of this hospital; not uploading", extra={"round": view.round}
@@ -107,7 +150,10 @@ class KeyExchange:
             return None
         context = MaskContext(view.federation_id, self._task.name, view.round, view.attempt)
         try:
-            mask = cohort_mask(pair, self._hospital, keys, context, slot_count(kind, n_values), self._modulus)
+            public = {h: k.public_key for h, k in keys.items()}
+            mask = cohort_mask(
+                pair, self._hospital, public, context, slot_count(kind, n_values), self._modulus
+            )
         except HeKeyError as exc:
             raise PeerRefused(f"a mask key of round {view.round} is invalid: {exc}") from None
         return MaskedUpload(view.attempt, mask)

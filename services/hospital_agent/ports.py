@@ -21,6 +21,7 @@ from fibemrss.domain.errors import DomainError
 from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.site_policy import SitePolicy, StudyDecision
+from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.params import HeParams
 
 
@@ -73,14 +74,14 @@ class AggregatorPort(Protocol):
 
     def fetch_aggregate(self, round_number: int) -> list[bytes]: ...
 
-    def publish_mask_key(self, round_number: int, public_key: bytes) -> RoundView: ...
+    def publish_mask_key(self, round_number: int, key: SignedMaskKey) -> RoundView: ...
 
     def wait_for_cohort(self) -> RoundView:
         """The current round once its cohort is fixed, its attempt changes or it moves on (bounded)."""
         ...
 
-    def mask_keys(self, round_number: int) -> dict[str, bytes]:
-        """The public keys of the round's cohort, by hospital."""
+    def mask_keys(self, round_number: int) -> dict[str, SignedMaskKey]:
+        """The public keys of the round's cohort, by hospital, as their agents signed them."""
         ...
 
     def closed_rounds(self) -> list[int]:

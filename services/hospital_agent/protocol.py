@@ -41,6 +41,7 @@ from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.errors import HeError
+from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.he.params import DEFAULT_PARAMS
 from services.hospital_agent.aggregate_bounds import (
     AggregateBounds,
@@ -140,12 +141,15 @@ class Participation:
         ledger: LedgerPort | None = None,
         dataset: str = "emr",
         approvals: ApprovalPort | None = None,
+        signer: MaskKeySigner | None = None,
+        verifier: MaskKeyVerifier | None = None,
     ) -> None:
         """`bounds` are the codec's (AggregateBounds.of(key.params)); `on_health` is told the
         reason whenever a step fails ("" once one works again), for the service's health.
         `approvals`: the hospital's study decisions; with them (the service always wires them)
         the agent joins only a federation of this very document (its hash) approved here, and
-        imports the study's model only then."""
+        imports the study's model only then. `signer` / `verifier` sign this agent's round mask
+        keys and check its peers' (with mutual TLS: the agent's certificate and the federation CA)."""
         self.hospital = hospital
         self.task = task
         self._gateway = gateway
@@ -173,7 +177,9 @@ class Participation:
         self._trained: tuple[tuple[bytes, int], np.ndarray, float] | None = None
         if task.pairwise_masking:
             assert secrets is not None
-            self._keys = KeyExchange(hospital, task, aggregator, secrets, codec.params.plain_modulus)
+            self._keys = KeyExchange(
+                hospital, task, aggregator, secrets, codec.params.plain_modulus, signer, verifier
+            )
 
     def _join_problem(self, info: RoundView) -> str:
         """Why this hospital does not take part in the federation ("" when it may): the federation

@@ -20,6 +20,7 @@ from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec, UpdateDecryptor
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.he.mask_signatures import SignedMaskKey
 from services.hospital_agent.ports import Phase, RoundView
 from services.hospital_agent.protocol import Participation
 from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
@@ -136,8 +137,8 @@ class View:
         with self._agg.lock:
             return sorted(self._agg.sums)
 
-    def publish_mask_key(self, round_number: int, public_key: bytes) -> RoundView:
-        return self._agg.publish(self._hospital, round_number, public_key)
+    def publish_mask_key(self, round_number: int, key: SignedMaskKey) -> RoundView:
+        return self._agg.publish(self._hospital, round_number, key.public_key)
 
     def wait_for_cohort(self) -> RoundView:
         if self.crash_in_round is not None and self.crash_in_round[0] == self._agg.current:
@@ -151,10 +152,10 @@ class View:
             )
             return self._agg.info()
 
-    def mask_keys(self, round_number: int) -> dict[str, bytes]:
+    def mask_keys(self, round_number: int) -> dict[str, SignedMaskKey]:
         with self._agg.lock:
             assert self._agg.cohort is not None
-            return {h: k for h, k in self._agg.keys.items() if h in self._agg.cohort}
+            return {h: SignedMaskKey(k) for h, k in self._agg.keys.items() if h in self._agg.cohort}
 
 
 class Secrets:

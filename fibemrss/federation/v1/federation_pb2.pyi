@@ -391,6 +391,8 @@ class PublishMaskKeyRequest(_message.Message):
     HOSPITAL_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     STUDY_HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     round: _builtins.int
     hospital: _builtins.str
@@ -398,6 +400,12 @@ class PublishMaskKeyRequest(_message.Message):
     """X25519 public key, 32 bytes."""
     study_hash: _builtins.str
     """The study hash the hospital trains; refused unless it is the federation's."""
+    signature: _builtins.bytes
+    """The agent's signature over the key, the federation id, the task, the round and its identity
+    (docs/he-codec.md, "Signed round keys"), made with its mutual-TLS certificate's private key.
+    """
+    certificate: _builtins.bytes
+    """The signer's certificate (DER), issued by the federation CA to agent@<hospital>."""
     def __init__(
         self,
         *,
@@ -406,10 +414,12 @@ class PublishMaskKeyRequest(_message.Message):
         hospital: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
         study_hash: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key", "round", b"round", "study_hash", b"study_hash", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "hospital", b"hospital", "public_key", b"public_key", "round", b"round", "signature", b"signature", "study_hash", b"study_hash", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,17 +473,24 @@ class MaskKey(_message.Message):
 
     HOSPITAL_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     public_key: _builtins.bytes
+    signature: _builtins.bytes
+    """As published: every agent checks them before it derives a mask from `public_key`."""
+    certificate: _builtins.bytes
     def __init__(
         self,
         *,
         hospital: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "hospital", b"hospital", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

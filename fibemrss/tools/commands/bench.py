@@ -51,11 +51,29 @@ def _quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive numbers")
+    return values
+
+
 def _privacy(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.privacy_bench import run_privacy_bench
 
     shared = Path(args.shared_data)
-    _emit(run_privacy_bench(shared if (shared / "heart_disease").is_dir() else None, args.params), args.json)
+    _emit(
+        run_privacy_bench(
+            shared if (shared / "heart_disease").is_dir() else None,
+            args.params,
+            learning_rates=args.learning_rates,
+            clipping_norms=args.clipping_norms,
+        ),
+        args.json,
+    )
     return 0
 
 
@@ -118,6 +136,18 @@ def add_parser(subparsers: Any) -> None:
     )
     privacy.add_argument("--params", type=int, default=1_000_000)
     privacy.add_argument("--shared-data", default=default_shared, help="folder holding heart_disease/")
+    privacy.add_argument(
+        "--learning-rates",
+        type=_floats,
+        default=(0.03, 0.1, 0.3),
+        help="client learning rates searched on validation rows per epsilon (comma-separated)",
+    )
+    privacy.add_argument(
+        "--clipping-norms",
+        type=_floats,
+        default=(0.5, 1.0, 2.0),
+        help="DP-SGD clipping norms searched on validation rows per epsilon (comma-separated)",
+    )
     privacy.set_defaults(func=_privacy)
 
     ingest = sub.add_parser(
