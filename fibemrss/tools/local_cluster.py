@@ -169,7 +169,9 @@ class LocalCluster:
                 self._check_health(sp, deadline)
 
     def _check_health(self, sp: ServiceProcess, deadline: float) -> None:
-        with open_channel(sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}")) as channel:
+        with open_channel(
+            sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}"), sp.name
+        ) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 1.0)
