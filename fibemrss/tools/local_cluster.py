@@ -69,8 +69,12 @@ class LocalCluster:
     agents_reach_aggregator_via: Callable[[str], str] | None = None
     # Every hospital's site policy (FIBEMRSS_SITE_POLICY_FILE); None: the default policy.
     site_policy: SitePolicy | None = None
+    # One embedded PostgreSQL per site (the aggregator's, each hospital's), as in a deployment,
+    # so one site's database can be killed alone (`crash_database`); else one server for all.
+    separate_databases: bool = False
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _pg: Any = None
+    _site_pgs: dict[str, EmbeddedPostgres] = field(default_factory=dict)
     _db_urls: dict[str, str] = field(default_factory=dict)
 
     # -- start -----------------------------------------------------------------------------------
@@ -102,6 +106,12 @@ class LocalCluster:
                 self._db_urls[n] = ensure_database(self.database_url, n)
             return
 
+        if self.separate_databases:
+            for n in names:
+                self._site_pgs[n] = EmbeddedPostgres(self.workdir / f"postgres-{n}")
+                self._site_pgs[n].start()
+                self._db_urls[n] = self._site_pgs[n].create_database(n)
+            return
         self._pg = EmbeddedPostgres(self.workdir / "postgres")
         self._pg.start()
         for n in names:
@@ -180,7 +190,9 @@ class LocalCluster:
                 self._check_health(sp, deadline)
 
     def _check_health(self, sp: ServiceProcess, deadline: float) -> None:
-        with open_channel(sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}")) as channel:
+        with open_channel(
+            sp.address, self.client_tls(f"operator@{sp.name.split('@')[1]}"), sp.name
+        ) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             response = stub.Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 1.0)
@@ -243,6 +255,14 @@ class LocalCluster:
         self._spawn(name, env)
         self._wait_ready(time.monotonic() + timeout)
 
+    def crash_database(self, name: str, down_seconds: float = 1.0) -> None:
+        """kill -9 of the PostgreSQL holding database `name` ("aggregator", `db_name(h)`), which
+        must be a separate server, then the same server started again on the same port."""
+        pg = self._site_pgs[name]
+        pg.kill()
+        time.sleep(down_seconds)
+        pg.start()
+
     # -- stop ----------------------------------------------------------------------------------------
     def stop(self, grace: float = 15.0) -> None:
         # Signal everyone first, so they drain in parallel, then wait for each.
@@ -256,3 +276,6 @@ class LocalCluster:
             if self._pg is not None:
                 self._pg.stop()
                 self._pg = None
+            for pg in self._site_pgs.values():
+                pg.stop()
+            self._site_pgs.clear()

@@ -258,6 +258,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             for f, v in (("task", request.task), ("hospital", request.hospital))
             if not v
         ]
+        problems += text_problems({"task": request.task, "hospital": request.hospital})
         if problems:
             raise InvalidArgument("incomplete mask key", problems)
         check_hospital_identity(context, request.hospital)
@@ -275,6 +276,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def GetMaskKeys(
         self, request: pb.GetMaskKeysRequest, context: grpc.ServicerContext
     ) -> pb.GetMaskKeysResponse:
+        check_names(task=request.task)
         keys = self._coordinator.mask_keys(request.task, request.round)
         return pb.GetMaskKeysResponse(
             keys=[

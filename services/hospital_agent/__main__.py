@@ -20,7 +20,7 @@ from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
-from fibemrss.platform.authorization import hospital_policy
+from fibemrss.platform.authorization import CENTRAL, hospital_policy
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
@@ -63,9 +63,12 @@ def main() -> None:
     participation = Participation(
         hospital,
         task,
-        gateway=GrpcGateway(open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls), task.name),
+        # Each peer must present its own identity's certificate (fibemrss/platform/channels.py).
+        gateway=GrpcGateway(
+            open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls, server=f"gateway@{hospital}"), task.name
+        ),
         aggregator=GrpcAggregator(
-            open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls),
+            open_channel(env_str("FIBEMRSS_AGGREGATOR"), config.tls, server=f"aggregator@{CENTRAL}"),
             task.name,
             hospital,
             study_hash=study_hash(task),

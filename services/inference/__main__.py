@@ -57,7 +57,10 @@ def main() -> None:
     cache = ModelCache(ModelStore(db), task, env_float("FIBEMRSS_MODEL_POLL_SECONDS", 1.0))
     # Optional: with the hospital's gateway, Diagnose also accepts a patient key.
     gateway = env_optional("FIBEMRSS_GATEWAY")
-    directory = PatientDirectory(open_channel(gateway, config.tls)) if gateway else None
+    # Pinned: only the hospital's own gateway's certificate is accepted (platform/channels.py).
+    directory = (
+        PatientDirectory(open_channel(gateway, config.tls, server=f"gateway@{hospital}")) if gateway else None
+    )
 
     core = OpenInference(cache)
     authorize = hospital_policy(hospital)

@@ -7,6 +7,7 @@ import grpc
 from fibemrss.domain.errors import NotFound, PermissionDenied, Unavailable
 from fibemrss.domain.records import PatientRecord
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.platform.channels import ServerIdentityMismatch
 from fibemrss.serde.records import record_from_proto
 
 PURPOSE = "diagnosis reference"
@@ -31,5 +32,7 @@ class PatientDirectory:
                 raise NotFound(f"the gateway has no patient {patient_key}") from None
             if code == grpc.StatusCode.PERMISSION_DENIED:
                 raise PermissionDenied("the gateway refused this service's identity") from None
+            if isinstance(exc, ServerIdentityMismatch):
+                raise Unavailable(exc.details()) from None
             raise Unavailable(f"the hospital gateway did not answer ({code.name})") from None
         return record_from_proto(response.record)

@@ -545,6 +545,8 @@ def test_runbook_tls_secrets_use_the_files_certs_init_writes(tmp_path: Path) -> 
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
+    from fibemrss.platform.identity import identity_dns_name
+
     pki = tmp_path / "pki"
     init = ["certs", "init", "--out", str(pki), "--hospitals", "cleveland"]
     subprocess.run(
@@ -562,6 +564,10 @@ def test_runbook_tls_secrets_use_the_files_certs_init_writes(tmp_path: Path) -> 
             cert = x509.load_pem_x509_certificate(paths["tls.crt"].read_bytes())
             (cn,) = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             assert cn.value == IDENTITY[component(dep)], name
+            # Each certificate names only its own service: the identity clients pin, no other.
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            pinned = [n for n in san.get_values_for_type(x509.DNSName) if n.endswith(".fibemrss")]
+            assert pinned == [identity_dns_name(IDENTITY[component(dep)])], name
             assert paths["tls.key"] == paths["tls.crt"].with_suffix(".key"), name
     # The CA's private key goes into no Secret.
     assert not any(v.endswith("ca.key") for files in secrets.values() for v in files.values())

@@ -19,7 +19,7 @@ HOSPITALS = ("a", "b", "c")
 IDENTITIES = [
     "aggregator@central",
     "operator@central",
-    *(f"{role}@{h}" for h in HOSPITALS for role in ("agent", "operator", "gateway")),
+    *(f"{role}@{h}" for h in HOSPITALS for role in ("agent", "operator", "gateway", "inference")),
 ]
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fibemrss.platform.authorization import check_hospital_name
 from fibemrss.tools.certs import init_pki
 
 
@@ -17,15 +18,32 @@ def add_parser(subparsers: Any) -> None:
     init = certs.add_parser("init", help="a CA and one certificate per <role>@<site> identity")
     init.add_argument("--out", required=True)
     init.add_argument("--hospitals", required=True, help="comma-separated hospital names")
-    init.add_argument("--hostnames", help="extra DNS names for the certificates (Service names)")
+    init.add_argument(
+        "--hostnames",
+        help="IDENTITY=NAME pairs, comma-separated: a Service name for that identity's certificate "
+        "alone (each certificate names only its own service)",
+    )
     init.set_defaults(func=run_init)
+
+
+def parse_hostnames(text: str | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in (text or "").split(","):
+        if not item:
+            continue
+        identity, eq, name = item.partition("=")
+        if not eq or not identity or not name:
+            raise ValueError(f"--hostnames: {item!r} is not IDENTITY=NAME (say which certificate names it)")
+        out.setdefault(identity, []).append(name)
+    return out
 
 
 def run_init(args: argparse.Namespace) -> int:
     identities = ["aggregator@central", "operator@central"]
     for h in args.hospitals.split(","):
+        check_hospital_name(h)
         identities += [f"{role}@{h}" for role in ("gateway", "agent", "inference", "operator", "ehr")]
-    paths = init_pki(Path(args.out), identities, args.hostnames.split(",") if args.hostnames else None)
+    paths = init_pki(Path(args.out), identities, parse_hostnames(args.hostnames))
     print(
         json.dumps(
             {

@@ -15,7 +15,7 @@ from fibemrss.emr.v1 import emr_pb2
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
-from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 from services.inference.fhir_reference import ReferenceView, risk_assessment
 
 
@@ -95,7 +95,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     patient = read_patient(args.patient)
     request = inference_pb2.DiagnoseRequest(task=args.task, patient=patient, model_version=args.model_version)
-    with open_channel(args.inference, tls_from_args(args)) as channel:
+    with open_channel(args.inference, tls_from_args(args), server_identity(args, "inference")) as channel:
         try:
             response = inference_pb2_grpc.DiagnosisServiceStub(channel).Diagnose(
                 request, timeout=args.timeout

@@ -10,7 +10,7 @@ from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK
-from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 
 
 def add_parser(subparsers: Any) -> None:
@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    with open_channel(args.aggregator, tls_from_args(args)) as ch:
+    with open_channel(args.aggregator, tls_from_args(args), server_identity(args, "aggregator")) as ch:
         st = (
             federation_pb2_grpc.AggregatorServiceStub(ch)
             .GetFederationStatus(pb.GetFederationStatusRequest(task=args.task), timeout=10)

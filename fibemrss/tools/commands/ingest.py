@@ -21,7 +21,7 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.service_process import ServiceProcess, base_env
-from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 
 EXTENSIONS = {"fhir": (".json",), "hl7v2": (".hl7",), "csv": (".csv", ".data")}
 RESOURCE_KINDS = ("Patient", "Observation", "Condition", "Encounter")
@@ -83,12 +83,13 @@ def ingest_files(
     profile: str | None,
     source: str | None,
     tls: TlsFiles | None = None,
+    server: str | None = None,
 ) -> dict[str, Any]:
 
     totals: Counter[str] = Counter()
     resources: Counter[str] = Counter()
     errors: list[dict[str, Any]] = []
-    with open_channel(address, tls) as channel:
+    with open_channel(address, tls, server) as channel:
         stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
         for path in files:
             try:
@@ -156,7 +157,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     files = expand(args.paths, args.fmt)
     if args.gateway:
         summary = ingest_files(
-            args.gateway, args.fmt, files, args.profile, args.source_name, tls_from_args(args)
+            args.gateway,
+            args.fmt,
+            files,
+            args.profile,
+            args.source_name,
+            tls_from_args(args),
+            server_identity(args, "gateway"),
         )
     else:
         with throwaway_gateway() as gateway:

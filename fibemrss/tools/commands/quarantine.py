@@ -8,7 +8,7 @@ from typing import Any
 
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
-from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 
 _STATUSES = ("open", "accepted", "rejected")
 
@@ -44,7 +44,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _stub(args: argparse.Namespace) -> tuple[Any, Any]:
-    channel = open_channel(args.gateway, tls_from_args(args))
+    channel = open_channel(args.gateway, tls_from_args(args), server_identity(args, "gateway"))
     return channel, emr_pb2_grpc.EmrGatewayServiceStub(channel)
 
 
