@@ -131,15 +131,26 @@ def _federated_dp(task: TaskSpec, dp: DpSpec | None, hospitals: Sequence[Hospita
     return params
 
 
-def dp_accuracy(shared_data: Path | None, task: TaskSpec = HEART_DISEASE_V1_DP) -> dict[str, Any]:
+def dp_accuracy(
+    shared_data: Path | None,
+    task: TaskSpec = HEART_DISEASE_V1_DP,
+    epsilons: Sequence[float | None] = EPSILONS,
+    deltas: Sequence[float] = DELTAS,
+    split_seeds: Sequence[int] = SPLIT_SEEDS,
+) -> dict[str, Any]:
+    """Pooled and mean per-center test accuracy at each (epsilon, delta) of the grid, and without
+    DP (`None` in `epsilons`, run once), over `split_seeds`."""
+    # dp-accounting logs each fractional order that does not converge at large epsilon; the order
+    # is then left out of the minimum, which only loosens the bound.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     assert task.dp is not None
-    splits = {seed: prepare(task, shared_data, plain_average, split_seed=seed)[0] for seed in SPLIT_SEEDS}
+    splits = {seed: prepare(task, shared_data, plain_average, split_seed=seed)[0] for seed in split_seeds}
     dim = next(iter(splits.values()))[0].x_train.shape[1]
     shapes = layer_shapes(task.model, dim)
     rows: list[dict[str, Any]] = []
-    for delta in DELTAS:
-        for target in EPSILONS:
-            if target is None and delta != DELTAS[0]:
+    for delta in deltas:
+        for target in epsilons:
+            if target is None and delta != deltas[0]:
                 continue
             dp = (
                 None
@@ -178,10 +189,11 @@ def dp_accuracy(shared_data: Path | None, task: TaskSpec = HEART_DISEASE_V1_DP) 
     return {
         "task": task.name,
         "data": source,
-        "split_seeds": list(SPLIT_SEEDS),
+        "split_seeds": list(split_seeds),
+        "grid": {"epsilons": [e for e in epsilons if e is not None], "deltas": list(deltas)},
         "protocol": (
             "docs/quality.md's split (per hospital, label-stratified, 66% train) with split seeds "
-            f"{list(SPLIT_SEEDS)}; strategy {task.hyper.strategy} {dict(task.hyper.server_options)}, "
+            f"{list(split_seeds)}; strategy {task.hyper.strategy} {dict(task.hyper.server_options)}, "
             f"learning rate {task.hyper.learning_rate}, {task.rounds} rounds x {task.hyper.local_epochs} local "
             f"epoch, DP-SGD with Poisson sample rate {task.dp.sample_rate}, clipping norm {task.dp.max_grad_norm}, "
             "noise multiplier derived from (epsilon, delta) over all rounds; all fixed in the task spec "
@@ -195,9 +207,6 @@ def dp_accuracy(shared_data: Path | None, task: TaskSpec = HEART_DISEASE_V1_DP) 
 def run_privacy_bench(
     shared_data: Path | None, n_params: int = 1_000_000, hospital_counts: Sequence[int] = (4, 16)
 ) -> dict[str, Any]:
-    # dp-accounting logs each fractional order that does not converge at large epsilon; the order
-    # is then left out of the minimum, which only loosens the bound.
-    logging.getLogger("absl").setLevel(logging.ERROR)
     started = time.perf_counter()
     masking = [masking_cost(n_params, n) for n in hospital_counts]
     accuracy_figures = dp_accuracy(shared_data)

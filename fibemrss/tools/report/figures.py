@@ -382,4 +382,77 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
     )
 
 
+def privacy_utility(priv: dict[str, Any], out: Path, when: str) -> Figure:
+    """Accuracy against epsilon per delta, the no-DP line, and FLamby's published DP points on
+    their own metric (mean per-center accuracy), which ours is also plotted in."""
+    dp = priv["dp_accuracy"] if "dp_accuracy" in priv else priv
+    rows = dp["results"]
+    no_dp = next(r for r in rows if r["epsilon_target"] is None)
+    deltas = sorted({r["delta"] for r in rows if r["delta"] is not None}, reverse=True)
+    fig, (pooled_ax, center_ax) = plt.subplots(1, 2, figsize=(9.5, 4), sharex=True, sharey=True)
+    markers = ["o", "s", "^", "D"]
+    for ax, metric in ((pooled_ax, "pooled_test_accuracy"), (center_ax, "mean_per_center_test_accuracy")):
+        for i, delta in enumerate(deltas):
+            points = sorted(
+                (r for r in rows if r["delta"] == delta), key=lambda r: float(r["epsilon_target"])
+            )
+            eps = [r["epsilon_target"] for r in points]
+            mean = np.array([r[metric]["mean"] for r in points])
+            sd = np.array([r[metric]["sd"] for r in points])
+            ax.errorbar(eps, mean, yerr=sd, marker=markers[i % 4], capsize=3, label=f"DP-SGD, delta {delta:.0e}")
+        base = no_dp[metric]["mean"]
+        ax.axhline(base, color="grey", ls="--", lw=1, label=f"no DP {base:.3f}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epsilon (whole training)")
+        ax.grid(alpha=0.3)
+    flamby = dp.get("flamby_published") or {}
+    flamby_eps = sorted(
+        (float(k.removeprefix("epsilon_")), float(v)) for k, v in flamby.items() if k.startswith("epsilon_")
+    )
+    if flamby_eps:
+        center_ax.plot(
+            [e for e, _ in flamby_eps], [a for _, a in flamby_eps], "kx", ms=8, mew=2, label="FLamby DP (published)"
+        )
+    if "no_dp" in flamby:
+        center_ax.axhline(flamby["no_dp"], color="black", ls="-.", lw=0.8, label=f"FLamby no DP {flamby['no_dp']}")
+    ticks = sorted({float(r["epsilon_target"]) for r in rows if r["epsilon_target"] is not None})
+    ticks = sorted(set(ticks) | {e for e, _ in flamby_eps})
+    pooled_ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    pooled_ax.minorticks_off()
+    center_ax.minorticks_off()
+    pooled_ax.set_ylabel("test accuracy")
+    pooled_ax.set_title("pooled test accuracy", fontsize=9)
+    center_ax.set_title("mean of the 4 hospitals' test accuracy (FLamby's metric)", fontsize=9)
+    for ax in (pooled_ax, center_ax):
+        ax.legend(fontsize=7, loc="lower right")
+    name = _save(fig, out, "privacy_utility.png")
+    at_1 = next(
+        (r for r in rows if r["epsilon_target"] == 1.0 and deltas and r["delta"] == deltas[0]), None
+    )
+    at_1_text = (
+        f"at epsilon 1, delta {deltas[0]:g}: pooled {at_1['pooled_test_accuracy']['mean']:.3f} ± "
+        f"{at_1['pooled_test_accuracy']['sd']:.3f}, mean per center "
+        f"{at_1['mean_per_center_test_accuracy']['mean']:.3f}; "
+        if at_1
+        else ""
+    )
+    grid = dp.get("grid") or {}
+    reduced = (
+        f" Reduced grid for --quick: epsilon {', '.join(f'{e:g}' for e in grid.get('epsilons', []))} "
+        f"at delta {', '.join(f'{d:g}' for d in grid.get('deltas', []))}, {len(dp['split_seeds'])} split seeds "
+        "(the full bench: 5 epsilons, 2 deltas, 5 seeds)."
+        if dp.get("reduced")
+        else ""
+    )
+    return Figure(
+        name,
+        "Privacy against utility (DP-SGD)",
+        f"Task {dp['task']}, patient-level DP-SGD in every hospital's local training, epsilon over all "
+        f"rounds; mean ± sd over split seeds {', '.join(map(str, dp['split_seeds']))}; {at_1_text}"
+        f"no DP: pooled {no_dp['pooled_test_accuracy']['mean']:.3f}. FLamby's points ({flamby.get('metric', '')}; "
+        f"{flamby.get('source', '')}) are on their own split, plotted beside ours on the same metric, for "
+        f"orientation, not a same-run comparison.{reduced} {when}",
+    )
+
+
 Builder = Callable[[dict[str, Any], Path, str], Figure | list[Figure]]
