@@ -44,6 +44,8 @@ from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.diagnosis import LoadedModel, diagnose
+from services.inference.model_cache import ModelCache
+from services.inference.servicer import DiagnosisServicer
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -157,10 +159,32 @@ def _empty_server(port_out: Any, stop: Any) -> None:
     server.stop(grace=None)
 
 
-def measure_ceiling(payload: bytes, clients: int, duration: float) -> dict[str, Any]:
+def _empty_aio_server(port_out: Any, stop: Any) -> None:
+    """The same empty handler on grpc.aio (one event loop, no thread hand-off per call): the
+    ceiling an asyncio rewrite of the service could reach at best."""
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
+
+    async def serve() -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Empty", {"Call": grpc.unary_unary_rpc_method_handler(call)}
+        )
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_out.put(port)
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await server.stop(grace=None)
+
+    asyncio.run(serve())
+
+
+def measure_ceiling(payload: bytes, clients: int, duration: float, aio: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_out, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_empty_server, args=(port_out, stop))
+    proc = ctx.Process(target=_empty_aio_server if aio else _empty_server, args=(port_out, stop))
     proc.start()
     try:
         port = port_out.get(timeout=60)
@@ -338,6 +362,57 @@ def in_process_times(task: TaskSpec = HEART_DISEASE_V1, repeats: int = 2000) -> 
     }
 
 
+def diagnose_phases(database_url: str, repeats: int = 3000) -> dict[str, float]:
+    """Median microseconds of each part of one Diagnose call done in process, with the service's
+    own servicer and model cache on the bench's database: decode (the request bytes into the
+    message), model (the servicer's Diagnose: feature extraction, the cached model's reference
+    with its occlusion rows, the response message) and encode (the response into bytes)."""
+    db = Database(database_url, max_connections=1)
+    try:
+        cache = ModelCache(ModelStore(db), HEART_DISEASE_V1)
+        cache.refresh()
+        servicer = DiagnosisServicer(cache)
+        payload = diagnose_request_bytes()
+        request = inference_pb2.DiagnoseRequest.FromString(payload)
+        # The context is read only for a patient_key request; this one carries the patient.
+        context: Any = None
+        response = servicer.Diagnose(request, context)
+
+        def median_us(fn: Any) -> float:
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            return round(float(np.median(samples)) * 1e6, 1)
+
+        return {
+            "decode_us": median_us(lambda: inference_pb2.DiagnoseRequest.FromString(payload)),
+            "model_us": median_us(lambda: servicer.Diagnose(request, context)),
+            "encode_us": median_us(response.SerializeToString),
+        }
+    finally:
+        db.close()
+
+
+def phase_breakdown(
+    phases: dict[str, float], served: dict[str, Any], ceiling: dict[str, Any]
+) -> dict[str, Any]:
+    """Each request's share of the machine at 8 clients (1 / rps, both cores, the load generator
+    included) split into the in-process phases and the rest: the framework (gRPC, the interceptor's
+    authorization, capacity and metrics, the thread hand-off) and the client processes. The empty
+    handler's 1 / rps in the same run is what gRPC and the clients cost with no work at all."""
+    per_request = 1e6 / served["rps"]
+    work = phases["decode_us"] + phases["model_us"] + phases["encode_us"]
+    return {
+        **phases,
+        "per_request_us_at_8_clients": round(per_request, 1),
+        "framework_and_clients_us": round(per_request - work, 1),
+        "empty_handler_per_request_us": round(1e6 / ceiling["rps"], 1) if ceiling["rps"] else None,
+        "work_fraction": round(work / per_request, 3),
+    }
+
+
 def run_inference_bench(
     duration: float = 3.0,
     concurrency: Sequence[int] = CONCURRENCY,
@@ -372,9 +447,13 @@ def run_inference_bench(
                 # The limit, in the same run: an empty handler at 8 clients (the goal's concurrency).
                 ceiling = measure_ceiling(diagnose_request_bytes(), 8, duration)
                 out["empty_handler_ceiling_8_clients"] = ceiling
+                out["empty_aio_handler_ceiling_8_clients"] = measure_ceiling(
+                    diagnose_request_bytes(), 8, duration, aio=True
+                )
                 eight = out["diagnose"].get("8")
                 if eight and ceiling["rps"]:
                     out["diagnose_8_clients_ratio_to_ceiling"] = round(eight["rps"] / ceiling["rps"], 3)
+                    out["diagnose_phases"] = phase_breakdown(diagnose_phases(database_url), eight, ceiling)
         finally:
             if pg is not None:
                 pg.stop()

@@ -358,6 +358,11 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
         rps_ax.scatter(
             [8], [ceiling["rps"]], marker="_", s=400, color="black", label="empty handler, 8 clients"
         )
+    aio = inf.get("empty_aio_handler_ceiling_8_clients")
+    if aio:
+        rps_ax.scatter(
+            [8], [aio["rps"]], marker="x", s=60, color="black", label="empty grpc.aio handler, 8 clients"
+        )
     p99_ax.axhline(5, color="grey", ls="--", lw=1, label="goal p99 5 ms")
     for ax, label in ((rps_ax, "requests/s"), (p99_ax, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
@@ -373,6 +378,16 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
         figure += (
             f" (Python gRPC with an empty handler, same run: {ceiling['rps']:,.0f} req/s; ratio "
             f"{inf.get('diagnose_8_clients_ratio_to_ceiling')})"
+        )
+    if aio:
+        figure += f"; an empty grpc.aio handler, same run: {aio['rps']:,.0f} req/s"
+    phases = inf.get("diagnose_phases")
+    if phases:
+        figure += (
+            f". Per request at 8 clients ({phases['per_request_us_at_8_clients']} µs of the machine): decode "
+            f"{phases['decode_us']} µs, model {phases['model_us']} µs, encode {phases['encode_us']} µs, the "
+            f"rest (gRPC, interceptor, client processes) {phases['framework_and_clients_us']} µs; the empty "
+            f"handler costs {phases['empty_handler_per_request_us']} µs"
         )
     return Figure(
         name,
@@ -399,7 +414,9 @@ def privacy_utility(priv: dict[str, Any], out: Path, when: str) -> Figure:
             eps = [r["epsilon_target"] for r in points]
             mean = np.array([r[metric]["mean"] for r in points])
             sd = np.array([r[metric]["sd"] for r in points])
-            ax.errorbar(eps, mean, yerr=sd, marker=markers[i % 4], capsize=3, label=f"DP-SGD, delta {delta:.0e}")
+            ax.errorbar(
+                eps, mean, yerr=sd, marker=markers[i % 4], capsize=3, label=f"DP-SGD, delta {delta:.0e}"
+            )
         base = no_dp[metric]["mean"]
         ax.axhline(base, color="grey", ls="--", lw=1, label=f"no DP {base:.3f}")
         ax.set_xscale("log", base=2)
@@ -411,10 +428,17 @@ def privacy_utility(priv: dict[str, Any], out: Path, when: str) -> Figure:
     )
     if flamby_eps:
         center_ax.plot(
-            [e for e, _ in flamby_eps], [a for _, a in flamby_eps], "kx", ms=8, mew=2, label="FLamby DP (published)"
+            [e for e, _ in flamby_eps],
+            [a for _, a in flamby_eps],
+            "kx",
+            ms=8,
+            mew=2,
+            label="FLamby DP (published)",
         )
     if "no_dp" in flamby:
-        center_ax.axhline(flamby["no_dp"], color="black", ls="-.", lw=0.8, label=f"FLamby no DP {flamby['no_dp']}")
+        center_ax.axhline(
+            flamby["no_dp"], color="black", ls="-.", lw=0.8, label=f"FLamby no DP {flamby['no_dp']}"
+        )
     ticks = sorted({float(r["epsilon_target"]) for r in rows if r["epsilon_target"] is not None})
     ticks = sorted(set(ticks) | {e for e, _ in flamby_eps})
     pooled_ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -426,9 +450,7 @@ def privacy_utility(priv: dict[str, Any], out: Path, when: str) -> Figure:
     for ax in (pooled_ax, center_ax):
         ax.legend(fontsize=7, loc="lower right")
     name = _save(fig, out, "privacy_utility.png")
-    at_1 = next(
-        (r for r in rows if r["epsilon_target"] == 1.0 and deltas and r["delta"] == deltas[0]), None
-    )
+    at_1 = next((r for r in rows if r["epsilon_target"] == 1.0 and deltas and r["delta"] == deltas[0]), None)
     at_1_text = (
         f"at epsilon 1, delta {deltas[0]:g}: pooled {at_1['pooled_test_accuracy']['mean']:.3f} ± "
         f"{at_1['pooled_test_accuracy']['sd']:.3f}, mean per center "
