@@ -188,7 +188,7 @@ def measure_ceiling(payload: bytes, clients: int, duration: float, aio: bool = F
     proc.start()
     try:
         port = port_out.get(timeout=60)
-        return measure(f"127.0.0.1:{port}", EMPTY_METHOD, payload, clients, duration)
+        return measure(f"127.0.0.1:{port}", EMPTY_METHOD, payload, clients, duration, proc.pid)
     finally:
         stop.set()
         proc.join(timeout=10)
@@ -227,6 +227,7 @@ def _client_process(
                 await call(payload, timeout=10)
             ready.put(os.getpid())
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            cpu_start = time.process_time()
             end = time.perf_counter() + duration
             latencies: list[float] = []
             failures = 0
@@ -245,13 +246,26 @@ def _client_process(
                     latencies.append(time.perf_counter() - start)
 
             await asyncio.gather(*(caller() for _ in range(clients)))
-            results.put((latencies, failures))
+            results.put((latencies, failures, time.process_time() - cpu_start))
 
     asyncio.run(main())
 
 
-def measure(address: str, method: str, payload: bytes, clients: int, duration: float) -> dict[str, float]:
-    """Closed-loop load with `clients` concurrent callers; rps, p50 and p99 over `duration` seconds."""
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far, every thread (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    address: str, method: str, payload: bytes, clients: int, duration: float, server_pid: int | None = None
+) -> dict[str, float]:
+    """Closed-loop load with `clients` concurrent callers; rps, p50 and p99 over `duration` seconds,
+    and the CPU each request cost the load generator and (given its pid) the server: on a machine
+    shared with other work those are steadier than the throughput itself."""
     ctx = mp.get_context("spawn")  # a forked child would inherit gRPC's threads in a bad state
     processes = -(-clients // CLIENTS_PER_PROCESS)
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
@@ -269,25 +283,36 @@ def measure(address: str, method: str, payload: bytes, clients: int, duration: f
     try:
         for _ in workers:
             ready.get(timeout=60)
+        server_cpu = process_cpu_seconds(server_pid) if server_pid else None
         go.set()
         latencies: list[float] = []
         failures = 0
+        client_cpu = 0.0
         for _ in workers:
-            lat, failed = results.get(timeout=duration + 60)
+            lat, failed, cpu = results.get(timeout=duration + 60)
             latencies += lat
             failures += failed
+            client_cpu += cpu
+        if server_cpu is not None:
+            now = process_cpu_seconds(server_pid) if server_pid else None
+            server_cpu = None if now is None else now - server_cpu
     finally:
         for w in workers:
             w.join(timeout=10)
             if w.is_alive():
                 w.kill()
     ms = np.asarray(latencies) * 1000.0
-    return {
+    out = {
         "rps": round(len(latencies) / duration, 1),
         "p50_ms": round(float(np.percentile(ms, 50)), 3) if len(ms) else float("nan"),
         "p99_ms": round(float(np.percentile(ms, 99)), 3) if len(ms) else float("nan"),
         "failures": failures,
     }
+    if latencies:
+        out["client_cpu_us_per_request"] = round(client_cpu / len(latencies) * 1e6, 1)
+        if server_cpu is not None:
+            out["server_cpu_us_per_request"] = round(server_cpu / len(latencies) * 1e6, 1)
+    return out
 
 
 def kserve_rest_body(task: TaskSpec = HEART_DISEASE_V1) -> bytes:
@@ -398,19 +423,27 @@ def diagnose_phases(database_url: str, repeats: int = 3000) -> dict[str, float]:
 def phase_breakdown(
     phases: dict[str, float], served: dict[str, Any], ceiling: dict[str, Any]
 ) -> dict[str, Any]:
-    """Each request's share of the machine at 8 clients (1 / rps, both cores, the load generator
-    included) split into the in-process phases and the rest: the framework (gRPC, the interceptor's
-    authorization, capacity and metrics, the thread hand-off) and the client processes. The empty
-    handler's 1 / rps in the same run is what gRPC and the clients cost with no work at all."""
-    per_request = 1e6 / served["rps"]
+    """Where a Diagnose request's CPU goes at 8 clients: the in-process phases (decode, model,
+    encode), the rest of the server's CPU per request (gRPC's sync server, the interceptor's
+    authorization, capacity and metrics, the thread hand-off: the framework) and the load
+    generator's. The empty handler's server CPU per request, same run, is gRPC's own share. With
+    both cores busy, cores / (server + client CPU per request) bounds the throughput."""
     work = phases["decode_us"] + phases["model_us"] + phases["encode_us"]
-    return {
-        **phases,
-        "per_request_us_at_8_clients": round(per_request, 1),
-        "framework_and_clients_us": round(per_request - work, 1),
-        "empty_handler_per_request_us": round(1e6 / ceiling["rps"], 1) if ceiling["rps"] else None,
-        "work_fraction": round(work / per_request, 3),
-    }
+    out: dict[str, Any] = {**phases, "per_request_wall_us_at_8_clients": round(1e6 / served["rps"], 1)}
+    server, client = served.get("server_cpu_us_per_request"), served.get("client_cpu_us_per_request")
+    if server is not None and client is not None:
+        cores = os.cpu_count() or 1
+        out.update(
+            server_cpu_us=server,
+            framework_us=round(server - work, 1),
+            client_cpu_us=client,
+            work_fraction_of_server_cpu=round(work / server, 3),
+            cpu_bound_rps=round(cores * 1e6 / (server + client), 1),
+        )
+    if ceiling.get("server_cpu_us_per_request") is not None:
+        out["empty_handler_server_cpu_us"] = ceiling["server_cpu_us_per_request"]
+        out["empty_handler_client_cpu_us"] = ceiling.get("client_cpu_us_per_request")
+    return out
 
 
 def run_inference_bench(
@@ -433,12 +466,15 @@ def run_inference_bench(
             rest = {"FIBEMRSS_HTTP_PLAINTEXT_LISTEN": "127.0.0.1:0"}
             with inference_process(database_url, work / "service", rest) as service:
                 out: dict[str, Any] = {"diagnose": {}, "model_infer": {}, "kserve_rest_infer": {}}
+                server_pid = service.process.pid if service.process is not None else None
                 for key, method, payload in (
                     ("diagnose", DIAGNOSE_METHOD, diagnose_request_bytes()),
                     ("model_infer", MODEL_INFER_METHOD, model_infer_request_bytes()),
                 ):
                     for clients in concurrency:
-                        out[key][str(clients)] = measure(service.address, method, payload, clients, duration)
+                        out[key][str(clients)] = measure(
+                            service.address, method, payload, clients, duration, server_pid
+                        )
                 infer_path = f"/v2/models/{HEART_DISEASE_V1.name}/infer"
                 for clients in concurrency:
                     out["kserve_rest_infer"][str(clients)] = measure_rest(

@@ -382,12 +382,13 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
     if aio:
         figure += f"; an empty grpc.aio handler, same run: {aio['rps']:,.0f} req/s"
     phases = inf.get("diagnose_phases")
-    if phases:
+    if phases and "server_cpu_us" in phases:
         figure += (
-            f". Per request at 8 clients ({phases['per_request_us_at_8_clients']} µs of the machine): decode "
-            f"{phases['decode_us']} µs, model {phases['model_us']} µs, encode {phases['encode_us']} µs, the "
-            f"rest (gRPC, interceptor, client processes) {phases['framework_and_clients_us']} µs; the empty "
-            f"handler costs {phases['empty_handler_per_request_us']} µs"
+            f". CPU per Diagnose request at 8 clients: server {phases['server_cpu_us']} µs (decode "
+            f"{phases['decode_us']}, model {phases['model_us']}, encode {phases['encode_us']}, framework "
+            f"{phases['framework_us']}: gRPC, interceptor, thread hand-off), load generator "
+            f"{phases['client_cpu_us']} µs; an empty handler's server CPU {phases.get('empty_handler_server_cpu_us')} µs; "
+            f"{inf.get('cpu_count')} cores bound it at {phases['cpu_bound_rps']:,.0f} req/s"
         )
     return Figure(
         name,
