@@ -21,6 +21,7 @@ import psycopg2.extensions
 from psycopg2.extras import execute_values
 
 from fibemrss.db.pool import Database, one_row
+from fibemrss.db.text_copy import copy_rows
 from fibemrss.domain.errors import FailedPrecondition, NotFound
 from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
 from services.emr_gateway.consent import ConsentDecision
@@ -65,17 +66,15 @@ def _enc_row(record_id: int, key: str, e: Encounter) -> tuple[Any, ...]:
     return (record_id, key, e.source_id, e.class_code, e.start, e.end)
 
 
-_INSERT_OBS = (
-    "INSERT INTO observations (record_id, patient_key, code_system, code, display, value, unit, "
-    "value_system, value_code, effective, source_id) VALUES %s"
-)
-_INSERT_COND = (
-    "INSERT INTO conditions (record_id, patient_key, code_system, code, display, onset, "
-    "clinical_status, source_id) VALUES %s"
-)
-_INSERT_ENC = (
-    "INSERT INTO encounters (record_id, patient_key, source_id, class_code, start_at, end_at) VALUES %s"
-)
+# The child rows of each stored record version go in by COPY (fibemrss/db/text_copy.py).
+_OBS_COLUMNS = (
+    "record_id", "patient_key", "code_system", "code", "display", "value", "unit",
+    "value_system", "value_code", "effective", "source_id",
+)  # fmt: skip
+_COND_COLUMNS = (
+    "record_id", "patient_key", "code_system", "code", "display", "onset", "clinical_status", "source_id",
+)  # fmt: skip
+_ENC_COLUMNS = ("record_id", "patient_key", "source_id", "class_code", "start_at", "end_at")
 _UPSERT_PATIENTS = (
     "INSERT INTO patients (patient_key, sex, birth_date, age_years) VALUES %s "
     "ON CONFLICT (patient_key) DO UPDATE SET sex=COALESCE(EXCLUDED.sex, patients.sex), "
@@ -227,9 +226,9 @@ class GatewayStore:
             obs += [_obs_row(rid, key, o) for o in w.record.observations]
             conds += [_cond_row(rid, key, c) for c in w.record.conditions]
             encs += [_enc_row(rid, key, e) for e in w.record.encounters]
-        for sql, rows_ in ((_INSERT_OBS, obs), (_INSERT_COND, conds), (_INSERT_ENC, encs)):
-            if rows_:
-                execute_values(cur, sql, rows_, page_size=_PAGE)
+        copy_rows(cur, "observations", _OBS_COLUMNS, obs)
+        copy_rows(cur, "conditions", _COND_COLUMNS, conds)
+        copy_rows(cur, "encounters", _ENC_COLUMNS, encs)
 
     @staticmethod
     def _quarantine_rows(cur: Cursor, writes: Sequence[Write]) -> list[StoreOutcome]:

@@ -44,6 +44,8 @@ from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.diagnosis import LoadedModel, diagnose
+from services.inference.model_cache import ModelCache
+from services.inference.servicer import DiagnosisServicer
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -157,14 +159,36 @@ def _empty_server(port_out: Any, stop: Any) -> None:
     server.stop(grace=None)
 
 
-def measure_ceiling(payload: bytes, clients: int, duration: float) -> dict[str, Any]:
+def _empty_aio_server(port_out: Any, stop: Any) -> None:
+    """The same empty handler on grpc.aio (one event loop, no thread hand-off per call): the
+    ceiling an asyncio rewrite of the service could reach at best."""
+
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b""
+
+    async def serve() -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Empty", {"Call": grpc.unary_unary_rpc_method_handler(call)}
+        )
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_out.put(port)
+        await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+        await server.stop(grace=None)
+
+    asyncio.run(serve())
+
+
+def measure_ceiling(payload: bytes, clients: int, duration: float, aio: bool = False) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     port_out, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_empty_server, args=(port_out, stop))
+    proc = ctx.Process(target=_empty_aio_server if aio else _empty_server, args=(port_out, stop))
     proc.start()
     try:
         port = port_out.get(timeout=60)
-        return measure(f"127.0.0.1:{port}", EMPTY_METHOD, payload, clients, duration)
+        return measure(f"127.0.0.1:{port}", EMPTY_METHOD, payload, clients, duration, proc.pid)
     finally:
         stop.set()
         proc.join(timeout=10)
@@ -203,6 +227,7 @@ def _client_process(
                 await call(payload, timeout=10)
             ready.put(os.getpid())
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            cpu_start = time.process_time()
             end = time.perf_counter() + duration
             latencies: list[float] = []
             failures = 0
@@ -221,13 +246,26 @@ def _client_process(
                     latencies.append(time.perf_counter() - start)
 
             await asyncio.gather(*(caller() for _ in range(clients)))
-            results.put((latencies, failures))
+            results.put((latencies, failures, time.process_time() - cpu_start))
 
     asyncio.run(main())
 
 
-def measure(address: str, method: str, payload: bytes, clients: int, duration: float) -> dict[str, float]:
-    """Closed-loop load with `clients` concurrent callers; rps, p50 and p99 over `duration` seconds."""
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far, every thread (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    address: str, method: str, payload: bytes, clients: int, duration: float, server_pid: int | None = None
+) -> dict[str, float]:
+    """Closed-loop load with `clients` concurrent callers; rps, p50 and p99 over `duration` seconds,
+    and the CPU each request cost the load generator and (given its pid) the server: on a machine
+    shared with other work those are steadier than the throughput itself."""
     ctx = mp.get_context("spawn")  # a forked child would inherit gRPC's threads in a bad state
     processes = -(-clients // CLIENTS_PER_PROCESS)
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
@@ -245,25 +283,36 @@ def measure(address: str, method: str, payload: bytes, clients: int, duration: f
     try:
         for _ in workers:
             ready.get(timeout=60)
+        server_cpu = process_cpu_seconds(server_pid) if server_pid else None
         go.set()
         latencies: list[float] = []
         failures = 0
+        client_cpu = 0.0
         for _ in workers:
-            lat, failed = results.get(timeout=duration + 60)
+            lat, failed, cpu = results.get(timeout=duration + 60)
             latencies += lat
             failures += failed
+            client_cpu += cpu
+        if server_cpu is not None:
+            now = process_cpu_seconds(server_pid) if server_pid else None
+            server_cpu = None if now is None else now - server_cpu
     finally:
         for w in workers:
             w.join(timeout=10)
             if w.is_alive():
                 w.kill()
     ms = np.asarray(latencies) * 1000.0
-    return {
+    out = {
         "rps": round(len(latencies) / duration, 1),
         "p50_ms": round(float(np.percentile(ms, 50)), 3) if len(ms) else float("nan"),
         "p99_ms": round(float(np.percentile(ms, 99)), 3) if len(ms) else float("nan"),
         "failures": failures,
     }
+    if latencies:
+        out["client_cpu_us_per_request"] = round(client_cpu / len(latencies) * 1e6, 1)
+        if server_cpu is not None:
+            out["server_cpu_us_per_request"] = round(server_cpu / len(latencies) * 1e6, 1)
+    return out
 
 
 def kserve_rest_body(task: TaskSpec = HEART_DISEASE_V1) -> bytes:
@@ -338,6 +387,65 @@ def in_process_times(task: TaskSpec = HEART_DISEASE_V1, repeats: int = 2000) -> 
     }
 
 
+def diagnose_phases(database_url: str, repeats: int = 3000) -> dict[str, float]:
+    """Median microseconds of each part of one Diagnose call done in process, with the service's
+    own servicer and model cache on the bench's database: decode (the request bytes into the
+    message), model (the servicer's Diagnose: feature extraction, the cached model's reference
+    with its occlusion rows, the response message) and encode (the response into bytes)."""
+    db = Database(database_url, max_connections=1)
+    try:
+        cache = ModelCache(ModelStore(db), HEART_DISEASE_V1)
+        cache.refresh()
+        servicer = DiagnosisServicer(cache)
+        payload = diagnose_request_bytes()
+        request = inference_pb2.DiagnoseRequest.FromString(payload)
+        # The context is read only for a patient_key request; this one carries the patient.
+        context: Any = None
+        response = servicer.Diagnose(request, context)
+
+        def median_us(fn: Any) -> float:
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            return round(float(np.median(samples)) * 1e6, 1)
+
+        return {
+            "decode_us": median_us(lambda: inference_pb2.DiagnoseRequest.FromString(payload)),
+            "model_us": median_us(lambda: servicer.Diagnose(request, context)),
+            "encode_us": median_us(response.SerializeToString),
+        }
+    finally:
+        db.close()
+
+
+def phase_breakdown(
+    phases: dict[str, float], served: dict[str, Any], ceiling: dict[str, Any]
+) -> dict[str, Any]:
+    """Where a Diagnose request's CPU goes at 8 clients: the in-process phases (decode, model,
+    encode), the rest of the server's CPU per request (gRPC's sync server, the interceptor's
+    authorization, capacity and metrics, the thread hand-off: the framework) and the load
+    generator's. The empty handler's server CPU per request, same run, is gRPC's own share. With
+    both cores busy, cores / (server + client CPU per request) bounds the throughput."""
+    work = phases["decode_us"] + phases["model_us"] + phases["encode_us"]
+    out: dict[str, Any] = {**phases, "per_request_wall_us_at_8_clients": round(1e6 / served["rps"], 1)}
+    server, client = served.get("server_cpu_us_per_request"), served.get("client_cpu_us_per_request")
+    if server is not None and client is not None:
+        cores = os.cpu_count() or 1
+        out.update(
+            server_cpu_us=server,
+            framework_us=round(server - work, 1),
+            client_cpu_us=client,
+            work_fraction_of_server_cpu=round(work / server, 3),
+            cpu_bound_rps=round(cores * 1e6 / (server + client), 1),
+        )
+    if ceiling.get("server_cpu_us_per_request") is not None:
+        out["empty_handler_server_cpu_us"] = ceiling["server_cpu_us_per_request"]
+        out["empty_handler_client_cpu_us"] = ceiling.get("client_cpu_us_per_request")
+    return out
+
+
 def run_inference_bench(
     duration: float = 3.0,
     concurrency: Sequence[int] = CONCURRENCY,
@@ -358,12 +466,15 @@ def run_inference_bench(
             rest = {"FIBEMRSS_HTTP_PLAINTEXT_LISTEN": "127.0.0.1:0"}
             with inference_process(database_url, work / "service", rest) as service:
                 out: dict[str, Any] = {"diagnose": {}, "model_infer": {}, "kserve_rest_infer": {}}
+                server_pid = service.process.pid if service.process is not None else None
                 for key, method, payload in (
                     ("diagnose", DIAGNOSE_METHOD, diagnose_request_bytes()),
                     ("model_infer", MODEL_INFER_METHOD, model_infer_request_bytes()),
                 ):
                     for clients in concurrency:
-                        out[key][str(clients)] = measure(service.address, method, payload, clients, duration)
+                        out[key][str(clients)] = measure(
+                            service.address, method, payload, clients, duration, server_pid
+                        )
                 infer_path = f"/v2/models/{HEART_DISEASE_V1.name}/infer"
                 for clients in concurrency:
                     out["kserve_rest_infer"][str(clients)] = measure_rest(
@@ -372,9 +483,13 @@ def run_inference_bench(
                 # The limit, in the same run: an empty handler at 8 clients (the goal's concurrency).
                 ceiling = measure_ceiling(diagnose_request_bytes(), 8, duration)
                 out["empty_handler_ceiling_8_clients"] = ceiling
+                out["empty_aio_handler_ceiling_8_clients"] = measure_ceiling(
+                    diagnose_request_bytes(), 8, duration, aio=True
+                )
                 eight = out["diagnose"].get("8")
                 if eight and ceiling["rps"]:
                     out["diagnose_8_clients_ratio_to_ceiling"] = round(eight["rps"] / ceiling["rps"], 3)
+                    out["diagnose_phases"] = phase_breakdown(diagnose_phases(database_url), eight, ceiling)
         finally:
             if pg is not None:
                 pg.stop()

@@ -185,20 +185,31 @@ def dp_accuracy(
     task: TaskSpec = HEART_DISEASE_V1_DP,
     learning_rates: Sequence[float] = LEARNING_RATES,
     clipping_norms: Sequence[float] = CLIPPING_NORMS,
+    epsilons: Sequence[float | None] = EPSILONS,
+    deltas: Sequence[float] = DELTAS,
+    split_seeds: Sequence[int] = SPLIT_SEEDS,
 ) -> dict[str, Any]:
-    """Per (epsilon, delta): the learning rate and clipping norm that maximize the mean pooled
+    """Per (epsilon, delta) of the grid (and without DP, `None` in `epsilons`): the learning rate and clipping norm that maximize the mean pooled
     VALIDATION accuracy over the split seeds (validation rows carved from each hospital's train
     rows; the test rows are not read), then the test accuracy of that one setting, trained on the
     whole train rows, over the same seeds."""
+    import torch  # local: only this benchmark trains
+
+    # dp-accounting logs each fractional order that does not converge at large epsilon; the order
+    # is then left out of the minimum, which only loosens the bound.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Per-example gradients of a 30-parameter model are tiny tensors: torch's thread pool only
+    # adds overhead (4x slower on the shared 2-core machine), so one thread, as an agent's would.
+    torch.set_num_threads(1)
     assert task.dp is not None
     validation = {
         seed: prepare(task, shared_data, plain_average, validation=True, split_seed=seed)[0]
-        for seed in SPLIT_SEEDS
+        for seed in split_seeds
     }
     rows: list[dict[str, Any]] = []
-    for delta in DELTAS:
-        for target in EPSILONS:
-            if target is None and delta != DELTAS[0]:
+    for delta in deltas:
+        for target in epsilons:
+            if target is None and delta != deltas[0]:
                 continue
             dp = (
                 None
@@ -217,7 +228,7 @@ def dp_accuracy(
             best_score, chosen = max(searched, key=lambda r: (r[0], -r[1].learning_rate, -r[1].max_grad_norm))
             tuned, tuned_dp = chosen.apply(task, dp)
             pooled, per_center = [], []
-            for seed in SPLIT_SEEDS:
+            for seed in split_seeds:
                 hospitals = prepare(tuned, shared_data, plain_average, split_seed=seed)[0]
                 p, c = _pooled(tuned, _federated_dp(tuned, tuned_dp, hospitals, seed), hospitals)
                 pooled.append(p)
@@ -253,19 +264,21 @@ def dp_accuracy(
     return {
         "task": task.name,
         "data": source,
-        "split_seeds": list(SPLIT_SEEDS),
+        "split_seeds": list(split_seeds),
         "grid": {
             "learning_rate": list(learning_rates),
             "max_grad_norm": list(clipping_norms),
+            "epsilons": [e for e in epsilons if e is not None],
+            "deltas": list(deltas),
             "chosen_on": "mean pooled accuracy on validation rows carved from each hospital's train rows "
-            "(docs/quality.md), over the 5 split seeds; test rows never read for the choice; ties to "
+            "(docs/quality.md), over the split seeds; test rows never read for the choice; ties to "
             "the smaller learning rate, then the smaller norm; without DP only the learning rate",
             "privacy_of_the_search": "not accounted: the epsilon reported is that of one training run; "
             "a hospital searching a grid on its own data spends more (see docs/privacy.md)",
         },
         "protocol": (
             "docs/quality.md's split (per hospital, label-stratified, 66% train) with split seeds "
-            f"{list(SPLIT_SEEDS)}; strategy {task.hyper.strategy} {dict(task.hyper.server_options)}, "
+            f"{list(split_seeds)}; strategy {task.hyper.strategy} {dict(task.hyper.server_options)}, "
             f"{task.rounds} rounds x {task.hyper.local_epochs} local epoch, DP-SGD with Poisson sample rate "
             f"{task.dp.sample_rate}, noise multiplier derived from (epsilon, delta) over all rounds; the "
             "learning rate and clipping norm chosen per (epsilon, delta) on validation rows only (grid "
@@ -284,14 +297,6 @@ def run_privacy_bench(
     learning_rates: Sequence[float] = LEARNING_RATES,
     clipping_norms: Sequence[float] = CLIPPING_NORMS,
 ) -> dict[str, Any]:
-    import torch  # local: only this benchmark trains
-
-    # dp-accounting logs each fractional order that does not converge at large epsilon; the order
-    # is then left out of the minimum, which only loosens the bound.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    # Per-example gradients of a 30-parameter model are tiny tensors: torch's thread pool only
-    # adds overhead (4x slower on the shared 2-core machine), so one thread, as an agent's would.
-    torch.set_num_threads(1)
     started = time.perf_counter()
     masking = [masking_cost(n_params, n) for n in hospital_counts]
     accuracy_figures = dp_accuracy(shared_data, HEART_DISEASE_V1_DP, learning_rates, clipping_norms)

@@ -324,7 +324,7 @@ def round_latency(rnd: dict[str, Any], out: Path, when: str) -> Figure:
 
 
 def ingest(ing: dict[str, Any], out: Path, when: str) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (ax, phases_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1.2, 1]})
     names = ["resources_per_s", "stored_rows_per_s", "copy_rows_per_s"]
     ax.bar(range(3), [ing[n] for n in names], color=["#1f77b4", "#1f77b4", "#7f7f7f"])
     ax.set_xticks(
@@ -333,12 +333,31 @@ def ingest(ing: dict[str, Any], out: Path, when: str) -> Figure:
     ax.set_yscale("log")
     ax.set_ylabel("per second")
     ax.grid(axis="y", alpha=0.3)
+    phases = (ing.get("phases") or {}).get("seconds") or {}
+    left = 0.0
+    for phase, seconds in phases.items():
+        phases_ax.barh(0, seconds, left=left, label=f"{phase.removesuffix('_s')} {seconds:.2f} s")
+        left += seconds
+    transport = (ing.get("phases") or {}).get("grpc_transport_and_servicer_s")
+    if transport:
+        phases_ax.barh(0, transport, left=left, color="#bbb", label=f"gRPC and servicer {transport:.2f} s")
+    phases_ax.set_yticks([])
+    phases_ax.set_xlabel(f"seconds for the {ing['bundles']} bundles")
+    phases_ax.set_title("where the time goes (in process, same run)", fontsize=9)
+    if phases:
+        phases_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
     name = _save(fig, out, "ingest.png")
+    split = (
+        "; in process: " + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in phases.items())
+        if phases
+        else ""
+    )
     return Figure(
         name,
         "Gateway ingest next to PostgreSQL COPY",
         f"The {ing['bundles']} shared Synthea bundles through one gateway over gRPC: {ing['resources_per_s']:,.0f} "
-        f"resources/s; COPY of the same rows {ing['copy_rows_per_s']:,.0f} rows/s; ratio {ing['ratio']}. {when}",
+        f"resources/s; COPY of the same rows {ing['copy_rows_per_s']:,.0f} rows/s; ratio {ing['ratio']} "
+        f"(goal 0.25){split}. {when}",
     )
 
 
@@ -358,6 +377,11 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
         rps_ax.scatter(
             [8], [ceiling["rps"]], marker="_", s=400, color="black", label="empty handler, 8 clients"
         )
+    aio = inf.get("empty_aio_handler_ceiling_8_clients")
+    if aio:
+        rps_ax.scatter(
+            [8], [aio["rps"]], marker="x", s=60, color="black", label="empty grpc.aio handler, 8 clients"
+        )
     p99_ax.axhline(5, color="grey", ls="--", lw=1, label="goal p99 5 ms")
     for ax, label in ((rps_ax, "requests/s"), (p99_ax, "p99 latency (ms)")):
         ax.set_xscale("log", base=2)
@@ -374,11 +398,103 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
             f" (Python gRPC with an empty handler, same run: {ceiling['rps']:,.0f} req/s; ratio "
             f"{inf.get('diagnose_8_clients_ratio_to_ceiling')})"
         )
+    if aio:
+        figure += f"; an empty grpc.aio handler, same run: {aio['rps']:,.0f} req/s"
+    phases = inf.get("diagnose_phases")
+    if phases and "server_cpu_us" in phases:
+        figure += (
+            f". CPU per Diagnose request at 8 clients: server {phases['server_cpu_us']} µs (decode "
+            f"{phases['decode_us']}, model {phases['model_us']}, encode {phases['encode_us']}, framework "
+            f"{phases['framework_us']}: gRPC, interceptor, thread hand-off), load generator "
+            f"{phases['client_cpu_us']} µs; an empty handler's server CPU {phases.get('empty_handler_server_cpu_us')} µs; "
+            f"{inf.get('cpu_count')} cores bound it at {phases['cpu_bound_rps']:,.0f} req/s"
+        )
     return Figure(
         name,
         "Inference throughput and tail latency",
         f"Single-patient Diagnose and KServe ModelInfer over loopback gRPC; {figure}; forward pass "
         f"{inf.get('forward_pass_ms', '?')} ms. {when}",
+    )
+
+
+def privacy_utility(priv: dict[str, Any], out: Path, when: str) -> Figure:
+    """Accuracy against epsilon per delta, the no-DP line, and FLamby's published DP points on
+    their own metric (mean per-center accuracy), which ours is also plotted in."""
+    dp = priv["dp_accuracy"] if "dp_accuracy" in priv else priv
+    rows = dp["results"]
+    no_dp = next(r for r in rows if r["epsilon_target"] is None)
+    deltas = sorted({r["delta"] for r in rows if r["delta"] is not None}, reverse=True)
+    fig, (pooled_ax, center_ax) = plt.subplots(1, 2, figsize=(9.5, 4), sharex=True, sharey=True)
+    markers = ["o", "s", "^", "D"]
+    for ax, metric in ((pooled_ax, "pooled_test_accuracy"), (center_ax, "mean_per_center_test_accuracy")):
+        for i, delta in enumerate(deltas):
+            points = sorted(
+                (r for r in rows if r["delta"] == delta), key=lambda r: float(r["epsilon_target"])
+            )
+            eps = [r["epsilon_target"] for r in points]
+            mean = np.array([r[metric]["mean"] for r in points])
+            sd = np.array([r[metric]["sd"] for r in points])
+            ax.errorbar(
+                eps, mean, yerr=sd, marker=markers[i % 4], capsize=3, label=f"DP-SGD, delta {delta:.0e}"
+            )
+        base = no_dp[metric]["mean"]
+        ax.axhline(base, color="grey", ls="--", lw=1, label=f"no DP {base:.3f}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epsilon (whole training)")
+        ax.grid(alpha=0.3)
+    flamby = dp.get("flamby_published") or {}
+    flamby_eps = sorted(
+        (float(k.removeprefix("epsilon_")), float(v)) for k, v in flamby.items() if k.startswith("epsilon_")
+    )
+    if flamby_eps:
+        center_ax.plot(
+            [e for e, _ in flamby_eps],
+            [a for _, a in flamby_eps],
+            "kx",
+            ms=8,
+            mew=2,
+            label="FLamby DP (published)",
+        )
+    if "no_dp" in flamby:
+        center_ax.axhline(
+            flamby["no_dp"], color="black", ls="-.", lw=0.8, label=f"FLamby no DP {flamby['no_dp']}"
+        )
+    ticks = sorted({float(r["epsilon_target"]) for r in rows if r["epsilon_target"] is not None})
+    ticks = sorted(set(ticks) | {e for e, _ in flamby_eps})
+    pooled_ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    pooled_ax.minorticks_off()
+    center_ax.minorticks_off()
+    pooled_ax.set_ylabel("test accuracy")
+    pooled_ax.set_title("pooled test accuracy", fontsize=9)
+    center_ax.set_title("mean of the 4 hospitals' test accuracy (FLamby's metric)", fontsize=9)
+    for ax in (pooled_ax, center_ax):
+        ax.legend(fontsize=7, loc="lower right")
+    name = _save(fig, out, "privacy_utility.png")
+    at_1 = next((r for r in rows if r["epsilon_target"] == 1.0 and deltas and r["delta"] == deltas[0]), None)
+    at_1_text = (
+        f"at epsilon 1, delta {deltas[0]:g}: pooled {at_1['pooled_test_accuracy']['mean']:.3f} ± "
+        f"{at_1['pooled_test_accuracy']['sd']:.3f}, mean per center "
+        f"{at_1['mean_per_center_test_accuracy']['mean']:.3f}; "
+        if at_1
+        else ""
+    )
+    grid = dp.get("grid") or {}
+    reduced = (
+        f" Reduced grid for --quick: epsilon {', '.join(f'{e:g}' for e in grid.get('epsilons', []))} "
+        f"at delta {', '.join(f'{d:g}' for d in grid.get('deltas', []))}, {len(dp['split_seeds'])} split seeds, "
+        "the task's learning rate and clipping norm (the full bench: 5 epsilons, 2 deltas, 5 seeds, both "
+        "chosen on validation rows)."
+        if dp.get("reduced")
+        else ""
+    )
+    return Figure(
+        name,
+        "Privacy against utility (DP-SGD)",
+        f"Task {dp['task']}, patient-level DP-SGD in every hospital's local training, epsilon over all "
+        f"rounds; mean ± sd over split seeds {', '.join(map(str, dp['split_seeds']))}; {at_1_text}"
+        f"no DP: pooled {no_dp['pooled_test_accuracy']['mean']:.3f}. FLamby's points ({flamby.get('metric', '')}; "
+        f"{flamby.get('source', '')}) are on their own split, plotted beside ours on the same metric, for "
+        f"orientation, not a same-run comparison.{reduced} {when}",
     )
 
 
