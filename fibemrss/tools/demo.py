@@ -87,7 +87,7 @@ def ingest_all(
 ) -> dict[str, dict[str, int]]:
     summary: dict[str, dict[str, int]] = {}
     for h, content in per_hospital.items():
-    with open_channel(
+        with open_channel(
             endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}"), f"gateway@{h}"
         ) as ch:
             r = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
@@ -236,7 +236,7 @@ def ingest_fhir(
     """Each hospital's bundles through its gateway; the patient keys accepted, per hospital."""
     keys: dict[str, list[str]] = {}
     for h, contents in bundles.items():
-    with open_channel(
+        with open_channel(
             endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}"), f"gateway@{h}"
         ) as ch:
             stub = emr_pb2_grpc.EmrGatewayServiceStub(ch)

@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.tools.bench.curves import DEFAULT_SEEDS, run_quality_curves
 from fibemrss.tools.bench.he_bench import run_he_bench
 from fibemrss.tools.bench.inference_bench import run_inference_bench
 from fibemrss.tools.bench.ingest_bench import run_ingest_bench
-from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.tools.bench.privacy_bench import dp_accuracy
 from fibemrss.tools.bench.round_bench import run_round_bench
 from fibemrss.tools.report import figures
