@@ -7,15 +7,18 @@ Bytes are per parameter; times are seconds per million parameters on one core.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import tenseal as ts
 
+from fibemrss.he.chunk_format import unpack_chunk
 from fibemrss.he.codec import ChunkAccumulator, UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.he.params import HeParams
 
 N_HOSPITALS = 4
 _FLARE_POLY_MODULUS_DEGREE = 8192
@@ -32,9 +35,44 @@ def _timed(work: Callable[[], _Result]) -> tuple[_Result, float]:
     return result, time.perf_counter() - start
 
 
+def upload_breakdown(upload: list[bytes], n_params: int, params: HeParams) -> dict[str, Any]:
+    """Where an upload's bytes per parameter go, and what a slot must hold: the figures that stand
+    between this codec and 1.0x float32 (4 bytes per parameter)."""
+    n_ciphertexts, seal_bytes = 0, 0
+    for chunk in upload:
+        _, ciphertexts = unpack_chunk(chunk)
+        n_ciphertexts += len(ciphertexts)
+        seal_bytes += sum(map(len, ciphertexts))
+    n = params.poly_modulus_degree
+    log_q = sum(params.coeff_mod_bit_sizes)
+    polynomial = n_ciphertexts * n * 8  # c0: one 64-bit word per coefficient; c1 is a seed
+    slot_bits = math.log2(params.plain_modulus)
+    party_bits = math.log2(params.max_weight * params.max_abs_value * 2**params.frac_bits)
+    return {
+        "bytes_per_param": round(sum(map(len, upload)) / n_params, 4),
+        "c0_polynomial_words": round(polynomial / n_params, 4),
+        "seal_header_seed_and_padding": round((seal_bytes - polynomial) / n_params, 4),
+        "chunk_headers_and_length_prefixes": round((sum(map(len, upload)) - seal_bytes) / n_params, 4),
+        "slots_used_per_param": round(n_ciphertexts * n / n_params, 4),
+        "coefficient_bits": log_q,
+        "word_bits": 64,
+        "tight_coefficients_bytes_per_param": round(n_ciphertexts * n * log_q / 8 / n_params, 4),
+        "plain_modulus_bits": round(slot_bits, 2),
+        "one_party_value_bits": round(party_bits, 2),
+        "headroom_bits_for_parties": round(slot_bits - 1 - party_bits, 2),
+        "why_not_two_values_per_slot": (
+            f"a slot is a {slot_bits:.1f}-bit integer mod t; one party's weighted fixed-point value "
+            f"needs {party_bits:.1f} bits (max weight {params.max_weight} x |v| <= {params.max_abs_value:g} "
+            f"x 2^{params.frac_bits}) and {params.max_parties} parties' sum needs "
+            f"{math.log2(params.max_parties):.0f} more plus a sign: two such values do not fit one slot "
+            "without a smaller weight or precision (quantized updates with error feedback)"
+        ),
+    }
+
+
 def _figures(
     n_params: int, upload: list[bytes], download: list[bytes], times: tuple[float, float, float], error: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
     per_million = 1e6 / n_params
     encrypt_s, aggregate_s, decrypt_s = times
     return {
@@ -47,7 +85,7 @@ def _figures(
     }
 
 
-def _bench_ours(values: np.ndarray, weight: int) -> dict[str, float]:
+def _bench_ours(values: np.ndarray, weight: int) -> dict[str, Any]:
     hospital_bytes, aggregator_bytes = generate_keys()
     hospital_key = load_hospital_key(hospital_bytes)
     aggregator_key = load_aggregator_key(aggregator_bytes)
@@ -68,10 +106,12 @@ def _bench_ours(values: np.ndarray, weight: int) -> dict[str, float]:
     download, aggregate_s = _timed(aggregate)
     (average, _), decrypt_s = _timed(lambda: decryptor.decrypt_average(download, values.size))
     error = float(np.abs(average - values).max())
-    return _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error)
+    figures = _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error)
+    figures["upload_breakdown"] = upload_breakdown(upload, values.size, hospital_key.params)
+    return figures
 
 
-def _bench_flare_ckks(values: np.ndarray) -> dict[str, float]:
+def _bench_flare_ckks(values: np.ndarray) -> dict[str, Any]:
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=_FLARE_POLY_MODULUS_DEGREE,
@@ -104,7 +144,7 @@ def _bench_flare_ckks(values: np.ndarray) -> dict[str, float]:
     return _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error)
 
 
-def run_he_bench(n_params: int = 1_000_000) -> dict[str, dict[str, float]]:
+def run_he_bench(n_params: int = 1_000_000) -> dict[str, dict[str, Any]]:
     """{"ours": figures, "flare_ckks": figures}, measured now on this machine, one core each."""
     values = np.random.default_rng(0).uniform(-1.0, 1.0, n_params)
     return {"ours": _bench_ours(values, weight=1000), "flare_ckks": _bench_flare_ckks(values)}
