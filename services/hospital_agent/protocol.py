@@ -378,11 +378,12 @@ class Participation:
             actor=f"agent@{self.hospital}",
         )
 
-    def personalized_version(self) -> int:
-        """The version number of the personalized model: after every round's (version = round)."""
-        return self.task.rounds + 1
+    def personalized_version(self, last_round: int) -> int:
+        """The version number of the personalized model: above every round's (version = round),
+        of the study's rounds and of a federation started with more."""
+        return max(self.task.rounds, last_round) + 1
 
-    def _personalize(self) -> None:
+    def _personalize(self, last_round: int) -> None:
         """After the last round: fine-tune the final global model on this hospital's training rows,
         choose on validation, publish the personalized model (served when chosen, standby
         otherwise). Deterministic, so a restarted agent publishes the same version once."""
@@ -393,7 +394,7 @@ class Participation:
         if result is None:
             self._warn("no personalized model: too few training rows to fine-tune and validate")
             return
-        version = self.personalized_version()
+        version = self.personalized_version(last_round)
         g, p = result.global_score, result.personalized_score
         test_value, _, test_total = self._test_accuracy(result.params)
         choice = (
@@ -498,7 +499,7 @@ class Participation:
             info = self._aggregator.current_round(wanted)
             if info.federation_done:
                 self._global_params(info.round if info.phase == Phase.CLOSED else info.base_round)
-                self._personalize()
+                self._personalize(info.round)
                 with self.progress.lock:
                     self.progress.done = True
                 self._recovered()

@@ -205,6 +205,7 @@ def test_diagnose_cli_prints_the_reference(
     assert args.func(args) == 0
     ref = json.loads(capsys.readouterr().out)
     assert ref["model_version"] == 2 and 0.0 <= ref["probability"] <= 1.0
+    assert ref["model_kind"] == "global" and "base_model_version" not in ref
     assert ref["imputed_features"] == ["cholesterol"]
 
     args = parser.parse_args(
@@ -219,5 +220,5 @@ def test_diagnose_cli_prints_the_reference(
     assert args.func(args) == 0
     assessment = RiskAssessment.model_validate_json(capsys.readouterr().out)
     assert assessment.subject.reference == "Patient/p7"
-    assert assessment.method.coding[0].display == "heart-disease-v1 version 2"
+    assert assessment.method.coding[0].display == "heart-disease-v1 global version 2"
     assert 0.0 <= float(assessment.prediction[0].probabilityDecimal) <= 1.0

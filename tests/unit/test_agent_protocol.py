@@ -410,11 +410,11 @@ def with_test_rows_perturbed(examples: list[TrainingExample]) -> list[TrainingEx
 
 
 def federate_personalized(
-    key: tuple[HospitalKey, AggregatorKey], examples_a: list[TrainingExample]
+    key: tuple[HospitalKey, AggregatorKey], examples_a: list[TrainingExample], rounds: int = 2
 ) -> tuple[Participation, FakeModelStore]:
-    """Two hospitals, two rounds, personalization after the last: hospital a's examples given."""
+    """Two hospitals, `rounds` rounds, personalization after the last: hospital a's examples given."""
     hospital_key, aggregator_key = key
-    agg = FakeAggregator(aggregator_key, rounds=2, failing=set())
+    agg = FakeAggregator(aggregator_key, rounds=rounds, failing=set())
     store_a = FakeModelStore()
     gateways = {"a": FakeGateway(examples_a), "b": FakeGateway(synthetic_examples(2))}
     parts = {
@@ -482,3 +482,13 @@ def test_validation_keeps_the_global_model_when_fine_tuning_makes_it_worse() -> 
     # A tie keeps the federation's model.
     same = ValidationScore(0.8, 0.4, 30)
     assert choose(same, same) == "global"
+
+
+def test_a_federation_longer_than_the_study_publishes_the_personalized_model_after_every_round(
+    keys: tuple[HospitalKey, AggregatorKey],
+) -> None:
+    a, store = federate_personalized(keys, inverted(synthetic_examples(1)), rounds=3)  # the study says 2
+    assert sorted(store.versions) == [1, 2, 3, 4]
+    assert [store.versions[v].kind for v in (1, 2, 3, 4)] == ["global"] * 3 + ["personalized"]
+    assert store.versions[4].base_version == 3
+    assert a.progress.personalization is not None and a.progress.personalization.personalized_version == 4
