@@ -79,6 +79,8 @@ def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(feder
             "submission_chunks",
             "aggregates",
             "mask_keys",
+            "study_proposals",  # study documents name codes, never a patient
+            "audit_log",
         }
         # Individual uploads went with the commit of their round's sum; mask keys are public keys.
         cur.execute("SELECT count(*) FROM submission_chunks")
@@ -88,7 +90,10 @@ def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(feder
         cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema='public'")
         columns = {r[0] for r in cur.fetchall()}
         assert not columns & {"patient_key", "age_years", "sex", "value", "weight", "examples"}
-        cur.execute("SELECT ciphertext FROM aggregates UNION ALL SELECT ciphertext FROM submission_chunks")
+        cur.execute(
+            "SELECT ciphertext FROM aggregates UNION ALL SELECT ciphertext FROM submission_chunks "
+            "UNION ALL SELECT document FROM study_proposals"
+        )
         blobs = [bytes(r[0]) for r in cur.fetchall()]
     conn.close()
     assert blobs
