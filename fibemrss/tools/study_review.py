@@ -168,13 +168,16 @@ def propose_and_approve(
     """The whole flow for a federation whose operators approve (the demo, LocalCluster, the
     deploy harness): operator@central proposes; each hospital's operator reviews the proposal
     at its gateway and approves it. The proposal's hash, and each hospital's decision."""
-    with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
+    with open_channel(
+        endpoints["aggregator"], tls_for(endpoints, "operator@central"), "aggregator@central"
+    ) as ch:
         proposed = propose(ch, document).proposal
     decisions: dict[str, emr_pb2.StudyDecision] = {}
     for h in hospitals:
-        with open_channel(endpoints["aggregator"], tls_for(endpoints, f"operator@{h}")) as ch:
+        tls = tls_for(endpoints, f"operator@{h}")
+        with open_channel(endpoints["aggregator"], tls, "aggregator@central" if tls else None) as ch:
             doc = proposal(ch, proposed.study).document
-        with open_channel(endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}")) as ch:
+        with open_channel(endpoints["hospitals"][h]["gateway"], tls, f"gateway@{h}" if tls else None) as ch:
             review(ch, doc)
             decisions[h] = decide(ch, doc, True, reason)
     return proposed.study_hash, decisions

@@ -31,7 +31,7 @@ from fibemrss.tools.study_review import (
     review,
     review_to_dict,
 )
-from fibemrss.tools.tls_args import add_tls_arguments, tls_from_args
+from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 
 
 def add_parser(subparsers: Any) -> None:
@@ -132,7 +132,7 @@ def run_review(args: argparse.Namespace) -> int:
 
 
 def _propose(args: argparse.Namespace) -> int:
-    with open_channel(args.aggregator, tls_from_args(args)) as ch:
+    with open_channel(args.aggregator, tls_from_args(args), server_identity(args, "aggregator")) as ch:
         response = propose(ch, _document(args.study))
     p = response.proposal
     state = "already proposed" if response.duplicate else "proposed"
@@ -142,7 +142,7 @@ def _propose(args: argparse.Namespace) -> int:
 
 def _review(args: argparse.Namespace) -> int:
     tls = tls_from_args(args)
-    with open_channel(args.aggregator, tls) as ch:
+    with open_channel(args.aggregator, tls, server_identity(args, "aggregator")) as ch:
         proposed = proposal(ch, args.study)
     if args.study_command != "review" and args.hash and args.hash != proposed.study_hash:
         print(
@@ -151,7 +151,7 @@ def _review(args: argparse.Namespace) -> int:
         )
         return 1
     task = parse_study(proposed.document, "proposal")
-    with open_channel(args.gateway, tls) as ch:
+    with open_channel(args.gateway, tls, server_identity(args, "gateway")) as ch:
         if args.study_command == "review":
             r = review(ch, proposed.document)
             print(json.dumps(review_to_dict(r, task), indent=2) if args.json else format_review(r, task))
