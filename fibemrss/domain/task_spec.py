@@ -114,6 +114,10 @@ class TaskSpec:
     weight_quantum: int = 8
     # Patient-level DP-SGD in local training; None trains without it.
     dp: DpSpec | None = None
+    # Federated histograms of the numeric features (fibemrss.domain.histograms): this many equal
+    # bins per feature in round 0, released only in merged bins of at least this many patients.
+    histogram_bins: int = 10
+    histogram_min_count: int = 10
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:
