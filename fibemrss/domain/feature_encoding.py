@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fibemrss.domain.feature_extraction import FeatureValue
+from fibemrss.domain.histograms import FeatureHistogram, global_histograms, local_histogram_vector
 from fibemrss.domain.task_spec import TaskSpec
 
 
@@ -23,7 +24,8 @@ def numeric_features(task: TaskSpec) -> list[int]:
 
 
 def stats_vector_length(task: TaskSpec) -> int:
-    return 3 * len(numeric_features(task))
+    """Moments (3 per numeric feature), then the histogram bins (fibemrss.domain.histograms)."""
+    return (3 + task.histogram_bins) * len(numeric_features(task))
 
 
 def local_stats_vector(task: TaskSpec, rows: Sequence[Sequence[FeatureValue]]) -> np.ndarray:
@@ -41,7 +43,16 @@ def local_stats_vector(task: TaskSpec, rows: Sequence[Sequence[FeatureValue]]) -
         out[3 * j] = len(xs) / n
         out[3 * j + 1] = sum(xs) / n
         out[3 * j + 2] = sum(x * x for x in xs) / n
+    out[3 * len(numeric_features(task)) :] = local_histogram_vector(task, numeric_features(task), rows)
     return out
+
+
+def global_histograms_from_average(
+    task: TaskSpec, average: np.ndarray, total_weight: int
+) -> tuple[FeatureHistogram, ...]:
+    """Round 0's released histograms (bins of at least the task's minimum count)."""
+    numeric = numeric_features(task)
+    return global_histograms(task, numeric, average[3 * len(numeric) :], total_weight)
 
 
 @dataclass(frozen=True)

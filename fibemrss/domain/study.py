@@ -235,7 +235,16 @@ def _privacy(r: _Reader, raw: Any) -> dict[str, Any]:
     d = r.obj(
         raw or {},
         "privacy",
-        {"pairwise_masking", "min_contributors", "weighting", "weight_noise_scale", "weight_quantum", "dp"},
+        {
+            "pairwise_masking",
+            "min_contributors",
+            "weighting",
+            "weight_noise_scale",
+            "weight_quantum",
+            "dp",
+            "histogram_bins",
+            "histogram_min_count",
+        },
     )
     out: dict[str, Any] = {}
     masking = d.get("pairwise_masking", True)
@@ -249,6 +258,13 @@ def _privacy(r: _Reader, raw: Any) -> dict[str, Any]:
     out["weighting"] = weighting
     out["weight_noise_scale"] = r.number(d, "weight_noise_scale", "privacy.weight_noise_scale", 8.0, low=0.0)
     out["weight_quantum"] = r.integer(d, "weight_quantum", "privacy.weight_quantum", 8, low=1) or 8
+    bins = r.integer(d, "histogram_bins", "privacy.histogram_bins", 10, low=1) or 10
+    if bins > 100:
+        r.bad("privacy.histogram_bins", "must be at most 100")
+    out["histogram_bins"] = bins
+    out["histogram_min_count"] = (
+        r.integer(d, "histogram_min_count", "privacy.histogram_min_count", 10, low=1) or 10
+    )
     out["dp"] = None
     if d.get("dp") is not None:
         dp = r.obj(
@@ -408,6 +424,11 @@ def study_to_json(task: TaskSpec) -> dict[str, Any]:
         "weight_noise_scale": task.weight_noise_scale,
         "weight_quantum": task.weight_quantum,
     }
+    # Only when set: studies written before histograms keep their identity (hash).
+    if task.histogram_bins != 10:
+        doc["privacy"]["histogram_bins"] = task.histogram_bins
+    if task.histogram_min_count != 10:
+        doc["privacy"]["histogram_min_count"] = task.histogram_min_count
     if task.dp is not None:
         doc["privacy"]["dp"] = {
             k: v

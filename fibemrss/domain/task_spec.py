@@ -130,6 +130,10 @@ class TaskSpec:
     dp: DpSpec | None = None
     # Personalized local models after the last round; None serves the global model only.
     personalization: PersonalizationSpec | None = None
+    # Federated histograms of the numeric features (fibemrss.domain.histograms): this many equal
+    # bins per feature in round 0, released only in merged bins of at least this many patients.
+    histogram_bins: int = 10
+    histogram_min_count: int = 10
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

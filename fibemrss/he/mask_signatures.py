@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
@@ -114,8 +115,10 @@ class MaskKeyVerifier:
         if not key.signature or not key.certificate:
             raise MaskKeyRefused(f"the mask key of {hospital} is unsigned")
         try:
-            cert = x509.load_der_x509_certificate(key.certificate)
-        except ValueError:
+            with warnings.catch_warnings():  # a malformed certificate is refused below, not warned about
+                warnings.simplefilter("ignore")
+                cert = x509.load_der_x509_certificate(key.certificate)
+        except (ValueError, x509.InvalidVersion):
             raise MaskKeyRefused(f"the mask key of {hospital} carries an unreadable certificate") from None
         if not any(_issued_by(cert, ca) for ca in self._cas):
             raise MaskKeyRefused(
@@ -161,7 +164,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 

@@ -29,6 +29,7 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.serde.records import record_to_proto
 from fibemrss.tools.commands.diagnose import reference_to_dict
 from fibemrss.tools.federation_request import start_request
+from fibemrss.tools.histogram_view import histogram_line, histograms_json
 from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, demo_pseudonym_key, tls_for
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from fibemrss.tools.study_review import document_of, propose_and_approve
@@ -176,6 +177,8 @@ def run_federation(
                 return reported, {
                     "pooled_test_accuracy": reported[-1]["pooled_test_accuracy"],
                     "per_hospital": per,
+                    # Every agent releases the same histograms (the same round-0 sum).
+                    "histograms": histograms_json(statuses[hospitals[0]]),
                 }
             if time.monotonic() > end:
                 raise TimeoutError("the federation did not finish in time")
@@ -327,6 +330,9 @@ def run_demo(
             f"final pooled test accuracy {final['pooled_test_accuracy']:.3f}; per hospital: "
             + ", ".join(f"{h} {a:.3f}" for h, a in final["per_hospital"].items()),
         )
+        _say(quiet, "federated histograms (summed under masking; bins below the minimum count merged):")
+        for histogram in final["histograms"]:
+            _say(quiet, "  " + histogram_line(histogram))
         if uci:
             patient = held_out_patient(hospitals[0], per_hospital[hospitals[0]], study)
             diagnosis = ask_diagnosis(endpoints, hospitals[0], task, patient, rounds)

@@ -25,12 +25,14 @@ from fibemrss.domain.dataset_size import federation_weight
 from fibemrss.domain.errors import DomainError, FailedPrecondition, NotFound, Unavailable
 from fibemrss.domain.feature_encoding import (
     GlobalStats,
+    global_histograms_from_average,
     global_stats_from_average,
     input_dim,
     input_names,
     local_stats_vector,
     stats_vector_length,
 )
+from fibemrss.domain.histograms import FeatureHistogram
 from fibemrss.domain.model_params import accuracy_of_logits, layer_shapes
 from fibemrss.domain.privacy_accounting import epsilon_after_rounds, noise_multiplier, steps_per_round
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
@@ -115,6 +117,9 @@ class AgentProgress:
     epsilon_by_round: dict[int, float] = field(default_factory=dict)
     # After the last round, when the task personalizes (None before, or without it).
     personalization: PersonalizationReport | None = None
+    # The federation's histograms of the numeric features from round 0, as released (bins of at
+    # least the task's minimum count; fibemrss.domain.histograms).
+    histograms: tuple[FeatureHistogram, ...] = ()
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -266,21 +271,26 @@ class Participation:
         return self._bounds.max_weight
 
     def _decrypt_round(self, round_number: int, n_values: int) -> np.ndarray:
-        """The round's decrypted average, refused below the task's minimum of contributors and
-        checked against the codec's bounds before any use."""
+        return self._decrypt_round_weighted(round_number, n_values)[0]
+
+    def _decrypt_round_weighted(self, round_number: int, n_values: int) -> tuple[np.ndarray, int]:
+        """The round's decrypted average and total weight, refused below the task's minimum of
+        contributors and checked against the codec's bounds before any use."""
         chunks = self._aggregator.fetch_aggregate(round_number)
         try:
             average, total_weight = self._codec.decrypt_average(chunks, n_values, self.task.min_contributors)
         except HeError as exc:
             raise AggregateRejected(f"the aggregate of round {round_number} is refused: {exc}") from None
         check_aggregate(average, total_weight, contributors(chunks), self._bounds)
-        return average
+        return average, total_weight
 
     def _global_stats(self) -> GlobalStats:
         if self._stats is None:
-            self._stats = global_stats_from_average(
-                self.task, self._decrypt_round(0, stats_vector_length(self.task))
-            )
+            average, total_weight = self._decrypt_round_weighted(0, stats_vector_length(self.task))
+            self._stats = global_stats_from_average(self.task, average)
+            histograms = global_histograms_from_average(self.task, average, total_weight)
+            with self.progress.lock:
+                self.progress.histograms = histograms
         return self._stats
 
     def _global_params(self, base_round: int) -> np.ndarray:

@@ -62,5 +62,13 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
                 epsilon=max(progress.epsilon_by_round.values(), default=0.0),
                 delta=progress.dp_delta,
                 personalization=_personalization(progress.personalization),
+                histograms=[
+                    pb.FeatureHistogram(
+                        feature=h.feature,
+                        bins=[pb.HistogramBin(low=b.low, high=b.high, count=b.count) for b in h.bins],
+                        suppressed_bins=h.suppressed,
+                    )
+                    for h in progress.histograms
+                ],
             )
         return pb.GetAgentStatusResponse(status=status)

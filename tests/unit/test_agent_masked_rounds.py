@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fibemrss.domain.errors import FailedPrecondition, Unavailable
+from fibemrss.domain.feature_encoding import numeric_features
 from fibemrss.domain.privacy_accounting import epsilon_after_rounds
 from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
@@ -237,6 +238,11 @@ def test_masked_dp_rounds_survive_a_dropout_and_a_restarted_agent(
         assert agents[h].progress.done and agents[h].progress.error == "", (h, agents[h].progress.error)
 
     assert sorted(agg.sums) == [0, 1, 2]
+    # Round 0's federated histograms: the same at every hospital, no bin below the minimum count.
+    released = agents["a"].progress.histograms
+    assert len(released) == len(numeric_features(TASK)) and all(h.bins for h in released)
+    assert all(agents[h].progress.histograms == released for h in ("b", "c", "d2"))
+    assert min(b.count for h in released for b in h.bins) >= TASK.histogram_min_count
     for version in (1, 2):
         models = [stores[h].versions[version].model.params for h in HOSPITALS]
         for m in models[1:]:

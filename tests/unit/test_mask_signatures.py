@@ -9,6 +9,8 @@ import datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeySigner, MaskKeyVerifier, SignedMaskKey
@@ -80,3 +82,26 @@ def test_a_signer_refuses_a_key_that_is_not_its_certificates(pki: tuple[Path, Pa
     real, _ = pki
     with pytest.raises(HeKeyError, match="does not belong"):
         MaskKeySigner((real / "agent@a.crt").read_bytes(), (real / "agent@b.key").read_bytes())
+
+
+@settings(max_examples=60, deadline=None)
+@given(signature=st.binary(max_size=200), certificate=st.binary(max_size=600), flip=st.integers(0, 10_000))
+def test_junk_signatures_and_certificates_are_refused_never_an_unexpected_error(
+    pki: tuple[Path, Path], signature: bytes, certificate: bytes, flip: int
+) -> None:
+    real, _ = pki
+    verifier = MaskKeyVerifier((real / "ca.crt").read_bytes())
+    genuine = signer(real, "agent@a").sign(FED, "task", 3, "a", KEY)
+    # Random bytes, and the genuine certificate or signature with one byte changed.
+    cert = bytearray(genuine.certificate)
+    cert[flip % len(cert)] ^= 0x01
+    sig = bytearray(genuine.signature)
+    sig[flip % len(sig)] ^= 0x01
+    for key in (
+        SignedMaskKey(KEY, signature, certificate),
+        SignedMaskKey(KEY, genuine.signature, bytes(cert)),
+        SignedMaskKey(KEY, bytes(sig), genuine.certificate),
+        SignedMaskKey(KEY, signature, genuine.certificate),
+    ):
+        with pytest.raises(MaskKeyRefused):
+            verifier.check(FED, "task", 3, "a", key)

@@ -809,6 +809,7 @@ class AgentStatus(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     PERSONALIZATION_FIELD_NUMBER: _builtins.int
+    HISTOGRAMS_FIELD_NUMBER: _builtins.int
     hospital: _builtins.str
     task: _builtins.str
     last_submitted_round: _builtins.int
@@ -838,6 +839,12 @@ class AgentStatus(_message.Message):
         validation scores it chose by. Unset before, or for a task without personalization.
         """
 
+    @_builtins.property
+    def histograms(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureHistogram]:
+        """The federation's histograms of the numeric features (round 0, summed across hospitals under
+        masking), released only in merged bins of at least the task's minimum count.
+        """
+
     def __init__(
         self,
         *,
@@ -855,10 +862,11 @@ class AgentStatus(_message.Message):
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
         personalization: Global___Personalization | None = ...,
+        histograms: _abc.Iterable[Global___FeatureHistogram] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["personalization", b"personalization"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "delta", b"delta", "done", b"done", "dp", b"dp", "epsilon", b"epsilon", "error", b"error", "evaluations", b"evaluations", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "personalization", b"personalization", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "delta", b"delta", "done", b"done", "dp", b"dp", "epsilon", b"epsilon", "error", b"error", "evaluations", b"evaluations", "histograms", b"histograms", "hospital", b"hospital", "last_submitted_round", b"last_submitted_round", "personalization", b"personalization", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -911,3 +919,59 @@ class Personalization(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Personalization: _TypeAlias = Personalization  # noqa: Y015
+
+@_typing.final
+class FeatureHistogram(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_BINS_FIELD_NUMBER: _builtins.int
+    feature: _builtins.str
+    suppressed_bins: _builtins.int
+    """Bins of the task's layout merged into a neighbour or withheld."""
+    @_builtins.property
+    def bins(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramBin]:
+        """Adjacent, in order; the first starts at -inf and the last ends at +inf. Empty when the
+        feature has fewer patients than the minimum count in all.
+        """
+
+    def __init__(
+        self,
+        *,
+        feature: _builtins.str = ...,
+        bins: _abc.Iterable[Global___HistogramBin] | None = ...,
+        suppressed_bins: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "feature", b"feature", "suppressed_bins", b"suppressed_bins"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureHistogram: _TypeAlias = FeatureHistogram  # noqa: Y015
+
+@_typing.final
+class HistogramBin(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOW_FIELD_NUMBER: _builtins.int
+    HIGH_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    low: _builtins.float
+    high: _builtins.float
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        low: _builtins.float = ...,
+        high: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "high", b"high", "low", b"low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramBin: _TypeAlias = HistogramBin  # noqa: Y015

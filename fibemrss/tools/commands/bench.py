@@ -145,8 +145,9 @@ def add_parser(subparsers: Any) -> None:
     privacy.add_argument(
         "--clipping-norms",
         type=_floats,
-        default=(0.5, 1.0, 2.0),
-        help="DP-SGD clipping norms searched on validation rows per epsilon (comma-separated)",
+        default=(1.0,),
+        help="DP-SGD clipping norms searched on validation rows per epsilon (comma-separated; the "
+        "default keeps the task's 1.0, as the published figures did; 0.5,1,2 triples the run)",
     )
     privacy.set_defaults(func=_privacy)
 

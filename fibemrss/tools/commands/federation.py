@@ -1,4 +1,5 @@
-"""`fibemrss federation status`: the task, the current round, who submitted, the history."""
+"""`fibemrss federation status`: the task, the current round, who submitted, the history;
+`fibemrss federation histograms`: the federated histograms a hospital's agent released."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK
+from fibemrss.tools.histogram_view import histogram_line, histograms_json
 from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 
 
@@ -23,6 +25,34 @@ def add_parser(subparsers: Any) -> None:
     status.add_argument("--json", action="store_true")
     add_tls_arguments(status)
     status.set_defaults(func=run_status)
+    hist = fed.add_parser(
+        "histograms",
+        help="the federated histograms of the numeric features, as a hospital's agent released them "
+        "(bins below the task's minimum count merged)",
+    )
+    hist.add_argument("--agent", required=True, help="HOST:PORT of a hospital's agent")
+    hist.add_argument("--task", default=DEFAULT_TASK)
+    hist.add_argument("--json", action="store_true")
+    add_tls_arguments(hist)
+    hist.set_defaults(func=run_histograms)
+
+
+def run_histograms(args: argparse.Namespace) -> int:
+    with open_channel(args.agent, tls_from_args(args)) as ch:
+        st = (
+            federation_pb2_grpc.HospitalAgentServiceStub(ch)
+            .GetAgentStatus(pb.GetAgentStatusRequest(task=args.task), timeout=10)
+            .status
+        )
+    out = histograms_json(st)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if not out:
+        print(f"{st.hospital}: no federated statistics yet (round 0 not decrypted)")
+    for histogram in out:
+        print(histogram_line(histogram))
+    return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
