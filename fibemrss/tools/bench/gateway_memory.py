@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +162,7 @@ def run_gateway_memory_bench(scale: float = 1.0) -> dict[str, Any]:
             stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
             stub.Ingest(warm_ups[case], timeout=120)
             started = time.perf_counter()
-            use = measure(
-                gateway.pid, case, request.ByteSize(), lambda r=request, s=stub: s.Ingest(r, timeout=600)
-            )
+            use = measure(gateway.pid, case, request.ByteSize(), partial(stub.Ingest, request, timeout=600))
             seconds = round(time.perf_counter() - started, 2)
             out.append({**asdict(use), "multiple": round(use.multiple, 2), "seconds": seconds})
     return {
