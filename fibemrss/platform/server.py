@@ -90,6 +90,24 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+def started_pool(workers: int, name: str) -> futures.ThreadPoolExecutor:
+    """A thread pool whose `workers` threads all run from the start.
+
+    ThreadPoolExecutor starts threads lazily and counts idle ones with a semaphore that every
+    finished work item raises, also when the thread goes straight on to a queued item; so with
+    fewer threads than `max_workers` it can believe a thread idle that is not, start none, and
+    queue a call behind a long poll. grpc admits at most `max_workers` calls (beyond, an
+    immediate RESOURCE_EXHAUSTED), so with every thread started each admitted call runs at
+    once: a caller is answered or refused, never left waiting into its DEADLINE_EXCEEDED."""
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    # Each submit finds no idle thread (none has finished yet) and starts one; all then meet here.
+    everyone = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(everyone.wait, 30)
+    everyone.wait(30)
+    return pool
+
+
 def start_server(
     name: str,
     register: Callable[[grpc.Server, CollectorRegistry], Sequence[str]],
@@ -112,7 +130,7 @@ def start_server(
     metrics = ServerMetrics(registry)
     limiter = CallLimiter(limits)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix=name),
+        started_pool(limits.max_workers, name),
         # Authorization needs a verified identity, which only mutual TLS gives.
         interceptors=[ErrorAndMetricsInterceptor(metrics, authorize if config.tls else None, limiter)],
         options=GRPC_OPTIONS,

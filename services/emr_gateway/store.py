@@ -255,7 +255,11 @@ class GatewayStore:
             fetch=True,
         )
         new = set(inserted)
-        return ["accepted" if r[:3] in new else "duplicate" for r in rows]
+        outcomes: list[StoreOutcome] = []
+        for r in rows:  # the same record twice in one batch: stored once, the second a duplicate
+            outcomes.append("accepted" if r[:3] in new else "duplicate")
+            new.discard(r[:3])
+        return outcomes
 
     # -- quarantine review ---------------------------------------------------------------------
     def list_quarantine(

@@ -11,7 +11,10 @@ import grpc
 import pytest
 
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
+from fibemrss.tools.bench.gateway_memory import fhir_junk_batch, measure
+from fibemrss.tools.commands.ingest import throwaway_gateway
 from fibemrss.tools.service_process import ServiceProcess
 from tests.hostile.conftest import Federation
 
@@ -43,6 +46,27 @@ def test_a_fhir_batch_of_junk_entries_gets_a_response_far_smaller_than_itself(
         details = sum(len(o.reasons) + len(o.violations) for o in response.outcomes)
         assert details <= 2 * 1000 + 2  # ingestion.MAX_DETAILS_PER_BATCH, reasons and violations
         assert response.ByteSize() < len(content) // 10, (junk, response.ByteSize(), len(content))
+
+
+# docs/security.md: a junk FHIR batch raises the gateway's resident memory by at most this multiple
+# of its size (measured 19.7x for 5.6 MB, `fibemrss bench gateway-memory`; 18x before the bounds
+# for the response alone, and half a gigabyte in all).
+JUNK_MEMORY_MULTIPLE = 30
+
+
+def test_a_large_junk_batch_raises_the_gateways_memory_by_a_bounded_multiple_of_its_size() -> None:
+    # A fresh gateway process of its own: no memory left in its allocator by earlier requests.
+    with throwaway_gateway() as gateway, open_channel(gateway.address) as channel:
+        stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
+        small = emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=fhir_junk_batch(100)))
+        stub.Ingest(small, timeout=60)  # warm-up: the code paths loaded, the pool open
+        request = emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=fhir_junk_batch(120_000)))
+        use = measure(gateway.pid, "junk", request.ByteSize(), lambda: stub.Ingest(request, timeout=300))
+    print(
+        f"junk batch of {use.input_bytes} bytes: peak memory rise {use.peak_rise_bytes} ({use.multiple:.1f}x)"
+    )
+    assert use.input_bytes > 5_000_000
+    assert 0 < use.peak_rise_bytes <= JUNK_MEMORY_MULTIPLE * use.input_bytes
 
 
 def test_text_that_postgresql_cannot_store_is_refused_naming_the_field(

@@ -54,3 +54,20 @@ def test_probes_reach_health_in_plaintext_while_the_main_port_requires_a_client_
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         running.stop(grace=0)
+
+
+def test_every_worker_thread_runs_from_the_start() -> None:
+    """With all `max_workers` threads started, a call grpc admits (at most that many) runs at once
+    instead of waiting in the executor's queue behind a long poll (platform/server.started_pool)."""
+    import threading
+
+    from fibemrss.platform.capacity import CallLimits
+
+    limits = CallLimits(max_workers=6, per_identity=3, waiting_streams=1)
+    config = ServerConfig("127.0.0.1:0", "127.0.0.1:0", None, None, limits=limits)
+    running = start_server("prestart", lambda server, registry: [], config)
+    try:
+        workers = [t for t in threading.enumerate() if t.name.startswith("prestart_")]
+        assert len(workers) == 6
+    finally:
+        running.stop(grace=0)

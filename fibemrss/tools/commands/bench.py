@@ -43,6 +43,13 @@ def _hostile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_memory(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.gateway_memory import run_gateway_memory_bench
+
+    _emit(run_gateway_memory_bench(args.scale), args.json)
+    return 0
+
+
 def _quality(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.quality_bench import run_quality_bench
 
@@ -120,6 +127,12 @@ def add_parser(subparsers: Any) -> None:
     hostile.add_argument("--params", type=int, default=1000)
     hostile.set_defaults(func=_hostile)
 
+    memory = sub.add_parser(
+        "gateway-memory", help="the gateway process's peak memory per request against its size, per format"
+    )
+    memory.add_argument("--scale", type=float, default=1.0, help="request sizes (1: about 1-6 MB each)")
+    memory.set_defaults(func=_gateway_memory)
+
     quality = sub.add_parser(
         "quality", help="FLamby Fed-Heart-Disease protocol: local, pooled, FedAvg, encrypted"
     )
@@ -162,5 +175,5 @@ def add_parser(subparsers: Any) -> None:
     )
     inference.set_defaults(func=_inference)
 
-    for p in (he, rnd, hostile, quality, privacy, ingest, inference):
+    for p in (he, rnd, hostile, memory, quality, privacy, ingest, inference):
         p.add_argument("--json", help="also write the result here")

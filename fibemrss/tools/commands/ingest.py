@@ -122,6 +122,7 @@ class Throwaway:
     address: str  # the gateway's HOST:PORT
     database_url: str
     edges: dict[str, str] = field(default_factory=dict)  # "mllp", "fhir" when asked for in extra_env
+    pid: int = 0  # the gateway process (its memory: `fibemrss bench gateway-memory`)
 
 
 @contextmanager
@@ -144,7 +145,8 @@ def throwaway_gateway(extra_env: dict[str, str] | None = None) -> Iterator[Throw
             )
             env.update(extra_env or {})
             with ServiceProcess("gateway@ingest-cli", env, work) as gateway:
-                yield Throwaway(gateway.address, database_url, gateway.edges)
+                pid = gateway.process.pid if gateway.process else 0
+                yield Throwaway(gateway.address, database_url, gateway.edges, pid)
         finally:
             pg.stop()
 
