@@ -63,7 +63,7 @@ def test_hospitals_review_and_decide_and_a_refusing_hospital_never_exports(
         rc, _, err = cli("operator@central", "study", "propose", str(bad), "--aggregator", aggregator)
         assert rc == 1 and "document.features: list at least one feature" in err and "INVALID_ARGUMENT" in err
         rc, out, _ = cli("operator@central", "study", "propose", TASK.name, "--aggregator", aggregator)
-        assert rc == 0 and f"{TASK.name} version 1 {DIGEST}: proposed by operator@central" in out
+        assert rc == 0 and f"{TASK.name} version {TASK.version} {DIGEST}: proposed by operator@central" in out
         # Another document under the same name and version cannot replace it.
         other = tmp_path / "other.yaml"
         other.write_text(
@@ -74,7 +74,7 @@ def test_hospitals_review_and_decide_and_a_refusing_hospital_never_exports(
 
         rc, out, _ = cli("operator@cleveland", "study", "review", TASK.name, *at["cleveland"])
         assert rc == 0, out
-        assert f"study {TASK.name} version 1  {DIGEST}" in out
+        assert f"study {TASK.name} version {TASK.version}  {DIGEST}" in out
         assert f"eligible here: {len(per_hospital['cleveland'].splitlines()) - 1} of" in out
         assert "model code: logistic_regression  (built in)" in out
         assert "meets the site policy" in out and "decision: none yet" in out
