@@ -26,12 +26,14 @@ import psycopg2
 import pytest
 
 from fibemrss.db.admin import ensure_database
+from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.tools.service_process import ServiceProcess, base_env
+from fibemrss.tools.study_review import decide, document_of
 from tests.hostile.conftest import Federation, RunningAggregator, StartAggregator
 from tests.hostile.fuzzing import SAMPLES, Fuzz, StreamFuture, drive, dumps
 
@@ -60,7 +62,12 @@ class RunningGateway:
         return int(n)
 
     def counts(self) -> dict[str, int]:
-        return {t: self.count(f"SELECT count(*) FROM {t}") for t in (*RECORD_TABLES, "audit_log")}  # noqa: S608
+        found = {t: self.count(f"SELECT count(*) FROM {t}") for t in (*RECORD_TABLES, "audit_log")}  # noqa: S608
+        # A refused export (a study not approved here) is audited as such: not a read.
+        found["refused_exports"] = self.count(
+            "SELECT count(*) FROM audit_log WHERE action = 'training_export_refused'"
+        )
+        return found
 
 
 def _gateway_process(
@@ -68,8 +75,12 @@ def _gateway_process(
 ) -> Iterator[RunningGateway]:
     url = ensure_database(postgres_server, f"gw_{uuid.uuid4().hex[:12]}")
     tls = federation.tls("gateway@a")
+    # The fixture's few patients must be enough to approve the fuzzed study (default: 50).
+    policy = tmp_path_factory.mktemp("policy") / "site-policy.yaml"
+    policy.write_text("min_eligible: 1\n")
     env = base_env()
     env.update(
+        FIBEMRSS_SITE_POLICY_FILE=str(policy),
         DATABASE_URL=url,
         FIBEMRSS_HOSPITAL="a",
         FIBEMRSS_PSEUDONYM_KEY="1" * 64,
@@ -106,7 +117,10 @@ def rpc_gateway(
             answer = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
                 emr_pb2.IngestRequest(csv=export), timeout=60
             )
-        assert answer.accepted and answer.quarantined
+            # Hospital a approves the study that StreamTrainingExamples is fuzzed with, so that
+            # well-formed requests export (another known study is refused, and audited so).
+            decision = decide(ch, document_of(HEART_DISEASE_V1), True, "fuzzed")
+        assert answer.accepted and answer.quarantined and decision.decision == "approved"
         yield running, sorted({o.patient_key for o in answer.outcomes if o.patient_key})
 
 
@@ -511,7 +525,9 @@ def test_gateway_rpc(
         )
     after = gateway.counts()
     if audits is not None:  # reads write their audit row and nothing else
-        assert after["audit_log"] - before["audit_log"] == audits * codes["OK"], codes
+        refused = after["refused_exports"] - before["refused_exports"]
+        assert after["audit_log"] - before["audit_log"] - refused == audits * codes["OK"], codes
+        assert refused <= codes["FAILED_PRECONDITION"], codes
         assert all(after[t] == before[t] for t in RECORD_TABLES)
     _report(f"EmrGatewayService/{method}", codes, VOLUME)
 
