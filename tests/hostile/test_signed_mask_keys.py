@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from fibemrss.db.pool import Database
+from fibemrss.domain.study import study_hash
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
@@ -35,6 +36,7 @@ from fibemrss.platform.config import ServerConfig, TlsFiles
 from fibemrss.platform.identity import caller_identity
 from fibemrss.platform.server import start_server
 from fibemrss.tools.certs import init_pki
+from fibemrss.tools.study_review import document_of, propose
 from services.aggregator.ciphertexts import CiphertextAdder
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.servicer import AggregatorServicer
@@ -170,9 +172,13 @@ def federate(
     setup: Setup, task: str, until: Callable[[dict[str, Participation]], bool]
 ) -> dict[str, Participation]:
     spec = dataclasses.replace(TASK, name=task)
+    digest = study_hash(spec)
     with open_channel(setup.address, setup.tls("operator@central")) as channel:
+        # The federation trains one proposed document, pinned by its hash (docs/studies.md).
+        assert propose(channel, document_of(spec)).proposal.study_hash == digest
         federation_pb2_grpc.AggregatorServiceStub(channel).StartFederation(
             pb.StartFederationRequest(
+                study_hash=digest,
                 task=task,
                 rounds=spec.rounds,
                 quorum=3,
@@ -193,7 +199,7 @@ def federate(
             h,
             spec,
             FakeGateway(synthetic_examples(i + 1)),
-            GrpcAggregator(channels[-1], task, h, wait_seconds=2),
+            GrpcAggregator(channels[-1], task, h, wait_seconds=2, study_hash=digest),
             UpdateCodec(hospital_key),
             FakeModelStore(),
             retry_delay=lambda _: 0.2,

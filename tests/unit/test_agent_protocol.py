@@ -76,8 +76,11 @@ class FakeAggregator:
         rounds: int,
         failing: set[int],
         hostile: dict[int, list[bytes]] | None = None,
+        task: TaskSpec | None = None,
     ) -> None:
-        """`hostile` adds a further upload to a round's sum, as a hospital holding the key could."""
+        """`hostile` adds a further upload to a round's sum, as a hospital holding the key could;
+        the federation trains `task` (default TASK), pinned by its hash."""
+        self._study_hash = study_hash(task or TASK)
         self._key = key
         self._rounds = rounds
         self._failing = failing
@@ -100,7 +103,7 @@ class FakeAggregator:
             base_round=max(closed) if closed else -1,
             submitted=frozenset(self.uploads[self.current]),
             federation_done=self.current == self._rounds and phase in (Phase.CLOSED, Phase.FAILED),
-            study_hash=study_hash(TASK),
+            study_hash=self._study_hash,
         )
 
     def wait_for(self, number: int | None) -> RoundView:
@@ -414,7 +417,7 @@ def federate_personalized(
 ) -> tuple[Participation, FakeModelStore]:
     """Two hospitals, `rounds` rounds, personalization after the last: hospital a's examples given."""
     hospital_key, aggregator_key = key
-    agg = FakeAggregator(aggregator_key, rounds=rounds, failing=set())
+    agg = FakeAggregator(aggregator_key, rounds=rounds, failing=set(), task=TASK_P)
     store_a = FakeModelStore()
     gateways = {"a": FakeGateway(examples_a), "b": FakeGateway(synthetic_examples(2))}
     parts = {
