@@ -19,7 +19,7 @@ from fibemrss.he.keys import load_hospital_key
 from tests.integration.test_aggregator_rounds import HOSPITALS, Aggregator, keys, start_aggregator  # noqa: F401
 
 # A name the aggregator knows no shape for, so a small test upload fits (cf. test_aggregator_rounds.py).
-V1 = replace(HEART_DISEASE_V1, name="proposal-test", min_contributors=3, pairwise_masking=False)
+V1 = replace(HEART_DISEASE_V1, name="proposal-test", version=1, min_contributors=3, pairwise_masking=False)
 V2 = replace(V1, version=2, rounds=V1.rounds + 1)
 
 
