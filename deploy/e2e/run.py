@@ -653,7 +653,8 @@ def run_federation(
 
 
 def final_models(dep: Deployment) -> dict[str, dict[str, Any]]:
-    """The newest published model at each hospital, read in its own database pod: its version and
+    """The newest published global model at each hospital (a personalized version after the last
+    round is each hospital's own, by design), read in its own database pod: its version and
     round, an md5 of its parameters, and an md5 of the whole model (parameters, the global
     standardization statistics, input names, shapes, threshold: nothing per hospital is in it;
     the local test metrics are stored beside it, not in it)."""
@@ -674,7 +675,7 @@ def final_models(dep: Deployment) -> dict[str, dict[str, Any]]:
             " ",
             "-c",
             "SELECT version, federated_round, md5((model_json->'params')::text), md5(model_json::text) "
-            f"FROM model_versions WHERE task='{TASK}' ORDER BY version DESC LIMIT 1",
+            f"FROM model_versions WHERE task='{TASK}' AND kind='global' ORDER BY version DESC LIMIT 1",
         ).split()
         out[site.name] = {
             "version": int(row[0]),
