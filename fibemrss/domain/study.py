@@ -478,3 +478,19 @@ def shipped_documents() -> dict[str, bytes]:
         for p in folder.iterdir()
         if p.name.endswith((".yaml", ".yml", ".json")) and not p.name.endswith(".schema.json")
     }
+
+
+def parse_study_field(document: bytes, field: str = "document") -> TaskSpec:
+    """The study sent in a request's `field`; InvalidArgument naming `<field>.<bad field>`."""
+    if not document:
+        raise InvalidArgument(f"{field} is required", [FieldProblem(field, "send the study document")])
+    try:
+        return parse_study(document, field)
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            "invalid study document",
+            [
+                FieldProblem(v.field if v.field == field else f"{field}.{v.field}", v.description)
+                for v in exc.violations
+            ],
+        ) from None

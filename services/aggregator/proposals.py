@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Protocol
 
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
-from fibemrss.domain.study import parse_study, study_hash
+from fibemrss.domain.study import parse_study_field, study_hash
 
 MAX_DOCUMENT_BYTES = 256 * 1024
 
@@ -42,16 +42,7 @@ def propose(store: ProposalStorePort, actor: str, document: bytes) -> tuple[Prop
         raise InvalidArgument(
             "document too large", [FieldProblem("document", f"at most {MAX_DOCUMENT_BYTES} bytes")]
         )
-    try:
-        task = parse_study(document, "document")
-    except InvalidArgument as exc:
-        raise InvalidArgument(
-            "invalid study document",
-            [
-                FieldProblem(v.field if v.field == "document" else f"document.{v.field}", v.description)
-                for v in exc.violations
-            ],
-        ) from None
+    task = parse_study_field(document)
     return store.add_proposal(Proposal(task.name, study_hash(task), task.version, document, actor))
 
 

@@ -26,7 +26,7 @@ from fibemrss.domain.site_policy import (
     study_code_systems,
     study_epsilon,
 )
-from fibemrss.domain.study import parse_study, study_hash
+from fibemrss.domain.study import parse_study_field, study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.text import text_problems
 
@@ -66,18 +66,7 @@ class Review:
 
 def parse_document(document: bytes) -> TaskSpec:
     """The study of a request's `document`; InvalidArgument naming `document.<field>`."""
-    if not document:
-        raise InvalidArgument("document is required", [FieldProblem("document", "send the study document")])
-    try:
-        return parse_study(document, "document")
-    except InvalidArgument as exc:
-        raise InvalidArgument(
-            "invalid study document",
-            [
-                FieldProblem(v.field if v.field == "document" else f"document.{v.field}", v.description)
-                for v in exc.violations
-            ],
-        ) from None
+    return parse_study_field(document)
 
 
 class StudyReview:
