@@ -111,6 +111,15 @@ def ingest_all(
     return summary
 
 
+def served_model(status: Any, final_round: int) -> dict[str, Any]:
+    """The model a done agent's hospital serves: the personalized one when it won on validation,
+    else the final global one."""
+    p = status.personalization
+    if status.HasField("personalization") and p.chosen == "personalized":
+        return {"kind": "personalized", "version": p.personalized_version, "base_version": p.global_version}
+    return {"kind": "global", "version": final_round}
+
+
 def run_federation(
     endpoints: dict[str, Any],
     hospitals: list[str],
@@ -171,7 +180,9 @@ def run_federation(
                         + (f"  epsilon {line['epsilon']:.3f} (delta {line['delta']:g})" if dp else "")
                     )
                 r += 1
-            if len(reported) == rounds:
+            # Each agent is done once it has personalized (fine-tuned, chosen on validation and
+            # published) after the last round: the model it then serves is the one asked below.
+            if len(reported) == rounds and all(st.done for st in statuses.values()):
                 final_round = rounds
                 per = {h: ev[final_round].correct / max(ev[final_round].total, 1) for h, ev in evals.items()}
                 return reported, {
@@ -179,6 +190,7 @@ def run_federation(
                     "per_hospital": per,
                     # Every agent releases the same histograms (the same round-0 sum).
                     "histograms": histograms_json(statuses[hospitals[0]]),
+                    "served": {h: served_model(st, final_round) for h, st in statuses.items()},
                 }
             if time.monotonic() > end:
                 raise TimeoutError("the federation did not finish in time")
@@ -203,7 +215,7 @@ def held_out_patient(hospital: str, content: str, task: TaskSpec = HEART_DISEASE
 
 
 def ask_diagnosis(
-    endpoints: dict[str, Any], hospital: str, task: str, record: Any, final_version: int
+    endpoints: dict[str, Any], hospital: str, task: str, record: Any, served: dict[str, Any]
 ) -> dict[str, Any]:
     with open_channel(
         endpoints["hospitals"][hospital]["inference"],
@@ -216,7 +228,7 @@ def ask_diagnosis(
             r = stub.Diagnose(
                 inference_pb2.DiagnoseRequest(task=task, patient=record_to_proto(record)), timeout=10
             )
-            if r.model_version >= final_version:
+            if r.model_version == served["version"] and (r.model_kind or "global") == served["kind"]:
                 break
             time.sleep(0.1)
     return {"hospital": hospital, **reference_to_dict(r)}
@@ -257,7 +269,7 @@ def reads_uci_export(task: TaskSpec) -> bool:
 
 
 def ask_diagnosis_by_key(
-    endpoints: dict[str, Any], hospital: str, task: str, patient_key: str, final_version: int
+    endpoints: dict[str, Any], hospital: str, task: str, patient_key: str, served: dict[str, Any]
 ) -> dict[str, Any]:
     """A diagnosis reference for a stored patient, by key: the inference service reads the record
     from its hospital's gateway (audited there)."""
@@ -269,7 +281,7 @@ def ask_diagnosis_by_key(
         stub = inference_pb2_grpc.DiagnosisServiceStub(ch)
         for _ in range(300):
             r = stub.Diagnose(inference_pb2.DiagnoseRequest(task=task, patient_key=patient_key), timeout=10)
-            if r.model_version >= final_version:
+            if r.model_version == served["version"] and (r.model_kind or "global") == served["kind"]:
                 break
             time.sleep(0.1)
     return {"hospital": hospital, "patient_key": patient_key, **reference_to_dict(r)}
@@ -330,15 +342,22 @@ def run_demo(
             f"final pooled test accuracy {final['pooled_test_accuracy']:.3f}; per hospital: "
             + ", ".join(f"{h} {a:.3f}" for h, a in final["per_hospital"].items()),
         )
+        _say(
+            quiet,
+            "served after the last round (chosen on each hospital's validation rows): "
+            + ", ".join(
+                f"{h} {m['kind']} version {m['version']}" for h, m in final["served"].items()
+            ),
+        )
         _say(quiet, "federated histograms (summed under masking; bins below the minimum count merged):")
         for histogram in final["histograms"]:
             _say(quiet, "  " + histogram_line(histogram))
         if uci:
             patient = held_out_patient(hospitals[0], per_hospital[hospitals[0]], study)
-            diagnosis = ask_diagnosis(endpoints, hospitals[0], task, patient, rounds)
+            diagnosis = ask_diagnosis(endpoints, hospitals[0], task, patient, final["served"][hospitals[0]])
         else:
             diagnosis = ask_diagnosis_by_key(
-                endpoints, hospitals[0], task, patient_keys[hospitals[0]][0], rounds
+                endpoints, hospitals[0], task, patient_keys[hospitals[0]][0], final["served"][hospitals[0]]
             )
         _say(
             quiet,

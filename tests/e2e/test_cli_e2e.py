@@ -155,7 +155,15 @@ def test_demo_prints_rounds_and_a_diagnosis_exits_0_and_leaves_nothing_running(t
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert report["final"]["pooled_test_accuracy"] > 0.75
     assert set(report["final"]["per_hospital"]) == {"cleveland", "hungary", "switzerland", "va-long-beach"}
-    assert report["diagnosis"]["model_version"] == 3, report["diagnosis"]
+    # The model asked is the one cleveland serves after the last round: the personalized one
+    # (fine-tuned from global version 3) when it won on validation, else global version 3.
+    served = report["final"]["served"]["cleveland"]
+    assert report["diagnosis"]["model_kind"] == served["kind"], (report["diagnosis"], served)
+    assert report["diagnosis"]["model_version"] == served["version"], (report["diagnosis"], served)
+    if served["kind"] == "personalized":
+        assert report["diagnosis"]["base_model_version"] == 3, report["diagnosis"]
+    else:
+        assert served["version"] == 3, served
     assert 0.0 <= report["diagnosis"]["probability"] <= 1.0
     assert report["diagnosis"]["label"] in ("disease", "no disease")
     assert processes_using(workdir) == [], shown
