@@ -243,8 +243,15 @@ class LocalCluster:
         assert process is not None
         return process.pid
 
-    def restart(self, name: str, kill: bool = True, timeout: float = 60.0) -> None:
-        """Kills one service (SIGKILL by default, as a crash) and starts it again with the same env."""
+    def restart(
+        self,
+        name: str,
+        kill: bool = True,
+        timeout: float = 60.0,
+        while_down: Callable[[], None] | None = None,
+    ) -> None:
+        """Kills one service (SIGKILL by default, as a crash) and starts it again with the same env;
+        `while_down` runs between the two (what the rest of the federation does meanwhile)."""
         sp = self.processes[name]
         role, where = name.split("@")
         env = self._service_env(role, where)
@@ -252,6 +259,8 @@ class LocalCluster:
         env["FIBEMRSS_LISTEN"] = sp.address
         sp.signal(signal.SIGKILL if kill else signal.SIGTERM)
         sp.wait(30)
+        if while_down is not None:
+            while_down()
         self._spawn(name, env)
         self._wait_ready(time.monotonic() + timeout)
 

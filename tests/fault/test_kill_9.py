@@ -1,7 +1,9 @@
 """kill -9 mid-federation and mid-ingest, each site with its own PostgreSQL (as deployed):
 
-- the aggregator's PostgreSQL killed mid-round, then a hospital's: the federation finishes, every
-  round closed with every hospital's submission, and every hospital publishes the same final model;
+- a hospital's gateway killed as the federation starts (its agent's stream of training examples
+  fails), the aggregator's PostgreSQL killed mid-round, then a hospital's: the federation finishes,
+  every round closed with every hospital's submission, and every hospital publishes the same final
+  model;
 - a gateway killed while an EHR interface sends its batches (and retries what was refused): every
   record the gateway accepted is stored, none twice.
 
@@ -129,7 +131,7 @@ def test_a_gateway_killed_mid_ingest_loses_no_accepted_record_and_stores_none_tw
     assert sum(len(r.outcomes) for r in answered.values()) == rows  # every row has its fate
 
 
-def test_kill_9_of_the_aggregators_then_a_hospitals_postgresql_mid_round_ends_in_one_model(
+def test_kill_9_of_a_gateway_the_aggregators_then_a_hospitals_postgresql_mid_round_ends_in_one_model(
     cluster: LocalCluster,
 ) -> None:
     endpoints = cluster.endpoints()
@@ -137,12 +139,35 @@ def test_kill_9_of_the_aggregators_then_a_hospitals_postgresql_mid_round_ends_in
     ingest_all(endpoints, per_hospital, quiet=True)  # idempotent: what is there already is a duplicate
     task = cluster.task
     digest = cluster.approve_study()  # proposed by operator@central, approved at each hospital
-    with open_channel(
-        endpoints["aggregator"], tls_for(endpoints, "operator@central"), "aggregator@central"
-    ) as ch:
-        federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
-            start_request(get_task(task), list(HOSPITALS), ROUNDS, study_hash=digest), timeout=30
-        )
+    streamer = "switzerland"
+    seen: list[pb.AgentStatus] = []
+
+    def start_while_the_gateway_is_down() -> None:
+        # The federation starts while switzerland's gateway is dead: its agent's stream of training
+        # examples fails; it must retry (backoff) and take part once the gateway is back.
+        with open_channel(
+            endpoints["aggregator"], tls_for(endpoints, "operator@central"), "aggregator@central"
+        ) as ch:
+            federation_pb2_grpc.AggregatorServiceStub(ch).StartFederation(
+                start_request(get_task(task), list(HOSPITALS), ROUNDS, study_hash=digest), timeout=30
+            )
+        with open_channel(
+            endpoints["hospitals"][streamer]["agent"],
+            tls_for(endpoints, f"operator@{streamer}"),
+            f"agent@{streamer}",
+        ) as ch:
+            agent = federation_pb2_grpc.HospitalAgentServiceStub(ch)
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                seen.append(agent.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status)
+                if seen[-1].consecutive_failures >= 1:
+                    break
+                time.sleep(0.2)
+
+    cluster.restart(f"gateway@{streamer}", kill=True, while_down=start_while_the_gateway_is_down)
+    assert seen and seen[-1].consecutive_failures >= 1, seen[-1:]  # the kill did hit its stream
+    assert not seen[-1].done and endpoints["hospitals"][streamer]["gateway"] in seen[-1].error, seen[-1]
+    print(f"{streamer} agent while its gateway was down: {seen[-1].error}")
     wait_for_round(endpoints, task, 1)
     cluster.crash_database("aggregator")
     wait_for_round(endpoints, task, 3)
