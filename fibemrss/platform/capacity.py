@@ -17,6 +17,26 @@ from fibemrss.domain.errors import ConfigError, ResourceExhausted
 # Streams that exist only to wait (a health watch): a small global bound, whoever holds them.
 WAITING_STREAMS = ("/grpc.health.v1.Health/Watch",)
 
+MIB = 1024 * 1024
+# The largest request message each RPC takes (per message, for a client stream), by method name.
+# The channel's own limit (64 MiB, `server.MAX_MESSAGE_BYTES`) bounds what is received at all; a
+# message above its RPC's limit is refused before it is decoded. Only the bulk RPCs get more than
+# SMALL_REQUEST_BYTES: an EHR's batch, an HE upload chunk (its size follows the HE parameters), a
+# batch of patients to score.
+SMALL_REQUEST_BYTES = 1 * MIB
+REQUEST_BYTES = {
+    "Ingest": 64 * MIB,
+    "SubmitUpdate": 64 * MIB,
+    "DiagnoseBatch": 16 * MIB,  # 1024 patients at most
+    "ModelInfer": 16 * MIB,
+    "ResolveQuarantine": 4 * MIB,
+}
+
+
+def request_limit(method: str) -> int:
+    """The request size limit of `method` ("/package.Service/Method", or its last part)."""
+    return REQUEST_BYTES.get(method.rpartition("/")[2], SMALL_REQUEST_BYTES)
+
 
 @dataclass(frozen=True)
 class CallLimits:

@@ -6,13 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from fibemrss.domain import errors
-from fibemrss.platform.capacity import CallLimiter
+from fibemrss.platform.capacity import CallLimiter, request_limit
 from fibemrss.platform.identity import caller_identity
 from fibemrss.platform.status_mapping import abort_with
 
@@ -57,13 +58,24 @@ class _Undecodable:
 UNDECODABLE = _Undecodable()
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+@dataclass(frozen=True)
+class _TooLarge:
+    """What `_tolerant` hands on, undecoded, for a message above its RPC's size limit."""
+
+    size: int
+    limit: int
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any] | None:
     """grpc answers INTERNAL ("Exception deserializing request!") for undecodable bytes; they are
-    the caller's fault, so the behaviour gets a marker and answers INVALID_ARGUMENT instead."""
+    the caller's fault, so the behaviour gets a marker and answers INVALID_ARGUMENT instead. A
+    message above `limit` bytes is not decoded at all (decoding would cost a multiple of its size)."""
     if deserialize is None:
         return None
 
     def tolerant(data: bytes) -> Any:
+        if len(data) > limit:
+            return _TooLarge(len(data), limit)
         try:
             return deserialize(data)
         except Exception:  # noqa: BLE001 - DecodeError, or any error of a deserializer on junk
@@ -72,11 +84,18 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return tolerant
 
 
-def _undecodable(method: str) -> errors.InvalidArgument:
-    return errors.InvalidArgument(
-        "the request is not a message of this RPC",
-        [errors.FieldProblem("request", f"bytes that do not decode as the {method} request")],
-    )
+def _refusal(method: str, request: Any) -> errors.DomainError | None:
+    """Why a request marked by `_tolerant` is refused; None for a decoded request."""
+    if request is UNDECODABLE:
+        return errors.InvalidArgument(
+            "the request is not a message of this RPC",
+            [errors.FieldProblem("request", f"bytes that do not decode as the {method} request")],
+        )
+    if isinstance(request, _TooLarge):
+        return errors.ResourceExhausted(
+            f"request: {request.size} bytes; {method} takes at most {request.limit} bytes per message"
+        )
+    return None
 
 
 def _decoded_requests(method: str, streaming: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -85,15 +104,15 @@ def _decoded_requests(method: str, streaming: bool) -> Callable[[Callable[..., A
 
             def checked(requests: Iterator[Any]) -> Iterator[Any]:
                 for request in requests:
-                    if request is UNDECODABLE:
-                        raise _undecodable(method)
+                    if (refused := _refusal(method, request)) is not None:
+                        raise refused
                     yield request
 
             return lambda requests, context: behavior(checked(requests), context)
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            if request is UNDECODABLE:
-                raise _undecodable(method)
+            if (refused := _refusal(method, request)) is not None:
+                raise refused
             return behavior(request, context)
 
         return unary
@@ -143,7 +162,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         decoded = _decoded_requests(method, handler.request_streaming)
         return make(
             wrap(guard(decoded(behavior), full, streams), labels),
-            request_deserializer=_tolerant(handler.request_deserializer),
+            request_deserializer=_tolerant(handler.request_deserializer, request_limit(method)),
             response_serializer=handler.response_serializer,
         )
 

@@ -20,8 +20,10 @@ from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
+from fibemrss.platform.capacity import SMALL_REQUEST_BYTES, request_limit
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
+from fibemrss.platform.server import MAX_MESSAGE_BYTES
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.local_cluster import LocalCluster, db_name
@@ -160,6 +162,76 @@ def test_every_rpc_of_every_service_answers_every_role_as_the_matrix_says(cluste
             for ch in channels.values():
                 ch.close()
     assert wrong == []
+
+
+def _padded(size: int) -> bytes:
+    """A request message of exactly `size` bytes: one unknown length-delimited field (number
+    4095), which every request type decodes as empty."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        return bytes([*out, n])
+
+    tag = varint(4095 << 3 | 2)
+    length = size - len(tag) - 1
+    while len(tag) + len(varint(length)) + length != size:
+        length -= 1
+    return tag + varint(length) + b"x" * length
+
+
+def _call_raw(channel: grpc.Channel, method: MethodDescriptor, data: bytes) -> tuple[grpc.StatusCode, str]:
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    kwargs = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    try:
+        if method.client_streaming:
+            channel.stream_unary(path, **kwargs)(iter([data]), timeout=30)
+        elif method.server_streaming:
+            call = channel.unary_stream(path, **kwargs)(data, timeout=30)
+            try:
+                next(call, None)
+            finally:
+                call.cancel()
+        else:
+            channel.unary_unary(path, **kwargs)(data, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_every_rpc_refuses_a_request_above_its_own_size_limit_before_decoding_it(
+    cluster: LocalCluster,
+) -> None:
+    """Per-RPC message-size limits, called by a role each RPC allows: one byte over the RPC's limit
+    is RESOURCE_EXHAUSTED naming the limit; a request of exactly the limit gets past it. The bulk
+    RPCs whose limit is the channel's own (Ingest, SubmitUpdate: 64 MiB) are bounded by grpc."""
+    small = SMALL_REQUEST_BYTES
+    assert request_limit("/fibemrss.inference.v1.DiagnosisService/Diagnose") == small
+    assert request_limit("/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch") > small
+    wrong: list[str] = []
+    checked = 0
+    for server, method in _cases():
+        name = f"{method.containing_service.full_name}/{method.name}"
+        limit = request_limit(name)
+        if limit >= MAX_MESSAGE_BYTES:
+            continue
+        caller = sorted(ALLOWED[name])[0]
+        with open_channel(_address(cluster, server), _tls(cluster.workdir, caller)) as ch:
+            code, details = _call_raw(ch, method, _padded(limit + 1))
+            if code != grpc.StatusCode.RESOURCE_EXHAUSTED or f"at most {limit} bytes" not in details:
+                wrong.append(f"{caller} -> {name}, {limit + 1} bytes: {code.name} {details!r}")
+            code, details = _call_raw(ch, method, _padded(limit))
+            if code in (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.INTERNAL,
+                grpc.StatusCode.UNKNOWN,
+            ):
+                wrong.append(f"{caller} -> {name}, {limit} bytes: {code.name} {details!r}")
+        checked += 1
+    assert wrong == []
+    assert checked >= 25  # every RPC but the two bulk ones, and each server's health check
 
 
 def test_inference_reads_a_patient_only_for_a_named_caller_who_is_what_the_gateway_audits(
