@@ -1,5 +1,6 @@
-"""Capacity per caller: bounded concurrent calls per identity, a bound on long-lived streams, and a
-lifetime limit on every stream, so no certificate holder can occupy every worker thread.
+"""Capacity per caller: bounded concurrent calls per identity, a bound on long-lived streams, a
+lifetime limit on every stream and a server-side deadline on every unary call, so no certificate
+holder can occupy every worker thread.
 
 The synchronous gRPC server runs each call, streams included, on one worker thread for its whole
 life. Without these bounds a few dozen `grpc.health.v1.Health/Watch` streams, held by any
@@ -49,6 +50,10 @@ class CallLimits:
     waiting_streams: int = 4
     # Any stream (either direction) is cancelled after this long.
     max_stream_seconds: float = 600.0
+    # Any unary call is cancelled after this long, whatever deadline its client set (or none):
+    # the server's own deadline. Long polls wait 30 s at most; a 64 MiB ingest on a loaded host takes
+    # well under a minute.
+    max_call_seconds: float = 300.0
 
     @property
     def max_concurrent_rpcs(self) -> int:
@@ -65,6 +70,8 @@ class CallLimits:
             raise ConfigError("FIBEMRSS_MAX_WATCH_STREAMS must be below FIBEMRSS_MAX_WORKERS")
         if self.max_stream_seconds <= 0:
             raise ConfigError("FIBEMRSS_MAX_STREAM_SECONDS must be positive")
+        if self.max_call_seconds <= 0:
+            raise ConfigError("FIBEMRSS_MAX_CALL_SECONDS must be positive")
 
 
 class CallLimiter:

@@ -58,6 +58,7 @@ def call_limits_from_env(default: CallLimits) -> CallLimits:
         per_identity=env_int("FIBEMRSS_MAX_CALLS_PER_IDENTITY", default.per_identity),
         waiting_streams=env_int("FIBEMRSS_MAX_WATCH_STREAMS", default.waiting_streams),
         max_stream_seconds=env_float("FIBEMRSS_MAX_STREAM_SECONDS", default.max_stream_seconds),
+        max_call_seconds=env_float("FIBEMRSS_MAX_CALL_SECONDS", default.max_call_seconds),
     )
     limits.validate()
     return limits

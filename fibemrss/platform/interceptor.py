@@ -178,10 +178,15 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         return lambda: limiter.release(identity, method)
 
     def _lifetime(self, context: grpc.ServicerContext, streams: bool) -> threading.Timer | None:
-        """A stream is cancelled at the lifetime limit, which ends a blocked read or watch."""
-        if not streams or self._limiter is None:
+        """A stream is cancelled at the lifetime limit, which ends a blocked read or watch; a unary
+        call at the server's deadline (the client sees CANCELLED; a handler waiting on
+        `context.is_active`, as long polls do, returns and frees its worker)."""
+        if self._limiter is None:
             return None
-        timer = threading.Timer(self._limiter.limits.max_stream_seconds, context.cancel)
+        limits = self._limiter.limits
+        timer = threading.Timer(
+            limits.max_stream_seconds if streams else limits.max_call_seconds, context.cancel
+        )
         timer.daemon = True
         timer.start()
         return timer

@@ -161,6 +161,30 @@ def test_a_stream_is_cancelled_at_its_lifetime_limit(
         assert info.value.code() == grpc.StatusCode.CANCELLED
 
 
+def test_a_unary_call_is_cancelled_at_the_servers_deadline_whatever_its_client_asked(
+    start_aggregator: StartAggregator, federation: Federation
+) -> None:
+    short = start_aggregator(FIBEMRSS_MAX_CALL_SECONDS="1")
+    with federation.channel(short.address, "operator@central") as channel:
+        federation_pb2_grpc.AggregatorServiceStub(channel).StartFederation(
+            pb.StartFederationRequest(
+                min_contributors=1, task="deadline", rounds=1, quorum=1, hospitals=["a"]
+            ),
+            timeout=10,
+        )
+    with federation.channel(short.address, "agent@a") as channel:
+        stub = federation_pb2_grpc.AggregatorServiceStub(channel)
+        # A long poll for a round that will not come, with a client deadline of a minute.
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetRound(pb.GetRoundRequest(task="deadline", wait_for_round=5, wait_seconds=30), timeout=60)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert time.monotonic() - started < 10
+        # Its worker and the caller's slot are free again: the same caller is answered at once.
+        assert stub.GetRound(pb.GetRoundRequest(task="deadline"), timeout=10).round.round == 0
+        _wait_until(lambda: _probe(short.health_address) == health_pb2.HealthCheckResponse.SERVING)
+
+
 def _code(future: grpc.Future) -> grpc.StatusCode:
     try:
         future.result()
