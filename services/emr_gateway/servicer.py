@@ -112,7 +112,7 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
         if kind == "csv":
             csv = request.csv
             result = self._gateway.ingest_payload(
-                kind, CsvPayload(csv.content, csv.profile, csv.profile_file, csv.source_name)
+                kind, CsvPayload(csv.content, csv.profile, csv.profile_file, csv.source_name, csv.first_row)
             )
         else:
             result = self._gateway.ingest_payload(kind, getattr(request, kind).content if kind else b"")

@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, in_cohort, training_example
 from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
-from fibemrss.domain.records import PatientRecord
+from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST, PatientRecord
 from fibemrss.domain.tasks import get_task
 from fibemrss.domain.text import text_problems
 from services.emr_gateway.consent import ConsentDecision, parse_consent
@@ -100,6 +100,7 @@ class CsvPayload:
     profile: str = ""
     profile_file: bytes = b""  # a user profile (YAML or JSON) instead of a named one
     source_name: str = ""
+    first_row: int = 0  # this batch's first data row within the whole export
 
 
 @dataclass(frozen=True)
@@ -118,14 +119,21 @@ def text_of(content: bytes, field: str) -> str:
 
 
 def csv_candidates(payload: CsvPayload) -> list[Candidate]:
+    """The export's rows as candidates; at most MAX_CSV_ROWS_PER_REQUEST of them, counted as they
+    are parsed, so a request of many short rows is refused before it is held whole (the gateway
+    holds a few KB per row until its batch is written)."""
     source = payload.source_name or "csv"
+    if payload.first_row < 0:
+        raise InvalidArgument(
+            "bad first row", [FieldProblem("csv.first_row", f"{payload.first_row} is negative")]
+        )
     if payload.profile_file:
         if payload.profile:
             raise InvalidArgument(
                 "two profiles", [FieldProblem("csv.profile", "set either profile or profile_file, not both")]
             )
         profile = load_profile(payload.profile_file)
-        rows = parse_with_profile(profile, text_of(payload.content, "csv.content"), source)
+        rows = parse_with_profile(profile, text_of(payload.content, "csv.content"), source, payload.first_row)
     else:
         parse = PROFILES.get(payload.profile)
         if parse is None:
@@ -134,8 +142,22 @@ def csv_candidates(payload: CsvPayload) -> list[Candidate]:
                 "unknown CSV profile",
                 [FieldProblem("csv.profile", f"{payload.profile[:40]!r} is not one of {known}")],
             )
-        rows = parse(text_of(payload.content, "csv.content"), source)
-    return [Candidate(r.index, r.source_id, r.record, r.violations) for r in rows]
+        rows = parse(text_of(payload.content, "csv.content"), source, payload.first_row)
+    candidates: list[Candidate] = []
+    for r in rows:
+        if len(candidates) == MAX_CSV_ROWS_PER_REQUEST:
+            raise InvalidArgument(
+                "too many rows",
+                [
+                    FieldProblem(
+                        "csv.content",
+                        f"more than {MAX_CSV_ROWS_PER_REQUEST} data rows; send the export in batches "
+                        "of at most that many, each with the header and its csv.first_row",
+                    )
+                ],
+            )
+        candidates.append(Candidate(r.index, r.source_id, r.record, r.violations))
+    return candidates
 
 
 def listing_problems(purpose: str, size: int) -> list[FieldProblem]:

