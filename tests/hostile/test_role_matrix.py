@@ -116,23 +116,8 @@ def _address(cluster: LocalCluster, server: str) -> str:
 
 def _call(channel: grpc.Channel, method: MethodDescriptor) -> grpc.StatusCode:
     """Calls `method` with an empty request; the status code it ends with."""
-    path = f"/{method.containing_service.full_name}/{method.name}"
     request = message_factory.GetMessageClass(method.input_type)()
-    kwargs = {"request_serializer": lambda m: m.SerializeToString(), "response_deserializer": lambda b: b}
-    try:
-        if method.client_streaming:
-            channel.stream_unary(path, **kwargs)(iter([request]), timeout=20)
-        elif method.server_streaming:
-            call = channel.unary_stream(path, **kwargs)(request, timeout=20)
-            try:
-                next(call, None)
-            finally:
-                call.cancel()
-        else:
-            channel.unary_unary(path, **kwargs)(request, timeout=20)
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
+    return _call_raw(channel, method, request.SerializeToString())[0]
 
 
 def _cases() -> list[tuple[str, MethodDescriptor]]:
