@@ -17,7 +17,7 @@ from tenseal import sealapi
 from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, pack_chunk, unpack_chunk, unpack_header
 from fibemrss.he.errors import HeFormatError, HeKeyError, HeOverflowError
 from fibemrss.he.keys import AggregatorKey, HospitalKey
-from fibemrss.he.masking import apply_mask
+from fibemrss.he.masking import apply_mask, remove_mask
 from fibemrss.he.params import HeParams
 from fibemrss.he.seal_bytes import SealBytes
 
@@ -237,11 +237,19 @@ class UpdateDecryptor:
         self._scratch = SealBytes()
 
     def decrypt_average(
-        self, chunks: Sequence[bytes], n_values: int, min_parties: int = 1
+        self,
+        chunks: Sequence[bytes],
+        n_values: int,
+        min_parties: int = 1,
+        correction: np.ndarray | None = None,
     ) -> tuple[np.ndarray, int]:
         """(sum_k w_k v_k / sum_k w_k, sum_k w_k) of the hospitals summed into chunks; refuses
-        (HeFormatError) a sum of fewer than min_parties hospitals."""
+        (HeFormatError) a sum of fewer than min_parties hospitals. `correction` (secure
+        aggregation: the masks left in the sum, fibemrss.he.secagg) is subtracted modulo the
+        plain modulus before decoding."""
         slots, _ = self._decrypt_slots(chunks, n_values, ChunkKind.WEIGHTED_UPDATE, min_parties)
+        if correction is not None:
+            slots = remove_mask(slots, correction, self._params.plain_modulus)
         total_weight = int(slots[0])
         if total_weight < 1:
             raise HeFormatError("decrypted total weight is not positive: the chunks are corrupt")
@@ -319,6 +327,7 @@ class UpdateCodec:
     def __init__(self, key: HospitalKey) -> None:
         self._encryptor = UpdateEncryptor(key)
         self._decryptor = UpdateDecryptor(key)
+        self._aggregator_key = key.aggregator_key()
 
     @property
     def params(self) -> HeParams:
@@ -328,6 +337,20 @@ class UpdateCodec:
         return self._encryptor.encrypt(values, weight, mask)
 
     def decrypt_average(
-        self, chunks: Sequence[bytes], n_values: int, min_parties: int = 1
+        self,
+        chunks: Sequence[bytes],
+        n_values: int,
+        min_parties: int = 1,
+        correction: np.ndarray | None = None,
     ) -> tuple[np.ndarray, int]:
-        return self._decryptor.decrypt_average(chunks, n_values, min_parties)
+        return self._decryptor.decrypt_average(chunks, n_values, min_parties, correction)
+
+    def decrypt_slots(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
+        return self._decryptor.decrypt_slots(chunks, n_values)
+
+    def add(self, parts: Sequence[bytes]) -> bytes:
+        """The encrypted sum of chunks at one position (what the aggregator should have served)."""
+        accumulator = ChunkAccumulator(self._aggregator_key)
+        for part in parts:
+            accumulator.add(part)
+        return accumulator.result()

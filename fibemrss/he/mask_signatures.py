@@ -83,14 +83,16 @@ class MaskKeySigner:
         if self.identity != f"agent@{hospital}":
             raise HeKeyError(f"the TLS certificate names {self.identity!r}, not agent@{hospital}")
         message = statement(federation_id, task, round_number, hospital, public_key)
+        return SignedMaskKey(public_key, self.sign_message(message), self.certificate)
+
+    def sign_message(self, message: bytes) -> bytes:
+        """Signs any protocol message (each carries its own domain-separation prefix)."""
         key = self._key
         if isinstance(key, ec.EllipticCurvePrivateKey):
-            signature = key.sign(message, ec.ECDSA(hashes.SHA256()))
-        elif isinstance(key, ed25519.Ed25519PrivateKey):
-            signature = key.sign(message)
-        else:
-            signature = key.sign(message, _PSS, hashes.SHA256())
-        return SignedMaskKey(public_key, signature, self.certificate)
+            return key.sign(message, ec.ECDSA(hashes.SHA256()))
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return key.sign(message)
+        return key.sign(message, _PSS, hashes.SHA256())
 
 
 class MaskKeyVerifier:
@@ -112,42 +114,57 @@ class MaskKeyVerifier:
         now: datetime.datetime | None = None,
     ) -> None:
         """Raises MaskKeyRefused saying why `key` is not hospital's own key for the round."""
-        if not key.signature or not key.certificate:
-            raise MaskKeyRefused(f"the mask key of {hospital} is unsigned")
+        message = statement(federation_id, task, round_number, hospital, key.public_key)
+        try:
+            self.check_message(hospital, message, key.signature, key.certificate, now)
+        except MaskKeyRefused as refused:
+            raise MaskKeyRefused(
+                str(refused).replace("the message", "the mask key").replace("this message", "this key")
+            ) from None
+
+    def check_message(
+        self,
+        hospital: str,
+        message: bytes,
+        signature: bytes,
+        certificate: bytes,
+        now: datetime.datetime | None = None,
+    ) -> None:
+        """Raises MaskKeyRefused unless `signature` is agent@hospital's over `message`, under a
+        certificate the federation CA issued and that is valid now."""
+        if not signature or not certificate:
+            raise MaskKeyRefused(f"the message of {hospital} is unsigned")
         try:
             with warnings.catch_warnings():  # a malformed certificate is refused below, not warned about
                 warnings.simplefilter("ignore")
-                cert = x509.load_der_x509_certificate(key.certificate)
+                cert = x509.load_der_x509_certificate(certificate)
         except (ValueError, x509.InvalidVersion):
-            raise MaskKeyRefused(f"the mask key of {hospital} carries an unreadable certificate") from None
+            raise MaskKeyRefused(f"the message of {hospital} carries an unreadable certificate") from None
         if not any(_issued_by(cert, ca) for ca in self._cas):
             raise MaskKeyRefused(
-                f"the certificate on the mask key of {hospital} is not issued by the federation CA"
+                f"the certificate on the message of {hospital} is not issued by the federation CA"
             )
         moment = now or datetime.datetime.now(datetime.UTC)
         if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
-            raise MaskKeyRefused(f"the certificate on the mask key of {hospital} is not valid now")
+            raise MaskKeyRefused(f"the certificate on the message of {hospital} is not valid now")
         identity = _common_name(cert)
         if identity != f"agent@{hospital}":
-            raise MaskKeyRefused(
-                f"the mask key of {hospital} is signed by {identity!r}, not agent@{hospital}"
-            )
-        message = statement(federation_id, task, round_number, hospital, key.public_key)
+            raise MaskKeyRefused(f"the message of {hospital} is signed by {identity!r}, not agent@{hospital}")
         public = cert.public_key()
         try:
             if isinstance(public, ec.EllipticCurvePublicKey):
-                public.verify(key.signature, message, ec.ECDSA(hashes.SHA256()))
+                public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
             elif isinstance(public, ed25519.Ed25519PublicKey):
-                public.verify(key.signature, message)
+                public.verify(signature, message)
             elif isinstance(public, rsa.RSAPublicKey):
-                public.verify(key.signature, message, _PSS, hashes.SHA256())
+                public.verify(signature, message, _PSS, hashes.SHA256())
             else:
                 raise MaskKeyRefused(
-                    f"the certificate on the mask key of {hospital} has an unsupported key type"
+                    f"the certificate on the message of {hospital} has an unsupported key type"
                 )
         except InvalidSignature:
             raise MaskKeyRefused(
-                f"the signature on the mask key of {hospital} does not cover this key for this "
+                f"the signature on the message of {hospital} does not cover this message for this "
                 "federation and round (substituted or replayed)"
             ) from None
 

@@ -143,3 +143,18 @@ def apply_mask(slots: np.ndarray, mask: np.ndarray, modulus: int) -> np.ndarray:
     masked = slots.astype(np.int64) + mask
     np.subtract(masked, modulus, out=masked, where=masked > modulus // 2)
     return masked
+
+
+def remove_mask(slots: np.ndarray, mask: np.ndarray, modulus: int) -> np.ndarray:
+    """(slots - mask) mod modulus in the centered range over the mask's first slots (the rest,
+    padding, unchanged): the inverse of `apply_mask` on decrypted slots (secure aggregation
+    subtracts the masks its protocol says remain in a sum)."""
+    n = mask.size
+    if n > slots.size:
+        raise ValueError(f"mask covers {n} slots, the vector {slots.size}")
+    out = slots.astype(np.int64)
+    head = out[:n] - mask % modulus
+    np.add(head, modulus, out=head, where=head <= -((modulus + 1) // 2))
+    np.subtract(head, modulus, out=head, where=head > modulus // 2)
+    out[:n] = head
+    return out
