@@ -30,6 +30,7 @@ from fibemrss.domain.task_spec import (
     PersonalizationSpec,
     TaskSpec,
 )
+from fibemrss.domain.text import text_problem
 
 FORMAT = 1
 NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
@@ -332,9 +333,19 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
     if model not in MODELS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", model):
         r.bad("model", f"one of {', '.join(MODELS)}, or package.module:factory")
     hyper = _hyper(r, d.get("hyper_parameters"))
-    fed = r.obj(d.get("federation") or {}, "federation", {"rounds", "quorum"})
+    fed = r.obj(d.get("federation") or {}, "federation", {"rounds", "quorum", "sites"})
     rounds = r.integer(fed, "rounds", "federation.rounds", 15, low=1) or 15
     quorum = r.integer(fed, "quorum", "federation.quorum", 4, low=1) or 4
+    sites_raw = fed.get("sites", [])
+    sites: tuple[str, ...] = ()
+    if not isinstance(sites_raw, list) or not all(
+        isinstance(x, str) and x and "@" not in x and x != "central" and not text_problem(x) for x in sites_raw
+    ):
+        r.bad("federation.sites", "must be a list of hospital names (not 'central', no '@')")
+    elif len(set(sites_raw)) != len(sites_raw):
+        r.bad("federation.sites", "names a site twice")
+    else:
+        sites = tuple(sites_raw)
     ev = r.obj(d.get("evaluation") or {}, "evaluation", {"threshold", "test_fraction", "split_seed"})
     threshold = r.number(ev, "threshold", "evaluation.threshold", 0.5, low=0.0, high=1.0) or 0.5
     test_fraction = r.number(ev, "test_fraction", "evaluation.test_fraction", 0.2, low=0.0, high=0.9)
@@ -351,6 +362,7 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
         hyper=hyper,
         rounds=rounds,
         quorum=quorum,
+        sites=sites,
         threshold=threshold,
         test_fraction=0.2 if test_fraction is None else test_fraction,
         split_seed=split_seed,
@@ -410,7 +422,12 @@ def study_to_json(task: TaskSpec) -> dict[str, Any]:
             "server_options": dict(task.hyper.server_options),
             "proximal_mu": task.hyper.proximal_mu,
         },
-        "federation": {"rounds": task.rounds, "quorum": task.quorum},
+        "federation": {
+            "rounds": task.rounds,
+            "quorum": task.quorum,
+            # Only when set: studies written before it keep their identity (hash).
+            **({"sites": sorted(task.sites)} if task.sites else {}),
+        },
         "evaluation": {
             "threshold": task.threshold,
             "test_fraction": task.test_fraction,

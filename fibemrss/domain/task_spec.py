@@ -134,6 +134,10 @@ class TaskSpec:
     # bins per feature in round 0, released only in merged bins of at least this many patients.
     histogram_bins: int = 10
     histogram_min_count: int = 10
+    # The sites that take part (`federation.sites`): a hospital accepts a round's cohort only of
+    # these, and the threshold of secure aggregation is fixed over all of them, so an aggregator
+    # cannot lower it by showing a smaller cohort (docs/he-codec.md). Empty: the cohort's size.
+    sites: tuple[str, ...] = ()
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

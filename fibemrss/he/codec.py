@@ -266,6 +266,12 @@ class UpdateDecryptor:
         slots, _ = self._decrypt_slots(chunks, n_values, headers.kind, 1)
         return slots[: slot_count(headers.kind, n_values)]
 
+    def chunk_slots(self, chunk: bytes) -> np.ndarray:
+        header, serialized = unpack_chunk(chunk)
+        if header.key_id != self._key.key_id:
+            raise HeKeyError("chunk was encrypted under another key ceremony than this hospital key")
+        return np.concatenate([self._decrypt_one(blob) for blob in serialized])
+
     def decrypt_sums(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
         """Slot-wise sums over the hospitals summed into chunks, at the frac_bits they were encrypted with."""
         slots, header = self._decrypt_slots(chunks, n_values, ChunkKind.SUMS, 1)
@@ -347,6 +353,10 @@ class UpdateCodec:
 
     def decrypt_slots(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
         return self._decryptor.decrypt_slots(chunks, n_values)
+
+    def chunk_slots(self, chunk: bytes) -> np.ndarray:
+        """The raw slots of one chunk (its ciphertexts decrypted end to end), to compare two sums."""
+        return self._decryptor.chunk_slots(chunk)
 
     def add(self, parts: Sequence[bytes]) -> bytes:
         """The encrypted sum of chunks at one position (what the aggregator should have served)."""

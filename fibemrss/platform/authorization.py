@@ -53,6 +53,9 @@ CENTRAL_RULES: Mapping[str, frozenset[str]] = {
     _AGGREGATOR + "FetchAggregate": frozenset({"agent@h"}),
     _AGGREGATOR + "PublishMaskKey": frozenset({"agent@h"}),
     _AGGREGATOR + "GetMaskKeys": frozenset({"agent@h"}),
+    _AGGREGATOR + "PostRoundMessage": frozenset({"agent@h"}),
+    _AGGREGATOR + "GetRoundStage": frozenset({"agent@h"}),
+    _AGGREGATOR + "FetchUpload": frozenset({"agent@h"}),
     _AGGREGATOR + "GetFederationStatus": frozenset({"agent@h", "operator@h", "operator@central"}),
     # The federation operator proposes studies; hospitals read them to review them at home.
     _AGGREGATOR + "ProposeStudy": frozenset({"operator@central"}),

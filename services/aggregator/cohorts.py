@@ -6,11 +6,10 @@ A masked round's sum decrypts only if it holds every cohort member's upload, so:
 - Key stage (cohort None): hospitals publish an X25519 public key for the round. The cohort is
   fixed as the hospitals whose key is in once every hospital has one, or `grace_seconds` after
   the `needed`-th key, or at the deadline (fail if fewer than `needed` keys by then).
-- Submission stage: the round aggregates as soon as the whole cohort has submitted. When the
-  deadline (or the grace after quorum) passes with members missing, the round restarts as the
-  next attempt with the cohort reduced to the members that did submit; their uploads of the old
-  attempt are deleted, and they upload again under masks bound to the new attempt. Fewer than
-  `needed` survivors fail the round. No correction of anyone's masks is ever revealed.
+- Then the stages of secure aggregation (fibemrss.he.secagg): shares, uploads, survivors and
+  reveals, each closing with whoever posted in it (`decide_stage`); the round's sum is the sum of
+  the uploads of U3, those who uploaded. Each hospital submits once; a dropout is recovered from
+  the survivors' revealed shares, never by a second upload (there is no restart).
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal
 
-from fibemrss.domain.errors import FailedPrecondition
 from services.aggregator.round_state import ACCEPTING, FederationSettings, Round
 
 CohortDecision = Literal["fix", "fail", "wait"]
-MaskedClose = Literal["aggregate", "restart", "fail", "wait"]
 
 
 def decide_cohort(
@@ -42,31 +39,30 @@ def decide_cohort(
     return "wait"
 
 
-def decide_masked_close(settings: FederationSettings, current: Round, now: datetime) -> MaskedClose:
-    if current.state not in ACCEPTING or current.cohort is None:
-        return "wait"
-    if current.submitted == current.cohort:
-        return "aggregate"
-    late = now >= current.deadline_at or (
-        current.quorum_at is not None and now >= current.quorum_at + timedelta(seconds=settings.grace_seconds)
-    )
-    if not late:
-        return "wait"
-    return "restart" if len(current.submitted) >= settings.needed else "fail"
+STAGES = ("shares", "uploads", "survivors", "reveals")
+StageDecision = Literal["close", "fail", "wait"]
 
 
-def check_masked_submission(current: Round, hospital: str, attempt: int) -> None:
-    """A masked upload fits only the cohort and attempt its masks were made for."""
-    if current.cohort is None:
-        raise FailedPrecondition(
-            f"round {current.number} of {current.task} is still collecting mask keys; submit once its cohort is fixed"
-        )
-    if hospital not in current.cohort:
-        raise FailedPrecondition(
-            f"hospital {hospital!r} is not in the cohort of round {current.number} (attempt {current.attempt})"
-        )
-    if attempt != current.attempt:
-        raise FailedPrecondition(
-            f"the upload is masked for attempt {attempt} of round {current.number}; "
-            f"the current attempt is {current.attempt}"
-        )
+def decide_stage(
+    settings: FederationSettings,
+    current: Round,
+    expected: frozenset[str],
+    posted: frozenset[str],
+    opened_at: datetime | None,
+    now: datetime,
+) -> StageDecision:
+    """An open stage of a secure-aggregation round (shares, uploads, survivors, reveals) closes as
+    soon as every member expected in it has posted, or `grace_seconds` after it opened once
+    `needed` have, or at the deadline; with fewer than `needed` by the deadline the round fails.
+    Nobody is ever asked to post again: a member missing from a stage has dropped out."""
+    if current.state not in ACCEPTING:
+        return "wait"
+    arrived = posted & expected
+    if arrived == expected:
+        return "close"
+    enough = len(arrived) >= settings.needed
+    if enough and opened_at is not None and now >= opened_at + timedelta(seconds=settings.grace_seconds):
+        return "close"
+    if now >= current.deadline_at:
+        return "close" if enough else "fail"
+    return "wait"

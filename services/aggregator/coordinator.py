@@ -6,6 +6,7 @@ stopped: a round caught in AGGREGATING is simply aggregated again (nothing of it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -24,10 +25,10 @@ from fibemrss.domain.errors import (
 )
 from fibemrss.he.errors import HeError
 from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeyVerifier, SignedMaskKey
-from fibemrss.he.masking import PUBLIC_KEY_BYTES
 from fibemrss.he.params import HeParams
+from fibemrss.he.secagg.protocol import ADVERT_BYTES, RoundContext, advert_statement
 from services.aggregator.ciphertexts import RoundLayout, expected_layout
-from services.aggregator.cohorts import check_masked_submission, decide_cohort, decide_masked_close
+from services.aggregator.cohorts import STAGES, decide_cohort, decide_stage
 from services.aggregator.round_state import (
     FederationSettings,
     Round,
@@ -192,9 +193,12 @@ class Coordinator:
         chunks: Iterable[tuple[int, bytes]],
         attempt: int = 0,
         epsilon: float = 0.0,
+        signature: bytes = b"",
+        certificate: bytes = b"",
     ) -> bool:
         """Stores a whole submission; returns True when it was a repeat of an accepted one.
-        Under pairwise masking `attempt` names the cohort the upload's masks were made for."""
+        Under secure aggregation the sender must be in U2 and the upload carries its signature
+        over the chunks' digests (checked by every member, not trusted here); `attempt` is unused."""
         if total < 1:
             raise InvalidArgument("total_chunks must be at least 1")
         if not (epsilon >= 0.0 and epsilon < float("inf")):
@@ -204,27 +208,32 @@ class Coordinator:
         settings = self._store.settings(task)
         current = self._store.current_round(task)
         decision = decide_submission(settings, current, number, hospital)
-        if settings.pairwise_masking and decision != "duplicate":
-            check_masked_submission(current, hospital, attempt)
         if decision == "duplicate":
             for _ in chunks:  # drain the stream; the stored copy stands
                 pass
             self._submissions.labels(task, "duplicate").inc()
             return True
+        if settings.pairwise_masking and current.cohort is None:
+            raise FailedPrecondition(
+                f"round {number} of {task} is still collecting mask keys; submit once its cohort is fixed"
+            )
         received = self._receive(chunks)
         # Validated whole before it counts: a bad upload is refused to its sender alone.
         self._adder.check_upload(received, total, expected_layout(task, number, self._adder.params))
+        ordered = [c for _, c in sorted(received)]
+        digests = b"".join(hashlib.sha256(c).digest() for c in ordered)
         try:
             # One short transaction: nothing is locked while the sender is still sending.
-            masked_attempt = attempt if settings.pairwise_masking else None
-            with self._store.submission(task, number, hospital, total, masked_attempt, epsilon) as writer:
+            with self._store.submission(
+                task, number, hospital, total, settings.pairwise_masking, epsilon, signature, certificate, digests
+            ) as writer:
                 for index, ciphertext in received:
                     writer.add(index, ciphertext)
         except DuplicateSubmission:
             self._submissions.labels(task, "duplicate").inc()
             return True
         if sum(len(c) for _, c in received) <= RUNNING_SUM_LIMIT_BYTES:
-            self._running.fold(task, number, hospital, received, attempt if settings.pairwise_masking else 1)
+            self._running.fold(task, number, hospital, received, 1)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
         self._last_submitted.labels(task, hospital).set(number)
@@ -252,14 +261,23 @@ class Coordinator:
             raise FailedPrecondition(f"the federation of {task} does not use pairwise masking")
         if hospital not in settings.hospitals:
             raise PermissionDenied(f"hospital {hospital!r} is not part of the federation for {task}")
-        if len(public_key) != PUBLIC_KEY_BYTES:
+        if len(public_key) != ADVERT_BYTES:
             raise InvalidArgument(
                 "malformed mask key",
-                [FieldProblem("public_key", f"must be a {PUBLIC_KEY_BYTES}-byte X25519 public key")],
+                [
+                    FieldProblem(
+                        "public_key",
+                        f"must be the {ADVERT_BYTES}-byte advertisement: two X25519 public keys and a "
+                        "SHA-256 commitment",
+                    )
+                ],
             )
         if self._mask_key_verifier is not None:
+            ctx = RoundContext(settings.federation_id, task, settings.study_hash, number)
             try:
-                self._mask_key_verifier.check(settings.federation_id, task, number, hospital, key)
+                self._mask_key_verifier.check_message(
+                    hospital, advert_statement(ctx, hospital, public_key), key.signature, key.certificate
+                )
             except MaskKeyRefused as refused:
                 raise InvalidArgument("mask key refused", [FieldProblem("signature", str(refused))]) from None
         current = self._store.current_round(task)
@@ -275,6 +293,86 @@ class Coordinator:
         if rounds[number].cohort is None:
             raise FailedPrecondition(f"the cohort of round {number} of {task} is not fixed yet")
         return self._store.mask_keys(task, number)
+
+    # -- secure aggregation stages ------------------------------------------------------------
+    def _expected(self, current: Round, stage: str, stages: dict[str, frozenset[str]]) -> frozenset[str]:
+        """Who may post in `stage`: the members of the stage before it (the cohort for shares)."""
+        order = list(STAGES)
+        i = order.index(stage)
+        if i == 0:
+            return current.cohort or frozenset()
+        return stages.get(order[i - 1], frozenset())
+
+    def post_message(
+        self,
+        task: str,
+        number: int,
+        hospital: str,
+        stage: str,
+        parts: list[tuple[str, bytes]],
+        signature: bytes,
+        certificate: bytes,
+    ) -> None:
+        settings = self._store.settings(task)
+        if not settings.pairwise_masking:
+            raise FailedPrecondition(f"the federation of {task} does not use secure aggregation")
+        if hospital not in settings.hospitals:
+            raise PermissionDenied(f"hospital {hospital!r} is not part of the federation for {task}")
+        if stage == "uploads":
+            raise InvalidArgument("uploads go through SubmitUpdate", [FieldProblem("stage", "not a message stage")])
+        current = self._store.current_round(task)
+        if number != current.number or current.cohort is None:
+            raise FailedPrecondition(f"round {number} of {task} has no open {stage} stage")
+        stages = self._store.stages(task, number)
+        previous = list(STAGES)[list(STAGES).index(stage) - 1] if stage != "shares" else None
+        if previous is not None and previous not in stages:
+            raise FailedPrecondition(f"the {stage} stage of round {number} has not opened yet")
+        expected = self._expected(current, stage, stages)
+        if stage == "shares":
+            bad = [to for to, _ in parts if to not in expected or to == hospital]
+            if bad or len({to for to, _ in parts}) != len(parts):
+                raise InvalidArgument(
+                    "misaddressed shares",
+                    [FieldProblem("envelopes", f"each recipient once, a cohort member other than the sender: {sorted(bad)}")],
+                )
+        self._store.post_message(task, number, stage, hospital, parts, signature, certificate, expected)
+        self._wake.set()
+
+    def stage(
+        self,
+        task: str,
+        number: int,
+        stage: str,
+        reader: str,
+        timeout: float,
+        still_wanted: Callable[[], bool] = lambda: True,
+    ) -> tuple[bool, frozenset[str], list[tuple[str, bytes, bytes, bytes]]]:
+        """(closed, members, messages readable by `reader`) of a stage, waiting up to `timeout`
+        for it to close (or the round to end)."""
+        deadline = datetime.now(UTC).timestamp() + timeout
+        with self._changed:
+            while True:
+                rounds = {r.number: r for r in self._store.rounds(task)}
+                if number not in rounds:
+                    raise NotFound(f"round {number} of {task} does not exist")
+                stages = self._store.stages(task, number)
+                over = rounds[number].state not in (RoundState.OPEN, RoundState.COLLECTING)
+                remaining = deadline - datetime.now(UTC).timestamp()
+                if stage in stages or over or remaining <= 0 or self._stop.is_set() or not still_wanted():
+                    break
+                self._changed.wait(min(remaining, 1.0))
+        closed = stage in stages
+        if not closed or stage == "uploads":
+            return closed, stages.get(stage, frozenset()), []
+        recipient = reader if stage == "shares" else None
+        return True, stages[stage], self._store.messages(task, number, stage, recipient)
+
+    def upload(
+        self, task: str, number: int, hospital: str, indexes: list[int]
+    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+        if "uploads" not in self._store.stages(task, number):
+            raise FailedPrecondition(f"the uploads of round {number} of {task} are not closed yet")
+        return self._store.upload(task, number, hospital, indexes)
 
     # -- the ticker ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -338,30 +436,39 @@ class Coordinator:
         if current.quorum_at is None and len(current.submitted) >= settings.quorum:
             self._store.note_submission(settings, current.number)
             current = self._store.current_round(settings.task)
-        cohort = current.cohort or frozenset()
-        close = decide_masked_close(settings, current, now)
-        if close == "aggregate" and self._store.mark_aggregating(settings.task, current.number):
-            self._aggregate(settings, current)
-        elif close == "restart" and self._store.restart_round(
-            settings, current.number, current.attempt, current.submitted
-        ):
-            log.warning(
-                "round restarted without the members that did not submit",
-                extra={
-                    "task": settings.task,
-                    "round": current.number,
-                    "attempt": current.attempt + 1,
-                    "missing": sorted(cohort - current.submitted),
-                },
+        stages = self._store.stages(settings.task, current.number)
+        for stage in STAGES:
+            if stage in stages:
+                continue
+            expected = self._expected(current, stage, stages)
+            posted = (
+                current.submitted
+                if stage == "uploads"
+                else self._store.poster_names(settings.task, current.number, stage)
             )
-            self._notify()
-        elif close == "fail":
-            self._fail(
-                settings,
-                current,
-                f"deadline passed with {len(current.submitted)} of the cohort's {len(cohort)} "
-                f"uploads, fewer than the {settings.needed} required",
-            )
+            opened = self._store.stage_opened_at(settings.task, current.number)
+            step = decide_stage(settings, current, expected, posted, opened, now)
+            if step == "close" and self._store.close_stage(settings, current.number, stage):
+                log.info(
+                    "stage closed",
+                    extra={
+                        "task": settings.task,
+                        "round": current.number,
+                        "stage": stage,
+                        "missing": sorted(expected - posted),
+                    },
+                )
+                self._notify()
+            elif step == "fail":
+                self._fail(
+                    settings,
+                    current,
+                    f"deadline passed in the {stage} stage with {len(posted & expected)} of "
+                    f"{len(expected)} members, fewer than the {settings.needed} required",
+                )
+            return
+        if self._store.mark_aggregating(settings.task, current.number):
+            self._aggregate(settings, self._store.current_round(settings.task))
 
     def _fail(self, settings: FederationSettings, current: Round, reason: str) -> None:
         self._store.fail_round(settings, current.number, reason, next_round_number(settings, current.number))

@@ -38,6 +38,12 @@ _STATES = {
     RoundState.FAILED: pb.ROUND_STATE_FAILED,
 }
 MAX_WAIT_SECONDS = 30.0
+_MESSAGE_STAGES = {
+    pb.ROUND_STAGE_SHARES: "shares",
+    pb.ROUND_STAGE_SURVIVORS: "survivors",
+    pb.ROUND_STAGE_REVEALS: "reveals",
+}
+_ALL_STAGES = {**_MESSAGE_STAGES, pb.ROUND_STAGE_UPLOADS: "uploads"}
 log = logging.getLogger(__name__)
 
 
@@ -221,6 +227,8 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
                 chunks(),
                 first.attempt,
                 first.epsilon,
+                first.signature,
+                first.certificate,
             )
         finally:
             watchdog.close()
@@ -286,6 +294,73 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
                 for h, k in sorted(keys.items())
             ]
         )
+
+    def PostRoundMessage(
+        self, request: pb.PostRoundMessageRequest, context: grpc.ServicerContext
+    ) -> pb.PostRoundMessageResponse:
+        check_names(task=request.task, hospital=request.hospital)
+        stage = _MESSAGE_STAGES.get(request.stage)
+        if stage is None:
+            raise InvalidArgument(
+                "unknown stage", [FieldProblem("stage", "must be SHARES, SURVIVORS or REVEALS")]
+            )
+        check_hospital_identity(context, request.hospital)
+        check_same_study(
+            request.task, self._store.settings(request.task).study_hash, request.hospital, request.study_hash
+        )
+        if stage == "shares":
+            check_names(**{f"envelopes[{i}].to": e.to for i, e in enumerate(request.envelopes)})
+            parts = [(e.to, bytes(e.data)) for e in request.envelopes]
+        else:
+            parts = [("", bytes(request.payload))]
+        self._coordinator.post_message(
+            request.task,
+            request.round,
+            request.hospital,
+            stage,
+            parts,
+            bytes(request.signature),
+            bytes(request.certificate),
+        )
+        return pb.PostRoundMessageResponse(round=self._current_info(request.task))
+
+    def GetRoundStage(
+        self, request: pb.GetRoundStageRequest, context: grpc.ServicerContext
+    ) -> pb.GetRoundStageResponse:
+        check_names(task=request.task, hospital=request.hospital)
+        stage = _ALL_STAGES.get(request.stage)
+        if stage is None:
+            raise InvalidArgument("unknown stage", [FieldProblem("stage", "must name a round stage")])
+        if request.hospital:
+            check_hospital_identity(context, request.hospital)
+        asked = request.wait_seconds if math.isfinite(request.wait_seconds) else 0.0
+        closed, members, messages = self._coordinator.stage(
+            request.task,
+            request.round,
+            stage,
+            request.hospital,
+            min(max(asked, 0.0), MAX_WAIT_SECONDS),
+            context.is_active,
+        )
+        return pb.GetRoundStageResponse(
+            closed=closed,
+            members=sorted(members),
+            messages=[
+                pb.RoundMessage(sender=s, data=d, signature=g, certificate=c) for s, d, g, c in messages
+            ],
+            round=self._current_info(request.task),
+        )
+
+    def FetchUpload(
+        self, request: pb.FetchUploadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FetchUploadResponse]:
+        check_names(task=request.task, hospital=request.hospital)
+        digests, signature, certificate, chunks = self._coordinator.upload(
+            request.task, request.round, request.hospital, list(request.indexes)
+        )
+        yield pb.FetchUploadResponse(digests=digests, signature=signature, certificate=certificate, index=-1)
+        for index, data in chunks:
+            yield pb.FetchUploadResponse(index=index, ciphertext=data)
 
     def GetFederationStatus(
         self, request: pb.GetFederationStatusRequest, context: grpc.ServicerContext

@@ -216,33 +216,37 @@ class AggregatorStore:
         number: int,
         hospital: str,
         total: int,
-        masked_attempt: int | None = None,
+        masked: bool = False,
         epsilon: float = 0.0,
+        signature: bytes = b"",
+        certificate: bytes = b"",
+        digests: bytes = b"",
     ) -> Iterator[SubmissionWriter]:
         """A transaction that stores a whole submission or nothing. The round row is share-locked,
-        so the round cannot start aggregating (or restart) while this upload is in flight. With
-        `masked_attempt`, the upload must be masked for the round's current cohort and attempt."""
+        so the round cannot start aggregating (or close a stage) while this upload is in flight.
+        `masked` (secure aggregation): the sender must have shared in the round (U2) and the
+        upload stage must still be open."""
         with self._db.transaction() as cur:
             cur.execute(
-                "SELECT state, attempt, cohort FROM rounds WHERE task=%s AND round=%s FOR SHARE",
+                "SELECT state FROM rounds WHERE task=%s AND round=%s FOR SHARE",
                 (task, number),
             )
             row = cur.fetchone()
             if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
                 raise FailedPrecondition(f"round {number} of {task} is not accepting submissions")
             self._check_chunk_count(cur, task, number, total)
-            if masked_attempt is not None and (
-                row[2] is None or hospital not in row[2] or row[1] != masked_attempt
-            ):
-                raise FailedPrecondition(
-                    f"the upload is masked for attempt {masked_attempt} of round {number}, which is not "
-                    f"the round's current attempt {row[1]} with this hospital in its cohort"
-                )
+            if masked:
+                stages = self._stages(cur, task, number)
+                if "uploads" in stages or hospital not in stages.get("shares", frozenset()):
+                    raise FailedPrecondition(
+                        f"round {number} of {task} takes no upload from {hospital!r} now: only members "
+                        "who shared, while the upload stage is open"
+                    )
             try:
                 cur.execute(
-                    "INSERT INTO submissions (task, round, hospital, total_chunks, epsilon) "
-                    "VALUES (%s,%s,%s,%s,%s)",
-                    (task, number, hospital, total, epsilon),
+                    "INSERT INTO submissions (task, round, hospital, total_chunks, epsilon, signature, "
+                    "certificate, digests) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                    (task, number, hospital, total, epsilon, signature, certificate, digests),
                 )
             except psycopg2.errors.UniqueViolation:
                 raise DuplicateSubmission(hospital) from None
@@ -326,8 +330,10 @@ class AggregatorStore:
                 "UPDATE rounds SET state='closed', closed_at=now() WHERE task=%s AND round=%s",
                 (s.task, number),
             )
-            # Individual uploads are not kept: they go in the transaction that commits their sum.
-            self._delete_uploads(cur, s.task, number)
+            # Unmasked uploads go in the transaction that commits their sum; under secure
+            # aggregation they stay, so every member can check the sum against the signed uploads.
+            if not s.pairwise_masking:
+                self._delete_uploads(cur, s.task, number)
             if next_round is not None:
                 self._open_round(cur, s, next_round)
 
@@ -404,32 +410,147 @@ class AggregatorStore:
         with self._db.transaction() as cur:
             cur.execute(
                 "UPDATE rounds SET cohort = (SELECT array_agg(hospital ORDER BY hospital) FROM mask_keys "
-                "WHERE task=%s AND round=%s), deadline_at=%s "
+                "WHERE task=%s AND round=%s), deadline_at=%s, stage_opened_at=now() "
                 "WHERE task=%s AND round=%s AND cohort IS NULL AND state IN ('open','collecting')",
                 (s.task, number, datetime.now(UTC) + timedelta(seconds=s.deadline_seconds), s.task, number),
             )
             return cur.rowcount == 1
 
-    def restart_round(self, s: FederationSettings, number: int, attempt: int, cohort: frozenset[str]) -> bool:
-        """The round again as attempt + 1 with `cohort` (the members that did submit): the old
-        attempt's uploads are deleted, a fresh deadline starts."""
+    # -- secure aggregation stages -------------------------------------------------------------
+    @staticmethod
+    def _stages(cur: psycopg2.extensions.cursor, task: str, number: int) -> dict[str, frozenset[str]]:
+        cur.execute("SELECT stage, members FROM round_stages WHERE task=%s AND round=%s", (task, number))
+        return {stage: frozenset(members) for stage, members in cur.fetchall()}
+
+    def stages(self, task: str, number: int) -> dict[str, frozenset[str]]:
+        """The closed stages of a round and who posted in each."""
+        with self._db.transaction() as cur:
+            return self._stages(cur, task, number)
+
+    def stage_opened_at(self, task: str, number: int) -> datetime | None:
+        with self._db.transaction() as cur:
+            cur.execute("SELECT stage_opened_at FROM rounds WHERE task=%s AND round=%s", (task, number))
+            row = cur.fetchone()
+        return None if row is None else row[0]
+
+    def poster_names(self, task: str, number: int, stage: str) -> frozenset[str]:
+        with self._db.transaction() as cur:
+            if stage == "uploads":
+                cur.execute("SELECT hospital FROM submissions WHERE task=%s AND round=%s", (task, number))
+            else:
+                cur.execute(
+                    "SELECT DISTINCT sender FROM round_messages WHERE task=%s AND round=%s AND stage=%s",
+                    (task, number, stage),
+                )
+            return frozenset(r[0] for r in cur.fetchall())
+
+    def close_stage(self, s: FederationSettings, number: int, stage: str) -> bool:
+        """Closes an open stage with whoever posted in it; the next stage gets a full deadline."""
         with self._db.transaction() as cur:
             cur.execute(
-                "UPDATE rounds SET attempt=attempt + 1, cohort=%s, quorum_at=NULL, state='open', deadline_at=%s "
-                "WHERE task=%s AND round=%s AND attempt=%s AND state IN ('open','collecting')",
-                (
-                    sorted(cohort),
-                    datetime.now(UTC) + timedelta(seconds=s.deadline_seconds),
-                    s.task,
-                    number,
-                    attempt,
-                ),
+                "SELECT state FROM rounds WHERE task=%s AND round=%s FOR UPDATE", (s.task, number)
             )
-            if cur.rowcount != 1:
+            row = cur.fetchone()
+            if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
                 return False
-            self._delete_uploads(cur, s.task, number)
-            cur.execute("DELETE FROM submissions WHERE task=%s AND round=%s", (s.task, number))
+            if stage in self._stages(cur, s.task, number):
+                return False
+            if stage == "uploads":
+                cur.execute("SELECT hospital FROM submissions WHERE task=%s AND round=%s", (s.task, number))
+            else:
+                cur.execute(
+                    "SELECT DISTINCT sender FROM round_messages WHERE task=%s AND round=%s AND stage=%s",
+                    (s.task, number, stage),
+                )
+            members = sorted(r[0] for r in cur.fetchall())
+            cur.execute(
+                "INSERT INTO round_stages (task, round, stage, members) VALUES (%s,%s,%s,%s)",
+                (s.task, number, stage, members),
+            )
+            now = datetime.now(UTC)
+            cur.execute(
+                "UPDATE rounds SET stage_opened_at=%s, deadline_at=%s WHERE task=%s AND round=%s",
+                (now, now + timedelta(seconds=s.deadline_seconds), s.task, number),
+            )
             return True
+
+    def post_message(
+        self,
+        task: str,
+        number: int,
+        stage: str,
+        sender: str,
+        parts: list[tuple[str, bytes]],
+        signature: bytes,
+        certificate: bytes,
+        expected: frozenset[str],
+    ) -> None:
+        """Stores a member's message of an open stage (`parts`: (recipient or "", payload)), once:
+        the identical message again is a no-op, another one is refused."""
+        with self._db.transaction() as cur:
+            cur.execute("SELECT state FROM rounds WHERE task=%s AND round=%s FOR SHARE", (task, number))
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"round {number} of {task} does not exist")
+            if RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
+                raise FailedPrecondition(f"round {number} of {task} is {row[0]}; the {stage} stage is over")
+            if stage in self._stages(cur, task, number):
+                raise FailedPrecondition(f"the {stage} stage of round {number} of {task} is closed")
+            if sender not in expected:
+                raise FailedPrecondition(
+                    f"{sender!r} is not among the members expected in the {stage} stage of round {number}"
+                )
+            cur.execute(
+                "SELECT recipient, payload, signature FROM round_messages WHERE task=%s AND round=%s "
+                "AND stage=%s AND sender=%s",
+                (task, number, stage, sender),
+            )
+            existing = {(r, bytes(p), bytes(g)) for r, p, g in cur.fetchall()}
+            if existing:
+                if existing == {(r, p, signature) for r, p in parts}:
+                    return
+                raise FailedPrecondition(
+                    f"{sender!r} already posted another message in the {stage} stage of round {number}"
+                )
+            for recipient, payload in parts:
+                cur.execute(
+                    "INSERT INTO round_messages (task, round, stage, sender, recipient, payload, signature, "
+                    "certificate) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
+                    (task, number, stage, sender, recipient, payload, signature, certificate),
+                )
+
+    def messages(
+        self, task: str, number: int, stage: str, recipient: str | None
+    ) -> list[tuple[str, bytes, bytes, bytes]]:
+        """(sender, payload, signature, certificate) of a stage: to `recipient`, or broadcast."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT sender, payload, signature, certificate FROM round_messages WHERE task=%s AND "
+                "round=%s AND stage=%s AND recipient=%s ORDER BY sender",
+                (task, number, stage, recipient or ""),
+            )
+            return [(s, bytes(p), bytes(g), bytes(c)) for s, p, g, c in cur.fetchall()]
+
+    def upload(
+        self, task: str, number: int, hospital: str, indexes: list[int]
+    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+        """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT digests, signature, certificate FROM submissions WHERE task=%s AND round=%s "
+                "AND hospital=%s",
+                (task, number, hospital),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"no upload of {hospital!r} in round {number} of {task}")
+            cur.execute(
+                "SELECT idx, ciphertext FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
+                "AND idx = ANY(%s) ORDER BY idx",
+                (task, number, hospital, sorted(set(indexes))),
+            )
+            chunks = [(i, bytes(c)) for i, c in cur.fetchall()]
+        return bytes(row[0]), bytes(row[1]), bytes(row[2]), chunks
 
     def aggregate(self, task: str, number: int) -> Iterator[tuple[int, int, int, bytes]]:
         """(index, total, contributors, ciphertext) of a closed round's sum, chunk by chunk."""

@@ -19,8 +19,9 @@ from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as fpb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
+from fibemrss.he.secagg.protocol import Signed
 from fibemrss.serde.values import training_example_from_proto
-from services.hospital_agent.ports import PeerRefused, Phase, RoundView
+from services.hospital_agent.ports import PeerRefused, Phase, RoundView, StageView
 
 RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -37,6 +38,12 @@ _PHASES = {
     fpb.ROUND_STATE_FAILED: Phase.FAILED,
 }
 T = TypeVar("T")
+_STAGES = {
+    "shares": fpb.ROUND_STAGE_SHARES,
+    "uploads": fpb.ROUND_STAGE_UPLOADS,
+    "survivors": fpb.ROUND_STAGE_SURVIVORS,
+    "reveals": fpb.ROUND_STAGE_REVEALS,
+}
 
 
 def domain_error(exc: grpc.RpcError) -> DomainError:
@@ -99,7 +106,13 @@ class GrpcAggregator:
         return round_view_from_proto(_call(lambda: self._stub.GetRound(request, timeout=60).round))
 
     def submit(
-        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+        self,
+        round_number: int,
+        chunks: Sequence[bytes],
+        attempt: int = 0,
+        epsilon: float = 0.0,
+        signature: bytes = b"",
+        certificate: bytes = b"",
     ) -> None:
         def requests() -> Iterator[fpb.SubmitUpdateRequest]:
             for i, data in enumerate(chunks):
@@ -114,6 +127,8 @@ class GrpcAggregator:
                         attempt=attempt,
                         epsilon=epsilon,
                         study_hash=self._study_hash,
+                        signature=signature,
+                        certificate=certificate,
                     )
                 else:
                     yield fpb.SubmitUpdateRequest(index=i, ciphertext=data)
@@ -147,6 +162,57 @@ class GrpcAggregator:
             k.hospital: SignedMaskKey(bytes(k.public_key), bytes(k.signature), bytes(k.certificate))
             for k in response.keys
         }
+
+    def post_message(
+        self,
+        round_number: int,
+        stage: str,
+        envelopes: Sequence[tuple[str, bytes]],
+        payload: bytes,
+        signature: bytes,
+        certificate: bytes,
+    ) -> None:
+        request = fpb.PostRoundMessageRequest(
+            task=self._task,
+            round=round_number,
+            hospital=self._hospital,
+            stage=_STAGES[stage],
+            envelopes=[fpb.Envelope(to=to, data=data) for to, data in envelopes],
+            payload=payload,
+            signature=signature,
+            certificate=certificate,
+            study_hash=self._study_hash,
+        )
+        _call(lambda: self._stub.PostRoundMessage(request, timeout=60))
+
+    def round_stage(self, round_number: int, stage: str, wait: bool) -> StageView:
+        request = fpb.GetRoundStageRequest(
+            task=self._task,
+            round=round_number,
+            stage=_STAGES[stage],
+            hospital=self._hospital,
+            wait_seconds=self._wait_seconds if wait else 0.0,
+        )
+        response = _call(lambda: self._stub.GetRoundStage(request, timeout=60))
+        return StageView(
+            closed=response.closed,
+            members=frozenset(response.members),
+            messages={
+                m.sender: (bytes(m.data), Signed(bytes(m.signature), bytes(m.certificate)))
+                for m in response.messages
+            },
+        )
+
+    def fetch_upload(
+        self, round_number: int, hospital: str, indexes: Sequence[int]
+    ) -> tuple[bytes, bytes, bytes, dict[int, bytes]]:
+        request = fpb.FetchUploadRequest(task=self._task, round=round_number, hospital=hospital, indexes=indexes)
+        responses = _call(lambda: list(self._stub.FetchUpload(request, timeout=120)))
+        if not responses:
+            raise PeerRefused(f"the aggregator sent nothing of {hospital}'s upload to round {round_number}")
+        head = responses[0]
+        chunks = {int(r.index): bytes(r.ciphertext) for r in responses[1:]}
+        return bytes(head.digests), bytes(head.signature), bytes(head.certificate), chunks
 
     def closed_rounds(self) -> list[int]:
         request = fpb.GetFederationStatusRequest(task=self._task)

@@ -23,6 +23,7 @@ from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.site_policy import SitePolicy, StudyDecision
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.params import HeParams
+from fibemrss.he.secagg.protocol import Signed
 
 
 class Phase(enum.StrEnum):
@@ -56,6 +57,16 @@ class RoundView:
         return self.phase in (Phase.OPEN, Phase.COLLECTING)
 
 
+@dataclass(frozen=True)
+class StageView:
+    """A stage of a secure-aggregation round as the aggregator relays it."""
+
+    closed: bool
+    members: frozenset[str]
+    # sender -> (data, its signature): the shares addressed to the reader; signatures, reveals
+    messages: dict[str, tuple[bytes, Signed]]
+
+
 class PeerRefused(DomainError):
     """A peer answered with an error that retrying will not fix (the message names the code)."""
 
@@ -66,10 +77,16 @@ class AggregatorPort(Protocol):
         ...
 
     def submit(
-        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+        self,
+        round_number: int,
+        chunks: Sequence[bytes],
+        attempt: int = 0,
+        epsilon: float = 0.0,
+        signature: bytes = b"",
+        certificate: bytes = b"",
     ) -> None:
-        """`attempt`: under pairwise masking, the attempt whose cohort the masks were made for;
-        `epsilon`: the DP spend in the federation after this round (public, from the task spec)."""
+        """`epsilon`: the DP spend in the federation after this round (public, from the task
+        spec); `signature`/`certificate`: secure aggregation's signature over the chunks."""
         ...
 
     def fetch_aggregate(self, round_number: int) -> list[bytes]: ...
@@ -82,6 +99,28 @@ class AggregatorPort(Protocol):
 
     def mask_keys(self, round_number: int) -> dict[str, SignedMaskKey]:
         """The public keys of the round's cohort, by hospital, as their agents signed them."""
+        ...
+
+    def post_message(
+        self,
+        round_number: int,
+        stage: str,
+        envelopes: Sequence[tuple[str, bytes]],
+        payload: bytes,
+        signature: bytes,
+        certificate: bytes,
+    ) -> None:
+        """This hospital's message of a secure-aggregation stage ("shares", "survivors", "reveals")."""
+        ...
+
+    def round_stage(self, round_number: int, stage: str, wait: bool) -> StageView:
+        """A stage of a round; with `wait`, waits (bounded) until it closes."""
+        ...
+
+    def fetch_upload(
+        self, round_number: int, hospital: str, indexes: Sequence[int]
+    ) -> tuple[bytes, bytes, bytes, dict[int, bytes]]:
+        """(digests, signature, certificate, {index: chunk}) of a hospital's upload to a round."""
         ...
 
     def closed_rounds(self) -> list[int]:
@@ -120,5 +159,13 @@ class CodecPort(Protocol):
     def encrypt(self, values: np.ndarray, weight: int, mask: np.ndarray | None = None) -> list[bytes]: ...
 
     def decrypt_average(
-        self, chunks: Sequence[bytes], n_values: int, min_parties: int = 1
+        self,
+        chunks: Sequence[bytes],
+        n_values: int,
+        min_parties: int = 1,
+        correction: np.ndarray | None = None,
     ) -> tuple[np.ndarray, int]: ...
+
+    def add(self, parts: Sequence[bytes]) -> bytes: ...
+
+    def chunk_slots(self, chunk: bytes) -> np.ndarray: ...

@@ -52,7 +52,6 @@ from services.hospital_agent.aggregate_bounds import (
     check_model,
     contributors,
 )
-from services.hospital_agent.key_exchange import KeyExchange
 from services.hospital_agent.local_data import Example, LocalData
 from services.hospital_agent.personalization import ValidationScore, personalize
 from services.hospital_agent.ports import (
@@ -61,12 +60,12 @@ from services.hospital_agent.ports import (
     CodecPort,
     GatewayPort,
     ModelStorePort,
-    PeerRefused,
     Phase,
     RoundView,
     SecretPort,
 )
 from services.hospital_agent.privacy_guard import LedgerPort, PrivacyGuard
+from services.hospital_agent.secure_aggregation import SecureAggregation
 from services.hospital_agent.training import train_local, train_local_dp
 
 log = logging.getLogger(__name__)
@@ -171,20 +170,16 @@ class Participation:
         self._approvals = approvals
         self._n_params = 0  # known once the model is prepared (_prepare_model), after the join check
         self._strategy = strategy_from_hyper(task.hyper)
-        self._keys: KeyExchange | None = None
+        self._secagg: SecureAggregation | None = None
+        self._federation_id = b""
         self._secrets = secrets
-        if (task.pairwise_masking or task.weighting == "noised") and secrets is None:
-            raise ValueError("pairwise masking and noised weights need the hospital's secret store")
+        if task.weighting == "noised" and secrets is None:
+            raise ValueError("noised weights need the hospital's secret store")
         self._weights: dict[bytes, int] = {}
         self._guard = PrivacyGuard(hospital, task, dataset, ledger) if ledger is not None else None
         self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
-        # The last round's update, kept for a masked round that restarts as another attempt.
-        self._trained: tuple[tuple[bytes, int], np.ndarray, float] | None = None
         if task.pairwise_masking:
-            assert secrets is not None
-            self._keys = KeyExchange(
-                hospital, task, aggregator, secrets, codec.params.plain_modulus, signer, verifier
-            )
+            self._secagg = SecureAggregation(hospital, task, self.study_hash, aggregator, codec, signer, verifier)
 
     def _join_problem(self, info: RoundView) -> str:
         """Why this hospital does not take part in the federation ("" when it may): the federation
@@ -238,24 +233,21 @@ class Participation:
     def _submit(
         self, info: RoundView, values: np.ndarray, weight: int, stop: threading.Event, epsilon: float = 0.0
     ) -> bool:
-        """Uploads; False when a masked round restarted under the upload (take part again now)."""
+        """Uploads once (under secure aggregation: masked, signed, then the survivor set signed and
+        the shares revealed); True when this hospital is done with the round."""
         epsilon = epsilon if math.isfinite(epsilon) else 0.0
         weight = self._capped(weight)
-        if self._keys is None:
+        if self._secagg is None:
             self._aggregator.submit(info.round, self._codec.encrypt(values, weight), 0, epsilon)
-        else:
-            masked = self._keys.mask_for(info, ChunkKind.WEIGHTED_UPDATE, values.size, stop)
-            if masked is None:
-                return True  # nothing to upload to this round
-            chunks = self._codec.encrypt(values, weight, masked.mask)
-            try:
-                self._aggregator.submit(info.round, chunks, masked.attempt, epsilon)
-            except PeerRefused:
-                now = self._aggregator.current_round(None)
-                if (now.round, now.attempt) != (info.round, masked.attempt):
-                    log.info("the round restarted under the upload", extra={"round": info.round})
-                    return False
-                raise
+        elif not self._secagg.upload(
+            info,
+            ChunkKind.WEIGHTED_UPDATE,
+            values.size,
+            lambda mask: self._codec.encrypt(values, weight, mask),
+            epsilon,
+            stop,
+        ):
+            return True  # no part in this round
         with self.progress.lock:
             self.progress.last_submitted_round = info.round
         self._recovered()
@@ -277,8 +269,16 @@ class Participation:
         """The round's decrypted average and total weight, refused below the task's minimum of
         contributors and checked against the codec's bounds before any use."""
         chunks = self._aggregator.fetch_aggregate(round_number)
+        correction = None
+        if self._secagg is not None:
+            verified = self._secagg.verified_sum(
+                self._federation_id, round_number, chunks, ChunkKind.WEIGHTED_UPDATE, n_values
+            )
+            chunks, correction = verified.chunks, verified.correction
         try:
-            average, total_weight = self._codec.decrypt_average(chunks, n_values, self.task.min_contributors)
+            average, total_weight = self._codec.decrypt_average(
+                chunks, n_values, self.task.min_contributors, correction
+            )
         except HeError as exc:
             raise AggregateRejected(f"the aggregate of round {round_number} is refused: {exc}") from None
         check_aggregate(average, total_weight, contributors(chunks), self._bounds)
@@ -507,6 +507,7 @@ class Participation:
         wanted: int | None = None
         while not stop.is_set():
             info = self._aggregator.current_round(wanted)
+            self._federation_id = info.federation_id
             if info.federation_done:
                 self._global_params(info.round if info.phase == Phase.CLOSED else info.base_round)
                 self._personalize(info.round)
@@ -515,6 +516,8 @@ class Participation:
                 self._recovered()
                 log.info("federation finished", extra={"task": self.task.name})
                 return
+            if self._secagg is not None and info.accepting and self.hospital in info.submitted:
+                self._secagg.finish(info, stop)  # uploaded before a failed step: sign and reveal
             if not info.accepting or self.hospital in info.submitted or self._excluded(info):
                 wanted = info.round + 1
                 continue
@@ -558,25 +561,23 @@ class Participation:
         return self._weights[info.federation_id]
 
     def _excluded(self, info: RoundView) -> bool:
-        """A masked round whose cohort is fixed without this hospital: wait for the next round."""
-        return self._keys is not None and info.cohort is not None and self.hospital not in info.cohort
+        """A masked round whose cohort is fixed without this hospital (or with an advertisement of
+        an earlier process of it): wait for the next round."""
+        if self._secagg is None or info.cohort is None:
+            return False
+        return self.hospital not in info.cohort or self._secagg.member(info) is None
 
     def _take_part(self, info: RoundView, stop: threading.Event) -> bool:
         assert self._data is not None
-        if self._keys is not None and not self._keys.publish_key(info):
-            return True  # the cohort was fixed without this hospital: wait for the next round
+        if self._secagg is not None:
+            if not self._secagg.advertise(info) or self._secagg.share(info, stop) is None:
+                return True  # the cohort or the share stage closed without this hospital
         weight = self._weight(info)
         if info.round == 0:
             self._account(info)
             stats = local_stats_vector(self.task, [e.values for e in self._data.train])
             return self._submit(info, stats, weight, stop)
         start = time.perf_counter()
-        key = (info.federation_id, info.round)
-        if self._trained is not None and self._trained[0] == key:
-            # A masked round restarted: upload the same update again (under fresh masks), so
-            # nothing new is released and no new privacy is spent.
-            _, new_params, epsilon = self._trained
-            return self._submit(info, new_params, weight, stop, epsilon)
         epsilon = self._account(info)
         params = self._global_params(info.base_round)
         x, y = LocalData.matrix(self.task, self._global_stats(), self._data.train)
@@ -592,7 +593,6 @@ class Participation:
                 self.progress.epsilon_by_round[info.round] = epsilon
                 self.progress.dp_delta = dp.target_delta
         epsilon = epsilon if dp is not None else 0.0
-        self._trained = (key, new_params, epsilon)
         if not self._submit(info, new_params, weight, stop, epsilon):
             return False
         log.info(

@@ -45,6 +45,36 @@ ROUND_STATE_CLOSED: RoundState.ValueType  # 4
 ROUND_STATE_FAILED: RoundState.ValueType  # 5
 Global___RoundState: _TypeAlias = RoundState  # noqa: Y015
 
+class _RoundStage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoundStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundStage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUND_STAGE_UNSPECIFIED: _RoundStage.ValueType  # 0
+    ROUND_STAGE_SHARES: _RoundStage.ValueType  # 1
+    """Each member's Shamir shares, encrypted to each neighbour; the posters are U2."""
+    ROUND_STAGE_UPLOADS: _RoundStage.ValueType  # 2
+    """The masked, encrypted, signed uploads (SubmitUpdate); the uploaders are U3."""
+    ROUND_STAGE_SURVIVORS: _RoundStage.ValueType  # 3
+    """Each survivor's signature on U3 as it was shown."""
+    ROUND_STAGE_REVEALS: _RoundStage.ValueType  # 4
+    """Each survivor's revealed shares, signed."""
+
+class RoundStage(_RoundStage, metaclass=_RoundStageEnumTypeWrapper):
+    """The stages of a secure-aggregation round after its cohort is fixed, in order."""
+
+ROUND_STAGE_UNSPECIFIED: RoundStage.ValueType  # 0
+ROUND_STAGE_SHARES: RoundStage.ValueType  # 1
+"""Each member's Shamir shares, encrypted to each neighbour; the posters are U2."""
+ROUND_STAGE_UPLOADS: RoundStage.ValueType  # 2
+"""The masked, encrypted, signed uploads (SubmitUpdate); the uploaders are U3."""
+ROUND_STAGE_SURVIVORS: RoundStage.ValueType  # 3
+"""Each survivor's signature on U3 as it was shown."""
+ROUND_STAGE_REVEALS: RoundStage.ValueType  # 4
+"""Each survivor's revealed shares, signed."""
+Global___RoundStage: _TypeAlias = RoundStage  # noqa: Y015
+
 @_typing.final
 class StartFederationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -270,6 +300,8 @@ class SubmitUpdateRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     STUDY_HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """Set on the first chunk of a stream."""
     round: _builtins.int
@@ -284,6 +316,11 @@ class SubmitUpdateRequest(_message.Message):
     """Patient-level DP: the epsilon the hospital has spent in this federation after this round."""
     study_hash: _builtins.str
     """The study hash the hospital trains (first chunk); refused unless it is the federation's."""
+    signature: _builtins.bytes
+    """Secure aggregation (first chunk): the sender's signature over the round, the cohort and the
+    SHA-256 of every chunk, and its certificate (DER). Relayed unchanged to every member.
+    """
+    certificate: _builtins.bytes
     def __init__(
         self,
         *,
@@ -296,10 +333,12 @@ class SubmitUpdateRequest(_message.Message):
         attempt: _builtins.int = ...,
         epsilon: _builtins.float = ...,
         study_hash: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ciphertext", b"ciphertext", "epsilon", b"epsilon", "hospital", b"hospital", "index", b"index", "round", b"round", "study_hash", b"study_hash", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "certificate", b"certificate", "ciphertext", b"ciphertext", "epsilon", b"epsilon", "hospital", b"hospital", "index", b"index", "round", b"round", "signature", b"signature", "study_hash", b"study_hash", "task", b"task", "total_chunks", b"total_chunks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -515,6 +554,252 @@ class GetMaskKeysResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMaskKeysResponse: _TypeAlias = GetMaskKeysResponse  # noqa: Y015
+
+@_typing.final
+class Envelope(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    to: _builtins.str
+    """The recipient hospital."""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        to: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class PostRoundMessageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    HOSPITAL_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    STUDY_HASH_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    round: _builtins.int
+    hospital: _builtins.str
+    stage: Global___RoundStage.ValueType
+    payload: _builtins.bytes
+    signature: _builtins.bytes
+    certificate: _builtins.bytes
+    study_hash: _builtins.str
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
+        """ROUND_STAGE_SHARES: one envelope per neighbour. Other stages: `payload`."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        round: _builtins.int = ...,
+        hospital: _builtins.str = ...,
+        stage: Global___RoundStage.ValueType = ...,
+        envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        payload: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+        study_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "envelopes", b"envelopes", "hospital", b"hospital", "payload", b"payload", "round", b"round", "signature", b"signature", "stage", b"stage", "study_hash", b"study_hash", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostRoundMessageRequest: _TypeAlias = PostRoundMessageRequest  # noqa: Y015
+
+@_typing.final
+class PostRoundMessageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def round(self) -> Global___RoundInfo: ...
+    def __init__(
+        self,
+        *,
+        round: Global___RoundInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PostRoundMessageResponse: _TypeAlias = PostRoundMessageResponse  # noqa: Y015
+
+@_typing.final
+class GetRoundStageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    HOSPITAL_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    round: _builtins.int
+    stage: Global___RoundStage.ValueType
+    hospital: _builtins.str
+    """The reader: shares are returned only to their recipient."""
+    wait_seconds: _builtins.float
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        round: _builtins.int = ...,
+        stage: Global___RoundStage.ValueType = ...,
+        hospital: _builtins.str = ...,
+        wait_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "round", b"round", "stage", b"stage", "task", b"task", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRoundStageRequest: _TypeAlias = GetRoundStageRequest  # noqa: Y015
+
+@_typing.final
+class RoundMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    data: _builtins.bytes
+    signature: _builtins.bytes
+    certificate: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "data", b"data", "sender", b"sender", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundMessage: _TypeAlias = RoundMessage  # noqa: Y015
+
+@_typing.final
+class GetRoundStageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOSED_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    closed: _builtins.bool
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """When closed: the members who posted in the stage (U2, U3, ...)."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundMessage]: ...
+    @_builtins.property
+    def round(self) -> Global___RoundInfo: ...
+    def __init__(
+        self,
+        *,
+        closed: _builtins.bool = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+        messages: _abc.Iterable[Global___RoundMessage] | None = ...,
+        round: Global___RoundInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "members", b"members", "messages", b"messages", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRoundStageResponse: _TypeAlias = GetRoundStageResponse  # noqa: Y015
+
+@_typing.final
+class FetchUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    HOSPITAL_FIELD_NUMBER: _builtins.int
+    INDEXES_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    round: _builtins.int
+    hospital: _builtins.str
+    """Whose upload."""
+    @_builtins.property
+    def indexes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The chunk positions wanted (empty: none, only the signed digests)."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        round: _builtins.int = ...,
+        hospital: _builtins.str = ...,
+        indexes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hospital", b"hospital", "indexes", b"indexes", "round", b"round", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchUploadRequest: _TypeAlias = FetchUploadRequest  # noqa: Y015
+
+@_typing.final
+class FetchUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGESTS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    digests: _builtins.bytes
+    """On the first message: the SHA-256 of every chunk, concatenated, and the signature over them."""
+    signature: _builtins.bytes
+    certificate: _builtins.bytes
+    index: _builtins.int
+    ciphertext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        digests: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+        index: _builtins.int = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "ciphertext", b"ciphertext", "digests", b"digests", "index", b"index", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchUploadResponse: _TypeAlias = FetchUploadResponse  # noqa: Y015
 
 @_typing.final
 class GetFederationStatusRequest(_message.Message):

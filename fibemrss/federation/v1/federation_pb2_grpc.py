@@ -69,6 +69,21 @@ class AggregatorServiceStub:
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
                 _registered_method=True)
+        self.PostRoundMessage = channel.unary_unary(
+                '/fibemrss.federation.v1.AggregatorService/PostRoundMessage',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageResponse.FromString,
+                _registered_method=True)
+        self.GetRoundStage = channel.unary_unary(
+                '/fibemrss.federation.v1.AggregatorService/GetRoundStage',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageResponse.FromString,
+                _registered_method=True)
+        self.FetchUpload = channel.unary_stream(
+                '/fibemrss.federation.v1.AggregatorService/FetchUpload',
+                request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadRequest.SerializeToString,
+                response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadResponse.FromString,
+                _registered_method=True)
         self.ProposeStudy = channel.unary_unary(
                 '/fibemrss.federation.v1.AggregatorService/ProposeStudy',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyRequest.SerializeToString,
@@ -135,6 +150,29 @@ class AggregatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostRoundMessage(self, request, context):
+        """Secure aggregation (docs/he-codec.md): a member's message of one stage of a round (its
+        encrypted shares, its signature on the survivor set, its revealed shares), once per stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRoundStage(self, request, context):
+        """A stage of a round: whether it is closed, who posted in it, and the messages the caller may
+        read (the shares addressed to it; every signature and reveal). Waits up to `wait_seconds`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchUpload(self, request, context):
+        """Chunks of one hospital's signed upload to a closed round, for any member to check the sum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ProposeStudy(self, request, context):
         """operator@central proposes a study document to the federation (stored with its hash, audited);
         each hospital reviews and approves or refuses it at home (docs/studies.md).
@@ -187,6 +225,21 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
                     servicer.GetMaskKeys,
                     request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.FromString,
                     response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.SerializeToString,
+            ),
+            'PostRoundMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostRoundMessage,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageResponse.SerializeToString,
+            ),
+            'GetRoundStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRoundStage,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageResponse.SerializeToString,
+            ),
+            'FetchUpload': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchUpload,
+                    request_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadRequest.FromString,
+                    response_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadResponse.SerializeToString,
             ),
             'ProposeStudy': grpc.unary_unary_rpc_method_handler(
                     servicer.ProposeStudy,
@@ -388,6 +441,87 @@ class AggregatorService:
             '/fibemrss.federation.v1.AggregatorService/GetMaskKeys',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostRoundMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/PostRoundMessage',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRoundStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/GetRoundStage',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fibemrss.federation.v1.AggregatorService/FetchUpload',
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadRequest.SerializeToString,
+            fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

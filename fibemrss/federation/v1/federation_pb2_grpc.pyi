@@ -51,6 +51,16 @@ class AggregatorServiceStub:
     """
     GetMaskKeys: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetMaskKeysRequest, _federation_pb2.GetMaskKeysResponse]
     """The public keys of a round's cohort, once it is fixed."""
+    PostRoundMessage: _grpc.UnaryUnaryMultiCallable[_federation_pb2.PostRoundMessageRequest, _federation_pb2.PostRoundMessageResponse]
+    """Secure aggregation (docs/he-codec.md): a member's message of one stage of a round (its
+    encrypted shares, its signature on the survivor set, its revealed shares), once per stage.
+    """
+    GetRoundStage: _grpc.UnaryUnaryMultiCallable[_federation_pb2.GetRoundStageRequest, _federation_pb2.GetRoundStageResponse]
+    """A stage of a round: whether it is closed, who posted in it, and the messages the caller may
+    read (the shares addressed to it; every signature and reveal). Waits up to `wait_seconds`.
+    """
+    FetchUpload: _grpc.UnaryStreamMultiCallable[_federation_pb2.FetchUploadRequest, _federation_pb2.FetchUploadResponse]
+    """Chunks of one hospital's signed upload to a closed round, for any member to check the sum."""
     ProposeStudy: _grpc.UnaryUnaryMultiCallable[_federation_pb2.ProposeStudyRequest, _federation_pb2.ProposeStudyResponse]
     """operator@central proposes a study document to the federation (stored with its hash, audited);
     each hospital reviews and approves or refuses it at home (docs/studies.md).
@@ -79,6 +89,16 @@ class AggregatorServiceAsyncStub(AggregatorServiceStub):
     """
     GetMaskKeys: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetMaskKeysRequest, _federation_pb2.GetMaskKeysResponse]  # type: ignore[assignment]
     """The public keys of a round's cohort, once it is fixed."""
+    PostRoundMessage: _aio.UnaryUnaryMultiCallable[_federation_pb2.PostRoundMessageRequest, _federation_pb2.PostRoundMessageResponse]  # type: ignore[assignment]
+    """Secure aggregation (docs/he-codec.md): a member's message of one stage of a round (its
+    encrypted shares, its signature on the survivor set, its revealed shares), once per stage.
+    """
+    GetRoundStage: _aio.UnaryUnaryMultiCallable[_federation_pb2.GetRoundStageRequest, _federation_pb2.GetRoundStageResponse]  # type: ignore[assignment]
+    """A stage of a round: whether it is closed, who posted in it, and the messages the caller may
+    read (the shares addressed to it; every signature and reveal). Waits up to `wait_seconds`.
+    """
+    FetchUpload: _aio.UnaryStreamMultiCallable[_federation_pb2.FetchUploadRequest, _federation_pb2.FetchUploadResponse]  # type: ignore[assignment]
+    """Chunks of one hospital's signed upload to a closed round, for any member to check the sum."""
     ProposeStudy: _aio.UnaryUnaryMultiCallable[_federation_pb2.ProposeStudyRequest, _federation_pb2.ProposeStudyResponse]  # type: ignore[assignment]
     """operator@central proposes a study document to the federation (stored with its hash, audited);
     each hospital reviews and approves or refuses it at home (docs/studies.md).
@@ -146,6 +166,34 @@ class AggregatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_federation_pb2.GetMaskKeysResponse, _abc.Awaitable[_federation_pb2.GetMaskKeysResponse]]:
         """The public keys of a round's cohort, once it is fixed."""
+
+    @_abc_1.abstractmethod
+    def PostRoundMessage(
+        self,
+        request: _federation_pb2.PostRoundMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.PostRoundMessageResponse, _abc.Awaitable[_federation_pb2.PostRoundMessageResponse]]:
+        """Secure aggregation (docs/he-codec.md): a member's message of one stage of a round (its
+        encrypted shares, its signature on the survivor set, its revealed shares), once per stage.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRoundStage(
+        self,
+        request: _federation_pb2.GetRoundStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_federation_pb2.GetRoundStageResponse, _abc.Awaitable[_federation_pb2.GetRoundStageResponse]]:
+        """A stage of a round: whether it is closed, who posted in it, and the messages the caller may
+        read (the shares addressed to it; every signature and reveal). Waits up to `wait_seconds`.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchUpload(
+        self,
+        request: _federation_pb2.FetchUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_federation_pb2.FetchUploadResponse], _abc.AsyncIterator[_federation_pb2.FetchUploadResponse]]:
+        """Chunks of one hospital's signed upload to a closed round, for any member to check the sum."""
 
     @_abc_1.abstractmethod
     def ProposeStudy(
