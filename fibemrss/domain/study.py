@@ -339,7 +339,8 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
     sites_raw = fed.get("sites", [])
     sites: tuple[str, ...] = ()
     if not isinstance(sites_raw, list) or not all(
-        isinstance(x, str) and x and "@" not in x and x != "central" and not text_problem(x) for x in sites_raw
+        isinstance(x, str) and x and "@" not in x and x != "central" and not text_problem(x)
+        for x in sites_raw
     ):
         r.bad("federation.sites", "must be a list of hospital names (not 'central', no '@')")
     elif len(set(sites_raw)) != len(sites_raw):

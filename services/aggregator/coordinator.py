@@ -225,7 +225,15 @@ class Coordinator:
         try:
             # One short transaction: nothing is locked while the sender is still sending.
             with self._store.submission(
-                task, number, hospital, total, settings.pairwise_masking, epsilon, signature, certificate, digests
+                task,
+                number,
+                hospital,
+                total,
+                settings.pairwise_masking,
+                epsilon,
+                signature,
+                certificate,
+                digests,
             ) as writer:
                 for index, ciphertext in received:
                     writer.add(index, ciphertext)
@@ -319,7 +327,9 @@ class Coordinator:
         if hospital not in settings.hospitals:
             raise PermissionDenied(f"hospital {hospital!r} is not part of the federation for {task}")
         if stage == "uploads":
-            raise InvalidArgument("uploads go through SubmitUpdate", [FieldProblem("stage", "not a message stage")])
+            raise InvalidArgument(
+                "uploads go through SubmitUpdate", [FieldProblem("stage", "not a message stage")]
+            )
         current = self._store.current_round(task)
         if number != current.number or current.cohort is None:
             raise FailedPrecondition(f"round {number} of {task} has no open {stage} stage")
@@ -333,7 +343,12 @@ class Coordinator:
             if bad or len({to for to, _ in parts}) != len(parts):
                 raise InvalidArgument(
                     "misaddressed shares",
-                    [FieldProblem("envelopes", f"each recipient once, a cohort member other than the sender: {sorted(bad)}")],
+                    [
+                        FieldProblem(
+                            "envelopes",
+                            f"each recipient once, a cohort member other than the sender: {sorted(bad)}",
+                        )
+                    ],
                 )
         self._store.post_message(task, number, stage, hospital, parts, signature, certificate, expected)
         self._wake.set()

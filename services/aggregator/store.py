@@ -447,9 +447,7 @@ class AggregatorStore:
     def close_stage(self, s: FederationSettings, number: int, stage: str) -> bool:
         """Closes an open stage with whoever posted in it; the next stage gets a full deadline."""
         with self._db.transaction() as cur:
-            cur.execute(
-                "SELECT state FROM rounds WHERE task=%s AND round=%s FOR UPDATE", (s.task, number)
-            )
+            cur.execute("SELECT state FROM rounds WHERE task=%s AND round=%s FOR UPDATE", (s.task, number))
             row = cur.fetchone()
             if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
                 return False

@@ -206,7 +206,9 @@ class GrpcAggregator:
     def fetch_upload(
         self, round_number: int, hospital: str, indexes: Sequence[int]
     ) -> tuple[bytes, bytes, bytes, dict[int, bytes]]:
-        request = fpb.FetchUploadRequest(task=self._task, round=round_number, hospital=hospital, indexes=indexes)
+        request = fpb.FetchUploadRequest(
+            task=self._task, round=round_number, hospital=hospital, indexes=indexes
+        )
         responses = _call(lambda: list(self._stub.FetchUpload(request, timeout=120)))
         if not responses:
             raise PeerRefused(f"the aggregator sent nothing of {hospital}'s upload to round {round_number}")

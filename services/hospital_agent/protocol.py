@@ -179,7 +179,9 @@ class Participation:
         self._guard = PrivacyGuard(hospital, task, dataset, ledger) if ledger is not None else None
         self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
         if task.pairwise_masking:
-            self._secagg = SecureAggregation(hospital, task, self.study_hash, aggregator, codec, signer, verifier)
+            self._secagg = SecureAggregation(
+                hospital, task, self.study_hash, aggregator, codec, signer, verifier
+            )
 
     def _join_problem(self, info: RoundView) -> str:
         """Why this hospital does not take part in the federation ("" when it may): the federation

@@ -182,14 +182,18 @@ class SecureAggregation:
             return
         try:
             signed = member.sign_survivors(uploads.members)
-            self._aggregator.post_message(info.round, "survivors", [], b"", signed.signature, signed.certificate)
+            self._aggregator.post_message(
+                info.round, "survivors", [], b"", signed.signature, signed.certificate
+            )
             survivors = self._wait_stage(info, "survivors", stop)
             if survivors is None:
                 return
             payload, signed = member.reveal(uploads.members, {s: m[1] for s, m in survivors.messages.items()})
         except ProtocolRefused as refused:
             raise PeerRefused(f"round {info.round}: {refused}") from None
-        self._aggregator.post_message(info.round, "reveals", [], payload, signed.signature, signed.certificate)
+        self._aggregator.post_message(
+            info.round, "reveals", [], payload, signed.signature, signed.certificate
+        )
 
     def _wait_cohort(self, info: RoundView, stop: threading.Event) -> RoundView | None:
         while not stop.is_set():
@@ -220,9 +224,14 @@ class SecureAggregation:
         agg = self._aggregator
         try:
             adverts = agg.mask_keys(round_number)
-            stages = {s: agg.round_stage(round_number, s, wait=False) for s in ("shares", "uploads", "survivors", "reveals")}
+            stages = {
+                s: agg.round_stage(round_number, s, wait=False)
+                for s in ("shares", "uploads", "survivors", "reveals")
+            }
             if not all(r.closed for r in stages.values()):
-                raise AggregateRejected(f"round {round_number}: the aggregator serves a sum before its stages closed")
+                raise AggregateRejected(
+                    f"round {round_number}: the aggregator serves a sum before its stages closed"
+                )
             transcript = RoundTranscript(
                 adverts,
                 stages["shares"].members,
@@ -240,10 +249,16 @@ class SecureAggregation:
                 self._codec.params.plain_modulus,
             )
         except ProtocolRefused as refused:
-            raise AggregateRejected(f"the aggregator's transcript of round {round_number} is refused: {refused}") from None
+            raise AggregateRejected(
+                f"the aggregator's transcript of round {round_number} is refused: {refused}"
+            ) from None
         survivors = sorted(transcript.u3)
         total = len(served)
-        indexes = list(range(total)) if total <= SAMPLE_CHUNKS else sorted(self._random.sample(range(total), SAMPLE_CHUNKS))
+        indexes = (
+            list(range(total))
+            if total <= SAMPLE_CHUNKS
+            else sorted(self._random.sample(range(total), SAMPLE_CHUNKS))
+        )
         cohort = cohort_digest({n: k.public_key for n, k in adverts.items()})
         by_owner: dict[str, dict[int, bytes]] = {}
         for owner in survivors:
@@ -253,7 +268,9 @@ class SecureAggregation:
             try:
                 self._sig.check(owner, statement, Signed(signature, certificate), "the upload")
             except ProtocolRefused as refused:
-                raise AggregateRejected(f"round {round_number}: {refused} (relayed by the aggregator)") from None
+                raise AggregateRejected(
+                    f"round {round_number}: {refused} (relayed by the aggregator)"
+                ) from None
             if len(parts) != total or sorted(chunks) != indexes:
                 raise AggregateRejected(
                     f"round {round_number}: the aggregator's sum has {total} chunks, the signed upload of "
@@ -279,7 +296,9 @@ class SecureAggregation:
                     )
                 recomputed[i] = mine
         except HeError as exc:
-            raise AggregateRejected(f"round {round_number}: the aggregator's sum is unreadable: {exc}") from None
+            raise AggregateRejected(
+                f"round {round_number}: the aggregator's sum is unreadable: {exc}"
+            ) from None
         return VerifiedSum(recomputed, correction)
 
 
