@@ -1,12 +1,14 @@
-"""The agent's masked, differentially private protocol with fakes and the real codec: four
-hospitals publish round keys, mask, and upload; one dies after publishing its key, the round
-restarts without it and the others upload the same update again under fresh masks; a fresh agent
-for it re-derives its key from its secret and joins the next round. Every hospital ends with the
-same model and the DP spend of the rounds it trained."""
+"""The agent's secure aggregation with DP, over an in-memory aggregator and the real codec: four
+hospitals advertise keys, share their secrets, mask and upload once; one dies after sharing, at its
+upload, and the round's stages close without it: the survivors reveal its mask key's shares, and
+every hospital unmasks and checks the exact sum of the three (nobody uploads twice; there is no
+restart). A fresh agent for it (new keys) joins the next round. Every hospital ends with the same
+model and the DP spend of the rounds it trained."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from collections.abc import Sequence
 
@@ -22,17 +24,29 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec, UpdateDecryptor
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.mask_signatures import SignedMaskKey
-from services.hospital_agent.ports import Phase, RoundView
+from fibemrss.he.secagg.protocol import Signed
+from services.hospital_agent.ports import Phase, RoundView, StageView
 from services.hospital_agent.protocol import Participation
 from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
 
-TASK: TaskSpec = dataclasses.replace(HEART_DISEASE_V1_DP, rounds=2)
+TASK: TaskSpec = dataclasses.replace(HEART_DISEASE_V1_DP, rounds=2, sites=("a", "b", "c", "d"))
 HOSPITALS = ("a", "b", "c", "d")
 FEDERATION = b"\x05" * 16
+STAGES = ("shares", "uploads", "survivors", "reveals")
 
 
-class MaskedAggregator:
-    """Key stage, cohort, attempts: the aggregator's masked rounds in miniature."""
+@dataclasses.dataclass
+class RoundData:
+    keys: dict[str, SignedMaskKey] = dataclasses.field(default_factory=dict)
+    cohort: frozenset[str] | None = None
+    closed: dict[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    messages: dict[str, dict[str, list[tuple[str, bytes, Signed]]]] = dataclasses.field(default_factory=dict)
+    uploads: dict[str, tuple[list[bytes], Signed]] = dataclasses.field(default_factory=dict)
+
+
+class SecAggAggregator:
+    """The aggregator's secure-aggregation rounds in miniature: a stage closes once everyone
+    expected posted, or when the test says its deadline passed (`close_stage`)."""
 
     def __init__(self, key: AggregatorKey, rounds: int) -> None:
         self._key = key
@@ -40,12 +54,13 @@ class MaskedAggregator:
         self.lock = threading.Condition()
         self.current = 0
         self.phase: dict[int, Phase] = {0: Phase.OPEN}
-        self.attempt = 1
-        self.keys: dict[str, bytes] = {}
-        self.cohort: frozenset[str] | None = None
-        self.uploads: dict[str, list[bytes]] = {}
-        self.captured: list[tuple[str, int, int, list[bytes]]] = []
+        self.data: dict[int, RoundData] = {0: RoundData()}
+        self.captured: list[tuple[str, int, list[bytes]]] = []
         self.sums: dict[int, list[bytes]] = {}
+
+    @property
+    def now(self) -> RoundData:
+        return self.data[self.current]
 
     def info(self) -> RoundView:
         closed = [r for r, p in self.phase.items() if p == Phase.CLOSED and r < self.current]
@@ -54,81 +69,120 @@ class MaskedAggregator:
             round=self.current,
             phase=phase,
             base_round=max(closed) if closed else -1,
-            submitted=frozenset(self.uploads),
+            submitted=frozenset(self.now.uploads),
             federation_done=self.current == self._rounds and phase == Phase.CLOSED,
             pairwise_masking=True,
-            attempt=self.attempt,
-            cohort=self.cohort,
+            cohort=self.now.cohort,
             federation_id=FEDERATION,
             study_hash=study_hash(TASK),
         )
 
-    def restart_without_missing(self) -> None:
+    def publish(self, hospital: str, number: int, key: SignedMaskKey) -> RoundView:
         with self.lock:
-            assert self.cohort is not None
-            self.cohort = frozenset(self.uploads)
-            self.uploads = {}
-            self.attempt += 1
-            self.lock.notify_all()
-
-    def publish(self, hospital: str, number: int, key: bytes) -> RoundView:
-        with self.lock:
-            if number != self.current or (self.cohort is not None and self.keys.get(hospital) != key):
+            d = self.now
+            if number != self.current or (d.cohort is not None and d.keys.get(hospital) != key):
                 raise FailedPrecondition("too late for a key")
-            self.keys[hospital] = key
-            if self.cohort is None and set(self.keys) == set(HOSPITALS):
-                self.cohort = frozenset(self.keys)
+            d.keys[hospital] = key
+            if d.cohort is None and set(d.keys) == set(HOSPITALS):
+                d.cohort = frozenset(d.keys)
             self.lock.notify_all()
             return self.info()
 
-    def submit(self, hospital: str, number: int, chunks: Sequence[bytes], attempt: int) -> None:
+    def _expected(self, stage: str) -> frozenset[str]:
+        i = STAGES.index(stage)
+        return (self.now.cohort or frozenset()) if i == 0 else self.now.closed.get(STAGES[i - 1], frozenset())
+
+    def _posted(self, stage: str) -> frozenset[str]:
+        if stage == "uploads":
+            return frozenset(self.now.uploads)
+        return frozenset(self.now.messages.get(stage, {}))
+
+    def post(self, hospital: str, number: int, stage: str, parts: list[tuple[str, bytes, Signed]]) -> None:
         with self.lock:
-            if number != self.current or self.cohort is None or hospital not in self.cohort:
-                raise FailedPrecondition("not in the cohort")
-            if attempt != self.attempt:
-                raise FailedPrecondition("stale attempt")
-            self.captured.append((hospital, number, attempt, list(chunks)))
-            self.uploads[hospital] = list(chunks)
-            if set(self.uploads) == self.cohort:
-                uploads = list(self.uploads.values())
-                total = []
-                for i in range(len(uploads[0])):
-                    acc = ChunkAccumulator(self._key)
-                    for u in uploads:
-                        acc.add(u[i])
-                    total.append(acc.result())
-                self.sums[number] = total
-                self.phase[number] = Phase.CLOSED
-                if number < self._rounds:
-                    self.current += 1
-                    self.phase[self.current] = Phase.OPEN
-                    self.attempt, self.keys, self.cohort, self.uploads = 1, {}, None, {}
-            self.lock.notify_all()
+            i = STAGES.index(stage)
+            if (
+                number != self.current
+                or stage in self.now.closed
+                or (i and STAGES[i - 1] not in self.now.closed)
+            ):
+                raise FailedPrecondition(f"no open {stage} stage")
+            if hospital not in self._expected(stage):
+                raise FailedPrecondition("not expected")
+            self.now.messages.setdefault(stage, {})[hospital] = parts
+            self._advance()
+
+    def submit(self, hospital: str, number: int, chunks: Sequence[bytes], signed: Signed) -> None:
+        with self.lock:
+            if (
+                number != self.current
+                or "uploads" in self.now.closed
+                or hospital not in self._expected("uploads")
+            ):
+                raise FailedPrecondition("not in U2, or the upload stage is closed")
+            if hospital in self.now.uploads:
+                return
+            self.captured.append((hospital, number, list(chunks)))
+            self.now.uploads[hospital] = (list(chunks), signed)
+            self._advance()
+
+    def close_stage(self, stage: str) -> None:
+        """The stage's deadline passes: it closes with whoever posted."""
+        with self.lock:
+            self.now.closed[stage] = self._posted(stage)
+            self._advance()
+
+    def _advance(self) -> None:
+        d = self.now
+        for stage in STAGES:
+            if stage in d.closed:
+                continue
+            if self._posted(stage) >= self._expected(stage):
+                d.closed[stage] = self._posted(stage)
+                continue
+            break
+        else:
+            uploads = [d.uploads[h][0] for h in sorted(d.closed["uploads"])]
+            total = []
+            for i in range(len(uploads[0])):
+                acc = ChunkAccumulator(self._key)
+                for u in uploads:
+                    acc.add(u[i])
+                total.append(acc.result())
+            self.sums[self.current] = total
+            self.phase[self.current] = Phase.CLOSED
+            if self.current < self._rounds:
+                self.current += 1
+                self.phase[self.current] = Phase.OPEN
+                self.data[self.current] = RoundData()
+        self.lock.notify_all()
 
 
 class View:
-    def __init__(self, agg: MaskedAggregator, hospital: str) -> None:
+    def __init__(self, agg: SecAggAggregator, hospital: str) -> None:
         self._agg, self._hospital = agg, hospital
-        self.crash_in_round: tuple[int, type[Exception]] | None = None  # fails that wait once
+        self.crash_at_upload: tuple[int, type[Exception]] | None = None  # fails that upload once
 
     def current_round(self, wait_for: int | None) -> RoundView:
         with self._agg.lock:
             if wait_for is not None:
-                start = self._agg.attempt
                 self._agg.lock.wait_for(
-                    lambda: (
-                        self._agg.current >= wait_for
-                        or self._agg.attempt != start
-                        or self._agg.info().federation_done
-                    ),
-                    timeout=5,
+                    lambda: self._agg.current >= wait_for or self._agg.info().federation_done, timeout=5
                 )
             return self._agg.info()
 
     def submit(
-        self, round_number: int, chunks: Sequence[bytes], attempt: int = 0, epsilon: float = 0.0
+        self,
+        round_number: int,
+        chunks: Sequence[bytes],
+        attempt: int = 0,
+        epsilon: float = 0.0,
+        signature: bytes = b"",
+        certificate: bytes = b"",
     ) -> None:
-        self._agg.submit(self._hospital, round_number, chunks, attempt)
+        if self.crash_at_upload is not None and self.crash_at_upload[0] == round_number:
+            error, self.crash_at_upload = self.crash_at_upload[1], None
+            raise error()
+        self._agg.submit(self._hospital, round_number, chunks, Signed(signature, certificate))
 
     def fetch_aggregate(self, round_number: int) -> list[bytes]:
         with self._agg.lock:
@@ -139,24 +193,59 @@ class View:
             return sorted(self._agg.sums)
 
     def publish_mask_key(self, round_number: int, key: SignedMaskKey) -> RoundView:
-        return self._agg.publish(self._hospital, round_number, key.public_key)
+        return self._agg.publish(self._hospital, round_number, key)
 
     def wait_for_cohort(self) -> RoundView:
-        if self.crash_in_round is not None and self.crash_in_round[0] == self._agg.current:
-            error, self.crash_in_round = self.crash_in_round[1], None
-            raise error()
         with self._agg.lock:
-            start = (self._agg.current, self._agg.attempt)
+            start = self._agg.current
             self._agg.lock.wait_for(
-                lambda: self._agg.cohort is not None or (self._agg.current, self._agg.attempt) != start,
-                timeout=5,
+                lambda: self._agg.now.cohort is not None or self._agg.current != start, timeout=5
             )
             return self._agg.info()
 
     def mask_keys(self, round_number: int) -> dict[str, SignedMaskKey]:
         with self._agg.lock:
-            assert self._agg.cohort is not None
-            return {h: SignedMaskKey(k) for h, k in self._agg.keys.items() if h in self._agg.cohort}
+            d = self._agg.data[round_number]
+            assert d.cohort is not None
+            return {h: k for h, k in d.keys.items() if h in d.cohort}
+
+    def post_message(
+        self,
+        round_number: int,
+        stage: str,
+        envelopes: Sequence[tuple[str, bytes]],
+        payload: bytes,
+        signature: bytes,
+        certificate: bytes,
+    ) -> None:
+        signed = Signed(signature, certificate)
+        parts = (
+            [(to, data, signed) for to, data in envelopes] if stage == "shares" else [("", payload, signed)]
+        )
+        self._agg.post(self._hospital, round_number, stage, parts)
+
+    def round_stage(self, round_number: int, stage: str, wait: bool) -> StageView:
+        with self._agg.lock:
+            d = self._agg.data[round_number]
+            if wait:
+                self._agg.lock.wait_for(lambda: stage in d.closed, timeout=5)
+            if stage not in d.closed:
+                return StageView(False, frozenset(), {})
+            messages = {
+                sender: (data, signed)
+                for sender, parts in d.messages.get(stage, {}).items()
+                for to, data, signed in parts
+                if to == (self._hospital if stage == "shares" else "")
+            }
+            return StageView(True, d.closed[stage], messages)
+
+    def fetch_upload(
+        self, round_number: int, hospital: str, indexes: Sequence[int]
+    ) -> tuple[bytes, bytes, bytes, dict[int, bytes]]:
+        with self._agg.lock:
+            chunks, signed = self._agg.data[round_number].uploads[hospital]
+        digests = b"".join(hashlib.sha256(c).digest() for c in chunks)
+        return digests, signed.signature, signed.certificate, {i: chunks[i] for i in indexes}
 
 
 class Secrets:
@@ -186,16 +275,16 @@ def agent(hospital: str, view: View, store: FakeModelStore, key: HospitalKey, se
     )
 
 
-def test_masked_dp_rounds_survive_a_dropout_and_a_restarted_agent(
+def test_masked_dp_rounds_recover_a_dropout_from_shares_and_nobody_uploads_twice(
     keys: tuple[HospitalKey, AggregatorKey],
 ) -> None:
     hospital_key, aggregator_key = keys
-    agg = MaskedAggregator(aggregator_key, rounds=TASK.rounds)
+    agg = SecAggAggregator(aggregator_key, rounds=TASK.rounds)
     stores = {h: FakeModelStore() for h in HOSPITALS}
     views = {h: View(agg, h) for h in HOSPITALS}
     agents = {h: agent(h, views[h], stores[h], hospital_key, seed=i + 1) for i, h in enumerate(HOSPITALS)}
     stops = {h: threading.Event() for h in HOSPITALS}
-    # d's process dies in round 1 after publishing its key, while waiting for the cohort.
+    # d's process dies in round 1 after it shared its secrets, as it uploads.
     d_dies = stops["d"]
 
     class Crash(Unavailable):
@@ -203,31 +292,32 @@ def test_masked_dp_rounds_survive_a_dropout_and_a_restarted_agent(
             d_dies.set()
             super().__init__("process killed")
 
-    views["d"].crash_in_round = (1, Crash)
+    views["d"].crash_at_upload = (1, Crash)
     threads = {h: threading.Thread(target=agents[h].run, args=(stops[h],), daemon=True) for h in HOSPITALS}
     for t in threads.values():
         t.start()
     with agg.lock:
-        assert agg.lock.wait_for(lambda: set(agg.uploads) == {"a", "b", "c"} and d_dies.is_set(), timeout=60)
+        assert agg.lock.wait_for(
+            lambda: agg.current == 1 and set(agg.now.uploads) == {"a", "b", "c"} and d_dies.is_set(),
+            timeout=90,
+        )
+        assert "d" in agg.now.closed["shares"]  # d shared: its pairwise masks are in the others' uploads
     threads["d"].join(timeout=30)
     assert not threads["d"].is_alive() and agents["d"].progress.last_submitted_round == 0
-    first_attempt = {h: chunks for h, r, a, chunks in agg.captured if r == 1 and a == 1}
 
-    # The deadline passes: round 1 restarts as attempt 2 with a, b, c.
-    agg.restart_without_missing()
+    # The upload stage's deadline passes: it closes with a, b, c; they sign U3 and reveal d's
+    # mask-key shares (never its seed's), and the round's sum is unmasked exactly.
+    agg.close_stage("uploads")
     with agg.lock:
         assert agg.lock.wait_for(lambda: agg.current == 2, timeout=60)
-    second_attempt = {h: chunks for h, r, a, chunks in agg.captured if r == 1 and a == 2}
-    assert set(second_attempt) == {"a", "b", "c"}
-    # The same update under independent masks: the uploads differ.
-    assert all(first_attempt[h] != second_attempt[h] for h in second_attempt)
-    # The sum of three is their exact average; a single upload decrypts to noise.
+    first = {h: chunks for h, r, chunks in agg.captured if r == 1}
+    assert sorted(first) == ["a", "b", "c"]
     decryptor = UpdateDecryptor(hospital_key)
     n = len(agents["a"]._global)  # noqa: SLF001 - the model size
-    lone = decryptor.decrypt_slots(second_attempt["a"], n)
+    lone = decryptor.decrypt_slots(first["a"], n)
     assert abs(lone[0]) > 2**20  # the masked weight slot is no example count
 
-    # A fresh agent for d (nothing in memory) re-derives its keys and joins round 2.
+    # A fresh agent for d (new keys, nothing in memory) joins round 2.
     views["d2"] = View(agg, "d")
     agents["d2"] = agent("d", views["d2"], stores["d"], hospital_key, seed=4)
     threads["d2"] = threading.Thread(target=agents["d2"].run, args=(threading.Event(),), daemon=True)
@@ -238,6 +328,9 @@ def test_masked_dp_rounds_survive_a_dropout_and_a_restarted_agent(
         assert agents[h].progress.done and agents[h].progress.error == "", (h, agents[h].progress.error)
 
     assert sorted(agg.sums) == [0, 1, 2]
+    # One upload per hospital per round, never a second.
+    rounds_of = [(h, r) for h, r, _ in agg.captured]
+    assert len(rounds_of) == len(set(rounds_of)) == 4 + 3 + 4
     # Round 0's federated histograms: the same at every hospital, no bin below the minimum count.
     released = agents["a"].progress.histograms
     assert len(released) == len(numeric_features(TASK)) and all(h.bins for h in released)
@@ -247,7 +340,6 @@ def test_masked_dp_rounds_survive_a_dropout_and_a_restarted_agent(
         models = [stores[h].versions[version].model.params for h in HOSPITALS]
         for m in models[1:]:
             np.testing.assert_array_equal(m, models[0])
-    # DP: a, b, c trained rounds 1 and 2 once each (the restart re-sent the same update).
     dp = TASK.dp
     assert dp is not None
     for h in ("a", "b", "c"):
