@@ -48,7 +48,8 @@ from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, syntheti
 
 HOSPITALS = ("a", "b", "c")
 TASK = dataclasses.replace(HEART_DISEASE_V1, rounds=1, min_contributors=3)
-ATTACKER_KEY = MaskKeyPair(b"\x66" * 32).public_key
+# A key advertisement the attacker holds the secrets of (two X25519 keys and a commitment).
+ATTACKER_KEY = MaskKeyPair(b"\x66" * 32).public_key * 3
 Tamper = Callable[[pb.MaskKey, bytes], None]  # the relayed key, the federation id
 
 
@@ -227,7 +228,7 @@ def federate(
 @pytest.mark.parametrize(
     ("task", "reason"),
     [
-        ("keep-c-signature", "does not cover this key"),
+        ("keep-c-signature", "does not cover this message"),
         ("unsigned", "unsigned"),
         ("rogue-ca", "not issued by the federation CA"),
     ],
@@ -241,7 +242,7 @@ def test_a_substituted_mask_key_makes_the_honest_agents_refuse_the_round_naming_
     agents = federate(setup, task, both_refused)
     for h in ("a", "b"):
         error = agents[h].progress.error
-        assert "round 0" in error and "mask key of c" in error and reason in error, (h, error)
+        assert "round 0" in error and "advertisement of c" in error and reason in error, (h, error)
         assert agents[h].progress.last_submitted_round == -1
     # Neither honest agent ever opened an upload; c (shown the truth) did.
     assert {who for t, who in setup.servicer.uploaders if t == task} <= {"agent@c"}
