@@ -64,6 +64,9 @@ ALLOWED: dict[str, set[str]] = {
     "fibemrss.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/PostRoundMessage": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/GetRoundStage": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/FetchUpload": {"agent@h", "agent@other"},
     "fibemrss.federation.v1.AggregatorService/GetFederationStatus": {
         "agent@h",
         "agent@other",
