@@ -40,7 +40,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import load_hospital_key
-from fibemrss.he.site_certificates import FederationCa, SiteKey, common_name, public_key_der, signature_valid
+from fibemrss.he.site_certificates import (
+    FederationCa,
+    SiteKey,
+    common_name,
+    public_key_sha256,
+    signature_valid,
+)
 
 SEALED_MAGIC = b"FIBEMRSS-SEALED-HE-KEY\n"
 SEALED_FORMAT_VERSION = 1
@@ -174,7 +180,7 @@ def seal_hospital_key(
         study=study,
         sender=signer.identity,
         recipient=recipient,
-        recipient_key=_key_digest(recipient_cert),
+        recipient_key=public_key_sha256(recipient_cert.public_key()),
         sender_certificate=signer.certificate,
         ephemeral_public_key=ephemeral.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
@@ -212,7 +218,7 @@ def open_hospital_key(
         raise KeyDeliveryRefused(
             f"the HE key is addressed to {envelope.recipient}, not to this hospital ({own.identity})"
         )
-    if envelope.recipient_key != _key_digest(own.cert):
+    if envelope.recipient_key != public_key_sha256(own.cert.public_key()):
         raise KeyDeliveryRefused(
             f"the HE key is sealed to another key of {own.identity} than this certificate's "
             "(an older certificate, or re-addressed)"
@@ -257,10 +263,6 @@ def _derive_key(shared_secret: bytes, envelope: SealedKey) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=envelope.associated_data()).derive(
         shared_secret
     )
-
-
-def _key_digest(cert: x509.Certificate) -> bytes:
-    return hashlib.sha256(public_key_der(cert.public_key())).digest()
 
 
 def _check_agent(identity: str, what: str) -> None:

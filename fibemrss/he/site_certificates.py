@@ -9,6 +9,7 @@ Pure: bytes in, bytes out, no I/O.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import warnings
 
 from cryptography import x509
@@ -109,6 +110,11 @@ def public_key_der(key: object) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey):
         raise HeKeyError(f"unsupported public key type {type(key).__name__}")
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def public_key_sha256(key: object) -> bytes:
+    """The SHA-256 of a public key's SubjectPublicKeyInfo: what two sites compare out of band."""
+    return hashlib.sha256(public_key_der(key)).digest()
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

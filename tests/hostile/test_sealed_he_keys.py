@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibemrss.he import UpdateDecryptor, UpdateEncryptor, generate_keys, load_hospital_key
 from fibemrss.he.key_delivery import KeyDeliveryRefused, SealedKey, open_hospital_key, seal_hospital_key
-from fibemrss.he.site_certificates import SiteKey
+from fibemrss.he.site_certificates import SiteKey, public_key_sha256
 from fibemrss.tools.certs import create_ca, init_pki, sign_request_file, write_request
 from fibemrss.tools.cli import main
 
@@ -243,7 +245,10 @@ def test_the_cli_delivers_the_key_and_says_what_is_wrong_in_one_line(
     seal += ["--ca", str(fed.root / "ca" / "ca.crt"), "--study", STUDY, "--out", str(sealed)]
     seal += ["--signer-cert", str(sites / "agent@a.crt"), "--signer-key", str(sites / "agent@a.key")]
     assert main(seal) == 0
-    capsys.readouterr()
+    said = json.loads(capsys.readouterr().out)
+    b_cert = x509.load_pem_x509_certificate(fed.cert("agent@b"))
+    assert said["to"] == "agent@b"
+    assert said["to_public_key_sha256"] == public_key_sha256(b_cert.public_key()).hex()
 
     def open_at(identity: str, out: Path) -> int:
         return main(

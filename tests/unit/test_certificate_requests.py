@@ -6,6 +6,7 @@ attacker sends are built with the same library."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -226,33 +227,21 @@ def test_the_cli_runs_the_ceremony_and_says_what_is_wrong_in_one_line(
     assert "exists; refusing to replace it" in capsys.readouterr().err
     args = ["certs", "request", "--identity", "inference@b", "--out", str(site), "--hostname", "inf.b.svc"]
     assert main(args) == 0
+    requested = json.loads(capsys.readouterr().out)
     assert main(args) == 1  # the site's key is not replaced by accident
     capsys.readouterr()
     out = site / "inference@b.crt"
-    assert (
-        main(
-            [
-                "certs",
-                "sign",
-                "--ca-dir",
-                str(ca_dir),
-                "--csr",
-                str(site / "inference@b.csr"),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    assert '"identity": "inference@b"' in capsys.readouterr().out
+    sign = ["certs", "sign", "--ca-dir", str(ca_dir), "--csr", requested["csr"], "--out", str(out)]
+    assert main(sign) == 0
+    signed = json.loads(capsys.readouterr().out)
+    assert signed["identity"] == "inference@b" and "inf.b.svc" in signed["dns_names"]
+    # The fingerprint the site tells the CA by a second channel is the certificate's key.
+    assert signed["public_key_sha256"] == requested["public_key_sha256"]
     SiteKey(out.read_bytes(), (site / "inference@b.key").read_bytes(), "the test")
 
     bad = tmp_path / "bad.csr"
     bad.write_bytes(csr_for(["agent@central"]))
-    assert (
-        main(["certs", "sign", "--ca-dir", str(ca_dir), "--csr", str(bad), "--out", str(tmp_path / "x.crt")])
-        == 1
-    )
+    assert main([*sign[:-4], "--csr", str(bad), "--out", str(tmp_path / "x.crt")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("fibemrss: subject common name: 'agent@central'") and err.count("\n") == 1
     assert not (tmp_path / "x.crt").exists()

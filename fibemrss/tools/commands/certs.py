@@ -15,6 +15,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from fibemrss.he.site_certificates import public_key_sha256
 from fibemrss.platform.authorization import check_hospital_name
 from fibemrss.tools.certs import create_ca, init_pki, sign_request_file, write_request
 
@@ -101,7 +102,18 @@ def run_ca_init(args: argparse.Namespace) -> int:
 
 def run_request(args: argparse.Namespace) -> int:
     paths = write_request(Path(args.out), args.identity, args.hostname, overwrite=args.force)
-    print(json.dumps({"identity": args.identity, "key": str(paths.key), "csr": str(paths.csr)}))
+    csr = x509.load_pem_x509_csr(paths.csr.read_bytes())
+    print(
+        json.dumps(
+            {
+                "identity": args.identity,
+                "key": str(paths.key),
+                "csr": str(paths.csr),
+                # Tell it to the CA and the HE key holder by a second channel; they check it.
+                "public_key_sha256": public_key_sha256(csr.public_key()).hex(),
+            }
+        )
+    )
     return 0
 
 
@@ -115,6 +127,7 @@ def run_sign(args: argparse.Namespace) -> int:
                 "identity": common_name.value,
                 "cert": args.out,
                 "dns_names": names.get_values_for_type(x509.DNSName),
+                "public_key_sha256": public_key_sha256(certificate.public_key()).hex(),
                 "not_valid_after": certificate.not_valid_after_utc.isoformat(),
             }
         )

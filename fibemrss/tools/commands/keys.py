@@ -72,7 +72,14 @@ def run_seal(args: argparse.Namespace) -> int:
     envelope = SealedKey.from_bytes(sealed)
     print(
         json.dumps(
-            {"sealed": str(out), "study": envelope.study, "from": envelope.sender, "to": envelope.recipient}
+            {
+                "sealed": str(out),
+                "study": envelope.study,
+                "from": envelope.sender,
+                "to": envelope.recipient,
+                # What the recipient printed at `certs request`: compare the two out of band.
+                "to_public_key_sha256": envelope.recipient_key.hex(),
+            }
         )
     )
     return 0
