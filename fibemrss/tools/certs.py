@@ -125,7 +125,7 @@ def subject_alternative_names(identity: str, hostnames: Sequence[str]) -> list[x
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             x509.IPAddress(ipaddress.ip_address("::1")),
         ]
-        names += [x509.DNSName(h) for h in hostnames]
+        names += [x509.DNSName(h) for h in dict.fromkeys(hostnames) if x509.DNSName(h) not in names]
     return names
 
 
@@ -284,7 +284,10 @@ def sign_request(
         raise RequestRefused("subject common name: a request names exactly one identity <role>@<site>")
     identity = common_names[0].value
     check_identity(identity)
-    hostnames = requested_hostnames(csr)
+    try:
+        hostnames = requested_hostnames(csr)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
+        raise RequestRefused(f"certificate request extensions: unreadable ({error})") from None
     for hostname in hostnames:
         check_hostname(identity, hostname)
     return issue_certificate(ca, public_key, identity, hostnames, now)

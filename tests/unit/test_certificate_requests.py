@@ -131,6 +131,10 @@ def test_the_ca_decides_the_extensions_not_the_request(ca: CertificateAuthority)
     assert usages(cert) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
     with pytest.raises(x509.ExtensionNotFound):
         cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    # Names the CA adds itself, or asked for twice, are named once.
+    twice = x509.SubjectAlternativeName([x509.DNSName(n) for n in ("localhost", "gw.a.svc", "gw.a.svc")])
+    names = alt_names(sign_request(ca, csr_for(["gateway@a"], [twice])))
+    assert names.count(x509.DNSName("localhost")) == names.count(x509.DNSName("gw.a.svc")) == 1
 
 
 @pytest.mark.parametrize(
