@@ -19,16 +19,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import warnings
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.x509.oid import NameOID
-
 from fibemrss.he.errors import HeKeyError
+from fibemrss.he.site_certificates import FederationCa, SiteKey, signature_valid
 
 _DOMAIN = b"fibemrss-mask-key-signature-v1"
 
@@ -60,49 +54,28 @@ class MaskKeySigner:
     """Signs this agent's round keys with its mutual-TLS certificate's private key."""
 
     def __init__(self, certificate_pem: bytes, private_key_pem: bytes) -> None:
-        try:
-            cert = x509.load_pem_x509_certificate(certificate_pem)
-            key = serialization.load_pem_private_key(private_key_pem, password=None)
-        except ValueError as error:
-            raise HeKeyError(f"unreadable TLS certificate or key for signing mask keys: {error}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
-            raise HeKeyError(f"a {type(key).__name__} cannot sign mask keys (EC, Ed25519 or RSA)")
-        if key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ) != cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        ):
-            raise HeKeyError("the TLS private key does not belong to the TLS certificate")
-        self._key = key
-        self.certificate = cert.public_bytes(serialization.Encoding.DER)
-        self.identity = _common_name(cert)
+        self._site = SiteKey(certificate_pem, private_key_pem, "signing mask keys")
+        self.certificate = self._site.certificate
+        self.identity = self._site.identity
 
     def sign(
         self, federation_id: bytes, task: str, round_number: int, hospital: str, public_key: bytes
     ) -> SignedMaskKey:
         if self.identity != f"agent@{hospital}":
             raise HeKeyError(f"the TLS certificate names {self.identity!r}, not agent@{hospital}")
-        message = statement(federation_id, task, round_number, hospital, public_key)
-        return SignedMaskKey(public_key, self.sign_message(message), self.certificate)
+        signature = self._site.sign(statement(federation_id, task, round_number, hospital, public_key))
+        return SignedMaskKey(public_key, signature, self.certificate)
 
     def sign_message(self, message: bytes) -> bytes:
         """Signs any protocol message (each carries its own domain-separation prefix)."""
-        key = self._key
-        if isinstance(key, ec.EllipticCurvePrivateKey):
-            return key.sign(message, ec.ECDSA(hashes.SHA256()))
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            return key.sign(message)
-        return key.sign(message, _PSS, hashes.SHA256())
+        return self._site.sign(message)
 
 
 class MaskKeyVerifier:
     """Checks relayed round keys against the federation CA (the CA file of mutual TLS)."""
 
     def __init__(self, ca_pem: bytes) -> None:
-        try:
-            self._cas = x509.load_pem_x509_certificates(ca_pem)
-        except ValueError as error:
-            raise HeKeyError(f"unreadable federation CA: {error}") from None
+        self._ca = FederationCa(ca_pem)
 
     def check(
         self,
@@ -114,13 +87,20 @@ class MaskKeyVerifier:
         now: datetime.datetime | None = None,
     ) -> None:
         """Raises MaskKeyRefused saying why `key` is not hospital's own key for the round."""
+        if not key.signature or not key.certificate:
+            raise MaskKeyRefused(f"the mask key of {hospital} is unsigned")
+        what = f"the mask key of {hospital}"
+        cert = self._ca.check(key.certificate, f"agent@{hospital}", what, MaskKeyRefused, now)
         message = statement(federation_id, task, round_number, hospital, key.public_key)
         try:
-            self.check_message(hospital, message, key.signature, key.certificate, now)
-        except MaskKeyRefused as refused:
+            valid = signature_valid(cert, key.signature, message)
+        except HeKeyError:
+            raise MaskKeyRefused(f"the certificate on {what} has an unsupported key type") from None
+        if not valid:
             raise MaskKeyRefused(
-                str(refused).replace("the message", "the mask key").replace("this message", "this key")
-            ) from None
+                f"the signature on {what} does not cover this key for this federation and round "
+                "(substituted or replayed)"
+            )
 
     def check_message(
         self,
@@ -130,63 +110,18 @@ class MaskKeyVerifier:
         certificate: bytes,
         now: datetime.datetime | None = None,
     ) -> None:
-        """Raises MaskKeyRefused unless `signature` is agent@hospital's over `message`, under a
-        certificate the federation CA issued and that is valid now."""
+        """Raises MaskKeyRefused unless `signature` is agent@hospital's over `message` (a protocol
+        message of secure aggregation), under a certificate the federation CA issued, valid now."""
+        what = f"the message of {hospital}"
         if not signature or not certificate:
-            raise MaskKeyRefused(f"the message of {hospital} is unsigned")
+            raise MaskKeyRefused(f"{what} is unsigned")
+        cert = self._ca.check(certificate, f"agent@{hospital}", what, MaskKeyRefused, now)
         try:
-            with warnings.catch_warnings():  # a malformed certificate is refused below, not warned about
-                warnings.simplefilter("ignore")
-                cert = x509.load_der_x509_certificate(certificate)
-        except (ValueError, x509.InvalidVersion):
-            raise MaskKeyRefused(f"the message of {hospital} carries an unreadable certificate") from None
-        if not any(_issued_by(cert, ca) for ca in self._cas):
+            valid = signature_valid(cert, signature, message)
+        except HeKeyError:
+            raise MaskKeyRefused(f"the certificate on {what} has an unsupported key type") from None
+        if not valid:
             raise MaskKeyRefused(
-                f"the certificate on the message of {hospital} is not issued by the federation CA"
+                f"the signature on {what} does not cover this message for this federation and round "
+                "(substituted or replayed)"
             )
-        moment = now or datetime.datetime.now(datetime.UTC)
-        if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
-            raise MaskKeyRefused(f"the certificate on the message of {hospital} is not valid now")
-        identity = _common_name(cert)
-        if identity != f"agent@{hospital}":
-            raise MaskKeyRefused(f"the message of {hospital} is signed by {identity!r}, not agent@{hospital}")
-        public = cert.public_key()
-        try:
-            if isinstance(public, ec.EllipticCurvePublicKey):
-                public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-            elif isinstance(public, ed25519.Ed25519PublicKey):
-                public.verify(signature, message)
-            elif isinstance(public, rsa.RSAPublicKey):
-                public.verify(signature, message, _PSS, hashes.SHA256())
-            else:
-                raise MaskKeyRefused(
-                    f"the certificate on the message of {hospital} has an unsupported key type"
-                )
-        except InvalidSignature:
-            raise MaskKeyRefused(
-                f"the signature on the message of {hospital} does not cover this message for this "
-                "federation and round (substituted or replayed)"
-            ) from None
-
-
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    if not constraints.ca:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else ""
-    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")

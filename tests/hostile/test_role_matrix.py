@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
@@ -18,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from fibemrss.db.pool import Database
 from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2
+from fibemrss.he.keys import write_private_file
 from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.platform.capacity import SMALL_REQUEST_BYTES, request_limit
@@ -25,7 +28,7 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.server import MAX_MESSAGE_BYTES
 from fibemrss.platform.status_mapping import field_violations
-from fibemrss.tools.certs import init_pki
+from fibemrss.tools.certs import CertificateAuthority, init_pki, issue_certificate, private_key_pem
 from fibemrss.tools.local_cluster import LocalCluster, db_name
 
 pytestmark = pytest.mark.e2e
@@ -39,6 +42,9 @@ CALLERS = [
     "agent@central",
     "mallory",  # a certificate of the federation's CA that names no <role>@<site>
 ]
+# The CA's signing refuses these two identities (tests/unit/test_certificate_requests.py); they
+# stand for certificates that a CA ignoring its rules issued, to show the servers refuse them too.
+OUTSIDE_THE_CA_RULES = ("agent@central", "mallory")
 # DESIGN.md's matrix, written out here on its own so the test does not check the code against itself.
 ALLOWED: dict[str, set[str]] = {
     "fibemrss.emr.v1.EmrGatewayService/Ingest": {"operator@h"},
@@ -98,7 +104,14 @@ HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].methods_by_name["Check
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     work = tmp_path_factory.mktemp("roles")
     c = LocalCluster(work, (H,))
-    init_pki(work / "pki", sorted({*c.identities(), *CALLERS}))  # the cluster keeps this PKI
+    pki = work / "pki"
+    init_pki(pki, sorted({*c.identities(), *CALLERS} - set(OUTSIDE_THE_CA_RULES)))  # the cluster keeps it
+    ca = CertificateAuthority.load(pki)
+    for identity in OUTSIDE_THE_CA_RULES:
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = issue_certificate(ca, key.public_key(), identity)
+        (pki / f"{identity}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        write_private_file(pki / f"{identity}.key", private_key_pem(key))
     c.start()
     try:
         yield c

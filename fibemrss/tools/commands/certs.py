@@ -1,4 +1,9 @@
-"""`fibemrss certs init`: the mutual-TLS PKI, a CA and one certificate per `<role>@<site>`."""
+"""`fibemrss certs`: the mutual-TLS PKI, a CA and one certificate per `<role>@<site>`.
+
+For a real federation each site runs `certs request` (its key never leaves it) and the CA's
+operator `certs ca-init` once and `certs sign` per request; `certs init` runs that same ceremony
+for every identity in one process (the demo, tests, test clusters).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from fibemrss.he.site_certificates import public_key_sha256
 from fibemrss.platform.authorization import check_hospital_name
-from fibemrss.tools.certs import init_pki
+from fibemrss.tools.certs import create_ca, init_pki, sign_request_file, write_request
 
 
 def add_parser(subparsers: Any) -> None:
     certs = subparsers.add_parser("certs", help="mutual-TLS PKI").add_subparsers(
         dest="certs_command", required=True
     )
-    init = certs.add_parser("init", help="a CA and one certificate per <role>@<site> identity")
+    init = certs.add_parser(
+        "init", help="a CA and one certificate per <role>@<site> identity, all in one process"
+    )
     init.add_argument("--out", required=True)
     init.add_argument("--hospitals", required=True, help="comma-separated hospital names")
     init.add_argument(
@@ -24,6 +35,33 @@ def add_parser(subparsers: Any) -> None:
         "alone (each certificate names only its own service)",
     )
     init.set_defaults(func=run_init)
+
+    ca_init = certs.add_parser("ca-init", help="the federation CA alone: ca.crt and ca.key (0600)")
+    ca_init.add_argument("--out", required=True, help="the CA's folder")
+    ca_init.add_argument("--force", action="store_true", help="replace an existing CA")
+    ca_init.set_defaults(func=run_ca_init)
+
+    request = certs.add_parser(
+        "request", help="at the site: a private key (0600, stays) and a signing request for the CA"
+    )
+    request.add_argument("--identity", required=True, help="<role>@<site>, e.g. agent@cleveland")
+    request.add_argument("--out", required=True, help="writes <identity>.key and <identity>.csr here")
+    request.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        help="a DNS name peers dial for this service (serving roles only; repeat for several)",
+    )
+    request.add_argument("--force", action="store_true", help="replace an existing key")
+    request.set_defaults(func=run_request)
+
+    sign = certs.add_parser(
+        "sign", help="at the CA: sign a request, with the extensions the identity it names gets"
+    )
+    sign.add_argument("--ca-dir", required=True, help="the folder of ca.crt and ca.key")
+    sign.add_argument("--csr", required=True)
+    sign.add_argument("--out", required=True, help="the certificate (PEM) to send back to the site")
+    sign.set_defaults(func=run_sign)
 
 
 def parse_hostnames(text: str | None) -> dict[str, list[str]]:
@@ -51,6 +89,47 @@ def run_init(args: argparse.Namespace) -> int:
                 "certs": {i: {"cert": str(p.cert), "key": str(p.key)} for i, p in paths.items()},
             },
             indent=2,
+        )
+    )
+    return 0
+
+
+def run_ca_init(args: argparse.Namespace) -> int:
+    paths = create_ca(Path(args.out), overwrite=args.force)
+    print(json.dumps({"ca": str(paths.cert), "ca_key": str(paths.key)}))
+    return 0
+
+
+def run_request(args: argparse.Namespace) -> int:
+    paths = write_request(Path(args.out), args.identity, args.hostname, overwrite=args.force)
+    csr = x509.load_pem_x509_csr(paths.csr.read_bytes())
+    print(
+        json.dumps(
+            {
+                "identity": args.identity,
+                "key": str(paths.key),
+                "csr": str(paths.csr),
+                # Tell it to the CA and the HE key holder by a second channel; they check it.
+                "public_key_sha256": public_key_sha256(csr.public_key()).hex(),
+            }
+        )
+    )
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    certificate = sign_request_file(Path(args.ca_dir), Path(args.csr), Path(args.out))
+    (common_name,) = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    print(
+        json.dumps(
+            {
+                "identity": common_name.value,
+                "cert": args.out,
+                "dns_names": names.get_values_for_type(x509.DNSName),
+                "public_key_sha256": public_key_sha256(certificate.public_key()).hex(),
+                "not_valid_after": certificate.not_valid_after_utc.isoformat(),
+            }
         )
     )
     return 0
