@@ -180,7 +180,7 @@ class Participation:
         self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
         if task.pairwise_masking:
             self._secagg = SecureAggregation(
-                hospital, task, self.study_hash, aggregator, codec, signer, verifier
+                hospital, task, self.study_hash, aggregator, codec, signer, verifier, warn=self._warn
             )
 
     def _join_problem(self, info: RoundView) -> str:

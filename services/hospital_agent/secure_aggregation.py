@@ -69,7 +69,11 @@ class SecureAggregation:
         codec: CodecPort,
         signer: MaskKeySigner | None = None,
         verifier: MaskKeyVerifier | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
+        """`warn` is told what the operator should know that does not stop the round (a peer's
+        shares that did not open)."""
+        self._warn = warn or (lambda message: log.warning(message))
         self._hospital = hospital
         self._task = task
         self._study_hash = study_hash
@@ -148,6 +152,8 @@ class SecureAggregation:
                 member.accept_shares(stage.members, {s: m[0] for s, m in stage.messages.items()})
             except ProtocolRefused as refused:
                 raise PeerRefused(f"round {info.round}: refusing to upload: {refused}") from None
+            for peer, problem in sorted(member.refused_boxes.items()):
+                self._warn(f"{problem}; this hospital holds no share of {peer}")
         if self._hospital not in (member.u2 or frozenset()):
             return None
         return member

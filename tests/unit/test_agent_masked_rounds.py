@@ -21,10 +21,12 @@ from fibemrss.domain.privacy_accounting import epsilon_after_rounds
 from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
+from fibemrss.he.chunk_format import pack_chunk, unpack_chunk, unpack_header
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec, UpdateDecryptor
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.secagg.protocol import Signed
+from services.hospital_agent.aggregate_bounds import AggregateBounds, check_aggregate
 from services.hospital_agent.ports import Phase, RoundView, StageView
 from services.hospital_agent.protocol import Participation
 from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
@@ -348,3 +350,73 @@ def test_masked_dp_rounds_recover_a_dropout_from_shares_and_nobody_uploads_twice
         )
     assert agents["d2"].progress.epsilon_by_round == pytest.approx({2: epsilon_after_rounds(TASK, dp, 1)})
     assert stores["a"].versions[2].metrics["dp_epsilon"] == pytest.approx(epsilon_after_rounds(TASK, dp, 2))
+
+
+class LyingView(View):
+    """The aggregator serves every hospital something else than round 1's sum."""
+
+    def __init__(self, agg: SecAggAggregator, hospital: str, forge: str, key: HospitalKey) -> None:
+        super().__init__(agg, hospital)
+        self._forge, self._key = forge, key
+
+    def fetch_aggregate(self, round_number: int) -> list[bytes]:
+        if round_number != 1:
+            return super().fetch_aggregate(round_number)
+        with self._agg.lock:
+            d = self._agg.data[1]
+            if self._forge == "partial":  # a and b only, with the party count it claims
+                uploads = [d.uploads[h][0] for h in ("a", "b")]
+                acc = ChunkAccumulator(self._agg._key)  # noqa: SLF001 - the aggregator's own key
+                for u in uploads:
+                    acc.add(u[0])
+                return [acc.result()]
+            if self._forge == "replayed":  # round 0's genuine sum
+                return list(self._agg.sums[0])
+            # "forged": a model of its choosing, encrypted with the key it holds
+            n = len(self._agg.sums[1]) and _model_size(self._agg)
+            chosen = UpdateCodec(self._key).encrypt(np.full(n, 3.0), 4 * 600)
+            # The chunk header's party count is not authenticated: it claims the four hospitals.
+            header, blobs = unpack_chunk(chosen[0])
+            return [pack_chunk(dataclasses.replace(header, parties=4), blobs)]
+
+
+def _model_size(agg: SecAggAggregator) -> int:
+    return unpack_header(agg.sums[1][0]).n_values
+
+
+@pytest.mark.parametrize("forge", ["forged", "partial", "replayed"])
+def test_a_forged_partial_or_replayed_sum_is_refused_naming_the_aggregator(
+    keys: tuple[HospitalKey, AggregatorKey], forge: str
+) -> None:
+    """Every hospital recomputes the sum from the signed uploads and the revealed shares: what the
+    aggregator serves instead of round 1's sum is refused, nobody publishes round 1, and the
+    federation goes on to round 2 with every hospital on the same model. The old defence, a check
+    of the decrypted sum against the codec's bounds, passes the forged model."""
+    hospital_key, aggregator_key = keys
+    agg = SecAggAggregator(aggregator_key, rounds=TASK.rounds)
+    stores = {h: FakeModelStore() for h in HOSPITALS}
+    views = {h: LyingView(agg, h, forge, hospital_key) for h in HOSPITALS}
+    agents = {h: agent(h, views[h], stores[h], hospital_key, seed=i + 1) for i, h in enumerate(HOSPITALS)}
+    threads = {
+        h: threading.Thread(target=agents[h].run, args=(threading.Event(),), daemon=True) for h in HOSPITALS
+    }
+    for t in threads.values():
+        t.start()
+    for h in HOSPITALS:
+        threads[h].join(timeout=180)
+        assert not threads[h].is_alive(), h
+        assert agents[h].progress.done, (h, agents[h].progress.error)
+        warnings = " ".join(agents[h].progress.warnings)
+        assert "round 1: aggregate rejected" in warnings and "aggregator" in warnings, (h, warnings)
+        assert 1 not in stores[h].versions and 2 in stores[h].versions
+    models = [stores[h].versions[2].model.params for h in HOSPITALS]
+    for m in models[1:]:
+        np.testing.assert_array_equal(m, models[0])
+    if forge == "forged":
+        forged = views["a"].fetch_aggregate(1)
+        average, weight = UpdateCodec(hospital_key).decrypt_average(
+            forged, _model_size(agg), TASK.min_contributors
+        )
+        check_aggregate(
+            average, weight, 4, AggregateBounds.of(hospital_key.params)
+        )  # passes: the old code took it

@@ -256,8 +256,15 @@ def test_a_substituted_key_or_share_is_refused_naming_the_peer(pki: Path, key: H
     boxes = {n: m.share_boxes() for n, m in ms.items()}
     to_a = {s: b["a"] for s, b in boxes.items() if "a" in b}
     to_a["c"] = boxes["c"]["b"]  # c's box for b, relayed to a as c's box for a
-    with pytest.raises(ProtocolRefused, match="shares of c do not open"):
-        ms["a"].accept_shares(frozenset(NAMES), to_a)
+    ms["a"].accept_shares(frozenset(NAMES), to_a)
+    # Refused, named, and never used: a holds no share of c; c's other holders do.
+    assert "shares of c do not open" in ms["a"].refused_boxes["c"]
+    for n in ("b", "c", "d"):
+        ms[n].accept_shares(frozenset(NAMES), {s: b[n] for s, b in boxes.items() if n in b})
+    u3 = frozenset(NAMES)
+    signed = {n: ms[n].sign_survivors(u3) for n in NAMES}
+    payload, _ = ms["a"].reveal(u3, signed)
+    assert "c" not in {owner for owner, _, _ in decode_reveal(payload, "a")}
 
 
 def test_a_forged_reveal_or_unsigned_survivor_set_is_refused(pki: Path, key: HospitalKey) -> None:

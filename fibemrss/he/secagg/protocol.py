@@ -326,6 +326,8 @@ class SecAggMember:
         self.u3: frozenset[str] | None = None
         self._held = _Held()
         self.revealed = False
+        # Peers whose shares this hospital could not use, and why (reported, never fatal).
+        self.refused_boxes: dict[str, str] = {}
 
     # 1. advertise -------------------------------------------------------------------------------
     def signed_advert(self) -> SignedMaskKey:
@@ -391,29 +393,33 @@ class SecAggMember:
             )
         index = graphs.holder_index(view.members)
         for peer in sorted(view.graph[self.hospital] & survivors):
-            box = boxes.get(peer)
-            if box is None or len(box) < 12:
-                raise ProtocolRefused(f"round {self.ctx.round}: the shares of {peer} are missing")
-            aead = _box_key(
-                self._share_key, view.adverts[peer].share_key, self.ctx, view.digest, peer, self.hospital
-            )
-            try:
-                plain = aead.decrypt(box[:12], box[12:], f"{peer}>{self.hospital}".encode())
-            except InvalidTag:
-                raise ProtocolRefused(
-                    f"round {self.ctx.round}: the shares of {peer} do not open (substituted or corrupted on the way)"
-                ) from None
-            try:
-                b, s = Share.from_bytes(plain[:_SHARE_WIRE]), Share.from_bytes(plain[_SHARE_WIRE:])
-            except ShareError as error:
-                raise ProtocolRefused(
-                    f"round {self.ctx.round}: the shares of {peer} are malformed: {error}"
-                ) from None
-            if b.x != index[self.hospital] or s.x != index[self.hospital]:
-                raise ProtocolRefused(f"round {self.ctx.round}: {peer} sent shares for another holder")
-            self._held.self_seed[peer] = b
-            self._held.mask_secret[peer] = s
+            problem = self._open_box(view, index, peer, boxes.get(peer))
+            if problem:
+                # A hostile peer (or a relay that swapped its box) cannot stop the round: this
+                # hospital holds no share of that peer, the peer's other holders do.
+                self.refused_boxes[peer] = problem
         self.u2 = survivors
+
+    def _open_box(self, view: CohortView, index: Mapping[str, int], peer: str, box: bytes | None) -> str:
+        """Stores the shares `peer` sent this hospital; the reason when they are unusable."""
+        if box is None or len(box) < 12:
+            return f"round {self.ctx.round}: the shares of {peer} are missing"
+        aead = _box_key(
+            self._share_key, view.adverts[peer].share_key, self.ctx, view.digest, peer, self.hospital
+        )
+        try:
+            plain = aead.decrypt(box[:12], box[12:], f"{peer}>{self.hospital}".encode())
+        except InvalidTag:
+            return f"round {self.ctx.round}: the shares of {peer} do not open (substituted or corrupted on the way)"
+        try:
+            b, s = Share.from_bytes(plain[:_SHARE_WIRE]), Share.from_bytes(plain[_SHARE_WIRE:])
+        except ShareError as error:
+            return f"round {self.ctx.round}: the shares of {peer} are malformed: {error}"
+        if b.x != index[self.hospital] or s.x != index[self.hospital]:
+            return f"round {self.ctx.round}: {peer} sent shares for another holder"
+        self._held.self_seed[peer] = b
+        self._held.mask_secret[peer] = s
+        return ""
 
     # 3. upload -------------------------------------------------------------------------------------
     def mask(self, n_slots: int) -> np.ndarray:
@@ -482,6 +488,8 @@ class SecAggMember:
         assert self.u2 is not None
         entries = []
         for owner in sorted(view.holders(self.hospital) & self.u2):
+            if owner not in self._held.self_seed:
+                continue  # its shares never reached this hospital intact
             if owner in survivors:
                 entries.append((owner, b"b", self._held.self_seed[owner]))
             else:
