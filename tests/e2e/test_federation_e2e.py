@@ -81,18 +81,22 @@ def test_aggregator_database_holds_no_patient_data_or_plaintext_parameters(feder
             "mask_keys",
             "study_proposals",  # study documents name codes, never a patient
             "audit_log",
+            # Secure aggregation: shares encrypted to their recipients, signatures, revealed shares
+            "round_messages",
+            "round_stages",
         }
-        # Individual uploads went with the commit of their round's sum; mask keys are public keys.
-        cur.execute("SELECT count(*) FROM submission_chunks")
-        assert cur.fetchone()[0] == 0
+        # Signed uploads stay (masked and encrypted) so every member can check each round's sum;
+        # the advertisements are two public keys and a seed commitment.
+        cur.execute("SELECT count(DISTINCT (round, hospital)) FROM submission_chunks")
+        assert cur.fetchone()[0] == 4 * (ROUNDS + 1)
         cur.execute("SELECT DISTINCT length(public_key) FROM mask_keys")
-        assert [r[0] for r in cur.fetchall()] == [32]
+        assert [r[0] for r in cur.fetchall()] == [96]
         cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema='public'")
         columns = {r[0] for r in cur.fetchall()}
         assert not columns & {"patient_key", "age_years", "sex", "value", "weight", "examples"}
         cur.execute(
             "SELECT ciphertext FROM aggregates UNION ALL SELECT ciphertext FROM submission_chunks "
-            "UNION ALL SELECT document FROM study_proposals"
+            "UNION ALL SELECT document FROM study_proposals UNION ALL SELECT payload FROM round_messages"
         )
         blobs = [bytes(r[0]) for r in cur.fetchall()]
     conn.close()
