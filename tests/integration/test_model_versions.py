@@ -17,12 +17,12 @@ from fibemrss.inference.v1 import inference_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
-from services.inference.cds_rest import reference_view
-from services.inference.diagnosis import diagnose
-from services.inference.fhir_reference import PrefetchRead, risk_card
-from services.inference.model_cache import ModelCache
-from services.inference.open_inference import OpenInference
-from services.inference.servicer import DiagnosisServicer
+from services.inference.core.diagnosis import diagnose
+from services.inference.core.fhir_reference import PrefetchRead, risk_card
+from services.inference.core.model_cache import ModelCache
+from services.inference.core.open_inference import OpenInference
+from services.inference.edges.cds_hooks import reference_view
+from services.inference.edges.grpc_servicer import DiagnosisServicer
 
 TASK = HEART_DISEASE_V1.name
 

@@ -14,9 +14,9 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
-from services.inference import tensors
-from services.inference.diagnosis import LoadedModel, diagnose, diagnose_batch, infer, risk_band
-from services.inference.model_cache import ModelCache
+from services.inference.core import tensors
+from services.inference.core.diagnosis import LoadedModel, diagnose, diagnose_batch, infer, risk_band
+from services.inference.core.model_cache import ModelCache
 
 TASK = HEART_DISEASE_V1
 

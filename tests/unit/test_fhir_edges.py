@@ -13,7 +13,7 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1
 from services.emr_gateway.core.answers.fhir_outcomes import fhirpath
 from services.emr_gateway.core.consent import parse_consent
 from services.emr_gateway.core.parsers.fhir_ndjson import group_lines
-from services.inference import fhir_reference as fr
+from services.inference.core import fhir_reference as fr
 
 
 def test_fhirpath_of_field_paths() -> None:

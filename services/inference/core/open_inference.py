@@ -12,9 +12,9 @@ import json
 from fibemrss.domain.errors import NotFound
 from fibemrss.domain.feature_encoding import input_names
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from services.inference import tensors
-from services.inference.diagnosis import LoadedModel, infer
-from services.inference.model_cache import ModelCache
+from services.inference.core import tensors
+from services.inference.core.diagnosis import LoadedModel, infer
+from services.inference.core.model_cache import ModelCache
 
 SERVER_NAME = "fibemrss-inference"
 SERVER_VERSION = "0.1.0"

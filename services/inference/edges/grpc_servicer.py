@@ -16,10 +16,10 @@ from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import feature_values_from_proto
-from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
-from services.inference.model_cache import ModelCache
-from services.inference.open_inference import OpenInference
-from services.inference.patient_directory import PatientDirectory
+from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
+from services.inference.core.model_cache import ModelCache
+from services.inference.core.open_inference import OpenInference
+from services.inference.core.ports import PatientSource
 
 MAX_BATCH_PATIENTS = 1024
 
@@ -42,7 +42,7 @@ def _reference_to_proto(model: LoadedModel, ref: Reference) -> pb.DiagnoseRespon
 
 
 class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
-    def __init__(self, cache: ModelCache, directory: PatientDirectory | None = None) -> None:
+    def __init__(self, cache: ModelCache, directory: PatientSource | None = None) -> None:
         self._cache = cache
         self._task_name = cache.task.name
         self._directory = directory

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.platform.http_server import Handler, guarded, json_error
-from services.inference.open_inference import OpenInference
+from services.inference.core.open_inference import OpenInference
 
 log = logging.getLogger(__name__)
 
