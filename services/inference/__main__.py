@@ -32,7 +32,8 @@ from services.inference.adapters.patient_directory import PatientDirectory
 from services.inference.core.model_cache import ModelCache
 from services.inference.core.open_inference import OpenInference
 from services.inference.edges.cds_hooks import CdsHooks
-from services.inference.edges.grpc_servicer import DiagnosisServicer, KServeServicer
+from services.inference.edges.diagnosis_grpc import DiagnosisServicer
+from services.inference.edges.kserve_grpc import KServeServicer
 from services.inference.edges.kserve_rest import KServeRest
 
 # A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers

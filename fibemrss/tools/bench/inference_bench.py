@@ -45,7 +45,7 @@ from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.core.diagnosis import LoadedModel, diagnose
 from services.inference.core.model_cache import ModelCache
-from services.inference.edges.grpc_servicer import DiagnosisServicer
+from services.inference.edges.diagnosis_grpc import DiagnosisServicer
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
