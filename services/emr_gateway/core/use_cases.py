@@ -19,7 +19,6 @@ from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST, PatientRecord
 from fibemrss.domain.tasks import get_task
 from fibemrss.domain.text import text_problems
 from services.emr_gateway.core.candidates import bundle_candidates, candidates_for
-from services.emr_gateway.core.consent import ConsentDecision, parse_consent
 from services.emr_gateway.core.ingestion import (
     Candidate,
     Outcome,
@@ -31,6 +30,7 @@ from services.emr_gateway.core.ingestion import (
 )
 from services.emr_gateway.core.parsers.csv_mapping import load_profile, parse_with_profile
 from services.emr_gateway.core.parsers.csv_profiles import PROFILES
+from services.emr_gateway.core.parsers.fhir_consent import ConsentDecision, parse_consent
 from services.emr_gateway.core.pseudonym import Pseudonymizer
 from services.emr_gateway.core.quarantine_review import Correction, corrected_record
 from services.emr_gateway.core.study_decisions import StudyReview
