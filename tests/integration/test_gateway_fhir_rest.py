@@ -27,10 +27,10 @@ from fibemrss.platform.http_server import start_http
 from fibemrss.platform.tls import client_ssl_context
 from fibemrss.tools.bench.edge_ingest_bench import as_ndjson
 from fibemrss.tools.certs import init_pki
-from services.emr_gateway.fhir_rest import FhirRest
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.store import GatewayStore
-from services.emr_gateway.use_cases import Gateway
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.use_cases import Gateway
+from services.emr_gateway.edges.fhir_rest import FhirRest
 from tests.conftest import SHARED_DATA, shared_file
 
 HOSPITAL = "h"

@@ -24,10 +24,10 @@ from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig
 from fibemrss.platform.server import start_server
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.servicer import EmrGatewayServicer
-from services.emr_gateway.store import GatewayStore
-from services.emr_gateway.use_cases import Gateway as GatewayUseCases
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.use_cases import Gateway as GatewayUseCases
+from services.emr_gateway.edges.grpc_servicer import EmrGatewayServicer
 from tests.conftest import SHARED_DATA, shared_file
 
 TABLES = ("patients", "source_records", "observations", "conditions", "encounters", "quarantine", "audit_log")

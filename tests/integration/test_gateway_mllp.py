@@ -18,10 +18,10 @@ from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.tls import client_ssl_context, server_ssl_context
 from fibemrss.tools.certs import init_pki
-from services.emr_gateway.mllp import MllpListen, MllpServer
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.store import GatewayStore
-from services.emr_gateway.use_cases import Gateway
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.use_cases import Gateway
+from services.emr_gateway.edges.mllp import MllpListen, MllpServer
 from tests.conftest import SHARED_DATA, shared_file
 
 HOSPITAL = "h"

@@ -17,12 +17,13 @@ from fibemrss.inference.v1 import inference_pb2
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
-from services.inference.cds_rest import reference_view
-from services.inference.diagnosis import diagnose
-from services.inference.fhir_reference import PrefetchRead, risk_card
-from services.inference.model_cache import ModelCache
-from services.inference.open_inference import OpenInference
-from services.inference.servicer import DiagnosisServicer
+from services.inference.core.diagnosis import diagnose
+from services.inference.core.fhir_reference import PrefetchRead, risk_card
+from services.inference.core.model_cache import ModelCache
+from services.inference.core.open_inference import OpenInference
+from services.inference.edges.cds_hooks import reference_view
+from services.inference.edges.diagnosis_grpc import DiagnosisServicer
+from services.inference.edges.kserve_grpc import KServeServicer
 
 TASK = HEART_DISEASE_V1.name
 
@@ -138,7 +139,7 @@ def test_the_chosen_model_is_served_and_every_reference_says_which_model_answere
                 name="features", datatype="FP32", shape=[1, cache.get().input_dim]
             )
             features.contents.fp32_contents.extend([0.0] * cache.get().input_dim)
-            kserve_response = OpenInference(cache).model_infer(kserve_request)
+            kserve_response = KServeServicer(OpenInference(cache)).ModelInfer(kserve_request, None)
             assert kserve_response.model_version == str(served)
             assert kserve_response.parameters["model_kind"].string_param == chosen
             card = risk_card(

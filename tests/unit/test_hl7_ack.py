@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fibemrss.domain.errors import FieldProblem
-from services.emr_gateway import hl7_ack
-from services.emr_gateway.ingestion import Outcome
+from services.emr_gateway.core.answers import hl7_ack
+from services.emr_gateway.core.ingestion import Outcome
 
 MSG = b"\xef\xbb\xbfMSH|^~\\&|LAB|NORTH|FIB|H|20240101||ORU^R01^ORU_R01|CTRL-7|P|2.5.1\nPID|1||x\n"
 

@@ -14,7 +14,7 @@ from fibemrss.domain.normalize.errors import ParseError
 from fibemrss.domain.normalize.plausibility import check_observation
 from fibemrss.domain.normalize.ucum import normalize_unit
 from fibemrss.domain.records import LOINC, SNOMED
-from services.emr_gateway.hl7v2 import LOCAL_SYSTEM_PREFIX, Hl7Parse, parse_message
+from services.emr_gateway.core.parsers.hl7v2 import LOCAL_SYSTEM_PREFIX, Hl7Parse, parse_message
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 HL7_DIR = SHARED / "hl7v2"

@@ -22,7 +22,7 @@ from fibemrss.domain.torch_models import (
     vector_of,
 )
 from services.hospital_agent.training import train_local
-from services.inference.diagnosis import LoadedModel, diagnose_batch
+from services.inference.core.diagnosis import LoadedModel, diagnose_batch
 
 CUSTOM = "fibemrss.domain.model_examples:residual_mlp"
 

@@ -43,9 +43,9 @@ from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
-from services.inference.diagnosis import LoadedModel, diagnose
-from services.inference.model_cache import ModelCache
-from services.inference.servicer import DiagnosisServicer
+from services.inference.core.diagnosis import LoadedModel, diagnose
+from services.inference.core.model_cache import ModelCache
+from services.inference.edges.diagnosis_grpc import DiagnosisServicer
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"

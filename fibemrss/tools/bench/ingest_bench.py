@@ -31,10 +31,10 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.tools.bench.edge_ingest_bench import run_edge_ingest_bench
 from fibemrss.tools.commands.ingest import throwaway_gateway
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
-from services.emr_gateway.formats import bundle_candidates
-from services.emr_gateway.ingestion import ingest
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.store import GatewayStore
+from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.candidates import bundle_candidates
+from services.emr_gateway.core.ingestion import ingest
+from services.emr_gateway.core.pseudonym import Pseudonymizer
 
 TABLES = ("patients", "source_records", "observations", "conditions", "encounters")
 MAPPED = ("Patient", "Encounter", "Observation", "Condition")

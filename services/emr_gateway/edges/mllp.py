@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument
 from fibemrss.platform.authorization import INGEST_METHOD
 from fibemrss.platform.tls import peer_identity
-from services.emr_gateway import hl7_ack
-from services.emr_gateway.use_cases import Gateway
+from services.emr_gateway.core.answers import hl7_ack
+from services.emr_gateway.core.use_cases import Gateway
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from fibemrss.domain.errors import FieldProblem
 from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, BundleParse
-from services.emr_gateway.ingestion import Outcome
+from services.emr_gateway.core.ingestion import Outcome
 
 FHIR_VERSION = "4.0.1"
 SOFTWARE_VERSION = "0.1.0"

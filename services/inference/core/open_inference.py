@@ -1,24 +1,42 @@
-"""The Open Inference Protocol (KServe v2) for every transport: gRPC (`servicer.KServeServicer`) and
-REST (`rest.py`) call these same methods, so both give the same answers and the same errors.
+"""The Open Inference Protocol (KServe v2) for every transport: gRPC (`edges/kserve_grpc.py`) and
+REST (`edges/kserve_rest.py`) call these same methods, so both give the same answers and the same
+errors.
 
-Requests and responses are the KServe protobuf messages (the REST edge converts its JSON to and
-from them); domain errors name the offending field as the gRPC request spells it.
+It works on names, numbers and tensors (`tensors.InferRequest`, numpy arrays), never on a wire
+message; domain errors name the offending field as the gRPC request spells it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from fibemrss.domain.errors import NotFound
 from fibemrss.domain.feature_encoding import input_names
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from services.inference import tensors
-from services.inference.diagnosis import LoadedModel, infer
-from services.inference.model_cache import ModelCache
+from services.inference.core import tensors
+from services.inference.core.diagnosis import LoadedModel, infer
+from services.inference.core.model_cache import ModelCache
 
 SERVER_NAME = "fibemrss-inference"
 SERVER_VERSION = "0.1.0"
 PLATFORM = "fibemrss_numpy"
+
+
+@dataclass(frozen=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[tensors.TensorSpec]
+    outputs: list[tensors.TensorSpec]
+    properties: dict[str, str]
 
 
 class OpenInference:
@@ -46,19 +64,17 @@ class OpenInference:
             return False
         return self._cache.has(tensors.parse_version(version, "version"))
 
-    def server_metadata(self) -> kserve.ServerMetadataResponse:
-        return kserve.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=())
 
-    def model_metadata(self, name: str, version: str) -> kserve.ModelMetadataResponse:
+    def model_metadata(self, name: str, version: str) -> ModelMetadata:
         model = self._model(name, version, "version")
-        spec = tensors.input_spec(model.input_dim)
-        tensor = kserve.ModelMetadataResponse.TensorMetadata
-        return kserve.ModelMetadataResponse(
+        return ModelMetadata(
             name=self.model_name,
             versions=[str(v) for v in self._cache.versions()],
             platform=PLATFORM,
-            inputs=[tensor(name=spec.name, datatype=spec.datatype, shape=spec.shape)],
-            outputs=[tensor(name=o.name, datatype=o.datatype, shape=o.shape) for o in tensors.output_specs()],
+            inputs=[tensors.input_spec(model.input_dim)],
+            outputs=tensors.output_specs(),
             properties={
                 "model_version": str(model.version),
                 "federated_round": str(model.federated_round),
@@ -76,18 +92,20 @@ class OpenInference:
             },
         )
 
-    def model_infer(self, request: kserve.ModelInferRequest) -> kserve.ModelInferResponse:
+    def model_infer(self, request: tensors.InferRequest) -> tensors.InferResponse:
         model = self._model(request.model_name, request.model_version, "model_version")
-        wanted = tensors.requested_outputs(request)
+        wanted = tensors.requested_outputs(request.outputs)
         x = tensors.decode_features(request, model.input_dim)
         probability, logit = infer(model, x)
-        response = kserve.ModelInferResponse(
-            model_name=self.model_name, model_version=str(model.version), id=request.id
-        )
-        # Which model answered (global or personalized), as response parameters (KServe v2).
-        response.parameters["model_kind"].string_param = model.kind
-        response.parameters["base_model_version"].int64_param = model.base_version
         values = {"probability": probability, "logit": logit}
-        for name in wanted:
-            tensors.add_output(response, name, values[name])
-        return response
+        return tensors.InferResponse(
+            model_name=self.model_name,
+            model_version=str(model.version),
+            id=request.id,
+            # Which model answered (global or personalized), as response parameters (KServe v2).
+            parameters={"model_kind": model.kind, "base_model_version": model.base_version},
+            outputs=tuple(
+                tensors.OutputTensor(name, tensors.DATATYPE, values[name].shape, values[name])
+                for name in wanted
+            ),
+        )

@@ -1,7 +1,8 @@
 """What the gateway does, whatever transport asked: ingest a payload, review quarantine, read a
-patient, stream training examples. gRPC today (`servicer.py`); MLLP and FHIR REST call the same
-functions, so parsing, rules and audit exist once. No gRPC and no database here: the store is a
-port, implemented by `store.GatewayStore`. Field names in errors are the request's fields.
+patient, stream training examples. gRPC (`edges/grpc_servicer.py`), MLLP and FHIR REST call the
+same functions, so parsing, rules and audit exist once. No gRPC and no database here: the store
+is a port, implemented by `adapters.store.GatewayStore`. Field names in errors are the request's
+fields.
 """
 
 from __future__ import annotations
@@ -17,11 +18,8 @@ from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
 from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST, PatientRecord
 from fibemrss.domain.tasks import get_task
 from fibemrss.domain.text import text_problems
-from services.emr_gateway.consent import ConsentDecision, parse_consent
-from services.emr_gateway.csv_mapping import load_profile, parse_with_profile
-from services.emr_gateway.csv_profiles import PROFILES
-from services.emr_gateway.formats import bundle_candidates, candidates_for
-from services.emr_gateway.ingestion import (
+from services.emr_gateway.core.candidates import bundle_candidates, candidates_for
+from services.emr_gateway.core.ingestion import (
     Candidate,
     Outcome,
     RecordStore,
@@ -30,9 +28,12 @@ from services.emr_gateway.ingestion import (
     ingest,
     resource_counts,
 )
-from services.emr_gateway.pseudonym import Pseudonymizer
-from services.emr_gateway.quarantine_review import Correction, corrected_record
-from services.emr_gateway.study_review import StudyReview
+from services.emr_gateway.core.parsers.csv_mapping import load_profile, parse_with_profile
+from services.emr_gateway.core.parsers.csv_profiles import PROFILES
+from services.emr_gateway.core.parsers.fhir_consent import ConsentDecision, parse_consent
+from services.emr_gateway.core.pseudonym import Pseudonymizer
+from services.emr_gateway.core.quarantine_review import Correction, corrected_record
+from services.emr_gateway.core.study_decisions import StudyReview
 
 QuarantineStatus = Literal["open", "accepted", "rejected"]
 DEFAULT_PAGE_SIZE = 100

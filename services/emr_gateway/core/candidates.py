@@ -12,8 +12,8 @@ from dataclasses import replace
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.normalize import fhir_r4
-from services.emr_gateway import hl7v2
-from services.emr_gateway.ingestion import Candidate
+from services.emr_gateway.core.ingestion import Candidate
+from services.emr_gateway.core.parsers import hl7v2
 
 
 def fhir_candidates(content: bytes) -> list[Candidate]:

@@ -20,9 +20,9 @@ from starlette.routing import Route
 
 from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument, NotFound
 from fibemrss.platform.http_server import Handler, guarded, json_error
-from services.inference import fhir_reference as fr
-from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
-from services.inference.model_cache import ModelCache
+from services.inference.core import fhir_reference as fr
+from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
+from services.inference.core.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Protocol
 from fibemrss.domain.errors import NotFound
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import TaskSpec
-from services.inference.diagnosis import LoadedModel
+from services.inference.core.diagnosis import LoadedModel
 
 log = logging.getLogger(__name__)
 

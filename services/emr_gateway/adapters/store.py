@@ -24,10 +24,10 @@ from fibemrss.db.pool import Database, one_row
 from fibemrss.db.text_copy import copy_rows
 from fibemrss.domain.errors import FailedPrecondition, NotFound
 from fibemrss.domain.records import Code, Condition, Encounter, Observation, PatientRecord, Provenance
-from services.emr_gateway.consent import ConsentDecision
-from services.emr_gateway.ingestion import StoreOutcome, Write
-from services.emr_gateway.record_json import record_from_json, record_to_json
-from services.emr_gateway.use_cases import QuarantineEntry, QuarantineStatus
+from services.emr_gateway.adapters.record_json import record_from_json, record_to_json
+from services.emr_gateway.core.ingestion import StoreOutcome, Write
+from services.emr_gateway.core.parsers.fhir_consent import ConsentDecision
+from services.emr_gateway.core.use_cases import QuarantineEntry, QuarantineStatus
 
 Cursor = psycopg2.extensions.cursor
 _PAGE = 1000  # rows per statement of execute_values

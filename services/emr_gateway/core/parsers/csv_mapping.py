@@ -21,7 +21,7 @@ from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.normalize import ucum
 from fibemrss.domain.normalize.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
 from fibemrss.domain.records import SEXES, Code, Observation, PatientRecord, Provenance
-from services.emr_gateway.csv_profiles import ParsedRow
+from services.emr_gateway.core.parsers.csv_profiles import ParsedRow
 
 MAX_PROFILE_BYTES = 256 * 1024
 DEFAULT_MISSING = ("", "?", "na", "n/a", "nan", "null")

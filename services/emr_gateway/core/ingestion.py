@@ -18,7 +18,7 @@ from fibemrss.domain.errors import FieldProblem
 from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
 from fibemrss.domain.text import text_problem
-from services.emr_gateway.pseudonym import Pseudonymizer
+from services.emr_gateway.core.pseudonym import Pseudonymizer
 
 Fate = Literal["accepted", "duplicate", "quarantined", "rejected", "unsupported"]
 StoreOutcome = Literal["accepted", "duplicate"]

@@ -1,9 +1,9 @@
 """KServe v2 (Open Inference Protocol) over REST: a Starlette adapter over `OpenInference`.
 
 JSON tensors and the binary tensor data extension (the `Inference-Header-Content-Length` header;
-tritonclient sends and asks for binary data by default) are converted to and from the same
-`ModelInferRequest` / `ModelInferResponse` the gRPC servicer passes, so both transports answer
-alike. Errors are `{"error": "..."}` with 400 (bad request), 403, 404 or 503 as the protocol says;
+tritonclient sends and asks for binary data by default) are read straight into the core's
+`tensors.InferRequest` and written from its `InferResponse`, the values the gRPC edge passes too
+(no protobuf on this path), so both transports answer alike. Errors are `{"error": "..."}` with 400 (bad request), 403, 404 or 503 as the protocol says;
 field names are those of the REST body (`inputs[0].data`).
 """
 
@@ -22,9 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.platform.http_server import Handler, guarded, json_error
-from services.inference.open_inference import OpenInference
+from services.inference.core import tensors
+from services.inference.core.open_inference import OpenInference
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,17 @@ class KServeRest:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             raise InvalidArgument("request too large", [FieldProblem("body", f"over {MAX_BODY_BYTES} bytes")])
-        proto, binary_outputs, all_binary = infer_request_from_rest(
+        infer_request, binary_outputs, all_binary = infer_request_from_rest(
             body,
             request.headers.get(HEADER_LENGTH),
             request.path_params["name"],
             request.path_params.get("version", ""),
         )
-        response = await run_in_threadpool(self._core.model_infer, proto)
-        return infer_response_to_rest(response, binary_outputs, all_binary)
+        answer = await run_in_threadpool(self._core.model_infer, infer_request)
+        return infer_response_to_rest(answer, binary_outputs, all_binary)
 
 
-def _tensor_metadata(t: kserve.ModelMetadataResponse.TensorMetadata) -> dict[str, Any]:
+def _tensor_metadata(t: tensors.TensorSpec) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
 
 
@@ -160,14 +160,15 @@ def _flat_numbers(data: Any, field: str) -> list[float]:
 
 def infer_request_from_rest(
     body: bytes, header_length: str | None, name: str, version: str
-) -> tuple[kserve.ModelInferRequest, set[str], bool]:
+) -> tuple[tensors.InferRequest, set[str], bool]:
     """(the request, the outputs asked for as binary data, whether every output is binary)."""
     doc, binary = _json_body(body, header_length)
     problems: list[FieldProblem] = []
-    request = kserve.ModelInferRequest(model_name=name, model_version=version, id=str(doc.get("id", "")))
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument("inputs are required", [FieldProblem("inputs", "must be a non-empty list")])
+    tensors_in: list[tensors.InputTensor] = []
+    raw_contents: list[bytes] = []
     offset = 0
     for i, item in enumerate(inputs):
         if not isinstance(item, dict):
@@ -177,8 +178,9 @@ def infer_request_from_rest(
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             problems.append(FieldProblem(f"inputs[{i}].shape", "must be a list of non-negative integers"))
             shape = []
-        tensor = request.inputs.add(name=str(item.get("name", "")), datatype=str(item.get("datatype", "")))
-        tensor.shape.extend(shape)
+        tensor_name, datatype = str(item.get("name", "")), str(item.get("datatype", ""))
+        fp32: list[float] = []
+        has_contents = False
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
@@ -187,21 +189,24 @@ def infer_request_from_rest(
                         f"inputs[{i}].parameters.binary_data_size", "does not match the binary data sent"
                     )
                 )
-                continue
-            request.raw_input_contents.append(binary[offset : offset + size])
-            offset += size
+            else:
+                raw_contents.append(binary[offset : offset + size])
+                offset += size
         elif "data" in item:
-            if tensor.datatype == "FP32":
+            if datatype == tensors.DATATYPE:
                 try:
-                    tensor.contents.fp32_contents.extend(_flat_numbers(item["data"], f"inputs[{i}].data"))
+                    fp32 = _flat_numbers(item["data"], f"inputs[{i}].data")
+                    has_contents = True
                 except InvalidArgument as exc:
                     problems.extend(exc.violations)
         else:
             problems.append(FieldProblem(f"inputs[{i}].data", "is required (or binary_data_size)"))
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
+        tensors_in.append(tensors.InputTensor(tensor_name, datatype, tuple(shape), fp32, has_contents))
+    if raw_contents and len(raw_contents) != len(tensors_in):
         problems.append(FieldProblem("inputs", "either every input or none uses the binary data extension"))
     if offset != len(binary):
         problems.append(FieldProblem("body", "binary data beyond what the inputs' binary_data_size name"))
+    outputs: list[str] = []
     binary_outputs: set[str] = set()
     parameters = doc.get("parameters") or {}
     all_binary = bool(isinstance(parameters, dict) and parameters.get("binary_data_output"))
@@ -209,43 +214,49 @@ def infer_request_from_rest(
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             problems.append(FieldProblem(f"outputs[{j}].name", "is required"))
             continue
-        request.outputs.add(name=out["name"])
+        outputs.append(out["name"])
         if (out.get("parameters") or {}).get("binary_data"):
             binary_outputs.add(out["name"])
     if problems:
         raise InvalidArgument("invalid inference request", problems)
+    request = tensors.InferRequest(
+        model_name=name,
+        model_version=version,
+        id=str(doc.get("id", "")),
+        inputs=tuple(tensors_in),
+        raw_input_contents=tuple(raw_contents),
+        outputs=tuple(outputs),
+    )
     return request, binary_outputs, all_binary
 
 
 def infer_response_to_rest(
-    response: kserve.ModelInferResponse, binary_outputs: set[str], all_binary: bool
+    answer: tensors.InferResponse, binary_outputs: set[str], all_binary: bool
 ) -> Response:
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+    for tensor in answer.outputs:
         entry: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
             "shape": list(tensor.shape),
         }
         if all_binary or tensor.name in binary_outputs:
+            raw = tensor.raw()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = np.frombuffer(raw, dtype="<f4").astype(float).tolist()
+            entry["data"] = tensor.data.astype("<f4", copy=False).astype(float).ravel().tolist()
         outputs.append(entry)
     doc: dict[str, Any] = {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
+        "model_name": answer.model_name,
+        "model_version": answer.model_version,
         "outputs": outputs,
     }
-    if response.parameters:
-        doc["parameters"] = {
-            key: getattr(value, value.WhichOneof("parameter_choice") or "string_param")
-            for key, value in sorted(response.parameters.items())
-        }
-    if response.id:
-        doc["id"] = response.id
+    if answer.parameters:
+        doc["parameters"] = dict(sorted(answer.parameters.items()))
+    if answer.id:
+        doc["id"] = answer.id
     head = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return Response(head, media_type="application/json")

@@ -196,7 +196,7 @@ def diagnose_batch(
 def diagnose_values(
     model: LoadedModel, rows: Sequence[Sequence[FeatureValue]], top: int = TOP_CONTRIBUTIONS
 ) -> list[Reference]:
-    """diagnose_batch on feature values already read (fibemrss.serde.records.feature_values_from_proto)."""
+    """diagnose_batch on feature values already read (`feature_extraction.extract`, by any transport)."""
     task = model.task
     x = model.plan.encode(rows)
     n_features = len(task.features)

@@ -1,17 +1,19 @@
-"""Open Inference Protocol tensors <-> numpy for the one FP32 input and the FP32 outputs (no gRPC).
+"""Open Inference Protocol tensors as plain values, and the checks on the one FP32 input (no wire types).
 
-Every check names the offending request field, so a client gets INVALID_ARGUMENT with one
-field violation per problem rather than a generic error.
+A transport turns its message into an `InferRequest` (the gRPC edge from protobuf, the REST edge
+from JSON and the binary data extension) and an `InferResponse` back into its own. Every check
+names the offending field as the gRPC request spells it (the REST edge renames them), so a client
+gets INVALID_ARGUMENT with one field violation per problem rather than a generic error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("probability", "logit")
@@ -19,23 +21,56 @@ DATATYPE = "FP32"
 # Bounds one request's memory well below the 64 MiB message limit.
 MAX_BATCH = 65536
 
-# The typed-contents fields other than fp32_contents: data there means a datatype mismatch.
-_OTHER_CONTENTS = (
-    "bool_contents",
-    "int_contents",
-    "int64_contents",
-    "uint_contents",
-    "uint64_contents",
-    "fp64_contents",
-    "bytes_contents",
-)
-
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]  # -1: variable (the batch)
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One input tensor as received: its typed FP32 values unless the request sends raw bytes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    fp32: Sequence[float] | np.ndarray = ()
+    has_contents: bool = False  # typed contents were sent (they must not be, beside raw bytes)
+    # The protocol's other typed-contents fields (`int64_contents`, ...) that hold data.
+    other_contents: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    model_name: str
+    model_version: str = ""
+    id: str = ""
+    inputs: tuple[InputTensor, ...] = ()
+    raw_input_contents: tuple[bytes, ...] = ()  # little-endian FP32, one entry per input
+    outputs: tuple[str, ...] = ()  # the output names asked for; none: all of them
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: np.ndarray  # float32
+
+    def raw(self) -> bytes:
+        """Little-endian FP32 bytes: tritonclient reads only raw output contents."""
+        return self.data.astype("<f4", copy=False).tobytes()
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str
+    parameters: dict[str, str | int]
+    outputs: tuple[OutputTensor, ...]
 
 
 def input_spec(input_dim: int) -> TensorSpec:
@@ -57,7 +92,7 @@ def parse_version(text: str, field: str) -> int:
     return int(text)
 
 
-def decode_features(request: kserve.ModelInferRequest, input_dim: int) -> np.ndarray:
+def decode_features(request: InferRequest, input_dim: int) -> np.ndarray:
     """The request's one input as a float32 [batch, input_dim] array, or InvalidArgument."""
     if len(request.inputs) != 1:
         raise InvalidArgument(
@@ -80,7 +115,7 @@ def decode_features(request: kserve.ModelInferRequest, input_dim: int) -> np.nda
     count = shape[0] * shape[1]
     raw = request.raw_input_contents
     if raw:
-        if tensor.HasField("contents"):
+        if tensor.has_contents:
             problems.append(
                 FieldProblem("inputs[0].contents", "must be unset when raw_input_contents is used")
             )
@@ -94,36 +129,29 @@ def decode_features(request: kserve.ModelInferRequest, input_dim: int) -> np.nda
             raise InvalidArgument("input tensor contents do not match its shape", problems)
         x = np.frombuffer(raw[0], dtype="<f4").reshape(shape[0], shape[1])
     else:
-        contents = tensor.contents
-        for name in _OTHER_CONTENTS:
-            if len(getattr(contents, name)):
-                problems.append(FieldProblem(f"inputs[0].contents.{name}", "FP32 data goes in fp32_contents"))
-        if len(contents.fp32_contents) != count:
+        for name in tensor.other_contents:
+            problems.append(FieldProblem(f"inputs[0].contents.{name}", "FP32 data goes in fp32_contents"))
+        if len(tensor.fp32) != count:
             problems.append(FieldProblem("inputs[0].contents.fp32_contents", f"must hold {count} values"))
         if problems:
             raise InvalidArgument("input tensor contents do not match its shape", problems)
-        x = np.asarray(contents.fp32_contents, dtype=np.float32).reshape(shape[0], shape[1])
+        with np.errstate(over="ignore"):  # a number beyond FP32 becomes inf, refused just below
+            x = np.asarray(tensor.fp32, dtype=np.float32).reshape(shape[0], shape[1])
     if not np.isfinite(x).all():
         field = "raw_input_contents[0]" if raw else "inputs[0].contents.fp32_contents"
         raise InvalidArgument("non-finite input", [FieldProblem(field, "must hold finite numbers only")])
     return x
 
 
-def requested_outputs(request: kserve.ModelInferRequest) -> list[str]:
+def requested_outputs(names: Sequence[str]) -> list[str]:
     """The output names asked for, in request order; all of them when none is named."""
-    if not request.outputs:
+    if not names:
         return list(OUTPUT_NAMES)
     problems = [
         FieldProblem(f"outputs[{i}].name", f"must be one of {', '.join(OUTPUT_NAMES)}")
-        for i, o in enumerate(request.outputs)
-        if o.name not in OUTPUT_NAMES
+        for i, name in enumerate(names)
+        if name not in OUTPUT_NAMES
     ]
     if problems:
         raise InvalidArgument("unknown output requested", problems)
-    return [o.name for o in request.outputs]
-
-
-def add_output(response: kserve.ModelInferResponse, name: str, values: np.ndarray) -> None:
-    """Appends an FP32 output as raw bytes: tritonclient reads only raw_output_contents."""
-    response.outputs.add(name=name, datatype=DATATYPE, shape=values.shape)
-    response.raw_output_contents.append(values.astype("<f4", copy=False).tobytes())
+    return list(names)

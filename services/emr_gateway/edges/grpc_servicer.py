@@ -13,10 +13,10 @@ from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import record_to_proto
 from fibemrss.serde.values import timestamp_to_proto, training_example_to_proto
-from services.emr_gateway.ingestion import Outcome
-from services.emr_gateway.quarantine_review import Correction
-from services.emr_gateway.study_review import Review, StudyReview
-from services.emr_gateway.use_cases import (
+from services.emr_gateway.core.ingestion import Outcome
+from services.emr_gateway.core.quarantine_review import Correction
+from services.emr_gateway.core.study_decisions import Review, StudyReview
+from services.emr_gateway.core.use_cases import (
     CsvPayload,
     Gateway,
     QuarantineEntry,
@@ -186,7 +186,7 @@ class EmrGatewayServicer(emr_pb2_grpc.EmrGatewayServiceServicer):
         if batch.examples:
             yield batch
 
-    # -- study review (services/emr_gateway/study_review.py) ------------------------------------------
+    # -- study review (core/study_decisions.py) -------------------------------------------------------
     def _review(self) -> StudyReview:
         if self._studies is None:
             raise FailedPrecondition("this gateway does not review studies")

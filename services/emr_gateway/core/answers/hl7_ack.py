@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from fibemrss.domain.errors import FieldProblem
-from services.emr_gateway.ingestion import Outcome
+from services.emr_gateway.core.ingestion import Outcome
 
 AckCode = Literal["AA", "AE", "AR"]
 SENDING_APPLICATION = "FIBEMRSS"

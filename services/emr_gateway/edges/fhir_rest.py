@@ -34,9 +34,9 @@ from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
 from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, read_json
 from fibemrss.platform.authorization import INGEST_METHOD
 from fibemrss.platform.http_server import Handler, guarded, http_status_for, request_identity
-from services.emr_gateway import fhir_outcomes as fo
-from services.emr_gateway.fhir_ndjson import LineGroup, group_lines
-from services.emr_gateway.use_cases import BundleIngest, Gateway
+from services.emr_gateway.core.answers import fhir_outcomes as fo
+from services.emr_gateway.core.parsers.fhir_ndjson import LineGroup, group_lines
+from services.emr_gateway.core.use_cases import BundleIngest, Gateway
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The inference servicers: diagnosis references and the Open Inference Protocol (KServe v2).
+"""`fibemrss.inference.v1.DiagnosisService` over gRPC: diagnosis references (KServe v2: `kserve_grpc.py`).
 
-Both are thin: check the request, convert it, ask the model, convert back. Domain errors are
-raised, and the shared interceptor turns them into statuses with field violations.
+Thin: check the request, convert it, ask the model, convert back. Domain errors are raised, and
+the shared interceptor turns them into statuses with field violations.
 """
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgu
 from fibemrss.domain.feature_extraction import extract
 from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import feature_values_from_proto
-from services.inference.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
-from services.inference.model_cache import ModelCache
-from services.inference.open_inference import OpenInference
-from services.inference.patient_directory import PatientDirectory
+from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
+from services.inference.core.model_cache import ModelCache
+from services.inference.core.ports import PatientSource
 
 MAX_BATCH_PATIENTS = 1024
 
@@ -42,7 +39,7 @@ def _reference_to_proto(model: LoadedModel, ref: Reference) -> pb.DiagnoseRespon
 
 
 class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
-    def __init__(self, cache: ModelCache, directory: PatientDirectory | None = None) -> None:
+    def __init__(self, cache: ModelCache, directory: PatientSource | None = None) -> None:
         self._cache = cache
         self._task_name = cache.task.name
         self._directory = directory
@@ -95,40 +92,3 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
         model = self._cache.get(request.model_version)
         refs = diagnose_values(model, rows)
         return pb.DiagnoseBatchResponse(references=[_reference_to_proto(model, r) for r in refs])
-
-
-class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    """`inference.GRPCInferenceService` over `OpenInference`, which the REST edge calls too."""
-
-    def __init__(self, core: OpenInference) -> None:
-        self._core = core
-
-    def ServerLive(
-        self, request: kserve.ServerLiveRequest, context: grpc.ServicerContext
-    ) -> kserve.ServerLiveResponse:
-        return kserve.ServerLiveResponse(live=self._core.server_live())
-
-    def ServerReady(
-        self, request: kserve.ServerReadyRequest, context: grpc.ServicerContext
-    ) -> kserve.ServerReadyResponse:
-        return kserve.ServerReadyResponse(ready=self._core.server_ready())
-
-    def ModelReady(
-        self, request: kserve.ModelReadyRequest, context: grpc.ServicerContext
-    ) -> kserve.ModelReadyResponse:
-        return kserve.ModelReadyResponse(ready=self._core.model_ready(request.name, request.version))
-
-    def ServerMetadata(
-        self, request: kserve.ServerMetadataRequest, context: grpc.ServicerContext
-    ) -> kserve.ServerMetadataResponse:
-        return self._core.server_metadata()
-
-    def ModelMetadata(
-        self, request: kserve.ModelMetadataRequest, context: grpc.ServicerContext
-    ) -> kserve.ModelMetadataResponse:
-        return self._core.model_metadata(request.name, request.version)
-
-    def ModelInfer(
-        self, request: kserve.ModelInferRequest, context: grpc.ServicerContext
-    ) -> kserve.ModelInferResponse:
-        return self._core.model_infer(request)

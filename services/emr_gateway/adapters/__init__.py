@@ -1,0 +1,1 @@
+"""The gateway's adapters: the PostgreSQL store and its record encoding."""

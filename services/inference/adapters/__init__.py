@@ -1,0 +1,1 @@
+"""Inference's adapters: the gateway as a patient directory (gRPC client)."""
