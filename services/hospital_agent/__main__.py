@@ -25,11 +25,11 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig, env_str, task_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import RunningServer, serve_until_signalled, start_server
-from services.hospital_agent.aggregate_bounds import AggregateBounds
-from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
-from services.hospital_agent.local_secrets import LocalSecretStore
-from services.hospital_agent.protocol import Participation
-from services.hospital_agent.servicer import HospitalAgentServicer
+from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator, GrpcGateway
+from services.hospital_agent.adapters.local_secrets import LocalSecretStore
+from services.hospital_agent.core.aggregate_bounds import AggregateBounds
+from services.hospital_agent.core.protocol import Participation
+from services.hospital_agent.edges.grpc_servicer import HospitalAgentServicer
 
 
 def main() -> None:

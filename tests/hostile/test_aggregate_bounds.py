@@ -16,8 +16,8 @@ from fibemrss.domain.torch_models import parameter_count
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import UpdateCodec, UpdateEncryptor
 from fibemrss.he.keys import AggregatorKey, HospitalKey
-from services.hospital_agent.aggregate_bounds import AggregateBounds
-from services.hospital_agent.protocol import Participation
+from services.hospital_agent.core.aggregate_bounds import AggregateBounds
+from services.hospital_agent.core.protocol import Participation
 from tests.unit.test_agent_protocol import (
     TASK,
     FakeAggregator,

@@ -27,7 +27,7 @@ from fibemrss.platform.server import RunningServer, start_server
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.commands.certs import parse_hostnames
 from fibemrss.tools.service_process import ServiceProcess, base_env
-from services.hospital_agent.grpc_adapters import GrpcAggregator, GrpcGateway
+from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator, GrpcGateway
 from tests.hostile.conftest import Federation, StartAggregator
 
 

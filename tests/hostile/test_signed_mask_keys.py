@@ -41,8 +41,8 @@ from services.aggregator.ciphertexts import CiphertextAdder
 from services.aggregator.coordinator import Coordinator
 from services.aggregator.servicer import AggregatorServicer
 from services.aggregator.store import AggregatorStore
-from services.hospital_agent.grpc_adapters import GrpcAggregator
-from services.hospital_agent.protocol import Participation
+from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator
+from services.hospital_agent.core.protocol import Participation
 from tests.unit.test_agent_masked_rounds import Secrets
 from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
 

@@ -15,7 +15,7 @@ from fibemrss.domain.privacy import total
 from fibemrss.domain.privacy_accounting import epsilon_after_rounds
 from fibemrss.domain.tasks import HEART_DISEASE_V1, HEART_DISEASE_V1_DP
 from fibemrss.tools.cli import main
-from services.hospital_agent.privacy_guard import BudgetExceeded, PrivacyGuard
+from services.hospital_agent.core.privacy_guard import BudgetExceeded, PrivacyGuard
 
 FEDERATION = b"\x07" * 16
 

@@ -19,8 +19,8 @@ from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey
-from services.hospital_agent.ports import Phase, RoundView
-from services.hospital_agent.protocol import Participation
+from services.hospital_agent.core.ports import Phase, RoundView
+from services.hospital_agent.core.protocol import Participation
 from tests.unit.test_agent_protocol import TASK, FakeGateway, FakeModelStore, keys, synthetic_examples  # noqa: F401
 
 FACTORY = """

@@ -26,9 +26,9 @@ from fibemrss.he.codec import ChunkAccumulator, UpdateCodec, UpdateDecryptor
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.secagg.protocol import Signed
-from services.hospital_agent.aggregate_bounds import AggregateBounds, check_aggregate
-from services.hospital_agent.ports import Phase, RoundView, StageView
-from services.hospital_agent.protocol import Participation
+from services.hospital_agent.core.aggregate_bounds import AggregateBounds, check_aggregate
+from services.hospital_agent.core.ports import Phase, RoundView, StageView
+from services.hospital_agent.core.protocol import Participation
 from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
 
 TASK: TaskSpec = dataclasses.replace(HEART_DISEASE_V1_DP, rounds=2, sites=("a", "b", "c", "d"))

@@ -22,11 +22,11 @@ from fibemrss.domain.torch_models import initial_vector
 from fibemrss.federation.v1 import federation_pb2
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
-from services.hospital_agent.local_data import Example, LocalData, is_test
-from services.hospital_agent.personalization import ValidationScore, choose, personalize
-from services.hospital_agent.ports import PeerRefused, Phase, RoundView
-from services.hospital_agent.protocol import TRAINING_PURPOSE, Participation
-from services.hospital_agent.servicer import HospitalAgentServicer
+from services.hospital_agent.core.local_data import Example, LocalData, is_test
+from services.hospital_agent.core.personalization import ValidationScore, choose, personalize
+from services.hospital_agent.core.ports import PeerRefused, Phase, RoundView
+from services.hospital_agent.core.protocol import TRAINING_PURPOSE, Participation
+from services.hospital_agent.edges.grpc_servicer import HospitalAgentServicer
 
 # FedYogi keeps server moments across rounds: a restarted agent must replay to get them back.
 # Unmasked, two hospitals: the round logic alone (masked rounds: test_agent_masked_rounds.py).
@@ -347,7 +347,7 @@ def test_a_refusing_peer_is_reported_and_retried_until_it_accepts_and_no_federat
 
 
 def test_capped_backoff_grows_to_its_cap_with_jitter() -> None:
-    from services.hospital_agent.protocol import capped_backoff
+    from services.hospital_agent.core.protocol import capped_backoff
 
     delays = [[capped_backoff(n) for n in range(1, 12)] for _ in range(20)]
     for run in delays:

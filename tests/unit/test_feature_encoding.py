@@ -15,7 +15,7 @@ from fibemrss.domain.feature_encoding import (
 from fibemrss.domain.feature_extraction import extract
 from fibemrss.domain.records import UCI_HEART, Code, Observation, PatientRecord, Provenance
 from fibemrss.domain.tasks import HEART_DISEASE_V1 as TASK
-from services.hospital_agent.local_data import Example, LocalData, is_test
+from services.hospital_agent.core.local_data import Example, LocalData, is_test
 
 
 def row(age: float | None, chol: float | None) -> list:

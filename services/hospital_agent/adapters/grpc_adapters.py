@@ -21,7 +21,7 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.secagg.protocol import Signed
 from fibemrss.serde.values import training_example_from_proto
-from services.hospital_agent.ports import PeerRefused, Phase, RoundView, StageView
+from services.hospital_agent.core.ports import PeerRefused, Phase, RoundView, StageView
 
 RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,

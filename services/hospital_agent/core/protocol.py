@@ -45,16 +45,16 @@ from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.errors import HeError
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.he.params import DEFAULT_PARAMS
-from services.hospital_agent.aggregate_bounds import (
+from services.hospital_agent.core.aggregate_bounds import (
     AggregateBounds,
     AggregateRejected,
     check_aggregate,
     check_model,
     contributors,
 )
-from services.hospital_agent.local_data import Example, LocalData
-from services.hospital_agent.personalization import ValidationScore, personalize
-from services.hospital_agent.ports import (
+from services.hospital_agent.core.local_data import Example, LocalData
+from services.hospital_agent.core.personalization import ValidationScore, personalize
+from services.hospital_agent.core.ports import (
     AggregatorPort,
     ApprovalPort,
     CodecPort,
@@ -64,9 +64,9 @@ from services.hospital_agent.ports import (
     RoundView,
     SecretPort,
 )
-from services.hospital_agent.privacy_guard import LedgerPort, PrivacyGuard
-from services.hospital_agent.secure_aggregation import SecureAggregation
-from services.hospital_agent.training import train_local, train_local_dp
+from services.hospital_agent.core.privacy_guard import LedgerPort, PrivacyGuard
+from services.hospital_agent.core.secure_aggregation import SecureAggregation
+from services.hospital_agent.core.training import train_local, train_local_dp
 
 log = logging.getLogger(__name__)
 

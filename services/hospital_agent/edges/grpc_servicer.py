@@ -7,7 +7,7 @@ import grpc
 from fibemrss.domain.errors import NotFound
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
-from services.hospital_agent.protocol import Participation, PersonalizationReport
+from services.hospital_agent.core.protocol import Participation, PersonalizationReport
 
 
 def _personalization(report: PersonalizationReport | None) -> pb.Personalization | None:

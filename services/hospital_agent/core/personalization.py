@@ -17,8 +17,8 @@ from fibemrss.domain.feature_encoding import GlobalStats
 from fibemrss.domain.model_params import accuracy_of_logits
 from fibemrss.domain.task_spec import HyperParameters, PersonalizationSpec, TaskSpec
 from fibemrss.domain.torch_models import logits_function
-from services.hospital_agent.local_data import Example, LocalData
-from services.hospital_agent.training import train_local
+from services.hospital_agent.core.local_data import Example, LocalData
+from services.hospital_agent.core.training import train_local
 
 Choice = Literal["global", "personalized"]
 # Fine-tuning is seeded, so a restarted agent publishes the same personalized model.
