@@ -6,7 +6,7 @@ who may call a method (or every method of a service, by its "/package.Service/" 
 "operator@central" is the federation operator. A method without a rule is refused to everyone,
 so a new RPC is closed until it is given one. Health and reflection are open to every
 authenticated caller. The aggregator also checks that an agent acts for its own hospital
-(services/aggregator/servicer.py), and the gateway that inference names the caller it reads for.
+(services/aggregator/edges/grpc_servicer.py), and the gateway that inference names the caller it reads for.
 """
 
 from __future__ import annotations

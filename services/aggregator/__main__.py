@@ -17,10 +17,10 @@ from fibemrss.platform.authorization import central_policy
 from fibemrss.platform.config import ServerConfig, env_float, env_str
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
-from services.aggregator.ciphertexts import CiphertextAdder
-from services.aggregator.coordinator import Coordinator
-from services.aggregator.servicer import AggregatorServicer, UploadLimits
-from services.aggregator.store import AggregatorStore
+from services.aggregator.adapters.store import AggregatorStore
+from services.aggregator.core.ciphertexts import CiphertextAdder
+from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.edges.grpc_servicer import AggregatorServicer, UploadLimits
 
 
 def main() -> None:

@@ -18,10 +18,10 @@ import pytest
 from fibemrss.db.pool import Database
 from fibemrss.he.codec import UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
-from services.aggregator.ciphertexts import CiphertextAdder
-from services.aggregator.coordinator import Coordinator
-from services.aggregator.round_state import FederationSettings, RoundState
-from services.aggregator.store import AggregatorStore
+from services.aggregator.adapters.store import AggregatorStore
+from services.aggregator.core.ciphertexts import CiphertextAdder
+from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.core.round_state import FederationSettings, RoundState
 
 TASK = "exits"
 

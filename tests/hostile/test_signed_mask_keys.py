@@ -37,10 +37,10 @@ from fibemrss.platform.identity import caller_identity
 from fibemrss.platform.server import start_server
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.study_review import document_of, propose
-from services.aggregator.ciphertexts import CiphertextAdder
-from services.aggregator.coordinator import Coordinator
-from services.aggregator.servicer import AggregatorServicer
-from services.aggregator.store import AggregatorStore
+from services.aggregator.adapters.store import AggregatorStore
+from services.aggregator.core.ciphertexts import CiphertextAdder
+from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.edges.grpc_servicer import AggregatorServicer
 from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator
 from services.hospital_agent.core.protocol import Participation
 from tests.unit.test_agent_masked_rounds import Secrets

@@ -19,10 +19,10 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig
 from fibemrss.platform.server import RunningServer, start_server
 from fibemrss.platform.status_mapping import field_violations
-from services.aggregator.ciphertexts import CiphertextAdder
-from services.aggregator.coordinator import Coordinator
-from services.aggregator.servicer import AggregatorServicer
-from services.aggregator.store import AggregatorStore
+from services.aggregator.adapters.store import AggregatorStore
+from services.aggregator.core.ciphertexts import CiphertextAdder
+from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.edges.grpc_servicer import AggregatorServicer
 
 TASK = "test-task"
 HOSPITALS = ["a", "b", "c"]

@@ -33,10 +33,10 @@ from fibemrss.he.secagg.protocol import (
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig
 from fibemrss.platform.server import start_server
-from services.aggregator.ciphertexts import CiphertextAdder
-from services.aggregator.coordinator import Coordinator
-from services.aggregator.servicer import AggregatorServicer
-from services.aggregator.store import AggregatorStore
+from services.aggregator.adapters.store import AggregatorStore
+from services.aggregator.core.ciphertexts import CiphertextAdder
+from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.edges.grpc_servicer import AggregatorServicer
 
 TASK = "masked-task"
 HOSPITALS = ("a", "b", "c", "d")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fibemrss.domain.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.aggregator.round_state import (
+from services.aggregator.core.round_state import (
     FederationSettings,
     Round,
     RoundState,
@@ -91,7 +91,7 @@ def test_settings_validation_names_each_bad_field() -> None:
 
 
 def test_base_round_is_the_latest_closed_round_before_a_failed_one() -> None:
-    from services.aggregator.round_state import base_round
+    from services.aggregator.core.round_state import base_round
 
     rounds = [
         round_(RoundState.CLOSED, number=0),

@@ -27,9 +27,10 @@ from fibemrss.he.errors import HeError
 from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeyVerifier, SignedMaskKey
 from fibemrss.he.params import HeParams
 from fibemrss.he.secagg.protocol import ADVERT_BYTES, RoundContext, advert_statement
-from services.aggregator.ciphertexts import RoundLayout, expected_layout
-from services.aggregator.cohorts import STAGES, decide_cohort, decide_stage
-from services.aggregator.round_state import (
+from services.aggregator.adapters.store import AggregatorStore, DuplicateSubmission
+from services.aggregator.core.ciphertexts import RoundLayout, expected_layout
+from services.aggregator.core.cohorts import STAGES, decide_cohort, decide_stage
+from services.aggregator.core.round_state import (
     FederationSettings,
     Round,
     RoundState,
@@ -37,8 +38,7 @@ from services.aggregator.round_state import (
     decide_submission,
     next_round_number,
 )
-from services.aggregator.running_sums import Accumulator, RunningSums
-from services.aggregator.store import AggregatorStore, DuplicateSubmission
+from services.aggregator.core.running_sums import Accumulator, RunningSums
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class Coordinator:
 
     def _tick_masked(self, settings: FederationSettings, current: Round) -> None:
         """A masked round: fix its cohort, then aggregate the whole cohort, restart without the
-        missing members, or fail (services/aggregator/cohorts.py)."""
+        missing members, or fail (services/aggregator/core/cohorts.py)."""
         now = datetime.now(UTC)
         if current.cohort is None:
             decision = decide_cohort(

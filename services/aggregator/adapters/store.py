@@ -14,8 +14,8 @@ from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.he.mask_signatures import SignedMaskKey
-from services.aggregator.proposals import Proposal
-from services.aggregator.round_state import FederationSettings, Round, RoundState
+from services.aggregator.core.proposals import Proposal
+from services.aggregator.core.round_state import FederationSettings, Round, RoundState
 
 
 class DuplicateSubmission(Exception):
@@ -127,7 +127,7 @@ class AggregatorStore:
             task, row[0], row[1], row[2], row[3], tuple(row[4]), row[5], row[6], bytes(row[7]), row[8]
         )
 
-    # -- study proposals (services/aggregator/proposals.py) ---------------------------------------------
+    # -- study proposals (services/aggregator/core/proposals.py) ---------------------------------------------
     def add_proposal(self, p: Proposal) -> tuple[Proposal, bool]:
         """Stores a proposal, audited; (the stored one, True) when that document was already there.
         A different document must raise the version above every earlier proposal of the study."""

@@ -25,10 +25,10 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto
-from services.aggregator.coordinator import Coordinator
-from services.aggregator.proposals import Proposal, check_same_study, latest, pinned_hash, propose
-from services.aggregator.round_state import FederationSettings, Round, RoundState, base_round
-from services.aggregator.store import AggregatorStore
+from services.aggregator.adapters.store import AggregatorStore
+from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.core.proposals import Proposal, check_same_study, latest, pinned_hash, propose
+from services.aggregator.core.round_state import FederationSettings, Round, RoundState, base_round
 
 _STATES = {
     RoundState.OPEN: pb.ROUND_STATE_OPEN,
@@ -368,7 +368,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         check_names(task=request.task)
         return pb.GetFederationStatusResponse(status=self._status(request.task))
 
-    # -- study proposals (services/aggregator/proposals.py) ----------------------------------------------
+    # -- study proposals (services/aggregator/core/proposals.py) ----------------------------------------------
     def ProposeStudy(
         self, request: pb.ProposeStudyRequest, context: grpc.ServicerContext
     ) -> pb.ProposeStudyResponse:

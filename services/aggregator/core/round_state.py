@@ -35,13 +35,13 @@ class FederationSettings:
     grace_seconds: float
     deadline_seconds: float
     hospitals: tuple[str, ...]
-    # Pairwise masking (services/aggregator/cohorts.py): a key stage fixes each round's cohort,
+    # Pairwise masking (services/aggregator/core/cohorts.py): a key stage fixes each round's cohort,
     # and only the whole cohort's uploads make a sum.
     pairwise_masking: bool = False
     # No sum is produced of fewer submissions than this.
     min_contributors: int = 1
     federation_id: bytes = b""
-    # The study document's hash every party trains (services/aggregator/proposals.py); "" only
+    # The study document's hash every party trains (services/aggregator/core/proposals.py); "" only
     # for a federation started without a proposal (the aggregator's own tests).
     study_hash: str = ""
 

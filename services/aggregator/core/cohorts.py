@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Literal
 
-from services.aggregator.round_state import ACCEPTING, FederationSettings, Round
+from services.aggregator.core.round_state import ACCEPTING, FederationSettings, Round
 
 CohortDecision = Literal["fix", "fail", "wait"]
 
