@@ -1,4 +1,7 @@
-"""The aggregator's PostgreSQL adapter: federations, rounds, submitted and summed ciphertexts."""
+"""The aggregator's PostgreSQL adapter: federations, rounds, submitted and summed ciphertexts.
+
+It implements the core's `RoundStore` and `FederationRecords` (services/aggregator/core/ports.py);
+its timestamps come from the database's clock and the wall clock."""
 
 from __future__ import annotations
 
@@ -14,15 +17,12 @@ from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.he.mask_signatures import SignedMaskKey
+from services.aggregator.core.ports import DuplicateSubmission
 from services.aggregator.core.proposals import Proposal
 from services.aggregator.core.round_state import FederationSettings, Round, RoundState
 
 
-class DuplicateSubmission(Exception):
-    """The same hospital's submission for this round was stored by a concurrent call."""
-
-
-class SubmissionWriter:
+class CopySubmissionWriter:
     """Writes one hospital's chunks inside the submission's transaction, as they arrive."""
 
     def __init__(
@@ -221,7 +221,7 @@ class AggregatorStore:
         signature: bytes = b"",
         certificate: bytes = b"",
         digests: bytes = b"",
-    ) -> Iterator[SubmissionWriter]:
+    ) -> Iterator[CopySubmissionWriter]:
         """A transaction that stores a whole submission or nothing. The round row is share-locked,
         so the round cannot start aggregating (or close a stage) while this upload is in flight.
         `masked` (secure aggregation): the sender must have shared in the round (U2) and the
@@ -250,7 +250,7 @@ class AggregatorStore:
                 )
             except psycopg2.errors.UniqueViolation:
                 raise DuplicateSubmission(hospital) from None
-            writer = SubmissionWriter(cur, task, number, hospital, total)
+            writer = CopySubmissionWriter(cur, task, number, hospital, total)
             yield writer
             if len(writer.seen) != total:
                 raise InvalidArgument(

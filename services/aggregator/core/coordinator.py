@@ -1,7 +1,9 @@
 """Drives rounds: accepts submissions, closes rounds at quorum/deadline, adds ciphertexts.
 
-All state lives in PostgreSQL, so a restarted aggregator picks up exactly where the killed one
-stopped: a round caught in AGGREGATING is simply aggregated again (nothing of it was committed).
+All state lives in the round store (PostgreSQL in the service), so a restarted aggregator picks
+up exactly where the killed one stopped: a round caught in AGGREGATING is simply aggregated again
+(nothing of it was committed). Every deadline is decided on the clock port, so a test drives rounds
+with the in-memory store and a clock it advances (tests/unit/test_aggregator_core.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -27,9 +28,9 @@ from fibemrss.he.errors import HeError
 from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeyVerifier, SignedMaskKey
 from fibemrss.he.params import HeParams
 from fibemrss.he.secagg.protocol import ADVERT_BYTES, RoundContext, advert_statement
-from services.aggregator.adapters.store import AggregatorStore, DuplicateSubmission
 from services.aggregator.core.ciphertexts import RoundLayout, expected_layout
 from services.aggregator.core.cohorts import STAGES, decide_cohort, decide_stage
+from services.aggregator.core.ports import Clock, DuplicateSubmission, RoundStore, WallClock
 from services.aggregator.core.round_state import (
     FederationSettings,
     Round,
@@ -63,16 +64,19 @@ class Adder(Protocol):
 class Coordinator:
     def __init__(
         self,
-        store: AggregatorStore,
+        store: RoundStore,
         adder: Adder,
         registry: CollectorRegistry | None = None,
         tick_seconds: float = 0.25,
         mask_key_verifier: MaskKeyVerifier | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """`mask_key_verifier` (the federation CA, with mutual TLS): round keys must carry a valid
         signature of their hospital's agent, so a hospital that sends a broken one is refused alone
-        instead of making every honest agent refuse the round."""
+        instead of making every honest agent refuse the round. `clock` (the wall clock unless
+        given) decides every deadline and the long-polls' timeouts."""
         self._store = store
+        self._clock: Clock = clock if clock is not None else WallClock()
         self._mask_key_verifier = mask_key_verifier
         self._adder = adder
         self._changed = threading.Condition()
@@ -133,7 +137,7 @@ class Coordinator:
     ) -> Round:
         """Returns once round `number` exists (or the federation is done), at the timeout, or
         within a second of the caller going away (`still_wanted` false), freeing its worker."""
-        deadline = datetime.now(UTC).timestamp() + timeout
+        deadline = self._clock.now().timestamp() + timeout
         first_attempt: int | None = None
         with self._changed:
             while True:
@@ -149,7 +153,7 @@ class Coordinator:
                     or not still_wanted()
                 ):
                     return current
-                remaining = deadline - datetime.now(UTC).timestamp()
+                remaining = deadline - self._clock.now().timestamp()
                 if remaining <= 0:
                     return current
                 self._changed.wait(min(remaining, 1.0))
@@ -158,7 +162,7 @@ class Coordinator:
         self, task: str, timeout: float, still_wanted: Callable[[], bool] = lambda: True
     ) -> Round:
         """Returns once the current round's cohort is fixed (or the round is over), or at the timeout."""
-        deadline = datetime.now(UTC).timestamp() + timeout
+        deadline = self._clock.now().timestamp() + timeout
         with self._changed:
             first: tuple[int, int] | None = None
             while True:
@@ -174,7 +178,7 @@ class Coordinator:
                     return current
                 if not still_wanted():
                     return current
-                remaining = deadline - datetime.now(UTC).timestamp()
+                remaining = deadline - self._clock.now().timestamp()
                 if remaining <= 0:
                     return current
                 self._changed.wait(min(remaining, 1.0))
@@ -364,7 +368,7 @@ class Coordinator:
     ) -> tuple[bool, frozenset[str], list[tuple[str, bytes, bytes, bytes]]]:
         """(closed, members, messages readable by `reader`) of a stage, waiting up to `timeout`
         for it to close (or the round to end)."""
-        deadline = datetime.now(UTC).timestamp() + timeout
+        deadline = self._clock.now().timestamp() + timeout
         with self._changed:
             while True:
                 rounds = {r.number: r for r in self._store.rounds(task)}
@@ -372,7 +376,7 @@ class Coordinator:
                     raise NotFound(f"round {number} of {task} does not exist")
                 stages = self._store.stages(task, number)
                 over = rounds[number].state not in (RoundState.OPEN, RoundState.COLLECTING)
-                remaining = deadline - datetime.now(UTC).timestamp()
+                remaining = deadline - self._clock.now().timestamp()
                 if stage in stages or over or remaining <= 0 or self._stop.is_set() or not still_wanted():
                     break
                 self._changed.wait(min(remaining, 1.0))
@@ -415,7 +419,7 @@ class Coordinator:
             if current.quorum_at is None and len(current.submitted) >= settings.quorum:
                 self._store.note_submission(settings, current.number)
                 current = self._store.current_round(task)
-            decision = decide_close(settings, current, datetime.now(UTC))
+            decision = decide_close(settings, current, self._clock.now())
             if decision == "aggregate" and self._store.mark_aggregating(task, current.number):
                 # Re-read under the new state: an upload that committed while the state change
                 # waited for its lock is in the sum; none can commit after it.
@@ -437,7 +441,7 @@ class Coordinator:
     def _tick_masked(self, settings: FederationSettings, current: Round) -> None:
         """A masked round: fix its cohort, then aggregate the whole cohort, restart without the
         missing members, or fail (services/aggregator/core/cohorts.py)."""
-        now = datetime.now(UTC)
+        now = self._clock.now()
         if current.cohort is None:
             decision = decide_cohort(
                 settings, current, self._store.mask_key_times(settings.task, current.number), now

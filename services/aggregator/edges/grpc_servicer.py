@@ -25,8 +25,8 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto
-from services.aggregator.adapters.store import AggregatorStore
 from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.core.ports import FederationRecords
 from services.aggregator.core.proposals import Proposal, check_same_study, latest, pinned_hash, propose
 from services.aggregator.core.round_state import FederationSettings, Round, RoundState, base_round
 
@@ -105,7 +105,7 @@ def check_names(**fields: str) -> None:
 
 class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
     def __init__(
-        self, coordinator: Coordinator, store: AggregatorStore, upload_limits: UploadLimits | None = None
+        self, coordinator: Coordinator, store: FederationRecords, upload_limits: UploadLimits | None = None
     ) -> None:
         self._coordinator = coordinator
         self._store = store
