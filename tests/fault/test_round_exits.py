@@ -9,8 +9,8 @@ or a corrupted database could have left them.
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -39,8 +39,28 @@ def store(fresh_database) -> Iterator[AggregatorStore]:  # type: ignore[no-untyp
     db.close()
 
 
-def federation(store: AggregatorStore, adder: CiphertextAdder, quorum: int, deadline: float) -> Coordinator:
-    coordinator = Coordinator(store, adder)
+class ShiftedClock:
+    """The wall clock moved on by what the test advanced: a deadline PostgreSQL stamped in real
+    time passes for the coordinator without the test sleeping."""
+
+    def __init__(self) -> None:
+        self._offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self._offset
+
+    def advance(self, seconds: float) -> None:
+        self._offset += timedelta(seconds=seconds)
+
+
+def federation(
+    store: AggregatorStore,
+    adder: CiphertextAdder,
+    quorum: int,
+    deadline: float,
+    clock: ShiftedClock | None = None,
+) -> Coordinator:
+    coordinator = Coordinator(store, adder, clock=clock)
     coordinator.start_federation(FederationSettings(TASK, 1, quorum, 0.0, deadline, ("a", "b", "c")))
     return coordinator
 
@@ -64,10 +84,11 @@ def state_of(store: AggregatorStore, number: int) -> RoundState:
 
 
 def test_open_with_no_upload_fails_at_the_deadline_and_the_next_round_opens(store, keys) -> None:
-    coordinator = federation(store, keys[1], quorum=1, deadline=0.2)
+    clock = ShiftedClock()
+    coordinator = federation(store, keys[1], quorum=1, deadline=30, clock=clock)
     coordinator.tick()
     assert state_of(store, 0) == RoundState.OPEN
-    time.sleep(0.3)
+    clock.advance(31)
     coordinator.tick()
     assert state_of(store, 0) == RoundState.FAILED
     assert "deadline passed with 0 of 1" in store.failure(TASK, 0)
@@ -76,10 +97,13 @@ def test_open_with_no_upload_fails_at_the_deadline_and_the_next_round_opens(stor
 
 def test_collecting_below_quorum_fails_at_the_deadline(store, keys) -> None:
     key, adder = keys
-    coordinator = federation(store, adder, quorum=2, deadline=0.5)
+    clock = ShiftedClock()
+    coordinator = federation(store, adder, quorum=2, deadline=30, clock=clock)
     coordinator.submit(TASK, 0, "a", 1, enumerate(UpdateEncryptor(key).encrypt(np.ones(3), 1)))
     assert state_of(store, 0) == RoundState.COLLECTING
-    time.sleep(0.6)
+    coordinator.tick()
+    assert state_of(store, 0) == RoundState.COLLECTING  # before the deadline it waits
+    clock.advance(31)
     coordinator.tick()
     assert state_of(store, 0) == RoundState.FAILED
 
@@ -131,10 +155,11 @@ def test_aggregating_with_an_undecodable_stored_chunk_fails_with_the_reason(stor
 
 def test_closed_and_failed_are_final_and_the_federation_is_done_after_the_last(store, keys) -> None:
     key, adder = keys
-    coordinator = federation(store, adder, quorum=1, deadline=0.3)
+    clock = ShiftedClock()
+    coordinator = federation(store, adder, quorum=1, deadline=30, clock=clock)
     coordinator.submit(TASK, 0, "a", 1, enumerate(UpdateEncryptor(key).encrypt(np.ones(3), 1)))
     coordinator.tick()
-    time.sleep(0.4)
+    clock.advance(31)
     coordinator.tick()  # round 1 (the last) fails at its deadline
     rounds = store.rounds(TASK)
     assert [r.state for r in rounds] == [RoundState.CLOSED, RoundState.FAILED]

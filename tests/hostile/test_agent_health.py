@@ -4,7 +4,6 @@ status, counts the failures, and its own health service says NOT_SERVING."""
 from __future__ import annotations
 
 import socket
-import time
 import uuid
 
 import pytest
@@ -20,6 +19,7 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from fibemrss.tools.study_review import document_of
 from tests.hostile.conftest import Federation, StartAggregator
+from tests.waiting import wait_until
 
 AGENT_SERVICE = "fibemrss.federation.v1.HospitalAgentService"
 
@@ -69,11 +69,12 @@ def test_an_agent_whose_gateway_is_down_reports_it_and_is_not_serving(
         with federation.channel(agent.address, "operator@a") as ch:
             status_stub = federation_pb2_grpc.HospitalAgentServiceStub(ch)
             health = health_pb2_grpc.HealthStub(ch)
-            end = time.monotonic() + 60
-            status = status_stub.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status
-            while status.consecutive_failures < 2 and time.monotonic() < end:
-                time.sleep(0.5)
+
+            def failed_twice() -> pb.AgentStatus | None:
                 status = status_stub.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status
+                return status if status.consecutive_failures >= 2 else None
+
+            status = wait_until(failed_twice, 60, "the agent's second failed attempt", interval=0.5)
             assert status.consecutive_failures >= 2, status  # retried, not dead
             assert "UNAVAILABLE" in status.error and not status.done
             check = health.Check(health_pb2.HealthCheckRequest(service=AGENT_SERVICE), timeout=10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from fibemrss.tools.commands.certs import parse_hostnames
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator, GrpcGateway
 from tests.hostile.conftest import Federation, StartAggregator
+from tests.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +150,12 @@ def test_a_real_agent_refuses_an_aggregator_posing_with_an_agents_certificate(
     with ServiceProcess("agent@a", env, tmp_path_factory.mktemp("agent")) as agent:
         with federation.channel(agent.address, "operator@a") as ch:
             stub = federation_pb2_grpc.HospitalAgentServiceStub(ch)
-            end = time.monotonic() + 60
-            status = stub.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status
-            while "agent@b" not in status.error and time.monotonic() < end:
-                time.sleep(0.5)
+
+            def refused_agent_b() -> pb.AgentStatus | None:
                 status = stub.GetAgentStatus(pb.GetAgentStatusRequest(), timeout=10).status
+                return status if "agent@b" in status.error else None
+
+            status = wait_until(refused_agent_b, 60, "the agent refusing agent@b's certificate", interval=0.5)
         assert "certificate of agent@b" in status.error, status
         assert "expected aggregator@central" in status.error or "expected gateway@a" in status.error
         assert agent.running()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator
 from services.hospital_agent.core.protocol import Participation
 from tests.unit.test_agent_masked_rounds import Secrets
 from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
+from tests.waiting import wait_until
 
 HOSPITALS = ("a", "b", "c")
 TASK = dataclasses.replace(HEART_DISEASE_V1, rounds=1, min_contributors=3)
@@ -211,10 +211,8 @@ def federate(
         stops.append(threading.Event())
         threads.append(threading.Thread(target=agents[h].run, args=(stops[-1],), daemon=True))
         threads[-1].start()
-    deadline = time.monotonic() + 60
     try:
-        while not until(agents) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: until(agents), 60, f"the agents of {task} reaching the test's condition")
     finally:
         for stop in stops:
             stop.set()

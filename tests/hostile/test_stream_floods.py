@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.federation.v1 import federation_pb2_grpc
 from tests.hostile.conftest import Federation, RunningAggregator, StartAggregator
+from tests.waiting import wait_until
 
 LIMITS = {
     "FIBEMRSS_MAX_WORKERS": "8",
@@ -55,11 +56,12 @@ class Flood:
             self.codes[i] = exc.code()
 
     def settled(self, expected_refused: int, timeout: float = 20.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if sum(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c in self.codes) >= expected_refused:
-                return
-            time.sleep(0.05)
+        wait_until(
+            lambda: sum(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c in self.codes) >= expected_refused,
+            timeout,
+            f"{expected_refused} watches refused with RESOURCE_EXHAUSTED",
+            interval=0.05,
+        )
 
     def cancel(self) -> None:
         for call in self.calls:
@@ -123,12 +125,16 @@ def test_one_identity_holds_at_most_its_share_and_a_saturated_server_says_not_se
         a = federation_pb2_grpc.AggregatorServiceStub(channels["agent@a"])
         futures += [a.GetRound.future(wait, timeout=60) for _ in range(6)]
         # agent@a got 4 workers; its fifth and sixth calls are refused at once.
-        _wait_until(lambda: sum(f.done() for f in futures) >= 2)
+        wait_until(lambda: sum(f.done() for f in futures) >= 2, 20, "two long polls refused at once")
         time.sleep(0.5)  # room for a wrongly refused seventh to show
         assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
         b = federation_pb2_grpc.AggregatorServiceStub(channels["agent@b"])
         futures += [b.GetRound.future(wait, timeout=60) for _ in range(4)]
-        _wait_until(lambda: _probe(aggregator.health_address) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_until(
+            lambda: _probe(aggregator.health_address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            20,
+            "the aggregator's probe saying NOT_SERVING with every worker busy",
+        )
         # Every worker is busy: a third caller is told so instead of waiting in silence.
         c = federation_pb2_grpc.AggregatorServiceStub(channels["agent@c"])
         with pytest.raises(grpc.RpcError) as info:
@@ -139,7 +145,11 @@ def test_one_identity_holds_at_most_its_share_and_a_saturated_server_says_not_se
             f.cancel()
         for ch in channels.values():
             ch.close()
-    _wait_until(lambda: _probe(aggregator.health_address) == health_pb2.HealthCheckResponse.SERVING)
+    wait_until(
+        lambda: _probe(aggregator.health_address) == health_pb2.HealthCheckResponse.SERVING,
+        20,
+        "the aggregator's probe SERVING again once the polls ended",
+    )
 
 
 def test_the_probe_port_answers_check_only(aggregator: RunningAggregator) -> None:
@@ -182,7 +192,11 @@ def test_a_unary_call_is_cancelled_at_the_servers_deadline_whatever_its_client_a
         assert time.monotonic() - started < 10
         # Its worker and the caller's slot are free again: the same caller is answered at once.
         assert stub.GetRound(pb.GetRoundRequest(task="deadline"), timeout=10).round.round == 0
-        _wait_until(lambda: _probe(short.health_address) == health_pb2.HealthCheckResponse.SERVING)
+        wait_until(
+            lambda: _probe(short.health_address) == health_pb2.HealthCheckResponse.SERVING,
+            20,
+            "the aggregator's probe SERVING again once the cancelled poll freed its worker",
+        )
 
 
 def _code(future: grpc.Future) -> grpc.StatusCode:
@@ -191,12 +205,3 @@ def _code(future: grpc.Future) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()
     return grpc.StatusCode.OK
-
-
-def _wait_until(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
