@@ -125,9 +125,7 @@ def _federated_dp(task: TaskSpec, dp: DpSpec | None, hospitals: Sequence[Hospita
             ]
         else:
             updates = [
-                train_local_dp(
-                    task.model, params, h.x_train, h.y_train, hyper, dp, sigma, steps, seed=1000 * seed + r
-                )
+                train_local_dp(task.model, params, h.x_train, h.y_train, hyper, dp, sigma, steps)
                 for h in hospitals
             ]
         average = plain_average(updates, [len(h.y_train) for h in hospitals])
