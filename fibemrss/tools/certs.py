@@ -4,7 +4,7 @@ An identity is "<role>@<site>" (agent@cleveland, aggregator@central, operator@ce
 the certificate's common name, which servers read as the caller's identity. Each certificate
 names only its own service: its identity as a DNS name ("aggregator.central.fibemrss", which
 clients pin, `fibemrss.platform.identity`), and, for a serving role, loopback and the host
-names given for that identity alone. Client-only roles (operator, ehr) cannot serve.
+names given for that identity alone. Client-only roles (operator, ehr, ingest) cannot serve.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fibemrss.he.keys import write_private_file
 from fibemrss.platform.identity import identity_dns_name
 
 VALIDITY = datetime.timedelta(days=365)
-# The roles that run a server; the others (operator, ehr) only call.
+# The roles that run a server; the others (operator, ehr, ingest) only call.
 SERVING_ROLES = frozenset({"aggregator", "gateway", "agent", "inference"})
 
 
