@@ -468,7 +468,7 @@ def ingest(dep: Deployment, pki: Path, per_hospital: dict[str, str]) -> tuple[di
     summary, a_key = {}, ""
     for site in dep.hospitals:
         with channel(
-            pki, f"operator@{site.name}", dep.address(site, "emr-gateway"), site.service("emr-gateway")
+            pki, f"ingest@{site.name}", dep.address(site, "emr-gateway"), site.service("emr-gateway")
         ) as ch:
             r = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
                 emr_pb2.IngestRequest(

@@ -27,11 +27,13 @@ _AGENT = "/fibemrss.federation.v1.HospitalAgentService/"
 _AGGREGATOR = "/fibemrss.federation.v1.AggregatorService/"
 _DIAGNOSIS = "/fibemrss.inference.v1.DiagnosisService/"
 _KSERVE = "/inference.GRPCInferenceService/"  # the KServe v2 wire package
-# The MLLP and FHIR REST edges ask with this same name, so every transport follows one rule.
+# The MLLP and FHIR REST edges (bundles, resources, NDJSON $import and its status) ask with this
+# same name, so every transport follows one rule.
 INGEST_METHOD = _GATEWAY + "Ingest"
 
 HOSPITAL_RULES: Mapping[str, frozenset[str]] = {
-    INGEST_METHOD: frozenset({"operator@h"}),
+    # EHR interfaces hold ingest@h, which may do this and nothing else; the operator may too.
+    INGEST_METHOD: frozenset({"ingest@h", "operator@h"}),
     _GATEWAY + "GetIngestStats": frozenset({"operator@h"}),
     _GATEWAY + "ListQuarantine": frozenset({"operator@h"}),
     _GATEWAY + "ResolveQuarantine": frozenset({"operator@h"}),

@@ -87,6 +87,18 @@ class ServerConfig:
     # Worker threads and what one caller may hold of them (fibemrss/platform/capacity.py).
     limits: CallLimits = field(default_factory=CallLimits)
 
+    def __post_init__(self) -> None:
+        # Fail closed: without mutual TLS there is no caller identity and so no authorization;
+        # such a server may listen only where nothing but this machine can reach it.
+        if self.tls is None:
+            require_loopback(
+                self.listen,
+                "FIBEMRSS_LISTEN",
+                "without mutual TLS (FIBEMRSS_TLS_CA, FIBEMRSS_TLS_CERT, FIBEMRSS_TLS_KEY unset) a service "
+                "serves only on a loopback address such as 127.0.0.1; set the three FIBEMRSS_TLS_* "
+                "variables to listen on it",
+            )
+
     @classmethod
     def from_env(cls, default_limits: CallLimits | None = None) -> ServerConfig:
         ca, cert, key = (
@@ -174,14 +186,21 @@ def edge_listen(variable: str, plaintext_variable: str, tls: TlsFiles | None) ->
         host, port = split_host_port(listen, variable)
         return EdgeListen(host, port, tls)
     if plaintext:
-        host, port = split_host_port(plaintext, plaintext_variable)
-        if not _is_loopback(host):
-            raise ConfigError(
-                f"{plaintext_variable}={plaintext!r}: plaintext is allowed only on a loopback address "
-                "such as 127.0.0.1"
-            )
+        host, port = require_loopback(
+            plaintext, plaintext_variable, "plaintext is allowed only on a loopback address such as 127.0.0.1"
+        )
         return EdgeListen(host, port, None)
     return None
+
+
+def require_loopback(address: str, variable: str, reason: str) -> tuple[str, int]:
+    """The one rule for every listener without TLS (gRPC, MLLP, HTTP): (host, port) of `address`
+    when its host is a loopback address, else a ConfigError naming `variable`, its value and
+    `reason`. An empty host (":50051") means every address, so it is refused."""
+    host, port = split_host_port(address, variable)
+    if not _is_loopback(host):
+        raise ConfigError(f"{variable}={address!r} is not a loopback address: {reason}")
+    return host, port
 
 
 def _is_loopback(host: str) -> bool:

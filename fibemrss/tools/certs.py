@@ -4,7 +4,7 @@ An identity is "<role>@<site>" (agent@cleveland, aggregator@central, operator@ce
 the certificate's common name, which servers read as the caller's identity. Each certificate
 names only its own service: its identity as a DNS name ("aggregator.central.fibemrss", which
 clients pin, `fibemrss.platform.identity`), and, for a serving role, loopback and the host
-names given for that identity alone. Client-only roles (operator, ehr) cannot serve.
+names given for that identity alone. Client-only roles (operator, ehr, ingest) cannot serve.
 
 Keys never leave their site: a site makes its key and a certificate signing request
 (`request_certificate`, `fibemrss certs request`); the federation CA signs the request
@@ -34,11 +34,11 @@ from fibemrss.platform.authorization import CENTRAL, check_hospital_name
 from fibemrss.platform.identity import IDENTITY_DOMAIN, identity_dns_name, is_dns_label
 
 VALIDITY = datetime.timedelta(days=365)
-# The roles that run a server; the others (operator, ehr) only call.
+# The roles that run a server; the others (operator, ehr, ingest) only call.
 SERVING_ROLES = frozenset({"aggregator", "gateway", "agent", "inference"})
 # Which roles the CA issues at which site (DESIGN.md "Roles").
 CENTRAL_ROLES = frozenset({"aggregator", "operator"})
-HOSPITAL_ROLES = frozenset({"gateway", "agent", "inference", "operator", "ehr"})
+HOSPITAL_ROLES = frozenset({"gateway", "agent", "inference", "operator", "ehr", "ingest"})
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
 _ORGANIZATION = "FIBEMRSS federation"

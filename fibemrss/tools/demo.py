@@ -89,7 +89,7 @@ def ingest_all(
     summary: dict[str, dict[str, int]] = {}
     for h, content in per_hospital.items():
         with open_channel(
-            endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}"), f"gateway@{h}"
+            endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"ingest@{h}"), f"gateway@{h}"
         ) as ch:
             r = emr_pb2_grpc.EmrGatewayServiceStub(ch).Ingest(
                 emr_pb2.IngestRequest(
@@ -252,7 +252,7 @@ def ingest_fhir(
     keys: dict[str, list[str]] = {}
     for h, contents in bundles.items():
         with open_channel(
-            endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"operator@{h}"), f"gateway@{h}"
+            endpoints["hospitals"][h]["gateway"], tls_for(endpoints, f"ingest@{h}"), f"gateway@{h}"
         ) as ch:
             stub = emr_pb2_grpc.EmrGatewayServiceStub(ch)
             keys[h] = []

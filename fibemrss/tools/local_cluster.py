@@ -129,7 +129,7 @@ class LocalCluster:
     def identities(self) -> list[str]:
         out = ["aggregator@central", "operator@central"]
         for h in self.hospitals:
-            out += [f"{role}@{h}" for role in (*HOSPITAL_ROLES, "operator", "ehr")]
+            out += [f"{role}@{h}" for role in (*HOSPITAL_ROLES, "operator", "ehr", "ingest")]
         return out
 
     def _make_certs(self) -> None:

@@ -6,10 +6,13 @@ mutual TLS. A refused call is PERMISSION_DENIED (UNAUTHENTICATED for a certifica
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -28,13 +31,14 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.server import MAX_MESSAGE_BYTES
 from fibemrss.platform.status_mapping import field_violations
+from fibemrss.platform.tls import client_ssl_context
 from fibemrss.tools.certs import CertificateAuthority, init_pki, issue_certificate, private_key_pem
 from fibemrss.tools.local_cluster import LocalCluster, db_name
 
 pytestmark = pytest.mark.e2e
 
 H = "h"
-ROLES = ("operator", "agent", "inference", "ehr", "gateway")
+ROLES = ("operator", "ingest", "agent", "inference", "ehr", "gateway")
 CALLERS = [
     *(f"{role}@{site}" for site in (H, "other") for role in ROLES),
     "operator@central",
@@ -47,7 +51,8 @@ CALLERS = [
 OUTSIDE_THE_CA_RULES = ("agent@central", "mallory")
 # DESIGN.md's matrix, written out here on its own so the test does not check the code against itself.
 ALLOWED: dict[str, set[str]] = {
-    "fibemrss.emr.v1.EmrGatewayService/Ingest": {"operator@h"},
+    # ingest@h (EHR interfaces) may ingest and nothing else; operator@h keeps ingesting too.
+    "fibemrss.emr.v1.EmrGatewayService/Ingest": {"ingest@h", "operator@h"},
     "fibemrss.emr.v1.EmrGatewayService/GetIngestStats": {"operator@h"},
     "fibemrss.emr.v1.EmrGatewayService/ListQuarantine": {"operator@h"},
     "fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
@@ -276,3 +281,89 @@ def test_inference_reads_a_patient_only_for_a_named_caller_who_is_what_the_gatew
             assert cur.fetchall() == [("ehr@h via inference@h",)]
     finally:
         db.close()
+
+
+# The other ingest edges of the gateway, by the same rule (authorization.INGEST_METHOD): MLLP,
+# FHIR REST (a bundle, a resource, an NDJSON $import and its status); its capability statement
+# is read under GetIngestStats, the operator's.
+HL7 = (
+    b"MSH|^~\\&|LAB|H|FIBEMRSS|H|20260101120000||ORU^R01|roles-1|P|2.5\r"
+    b"PID|1||roles-mrn-1^^^H^MR||Doe^Jane||19700101|F\r"
+    b"OBR|1|||24331-1^Lipid panel^LN\r"
+    b"OBX|1|NM|2093-3^Cholesterol^LN||212|mg/dL|||||F\r"
+)
+BUNDLE = {
+    "resourceType": "Bundle",
+    "type": "batch",
+    "entry": [
+        {
+            "resource": {
+                "resourceType": "Patient",
+                "id": "roles-p1",
+                "gender": "female",
+                "birthDate": "1970-01-01",
+            }
+        }
+    ],
+}
+NDJSON = b'{"resourceType": "Patient", "id": "roles-p2", "gender": "male", "birthDate": "1960-05-05"}\n'
+
+
+def _mllp(cluster: LocalCluster, caller: str) -> tuple[str, str]:
+    """(MSA-1, MSA-3) of the ACK the gateway's MLLP edge gives `caller` for one message."""
+    host, port = cluster.processes[f"gateway@{H}"].edges["mllp"].rsplit(":", 1)
+    context = client_ssl_context(_tls(cluster.workdir, caller))
+    with context.wrap_socket(
+        socket.create_connection((host, int(port)), timeout=30), server_hostname=host
+    ) as s:
+        s.sendall(b"\x0b" + HL7 + b"\x1c\r")
+        raw = b""
+        while not raw.endswith(b"\x1c\r"):
+            chunk = s.recv(65536)
+            assert chunk, "the MLLP edge closed without an ACK"
+            raw += chunk
+    msa = next(seg for seg in raw.strip(b"\x0b\x1c\r").decode().split("\r") if seg.startswith("MSA|"))
+    fields = msa.split("|")
+    return fields[1], fields[3] if len(fields) > 3 else ""
+
+
+def _fhir(cluster: LocalCluster, caller: str) -> dict[str, int]:
+    """The HTTP status of each FHIR REST call of the gateway's edge, made as `caller`."""
+    base = cluster.processes[f"gateway@{H}"].edges["fhir"]
+    codes: dict[str, int] = {}
+    with httpx.Client(
+        base_url=base, verify=client_ssl_context(_tls(cluster.workdir, caller)), timeout=60
+    ) as c:
+        codes["bundle"] = c.post("", json=BUNDLE).status_code
+        patient = {"resourceType": "Patient", "id": "roles-p3", "gender": "male", "birthDate": "1950-02-02"}
+        codes["resource"] = c.post("/Patient", json=patient).status_code
+        started = c.post("/$import", content=NDJSON, headers={"Content-Type": "application/fhir+ndjson"})
+        codes["import"] = started.status_code
+        if started.status_code == 202:
+            status_url = started.headers["Content-Location"]
+            deadline = time.monotonic() + 60
+            while (r := c.get(status_url)).status_code == 202 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            codes["import-status"] = r.status_code
+        codes["metadata"] = c.get("/metadata").status_code
+    return codes
+
+
+def test_ingest_at_h_ingests_through_every_edge_and_nothing_else(cluster: LocalCluster) -> None:
+    """ingest@h: MLLP, FHIR REST and NDJSON import accepted (its gRPC Ingest and the refusal of
+    every other RPC are in the matrix above); another hospital's ingest, or an agent, refused."""
+    ack, text = _mllp(cluster, f"ingest@{H}")
+    assert ack == "AA", text
+    assert _fhir(cluster, f"ingest@{H}") == {
+        "bundle": 200,
+        "resource": 201,
+        "import": 202,
+        "import-status": 200,
+        "metadata": 403,  # the capability statement is the operator's read (GetIngestStats)
+    }
+    ack, _ = _mllp(cluster, f"operator@{H}")
+    assert ack == "AA"  # the operator keeps every ingest path
+    for caller in ("ingest@other", f"agent@{H}", f"ehr@{H}"):
+        ack, text = _mllp(cluster, caller)
+        assert ack == "AR" and "refused" in text, (caller, ack, text)
+        assert set(_fhir(cluster, caller).values()) == {403}, caller

@@ -54,16 +54,16 @@ def test_dp_sgd_clips_each_example_so_one_outlier_moves_the_model_by_at_most_the
     start = initial_vector("logistic_regression", 6)
     hyper = HyperParameters(learning_rate=1.0)
     dp = DpSpec(target_epsilon=None, noise_multiplier=0.0, max_grad_norm=0.5, sample_rate=1.0)
-    base = train_local_dp("logistic_regression", start, x, y, hyper, dp, 0.0, 1, seed=1)
+    base = train_local_dp("logistic_regression", start, x, y, hyper, dp, 0.0, 1)
     x_out = x.copy()
     x_out[0] = 1e4  # one patient with absurd values
-    moved = train_local_dp("logistic_regression", start, x_out, y, hyper, dp, 0.0, 1, seed=1)
+    moved = train_local_dp("logistic_regression", start, x_out, y, hyper, dp, 0.0, 1)
     # One step with every example sampled: the sum of clipped gradients changes by <= 2C, over
     # the expected batch of 50, times the learning rate.
     assert 0 < np.linalg.norm(moved - base) <= 2 * 0.5 / 50 + 1e-6
     # With noise, two runs differ (the noise is not replayable from the seed).
     noisy = dataclasses.replace(dp, noise_multiplier=1.0)
-    a = train_local_dp("logistic_regression", start, x, y, hyper, noisy, 1.0, 1, seed=1)
-    b = train_local_dp("logistic_regression", start, x, y, hyper, noisy, 1.0, 1, seed=1)
+    a = train_local_dp("logistic_regression", start, x, y, hyper, noisy, 1.0, 1)
+    b = train_local_dp("logistic_regression", start, x, y, hyper, noisy, 1.0, 1)
     assert not np.allclose(a, b)
     assert HEART_DISEASE_V1.dp is None  # DP is off by default

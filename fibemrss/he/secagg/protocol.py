@@ -211,6 +211,7 @@ def check_cohort(
     signatures: Signatures,
     roster: frozenset[str] | None,
     min_contributors: int,
+    roster_size: int | None = None,
 ) -> CohortView:
     """The cohort as the aggregator showed it, checked: only roster sites, at least
     min_contributors (and enough holders for every member's threshold), every advertisement
@@ -235,7 +236,10 @@ def check_cohort(
         adverts[name] = Advertisement.from_bytes(signed.public_key, name)
     digest = cohort_digest({n: a.to_bytes() for n, a in adverts.items()})
     view = CohortView(
-        adverts, digest, graphs.neighbours(sorted(names), digest), None if roster is None else len(roster)
+        adverts,
+        digest,
+        graphs.neighbours(sorted(names), digest),
+        roster_size if roster_size is not None else (None if roster is None else len(roster)),
     )
     for name in names:
         if view.threshold(name) > len(view.holders(name)):
@@ -305,11 +309,16 @@ class SecAggMember:
         roster: frozenset[str] | None,
         min_contributors: int,
         modulus: int,
+        roster_size: int | None = None,
     ) -> None:
+        """`roster`: the sites the approved study lists (None: any); `roster_size`: the number of
+        sites the threshold is fixed over (default: the roster's), so an aggregator cannot lower
+        it by showing a smaller cohort."""
         self.hospital = hospital
         self.ctx = ctx
         self._sig = signatures
         self._roster = roster
+        self._roster_size = roster_size
         self._min = min_contributors
         self._modulus = modulus
         self._share_key = X25519PrivateKey.generate()
@@ -347,7 +356,9 @@ class SecAggMember:
             raise ProtocolRefused(
                 f"round {self.ctx.round}: the cohort does not hold this hospital's advertisement of this process"
             )
-        self.cohort = check_cohort(self.ctx, signed_adverts, self._sig, self._roster, self._min)
+        self.cohort = check_cohort(
+            self.ctx, signed_adverts, self._sig, self._roster, self._min, self._roster_size
+        )
         return self.cohort
 
     # 2. share -------------------------------------------------------------------------------------
@@ -571,12 +582,13 @@ def unmask_correction(
     min_contributors: int,
     n_slots: int,
     modulus: int,
+    roster_size: int | None = None,
 ) -> np.ndarray:
     """The masks left in the sum of U3's uploads, to subtract after decryption, from the signed
     transcript alone: checks the cohort, that at least the threshold of survivors signed U3, every
     reveal's signature, that no revealer gave both shares of one member, and each recovered secret
     against its advertisement. Refuses (ProtocolRefused) otherwise."""
-    view = check_cohort(ctx, transcript.adverts, signatures, roster, min_contributors)
+    view = check_cohort(ctx, transcript.adverts, signatures, roster, min_contributors, roster_size)
     u2, u3 = transcript.u2, transcript.u3
     if not u3 <= u2 <= view.members or len(u3) < min_contributors:
         raise ProtocolRefused(f"round {ctx.round}: the survivor sets are not nested in the cohort")

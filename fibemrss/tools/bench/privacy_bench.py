@@ -10,6 +10,10 @@
   the strategy of the task spec heart-disease-v1-dp fixed beforehand and the client learning rate
   and clipping norm chosen per (epsilon, delta) from a small grid on validation rows only.
   Averaging is plaintext here: the HE codec's average equals it to 2^-17 (docs/he-codec.md).
+- With `--audit` (or `--audit-only`): an empirical privacy audit of the published models
+  (`privacy_audit`): canaries in one hospital's training rows in half the trials, a membership
+  test on each trial's final global model, and the epsilon LOWER bound that the test's
+  Clopper-Pearson-bounded rates imply, beside the accountant's epsilon.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ import numpy as np
 
 from fibemrss.domain.model_params import accuracy, layer_shapes, unflatten
 from fibemrss.domain.privacy_accounting import epsilon, noise_multiplier, steps_per_round
+from fibemrss.domain.privacy_audit import best_threshold, epsilon_lower_bound, epsilon_lower_bound_from_rates
 from fibemrss.domain.strategies import StrategyState, client_proximal_mu, strategy_from_hyper
 from fibemrss.domain.task_spec import DpSpec, TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
-from fibemrss.domain.torch_models import initial_vector
+from fibemrss.domain.torch_models import initial_vector, logits_function
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import ChunkAccumulator, UpdateDecryptor, UpdateEncryptor, slot_count
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
@@ -125,9 +130,7 @@ def _federated_dp(task: TaskSpec, dp: DpSpec | None, hospitals: Sequence[Hospita
             ]
         else:
             updates = [
-                train_local_dp(
-                    task.model, params, h.x_train, h.y_train, hyper, dp, sigma, steps, seed=1000 * seed + r
-                )
+                train_local_dp(task.model, params, h.x_train, h.y_train, hyper, dp, sigma, steps)
                 for h in hospitals
             ]
         average = plain_average(updates, [len(h.y_train) for h in hospitals])
@@ -290,14 +293,183 @@ def dp_accuracy(
     }
 
 
+def _canary(hospitals: Sequence[Hospital], task: TaskSpec) -> tuple[np.ndarray, float]:
+    """The canary row (encoded features) and its label: along the direction in which the pooled
+    training rows vary least (Jagielski et al.'s ClipBKD: there no real patient's gradient pulls),
+    as long as the longest real row, with the label a plain model trained without it does NOT
+    predict (so its loss is high unless training saw it)."""
+    x = np.concatenate([h.x_train for h in hospitals]).astype(np.float64)
+    y = np.concatenate([h.y_train for h in hospitals])
+    _, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    row = vectors[:, 0] * float(np.linalg.norm(x, axis=1).max())
+    hyper = dataclasses.replace(task.hyper, proximal_mu=0.0)
+    reference = initial_vector(task.model, x.shape[1])
+    for epoch in range(5):
+        reference = train_local(task.model, reference, x, y, hyper, seed=epoch)
+    logit = logits_function(task.model, x.shape[1], reference)(row[None, :].astype(np.float32))[0]
+    return row.astype(np.float32), 0.0 if logit >= 0 else 1.0
+
+
+def _canary_score(task: TaskSpec, params: np.ndarray, row: np.ndarray, label: float) -> float:
+    """Minus the canary's log-loss under the published model: higher means "trained on it"."""
+    logit = float(logits_function(task.model, row.shape[0], params)(row[None, :])[0])
+    signed = logit if label == 1.0 else -logit
+    return -float(np.logaddexp(0.0, -signed))
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    """The audit's size: `trials` federations (an even split: half with the canaries, half
+    without; the first half of the trials chooses the threshold, the second is counted)."""
+
+    trials: int = 200
+    canaries: int = 16
+    confidence: float = 0.95
+    hospital: int = 0  # the index of the hospital whose training rows get the canaries
+    split_seed: int = 43
+    schedule_seed: int = 0  # which trials get the canaries (the auditor's choice, not secret)
+
+
+def privacy_audit(
+    shared_data: Path | None, task: TaskSpec = HEART_DISEASE_V1_DP, config: AuditConfig = AuditConfig()
+) -> dict[str, Any]:
+    """An empirical lower bound on the epsilon of the published (final global) models.
+
+    Each trial runs the whole federation (every hospital's DP-SGD, exactly as `_federated_dp`
+    and the agents do, with their OS randomness) and scores the canaries' loss under its final
+    model. `config.canaries` identical canary rows go into one hospital's training rows in half the
+    trials; the statistics round (not covered by DP, docs/privacy.md) is the same in both worlds,
+    computed without the canaries, so the audit measures what DP-SGD is claimed to protect. The
+    threshold is chosen on the first half of the trials (calibration) and the test counted on the
+    second; Clopper-Pearson bounds on its rates give, at `config.confidence`, the smallest epsilon
+    consistent with them; with k canaries inserted together, through group privacy
+    (k epsilon, k e^((k-1) epsilon) delta) per example."""
+    import torch  # local: only this benchmark trains
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    dp = task.dp
+    if dp is None:
+        raise ValueError(f"task {task.name} has no DP spec to audit")
+    if config.trials < 8 or config.trials % 4:
+        raise ValueError(f"trials must be a multiple of 4 and at least 8, got {config.trials}")
+    if config.canaries < 1:
+        raise ValueError(f"canaries must be at least 1, got {config.canaries}")
+    started = time.perf_counter()
+    hospitals, _, source = prepare(task, shared_data, plain_average, split_seed=config.split_seed)
+    row, label = _canary(hospitals, task)
+    target = hospitals[config.hospital]
+    with_canaries = list(hospitals)
+    with_canaries[config.hospital] = dataclasses.replace(
+        target,
+        x_train=np.concatenate([target.x_train, np.repeat(row[None, :], config.canaries, axis=0)]),
+        y_train=np.concatenate([target.y_train, np.full(config.canaries, label, dtype=np.float32)]),
+    )
+    rng = np.random.default_rng(config.schedule_seed)
+    half = config.trials // 2
+    schedule = [
+        bool(v) for part in range(2) for v in rng.permutation([True] * (half // 2) + [False] * (half // 2))
+    ]
+    scores: list[float] = []
+    for i, inserted in enumerate(schedule):
+        params = _federated_dp(task, dp, with_canaries if inserted else hospitals, i)
+        scores.append(_canary_score(task, params, row, label))
+        log.info("privacy audit trial", extra={"trial": i, "inserted": inserted, "score": scores[-1]})
+    k, delta = config.canaries, dp.target_delta
+    calibration = list(zip(schedule[:half], scores[:half], strict=True))
+    threshold = best_threshold(
+        [s for ins, s in calibration if ins],
+        [s for ins, s in calibration if not ins],
+        delta,
+        k,
+        config.confidence,
+    )
+    counted = list(zip(schedule[half:], scores[half:], strict=True))
+    tp = sum(ins and s >= threshold for ins, s in counted)
+    fn = sum(ins and s < threshold for ins, s in counted)
+    fp = sum((not ins) and s >= threshold for ins, s in counted)
+    tn = sum((not ins) and s < threshold for ins, s in counted)
+    per_example = epsilon_lower_bound(tp, fn, fp, tn, delta, config.confidence, group_size=k)
+    as_group = epsilon_lower_bound(tp, fn, fp, tn, delta, config.confidence, group_size=1)
+    sigma = noise_multiplier(task, dp)
+    steps = task.rounds * steps_per_round(task, dp)
+    accountant = epsilon(sigma, dp.sample_rate, steps, delta)
+    inside = [s for ins, s in zip(schedule, scores, strict=True) if ins]
+    outside = [s for ins, s in zip(schedule, scores, strict=True) if not ins]
+    auc = sum((a > b) + 0.5 * (a == b) for a in inside for b in outside) / (len(inside) * len(outside))
+    return {
+        "task": task.name,
+        "data": source,
+        "accountant": {
+            "epsilon": round(accountant, 4),
+            "delta": delta,
+            "noise_multiplier": round(sigma, 4),
+            "sample_rate": dp.sample_rate,
+            "steps": steps,
+            "max_grad_norm": dp.max_grad_norm,
+        },
+        "audit": {
+            "epsilon_lower_bound": round(per_example.epsilon_lower_bound, 4),
+            "confidence": config.confidence,
+            "group_epsilon_lower_bound": round(as_group.epsilon_lower_bound, 4),
+            "trials": config.trials,
+            "trials_counted": len(counted),
+            "trials_for_threshold": half,
+            "counts": {"true_positive": tp, "false_negative": fn, "false_positive": fp, "true_negative": tn},
+            "tpr": round(tp / (tp + fn), 4),
+            "fpr": round(fp / (fp + tn), 4),
+            "tpr_lower": round(per_example.tpr_lower, 4),
+            "fpr_upper": round(per_example.fpr_upper, 4),
+            "epsilon_from_observed_rates": round(
+                epsilon_lower_bound_from_rates(tp / (tp + fn), fp / (fp + tn), delta, k), 4
+            ),
+            "auc_all_trials": round(auc, 4),
+            "threshold": round(threshold, 6),
+            "mean_score_with_canaries": round(statistics.mean(inside), 6),
+            "mean_score_without": round(statistics.mean(outside), 6),
+        },
+        "canaries": {
+            "count": k,
+            "hospital": target.name,
+            "label": label,
+            "design": "identical rows along the direction of least variance of the pooled training rows "
+            "(ClipBKD, Jagielski et al. 2020), as long as the longest real row, labelled against a plain "
+            "model's prediction; inserted into one hospital's training rows in half the trials",
+            "score": "minus the canary's log-loss under the trial's final global model",
+        },
+        "method": (
+            "each trial trains the whole federation (4 hospitals, every round, DP-SGD with OS randomness) "
+            "and scores the canaries under its published final model; the statistics round is the same in "
+            "both worlds (computed without canaries: it is not covered by DP). The threshold is chosen on "
+            "the first half of the trials (the one whose counts there give the largest bound) and the test "
+            "counted on the second; one-sided Clopper-Pearson "
+            "bounds (TPR lower, FPR upper, each at (1 + confidence) / 2) give the smallest epsilon that an "
+            f"(epsilon, delta={delta})-DP training could show them with, per example through group privacy "
+            f"(k = {k}: k epsilon, k e^((k-1) epsilon) delta). It is a LOWER bound at that confidence: the "
+            "true epsilon is at least this; it says nothing about how far above it the true one is. Even "
+            "perfect separation over 100 counted trials shows at most 2.5 for the group (ln(TPR_lower / "
+            "FPR_upper)), under 2.5 / k per example (0.15 at k = 16); a tight bound needs thousands of trials, "
+            "one canary and stronger tests (every round's model, gradient canaries)."
+        ),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def run_privacy_bench(
     shared_data: Path | None,
     n_params: int = 1_000_000,
     hospital_counts: Sequence[int] = (4, 16),
     learning_rates: Sequence[float] = LEARNING_RATES,
     clipping_norms: Sequence[float] = CLIPPING_NORMS,
+    audit: AuditConfig | None = None,
+    audit_only: bool = False,
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    if audit_only:
+        return {
+            "privacy_audit": privacy_audit(shared_data, HEART_DISEASE_V1_DP, audit or AuditConfig()),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
     masking = [masking_cost(n_params, n) for n in hospital_counts]
     accuracy_figures = dp_accuracy(shared_data, HEART_DISEASE_V1_DP, learning_rates, clipping_norms)
     at_1 = next(r for r in accuracy_figures["results"] if r["epsilon_target"] == 1.0 and r["delta"] == 1e-3)
@@ -313,5 +485,6 @@ def run_privacy_bench(
             "pooled_accuracy_at_epsilon_1_delta_1e-3_at_least_0.80": at_1["pooled_test_accuracy"]["mean"]
             >= 0.80,
         },
+        **({"privacy_audit": privacy_audit(shared_data, HEART_DISEASE_V1_DP, audit)} if audit else {}),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -69,7 +69,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _privacy(args: argparse.Namespace) -> int:
-    from fibemrss.tools.bench.privacy_bench import run_privacy_bench
+    from fibemrss.tools.bench.privacy_bench import AuditConfig, run_privacy_bench
 
     shared = Path(args.shared_data)
     _emit(
@@ -78,6 +78,10 @@ def _privacy(args: argparse.Namespace) -> int:
             args.params,
             learning_rates=args.learning_rates,
             clipping_norms=args.clipping_norms,
+            audit=AuditConfig(args.audit_trials, args.audit_canaries, args.audit_confidence)
+            if args.audit or args.audit_only
+            else None,
+            audit_only=args.audit_only,
         ),
         args.json,
     )
@@ -162,6 +166,23 @@ def add_parser(subparsers: Any) -> None:
         help="DP-SGD clipping norms searched on validation rows per epsilon (comma-separated; the "
         "default keeps the task's 1.0, as the published figures did; 0.5,1,2 triples the run)",
     )
+    privacy.add_argument(
+        "--audit",
+        action="store_true",
+        help="also run the empirical privacy audit: canaries, a membership test on the published "
+        "models, the epsilon lower bound beside the accountant's (docs/privacy.md)",
+    )
+    privacy.add_argument(
+        "--audit-only", action="store_true", help="run the audit alone (no masking, no accuracy)"
+    )
+    privacy.add_argument(
+        "--audit-trials",
+        type=int,
+        default=200,
+        help="federations trained for the audit, a multiple of 4 (half with canaries; half choose the threshold)",
+    )
+    privacy.add_argument("--audit-canaries", type=int, default=16, help="canary rows inserted together")
+    privacy.add_argument("--audit-confidence", type=float, default=0.95, help="Clopper-Pearson confidence")
     privacy.set_defaults(func=_privacy)
 
     ingest = sub.add_parser(

@@ -80,7 +80,9 @@ def run_init(args: argparse.Namespace) -> int:
     identities = ["aggregator@central", "operator@central"]
     for h in args.hospitals.split(","):
         check_hospital_name(h)
-        identities += [f"{role}@{h}" for role in ("gateway", "agent", "inference", "operator", "ehr")]
+        identities += [
+            f"{role}@{h}" for role in ("gateway", "agent", "inference", "operator", "ehr", "ingest")
+        ]
     paths = init_pki(Path(args.out), identities, parse_hostnames(args.hostnames))
     print(
         json.dumps(

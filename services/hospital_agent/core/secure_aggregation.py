@@ -81,6 +81,8 @@ class SecureAggregation:
         self._codec = codec
         self._sig = Signatures(signer, verifier)
         self._roster = frozenset(task.sites) if task.sites else None
+        # The threshold's roster: the study's sites, else its quorum (both in the approved document).
+        self._roster_size = len(task.sites) if task.sites else max(task.quorum, task.min_contributors)
         self._members: dict[tuple[bytes, int], SecAggMember] = {}
         self._random = random.SystemRandom()
 
@@ -116,6 +118,7 @@ class SecureAggregation:
                 self._roster,
                 self._task.min_contributors,
                 self._codec.params.plain_modulus,
+                self._roster_size,
             ),
         )
         try:
@@ -253,6 +256,7 @@ class SecureAggregation:
                 self._task.min_contributors,
                 slot_count(kind, n_values),
                 self._codec.params.plain_modulus,
+                self._roster_size,
             )
         except ProtocolRefused as refused:
             raise AggregateRejected(

@@ -3,7 +3,7 @@ without or with patient-level differential privacy (DP-SGD)."""
 
 from __future__ import annotations
 
-import os
+import secrets
 
 import numpy as np
 import torch
@@ -44,6 +44,24 @@ def train_local(
     return vector_of(net)
 
 
+def os_generator() -> torch.Generator:
+    """A torch generator seeded with 64 bits from the OS's CSPRNG (`secrets`): nothing public
+    (no round number, no seed a caller or an observer knows) can replay what it draws."""
+    return torch.Generator().manual_seed(secrets.randbits(64))
+
+
+_UNIT = 2**53  # uniform draws of 53 bits, as many as a float64 holds
+
+
+def poisson_sample(n: int, rate: float) -> torch.Tensor:
+    """A boolean mask over n rows, each row included independently with probability `rate`
+    (Poisson sampling, as Opacus' UniformWithReplacementSampler), drawn straight from the OS's
+    CSPRNG (8 bytes per row): the batch, and so its size, is as secret as the accountant's
+    subsampling amplification assumes."""
+    draws = np.frombuffer(secrets.token_bytes(8 * n), dtype=np.uint64) >> np.uint64(11)
+    return torch.from_numpy(draws < np.uint64(round(rate * _UNIT)))
+
+
 def train_local_dp(
     model: str,
     global_params: np.ndarray,
@@ -53,13 +71,20 @@ def train_local_dp(
     dp: DpSpec,
     noise_multiplier: float,
     steps: int,
-    seed: int,
+    round_number: int | None = None,
 ) -> np.ndarray:
-    """DP-SGD from `global_params`: `steps` steps, each a Poisson sample of rate dp.sample_rate,
-    per-example gradients clipped to dp.max_grad_norm, summed, Gaussian noise of standard deviation
-    noise_multiplier x max_grad_norm added, divided by the expected batch size. The noise comes
-    from the OS's randomness, never from `seed` (seeded noise could be replayed and removed).
-    FedProx's proximal term touches no example, so it is added after the noise."""
+    """DP-SGD from `global_params`: `steps` steps, each a Poisson sample of rate dp.sample_rate
+    (`poisson_sample`), per-example gradients clipped to dp.max_grad_norm, summed, Gaussian noise of
+    standard deviation noise_multiplier x max_grad_norm added, divided by the EXPECTED batch size
+    q n (never by the sampled one, whose size would itself leak; Opacus does the same), and an
+    SGD step. This is the mechanism `fibemrss.domain.privacy_accounting` accounts: `steps` steps of
+    the Poisson-subsampled Gaussian of rate q, so callers pass its `steps_per_round` and
+    `noise_multiplier`. Both the batches and the noise come from the OS's randomness:
+    `round_number` is accepted for the caller's sake and never seeds anything (a public seed
+    would let anyone who knows a patient's row replay which steps saw it, and the
+    amplification by subsampling would not hold). FedProx's proximal term touches no example, so
+    it is added after the noise."""
+    del round_number  # deliberately unused: see above
     net = build_module(model, x.shape[1])
     load_vector(net, global_params)
     net.train()
@@ -75,12 +100,11 @@ def train_local_dp(
         return loss_fn(logit, yi)
 
     per_example_grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
-    sampler = torch.Generator().manual_seed(seed)  # which examples: public randomness is fine
-    noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    noise = os_generator()
     expected_batch = max(dp.sample_rate * len(yt), 1.0)
     clip = dp.max_grad_norm
     for _ in range(steps):
-        chosen = torch.rand(len(yt), generator=sampler) < dp.sample_rate
+        chosen = poisson_sample(len(yt), dp.sample_rate)
         summed = {n: torch.zeros_like(p) for n, p in params.items()}
         if chosen.any():
             grads = per_example_grads(params, xt[chosen], yt[chosen])
@@ -88,6 +112,7 @@ def train_local_dp(
             scale = (clip / (norms + 1e-12)).clamp(max=1.0)
             for n in names:
                 summed[n] = (grads[n] * scale.reshape(-1, *([1] * (grads[n].dim() - 1)))).sum(0)
+        # An empty sample still takes its step: noise alone, as the accountant counts it.
         with torch.no_grad():
             for n in names:
                 noisy = summed[n] + torch.normal(

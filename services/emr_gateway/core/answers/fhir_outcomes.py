@@ -210,7 +210,7 @@ def capability_statement(base_url: str, date: str) -> dict[str, Any]:
                     "in quarantine with its reasons. Bulk NDJSON import at [base]/$import."
                 ),
                 "security": {
-                    "description": "Mutual TLS: a client certificate operator@<hospital> is required to ingest."
+                    "description": "Mutual TLS: a client certificate ingest@<hospital> (or operator@<hospital>) is required to ingest."
                 },
                 "resource": [{"type": t, "interaction": create} for t in (*MAPPED_TYPES, "Consent")],
                 "interaction": [{"code": "batch"}, {"code": "transaction"}],
