@@ -20,7 +20,7 @@ from fibemrss.domain.privacy_accounting import steps_per_round
 from fibemrss.domain.task_spec import DpSpec, HyperParameters
 from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.domain.torch_models import initial_vector
-from services.hospital_agent.training import poisson_sample, train_local, train_local_dp
+from services.hospital_agent.core.training import poisson_sample, train_local, train_local_dp
 
 N = 400
 CLIP = 0.01  # every example's gradient norm stays above 0.3 here: clipping always binds
