@@ -337,6 +337,9 @@ class SecAggMember:
         self.revealed = False
         # Peers whose shares this hospital could not use, and why (reported, never fatal).
         self.refused_boxes: dict[str, str] = {}
+        self._boxes: dict[str, bytes] | None = None
+        # This hospital's one upload to the round once made: (chunks, signature, epsilon).
+        self.upload: tuple[list[bytes], Signed, float] | None = None
 
     # 1. advertise -------------------------------------------------------------------------------
     def signed_advert(self) -> SignedMaskKey:
@@ -363,7 +366,13 @@ class SecAggMember:
 
     # 2. share -------------------------------------------------------------------------------------
     def share_boxes(self) -> dict[str, bytes]:
-        """The encrypted shares for each neighbour (this hospital keeps its own share)."""
+        """The encrypted shares for each neighbour (this hospital keeps its own share); the same
+        boxes on every call, so a message re-sent after a lost answer is the identical one."""
+        if self._boxes is None:
+            self._boxes = self._make_boxes()
+        return dict(self._boxes)
+
+    def _make_boxes(self) -> dict[str, bytes]:
         view = self._need_cohort()
         holders = sorted(view.holders(self.hospital))
         index = graphs.holder_index(view.members)

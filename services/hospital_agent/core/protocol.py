@@ -574,6 +574,8 @@ class Participation:
         if self._secagg is not None:
             if not self._secagg.advertise(info) or self._secagg.share(info, stop) is None:
                 return True  # the cohort or the share stage closed without this hospital
+            if self._secagg.resend(info, stop):
+                return True  # uploaded before a step failed: the same bytes, no new training
         weight = self._weight(info)
         if info.round == 0:
             self._account(info)

@@ -143,9 +143,10 @@ class SecureAggregation:
         if member.u2 is None:
             try:
                 member.accept_cohort(self._aggregator.mask_keys(info.round))
-                if member.cohort is not None and not member.revealed:
-                    boxes = member.share_boxes()
-                    self._aggregator.post_message(info.round, "shares", sorted(boxes.items()), b"", b"", b"")
+                if self._closed_without_me(info, "shares"):
+                    return None
+                boxes = member.share_boxes()
+                self._aggregator.post_message(info.round, "shares", sorted(boxes.items()), b"", b"", b"")
             except ProtocolRefused as refused:
                 raise PeerRefused(f"round {info.round}: refusing to take part: {refused}") from None
             stage = self._wait_stage(info, "shares", stop)
@@ -173,12 +174,25 @@ class SecureAggregation:
         """Masks, encrypts, signs and uploads once, then signs the survivor set and reveals.
         False when this hospital takes no part in the round."""
         member = self.share(info, stop)
-        if member is None:
+        if member is None or self._closed_without_me(info, "uploads"):
             return False
-        chunks = encrypt(member.mask(slot_count(kind, n_values)))
-        signed = member.sign_upload(chunks)
-        self._aggregator.submit(info.round, chunks, 1, epsilon, signed.signature, signed.certificate)
+        if member.upload is None:
+            # Made once: a retry after a lost answer sends these very bytes again, never a second
+            # update under the same masks (their difference would unmask both).
+            chunks = encrypt(member.mask(slot_count(kind, n_values)))
+            member.upload = (chunks, member.sign_upload(chunks), epsilon)
+        chunks, signed, sent_epsilon = member.upload
+        self._aggregator.submit(info.round, chunks, 1, sent_epsilon, signed.signature, signed.certificate)
         self.finish(info, stop)
+        return True
+
+    def resend(self, info: RoundView, stop: threading.Event) -> bool:
+        """True when this process already made its upload to the round (a step failed after it):
+        the same bytes go again and the round is finished, with no new training."""
+        member = self.member(info)
+        if member is None or member.upload is None:
+            return False
+        self.upload(info, ChunkKind.WEIGHTED_UPDATE, 0, lambda mask: [], 0.0, stop)
         return True
 
     def finish(self, info: RoundView, stop: threading.Event) -> None:
@@ -191,18 +205,30 @@ class SecureAggregation:
             return
         try:
             signed = member.sign_survivors(uploads.members)
+            if self._closed_without_me(info, "survivors"):
+                return
             self._aggregator.post_message(
                 info.round, "survivors", [], b"", signed.signature, signed.certificate
             )
             survivors = self._wait_stage(info, "survivors", stop)
-            if survivors is None:
+            if survivors is None or self._hospital not in survivors.members:
                 return
             payload, signed = member.reveal(uploads.members, {s: m[1] for s, m in survivors.messages.items()})
         except ProtocolRefused as refused:
             raise PeerRefused(f"round {info.round}: {refused}") from None
-        self._aggregator.post_message(
-            info.round, "reveals", [], payload, signed.signature, signed.certificate
-        )
+        if not self._closed_without_me(info, "reveals"):
+            self._aggregator.post_message(
+                info.round, "reveals", [], payload, signed.signature, signed.certificate
+            )
+
+    def _closed_without_me(self, info: RoundView, stage: str) -> bool:
+        """A stage that closed before this hospital posted in it (it was too slow): it is out of
+        the rest of the round, which goes on without it."""
+        result = self._aggregator.round_stage(info.round, stage, wait=False)
+        if result.closed and self._hospital not in result.members:
+            log.warning("a stage closed without this hospital", extra={"round": info.round, "stage": stage})
+            return True
+        return False
 
     def _wait_cohort(self, info: RoundView, stop: threading.Event) -> RoundView | None:
         while not stop.is_set():
