@@ -1,5 +1,5 @@
-"""Rounds under pairwise masking (pure): the key stage that fixes a cohort, and when a round
-aggregates, restarts without its missing members, or fails.
+"""Rounds under secure aggregation (pure): the key stage that fixes a cohort, and when each later
+stage closes, or the round fails.
 
 A masked round's sum decrypts only if it holds every cohort member's upload, so:
 

@@ -138,16 +138,12 @@ class Coordinator:
         """Returns once round `number` exists (or the federation is done), at the timeout, or
         within a second of the caller going away (`still_wanted` false), freeing its worker."""
         deadline = self._clock.now().timestamp() + timeout
-        first_attempt: int | None = None
         with self._changed:
             while True:
                 current = self._store.current_round(task)
                 settings = self._store.settings(task)
-                if first_attempt is None:
-                    first_attempt = current.attempt
                 if (
                     current.number >= number
-                    or current.attempt != first_attempt  # a masked round restarted: its cohort uploads again
                     or self.is_done(settings, current)
                     or self._stop.is_set()
                     or not still_wanted()
@@ -439,8 +435,8 @@ class Coordinator:
         self._notify()
 
     def _tick_masked(self, settings: FederationSettings, current: Round) -> None:
-        """A masked round: fix its cohort, then aggregate the whole cohort, restart without the
-        missing members, or fail (services/aggregator/core/cohorts.py)."""
+        """A secure-aggregation round: fix its cohort, close its stages one after another (each
+        with whoever posted in it), then add the uploads of U3 (services/aggregator/core/cohorts.py)."""
         now = self._clock.now()
         if current.cohort is None:
             decision = decide_cohort(
