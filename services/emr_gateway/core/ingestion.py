@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
@@ -33,7 +33,8 @@ MAX_DETAILS_PER_BATCH = 1000
 
 @dataclass(frozen=True)
 class Write:
-    """One record for the store: saved as a new version, or held in quarantine with reasons."""
+    """One record for the store: saved as a new version, or held in quarantine with reasons.
+    `record` is already in its form at rest (`at_rest`): its identifiers are keyed hashes."""
 
     record: PatientRecord
     patient_key: str
@@ -97,7 +98,8 @@ def date_reasons(record: PatientRecord, now: datetime) -> list[str]:
         (f"observation {o.code.code}", o.effective) for o in record.observations
     ]
     dated += [(f"condition {c.code.code}", c.onset) for c in record.conditions]
-    dated += [(f"encounter {e.source_id}", e.start) for e in record.encounters]
+    # An encounter is named by its place in the record: its id is a source identifier.
+    dated += [(f"encounters[{i}]", e.start) for i, e in enumerate(record.encounters)]
     for what, when in dated:
         if when is None:
             continue
@@ -146,6 +148,25 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
     return [FieldProblem(path, why) for path, text in texts if text and (why := text_problem(text))]
 
 
+def at_rest(record: PatientRecord, patient_key: str, pseudonyms: Pseudonymizer) -> PatientRecord:
+    """The record as the store keeps it: the patient key where the source patient id was, and the
+    keyed hash of every source identifier (the record's, and each observation's, condition's and
+    encounter's), so that no identifier a source system sent is held at rest."""
+    system = record.provenance.source_system
+
+    def hashed(source_id: str) -> str:
+        return pseudonyms.source_id(system, source_id)
+
+    return replace(
+        record,
+        source_patient_id=patient_key,
+        provenance=replace(record.provenance, source_id=hashed(record.provenance.source_id)),
+        observations=tuple(replace(o, source_id=hashed(o.source_id)) for o in record.observations),
+        conditions=tuple(replace(c, source_id=hashed(c.source_id)) for c in record.conditions),
+        encounters=tuple(replace(e, source_id=hashed(e.source_id)) for e in record.encounters),
+    )
+
+
 def ingest(
     candidates: Iterable[Candidate],
     store: RecordStore,
@@ -190,12 +211,14 @@ def ingest(
         else:
             seen[(p.source_system, p.source_id)] = (p.payload_sha256, c.index)
         written.append(len(outcomes))
+        kept = at_rest(record, key, pseudonyms)
         if reasons:
-            # Suspicious, not wrong beyond doubt: kept as sent, with its reasons, for a person.
-            writes.append(Write(record, key, tuple(reasons)))
+            # Suspicious, not wrong beyond doubt: kept as sent (identifiers hashed), with its
+            # reasons, for a person.
+            writes.append(Write(kept, key, tuple(reasons)))
             outcomes.append(Outcome(c.index, c.source_id, "quarantined", reasons, patient_key=key))
         else:
-            writes.append(Write(canonical(record), key))
+            writes.append(Write(canonical(kept), key))
             outcomes.append(Outcome(c.index, c.source_id, "accepted", patient_key=key))
     if writes:
         for i, stored in zip(written, store.write_batch(writes), strict=True):
