@@ -297,9 +297,9 @@ def test_rows_written_before_the_migration_are_rehashed_once_and_then_match_new_
         with db.transaction() as cur:
             # The old gateway named an encounter by its id in a reason.
             cur.execute(
-                "UPDATE quarantine SET reasons = array_replace(reasons, 'encounters[0] is dated before the "
-                "patient''s birth', 'encounter ' || (record_json->'encounters'->0->>'source_id') || ' is dated "
-                "before the patient''s birth')"
+                "UPDATE quarantine SET reasons = array_replace(reasons, 'encounter is dated before the "
+                "patient''s birth (encounters[0].start before birth_date)', 'encounter ' || "
+                "(record_json->'encounters'->0->>'source_id') || ' is dated before the patient''s birth')"
             )
             cur.execute(
                 "SELECT count(*) FROM quarantine WHERE array_to_string(reasons, ' ') LIKE '%40007716%'"
@@ -333,7 +333,7 @@ def test_rows_written_before_the_migration_are_rehashed_once_and_then_match_new_
                 "SELECT reasons FROM quarantine WHERE array_to_string(reasons, ' ') LIKE '%encounter%'"
             )
             assert {r for (reasons,) in cur.fetchall() for r in reasons if "encounter" in r} == {
-                "encounters[0] is dated before the patient's birth"
+                "encounter is dated before the patient's birth (encounters[0].start before birth_date)"
             }
 
         # The gateway of now finds every old row under its hash: the same data is a duplicate.

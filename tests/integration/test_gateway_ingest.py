@@ -45,6 +45,12 @@ FATE_ACCEPTED, FATE_QUARANTINED, FATE_UNSUPPORTED = (
     emr_pb2.FATE_QUARANTINED,
     emr_pb2.FATE_UNSUPPORTED,
 )
+
+
+def before_birth(field: str, what: str) -> str:
+    return f"{what} is dated before the patient's birth ({field} before birth_date)"
+
+
 # Real mistakes in the shared samples, caught with their reasons.
 QUARANTINED_HL7 = {
     # NIST CBC: hemoglobin 12.5 sent as "g/mL" (its reference range, 13 to 18, is in g/dL).
@@ -56,15 +62,16 @@ QUARANTINED_HL7 = {
         "value 27 for 8867-4 has no unit (expected /min)",
         "value 25 for 8867-4 has no unit (expected /min)",
     ],
-    # Heart rates dated 1999 for a patient born in 2019 (PID-7), and in R23/R24 a visit too.
-    "OUL-R22-01.hl7": ["observation 8867-4 is dated before the patient's birth"],
+    # Heart rates dated 1999 for a patient born in 2019 (PID-7), and in R23/R24 a visit too: one
+    # reason per dated item, each naming the field it compared with the birth date.
+    "OUL-R22-01.hl7": [before_birth(f"observations[{i}].effective", "observation 8867-4") for i in range(4)],
     "OUL-R23-01.hl7": [
-        "observation 8867-4 is dated before the patient's birth",
-        "encounters[0] is dated before the patient's birth",
+        *(before_birth(f"observations[{i}].effective", "observation 8867-4") for i in range(3)),
+        before_birth("encounters[0].start", "encounter"),
     ],
     "OUL-R24-01.hl7": [
-        "observation 8867-4 is dated before the patient's birth",
-        "encounters[0] is dated before the patient's birth",
+        *(before_birth(f"observations[{i}].effective", "observation 8867-4") for i in range(3)),
+        before_birth("encounters[0].start", "encounter"),
     ],
 }
 

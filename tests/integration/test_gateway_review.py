@@ -199,11 +199,18 @@ def test_impossible_and_suspicious_dates(gateway: Gateway) -> None:
     ]
     before_birth = gateway.fhir(bundle(observations=[quantity("8867-4", 70, "/min", "1960-01-01T00:00:00Z")]))
     assert before_birth.quarantined == 1
-    assert before_birth.outcomes[0].reasons == ["observation 8867-4 is dated before the patient's birth"]
+    assert before_birth.outcomes[0].reasons == [
+        "observation 8867-4 is dated before the patient's birth (observations[0].effective before birth_date)"
+    ]
     later = gateway.fhir(
         bundle(patient_id="p2", observations=[quantity("8867-4", 70, "/min", "2999-01-01T00:00:00Z")])
     )
-    assert later.outcomes[0].reasons == ["observation 8867-4 is dated in the future (2999-01-01)"]
+    # Both are true of a date 1000 years ahead: in the future, and beyond any age beside the birth date.
+    assert later.outcomes[0].reasons == [
+        "observation 8867-4 is dated in the future (2999-01-01)",
+        "observation 8867-4 is dated when the patient was over 125 years old (observations[0].effective "
+        "2999-01-01, birth_date 1970-05-01)",
+    ]
     assert gateway.counts()["source_records"] == 0
 
 

@@ -150,9 +150,17 @@ def held_record(
     for i, encounter in enumerate(data.get("encounters", [])):
         raw = str(encounter.get("source_id", ""))
         if raw and not _HASHED.match(raw):
-            reasons = [r.replace(f"encounter {raw} ", f"encounters[{i}] ") for r in reasons]
+            reasons = [_encounter_reason(r, raw, i) for r in reasons]
         encounter["source_id"] = hashed(raw)
     return patient_key, data, reasons
+
+
+def _encounter_reason(reason: str, raw: str, index: int) -> str:
+    """An older reason naming encounter `raw` by its id, as the gateway words it now."""
+    before_birth = f"encounter {raw} is dated before the patient's birth"
+    if reason == before_birth:
+        return f"encounter is dated before the patient's birth (encounters[{index}].start before birth_date)"
+    return reason.replace(f"encounter {raw} ", f"encounters[{index}] ").replace(raw, f"encounters[{index}]")
 
 
 def _consents(cur: Any, pseudonyms: Pseudonymizer, batch: int) -> int:

@@ -3,7 +3,7 @@
 Pure of transport: the servicer converts protobuf in and out; the store is passed in. The order
 of the checks is the contract: unsupported, rejected (violations, missing required fields,
 impossible dates), duplicate or contradictory within the batch, quarantined (implausible values
-or dates), then written (units converted to one canonical unit per code).
+or dates, or values that contradict each other), then written (units converted to one canonical unit per code).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.normalize.cross_field import cross_field_reasons
 from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
 from fibemrss.domain.text import text_problem
@@ -71,13 +72,15 @@ class Outcome:
 
 
 def plausibility_reasons(record: PatientRecord, now: datetime | None = None) -> list[str]:
-    """Why this record is suspicious (implausible values, units or dates); empty when it is not."""
+    """Why this record is suspicious (implausible values, units or dates, or values that
+    contradict each other: `cross_field.CROSS_FIELD_RULES`); empty when it is not."""
     reasons: list[str] = []
     for obs in record.observations:
         reasons.extend(check_observation(obs))
     if record.age_years is not None and not 0 <= record.age_years <= 120:
         reasons.append(f"age {record.age_years:g} years is outside the plausible range 0-120")
     reasons.extend(date_reasons(record, now or datetime.now(UTC)))
+    reasons.extend(cross_field_reasons(record))
     reasons = list(dict.fromkeys(reasons))  # one line per distinct problem
     if len(reasons) > MAX_REASONS:
         reasons = [*reasons[:MAX_REASONS], f"{len(reasons) - MAX_REASONS} more reasons not listed"]
@@ -85,15 +88,14 @@ def plausibility_reasons(record: PatientRecord, now: datetime | None = None) -> 
 
 
 def date_reasons(record: PatientRecord, now: datetime) -> list[str]:
-    """Dates in the future or before the patient's birth (a birth in the future is rejected
-    earlier: see `required_field_problems`)."""
+    """Dates in the future, and a birth date meaning an age over MAX_AGE_YEARS today (a birth in
+    the future is rejected earlier: see `required_field_problems`; dates before the birth are a
+    cross-field rule)."""
     reasons: list[str] = []
     latest = now + CLOCK_SKEW
     birth = record.birth_date
     if birth is not None and birth < (now - timedelta(days=365.25 * MAX_AGE_YEARS)).date():
         reasons.append(f"birth date means an age over {MAX_AGE_YEARS} years")
-    # A birth date is a local calendar date; allow a day for the time zone of the timestamps.
-    earliest = datetime(birth.year, birth.month, birth.day, tzinfo=UTC) - CLOCK_SKEW if birth else None
     dated: list[tuple[str, datetime | None]] = [
         (f"observation {o.code.code}", o.effective) for o in record.observations
     ]
@@ -101,12 +103,8 @@ def date_reasons(record: PatientRecord, now: datetime) -> list[str]:
     # An encounter is named by its place in the record: its id is a source identifier.
     dated += [(f"encounters[{i}]", e.start) for i, e in enumerate(record.encounters)]
     for what, when in dated:
-        if when is None:
-            continue
-        if when > latest:
+        if when is not None and when > latest:
             reasons.append(f"{what} is dated in the future ({when.date().isoformat()})")
-        elif earliest is not None and when < earliest:
-            reasons.append(f"{what} is dated before the patient's birth")
     return reasons
 
 
