@@ -96,7 +96,9 @@ def test_a_custom_torch_model_has_no_shapes() -> None:
 
 
 @given(
-    st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)),
+    st.datetimes(
+        min_value=datetime(1900, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
     st.integers(min_value=-14 * 60, max_value=14 * 60),
 )
 def test_timestamps_round_trip_as_the_same_instant_in_utc(moment: datetime, offset_minutes: int) -> None:
@@ -107,7 +109,9 @@ def test_timestamps_round_trip_as_the_same_instant_in_utc(moment: datetime, offs
 
 
 @given(
-    st.lists(st.one_of(st.none(), st.floats(allow_nan=False), st.text(max_size=8)), max_size=12),
+    st.lists(
+        st.one_of(st.none(), st.floats(allow_nan=False), st.text(max_size=8)), max_size=12
+    ),
     st.one_of(st.none(), st.sampled_from([0.0, 1.0])),
 )
 def test_training_examples_and_feature_values_round_trip(values: list[object], label: float | None) -> None:
