@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
+from services.inference.core.input_limits import element_fields, nonfinite_problems
 
 INPUT_NAME = "features"
 OUTPUT_NAMES = ("probability", "logit")
@@ -138,8 +139,7 @@ def decode_features(request: InferRequest, input_dim: int) -> np.ndarray:
         with np.errstate(over="ignore"):  # a number beyond FP32 becomes inf, refused just below
             x = np.asarray(tensor.fp32, dtype=np.float32).reshape(shape[0], shape[1])
     if not np.isfinite(x).all():
-        field = "raw_input_contents[0]" if raw else "inputs[0].contents.fp32_contents"
-        raise InvalidArgument("non-finite input", [FieldProblem(field, "must hold finite numbers only")])
+        raise InvalidArgument("non-finite input", nonfinite_problems(x, element_fields(bool(raw))))
     return x
 
 

@@ -35,7 +35,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 _METHOD = "/inference.GRPCInferenceService/"
 # gRPC field paths as the REST body spells them.
 _REST_FIELDS = [
-    (re.compile(r"^inputs\[(\d+)\]\.contents(\.\w+)?$"), r"inputs[\1].data"),
+    (re.compile(r"^inputs\[(\d+)\]\.contents(?:\.\w+)?(\[\d+\])?$"), r"inputs[\1].data\2"),
     (re.compile(r"^raw_input_contents\[(\d+)\]$"), r"inputs[\1].data (binary)"),
     (re.compile(r"^raw_input_contents$"), "inputs[].parameters.binary_data_size"),
     (re.compile(r"^model_version$"), "path: versions/{version}"),

@@ -1,0 +1,273 @@
+"""What every numeric input of every inference API may hold, checked here for every edge.
+
+Two shapes of input reach a model:
+
+- a patient (`Diagnose`, `DiagnoseBatch`, CDS Hooks' prefetch): each observation value must be a
+  finite number, and the value of a code the model reads must lie in that feature's plausible
+  range (`fibemrss.domain.normalize.plausibility`, the gateway's own table) after conversion to
+  the feature's unit (a value sent without a unit is read in the feature's unit); the age must
+  lie between 0 and `MAX_AGE_YEARS`. The accepted values are scored in the feature's unit.
+- encoded rows (KServe v2 `ModelInfer`, gRPC and REST): every element finite, a numeric
+  feature's value column a z-score whose value (z * std + mean, with the served model's
+  statistics) lies in the feature's plausible range, its `_missing` indicator 0 or 1 (and the
+  value column 0 when it is 1), and each categorical feature's one-hot columns 0 or 1 with at
+  most one of them 1.
+
+Anything else is refused with the field named, never scored: a value no record could hold gives
+no reference at all rather than a confident one. Messages never repeat the value (patient data).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.feature_encoding import GlobalStats, input_names, numeric_features
+from fibemrss.domain.feature_extraction import FeatureValue, extract
+from fibemrss.domain.normalize import ucum
+from fibemrss.domain.normalize.plausibility import plausible_limits
+from fibemrss.domain.records import MAX_AGE_YEARS, Observation, PatientRecord
+from fibemrss.domain.task_spec import TaskSpec
+
+# A refusal names at most this many values, then how many more there were, so that a 65,536-row
+# tensor of junk costs a bounded answer.
+MAX_VIOLATIONS = 10
+AGE_UNIT = "a"
+
+
+@dataclass(frozen=True)
+class FeatureLimits:
+    """A numeric feature's inclusive range in its own unit (None: finite is all it needs)."""
+
+    feature: str
+    code: str
+    unit: str
+    low: float | None
+    high: float | None
+
+    @property
+    def described(self) -> str:
+        unit = f" {self.unit}" if self.unit and self.unit != "1" else ""
+        return f"{self.feature} ({self.code}) between {self.low:g} and {self.high:g}{unit}"
+
+    def holds(self, value: float) -> bool:
+        return self.low is None or self.high is None or self.low <= value <= self.high
+
+
+def feature_limits(task: TaskSpec) -> list[FeatureLimits | None]:
+    """Per feature in spec order: the numeric ones' limits (age included), None for categorical."""
+    out: list[FeatureLimits | None] = []
+    for f in task.features:
+        if f.source == "age":
+            out.append(FeatureLimits(f.name, "age", AGE_UNIT, 0.0, float(MAX_AGE_YEARS)))
+        elif f.source == "numeric":
+            limits = plausible_limits(f.system, f.code, f.unit)
+            low, high = (min(limits), max(limits)) if limits is not None else (None, None)
+            out.append(FeatureLimits(f.name, f.code, f.unit, low, high))
+        else:
+            out.append(None)
+    return out
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class ObservationProblem:
+    """Why one observation was refused: which part of it ("value" or "unit") and the reason."""
+
+    part: str
+    description: str
+
+
+class PatientInputs:
+    """The checks on a patient's values for one task, built once per task."""
+
+    def __init__(self, task: TaskSpec) -> None:
+        self.task = task
+        limits = feature_limits(task)
+        self._by_code = {
+            (f.system, f.code): lim
+            for f, lim in zip(task.features, limits, strict=True)
+            if lim is not None and f.source != "age"
+        }
+        self._age = next(
+            (lim for f, lim in zip(task.features, limits, strict=True) if f.source == "age"), None
+        )
+
+    def check_observation(self, obs: Observation) -> tuple[Observation, ObservationProblem | None]:
+        """The observation in its feature's unit, or why it is refused."""
+        if obs.value is None:
+            return obs, None
+        if not _finite_number(obs.value):
+            return obs, ObservationProblem("value", "must be a finite number")
+        lim = self._by_code.get((obs.code.system, obs.code.code))
+        if lim is None:
+            return obs, None  # a code the model does not read: finite is enough
+        unit = obs.unit or lim.unit
+        try:
+            value = (
+                float(obs.value) if unit == lim.unit else ucum.convert(obs.value, unit, lim.unit, lim.code)
+            )
+        except ucum.UnitError:
+            return obs, ObservationProblem(
+                "unit",
+                f"{lim.feature} ({lim.code}) is read in {lim.unit or '1'}; this unit does not convert to it",
+            )
+        if not math.isfinite(value) or not lim.holds(value):
+            return obs, ObservationProblem("value", f"must be a plausible {lim.described}")
+        if unit == lim.unit and obs.unit == lim.unit:
+            return obs, None
+        return replace(obs, value=value, unit=lim.unit), None
+
+    def age_problem(self, age: float | None) -> str | None:
+        if age is None or self._age is None:
+            return None
+        if not _finite_number(age) or not self._age.holds(float(age)):
+            return f"must give an age between 0 and {MAX_AGE_YEARS} years"
+        return None
+
+    def read(self, record: PatientRecord, field: str) -> tuple[list[FeatureValue], list[FieldProblem]]:
+        """The task's feature values of `record` (values in each feature's unit), or every
+        problem, each field under `field` (`patient`, `patients[3]`)."""
+        problems: list[FieldProblem] = []
+        observations: list[Observation] = []
+        for i, obs in enumerate(record.observations):
+            checked, problem = self.check_observation(obs)
+            if problem is not None:
+                problems.append(
+                    FieldProblem(f"{field}.observations[{i}].{problem.part}", problem.description)
+                )
+            observations.append(checked)
+        if record.age_years is not None and (reason := self.age_problem(record.age_years)):
+            problems.append(FieldProblem(f"{field}.age_years", reason))
+        if problems:
+            return [], problems[:MAX_VIOLATIONS]
+        if tuple(observations) != record.observations:
+            record = replace(record, observations=tuple(observations))
+        values = extract(self.task, record)[0]
+        if record.age_years is None and record.birth_date is not None:
+            age = next(
+                (v for f, v in zip(self.task.features, values, strict=True) if f.source == "age"), None
+            )
+            if not isinstance(age, str) and (reason := self.age_problem(age)):
+                problems.append(FieldProblem(f"{field}.birth_date", reason))
+        return values, problems
+
+
+# -- encoded rows (KServe v2) -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedLimits:
+    """Per input column of a served model: its bounds (z-scores for value columns), whether it is
+    an indicator (0 or 1), the one-hot groups and the (value, missing) column pairs."""
+
+    names: tuple[str, ...]
+    low: np.ndarray  # float64 [dim], -inf where unbounded
+    high: np.ndarray
+    binary: np.ndarray  # bool [dim]
+    what: tuple[str, ...]  # per column, what it must hold (for the message)
+    groups: tuple[tuple[int, int, str], ...]  # (first column, width, feature)
+    pairs: tuple[tuple[int, int], ...]  # (value column, missing column)
+
+    @classmethod
+    def build(cls, task: TaskSpec, stats: GlobalStats) -> EncodedLimits:
+        names = input_names(task)
+        dim = len(names)
+        low = np.full(dim, -np.inf)
+        high = np.full(dim, np.inf)
+        binary = np.zeros(dim, dtype=bool)
+        what = ["a finite number"] * dim
+        groups: list[tuple[int, int, str]] = []
+        pairs: list[tuple[int, int]] = []
+        slot = {i: j for j, i in enumerate(numeric_features(task))}
+        limits = feature_limits(task)
+        col = 0
+        for k, f in enumerate(task.features):
+            if k in slot:
+                mean, std = stats.means[slot[k]], stats.stds[slot[k]]
+                lim = limits[k]
+                if lim is not None and lim.low is not None and lim.high is not None and std > 0:
+                    low[col], high[col] = (lim.low - mean) / std, (lim.high - mean) / std
+                    what[col] = (
+                        f"the z-score of a plausible {lim.described}, between {low[col]:.6g} and {high[col]:.6g}"
+                    )
+                binary[col + 1] = True
+                what[col + 1] = "0 or 1 (the missing indicator)"
+                pairs.append((col, col + 1))
+                col += 2
+            else:
+                width = len(f.categories)
+                binary[col : col + width] = True
+                for c in range(col, col + width):
+                    what[c] = f"0 or 1 (one-hot of {f.name})"
+                groups.append((col, width, f.name))
+                col += width
+        return cls(tuple(names), low, high, binary, tuple(what), tuple(groups), tuple(pairs))
+
+    def problems(self, x: np.ndarray, field_of: Callable[[int], str]) -> list[FieldProblem]:
+        """Every refused element of the finite rows `x` [batch, dim], at most MAX_VIOLATIONS
+        named; `field_of(flat index)` is the field the element came in."""
+        dim = len(self.names)
+        z = x.astype(np.float64, copy=False)
+        tol_low = 1e-5 * (1 + np.abs(np.where(np.isfinite(self.low), self.low, 0)))
+        tol_high = 1e-5 * (1 + np.abs(np.where(np.isfinite(self.high), self.high, 0)))
+        bad = (z < self.low - tol_low) | (z > self.high + tol_high)
+        bad |= self.binary & (z != 0) & (z != 1)
+        found: list[tuple[int, str]] = [
+            (int(r) * dim + int(c), f"must be {self.what[c]}")
+            for r, c in np.argwhere(bad)[: MAX_VIOLATIONS + 1]
+        ]
+        for value_col, missing_col in self.pairs:
+            rows = np.flatnonzero((z[:, missing_col] == 1) & (z[:, value_col] != 0))
+            found += [
+                (int(r) * dim + value_col, f"must be 0 when {self.names[missing_col]} is 1")
+                for r in rows[: MAX_VIOLATIONS + 1]
+            ]
+        for start, width, feature in self.groups:
+            rows = np.flatnonzero(z[:, start : start + width].sum(axis=1) > 1)
+            found += [
+                (
+                    int(r) * dim + start,
+                    f"must be 0 beside another 1: at most one of the {width} one-hot columns of {feature} may be 1",
+                )
+                for r in rows[: MAX_VIOLATIONS + 1]
+            ]
+        if not found:
+            return []
+        found.sort()
+        out = [self._problem(i, reason, dim, field_of) for i, reason in found[:MAX_VIOLATIONS]]
+        if len(found) > MAX_VIOLATIONS:  # each check above took one more than it may name
+            out.append(FieldProblem(field_of(-1), "more values are refused; the first are named above"))
+        return out
+
+    def _problem(self, index: int, reason: str, dim: int, field_of: Callable[[int], str]) -> FieldProblem:
+        row, col = divmod(index, dim)
+        return FieldProblem(
+            field_of(index), f"element {index} (row {row}, column {col} {self.names[col]}): {reason}"
+        )
+
+
+def element_fields(raw: bool) -> Callable[[int], str]:
+    """How a KServe element is named: its typed-contents index, or the raw entry (gRPC spelling)."""
+    if raw:
+        return lambda _index: "raw_input_contents[0]"
+    return lambda index: (
+        "inputs[0].contents.fp32_contents" if index < 0 else f"inputs[0].contents.fp32_contents[{index}]"
+    )
+
+
+def nonfinite_problems(x: np.ndarray, field_of: Callable[[int], str]) -> list[FieldProblem]:
+    """Every NaN or infinity of `x`, at most MAX_VIOLATIONS named."""
+    flat = np.flatnonzero(~np.isfinite(x))
+    out = [
+        FieldProblem(field_of(int(i)), f"element {int(i)} must be a finite number")
+        for i in flat[:MAX_VIOLATIONS]
+    ]
+    if len(flat) > MAX_VIOLATIONS:
+        out.append(FieldProblem(field_of(-1), f"{len(flat) - MAX_VIOLATIONS} more values are not finite"))
+    return out
