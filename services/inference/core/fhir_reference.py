@@ -146,7 +146,7 @@ class PrefetchRead:
     refused: list[str] = field(default_factory=list)
 
 
-_ENTRY = re.compile(r"^entry\[(\d+)\](?:\.resource)?")
+_ENTRY = re.compile(r"^entry\[(\d+)\](?:\.resource)?")  # the bundle read: entry[0] is the Patient
 _COMPONENT = re.compile(r"#component\[(\d+)\]$")
 
 
@@ -164,7 +164,7 @@ def _observation_field(obs: Observation, part: str, where: Sequence[str]) -> str
     index = (
         int(base[len(_ENTRY_ID) :]) if base.startswith(_ENTRY_ID) and base[len(_ENTRY_ID) :].isdigit() else -1
     )
-    entry = where[index] if 0 < index < len(where) else "prefetch.observations"
+    entry = where[index] if 0 < index < len(where) else "prefetch.observations.entry[]"
     component = _COMPONENT.search(obs.source_id)
     inner = f".component[{component.group(1)}]" if component else ""
     return f"{entry}{inner}.valueQuantity" + (".value" if part == "value" else "")
@@ -206,7 +206,7 @@ def read_prefetch(
                 # Each Observation is read under an id naming its entry, so a refusal names the field.
                 e = {**e, "resource": {**resource, "id": f"{_ENTRY_ID}{len(entries)}"}}
             entries.append(e)
-            where.append(f"prefetch.observations.entry[{j}]")
+            where.append(f"prefetch.observations.entry[{j}].resource")
     elif observations is not None:
         out.missing.append("prefetch.observations: must be a Bundle (searchset) of Observations")
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}

@@ -210,10 +210,16 @@ class EncodedLimits:
         return cls(tuple(names), low, high, binary, tuple(what), tuple(groups), tuple(pairs))
 
     def problems(self, x: np.ndarray, field_of: Callable[[int], str]) -> list[FieldProblem]:
-        """Every refused element of the finite rows `x` [batch, dim], at most MAX_VIOLATIONS
-        named; `field_of(flat index)` is the field the element came in."""
+        """The refused elements of the rows `x` [batch, dim] (the non-finite ones first, alone),
+        at most MAX_VIOLATIONS named; `field_of(flat index)` is the field the element came in."""
         dim = len(self.names)
         z = x.astype(np.float64, copy=False)
+        finite = np.isfinite(z)
+        if not finite.all():
+            nonfinite = [
+                (int(i), "must be a finite number") for i in np.flatnonzero(~finite)[: MAX_VIOLATIONS + 1]
+            ]
+            return self._named(nonfinite, dim, field_of)
         tol_low = 1e-5 * (1 + np.abs(np.where(np.isfinite(self.low), self.low, 0)))
         tol_high = 1e-5 * (1 + np.abs(np.where(np.isfinite(self.high), self.high, 0)))
         bad = (z < self.low - tol_low) | (z > self.high + tol_high)
@@ -237,8 +243,11 @@ class EncodedLimits:
                 )
                 for r in rows[: MAX_VIOLATIONS + 1]
             ]
-        if not found:
-            return []
+        return self._named(found, dim, field_of)
+
+    def _named(
+        self, found: list[tuple[int, str]], dim: int, field_of: Callable[[int], str]
+    ) -> list[FieldProblem]:
         found.sort()
         out = [self._problem(i, reason, dim, field_of) for i, reason in found[:MAX_VIOLATIONS]]
         if len(found) > MAX_VIOLATIONS:  # each check above took one more than it may name
@@ -259,15 +268,3 @@ def element_fields(raw: bool) -> Callable[[int], str]:
     return lambda index: (
         "inputs[0].contents.fp32_contents" if index < 0 else f"inputs[0].contents.fp32_contents[{index}]"
     )
-
-
-def nonfinite_problems(x: np.ndarray, field_of: Callable[[int], str]) -> list[FieldProblem]:
-    """Every NaN or infinity of `x`, at most MAX_VIOLATIONS named."""
-    flat = np.flatnonzero(~np.isfinite(x))
-    out = [
-        FieldProblem(field_of(int(i)), f"element {int(i)} must be a finite number")
-        for i in flat[:MAX_VIOLATIONS]
-    ]
-    if len(flat) > MAX_VIOLATIONS:
-        out.append(FieldProblem(field_of(-1), f"{len(flat) - MAX_VIOLATIONS} more values are not finite"))
-    return out

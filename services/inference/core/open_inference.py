@@ -15,7 +15,7 @@ from fibemrss.domain.errors import InvalidArgument, NotFound
 from fibemrss.domain.feature_encoding import input_names
 from services.inference.core import tensors
 from services.inference.core.diagnosis import LoadedModel, infer
-from services.inference.core.input_limits import element_fields
+from services.inference.core.input_limits import EncodedLimits, element_fields
 from services.inference.core.model_cache import ModelCache
 
 SERVER_NAME = "fibemrss-inference"
@@ -97,10 +97,10 @@ class OpenInference:
         model = self._model(request.model_name, request.model_version, "model_version")
         wanted = tensors.requested_outputs(request.outputs)
         x = tensors.decode_features(request, model.input_dim)
-        if model.limits is not None:
-            problems = model.limits.problems(x, element_fields(bool(request.raw_input_contents)))
-            if problems:
-                raise InvalidArgument("input values outside what the model's features allow", problems)
+        limits = model.limits or EncodedLimits.build(model.task, model.stats)
+        problems = limits.problems(x, element_fields(bool(request.raw_input_contents)))
+        if problems:
+            raise InvalidArgument("input values outside what the model's features allow", problems)
         probability, logit = infer(model, x)
         values = {"probability": probability, "logit": logit}
         return tensors.InferResponse(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -155,7 +156,16 @@ def _flat_numbers(data: Any, field: str) -> list[float]:
     array = np.asarray(data, dtype=object).ravel() if isinstance(data, list) else None
     if array is None or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in array):
         raise InvalidArgument("bad tensor data", [FieldProblem(field, "must be a (nested) list of numbers")])
-    return [float(v) for v in array]
+    return [_to_float(v) for v in array]
+
+
+def _to_float(v: float) -> float:
+    """A JSON number as a double; an integer too large for one (JSON allows any) becomes an
+    infinity, which the core refuses naming the element like any other non-finite value."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def infer_request_from_rest(
