@@ -78,7 +78,7 @@ class CdsHooks:
             raise InvalidArgument("request too large", [FieldProblem("body", f"over {MAX_BODY_BYTES} bytes")])
         try:
             doc: Any = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise InvalidArgument("not JSON", [FieldProblem("body", "must be a CDS Hooks request")]) from None
         if not isinstance(doc, dict):
             raise InvalidArgument("not a request", [FieldProblem("body", "must be a JSON object")])
