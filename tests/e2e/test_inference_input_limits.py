@@ -145,8 +145,22 @@ def test_a_batch_of_junk_names_at_most_ten_fields_and_says_there_are_more(
     channel, stub = diagnosis_stub(inference_https)
     with channel:
         batch = inference_pb2.DiagnoseBatchRequest(patients=[with_cholesterol(math.inf)] * 50)
-        fields = refused_fields(lambda: stub.DiagnoseBatch(batch, timeout=10))
-    assert len(fields) == 10 and fields[0] == f"patients[0].{CHOL_FIELD}.value"
+        violations = _violations(lambda: stub.DiagnoseBatch(batch, timeout=10))
+        tensor = infer_request(np.full((100, DIM), np.nan, np.float32), raw=False)
+        infer = _violations(
+            lambda: kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer(tensor, timeout=10)
+        )
+    assert len(violations) == 11 and violations[0][0] == f"patients[0].{CHOL_FIELD}.value"
+    assert violations[-1][0] == "patients" and "more values are refused" in violations[-1][1]
+    assert len(infer) == 11 and infer[9][0] == "inputs[0].contents.fp32_contents[9]"
+    assert infer[-1] == ("inputs[0].contents.fp32_contents", violations[-1][1])
+
+
+def _violations(call: Callable[[], Any]) -> list[tuple[str, str]]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return field_violations(err.value)
 
 
 # -- KServe v2: encoded rows ------------------------------------------------------------------------

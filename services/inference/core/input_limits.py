@@ -37,6 +37,7 @@ from fibemrss.domain.task_spec import TaskSpec
 # tensor of junk costs a bounded answer.
 MAX_VIOLATIONS = 10
 AGE_UNIT = "a"
+MORE = "more values are refused; the first are named above"
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class PatientInputs:
         if record.age_years is not None and (reason := self.age_problem(record.age_years)):
             problems.append(FieldProblem(f"{field}.age_years", reason))
         if problems:
-            return [], problems[:MAX_VIOLATIONS]
+            return [], capped(problems, field)
         if tuple(observations) != record.observations:
             record = replace(record, observations=tuple(observations))
         values = extract(self.task, record)[0]
@@ -158,6 +159,13 @@ class PatientInputs:
             if not isinstance(age, str) and (reason := self.age_problem(age)):
                 problems.append(FieldProblem(f"{field}.birth_date", reason))
         return values, problems
+
+
+def capped(problems: list[FieldProblem], field: str) -> list[FieldProblem]:
+    """The first MAX_VIOLATIONS problems, and one more under `field` when there were more."""
+    if len(problems) <= MAX_VIOLATIONS:
+        return problems
+    return [*problems[:MAX_VIOLATIONS], FieldProblem(field, MORE)]
 
 
 # -- encoded rows (KServe v2) -----------------------------------------------------------------------
@@ -251,7 +259,7 @@ class EncodedLimits:
         found.sort()
         out = [self._problem(i, reason, dim, field_of) for i, reason in found[:MAX_VIOLATIONS]]
         if len(found) > MAX_VIOLATIONS:  # each check above took one more than it may name
-            out.append(FieldProblem(field_of(-1), "more values are refused; the first are named above"))
+            out.append(FieldProblem(field_of(-1), MORE))
         return out
 
     def _problem(self, index: int, reason: str, dim: int, field_of: Callable[[int], str]) -> FieldProblem:

@@ -16,7 +16,7 @@ from fibemrss.inference.v1 import inference_pb2_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import record_from_proto
 from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
-from services.inference.core.input_limits import MAX_VIOLATIONS, PatientInputs
+from services.inference.core.input_limits import MAX_VIOLATIONS, PatientInputs, capped
 from services.inference.core.model_cache import ModelCache
 from services.inference.core.ports import PatientSource
 
@@ -102,10 +102,10 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 values, found = [], exc.violations
             rows.append(values)
             problems.extend(found)
-            if len(problems) >= MAX_VIOLATIONS:
+            if len(problems) > MAX_VIOLATIONS:
                 break
         if problems:
-            raise InvalidArgument("invalid patient records", problems[:MAX_VIOLATIONS])
+            raise InvalidArgument("invalid patient records", capped(problems, "patients"))
         model = self._cache.get(request.model_version)
         refs = diagnose_values(model, rows)
         return pb.DiagnoseBatchResponse(references=[_reference_to_proto(model, r) for r in refs])
