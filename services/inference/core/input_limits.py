@@ -171,16 +171,21 @@ def capped(problems: list[FieldProblem], field: str) -> list[FieldProblem]:
 # -- encoded rows (KServe v2) -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class EncodedLimits:
-    """Per input column of a served model: its bounds (z-scores for value columns), whether it is
-    an indicator (0 or 1), the one-hot groups and the (value, missing) column pairs."""
+    """Per input column of a served model: its bounds (z-scores for value columns, widened by a
+    relative 1e-5 for FP32 rounding), whether it is an indicator (0 or 1), the one-hot groups and
+    the (value, missing) column pairs; computed once per model version, so that checking a row
+    costs a few vectorized comparisons."""
 
     names: tuple[str, ...]
     low: np.ndarray  # float64 [dim], -inf where unbounded
     high: np.ndarray
     binary: np.ndarray  # bool [dim]
     what: tuple[str, ...]  # per column, what it must hold (for the message)
-    groups: tuple[tuple[int, int, str], ...]  # (first column, width, feature)
-    pairs: tuple[tuple[int, int], ...]  # (value column, missing column)
+    value_cols: np.ndarray  # int [pairs]: each numeric feature's value column...
+    missing_cols: np.ndarray  # ...and its missing indicator
+    group_cols: np.ndarray  # int: the one-hot columns of every categorical feature, in order
+    group_offsets: np.ndarray  # int [groups]: where each feature's columns start in group_cols
+    group_names: tuple[str, ...]
 
     @classmethod
     def build(cls, task: TaskSpec, stats: GlobalStats) -> EncodedLimits:
@@ -190,8 +195,10 @@ class EncodedLimits:
         high = np.full(dim, np.inf)
         binary = np.zeros(dim, dtype=bool)
         what = ["a finite number"] * dim
-        groups: list[tuple[int, int, str]] = []
         pairs: list[tuple[int, int]] = []
+        group_cols: list[int] = []
+        group_offsets: list[int] = []
+        group_names: list[str] = []
         slot = {i: j for j, i in enumerate(numeric_features(task))}
         limits = feature_limits(task)
         col = 0
@@ -200,9 +207,10 @@ class EncodedLimits:
                 mean, std = stats.means[slot[k]], stats.stds[slot[k]]
                 lim = limits[k]
                 if lim is not None and lim.low is not None and lim.high is not None and std > 0:
-                    low[col], high[col] = (lim.low - mean) / std, (lim.high - mean) / std
+                    z_low, z_high = (lim.low - mean) / std, (lim.high - mean) / std
+                    low[col], high[col] = z_low - 1e-5 * (1 + abs(z_low)), z_high + 1e-5 * (1 + abs(z_high))
                     what[col] = (
-                        f"the z-score of a plausible {lim.described}, between {low[col]:.6g} and {high[col]:.6g}"
+                        f"the z-score of a plausible {lim.described}, between {z_low:.6g} and {z_high:.6g}"
                     )
                 binary[col + 1] = True
                 what[col + 1] = "0 or 1 (the missing indicator)"
@@ -213,44 +221,62 @@ class EncodedLimits:
                 binary[col : col + width] = True
                 for c in range(col, col + width):
                     what[c] = f"0 or 1 (one-hot of {f.name})"
-                groups.append((col, width, f.name))
+                if width:
+                    group_offsets.append(len(group_cols))
+                    group_cols.extend(range(col, col + width))
+                    group_names.append(f.name)
                 col += width
-        return cls(tuple(names), low, high, binary, tuple(what), tuple(groups), tuple(pairs))
+        return cls(
+            tuple(names),
+            low,
+            high,
+            binary,
+            tuple(what),
+            np.array([v for v, _ in pairs], dtype=np.intp),
+            np.array([m for _, m in pairs], dtype=np.intp),
+            np.array(group_cols, dtype=np.intp),
+            np.array(group_offsets, dtype=np.intp),
+            tuple(group_names),
+        )
 
     def problems(self, x: np.ndarray, field_of: Callable[[int], str]) -> list[FieldProblem]:
         """The refused elements of the rows `x` [batch, dim] (the non-finite ones first, alone),
         at most MAX_VIOLATIONS named; `field_of(flat index)` is the field the element came in."""
         dim = len(self.names)
-        z = x.astype(np.float64, copy=False)
-        finite = np.isfinite(z)
+        finite = np.isfinite(x)
         if not finite.all():
             nonfinite = [
                 (int(i), "must be a finite number") for i in np.flatnonzero(~finite)[: MAX_VIOLATIONS + 1]
             ]
             return self._named(nonfinite, dim, field_of)
-        tol_low = 1e-5 * (1 + np.abs(np.where(np.isfinite(self.low), self.low, 0)))
-        tol_high = 1e-5 * (1 + np.abs(np.where(np.isfinite(self.high), self.high, 0)))
-        bad = (z < self.low - tol_low) | (z > self.high + tol_high)
-        bad |= self.binary & (z != 0) & (z != 1)
+        z = x.astype(np.float64, copy=False)
+        bad = (z < self.low) | (z > self.high) | (self.binary & (z != 0) & (z != 1))
+        both = (z[:, self.missing_cols] == 1) & (z[:, self.value_cols] != 0)
+        over = (
+            np.add.reduceat(z[:, self.group_cols], self.group_offsets, axis=1) > 1
+            if len(self.group_cols)
+            else np.zeros((len(z), 0), dtype=bool)
+        )
+        if not (bad.any() or both.any() or over.any()):
+            return []
         found: list[tuple[int, str]] = [
             (int(r) * dim + int(c), f"must be {self.what[c]}")
             for r, c in np.argwhere(bad)[: MAX_VIOLATIONS + 1]
         ]
-        for value_col, missing_col in self.pairs:
-            rows = np.flatnonzero((z[:, missing_col] == 1) & (z[:, value_col] != 0))
-            found += [
-                (int(r) * dim + value_col, f"must be 0 when {self.names[missing_col]} is 1")
-                for r in rows[: MAX_VIOLATIONS + 1]
-            ]
-        for start, width, feature in self.groups:
-            rows = np.flatnonzero(z[:, start : start + width].sum(axis=1) > 1)
-            found += [
-                (
-                    int(r) * dim + start,
-                    f"must be 0 beside another 1: at most one of the {width} one-hot columns of {feature} may be 1",
-                )
-                for r in rows[: MAX_VIOLATIONS + 1]
-            ]
+        found += [
+            (
+                int(r) * dim + int(self.value_cols[p]),
+                f"must be 0 when {self.names[self.missing_cols[p]]} is 1",
+            )
+            for r, p in np.argwhere(both)[: MAX_VIOLATIONS + 1]
+        ]
+        found += [
+            (
+                int(r) * dim + int(self.group_cols[self.group_offsets[g]]),
+                f"must be 0 beside another 1: at most one one-hot column of {self.group_names[g]} may be 1",
+            )
+            for r, g in np.argwhere(over)[: MAX_VIOLATIONS + 1]
+        ]
         return self._named(found, dim, field_of)
 
     def _named(
