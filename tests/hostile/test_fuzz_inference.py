@@ -304,14 +304,18 @@ def test_kserve_rest(
 
 
 # -- CDS Hooks --------------------------------------------------------------------------------------
-def _prefetch_values(request: Any) -> list[Any]:
-    """Every valueQuantity.value of the prefetch's Observations (and their components)."""
+def _prefetch_values(request: Any, left_out: set[int]) -> list[Any]:
+    """Every valueQuantity.value of the prefetch's Observations (and their components), but those
+    of the entries the card says were not used (an Observation the reader could not attribute to
+    the patient: the model never read its value)."""
     out: list[Any] = []
     try:
         entries = request["prefetch"]["observations"]["entry"]
     except (KeyError, TypeError):
         return out
-    for e in entries if isinstance(entries, list) else []:
+    for j, e in enumerate(entries if isinstance(entries, list) else []):
+        if j in left_out:
+            continue
         resource = e.get("resource") if isinstance(e, dict) else None
         if not isinstance(resource, dict):
             continue
@@ -367,5 +371,7 @@ def test_cds_hooks(
         assert lines and all(line.startswith("- prefetch") for line in lines), card["detail"]
         assert "suggestions" not in card
     if card.get("suggestions"):  # a risk: every value it read was a finite number
-        values = _prefetch_values(request)
+        not_used = "".join(line for line in card["detail"].splitlines() if line.startswith("Not used:"))
+        left_out = {int(j) for j in re.findall(r"prefetch\.observations\.entry\[(\d+)\]", not_used)}
+        values = _prefetch_values(request, left_out)
         assert all(not isinstance(v, float) or math.isfinite(v) for v in values), values
