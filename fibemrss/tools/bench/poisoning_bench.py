@@ -176,13 +176,12 @@ def federate(
             params, state = new_params, new_state
             for h in hospitals:
                 _serve(study, h.name, params, validation[h.name], served, best, out, r)
-        out.served_accuracy.append(
-            {
-                h.name: None if served[h.name] is None else accuracy(task, served[h.name], h.x_test, h.y_test)
-                for h in hospitals
-            }
-            | {"pooled": _pooled(task, hospitals, served, config.attacker if attack else None)}
-        )
+        row: dict[str, float | None] = {}
+        for h in hospitals:
+            model = served[h.name]
+            row[h.name] = None if model is None else accuracy(task, model, h.x_test, h.y_test)
+        row["pooled"] = _pooled(task, hospitals, served, config.attacker if attack else None)
+        out.served_accuracy.append(row)
     return out
 
 
