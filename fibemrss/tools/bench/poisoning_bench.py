@@ -195,18 +195,21 @@ def _serve(
     out: Run,
     r: int,
 ) -> None:
-    """The agent's `_serve`: the first good round's model unchecked, later ones through the gate."""
+    """The agent's `_serve`: each good round's model through the gate, the first one against the
+    initial model's figures."""
     tolerance = study.validation_tolerance
     candidate: ValidationScore | None = None
     if tolerance is not None:
         candidate = score(study, params, *rows)
         previous = best[name]
-        if previous is not None and not gate(candidate, previous, tolerance).accept:
+        # Before any model is served: the initial model's figures, as the agent does.
+        start = score(study, flatten(init_layers(study.model, rows[0].shape[1])), *rows)
+        reference = previous if previous is not None else Best(start.accuracy, start.log_loss)
+        if not gate(candidate, reference, tolerance).accept:
             out.not_served[name].append(r)
             return
-        best[name] = (
-            Best(candidate.accuracy, candidate.log_loss) if previous is None else previous.with_(candidate)
-        )
+        first = Best(candidate.accuracy, candidate.log_loss)
+        best[name] = first if previous is None else previous.with_(candidate)
     served[name] = params
 
 

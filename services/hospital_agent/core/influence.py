@@ -14,8 +14,8 @@ is the decrypted sum, and what they serve:
   points in the ball stays in it); a hostile upload may still move the model anywhere inside that
   ball. Deterministic, so every hospital refuses the same rounds and keeps the same global model.
 - `gate`: a hospital serves a new model only when, on the hospital's own validation rows, it is
-  not worse than the best model it has served: accuracy more than
-  `federation.validation_tolerance` below and a higher log-loss (so no worse than its
+  not worse than the best model it has served (the initial model's figures before any): accuracy
+  more than `federation.validation_tolerance` below and a higher log-loss (so no worse than its
   predecessor, and no slow drift down either).
 """
 

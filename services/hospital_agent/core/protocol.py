@@ -381,13 +381,18 @@ class Participation:
         """The global model after a good round becomes the served one unless the study's gate
         says it is worse on this hospital's validation rows than the best model served so far;
         then the served model stays, and the status says why. Deterministic in the rounds and the
-        hospital's rows, so a restarted agent serves the same models. The first good round has no
-        predecessor (the initial model is never served): only the study's bounds hold it."""
+        hospital's rows, so a restarted agent serves the same models. The first good round is held
+        to the initial model's figures (never served itself)."""
         tolerance = self.task.validation_tolerance
         candidate = None if tolerance is None else self._validation_score(self._global)
         if tolerance is not None and candidate is None:
             self._warn("no validation rows: every good round's model is served unchecked")
         best = self._best_served
+        if best is None and candidate is not None:
+            # Before any model is served, the candidate is held to the initial model's figures:
+            # a first round an attacker steered is refused like any other.
+            start = self._validation_score(initial_vector(self.task.model, input_dim(self.task)))
+            best = None if start is None else Best(start.accuracy, start.log_loss)
         if tolerance is not None and candidate is not None and best is not None:
             verdict = gate(candidate, best, tolerance)
             if not verdict.accept:
@@ -402,9 +407,9 @@ class Participation:
                 return
         self._served, self._served_round = self._global, round_number
         if candidate is not None:
-            self._best_served = (
-                Best(candidate.accuracy, candidate.log_loss) if best is None else best.with_(candidate)
-            )
+            served = self._best_served
+            first = Best(candidate.accuracy, candidate.log_loss)
+            self._best_served = first if served is None else served.with_(candidate)
 
     # -- model versions ----------------------------------------------------------------------------
     def _test_accuracy(self, params: np.ndarray) -> tuple[float, int, int]:
