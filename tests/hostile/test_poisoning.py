@@ -2,8 +2,9 @@
 
 Four agents run the real protocol over the in-memory secure-aggregation aggregator of
 `tests/unit/test_agent_masked_rounds.py` with the real codec and masking. Hospital d is hostile
-from round 2 on (round 1 is honest, so there is a good model to keep): it holds the HE key, so it
-encrypts whatever it likes, skipping its own caps and clipping. For each attack the same
+from round 3 on (rounds 1 and 2 are honest, so there is a fair model to keep): it holds the HE
+key, so it encrypts whatever it likes, skipping its own caps and clipping; for label flipping it
+runs the honest protocol over three times the rows, every label flipped. For each attack the same
 federation runs twice: with the study's defences unset (today's code: only the codec's bounds) an
 honest hospital serves the poisoned model; with `privacy.max_weight`, `privacy.max_update_norm`
 and `federation.validation_tolerance` set, no honest hospital serves a model worse on its own
