@@ -23,7 +23,8 @@ from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.domain.site_policy import SitePolicy, policy_to_json
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import get_task
-from fibemrss.he.keys import write_key_files
+from fibemrss.he.key_delivery import open_hospital_key, seal_hospital_key
+from fibemrss.he.keys import write_key_files, write_private_file
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, TlsFiles
 from fibemrss.tools.certs import init_pki
@@ -82,8 +83,8 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_database()
-            self._make_keys()
             self._make_certs()
+            self._make_keys()
             deadline = time.monotonic() + timeout
             self._spawn("aggregator@central", self._service_env("aggregator", "central"))
             for h in self.hospitals:
@@ -118,9 +119,46 @@ class LocalCluster:
             self._db_urls[n] = self._pg.create_database(n)
 
     def _make_keys(self) -> None:
+        """The HE key ceremony of a deployment, in one process: the first hospital (the key
+        holder) makes the key pair in its own folder (`keys/`); with TLS, every other hospital
+        receives the secret key sealed to its own agent's certificate key and signed by the
+        holder's agent (fibemrss.he.key_delivery), and opens it into its own folder
+        (`keys/<hospital>/`), as `fibemrss keys seal` / `keys open` do across sites."""
         keys = self.workdir / "keys"
         if not (keys / "hospital.he").exists():
             write_key_files(keys)
+        if not self.tls:
+            return
+        pki = self.workdir / "pki"
+        holder = self.hospitals[0]
+        ca = (pki / "ca.crt").read_bytes()
+        for h in self.hospitals[1:]:
+            own = keys / h / "hospital.he"
+            if own.exists():
+                continue
+            sealed = seal_hospital_key(
+                (keys / "hospital.he").read_bytes(),
+                study=self.task,
+                recipient_certificate_pem=(pki / f"agent@{h}.crt").read_bytes(),
+                ca_pem=ca,
+                signer_certificate_pem=(pki / f"agent@{holder}.crt").read_bytes(),
+                signer_key_pem=(pki / f"agent@{holder}.key").read_bytes(),
+            )
+            opened = open_hospital_key(
+                sealed,
+                study=self.task,
+                holder=holder,
+                ca_pem=ca,
+                certificate_pem=(pki / f"agent@{h}.crt").read_bytes(),
+                private_key_pem=(pki / f"agent@{h}.key").read_bytes(),
+            )
+            own.parent.mkdir(parents=True, exist_ok=True)
+            write_private_file(own, opened)
+
+    def hospital_key_file(self, hospital: str) -> Path:
+        """The HE secret key file of `hospital`'s agent (the holder's own, or the one it opened)."""
+        own = self.workdir / "keys" / hospital / "hospital.he"
+        return own if self.tls and hospital != self.hospitals[0] else self.workdir / "keys" / "hospital.he"
 
     def _aggregator_for_agents(self) -> str:
         address = self.processes["aggregator@central"].address
@@ -156,7 +194,7 @@ class LocalCluster:
             env["DATABASE_URL"] = self._db_urls[db_name(where)]
             env["FIBEMRSS_HOSPITAL"] = where
         if role == "agent":
-            env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "hospital.he")
+            env["FIBEMRSS_HE_CONTEXT"] = str(self.hospital_key_file(where))
             env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
         if role in ("agent", "inference"):
             env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address

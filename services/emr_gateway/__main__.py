@@ -25,6 +25,7 @@ from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
 from fibemrss.platform.tls import server_ssl_context
+from services.emr_gateway.adapters.rehash import rehash_source_ids
 from services.emr_gateway.adapters.store import GatewayStore
 from services.emr_gateway.core.ingestion import Outcome
 from services.emr_gateway.core.pseudonym import Pseudonymizer
@@ -47,6 +48,9 @@ def main() -> None:
     mllp_listen = edge_listen("FIBEMRSS_MLLP_LISTEN", "FIBEMRSS_MLLP_PLAINTEXT_LISTEN", config.tls)
     http_listen = edge_listen("FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_HTTP_PLAINTEXT_LISTEN", config.tls)
     db = Database(database_url)
+    # Rows written before source ids were kept as keyed hashes (migration 0025) are hashed before
+    # the gateway serves; nothing to do on later starts (docs/gateway.md, "Identifiers at rest").
+    rehash_source_ids(db, pseudonyms)
     counters: dict[str, Counter] = {}  # filled when the server registers its metrics
 
     def count(outcomes: Sequence[Outcome]) -> None:

@@ -129,7 +129,8 @@ REQUEST: dict[str, Any] = {
                     "cp",
                     valueCodeableConcept={"coding": [{"system": UCI_HEART, "code": "asymptomatic"}]},
                 ),
-                observation("hr", UCI_HEART, "thalach", **quantity(900, "/min")),  # implausible: left out
+                # A code the model does not read, implausible: left out, and said so.
+                observation("hr", LOINC, "8867-4", **quantity(900, "/min")),
             ],
         },
     },
@@ -156,7 +157,7 @@ def test_patient_view_card_with_the_risk_assessment(inference_https: InferenceHt
     assert card["source"]["label"] == "FIBEMRSS heart-disease-v1 global version 2"
     assert "imputed" in card["summary"]
     assert "Imputed, not in the record:" in card["detail"] and "max_heart_rate" in card["detail"]
-    assert "Not used: thalach" in card["detail"]  # the implausible heart rate, with its reason
+    assert "Not used: 8867-4" in card["detail"]  # the implausible heart rate, with its reason
     assert "not a diagnosis" in card["detail"]
     action = card["suggestions"][0]["actions"][0]
     assessment = RiskAssessment.model_validate(action["resource"])

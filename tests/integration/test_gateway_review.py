@@ -12,7 +12,7 @@ import pytest
 from fibemrss.emr.v1 import emr_pb2
 from fibemrss.platform.status_mapping import field_violations
 from tests.conftest import shared_file
-from tests.integration.test_gateway_ingest import Gateway, serve_gateway
+from tests.integration.test_gateway_ingest import PSEUDONYMS, Gateway, serve_gateway
 
 MRN = "MRN-778899"
 
@@ -65,7 +65,8 @@ def test_a_changed_record_becomes_version_2_and_version_1_is_kept(gateway: Gatew
     assert changed.outcomes[0].patient_key == first.outcomes[0].patient_key
     rows = gateway.query(
         "SELECT r.version, r.superseded_at IS NULL, o.value FROM source_records r "
-        "JOIN observations o ON o.record_id = r.id WHERE r.source_id = 'p1' ORDER BY r.version"
+        "JOIN observations o ON o.record_id = r.id WHERE r.source_id = %s ORDER BY r.version",
+        (PSEUDONYMS.source_id("fhir", "p1"),),  # kept under its keyed hash
     )
     assert rows == [(1, False, 72.0), (2, True, 75.0)]
     current = gateway.stub.GetPatient(
@@ -198,11 +199,18 @@ def test_impossible_and_suspicious_dates(gateway: Gateway) -> None:
     ]
     before_birth = gateway.fhir(bundle(observations=[quantity("8867-4", 70, "/min", "1960-01-01T00:00:00Z")]))
     assert before_birth.quarantined == 1
-    assert before_birth.outcomes[0].reasons == ["observation 8867-4 is dated before the patient's birth"]
+    assert before_birth.outcomes[0].reasons == [
+        "observation 8867-4 is dated before the patient's birth (observations[0].effective before birth_date)"
+    ]
     later = gateway.fhir(
         bundle(patient_id="p2", observations=[quantity("8867-4", 70, "/min", "2999-01-01T00:00:00Z")])
     )
-    assert later.outcomes[0].reasons == ["observation 8867-4 is dated in the future (2999-01-01)"]
+    # Both are true of a date 1000 years ahead: in the future, and beyond any age beside the birth date.
+    assert later.outcomes[0].reasons == [
+        "observation 8867-4 is dated in the future (2999-01-01)",
+        "observation 8867-4 is dated when the patient was over 125 years old (observations[0].effective "
+        "2999-01-01, birth_date 1970-05-01)",
+    ]
     assert gateway.counts()["source_records"] == 0
 
 
@@ -273,12 +281,18 @@ def test_a_user_profile_normalizes_like_the_built_in_one(gateway: Gateway) -> No
     assert builtin.accepted == custom.accepted == 123
     rows = gateway.query(
         "SELECT r.source_system, r.source_id, o.code, o.value, o.unit, o.value_code FROM observations o "
-        "JOIN source_records r ON r.id = o.record_id ORDER BY r.source_id, o.code"
+        "JOIN source_records r ON r.id = o.record_id ORDER BY o.code"
     )
+    # Each system keeps its rows under its own keyed hash of the same row names.
+    names = {
+        PSEUDONYMS.source_id(system, f"switzerland:{row}"): f"switzerland:{row}"
+        for system in ("uci-yaml", "uci-processed/switzerland")
+        for row in range(1, 124)
+    }
     by_system: dict[str, list[Any]] = {}
-    for system, *rest in rows:
-        by_system.setdefault(system, []).append(tuple(rest))
-    assert by_system["uci-yaml"] == by_system["uci-processed/switzerland"]
+    for system, source_id, *rest in rows:
+        by_system.setdefault(system, []).append((names[source_id], *rest))
+    assert sorted(by_system["uci-yaml"], key=repr) == sorted(by_system["uci-processed/switzerland"], key=repr)
     assert len(by_system["uci-yaml"]) > 123 * 5
 
 

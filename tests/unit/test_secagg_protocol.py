@@ -64,6 +64,18 @@ def members(
     }
 
 
+def shared(pki: Path, key: HospitalKey) -> dict[str, SecAggMember]:
+    """Four members through the advertise and share stages, relayed honestly (U2: all four)."""
+    ms = members(pki, key)
+    adverts = {n: m.signed_advert() for n, m in ms.items()}
+    for m in ms.values():
+        m.accept_cohort(adverts)
+    boxes = {n: m.share_boxes() for n, m in ms.items()}
+    for n, m in ms.items():
+        m.accept_shares(frozenset(NAMES), {s: b[n] for s, b in boxes.items() if n in b})
+    return ms
+
+
 def updates() -> dict[str, tuple[np.ndarray, int]]:
     rng = np.random.default_rng(7)
     return {n: (rng.uniform(-1, 1, N_VALUES), 100 + 10 * i) for i, n in enumerate(NAMES)}
@@ -83,15 +95,10 @@ def play(
     drop_after_upload: frozenset[str] = frozenset(),
 ) -> Played:
     """An honest aggregator relaying one round; members in drop_* stop at that stage."""
-    ms = members(pki, key)
+    ms = shared(pki, key)
     codec = UpdateCodec(key)
     adverts = {n: m.signed_advert() for n, m in ms.items()}
-    for m in ms.values():
-        m.accept_cohort(adverts)
-    outboxes = {n: m.share_boxes() for n, m in ms.items()}
     u2 = frozenset(ms)
-    for n, m in ms.items():
-        m.accept_shares(u2, {s: box[n] for s, box in outboxes.items() if n in box})
     n_slots = slot_count(ChunkKind.WEIGHTED_UPDATE, N_VALUES)
     uploads = {
         n: codec.encrypt(v, w, ms[n].mask(n_slots))
@@ -150,14 +157,8 @@ def test_claiming_a_dropout_after_the_upload_reveals_nothing_of_it(pki: Path, ke
     d), so the survivors reveal d's mask key; with c's HE key it removes every pairwise mask from
     d's upload. The self-mask, whose shares nobody revealed, still hides d's update."""
     lie = frozenset({"a", "b", "c"})
-    honest = members(pki, key)
+    honest = shared(pki, key)
     codec = UpdateCodec(key)
-    adverts = {n: m.signed_advert() for n, m in honest.items()}
-    for m in honest.values():
-        m.accept_cohort(adverts)
-    boxes = {n: m.share_boxes() for n, m in honest.items()}
-    for n, m in honest.items():
-        m.accept_shares(frozenset(NAMES), {s: b[n] for s, b in boxes.items() if n in b})
     n_slots = slot_count(ChunkKind.WEIGHTED_UPDATE, N_VALUES)
     x_d, w_d = updates()["d"]
     d_upload = codec.encrypt(x_d, w_d, honest["d"].mask(n_slots))  # the aggregator keeps it
@@ -201,13 +202,7 @@ def test_claiming_a_dropout_after_the_upload_reveals_nothing_of_it(pki: Path, ke
 def test_a_survivor_never_reveals_both_shares_of_one_member(pki: Path, key: HospitalKey) -> None:
     """The aggregator shows a U3 with d to a and d, and one without d to b; c colludes and signs
     both. a reveals d's b share; b refuses: only b and c signed its view, below the threshold."""
-    ms = members(pki, key)
-    adverts = {n: m.signed_advert() for n, m in ms.items()}
-    for m in ms.values():
-        m.accept_cohort(adverts)
-    boxes = {n: m.share_boxes() for n, m in ms.items()}
-    for n, m in ms.items():
-        m.accept_shares(frozenset(NAMES), {s: b[n] for s, b in boxes.items() if n in b})
+    ms = shared(pki, key)
     full, without_d = frozenset(NAMES), frozenset({"a", "b", "c"})
     sig_full = {n: ms[n].sign_survivors(full) for n in ("a", "d")}
     cohort = ms["a"].cohort

@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibemrss.domain.normalize import ucum
-from fibemrss.domain.normalize.plausibility import PLAUSIBLE, check_observation, to_canonical_unit
+from fibemrss.domain.normalize.plausibility import (
+    PLAUSIBLE,
+    check_observation,
+    plausible_limits,
+    to_canonical_unit,
+)
 from fibemrss.domain.normalize.ucum import UnitError, canonical_unit, convert, normalize_unit
 from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation
 
@@ -270,3 +275,16 @@ def test_real_synthea_values_are_all_plausible() -> None:
                 assert check_observation(observation) == [], (path.name, observation)
                 checked += (observation.code.system, observation.code.code) in PLAUSIBLE
     assert checked > 1000
+
+
+def test_plausible_limits_in_the_unit_asked_and_for_unit_less_counts() -> None:
+    """What inference checks a feature against (services/inference/core/input_limits.py)."""
+    assert plausible_limits(LOINC, "2093-3", "mg/dL") == (50, 1000)
+    assert plausible_limits(LOINC, "2093-3", "") == (50, 1000)  # the table's own unit
+    low, high = plausible_limits(LOINC, "2093-3", "mmol/L") or (0.0, 0.0)
+    assert low == pytest.approx(convert(50, "mg/dL", "mmol/L", "2093-3"))
+    assert high == pytest.approx(convert(1000, "mg/dL", "mmol/L", "2093-3"))
+    assert plausible_limits(UCI_HEART, "ca", "1") == (0, 3) == plausible_limits(UCI_HEART, "ca", "")
+    assert plausible_limits(UCI_HEART, "ca", "mg/dL") is None  # a count in no other unit
+    assert plausible_limits(LOINC, "2093-3", "kg") is None  # a unit that cannot express it
+    assert plausible_limits(LOINC, "0000-0", "") is None  # not listed

@@ -64,6 +64,31 @@ PLAUSIBLE: dict[tuple[str, str], PlausibleRange] = {
 }
 
 
+# Unit-less quantities (UCUM "1"), inclusive: where a model reads them (inference checks every
+# value it is sent), not yet at ingestion, whose unit table has no "1".
+PLAUSIBLE_UNITLESS: dict[tuple[str, str], tuple[str, float, float]] = {
+    # The number of major vessels coloured by fluoroscopy, 0 to 3 (UCI "ca").
+    (UCI_HEART, "ca"): ("Major vessels coloured by fluoroscopy", 0, 3),
+}
+
+
+def plausible_limits(system: str, code: str, unit: str) -> tuple[float, float] | None:
+    """The inclusive plausible range of (system, code) expressed in `unit`, or None when the
+    tables do not list it or the unit cannot express it."""
+    rng = PLAUSIBLE.get((system, code))
+    if rng is not None:
+        if not unit or unit == rng.unit:
+            return rng.low, rng.high
+        try:
+            return ucum.convert(rng.low, rng.unit, unit, code), ucum.convert(rng.high, rng.unit, unit, code)
+        except ucum.UnitError:
+            return None
+    unitless = PLAUSIBLE_UNITLESS.get((system, code))
+    if unitless is not None and unit in ("", "1"):
+        return unitless[1], unitless[2]
+    return None
+
+
 def check_observation(obs: Observation) -> list[str]:
     """The reasons this observation's value is implausible; empty when it is fine or when there
     is nothing to check (an unlisted code, a coded value, no value)."""

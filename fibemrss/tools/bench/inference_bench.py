@@ -31,7 +31,8 @@ from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names, numeric_features
+from fibemrss.domain.feature_encoding import GlobalStats, encode, input_dim, input_names, numeric_features
+from fibemrss.domain.feature_extraction import FeatureValue
 from fibemrss.domain.model_params import forward_logits, layer_shapes, param_count
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import LOINC, UCI_HEART
@@ -44,6 +45,7 @@ from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.core.diagnosis import LoadedModel, diagnose
+from services.inference.core.input_limits import feature_limits
 from services.inference.core.model_cache import ModelCache
 from services.inference.edges.diagnosis_grpc import DiagnosisServicer
 
@@ -115,6 +117,31 @@ def sample_patient() -> emr_pb2.PatientRecord:
             coded("thal", "fixed-defect"),
         ],
     )
+
+
+def sample_encoded_rows(task: TaskSpec, stats: GlobalStats, n: int, seed: int = 0) -> np.ndarray:
+    """[n, input_dim] float32 rows that ModelInfer accepts: seeded random patients (each value
+    missing one time in five, numbers drawn about the global means and kept in their plausible
+    ranges), encoded with `stats` as the service encodes them."""
+    rng = np.random.default_rng(seed)
+    slot = {k: j for j, k in enumerate(numeric_features(task))}
+    limits = feature_limits(task)
+    rows: list[list[FeatureValue]] = []
+    for _ in range(n):
+        row: list[FeatureValue] = []
+        for k, f in enumerate(task.features):
+            lim = limits[k]
+            if rng.random() < 0.2:
+                row.append(None)
+            elif k in slot:
+                value = float(rng.normal(stats.means[slot[k]], stats.stds[slot[k]]))
+                if lim is not None and lim.low is not None and lim.high is not None:
+                    value = min(max(value, lim.low), lim.high)
+                row.append(value)
+            else:
+                row.append(str(rng.choice(list(f.categories))))
+        rows.append(row)
+    return encode(task, stats, rows).astype(np.float32)
 
 
 def publish(database_url: str, mv: ModelVersion) -> bool:
@@ -200,7 +227,7 @@ def diagnose_request_bytes() -> bytes:
 
 
 def model_infer_request_bytes(task: TaskSpec = HEART_DISEASE_V1, batch: int = 1) -> bytes:
-    x = np.random.default_rng(1).normal(size=(batch, input_dim(task))).astype("<f4")
+    x = sample_encoded_rows(task, sample_model_version(task).model.stats, batch, seed=1).astype("<f4")
     request = kserve.ModelInferRequest(model_name=task.name)
     request.inputs.add(name="features", datatype="FP32", shape=x.shape)
     request.raw_input_contents.append(x.tobytes())
@@ -317,7 +344,7 @@ def measure(
 
 def kserve_rest_body(task: TaskSpec = HEART_DISEASE_V1) -> bytes:
     """One patient's encoded row as a KServe v2 REST infer request with JSON tensors."""
-    x = np.random.default_rng(1).normal(size=(1, input_dim(task))).astype("<f4")
+    x = sample_encoded_rows(task, sample_model_version(task).model.stats, 1, seed=1).astype("<f4")
     tensor = {"name": "features", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
     return json.dumps({"inputs": [tensor]}).encode()
 

@@ -87,7 +87,9 @@ _QUARANTINE_COLUMNS = (
 
 
 def quarantine_json(record: PatientRecord, patient_key: str) -> str:
-    """The record as the quarantine stores it: the raw source patient id replaced by the key."""
+    """The record as the quarantine stores it: the core hands it over with every source id
+    already a keyed hash (`ingestion.at_rest`); the patient id is the key here again, so that
+    nothing else can put a raw one in."""
     return json.dumps(record_to_json(replace(record, source_patient_id=patient_key)))
 
 
@@ -110,7 +112,8 @@ class GatewayStore:
 
     # -- writes ----------------------------------------------------------------------------------
     def write_batch(self, writes: Sequence[Write]) -> list[StoreOutcome]:
-        """Stores each write (a new record version, or a quarantined record) or finds it already
+        """Stores each write (a new record version, or a quarantined record; its record already
+        in its form at rest, identifiers hashed) or finds it already
         stored; returns "accepted" or "duplicate" for each, in order."""
         if not writes:
             return []
@@ -123,15 +126,6 @@ class GatewayStore:
             except psycopg2.IntegrityError:
                 cur.execute("ROLLBACK TO SAVEPOINT batch")
             return [self._write_one(cur, w) for w in writes]
-
-    def save(self, record: PatientRecord, patient_key: str) -> StoreOutcome:
-        """Stores a new record version, or does nothing if this exact payload is already stored."""
-        return self.write_batch([Write(record, patient_key)])[0]
-
-    def quarantine(self, record: PatientRecord, reasons: list[str], patient_key: str = "") -> StoreOutcome:
-        """Holds a record with its reasons; the source patient id is replaced by `patient_key`
-        (callers that give no key get an empty id stored: never the raw one)."""
-        return self.write_batch([Write(record, patient_key, tuple(reasons) or ("quarantined",))])[0]
 
     def _write_one(self, cur: Cursor, w: Write) -> StoreOutcome:
         cur.execute("SAVEPOINT one")
@@ -335,6 +329,7 @@ class GatewayStore:
 
     # -- consent -----------------------------------------------------------------------------------
     def patient_key_for_source(self, source_system: str, source_id: str) -> str | None:
+        """The patient of the stored record with this (hashed) source id, if any."""
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT patient_key FROM source_records WHERE source_system = %s AND source_id = %s "

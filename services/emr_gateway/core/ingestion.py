@@ -3,18 +3,19 @@
 Pure of transport: the servicer converts protobuf in and out; the store is passed in. The order
 of the checks is the contract: unsupported, rejected (violations, missing required fields,
 impossible dates), duplicate or contradictory within the batch, quarantined (implausible values
-or dates), then written (units converted to one canonical unit per code).
+or dates, or values that contradict each other), then written (units converted to one canonical unit per code).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
 
 from fibemrss.domain.errors import FieldProblem
+from fibemrss.domain.normalize.cross_field import cross_field_reasons
 from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import MAX_AGE_YEARS, PatientRecord
 from fibemrss.domain.text import text_problem
@@ -33,7 +34,8 @@ MAX_DETAILS_PER_BATCH = 1000
 
 @dataclass(frozen=True)
 class Write:
-    """One record for the store: saved as a new version, or held in quarantine with reasons."""
+    """One record for the store: saved as a new version, or held in quarantine with reasons.
+    `record` is already in its form at rest (`at_rest`): its identifiers are keyed hashes."""
 
     record: PatientRecord
     patient_key: str
@@ -70,13 +72,15 @@ class Outcome:
 
 
 def plausibility_reasons(record: PatientRecord, now: datetime | None = None) -> list[str]:
-    """Why this record is suspicious (implausible values, units or dates); empty when it is not."""
+    """Why this record is suspicious (implausible values, units or dates, or values that
+    contradict each other: `cross_field.CROSS_FIELD_RULES`); empty when it is not."""
     reasons: list[str] = []
     for obs in record.observations:
         reasons.extend(check_observation(obs))
     if record.age_years is not None and not 0 <= record.age_years <= 120:
         reasons.append(f"age {record.age_years:g} years is outside the plausible range 0-120")
     reasons.extend(date_reasons(record, now or datetime.now(UTC)))
+    reasons.extend(cross_field_reasons(record))
     reasons = list(dict.fromkeys(reasons))  # one line per distinct problem
     if len(reasons) > MAX_REASONS:
         reasons = [*reasons[:MAX_REASONS], f"{len(reasons) - MAX_REASONS} more reasons not listed"]
@@ -84,27 +88,23 @@ def plausibility_reasons(record: PatientRecord, now: datetime | None = None) -> 
 
 
 def date_reasons(record: PatientRecord, now: datetime) -> list[str]:
-    """Dates in the future or before the patient's birth (a birth in the future is rejected
-    earlier: see `required_field_problems`)."""
+    """Dates in the future, and a birth date meaning an age over MAX_AGE_YEARS today (a birth in
+    the future is rejected earlier: see `required_field_problems`; dates before the birth are a
+    cross-field rule)."""
     reasons: list[str] = []
     latest = now + CLOCK_SKEW
     birth = record.birth_date
     if birth is not None and birth < (now - timedelta(days=365.25 * MAX_AGE_YEARS)).date():
         reasons.append(f"birth date means an age over {MAX_AGE_YEARS} years")
-    # A birth date is a local calendar date; allow a day for the time zone of the timestamps.
-    earliest = datetime(birth.year, birth.month, birth.day, tzinfo=UTC) - CLOCK_SKEW if birth else None
     dated: list[tuple[str, datetime | None]] = [
         (f"observation {o.code.code}", o.effective) for o in record.observations
     ]
     dated += [(f"condition {c.code.code}", c.onset) for c in record.conditions]
-    dated += [(f"encounter {e.source_id}", e.start) for e in record.encounters]
+    # An encounter is named by its place in the record: its id is a source identifier.
+    dated += [(f"encounters[{i}]", e.start) for i, e in enumerate(record.encounters)]
     for what, when in dated:
-        if when is None:
-            continue
-        if when > latest:
+        if when is not None and when > latest:
             reasons.append(f"{what} is dated in the future ({when.date().isoformat()})")
-        elif earliest is not None and when < earliest:
-            reasons.append(f"{what} is dated before the patient's birth")
     return reasons
 
 
@@ -144,6 +144,25 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
     for i, e in enumerate(record.encounters):
         texts += [(f"encounters[{i}].source_id", e.source_id), (f"encounters[{i}].class_code", e.class_code)]
     return [FieldProblem(path, why) for path, text in texts if text and (why := text_problem(text))]
+
+
+def at_rest(record: PatientRecord, patient_key: str, pseudonyms: Pseudonymizer) -> PatientRecord:
+    """The record as the store keeps it: the patient key where the source patient id was, and the
+    keyed hash of every source identifier (the record's, and each observation's, condition's and
+    encounter's), so that no identifier a source system sent is held at rest."""
+    system = record.provenance.source_system
+
+    def hashed(source_id: str) -> str:
+        return pseudonyms.source_id(system, source_id)
+
+    return replace(
+        record,
+        source_patient_id=patient_key,
+        provenance=replace(record.provenance, source_id=hashed(record.provenance.source_id)),
+        observations=tuple(replace(o, source_id=hashed(o.source_id)) for o in record.observations),
+        conditions=tuple(replace(c, source_id=hashed(c.source_id)) for c in record.conditions),
+        encounters=tuple(replace(e, source_id=hashed(e.source_id)) for e in record.encounters),
+    )
 
 
 def ingest(
@@ -190,12 +209,14 @@ def ingest(
         else:
             seen[(p.source_system, p.source_id)] = (p.payload_sha256, c.index)
         written.append(len(outcomes))
+        kept = at_rest(record, key, pseudonyms)
         if reasons:
-            # Suspicious, not wrong beyond doubt: kept as sent, with its reasons, for a person.
-            writes.append(Write(record, key, tuple(reasons)))
+            # Suspicious, not wrong beyond doubt: kept as sent (identifiers hashed), with its
+            # reasons, for a person.
+            writes.append(Write(kept, key, tuple(reasons)))
             outcomes.append(Outcome(c.index, c.source_id, "quarantined", reasons, patient_key=key))
         else:
-            writes.append(Write(canonical(record), key))
+            writes.append(Write(canonical(kept), key))
             outcomes.append(Outcome(c.index, c.source_id, "accepted", patient_key=key))
     if writes:
         for i, stored in zip(written, store.write_batch(writes), strict=True):

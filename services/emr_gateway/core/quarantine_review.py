@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.normalize import ucum
+from fibemrss.domain.normalize.cross_field import cross_field_findings
 from fibemrss.domain.normalize.plausibility import canonical, check_observation
 from fibemrss.domain.records import PatientRecord
 
@@ -25,7 +26,8 @@ def corrected_record(record: PatientRecord, corrections: Sequence[Correction]) -
     """The record to store for an accepted entry, units made canonical.
 
     Without corrections the reviewer vouches for the record as sent. A corrected observation must
-    pass the plausibility check it failed, or the correction is refused naming the field.
+    pass the plausibility check it failed, and no cross-field rule may find it contradicting the
+    rest of the record, or the correction is refused naming the field.
     """
     observations = list(record.observations)
     problems: list[FieldProblem] = []
@@ -49,6 +51,18 @@ def corrected_record(record: PatientRecord, corrections: Sequence[Correction]) -
             problems.append(FieldProblem(f"{path}.value", f"is still implausible for {fixed.code.code}"))
             continue
         observations[c.observation_index] = fixed
+    if not problems and corrections:
+        # A corrected value must not contradict the rest of the record either (cross_field.py).
+        # The rule is named, not its reason: reasons quote values, and errors reach logs.
+        fixed_record = replace(record, observations=tuple(observations))
+        findings = cross_field_findings(fixed_record)
+        for i, c in enumerate(corrections):
+            for rule, reason in findings:
+                if f"observations[{c.observation_index}]" in reason:
+                    problems.append(
+                        FieldProblem(f"corrections[{i}].value", f"contradicts the record (rule {rule})")
+                    )
+                    break
     if problems:
         raise InvalidArgument("invalid corrections", problems)
     return canonical(replace(record, observations=tuple(observations)))

@@ -8,7 +8,7 @@ fields.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -365,7 +365,10 @@ class Gateway:
         if c.patient_identifier:
             key = self._pseudonyms.patient_key(c.source_system, c.patient_identifier)
         else:
-            found = self._store.patient_key_for_source(c.source_system, c.patient_id)
+            # The Patient's record is stored under the keyed hash of its resource id.
+            found = self._store.patient_key_for_source(
+                c.source_system, self._pseudonyms.source_id(c.source_system, c.patient_id)
+            )
             if found is None:
                 raise InvalidArgument(
                     "unknown patient",
@@ -378,7 +381,14 @@ class Gateway:
                     ],
                 )
             key = found
-        return key, self._store.record_consent(key, c, actor)
+        # Kept with its provenance, the Consent's own id as a keyed hash (idempotency holds).
+        kept = replace(
+            c,
+            patient_identifier="",
+            patient_id="",
+            source_id=self._pseudonyms.source_id(c.source_system, c.source_id),
+        )
+        return key, self._store.record_consent(key, kept, actor)
 
     def stats(self) -> dict[str, int]:
         return self._store.stats()

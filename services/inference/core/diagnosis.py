@@ -14,6 +14,7 @@ from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import PatientRecord
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import logits_function
+from services.inference.core.input_limits import EncodedLimits
 
 CAVEAT = (
     "This is a statistical reference from a federated model, not a diagnosis. It must be "
@@ -107,6 +108,8 @@ class LoadedModel:
     # ("personalized", from global version `base_version`; 0 for a global model).
     kind: str = "global"
     base_version: int = 0
+    # What each encoded input column may hold under this version's statistics (KServe v2 inputs).
+    limits: EncodedLimits | None = None
 
     @classmethod
     def from_published(
@@ -132,6 +135,7 @@ class LoadedModel:
             forward,
             kind,
             base_version,
+            EncodedLimits.build(task, model.stats),
         )
 
     @classmethod

@@ -8,6 +8,7 @@ task needs and the request lacks is said in a card, never as an error page.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,8 +19,9 @@ from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.normalize.fhir_r4 import parse_bundle_object
 from fibemrss.domain.normalize.plausibility import canonical, check_observation
-from fibemrss.domain.records import PatientRecord
+from fibemrss.domain.records import Observation, PatientRecord
 from fibemrss.domain.task_spec import TaskSpec
+from services.inference.core.input_limits import PatientInputs
 
 RISK_PROBABILITY = "http://terminology.hl7.org/CodeSystem/risk-probability"
 MODEL_SYSTEM = "urn:fibemrss:model"
@@ -139,10 +141,47 @@ class PrefetchRead:
     patient_id: str = ""
     missing: list[str] = field(default_factory=list)  # what the request lacks, for a card
     not_used: list[str] = field(default_factory=list)  # values left out, and why
+    # Values the model reads that no record could hold (a NaN, an implausible value, a unit that
+    # does not convert), each as "<request field>: <reason>": no risk is given beside them.
+    refused: list[str] = field(default_factory=list)
 
 
-def read_prefetch(task: TaskSpec, request: Mapping[str, Any]) -> PrefetchRead:
-    """The task's feature values from the request's prefetch (Patient + Observation searchset)."""
+_ENTRY = re.compile(r"^entry\[(\d+)\](?:\.resource)?")  # the bundle read: entry[0] is the Patient
+_COMPONENT = re.compile(r"#component\[(\d+)\]$")
+
+
+def _request_field(path: str, where: Sequence[str]) -> str:
+    """A field of the bundle read (entry[k]...) as the request spells it (prefetch...)."""
+    match = _ENTRY.match(path)
+    if match is None or int(match.group(1)) >= len(where):
+        return f"prefetch ({path})"
+    return where[int(match.group(1))] + path[match.end() :]
+
+
+def _observation_field(obs: Observation, part: str, where: Sequence[str]) -> str:
+    """The request field of one read observation's value or unit (its entry, by the id given it)."""
+    base, _, _ = obs.source_id.partition("#")
+    index = (
+        int(base[len(_ENTRY_ID) :]) if base.startswith(_ENTRY_ID) and base[len(_ENTRY_ID) :].isdigit() else -1
+    )
+    entry = where[index] if 0 < index < len(where) else "prefetch.observations.entry[]"
+    component = _COMPONENT.search(obs.source_id)
+    inner = f".component[{component.group(1)}]" if component else ""
+    return f"{entry}{inner}.valueQuantity" + (".value" if part == "value" else "")
+
+
+_ENTRY_ID = "cds-entry-"
+
+
+def read_prefetch(
+    task: TaskSpec, request: Mapping[str, Any], inputs: PatientInputs | None = None
+) -> PrefetchRead:
+    """The task's feature values from the request's prefetch (Patient + Observation searchset).
+
+    A value the model reads is checked by the inference core's `PatientInputs`, as Diagnose's
+    are: one it refuses gives `refused` (naming the request field) and no values.
+    """
+    inputs = inputs or PatientInputs(task)
     out = PrefetchRead()
     prefetch = request.get("prefetch")
     prefetch = prefetch if isinstance(prefetch, dict) else {}
@@ -156,34 +195,54 @@ def read_prefetch(task: TaskSpec, request: Mapping[str, Any]) -> PrefetchRead:
     patient = {**patient, "id": out.patient_id or "cds-patient"}
     observations = prefetch.get("observations")
     entries: list[Any] = [{"resource": patient}]
+    where = ["prefetch.patient"]  # the request field of each entry read
     if isinstance(observations, dict) and observations.get("resourceType") == "Bundle":
-        entries += [e for e in observations.get("entry") or [] if isinstance(e, dict)]
+        listed = observations.get("entry")
+        for j, e in enumerate(listed if isinstance(listed, list) else []):
+            if not isinstance(e, dict):
+                continue
+            resource = e.get("resource")
+            if isinstance(resource, dict) and resource.get("resourceType") == "Observation":
+                # Each Observation is read under an id naming its entry, so a refusal names the field.
+                e = {**e, "resource": {**resource, "id": f"{_ENTRY_ID}{len(entries)}"}}
+            entries.append(e)
+            where.append(f"prefetch.observations.entry[{j}].resource")
     elif observations is not None:
         out.missing.append("prefetch.observations: must be a Bundle (searchset) of Observations")
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     try:
         parsed = parse_bundle_object(bundle)
     except InvalidArgument as exc:
-        out.missing.extend(f"{v.field}: {v.description}" for v in exc.violations[:10])
+        out.refused.extend(f"{_request_field(v.field, where)}: {v.description}" for v in exc.violations[:10])
         return out
     if not parsed.records:
         problems = [v for r in parsed.rejected for v in r.violations] + list(parsed.unattributed)
-        out.missing.extend(f"{v.field}: {v.description}" for v in problems[:10])
+        out.refused.extend(f"{_request_field(v.field, where)}: {v.description}" for v in problems[:10])
         return out
     record: PatientRecord = canonical(parsed.records[0])
+    read_codes = {(f.system, f.code) for f in task.features if f.source == "numeric"}
     kept = []
     for obs in record.observations:
-        reasons = check_observation(obs)
-        if reasons:
+        checked, problem = inputs.check_observation(obs)
+        if problem is not None:
+            out.refused.append(f"{_observation_field(obs, problem.part, where)}: {problem.description}")
+        elif (obs.code.system, obs.code.code) in read_codes:
+            kept.append(checked)
+        elif reasons := check_observation(obs):
             out.not_used.append(f"{obs.code.code}: {reasons[0]}")
         else:
             kept.append(obs)
     age = record.age_years
     if age is None and record.birth_date is not None:
         age = (datetime.now(UTC).date() - record.birth_date).days / 365.25  # age at this request
+        if reason := inputs.age_problem(age):
+            out.refused.append(f"prefetch.patient.birthDate: {reason}")
+    if out.refused:
+        del out.refused[10:]
+        return out
     record = replace(record, observations=tuple(kept), age_years=age)
     for v in parsed.unattributed:
-        out.not_used.append(f"{v.field}: {v.description}")
+        out.not_used.append(f"{_request_field(v.field, where)}: {v.description}")
     values, _ = extract(task, record)
     names = [f.name for f in task.features]
     needed = [n for n, v in zip(names, values, strict=True) if v is None]
@@ -206,6 +265,18 @@ def missing_card(task: TaskSpec, missing: Sequence[str]) -> dict[str, Any]:
         "summary": _summary(f"{task.name}: no risk reference, the request lacks data the model needs"),
         "indicator": "info",
         "detail": "Missing:\n\n" + "\n".join(f"- {m}" for m in missing),
+        "source": {"label": f"FIBEMRSS {task.name}"},
+    }
+
+
+def refused_card(task: TaskSpec, refused: Sequence[str]) -> dict[str, Any]:
+    """No risk, and which inputs were refused: a value no record could hold gets no confident
+    answer, and the clinician sees which one to correct (an HTTP error would reach no one)."""
+    return {
+        "uuid": str(uuid.uuid4()),
+        "summary": _summary(f"{task.name}: no risk reference, the request holds values the model cannot use"),
+        "indicator": "warning",
+        "detail": "Refused:\n\n" + "\n".join(f"- {r}" for r in refused),
         "source": {"label": f"FIBEMRSS {task.name}"},
     }
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from fibemrss.domain.errors import NotFound
+from fibemrss.domain.errors import InvalidArgument, NotFound
 from fibemrss.domain.feature_encoding import input_names
 from services.inference.core import tensors
 from services.inference.core.diagnosis import LoadedModel, infer
+from services.inference.core.input_limits import EncodedLimits, element_fields
 from services.inference.core.model_cache import ModelCache
 
 SERVER_NAME = "fibemrss-inference"
@@ -96,6 +97,10 @@ class OpenInference:
         model = self._model(request.model_name, request.model_version, "model_version")
         wanted = tensors.requested_outputs(request.outputs)
         x = tensors.decode_features(request, model.input_dim)
+        limits = model.limits or EncodedLimits.build(model.task, model.stats)
+        problems = limits.problems(x, element_fields(bool(request.raw_input_contents)))
+        if problems:
+            raise InvalidArgument("input values outside what the model's features allow", problems)
         probability, logit = infer(model, x)
         values = {"probability": probability, "logit": logit}
         return tensors.InferResponse(

@@ -2,8 +2,10 @@
 
 Cards come from `fhir_reference` and the reference from `diagnosis.diagnose_values`, the code
 behind gRPC `Diagnose`. Callers are authorized as for `Diagnose`. A request the service cannot
-answer with a risk (no prefetch, no model yet) gets a card saying so; only a body that is no
-CDS Hooks request at all, an unknown service or a refused caller gets an HTTP error.
+answer with a risk (no prefetch, no model yet) gets a card saying so, and one holding a value
+the model cannot use (not finite, implausible, a unit that does not convert: `core/input_limits.py`,
+the checks of Diagnose) a card naming each refused request field, with no risk; only a body that is
+no CDS Hooks request at all, an unknown service or a refused caller gets an HTTP error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument, N
 from fibemrss.platform.http_server import Handler, guarded, json_error
 from services.inference.core import fhir_reference as fr
 from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
+from services.inference.core.input_limits import PatientInputs
 from services.inference.core.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ class CdsHooks:
         self._cache = cache
         self._task = cache.task
         self._authorize = authorize
+        self._inputs = PatientInputs(cache.task)
 
     def routes(self) -> list[Route]:
         return [
@@ -74,7 +78,7 @@ class CdsHooks:
             raise InvalidArgument("request too large", [FieldProblem("body", f"over {MAX_BODY_BYTES} bytes")])
         try:
             doc: Any = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise InvalidArgument("not JSON", [FieldProblem("body", "must be a CDS Hooks request")]) from None
         if not isinstance(doc, dict):
             raise InvalidArgument("not a request", [FieldProblem("body", "must be a JSON object")])
@@ -85,7 +89,9 @@ class CdsHooks:
         return JSONResponse({"cards": [await run_in_threadpool(self._card, doc)]})
 
     def _card(self, doc: dict[str, Any]) -> dict[str, Any]:
-        read = fr.read_prefetch(self._task, doc)
+        read = fr.read_prefetch(self._task, doc, self._inputs)
+        if read.refused:
+            return fr.refused_card(self._task, read.refused)
         if read.values is None:
             return fr.missing_card(self._task, read.missing)
         try:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import grpc
 
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
-from fibemrss.domain.feature_extraction import extract
+from fibemrss.domain.feature_extraction import FeatureValue
+from fibemrss.domain.records import PatientRecord
 from fibemrss.inference.v1 import inference_pb2 as pb
 from fibemrss.inference.v1 import inference_pb2_grpc
 from fibemrss.platform.identity import caller_identity
-from fibemrss.serde.records import feature_values_from_proto
+from fibemrss.serde.records import record_from_proto
 from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
+from services.inference.core.input_limits import MAX_VIOLATIONS, PatientInputs, capped
 from services.inference.core.model_cache import ModelCache
 from services.inference.core.ports import PatientSource
 
@@ -43,6 +45,13 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
         self._cache = cache
         self._task_name = cache.task.name
         self._directory = directory
+        self._inputs = PatientInputs(cache.task)
+
+    def _values(self, record: PatientRecord, field: str) -> list[FeatureValue]:
+        values, problems = self._inputs.read(record, field)
+        if problems:
+            raise InvalidArgument("invalid patient values", problems)
+        return values
 
     def _check(self, task: str, model_version: int) -> None:
         if task and task != self._task_name:
@@ -65,9 +74,10 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                     "this inference service has no gateway to read patients from (FIBEMRSS_GATEWAY)"
                 )
             record = self._directory.fetch(request.patient_key, on_behalf_of=caller_identity(context))
-            values = extract(self._cache.task, record)[0]
+            # A stored record passed the gateway's checks; checked again, its fields named under the key.
+            values = self._values(record, "patient_key")
         else:
-            values = feature_values_from_proto(self._cache.task, request.patient)
+            values = self._values(record_from_proto(request.patient), "patient")
         model = self._cache.get(request.model_version)
         return _reference_to_proto(model, diagnose_values(model, [values])[0])
 
@@ -80,15 +90,22 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 "bad batch size",
                 [FieldProblem("patients", f"must hold between 1 and {MAX_BATCH_PATIENTS} records")],
             )
-        # Every record is checked before any is scored, so one call reports every bad field.
-        rows, problems = [], []
+        # Every record is checked before any is scored, so one call reports the bad fields (the
+        # first MAX_VIOLATIONS of them, so that a batch of junk costs a bounded answer).
+        rows: list[list[FeatureValue]] = []
+        problems: list[FieldProblem] = []
         for i, patient in enumerate(request.patients):
+            field = f"patients[{i}]"
             try:
-                rows.append(feature_values_from_proto(self._cache.task, patient, field=f"patients[{i}]"))
+                values, found = self._inputs.read(record_from_proto(patient, field), field)
             except InvalidArgument as exc:
-                problems.extend(exc.violations)
+                values, found = [], exc.violations
+            rows.append(values)
+            problems.extend(found)
+            if len(problems) > MAX_VIOLATIONS:
+                break
         if problems:
-            raise InvalidArgument("invalid patient records", problems)
+            raise InvalidArgument("invalid patient records", capped(problems, "patients"))
         model = self._cache.get(request.model_version)
         refs = diagnose_values(model, rows)
         return pb.DiagnoseBatchResponse(references=[_reference_to_proto(model, r) for r in refs])

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,7 +35,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 _METHOD = "/inference.GRPCInferenceService/"
 # gRPC field paths as the REST body spells them.
 _REST_FIELDS = [
-    (re.compile(r"^inputs\[(\d+)\]\.contents(\.\w+)?$"), r"inputs[\1].data"),
+    (re.compile(r"^inputs\[(\d+)\]\.contents(?:\.\w+)?(\[\d+\])?$"), r"inputs[\1].data\2"),
     (re.compile(r"^raw_input_contents\[(\d+)\]$"), r"inputs[\1].data (binary)"),
     (re.compile(r"^raw_input_contents$"), "inputs[].parameters.binary_data_size"),
     (re.compile(r"^model_version$"), "path: versions/{version}"),
@@ -144,7 +144,7 @@ def _json_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         head, binary = body, b""
     try:
         doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
         raise InvalidArgument("body is not JSON", [FieldProblem("body", "must be a JSON object")]) from None
     if not isinstance(doc, dict):
         raise InvalidArgument("body is not a JSON object", [FieldProblem("body", "must be a JSON object")])
@@ -152,10 +152,33 @@ def _json_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 
 def _flat_numbers(data: Any, field: str) -> list[float]:
-    array = np.asarray(data, dtype=object).ravel() if isinstance(data, list) else None
-    if array is None or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in array):
-        raise InvalidArgument("bad tensor data", [FieldProblem(field, "must be a (nested) list of numbers")])
-    return [float(v) for v in array]
+    """A (nested) list of JSON numbers, flattened row-major without recursion (any nesting a JSON
+    parser accepted)."""
+    bad = InvalidArgument("bad tensor data", [FieldProblem(field, "must be a (nested) list of numbers")])
+    if not isinstance(data, list):
+        raise bad
+    out: list[float] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise bad
+            out.append(_to_float(v))
+        else:
+            stack.pop()
+    return out
+
+
+def _to_float(v: float) -> float:
+    """A JSON number as a double; an integer too large for one (JSON allows any) becomes an
+    infinity, which the core refuses naming the element like any other non-finite value."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def infer_request_from_rest(
@@ -181,7 +204,11 @@ def infer_request_from_rest(
         tensor_name, datatype = str(item.get("name", "")), str(item.get("datatype", ""))
         fp32: list[float] = []
         has_contents = False
-        size = (item.get("parameters") or {}).get("binary_data_size")
+        parameters = item.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            problems.append(FieldProblem(f"inputs[{i}].parameters", "must be an object"))
+            parameters = {}
+        size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 problems.append(
@@ -208,14 +235,21 @@ def infer_request_from_rest(
         problems.append(FieldProblem("body", "binary data beyond what the inputs' binary_data_size name"))
     outputs: list[str] = []
     binary_outputs: set[str] = set()
-    parameters = doc.get("parameters") or {}
-    all_binary = bool(isinstance(parameters, dict) and parameters.get("binary_data_output"))
-    for j, out in enumerate(doc.get("outputs") or []):
+    request_parameters = doc.get("parameters") or {}
+    all_binary = bool(isinstance(request_parameters, dict) and request_parameters.get("binary_data_output"))
+    requested = doc.get("outputs") or []
+    if not isinstance(requested, list):
+        problems.append(FieldProblem("outputs", "must be a list"))
+        requested = []
+    for j, out in enumerate(requested):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             problems.append(FieldProblem(f"outputs[{j}].name", "is required"))
             continue
         outputs.append(out["name"])
-        if (out.get("parameters") or {}).get("binary_data"):
+        out_parameters = out.get("parameters") or {}
+        if not isinstance(out_parameters, dict):
+            problems.append(FieldProblem(f"outputs[{j}].parameters", "must be an object"))
+        elif out_parameters.get("binary_data"):
             binary_outputs.add(out["name"])
     if problems:
         raise InvalidArgument("invalid inference request", problems)
