@@ -245,9 +245,15 @@ def _privacy(r: _Reader, raw: Any) -> dict[str, Any]:
             "dp",
             "histogram_bins",
             "histogram_min_count",
+            "max_weight",
+            "max_update_norm",
         },
     )
     out: dict[str, Any] = {}
+    out["max_weight"] = r.integer(d, "max_weight", "privacy.max_weight", None, low=1)
+    if out["max_weight"] is not None and out["max_weight"] > 65536:
+        r.bad("privacy.max_weight", "must be at most 65536 (the codec's bound)")
+    out["max_update_norm"] = r.number(d, "max_update_norm", "privacy.max_update_norm", None, positive=True)
     masking = d.get("pairwise_masking", True)
     if not isinstance(masking, bool):
         r.bad("privacy.pairwise_masking", "must be true or false")
@@ -333,7 +339,12 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
     if model not in MODELS and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", model):
         r.bad("model", f"one of {', '.join(MODELS)}, or package.module:factory")
     hyper = _hyper(r, d.get("hyper_parameters"))
-    fed = r.obj(d.get("federation") or {}, "federation", {"rounds", "quorum", "sites"})
+    fed = r.obj(
+        d.get("federation") or {}, "federation", {"rounds", "quorum", "sites", "validation_tolerance"}
+    )
+    validation_tolerance = r.number(
+        fed, "validation_tolerance", "federation.validation_tolerance", None, low=0.0, high=1.0
+    )
     rounds = r.integer(fed, "rounds", "federation.rounds", 15, low=1) or 15
     quorum = r.integer(fed, "quorum", "federation.quorum", 4, low=1) or 4
     sites_raw = fed.get("sites", [])
@@ -364,6 +375,7 @@ def parse_study(content: str | bytes, source: str = "study") -> TaskSpec:
         rounds=rounds,
         quorum=quorum,
         sites=sites,
+        validation_tolerance=validation_tolerance,
         threshold=threshold,
         test_fraction=0.2 if test_fraction is None else test_fraction,
         split_seed=split_seed,
@@ -428,6 +440,11 @@ def study_to_json(task: TaskSpec) -> dict[str, Any]:
             "quorum": task.quorum,
             # Only when set: studies written before it keep their identity (hash).
             **({"sites": sorted(task.sites)} if task.sites else {}),
+            **(
+                {"validation_tolerance": task.validation_tolerance}
+                if task.validation_tolerance is not None
+                else {}
+            ),
         },
         "evaluation": {
             "threshold": task.threshold,
@@ -447,6 +464,10 @@ def study_to_json(task: TaskSpec) -> dict[str, Any]:
         doc["privacy"]["histogram_bins"] = task.histogram_bins
     if task.histogram_min_count != 10:
         doc["privacy"]["histogram_min_count"] = task.histogram_min_count
+    if task.max_weight is not None:
+        doc["privacy"]["max_weight"] = task.max_weight
+    if task.max_update_norm is not None:
+        doc["privacy"]["max_update_norm"] = task.max_update_norm
     if task.dp is not None:
         doc["privacy"]["dp"] = {
             k: v

@@ -138,6 +138,22 @@ class TaskSpec:
     # these, and the threshold of secure aggregation is fixed over all of them, so an aggregator
     # cannot lower it by showing a smaller cohort (docs/he-codec.md). Empty: the cohort's size.
     sites: tuple[str, ...] = ()
+    # Bounded influence (docs/security.md, "Poisoning"): `max_weight` caps one hospital's weight
+    # below the codec's 65,536 (`privacy.max_weight`); an honest hospital clips its update (the
+    # change from the global model) to `max_update_norm` (`privacy.max_update_norm`, L2), and every
+    # hospital refuses a round whose total weight exceeds contributors x max_weight or whose
+    # average moves the global model by more than that norm. None: the codec's bounds only.
+    max_weight: int | None = None
+    max_update_norm: float | None = None
+    # Validation gate (`federation.validation_tolerance`): a hospital serves a new model only when
+    # its accuracy on the hospital's validation rows is at most this much below the model it
+    # serves now. None: every good round's model is served.
+    validation_tolerance: float | None = None
+
+    @property
+    def validation_fraction(self) -> float:
+        """The share of training rows each hospital validates on (personalization's, else 0.25)."""
+        return 0.25 if self.personalization is None else self.personalization.validation_fraction
 
     def feature(self, name: str) -> FeatureSpec:
         for f in self.features:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
@@ -91,6 +91,20 @@ def main() -> None:
         federation_pb2_grpc.add_HospitalAgentServiceServicer_to_server(
             HospitalAgentServicer(participation), server
         )
+        # Poisoning defences (docs/security.md): alert on either rising.
+        progress = participation.progress
+        refused = Gauge(
+            "fibemrss_agent_rounds_refused",
+            "Rounds whose aggregate this hospital refused (outside the codec's or the study's bounds).",
+            registry=registry,
+        )
+        refused.set_function(lambda: len(progress.rounds_refused))
+        not_served = Gauge(
+            "fibemrss_agent_rounds_not_served",
+            "Rounds whose model the validation gate kept from being served at this hospital.",
+            registry=registry,
+        )
+        not_served.set_function(lambda: len(progress.rounds_not_served))
         return [agent_service]
 
     running = start_server("hospital_agent", register, config, authorize=hospital_policy(hospital))

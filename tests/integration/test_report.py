@@ -11,6 +11,7 @@ from pathlib import Path
 from fibemrss.domain.tasks import HEART_DISEASE_V1_DP
 from fibemrss.tools.bench.curves import run_quality_curves
 from fibemrss.tools.bench.he_bench import run_he_bench
+from fibemrss.tools.bench.poisoning_bench import quick_config, run_poisoning_bench
 from fibemrss.tools.bench.privacy_bench import dp_accuracy
 from fibemrss.tools.bench.quality_bench import BenchConfig
 from fibemrss.tools.cli import main
@@ -42,20 +43,22 @@ def test_a_report_from_benchmark_json_has_every_figure_inline_and_names_what_is_
         split_seeds=(43, 44),
     )
     (data / "privacy.json").write_text(json.dumps({"dp_accuracy": dp, "measured": machine()}))
+    poisoning = {**run_poisoning_bench(shared, quick_config()), "measured": machine()}
+    (data / "poisoning.json").write_text(json.dumps(poisoning))
 
     out = tmp_path / "report"
     assert main(["report", "--out", str(out), "--from", str(data)]) == 0
     result = json.loads(capsys.readouterr().out)  # type: ignore[attr-defined]  # pytest's capsys
-    assert len(result["figures"]) == 9  # six from the curves, two from the HE bench, privacy
+    assert len(result["figures"]) == 10  # six from the curves, two from the HE bench, privacy, poisoning
     assert set(result["missing"]) == {"round", "ingest", "inference"}
     page = (out / "report.html").read_text()
-    assert len(re.findall(r"src='data:image/png;base64,", page)) == 9
+    assert len(re.findall(r"src='data:image/png;base64,", page)) == 10
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # one file: no external asset
     for name in result["figures"]:
         blob = (out / name).read_bytes()
         assert blob.startswith(PNG) and len(blob) > 5_000
     md = (out / "REPORT.md").read_text()
-    assert md.count("![") == 9 and "round: " in md
+    assert md.count("![") == 10 and "round: " in md and "Poisoning (one hostile hospital" in md
     # Captions carry the run's own figures and the machine they were measured on.
     final = curves["final_pooled_test_accuracy"]["fedyogi_encrypted"]["mean"]
     assert f"{final:.3f}" in page and f"{machine()['cores']} cores" in page

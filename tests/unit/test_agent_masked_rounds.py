@@ -50,9 +50,10 @@ class SecAggAggregator:
     """The aggregator's secure-aggregation rounds in miniature: a stage closes once everyone
     expected posted, or when the test says its deadline passed (`close_stage`)."""
 
-    def __init__(self, key: AggregatorKey, rounds: int) -> None:
+    def __init__(self, key: AggregatorKey, rounds: int, task: TaskSpec = TASK) -> None:
         self._key = key
         self._rounds = rounds
+        self._study_hash = study_hash(task)
         self.lock = threading.Condition()
         self.current = 0
         self.phase: dict[int, Phase] = {0: Phase.OPEN}
@@ -76,7 +77,7 @@ class SecAggAggregator:
             pairwise_masking=True,
             cohort=self.now.cohort,
             federation_id=FEDERATION,
-            study_hash=study_hash(TASK),
+            study_hash=self._study_hash,
         )
 
     def publish(self, hospital: str, number: int, key: SignedMaskKey) -> RoundView:

@@ -64,6 +64,21 @@ def test_layout_key_order_comments_and_description_do_not_change_the_identity_bu
     assert canonical_form(HEART_DISEASE_V1) == canonical_form(parse_study(as_json))
 
 
+def test_the_poisoning_bounds_round_trip_and_change_the_identity_only_when_set() -> None:
+    """privacy.max_weight, privacy.max_update_norm and federation.validation_tolerance (issue 22)
+    are written only when set: a study without them keeps its hash."""
+    assert "max_weight" not in study_to_json(HEART_DISEASE_V1)["privacy"]
+    assert "validation_tolerance" not in study_to_json(HEART_DISEASE_V1)["federation"]
+    doc = copy.deepcopy(HEART)
+    doc.setdefault("privacy", {}).update(max_weight=1024, max_update_norm=2.5)
+    doc["federation"]["validation_tolerance"] = 0.05
+    task = parse_study(json.dumps(doc))
+    assert (task.max_weight, task.max_update_norm, task.validation_tolerance) == (1024, 2.5, 0.05)
+    assert schema_errors(doc) == [] and schema_errors(study_to_json(task)) == []
+    again = parse_study(json.dumps(study_to_json(task)))
+    assert again == task and study_hash(again) == study_hash(task) != study_hash(HEART_DISEASE_V1)
+
+
 def broken(edit: Any) -> dict[str, Any]:
     doc = copy.deepcopy(HEART)
     edit(doc)
@@ -93,6 +108,9 @@ def broken(edit: Any) -> dict[str, Any]:
         (broken(lambda d: d.update(model="os.system")), "model"),
         (broken(lambda d: d.update(cohort={"min_age": 200})), "cohort.min_age"),
         (broken(lambda d: d.update(surprise=1)), "surprise"),
+        (broken(lambda d: d.setdefault("privacy", {}).update(max_weight=70_000)), "privacy.max_weight"),
+        (broken(lambda d: d.setdefault("privacy", {}).update(max_update_norm=0)), "privacy.max_update_norm"),
+        (broken(lambda d: d["federation"].update(validation_tolerance=2)), "federation.validation_tolerance"),
     ],
 )
 def test_a_malformed_study_is_refused_naming_the_field_and_the_schema_refuses_it_too(

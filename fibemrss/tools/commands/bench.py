@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,22 @@ def _privacy(args: argparse.Namespace) -> int:
         ),
         args.json,
     )
+    return 0
+
+
+def _poisoning(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.poisoning_bench import PoisoningConfig, quick_config, run_poisoning_bench
+
+    shared = Path(args.shared_data)
+    base = quick_config() if args.quick else PoisoningConfig()
+    config = replace(
+        base,
+        rounds=args.rounds or base.rounds,
+        seeds=tuple(range(base.seeds[0], base.seeds[0] + args.seeds)) if args.seeds else base.seeds,
+        attack_from=args.attack_from or base.attack_from,
+        attacker=args.attacker or base.attacker,
+    )
+    _emit(run_poisoning_bench(shared if (shared / "heart_disease").is_dir() else None, config), args.json)
     return 0
 
 
@@ -196,5 +213,18 @@ def add_parser(subparsers: Any) -> None:
     )
     inference.set_defaults(func=_inference)
 
-    for p in (he, rnd, hostile, memory, quality, privacy, ingest, inference):
+    poisoning = sub.add_parser(
+        "poisoning",
+        help="one hostile hospital of the four UCI hospitals: five attacks, FedAvg and FedYogi, the "
+        "served models round by round beside a clean run, today's defences and the study's",
+    )
+    poisoning.add_argument("--shared-data", default=default_shared, help="folder holding heart_disease/")
+    poisoning.add_argument("--quick", action="store_true", help="4 rounds, one seed (the bench's test)")
+    poisoning.add_argument("--rounds", type=int, help="rounds per federation (15)")
+    poisoning.add_argument("--seeds", type=int, help="how many split seeds from 43 (5)")
+    poisoning.add_argument("--attack-from", type=int, help="the first round the attacker attacks (1)")
+    poisoning.add_argument("--attacker", help="the hostile hospital (hungary)")
+    poisoning.set_defaults(func=_poisoning)
+
+    for p in (he, rnd, hostile, memory, quality, privacy, ingest, inference, poisoning):
         p.add_argument("--json", help="also write the result here")

@@ -499,3 +499,50 @@ def privacy_utility(priv: dict[str, Any], out: Path, when: str) -> Figure:
 
 
 Builder = Callable[[dict[str, Any], Path, str], Figure | list[Figure]]
+
+
+def poisoning(result: dict[str, Any], out: Path, when: str) -> Figure:
+    """Pooled test accuracy of the models the honest hospitals serve, round by round, per strategy:
+    the clean run, each attack with today's defences (dotted) and the study's (solid); a gap is
+    a round in which some honest hospital serves nothing yet."""
+    strategies = result["strategies"]
+    fig, axes = plt.subplots(1, len(strategies), figsize=(5 * len(strategies), 4), sharey=True, squeeze=False)
+    palette = plt.get_cmap("tab10")
+    lines = []
+    for ax, (label, figures_) in zip(axes[0], strategies.items(), strict=True):
+        clean = figures_["clean"]["pooled"]
+        rounds = np.arange(1, len(clean) + 1)
+
+        def curve(values: list[float | None]) -> np.ndarray:
+            return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+        ax.plot(rounds, curve(clean), color="black", lw=2, label="clean")
+        for i, (attack, entry) in enumerate(figures_["attacks"].items()):
+            color = palette(i % 10)
+            ax.plot(rounds, curve(entry["today"]["served_accuracy"]["pooled"]), color=color, ls=":", lw=1.2)
+            ax.plot(
+                rounds,
+                curve(entry["defended"]["served_accuracy"]["pooled"]),
+                color=color,
+                lw=1.2,
+                label=attack,
+            )
+            gap = entry["defended"]["worst_gap_to_clean"]["pooled"]
+            lines.append(
+                f"{label} {attack}: worst gap {gap:.3f}" if gap is not None else f"{label} {attack}: -"
+            )
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pooled test accuracy of the served models")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    name = _save(fig, out, "poisoning.png")
+    config = result["config"]
+    caption = (
+        f"One hostile hospital ({config['attacker']}) of four, attacking from round {config['attack_from']}, "
+        f"{config['rounds']} rounds, {len(config['seeds'])} split seeds; dotted: today's defences (the "
+        f"codec's bounds), solid: privacy.max_weight {config['privacy.max_weight']}, max_update_norm "
+        f"{config['privacy.max_update_norm']}, validation_tolerance {config['federation.validation_tolerance']}. "
+        f"Worst loss of the served models against the clean run, defended: {'; '.join(lines)}. {when}"
+    )
+    return Figure(name, "Poisoning: what the honest hospitals serve under one hostile hospital", caption)

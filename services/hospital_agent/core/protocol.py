@@ -37,7 +37,7 @@ from fibemrss.domain.model_params import accuracy_of_logits, layer_shapes
 from fibemrss.domain.privacy_accounting import epsilon_after_rounds, noise_multiplier, steps_per_round
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.site_policy import approval_problem, policy_problems
-from fibemrss.domain.strategies import FedAvg, StrategyState, strategy_from_hyper
+from fibemrss.domain.strategies import StrategyState, strategy_from_hyper
 from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.torch_models import initial_vector, is_builtin, logits_function, parameter_count
@@ -52,8 +52,9 @@ from services.hospital_agent.core.aggregate_bounds import (
     check_model,
     contributors,
 )
+from services.hospital_agent.core.influence import Best, check_influence, clip_update, gate
 from services.hospital_agent.core.local_data import Example, LocalData
-from services.hospital_agent.core.personalization import ValidationScore, personalize
+from services.hospital_agent.core.personalization import ValidationScore, personalize, score
 from services.hospital_agent.core.ports import (
     AggregatorPort,
     ApprovalPort,
@@ -119,6 +120,12 @@ class AgentProgress:
     # The federation's histograms of the numeric features from round 0, as released (bins of at
     # least the task's minimum count; fibemrss.domain.histograms).
     histograms: tuple[FeatureHistogram, ...] = ()
+    # Poisoning defences (docs/security.md): rounds whose aggregate every hospital refused (out of
+    # the codec's or the study's bounds), rounds whose model this hospital did not serve (worse on
+    # its validation rows than the model it served), rounds whose own update it clipped.
+    rounds_refused: list[int] = field(default_factory=list)
+    rounds_not_served: list[int] = field(default_factory=list)
+    rounds_clipped: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -215,6 +222,13 @@ class Participation:
         self._strategy_state = StrategyState()
         self._applied_round = 0
         self._good_round = 0  # the latest round whose aggregate is in the model
+        # The model this hospital serves and the round it came from (0: none yet): a good
+        # round's model replaces it only through the validation gate (`_serve`).
+        self._served = self._global
+        self._served_round = 0
+        # The best validation score of any model served so far: a candidate is held to it, so a
+        # model cannot drift down by the tolerance round after round.
+        self._best_served: Best | None = None
 
     # -- data ----------------------------------------------------------------------------------
     def _load_examples(self) -> LocalData:
@@ -255,21 +269,30 @@ class Participation:
         self._recovered()
         return True
 
-    def _capped(self, weight: int) -> int:
-        """The codec bounds one hospital's weight: beyond it, the update counts as that many."""
-        if weight <= self._bounds.max_weight:
-            return weight
-        self._warn(
-            f"weight capped at {self._bounds.max_weight} (the codec's maximum) for {weight} training examples"
-        )
-        return self._bounds.max_weight
+    def _max_weight(self) -> int:
+        """One hospital's weight at most: the codec's, or the study's `privacy.max_weight` below it."""
+        study = self.task.max_weight
+        return self._bounds.max_weight if study is None else min(study, self._bounds.max_weight)
 
-    def _decrypt_round(self, round_number: int, n_values: int) -> np.ndarray:
-        return self._decrypt_round_weighted(round_number, n_values)[0]
+    def _capped(self, weight: int) -> int:
+        """The codec (and the study) bound one hospital's weight: beyond it, the update counts as
+        that many."""
+        bound = self._max_weight()
+        if weight <= bound:
+            return weight
+        which = (
+            "the codec's maximum" if bound == self._bounds.max_weight else "the study's privacy.max_weight"
+        )
+        self._warn(f"weight capped at {bound} ({which}) for {weight} training examples")
+        return bound
 
     def _decrypt_round_weighted(self, round_number: int, n_values: int) -> tuple[np.ndarray, int]:
-        """The round's decrypted average and total weight, refused below the task's minimum of
-        contributors and checked against the codec's bounds before any use."""
+        average, total_weight, _ = self._decrypt_round_counted(round_number, n_values)
+        return average, total_weight
+
+    def _decrypt_round_counted(self, round_number: int, n_values: int) -> tuple[np.ndarray, int, int]:
+        """The round's decrypted average, total weight and contributors, refused below the task's
+        minimum of contributors and checked against the codec's bounds before any use."""
         chunks = self._aggregator.fetch_aggregate(round_number)
         correction = None
         if self._secagg is not None:
@@ -283,8 +306,9 @@ class Participation:
             )
         except HeError as exc:
             raise AggregateRejected(f"the aggregate of round {round_number} is refused: {exc}") from None
-        check_aggregate(average, total_weight, contributors(chunks), self._bounds)
-        return average, total_weight
+        parties = contributors(chunks)
+        check_aggregate(average, total_weight, parties, self._bounds)
+        return average, total_weight, parties
 
     def _global_stats(self) -> GlobalStats:
         if self._stats is None:
@@ -308,36 +332,84 @@ class Participation:
             rounds = sorted(
                 r for r in self._aggregator.closed_rounds() if self._applied_round < r <= base_round
             )
-            if isinstance(self._strategy, FedAvg):
-                for r in reversed(rounds):  # the newest good average is the model, no replay needed
-                    if self._apply(r):
-                        break
-            else:
-                for r in rounds:
-                    self._apply(r)
-                    # Folded in (or skipped by all alike): when a later fetch fails (the
-                    # aggregator restarting under a replay), the retry resumes after this round
-                    # instead of folding the ones before it into the model a second time.
-                    self._applied_round = r
+            # In round order, FedAvg too: whether a round is refused depends on the model it
+            # trained from (`check_influence`), and what is served on the models before it.
+            for r in rounds:
+                if self._apply(r):
+                    self._serve(r)
+                # Folded in (or skipped by all alike): when a later fetch fails (the aggregator
+                # restarting under a replay), the retry resumes after this round instead of
+                # folding the ones before it into the model a second time.
+                self._applied_round = r
             self._applied_round = base_round
-        if self._good_round > 0:
-            self._publish(self._good_round, self._global)  # a rejected round keeps the last good model
+        if self._served_round > 0:
+            # A rejected round keeps the last good model; one the gate refused, the served one.
+            self._publish(self._served_round, self._served)
         return self._global
 
     def _apply(self, round_number: int) -> bool:
         """Folds one closed round's aggregate into the global model, unless it is out of bounds:
         then every hospital skips it alike and says why."""
         try:
-            average = self._decrypt_round(round_number, self._n_params)
+            average, total_weight, parties = self._decrypt_round_counted(round_number, self._n_params)
+            check_influence(
+                self.task, self._global, average, total_weight, parties, self._codec.params.frac_bits
+            )
             new_global, new_state = self._strategy.step(self._strategy_state, self._global, average)
             check_model(new_global)
         except AggregateRejected as exc:
             log.error("aggregate rejected", extra={"round": round_number, "reason": str(exc)})
             self._warn(f"round {round_number}: aggregate rejected, not published: {exc}")
+            with self.progress.lock:
+                if round_number not in self.progress.rounds_refused:
+                    self.progress.rounds_refused.append(round_number)
             return False
         self._global, self._strategy_state = new_global, new_state
         self._good_round = round_number
         return True
+
+    def _validation_score(self, params: np.ndarray) -> ValidationScore | None:
+        """The model's score on this hospital's validation rows (None without any)."""
+        assert self._data is not None
+        _, rows = self._data.fit_and_validation(self.task, self.task.validation_fraction)
+        if not rows:
+            return None
+        x, y = LocalData.matrix(self.task, self._global_stats(), rows)
+        return score(self.task, params, x, y)
+
+    def _serve(self, round_number: int) -> None:
+        """The global model after a good round becomes the served one unless the study's gate
+        says it is worse on this hospital's validation rows than the best model served so far;
+        then the served model stays, and the status says why. Deterministic in the rounds and the
+        hospital's rows, so a restarted agent serves the same models. The first good round is held
+        to the initial model's figures (never served itself)."""
+        tolerance = self.task.validation_tolerance
+        candidate = None if tolerance is None else self._validation_score(self._global)
+        if tolerance is not None and candidate is None:
+            self._warn("no validation rows: every good round's model is served unchecked")
+        best = self._best_served
+        if best is None and candidate is not None:
+            # Before any model is served, the candidate is held to the initial model's figures:
+            # a first round an attacker steered is refused like any other.
+            start = self._validation_score(initial_vector(self.task.model, input_dim(self.task)))
+            best = None if start is None else Best(start.accuracy, start.log_loss)
+        if tolerance is not None and candidate is not None and best is not None:
+            verdict = gate(candidate, best, tolerance)
+            if not verdict.accept:
+                log.error("model not served", extra={"round": round_number, "reason": verdict.describe()})
+                self._warn(
+                    f"round {round_number}: model not served, worse than the models served "
+                    f"(now round {self._served_round}): {verdict.describe()}"
+                )
+                with self.progress.lock:
+                    if round_number not in self.progress.rounds_not_served:
+                        self.progress.rounds_not_served.append(round_number)
+                return
+        self._served, self._served_round = self._global, round_number
+        if candidate is not None:
+            served = self._best_served
+            first = Best(candidate.accuracy, candidate.log_loss)
+            self._best_served = first if served is None else served.with_(candidate)
 
     # -- model versions ----------------------------------------------------------------------------
     def _test_accuracy(self, params: np.ndarray) -> tuple[float, int, int]:
@@ -400,17 +472,23 @@ class Participation:
         choose on validation, publish the personalized model (served when chosen, standby
         otherwise). Deterministic, so a restarted agent publishes the same version once."""
         spec = self.task.personalization
-        if spec is None or self._good_round == 0 or self._data is None:
+        if spec is None or self._served_round == 0 or self._data is None:
             return
-        result = personalize(self.task, spec, self._global_stats(), self._global, self._data)
+        result = personalize(self.task, spec, self._global_stats(), self._served, self._data)
         if result is None:
             self._warn("no personalized model: too few training rows to fine-tune and validate")
             return
         version = self.personalized_version(last_round)
         g, p = result.global_score, result.personalized_score
+        chosen = result.chosen
+        tolerance = self.task.validation_tolerance
+        best = self._best_served
+        if chosen == "personalized" and tolerance is not None and best is not None:
+            if not gate(p, best, tolerance).accept:
+                chosen = "global"  # worse than the best model served, on this hospital's validation rows
         test_value, _, test_total = self._test_accuracy(result.params)
         choice = (
-            f"serves the {result.chosen} model: validation log-loss global {g.log_loss:.4f} "
+            f"serves the {chosen} model: validation log-loss global {g.log_loss:.4f} "
             f"personalized {p.log_loss:.4f}, accuracy global {g.accuracy:.4f} personalized "
             f"{p.accuracy:.4f} on {g.examples} validation rows"
         )
@@ -418,12 +496,12 @@ class Participation:
             ModelVersion(
                 task=self.task.name,
                 version=version,
-                federated_round=self._good_round,
+                federated_round=self._served_round,
                 model=self._published(result.params),
                 metrics={
                     "local_test_accuracy": test_value,
                     "local_test_examples": test_total,
-                    "chosen": result.chosen,
+                    "chosen": chosen,
                     "fine_tune_examples": result.fit_examples,
                     "validation_examples": g.examples,
                     "global_validation_accuracy": g.accuracy,
@@ -432,17 +510,17 @@ class Participation:
                     "personalized_validation_log_loss": p.log_loss,
                 },
                 kind="personalized",
-                base_version=self._good_round,
-                standby=result.chosen == "global",
+                base_version=self._served_round,
+                standby=chosen == "global",
             ),
             actor=f"agent@{self.hospital}",
             choice=choice,
         )
         with self.progress.lock:
             self.progress.personalization = PersonalizationReport(
-                result.chosen, self._good_round, version, g, p, result.fit_examples
+                chosen, self._served_round, version, g, p, result.fit_examples
             )
-        log.info("personalized model published", extra={"version": version, "chosen": result.chosen})
+        log.info("personalized model published", extra={"version": version, "chosen": chosen})
 
     def _dp_metrics(self, round_number: int) -> dict[str, float]:
         dp = self.task.dp
@@ -597,6 +675,13 @@ class Participation:
                 self.progress.epsilon_by_round[info.round] = epsilon
                 self.progress.dp_delta = dp.target_delta
         epsilon = epsilon if dp is not None else 0.0
+        new_params, norm = clip_update(params, new_params, self.task.max_update_norm)
+        if self.task.max_update_norm is not None and norm > self.task.max_update_norm:
+            self._warn(
+                f"updates clipped to the study's norm bound {self.task.max_update_norm:g} (privacy.max_update_norm)"
+            )
+            with self.progress.lock:
+                self.progress.rounds_clipped.append(info.round)
         if not self._submit(info, new_params, weight, stop, epsilon):
             return False
         log.info(
