@@ -105,6 +105,36 @@ def _poisoning(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 3 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more sizes of at least 3 hospitals")
+    return values
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not 0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more dropout rates in [0, 1)")
+    return values
+
+
+def _secagg(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench import secagg_bench
+
+    hospitals = args.hospitals or (secagg_bench.QUICK_SIZES if args.quick else secagg_bench.FULL_SIZES)
+    params = args.params or (secagg_bench.QUICK_PARAMS if args.quick else secagg_bench.FULL_PARAMS)
+    workdir = Path(args.workdir) if args.workdir else None
+    _emit(secagg_bench.run_secagg_bench(hospitals, params, args.dropouts, args.grace, workdir), args.json)
+    return 0
+
+
 def _ingest(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.ingest_bench import run_ingest_bench
 
@@ -202,6 +232,30 @@ def add_parser(subparsers: Any) -> None:
     privacy.add_argument("--audit-confidence", type=float, default=0.95, help="Clopper-Pearson confidence")
     privacy.set_defaults(func=_privacy)
 
+    secagg = sub.add_parser(
+        "secagg",
+        help="secure aggregation per stage: bytes and CPU per hospital and at the aggregator, wall time",
+    )
+    secagg.add_argument(
+        "--hospitals", type=_ints, default=None, help="cohort sizes, comma-separated (default 4,16,64,128)"
+    )
+    secagg.add_argument("--params", type=int, default=None, help="model parameters (default 100000)")
+    secagg.add_argument(
+        "--dropouts",
+        type=_rates,
+        default=(0.0, 0.1),
+        help="fractions of each cohort that share and then never upload (comma-separated)",
+    )
+    secagg.add_argument(
+        "--grace",
+        type=float,
+        default=1.0,
+        help="the federation's grace_seconds (a stage with dropouts closes this long after it opened)",
+    )
+    secagg.add_argument("--quick", action="store_true", help="4 and 16 hospitals, 10,000 parameters")
+    secagg.add_argument("--workdir", help="keep the aggregator's data and logs here")
+    secagg.set_defaults(func=_secagg)
+
     ingest = sub.add_parser(
         "ingest", help="Synthea bundles over gRPC next to PostgreSQL COPY; MLLP, FHIR REST, NDJSON over mTLS"
     )
@@ -226,5 +280,5 @@ def add_parser(subparsers: Any) -> None:
     poisoning.add_argument("--attacker", help="the hostile hospital (hungary)")
     poisoning.set_defaults(func=_poisoning)
 
-    for p in (he, rnd, hostile, memory, quality, privacy, ingest, inference, poisoning):
+    for p in (he, rnd, hostile, memory, quality, privacy, secagg, ingest, inference, poisoning):
         p.add_argument("--json", help="also write the result here")
