@@ -443,6 +443,95 @@ class _Member:
         return time.perf_counter() - began
 
 
+def _plain_member(m: _Member, codec: UpdateCodec, start: threading.Barrier, out: dict[str, Any]) -> None:
+    """An encrypted round without secure aggregation: encrypt, upload, wait for the sum."""
+    start.wait()
+    cpu, wall = time.thread_time(), time.monotonic()
+    info = m._retry(lambda: m.agg.current_round(None))
+    chunks = codec.encrypt(m.values(), m.weight)
+    m._retry(lambda: m.agg.submit(info.round, chunks))
+    while True:
+        now = m._retry(lambda: m.agg.current_round(info.round + 1))
+        if now.round > info.round or now.federation_done:
+            break
+    out[m.name] = (time.thread_time() - cpu, time.monotonic() - wall)
+
+
+def run_plain(
+    work: Path, pg: EmbeddedPostgres, keys: Path, pki: Path, key: HospitalKey, n: int, n_params: int
+) -> dict[str, Any]:
+    """The same members, aggregator and sizes in one encrypted round without secure aggregation
+    (pairwise_masking false): the baseline the protocol's overhead is measured against."""
+    names = [f"h{i:03d}" for i in range(n)]
+    task = f"bench-plain-{n}"
+    rng = np.random.default_rng(n * 1000 + 7)
+    codec = UpdateCodec(key)
+    agg = _aggregator(work / task, pg, task.replace("-", "_"), keys, pki, n)
+    tls = TlsFiles(str(pki / "ca.crt"), str(pki / "operator@central.crt"), str(pki / "operator@central.key"))
+    operator = open_channel(agg.address, tls, "aggregator@central")
+    members = [
+        _Member(h, agg.address, pki, key, task, frozenset(names), n_params, int(w), int(sd), False)
+        for h, w, sd in zip(names, rng.integers(50, 500, n), rng.integers(0, 2**31, n), strict=True)
+    ]
+    sampler = Sampler(agg.process.pid if agg.process else 0, None)
+    timings: dict[str, tuple[float, float]] = {}
+    try:
+        federation_pb2_grpc.AggregatorServiceStub(operator).StartFederation(
+            pb.StartFederationRequest(
+                task=task,
+                rounds=1,
+                quorum=n,
+                grace_seconds=1.0,
+                deadline_seconds=DEADLINE_SECONDS,
+                hospitals=names,
+                pairwise_masking=False,
+                min_contributors=MIN_CONTRIBUTORS,
+            ),
+            timeout=60,
+        )
+        barrier = threading.Barrier(n + 1)
+        threads = [
+            threading.Thread(target=_plain_member, args=(m, codec, barrier, timings), daemon=True)
+            for m in members
+        ]
+        for t in threads:
+            t.start()
+        sampler.start()
+        barrier.wait()
+        t0 = time.monotonic()
+        for t in threads:
+            t.join(timeout=4 * DEADLINE_SECONDS)
+        closed_at = time.monotonic()
+        first = members[0]
+        cpu = time.thread_time()
+        served = first._retry(lambda: first.agg.fetch_aggregate(0))
+        average, total = codec.decrypt_average(served, n_params, MIN_CONTRIBUTORS)
+        fetch_decrypt_cpu = time.thread_time() - cpu
+        ended = time.monotonic()
+        sampler.stop()
+    finally:
+        sampler.stop()
+        operator.close()
+        for m in members:
+            m.channel.close()
+        agg.stop()
+    expected = sum(m.weight * m.values() for m in members) / sum(m.weight for m in members)
+    (c0, _), (c1, _) = sampler.at(t0), sampler.at(ended)
+    return {
+        "hospitals": n,
+        "wall_s": round(ended - t0, 3),
+        "round_closed_s": round(closed_at - t0, 3),
+        "member_cpu_s": _stats([c for c, _ in timings.values()]),
+        "fetch_and_decrypt_cpu_s": round(fetch_decrypt_cpu, 4),
+        "aggregator_cpu_s": round(c1 - c0, 3),
+        "member_sent_bytes": _stats([sum(m.result.meter.sent.values()) for m in members[1:]], 1),
+        "exact": bool(
+            float(np.max(np.abs(average - expected))) <= key.params.average_error_bound
+            and total == sum(m.weight for m in members)
+        ),
+    }
+
+
 def member_values(seed: int, n_params: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(0.0, 0.1, n_params)
 
@@ -606,6 +695,7 @@ def run_one(
     }
     timeline = {e: round(v - t0, 3) for e, v in seen.items() if v is not None}
     out["round"]["stage_closed_at_s"] = timeline
+    out["round"]["wall_with_verify_s"] = round(verified_at - t0, 3)
     windows = {
         "advertise": ("start", "cohort"),
         "shares": ("cohort", "shares"),
@@ -821,10 +911,13 @@ def run_secagg_bench(
     dropouts: tuple[float, ...] = (0.0, 0.1),
     grace: float = 1.0,
     workdir: Path | None = None,
+    baseline: tuple[int, ...] = (4,),
 ) -> dict[str, Any]:
+    """`baseline`: the sizes at which the same round also runs without secure aggregation."""
     if any(n < MIN_CONTRIBUTORS for n in hospitals):
         raise ValueError(f"every size must be at least min_contributors ({MIN_CONTRIBUTORS})")
     runs: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fibemrss-bench-secagg-") as scratch:
         work = Path(workdir or scratch)
@@ -850,6 +943,27 @@ def run_secagg_bench(
                     elif without is not None:
                         run["round"]["wall_s_without_dropouts"] = without["round"]["wall_s"]
                     runs.append(run)
+                if n in baseline:
+                    plain = run_plain(work, pg, keys, pki, key, n, n_params)
+                    if without is not None:
+                        plain["secagg_over_plain"] = {
+                            "wall_with_verify_and_decrypt": round(
+                                without["round"]["wall_with_verify_s"] / plain["wall_s"], 3
+                            ),
+                            "aggregator_cpu": round(
+                                without["aggregator"]["cpu_s"] / plain["aggregator_cpu_s"], 3
+                            )
+                            if plain["aggregator_cpu_s"]
+                            else None,
+                            "member_cpu": round(
+                                without["members"]["survivor_total"]["cpu_s"]["mean"]
+                                / plain["member_cpu_s"]["mean"],
+                                3,
+                            )
+                            if plain["member_cpu_s"] and plain["member_cpu_s"]["mean"]
+                            else None,
+                        }
+                    baselines.append(plain)
         finally:
             pg.stop()
     load = os.getloadavg()
@@ -863,6 +977,11 @@ def run_secagg_bench(
         "machine": {"cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in load]},
         "max_parties": key.params.max_parties,
         "runs": runs,
+        "without_secure_aggregation": baselines,
+        "without_secure_aggregation_note": "the same members and aggregator, one encrypted round with "
+        "pairwise_masking false (encrypt, upload, the round closes; one member fetches and decrypts): "
+        "the protocol's overhead is secagg_over_plain (the issue's goal of <= 15% at 4 hospitals "
+        "was set against the masked round this protocol replaced, which no longer exists)",
         "fits": fits(runs),
         "all_sums_exact": all(r["check"].get("exact") for r in runs if r["round"]["closed"]),
         "rounds_not_closed": [
