@@ -58,9 +58,9 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, TlsFiles
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.service_process import ServiceProcess, base_env
-from services.hospital_agent.grpc_adapters import GrpcAggregator
-from services.hospital_agent.ports import StageView
-from services.hospital_agent.secure_aggregation import SecureAggregation
+from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator
+from services.hospital_agent.core.ports import StageView
+from services.hospital_agent.core.secure_aggregation import SecureAggregation
 
 T = TypeVar("T")
 STAGES = ("advertise", "shares", "upload", "survivors", "reveals", "verify_unmask")
@@ -815,8 +815,8 @@ def run_one(
 GRACE_RULE = (
     "without dropouts the quorum is the whole cohort, so every stage closes when the last member "
     "posts and the grace never applies; with dropouts the quorum is the members expected to "
-    "survive and the grace is the larger of --grace and twice the slowest stage of the same size "
-    "without dropouts, so that no honest member is cut out by a stage closing under load (the "
+    "survive and the grace is the larger of --grace and three times the slowest stage of the same "
+    "size without dropouts plus 2 s, so that no honest member is cut out by a stage closing under load (the "
     "aggregator's grace runs from the stage's opening): the upload stage then waits for the grace"
 )
 
@@ -935,7 +935,7 @@ def run_secagg_bench(
                 for rate in sorted(dropouts):
                     stage_grace = grace
                     if rate > 0 and without is not None:
-                        stage_grace = max(grace, round(2 * slowest_stage(without), 1))
+                        stage_grace = max(grace, round(3 * slowest_stage(without) + 2.0, 1))
                     run = run_one(work, pg, keys, pki, key, n, rate, n_params, stage_grace)
                     run["settings"]["grace_rule"] = GRACE_RULE
                     if rate == 0:
