@@ -22,6 +22,7 @@ the aggregator's CPU against n log2 n (least squares, R^2).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -843,7 +844,16 @@ def fit(xs: list[float], ys: list[float]) -> dict[str, Any] | None:
 def fits(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rate in sorted({r["dropout_rate"] for r in runs}):
-        rows = sorted((r for r in runs if r["dropout_rate"] == rate), key=lambda r: r["hospitals"])
+        rows = sorted(
+            (
+                r
+                for r in runs
+                if r["dropout_rate"] == rate
+                and r["members"]["survivor_total"]["cpu_s"] is not None
+                and r["members"]["survivor_total"]["cpu_s_without_upload"] is not None
+            ),
+            key=lambda r: r["hospitals"],
+        )
         ns = [float(r["hospitals"]) for r in rows]
         logn = [math.log2(n) for n in ns]
         nlogn = [n * math.log2(n) for n in ns]
@@ -905,6 +915,13 @@ def fits(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _fits_or_error(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fits(runs)
+    except (TypeError, KeyError, ValueError) as exc:  # the runs' figures stay reported
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_secagg_bench(
     hospitals: tuple[int, ...] = FULL_SIZES,
     n_params: int = FULL_PARAMS,
@@ -943,6 +960,8 @@ def run_secagg_bench(
                     elif without is not None:
                         run["round"]["wall_s_without_dropouts"] = without["round"]["wall_s"]
                     runs.append(run)
+                    # Each run as it ends, so a later failure loses none of them.
+                    (work / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
                 if n in baseline:
                     plain = run_plain(work, pg, keys, pki, key, n, n_params)
                     if without is not None:
@@ -982,7 +1001,7 @@ def run_secagg_bench(
         "pairwise_masking false (encrypt, upload, the round closes; one member fetches and decrypts): "
         "the protocol's overhead is secagg_over_plain (the issue's goal of <= 15% at 4 hospitals "
         "was set against the masked round this protocol replaced, which no longer exists)",
-        "fits": fits(runs),
+        "fits": _fits_or_error(runs),
         "all_sums_exact": all(r["check"].get("exact") for r in runs if r["round"]["closed"]),
         "rounds_not_closed": [
             {"hospitals": r["hospitals"], "dropout_rate": r["dropout_rate"], "failure": r["round"]["failure"]}
