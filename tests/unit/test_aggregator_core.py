@@ -294,3 +294,23 @@ def test_a_round_whose_stage_keeps_too_few_members_fails_at_the_stage_deadline(r
     )
     assert rnd.stage("shares") == (False, frozenset(), [])
     assert rnd.store.current_round(TASK).number == 1
+
+
+def test_a_federation_of_more_hospitals_than_a_sum_can_hold_is_refused_naming_the_field(rnd: Round) -> None:
+    """The codec's sums decrypt exactly for at most max_parties contributions: a federation of
+    more is refused when it starts, not after a whole round of work (found at 128 hospitals)."""
+    from fibemrss.domain.errors import InvalidArgument
+
+    limit = rnd.key.params.max_parties
+    many = tuple(f"h{i:03d}" for i in range(limit + 1))
+    with pytest.raises(InvalidArgument) as refused:
+        rnd.coordinator.start_federation(
+            FederationSettings("wide", 1, 3, GRACE, DEADLINE, many, pairwise_masking=True, min_contributors=3)
+        )
+    assert [v.field for v in refused.value.violations] == ["hospitals"]
+    assert f"at most {limit}" in refused.value.violations[0].description
+    rnd.coordinator.start_federation(  # exactly the limit is fine
+        FederationSettings(
+            "wide", 1, 3, GRACE, DEADLINE, many[:limit], pairwise_masking=True, min_contributors=3
+        )
+    )

@@ -212,10 +212,13 @@ def check_cohort(
     roster: frozenset[str] | None,
     min_contributors: int,
     roster_size: int | None = None,
+    for_member: str | None = None,
 ) -> CohortView:
     """The cohort as the aggregator showed it, checked: only roster sites, at least
     min_contributors (and enough holders for every member's threshold), every advertisement
-    signed by its own site for this round."""
+    signed by its own site for this round. With `for_member`, only the advertisements that
+    member uses (its holders': their keys are the only ones it agrees on) are verified, so its
+    work grows with its neighbours, not the cohort; the cohort digest still covers them all."""
     names = frozenset(signed_adverts)
     if roster is not None and not names <= roster:
         raise ProtocolRefused(
@@ -225,15 +228,7 @@ def check_cohort(
         raise ProtocolRefused(
             f"round {ctx.round}: a cohort of {len(names)} is below the study's minimum of {min_contributors}"
         )
-    adverts: dict[str, Advertisement] = {}
-    for name, signed in sorted(signed_adverts.items()):
-        signatures.check(
-            name,
-            advert_statement(ctx, name, signed.public_key),
-            Signed(signed.signature, signed.certificate),
-            "the advertisement",
-        )
-        adverts[name] = Advertisement.from_bytes(signed.public_key, name)
+    adverts = {n: Advertisement.from_bytes(k.public_key, n) for n, k in sorted(signed_adverts.items())}
     digest = cohort_digest({n: a.to_bytes() for n, a in adverts.items()})
     view = CohortView(
         adverts,
@@ -241,6 +236,15 @@ def check_cohort(
         graphs.neighbours(sorted(names), digest),
         roster_size if roster_size is not None else (None if roster is None else len(roster)),
     )
+    checked = names if for_member is None or for_member not in names else view.holders(for_member)
+    for name in sorted(checked):
+        signed = signed_adverts[name]
+        signatures.check(
+            name,
+            advert_statement(ctx, name, signed.public_key),
+            Signed(signed.signature, signed.certificate),
+            "the advertisement",
+        )
     for name in names:
         if view.threshold(name) > len(view.holders(name)):
             raise ProtocolRefused(
@@ -360,7 +364,7 @@ class SecAggMember:
                 f"round {self.ctx.round}: the cohort does not hold this hospital's advertisement of this process"
             )
         self.cohort = check_cohort(
-            self.ctx, signed_adverts, self._sig, self._roster, self._min, self._roster_size
+            self.ctx, signed_adverts, self._sig, self._roster, self._min, self._roster_size, self.hospital
         )
         return self.cohort
 
@@ -492,10 +496,13 @@ class SecAggMember:
             )
         if self.revealed is False:
             statement = survivors_statement(self.ctx, view.digest, survivors)
+            # Only its holders' signatures count for this member: verify those alone.
             agreeing = {
                 name
                 for name, signed in survivor_signatures.items()
-                if name in survivors and self._sig.valid(name, statement, signed)
+                if name in survivors
+                and (name in view.holders(self.hospital) or not self._sig.enabled)
+                and self._sig.valid(name, statement, signed)
             }
             agreeing.add(self.hospital)
             t = view.threshold(self.hospital)

@@ -935,6 +935,7 @@ def run_secagg_bench(
         raise ValueError(f"every size must be at least min_contributors ({MIN_CONTRIBUTORS})")
     runs: list[dict[str, Any]] = []
     baselines: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fibemrss-bench-secagg-") as scratch:
         work = Path(workdir or scratch)
@@ -948,6 +949,17 @@ def run_secagg_bench(
         pg.start()
         try:
             for n in hospitals:
+                if n > key.params.max_parties:
+                    # StartFederation refuses it: a sum of more parties would not decrypt exactly.
+                    skipped.append(
+                        {
+                            "hospitals": n,
+                            "why": f"the HE codec's sums decrypt exactly for at most "
+                            f"{key.params.max_parties} parties (HeParams.max_parties); the aggregator "
+                            "refuses a federation of more hospitals",
+                        }
+                    )
+                    continue
                 without: dict[str, Any] | None = None
                 for rate in sorted(dropouts):
                     stage_grace = grace
@@ -995,6 +1007,7 @@ def run_secagg_bench(
         "with its own channel and agent@<h> certificate, signing and checking every message",
         "machine": {"cpus": os.cpu_count(), "load_average_after": [round(x, 2) for x in load]},
         "max_parties": key.params.max_parties,
+        "sizes_refused": skipped,
         "runs": runs,
         "without_secure_aggregation": baselines,
         "without_secure_aggregation_note": "the same members and aggregator, one encrypted round with "

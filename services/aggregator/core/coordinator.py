@@ -128,6 +128,19 @@ class Coordinator:
     # -- federations and rounds ------------------------------------------------------------
     def start_federation(self, settings: FederationSettings) -> None:
         settings.validate()
+        limit = self._adder.params.max_parties
+        if len(settings.hospitals) > limit:
+            # Every round's sum must decrypt exactly: refused now, not after a whole round.
+            raise InvalidArgument(
+                "too many hospitals",
+                [
+                    FieldProblem(
+                        "hospitals",
+                        f"{len(settings.hospitals)} hospitals; the HE codec's sums decrypt exactly for at "
+                        f"most {limit} (HeParams.max_parties)",
+                    )
+                ],
+            )
         if self._store.create_federation(settings):
             log.info("federation started", extra={"task": settings.task, "rounds": settings.rounds})
         self._notify()
