@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
+from fibemrss.domain.errors import ConfigError
 from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.keys import load_aggregator_key
 from fibemrss.he.mask_signatures import MaskKeyVerifier
 from fibemrss.platform.authorization import central_policy
-from fibemrss.platform.config import ServerConfig, env_float, env_str
+from fibemrss.platform.config import ServerConfig, env_float, env_int, env_str
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.aggregator.adapters.store import AggregatorStore
@@ -35,7 +36,11 @@ def main() -> None:
         idle_seconds=env_float("FIBEMRSS_UPLOAD_IDLE_SECONDS", default.idle_seconds),
         total_seconds=env_float("FIBEMRSS_UPLOAD_SECONDS", default.total_seconds),
     )
-    db = Database(database_url)
+    # Every member of a round may upload or post at once: the pool bounds the database's work.
+    pool_size = env_int("FIBEMRSS_DB_POOL_SIZE", 8)
+    if pool_size < 1:
+        raise ConfigError(f"environment variable FIBEMRSS_DB_POOL_SIZE={pool_size} must be at least 1")
+    db = Database(database_url, max_connections=pool_size)
     store = AggregatorStore(db)
     holder: dict[str, Coordinator] = {}
 

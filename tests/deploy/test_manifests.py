@@ -46,6 +46,7 @@ DOCUMENTED_ENV = {
     "FIBEMRSS_DATASET",
     "FIBEMRSS_MLLP_LISTEN",
     "FIBEMRSS_HTTP_LISTEN",
+    "FIBEMRSS_DB_POOL_SIZE",
 }
 # Which of them each service gets beyond the ones every service gets (the runbook's table).
 COMMON_ENV = DOCUMENTED_ENV - {
@@ -57,9 +58,10 @@ COMMON_ENV = DOCUMENTED_ENV - {
     "FIBEMRSS_GATEWAY",
     "FIBEMRSS_AGGREGATOR",
     "FIBEMRSS_DATASET",
+    "FIBEMRSS_DB_POOL_SIZE",
 }
 SERVICE_ENV = {
-    "aggregator": {"FIBEMRSS_HE_CONTEXT"},
+    "aggregator": {"FIBEMRSS_HE_CONTEXT", "FIBEMRSS_DB_POOL_SIZE"},
     "emr-gateway": {
         "FIBEMRSS_HOSPITAL",
         "FIBEMRSS_PSEUDONYM_KEY",

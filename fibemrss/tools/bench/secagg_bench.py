@@ -559,6 +559,8 @@ def _aggregator(
         FIBEMRSS_TLS_KEY=str(pki / "aggregator@central.key"),
         # Every member long-polls a stage at once: a worker each, beyond the default 32.
         FIBEMRSS_MAX_WORKERS=str(max(32, 2 * n + 16)),
+        # Every member may upload at once: a connection each, within PostgreSQL's 100.
+        FIBEMRSS_DB_POOL_SIZE=str(min(90, max(8, n + 4))),
     )
     sp = ServiceProcess("aggregator@central", env, work)
     sp.start()
