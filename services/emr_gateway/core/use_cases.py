@@ -202,10 +202,16 @@ class Gateway:
         self._on_outcomes = on_outcomes
 
     # -- ingestion -------------------------------------------------------------------------------
-    def ingest_candidates(self, candidates: Sequence[Candidate]) -> IngestResult:
-        outcomes = ingest(candidates, self._store, self._pseudonyms)
+    def _ingest(self, candidates: Sequence[Candidate]) -> list[Outcome]:
+        """The one write path of every edge (gRPC, MLLP, FHIR REST and NDJSON): the records'
+        fates, each also told to `on_outcomes` (the metrics), whatever brought them."""
+        outcomes = list(ingest(candidates, self._store, self._pseudonyms))
         if self._on_outcomes is not None:
             self._on_outcomes(outcomes)
+        return outcomes
+
+    def ingest_candidates(self, candidates: Sequence[Candidate]) -> IngestResult:
+        outcomes = self._ingest(candidates)
         counts = resource_counts(candidates, outcomes)
         bound_details(outcomes)
         return IngestResult(outcomes, counts)
@@ -243,10 +249,12 @@ class Gateway:
                     continue
                 names |= keys
                 batch.append(i)
-            outcomes = iter(ingest([c for i in batch for c in parsed[i]], self._store, self._pseudonyms))
+            outcomes = iter(self._ingest([c for i in batch for c in parsed[i]]))
             for i in batch:
                 mine = [next(outcomes) for _ in parsed[i]]
-                results[i] = IngestResult(mine, resource_counts(parsed[i], mine))
+                counts = resource_counts(parsed[i], mine)
+                bound_details(mine)  # per message, as one message alone would be
+                results[i] = IngestResult(mine, counts)
             pending = later
         return [r for r in results if r is not None]
 
@@ -264,14 +272,16 @@ class Gateway:
                 continue
             parsed.append(one)
             candidates.extend(bundle_candidates(one))
-        outcomes = iter(ingest(candidates, self._store, self._pseudonyms))
+        outcomes = iter(self._ingest(candidates))
         out: list[BundleIngest | InvalidArgument] = []
         for p in parsed:
             if isinstance(p, InvalidArgument):
                 out.append(p)
             else:
                 n = len(p.records) + len(p.rejected) + (1 if p.unattributed else 0)
-                out.append(BundleIngest(p, [next(outcomes) for _ in range(n)]))
+                mine = [next(outcomes) for _ in range(n)]
+                bound_details(mine)  # per bundle, as one bundle alone would be
+                out.append(BundleIngest(p, mine))
         return out
 
     # -- quarantine review -------------------------------------------------------------------------
