@@ -136,7 +136,11 @@ def _text_problems(record: PatientRecord) -> list[FieldProblem]:
         texts += [(f"{path}.code", v) for v in (o.code.system, o.code.code, o.code.display)]
         texts += [(f"{path}.unit", o.unit), (f"{path}.source_id", o.source_id)]
         if o.value_code is not None:
-            texts += [(f"{path}.value_code", v) for v in (o.value_code.system, o.value_code.code)]
+            # display too: a quarantined record is kept as sent, display and all
+            texts += [
+                (f"{path}.value_code", v)
+                for v in (o.value_code.system, o.value_code.code, o.value_code.display)
+            ]
     for i, c in enumerate(record.conditions):
         texts += [(f"conditions[{i}].code", v) for v in (c.code.system, c.code.code, c.code.display)]
         texts += [(f"conditions[{i}].clinical_status", c.clinical_status)]
