@@ -8,6 +8,7 @@ Bytes are per parameter; times are seconds per million parameters on one core.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,10 +30,27 @@ _FLARE_SLOTS = _FLARE_POLY_MODULUS_DEGREE // 2
 _Result = TypeVar("_Result")
 
 
-def _timed(work: Callable[[], _Result]) -> tuple[_Result, float]:
-    start = time.perf_counter()
-    result = work()
-    return result, time.perf_counter() - start
+# Timed runs of each step after one warm-up run (imports, allocator, SEAL's first use): the median is
+# reported, with the fastest and slowest, since a shared machine's load moves a single run 3x.
+RUNS = 5
+
+
+class _Timer:
+    """Times steps: each one's median over `runs` runs after a warm-up, fastest and slowest kept."""
+
+    def __init__(self, runs: int) -> None:
+        self.runs = max(1, runs)
+        self.spreads: dict[str, tuple[float, float]] = {}
+
+    def timed(self, name: str, work: Callable[[], _Result]) -> tuple[_Result, float]:
+        result = work()  # warm-up, not timed
+        times = []
+        for _ in range(self.runs):
+            start = time.perf_counter()
+            result = work()
+            times.append(time.perf_counter() - start)
+        self.spreads[name] = (min(times), max(times))
+        return result, statistics.median(times)
 
 
 def upload_breakdown(upload: list[bytes], n_params: int, params: HeParams) -> dict[str, Any]:
@@ -71,28 +89,40 @@ def upload_breakdown(upload: list[bytes], n_params: int, params: HeParams) -> di
 
 
 def _figures(
-    n_params: int, upload: list[bytes], download: list[bytes], times: tuple[float, float, float], error: float
+    n_params: int,
+    upload: list[bytes],
+    download: list[bytes],
+    times: tuple[float, float, float],
+    error: float,
+    timer: _Timer,
 ) -> dict[str, Any]:
     per_million = 1e6 / n_params
     encrypt_s, aggregate_s, decrypt_s = times
     return {
         "upload_bytes_per_param": sum(map(len, upload)) / n_params,
         "download_bytes_per_param": sum(map(len, download)) / n_params,
+        # medians of RUNS timed runs after a warm-up; the spread beside them
         "encrypt_s_per_million": encrypt_s * per_million,
         "aggregate_s_per_million": aggregate_s * per_million,
         "decrypt_s_per_million": decrypt_s * per_million,
+        "runs": timer.runs,
+        "spread_s_per_million": {
+            step: [round(lo * per_million, 4), round(hi * per_million, 4)]
+            for step, (lo, hi) in timer.spreads.items()
+        },
         "max_abs_error": error,
     }
 
 
-def _bench_ours(values: np.ndarray, weight: int) -> dict[str, Any]:
+def _bench_ours(values: np.ndarray, weight: int, runs: int) -> dict[str, Any]:
     hospital_bytes, aggregator_bytes = generate_keys()
     hospital_key = load_hospital_key(hospital_bytes)
     aggregator_key = load_aggregator_key(aggregator_bytes)
     encryptor = UpdateEncryptor(hospital_key)
     decryptor = UpdateDecryptor(hospital_key)
 
-    upload, encrypt_s = _timed(lambda: encryptor.encrypt(values, weight))
+    timer = _Timer(runs)
+    upload, encrypt_s = timer.timed("encrypt", lambda: encryptor.encrypt(values, weight))
 
     def aggregate() -> list[bytes]:
         summed: list[bytes] = []
@@ -103,15 +133,15 @@ def _bench_ours(values: np.ndarray, weight: int) -> dict[str, Any]:
             summed.append(accumulator.result())
         return summed
 
-    download, aggregate_s = _timed(aggregate)
-    (average, _), decrypt_s = _timed(lambda: decryptor.decrypt_average(download, values.size))
+    download, aggregate_s = timer.timed("aggregate", aggregate)
+    (average, _), decrypt_s = timer.timed("decrypt", lambda: decryptor.decrypt_average(download, values.size))
     error = float(np.abs(average - values).max())
-    figures = _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error)
+    figures = _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error, timer)
     figures["upload_breakdown"] = upload_breakdown(upload, values.size, hospital_key.params)
     return figures
 
 
-def _bench_flare_ckks(values: np.ndarray) -> dict[str, Any]:
+def _bench_flare_ckks(values: np.ndarray, runs: int) -> dict[str, Any]:
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=_FLARE_POLY_MODULUS_DEGREE,
@@ -122,7 +152,10 @@ def _bench_flare_ckks(values: np.ndarray) -> dict[str, Any]:
     public_context = ts.context_from(context.serialize(save_secret_key=False), n_threads=1)
     slices = [values[start : start + _FLARE_SLOTS].tolist() for start in range(0, values.size, _FLARE_SLOTS)]
 
-    upload, encrypt_s = _timed(lambda: [ts.ckks_vector(context, part).serialize() for part in slices])
+    timer = _Timer(runs)
+    upload, encrypt_s = timer.timed(
+        "encrypt", lambda: [ts.ckks_vector(context, part).serialize() for part in slices]
+    )
 
     def aggregate() -> list[bytes]:
         summed: list[bytes] = []
@@ -133,18 +166,19 @@ def _bench_flare_ckks(values: np.ndarray) -> dict[str, Any]:
             summed.append(total.serialize())
         return summed
 
-    download, aggregate_s = _timed(aggregate)
+    download, aggregate_s = timer.timed("aggregate", aggregate)
 
     def decrypt() -> np.ndarray:
         parts = [ts.ckks_vector_from(context, serialized).decrypt() for serialized in download]
         return np.concatenate([np.asarray(part) for part in parts]) / N_HOSPITALS
 
-    average, decrypt_s = _timed(decrypt)
+    average, decrypt_s = timer.timed("decrypt", decrypt)
     error = float(np.abs(average - values).max())
-    return _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error)
+    return _figures(values.size, upload, download, (encrypt_s, aggregate_s, decrypt_s), error, timer)
 
 
-def run_he_bench(n_params: int = 1_000_000) -> dict[str, dict[str, Any]]:
-    """{"ours": figures, "flare_ckks": figures}, measured now on this machine, one core each."""
+def run_he_bench(n_params: int = 1_000_000, runs: int = RUNS) -> dict[str, dict[str, Any]]:
+    """{"ours": figures, "flare_ckks": figures}, measured now on this machine, one core each: each
+    step's median of `runs` timed runs after a warm-up, with the fastest and slowest."""
     values = np.random.default_rng(0).uniform(-1.0, 1.0, n_params)
-    return {"ours": _bench_ours(values, weight=1000), "flare_ckks": _bench_flare_ckks(values)}
+    return {"ours": _bench_ours(values, 1000, runs), "flare_ckks": _bench_flare_ckks(values, runs)}

@@ -25,7 +25,7 @@ def _emit(result: dict[str, Any], path: str | None) -> None:
 def _he(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.he_bench import run_he_bench
 
-    _emit(run_he_bench(args.params), args.json)
+    _emit(run_he_bench(args.params, args.runs), args.json)
     return 0
 
 
@@ -156,6 +156,7 @@ def add_parser(subparsers: Any) -> None:
 
     he = sub.add_parser("he", help="HE codec cost per parameter, ours next to NVIDIA FLARE's CKKS")
     he.add_argument("--params", type=int, default=1_000_000)
+    he.add_argument("--runs", type=int, default=5, help="timed runs per step after a warm-up (median)")
     he.set_defaults(func=_he)
 
     rnd = sub.add_parser("round", help="median wall time of a full encrypted round on loopback")
