@@ -38,6 +38,7 @@ _STATUS: list[tuple[type[errors.DomainError], int]] = [
     (errors.PermissionDenied, 403),
     (errors.NotFound, 404),
     (errors.FailedPrecondition, 409),
+    (errors.ResourceExhausted, 429),
     (errors.Unavailable, 503),
 ]
 

@@ -320,3 +320,45 @@ def test_a_research_denial_removes_the_patient_from_training_until_permitted(fhi
     assert ("consent_deny", denied) in rows and ("consent_permit", denied) in rows
     assert any(action == "consent_excluded" for action, _ in rows)
     assert fhir_server.count("consents") == 2
+
+
+def test_imports_beyond_the_pending_cap_are_refused_before_their_body_is_held(
+    fresh_database: Callable[[str], str], pki: Path
+) -> None:
+    """Each accepted import holds its body (up to 512 MiB) until it runs: with one import still
+    running, the next is 429 with an OperationOutcome saying why (`throttled`); once it finished, a
+    new one is taken. The cap is 2 in service; 1 here, so one long import is enough."""
+    url = fresh_database("hospital")
+    db = Database(url)
+    rest = FhirRest(
+        Gateway(GatewayStore(db), Pseudonymizer(KEY)), hospital_policy(HOSPITAL), max_pending_imports=1
+    )
+    http = start_http(
+        "fhir-test",
+        Starlette(routes=rest.routes()),
+        EdgeListen("127.0.0.1", 0, tls(pki, f"gateway@{HOSPITAL}")),
+    )
+    fhir = Fhir(http.base_url + "/fhir", url, pki)
+    body = as_ndjson(synthea() * 3)  # seconds of work for the one import runner
+    try:
+        with fhir.client() as client:
+            first = client.post("/$import", content=body)
+            assert first.status_code == 202, first.text
+            refused = client.post("/$import", content=b"{}\n")
+            assert refused.status_code == 429, refused.text
+            outcome = OperationOutcome.model_validate(refused.json())
+            assert outcome.issue[0].code == "throttled" and "still running" in (
+                outcome.issue[0].diagnostics or ""
+            )
+            deadline = time.monotonic() + 120
+            while client.get(first.headers["Content-Location"]).status_code == 202:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert (
+                client.post("/$import", content=b'{"resourceType": "Patient", "id": "late"}\n').status_code
+                == 202
+            )
+    finally:
+        http.stop()
+        rest.close()
+        db.close()

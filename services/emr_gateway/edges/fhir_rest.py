@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
+from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound, ResourceExhausted
 from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, read_json
 from fibemrss.platform.authorization import INGEST_METHOD
 from fibemrss.platform.http_server import Handler, guarded, http_status_for, request_identity
@@ -47,6 +47,9 @@ MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
 GROUPS_PER_WRITE = 200  # patient groups per database batch of an import
 MAX_JOBS = 100  # finished jobs kept for polling; the oldest are forgotten first
+# Imports accepted and not finished (each holds its body, up to MAX_IMPORT_BYTES, until it runs):
+# one more is refused with 429 before its body is read, so queued bodies bound the memory.
+MAX_PENDING_IMPORTS = 2
 
 
 def fhir_response(doc: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -62,7 +65,9 @@ def error_response(exc: BaseException, root: str = "Bundle") -> Response:
         )
     if isinstance(exc, InvalidArgument) and exc.violations:
         return fhir_response(fo.problems_outcome(exc.violations, root), status)
-    code = {401: "login", 403: "forbidden", 404: "not-found", 503: "transient"}.get(status, "processing")
+    code = {401: "login", 403: "forbidden", 404: "not-found", 429: "throttled", 503: "transient"}.get(
+        status, "processing"
+    )
     return fhir_response(fo.message_outcome("error", code, str(exc)), status)
 
 
@@ -80,7 +85,14 @@ class ImportJob:
 
 
 class FhirRest:
-    def __init__(self, gateway: Gateway, authorize: Authorize | None, base_path: str = "/fhir") -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        authorize: Authorize | None,
+        base_path: str = "/fhir",
+        max_pending_imports: int = MAX_PENDING_IMPORTS,
+    ) -> None:
+        self._max_pending = max_pending_imports
         self._gateway = gateway
         self._authorize = authorize
         self._base = base_path
@@ -178,7 +190,18 @@ class FhirRest:
         )
 
     # -- bulk NDJSON import ----------------------------------------------------------------------
+    def _check_pending(self) -> None:
+        """Under `_jobs_lock`: refuses one more import while the most allowed are unfinished."""
+        pending = sum(1 for j in self._jobs.values() if not j.finished)
+        if pending >= self._max_pending:
+            raise ResourceExhausted(
+                f"{pending} imports are still running (at most {self._max_pending} at once): "
+                "poll their status and send this one again later"
+            )
+
     async def _import(self, request: Request) -> Response:
+        with self._jobs_lock:
+            self._check_pending()  # before reading a body that would only wait in memory
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
@@ -191,6 +214,7 @@ class FhirRest:
         body = b"".join(chunks)
         job = ImportJob(uuid.uuid4().hex, str(request.url), datetime.now(UTC).isoformat())
         with self._jobs_lock:
+            self._check_pending()  # again: others may have been accepted while this body arrived
             self._jobs[job.id] = job
             while len(self._jobs) > MAX_JOBS:
                 oldest = next(iter(self._jobs))
