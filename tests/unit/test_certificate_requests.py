@@ -143,7 +143,7 @@ def test_the_ca_decides_the_extensions_not_the_request(ca: CertificateAuthority)
         ([x509.DNSName("aggregator.central.fibemrss")], "under .fibemrss"),  # another identity's pin
         ([x509.DNSName("gateway.a.fibemrss")], "under .fibemrss"),
         ([x509.DNSName("Bad_Name.example")], "not a DNS host name"),
-        ([x509.IPAddress(ipaddress.ip_address("10.0.0.7"))], "only for DNS host names"),
+        ([x509.IPAddress(ipaddress.ip_address("198.18.0.7"))], "only for DNS host names"),
         ([x509.UniformResourceIdentifier("https://aggregator.example")], "only for DNS host names"),
     ],
 )
