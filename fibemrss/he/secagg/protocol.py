@@ -506,10 +506,9 @@ class SecAggMember:
             }
             agreeing.add(self.hospital)
             t = view.threshold(self.hospital)
-            holders_agreeing = agreeing & view.holders(self.hospital) if self._sig.enabled else agreeing
-            if len(holders_agreeing) < t:
+            if len(agreeing) < t:
                 raise ProtocolRefused(
-                    f"round {self.ctx.round}: only {len(holders_agreeing)} members signed the survivor set, "
+                    f"round {self.ctx.round}: only {len(agreeing)} members signed the survivor set, "
                     f"fewer than the threshold {t}; revealing nothing"
                 )
         assert self.u2 is not None

@@ -433,16 +433,21 @@ class AggregatorStore:
             row = cur.fetchone()
         return None if row is None else row[0]
 
+    @staticmethod
+    def _posters(cur: psycopg2.extensions.cursor, task: str, number: int, stage: str) -> frozenset[str]:
+        """Who posted in a stage (uploads: who submitted)."""
+        if stage == "uploads":
+            cur.execute("SELECT hospital FROM submissions WHERE task=%s AND round=%s", (task, number))
+        else:
+            cur.execute(
+                "SELECT DISTINCT sender FROM round_messages WHERE task=%s AND round=%s AND stage=%s",
+                (task, number, stage),
+            )
+        return frozenset(r[0] for r in cur.fetchall())
+
     def poster_names(self, task: str, number: int, stage: str) -> frozenset[str]:
         with self._db.transaction() as cur:
-            if stage == "uploads":
-                cur.execute("SELECT hospital FROM submissions WHERE task=%s AND round=%s", (task, number))
-            else:
-                cur.execute(
-                    "SELECT DISTINCT sender FROM round_messages WHERE task=%s AND round=%s AND stage=%s",
-                    (task, number, stage),
-                )
-            return frozenset(r[0] for r in cur.fetchall())
+            return self._posters(cur, task, number, stage)
 
     def close_stage(self, s: FederationSettings, number: int, stage: str) -> bool:
         """Closes an open stage with whoever posted in it; the next stage gets a full deadline."""
@@ -453,14 +458,7 @@ class AggregatorStore:
                 return False
             if stage in self._stages(cur, s.task, number):
                 return False
-            if stage == "uploads":
-                cur.execute("SELECT hospital FROM submissions WHERE task=%s AND round=%s", (s.task, number))
-            else:
-                cur.execute(
-                    "SELECT DISTINCT sender FROM round_messages WHERE task=%s AND round=%s AND stage=%s",
-                    (s.task, number, stage),
-                )
-            members = sorted(r[0] for r in cur.fetchall())
+            members = sorted(self._posters(cur, s.task, number, stage))
             cur.execute(
                 "INSERT INTO round_stages (task, round, stage, members) VALUES (%s,%s,%s,%s)",
                 (s.task, number, stage, members),

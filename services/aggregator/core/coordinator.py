@@ -459,7 +459,9 @@ class Coordinator:
                 log.info("cohort fixed", extra={"task": settings.task, "round": current.number})
                 self._notify()
             elif decision == "fail":
-                self._fail(settings, current, f"deadline passed with fewer than {settings.needed} mask keys")
+                self._fail_round(
+                    settings, current.number, f"deadline passed with fewer than {settings.needed} mask keys"
+                )
             return
         if current.quorum_at is None and len(current.submitted) >= settings.quorum:
             self._store.note_submission(settings, current.number)
@@ -488,21 +490,15 @@ class Coordinator:
                 )
                 self._notify()
             elif step == "fail":
-                self._fail(
+                self._fail_round(
                     settings,
-                    current,
+                    current.number,
                     f"deadline passed in the {stage} stage with {len(posted & expected)} of "
                     f"{len(expected)} members, fewer than the {settings.needed} required",
                 )
             return
         if self._store.mark_aggregating(settings.task, current.number):
             self._aggregate(settings, self._store.current_round(settings.task))
-
-    def _fail(self, settings: FederationSettings, current: Round, reason: str) -> None:
-        self._store.fail_round(settings, current.number, reason, next_round_number(settings, current.number))
-        self._rounds.labels(settings.task, "failed").inc()
-        log.warning("round failed", extra={"task": settings.task, "round": current.number, "reason": reason})
-        self._notify()
 
     def _aggregate(self, settings: FederationSettings, current: Round) -> None:
         began = time.perf_counter()
