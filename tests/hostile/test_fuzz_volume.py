@@ -25,11 +25,11 @@ import numpy as np
 import psycopg2
 import pytest
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.admin import ensure_database
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.tools.service_process import ServiceProcess, base_env
@@ -457,7 +457,7 @@ def test_csv_user_profiles(gateway: RunningGateway, federation: Federation) -> N
 
 # --- every other gateway RPC ---------------------------------------------------------------------
 
-GATEWAY = "/fibemrss.emr.v1.EmrGatewayService/"
+GATEWAY = "/fibemrss.api.emr.v1.EmrGatewayService/"
 
 
 def _rpc_volume(
@@ -534,7 +534,7 @@ def test_gateway_rpc(
 
 # --- every aggregator RPC --------------------------------------------------------------------------
 
-AGGREGATOR = "/fibemrss.federation.v1.AggregatorService/"
+AGGREGATOR = "/fibemrss.api.federation.v1.AggregatorService/"
 
 
 @pytest.fixture(scope="module")

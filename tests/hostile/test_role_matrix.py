@@ -20,12 +20,12 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.db.pool import Database
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2
 from fibemrss.he.keys import write_private_file
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.platform.capacity import SMALL_REQUEST_BYTES, request_limit
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
@@ -52,41 +52,41 @@ OUTSIDE_THE_CA_RULES = ("agent@central", "mallory")
 # DESIGN.md's matrix, written out here on its own so the test does not check the code against itself.
 ALLOWED: dict[str, set[str]] = {
     # ingest@h (EHR interfaces) may ingest and nothing else; operator@h keeps ingesting too.
-    "fibemrss.emr.v1.EmrGatewayService/Ingest": {"ingest@h", "operator@h"},
-    "fibemrss.emr.v1.EmrGatewayService/GetIngestStats": {"operator@h"},
-    "fibemrss.emr.v1.EmrGatewayService/ListQuarantine": {"operator@h"},
-    "fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
-    "fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples": {"agent@h"},
-    "fibemrss.emr.v1.EmrGatewayService/GetPatient": {"inference@h"},
-    "fibemrss.emr.v1.EmrGatewayService/ReviewStudy": {"operator@h"},
-    "fibemrss.emr.v1.EmrGatewayService/DecideStudy": {"operator@h"},
-    "fibemrss.federation.v1.HospitalAgentService/GetAgentStatus": {"operator@h"},
-    "fibemrss.inference.v1.DiagnosisService/Diagnose": {"ehr@h"},
-    "fibemrss.inference.v1.DiagnosisService/DiagnoseBatch": {"ehr@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/Ingest": {"ingest@h", "operator@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/GetIngestStats": {"operator@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/ListQuarantine": {"operator@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/StreamTrainingExamples": {"agent@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/GetPatient": {"inference@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/ReviewStudy": {"operator@h"},
+    "fibemrss.api.emr.v1.EmrGatewayService/DecideStudy": {"operator@h"},
+    "fibemrss.api.federation.v1.HospitalAgentService/GetAgentStatus": {"operator@h"},
+    "fibemrss.api.inference.v1.DiagnosisService/Diagnose": {"ehr@h"},
+    "fibemrss.api.inference.v1.DiagnosisService/DiagnoseBatch": {"ehr@h"},
     **{
         f"inference.GRPCInferenceService/{m.name}": {"ehr@h"}
         for m in kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
     },
     # At the aggregator "agent@<hospital>" is any hospital's agent; the servicer then checks that
     # it acts for its own hospital (tests/e2e/test_federation_e2e.py).
-    "fibemrss.federation.v1.AggregatorService/StartFederation": {"operator@central"},
-    "fibemrss.federation.v1.AggregatorService/GetRound": {"agent@h", "agent@other", "operator@central"},
-    "fibemrss.federation.v1.AggregatorService/SubmitUpdate": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/PostRoundMessage": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/GetRoundStage": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/FetchUpload": {"agent@h", "agent@other"},
-    "fibemrss.federation.v1.AggregatorService/GetFederationStatus": {
+    "fibemrss.api.federation.v1.AggregatorService/StartFederation": {"operator@central"},
+    "fibemrss.api.federation.v1.AggregatorService/GetRound": {"agent@h", "agent@other", "operator@central"},
+    "fibemrss.api.federation.v1.AggregatorService/SubmitUpdate": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/PostRoundMessage": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/GetRoundStage": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/FetchUpload": {"agent@h", "agent@other"},
+    "fibemrss.api.federation.v1.AggregatorService/GetFederationStatus": {
         "agent@h",
         "agent@other",
         "operator@h",
         "operator@other",
         "operator@central",
     },
-    "fibemrss.federation.v1.AggregatorService/ProposeStudy": {"operator@central"},
-    "fibemrss.federation.v1.AggregatorService/GetStudyProposal": {
+    "fibemrss.api.federation.v1.AggregatorService/ProposeStudy": {"operator@central"},
+    "fibemrss.api.federation.v1.AggregatorService/GetStudyProposal": {
         "agent@h",
         "agent@other",
         "operator@h",
@@ -214,8 +214,8 @@ def test_every_rpc_refuses_a_request_above_its_own_size_limit_before_decoding_it
     is RESOURCE_EXHAUSTED naming the limit; a request of exactly the limit gets past it. The bulk
     RPCs whose limit is the channel's own (Ingest, SubmitUpdate: 64 MiB) are bounded by grpc."""
     small = SMALL_REQUEST_BYTES
-    assert request_limit("/fibemrss.inference.v1.DiagnosisService/Diagnose") == small
-    assert request_limit("/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch") > small
+    assert request_limit("/fibemrss.api.inference.v1.DiagnosisService/Diagnose") == small
+    assert request_limit("/fibemrss.api.inference.v1.DiagnosisService/DiagnoseBatch") > small
     wrong: list[str] = []
     checked = 0
     for server, method in _cases():
