@@ -4,18 +4,16 @@ and of KServe v2 REST infer (JSON tensors, HTTP/1.1 keep-alive, plaintext like t
 The service runs as its own process (`python -m services.inference`) on a real PostgreSQL with
 one published model version; each concurrency level runs closed-loop clients (each sends its
 next request when the previous answer arrives) spread over a few client processes, so client
-work does not share the server's GIL. Run: `python -m fibemrss.tools.bench.inference_bench`.
+work does not share the server's GIL. Run: `fibemrss bench inference`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import http.client
 import json
 import multiprocessing as mp
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -524,19 +522,3 @@ def run_inference_bench(
     out["cpu_count"] = os.cpu_count()
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
-    parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
-    result = run_inference_bench(args.duration)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

