@@ -17,7 +17,7 @@ mapfile -t files < <(find protos -name '*.proto' | sort)
   "${files[@]}"
 # protoc names modules after the proto paths (fibemrss.emr.v1...): point them at fibemrss.api.
 find "$gen" -name '*_pb2*.py*' -print0 |
-  xargs -0 perl -pi -e 's/(?<![\w.])fibemrss\.(emr|federation|inference|kserve)(?=[.\s])/fibemrss.api.$1/g'
+  xargs -0 perl -pi -e 's/(?<![\w.\/])fibemrss\.(emr|federation|inference|kserve)\.(v\d+)(?=\s+import|\.\w+_pb2)/fibemrss.api.$1.$2/g'
 mkdir -p "$OUT/fibemrss/api"
 [ -f "$OUT/fibemrss/api/__init__.py" ] || printf '"""Generated gRPC and protobuf stubs (scripts/gen_protos.sh); never edited by hand."""\n' > "$OUT/fibemrss/api/__init__.py"
 for f in "${files[@]}"; do

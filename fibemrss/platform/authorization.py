@@ -22,10 +22,10 @@ CENTRAL = "central"
 # Probes and tooling may use these on any authenticated connection.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-_GATEWAY = "/fibemrss.api.emr.v1.EmrGatewayService/"
-_AGENT = "/fibemrss.api.federation.v1.HospitalAgentService/"
-_AGGREGATOR = "/fibemrss.api.federation.v1.AggregatorService/"
-_DIAGNOSIS = "/fibemrss.api.inference.v1.DiagnosisService/"
+_GATEWAY = "/fibemrss.emr.v1.EmrGatewayService/"
+_AGENT = "/fibemrss.federation.v1.HospitalAgentService/"
+_AGGREGATOR = "/fibemrss.federation.v1.AggregatorService/"
+_DIAGNOSIS = "/fibemrss.inference.v1.DiagnosisService/"
 _KSERVE = "/inference.GRPCInferenceService/"  # the KServe v2 wire package
 # The MLLP and FHIR REST edges (bundles, resources, NDJSON $import and its status) ask with this
 # same name, so every transport follows one rule.

@@ -21,7 +21,7 @@ from fibemrss.tools.study_review import document_of
 from tests.hostile.conftest import Federation, StartAggregator
 from tests.waiting import wait_until
 
-AGENT_SERVICE = "fibemrss.api.federation.v1.HospitalAgentService"
+AGENT_SERVICE = "fibemrss.federation.v1.HospitalAgentService"
 
 
 def _closed_port() -> str:

@@ -457,7 +457,7 @@ def test_csv_user_profiles(gateway: RunningGateway, federation: Federation) -> N
 
 # --- every other gateway RPC ---------------------------------------------------------------------
 
-GATEWAY = "/fibemrss.api.emr.v1.EmrGatewayService/"
+GATEWAY = "/fibemrss.emr.v1.EmrGatewayService/"
 
 
 def _rpc_volume(
@@ -534,7 +534,7 @@ def test_gateway_rpc(
 
 # --- every aggregator RPC --------------------------------------------------------------------------
 
-AGGREGATOR = "/fibemrss.api.federation.v1.AggregatorService/"
+AGGREGATOR = "/fibemrss.federation.v1.AggregatorService/"
 
 
 @pytest.fixture(scope="module")

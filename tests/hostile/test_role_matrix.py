@@ -52,41 +52,41 @@ OUTSIDE_THE_CA_RULES = ("agent@central", "mallory")
 # DESIGN.md's matrix, written out here on its own so the test does not check the code against itself.
 ALLOWED: dict[str, set[str]] = {
     # ingest@h (EHR interfaces) may ingest and nothing else; operator@h keeps ingesting too.
-    "fibemrss.api.emr.v1.EmrGatewayService/Ingest": {"ingest@h", "operator@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/GetIngestStats": {"operator@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/ListQuarantine": {"operator@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/StreamTrainingExamples": {"agent@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/GetPatient": {"inference@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/ReviewStudy": {"operator@h"},
-    "fibemrss.api.emr.v1.EmrGatewayService/DecideStudy": {"operator@h"},
-    "fibemrss.api.federation.v1.HospitalAgentService/GetAgentStatus": {"operator@h"},
-    "fibemrss.api.inference.v1.DiagnosisService/Diagnose": {"ehr@h"},
-    "fibemrss.api.inference.v1.DiagnosisService/DiagnoseBatch": {"ehr@h"},
+    "fibemrss.emr.v1.EmrGatewayService/Ingest": {"ingest@h", "operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/GetIngestStats": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/ListQuarantine": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples": {"agent@h"},
+    "fibemrss.emr.v1.EmrGatewayService/GetPatient": {"inference@h"},
+    "fibemrss.emr.v1.EmrGatewayService/ReviewStudy": {"operator@h"},
+    "fibemrss.emr.v1.EmrGatewayService/DecideStudy": {"operator@h"},
+    "fibemrss.federation.v1.HospitalAgentService/GetAgentStatus": {"operator@h"},
+    "fibemrss.inference.v1.DiagnosisService/Diagnose": {"ehr@h"},
+    "fibemrss.inference.v1.DiagnosisService/DiagnoseBatch": {"ehr@h"},
     **{
         f"inference.GRPCInferenceService/{m.name}": {"ehr@h"}
         for m in kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
     },
     # At the aggregator "agent@<hospital>" is any hospital's agent; the servicer then checks that
     # it acts for its own hospital (tests/e2e/test_federation_e2e.py).
-    "fibemrss.api.federation.v1.AggregatorService/StartFederation": {"operator@central"},
-    "fibemrss.api.federation.v1.AggregatorService/GetRound": {"agent@h", "agent@other", "operator@central"},
-    "fibemrss.api.federation.v1.AggregatorService/SubmitUpdate": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/PostRoundMessage": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/GetRoundStage": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/FetchUpload": {"agent@h", "agent@other"},
-    "fibemrss.api.federation.v1.AggregatorService/GetFederationStatus": {
+    "fibemrss.federation.v1.AggregatorService/StartFederation": {"operator@central"},
+    "fibemrss.federation.v1.AggregatorService/GetRound": {"agent@h", "agent@other", "operator@central"},
+    "fibemrss.federation.v1.AggregatorService/SubmitUpdate": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/FetchAggregate": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/PublishMaskKey": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/GetMaskKeys": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/PostRoundMessage": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/GetRoundStage": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/FetchUpload": {"agent@h", "agent@other"},
+    "fibemrss.federation.v1.AggregatorService/GetFederationStatus": {
         "agent@h",
         "agent@other",
         "operator@h",
         "operator@other",
         "operator@central",
     },
-    "fibemrss.api.federation.v1.AggregatorService/ProposeStudy": {"operator@central"},
-    "fibemrss.api.federation.v1.AggregatorService/GetStudyProposal": {
+    "fibemrss.federation.v1.AggregatorService/ProposeStudy": {"operator@central"},
+    "fibemrss.federation.v1.AggregatorService/GetStudyProposal": {
         "agent@h",
         "agent@other",
         "operator@h",
@@ -214,8 +214,8 @@ def test_every_rpc_refuses_a_request_above_its_own_size_limit_before_decoding_it
     is RESOURCE_EXHAUSTED naming the limit; a request of exactly the limit gets past it. The bulk
     RPCs whose limit is the channel's own (Ingest, SubmitUpdate: 64 MiB) are bounded by grpc."""
     small = SMALL_REQUEST_BYTES
-    assert request_limit("/fibemrss.api.inference.v1.DiagnosisService/Diagnose") == small
-    assert request_limit("/fibemrss.api.inference.v1.DiagnosisService/DiagnoseBatch") > small
+    assert request_limit("/fibemrss.inference.v1.DiagnosisService/Diagnose") == small
+    assert request_limit("/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch") > small
     wrong: list[str] = []
     checked = 0
     for server, method in _cases():

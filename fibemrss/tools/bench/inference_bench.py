@@ -47,7 +47,7 @@ from services.inference.core.input_limits import feature_limits
 from services.inference.core.model_cache import ModelCache
 from services.inference.edges.diagnosis_grpc import DiagnosisServicer
 
-DIAGNOSE_METHOD = "/fibemrss.api.inference.v1.DiagnosisService/Diagnose"
+DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 CONCURRENCY = (1, 8, 32)
 # One asyncio process drives many in-flight calls with less CPU than several processes that

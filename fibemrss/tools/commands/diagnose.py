@@ -24,7 +24,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "diagnose",
         help="a diagnosis reference for one patient from a hospital's inference service",
-        description="Reads a shared-schema PatientRecord in protobuf JSON form (fibemrss.api.emr.v1) and "
+        description="Reads a shared-schema PatientRecord in protobuf JSON form (fibemrss.emr.v1) and "
         "prints the reference: probability, label, risk band, the largest feature contributions "
         "and the imputed features.",
     )

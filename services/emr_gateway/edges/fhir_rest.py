@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 Authorize = Callable[[str, str], None]
 FHIR_JSON = "application/fhir+json"
-READ_METHOD = "/fibemrss.api.emr.v1.EmrGatewayService/GetIngestStats"
+READ_METHOD = "/fibemrss.emr.v1.EmrGatewayService/GetIngestStats"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
 GROUPS_PER_WRITE = 200  # patient groups per database batch of an import

@@ -30,7 +30,7 @@ from services.inference.core.model_cache import ModelCache
 log = logging.getLogger(__name__)
 
 Authorize = Callable[[str, str], None]
-DIAGNOSE_METHOD = "/fibemrss.api.inference.v1.DiagnosisService/Diagnose"
+DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
 

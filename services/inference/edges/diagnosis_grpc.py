@@ -1,4 +1,4 @@
-"""`fibemrss.api.inference.v1.DiagnosisService` over gRPC: diagnosis references (KServe v2: `kserve_grpc.py`).
+"""`fibemrss.inference.v1.DiagnosisService` over gRPC: diagnosis references (KServe v2: `kserve_grpc.py`).
 
 Thin: check the request, convert it, ask the model, convert back. Domain errors are raised, and
 the shared interceptor turns them into statuses with field violations.

@@ -35,42 +35,42 @@ class EmrGatewayServiceStub:
             channel: A grpc.Channel.
         """
         self.Ingest = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/Ingest',
+                '/fibemrss.emr.v1.EmrGatewayService/Ingest',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.IngestRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.IngestResponse.FromString,
                 _registered_method=True)
         self.GetPatient = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/GetPatient',
+                '/fibemrss.emr.v1.EmrGatewayService/GetPatient',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetPatientRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetPatientResponse.FromString,
                 _registered_method=True)
         self.GetIngestStats = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/GetIngestStats',
+                '/fibemrss.emr.v1.EmrGatewayService/GetIngestStats',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsResponse.FromString,
                 _registered_method=True)
         self.ListQuarantine = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/ListQuarantine',
+                '/fibemrss.emr.v1.EmrGatewayService/ListQuarantine',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineResponse.FromString,
                 _registered_method=True)
         self.ResolveQuarantine = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/ResolveQuarantine',
+                '/fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineResponse.FromString,
                 _registered_method=True)
         self.StreamTrainingExamples = channel.unary_stream(
-                '/fibemrss.api.emr.v1.EmrGatewayService/StreamTrainingExamples',
+                '/fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesResponse.FromString,
                 _registered_method=True)
         self.ReviewStudy = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/ReviewStudy',
+                '/fibemrss.emr.v1.EmrGatewayService/ReviewStudy',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyResponse.FromString,
                 _registered_method=True)
         self.DecideStudy = channel.unary_unary(
-                '/fibemrss.api.emr.v1.EmrGatewayService/DecideStudy',
+                '/fibemrss.emr.v1.EmrGatewayService/DecideStudy',
                 request_serializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyResponse.FromString,
                 _registered_method=True)
@@ -184,9 +184,9 @@ def add_EmrGatewayServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fibemrss.api.emr.v1.EmrGatewayService', rpc_method_handlers)
+            'fibemrss.emr.v1.EmrGatewayService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fibemrss.api.emr.v1.EmrGatewayService', rpc_method_handlers)
+    server.add_registered_method_handlers('fibemrss.emr.v1.EmrGatewayService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -207,7 +207,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/Ingest',
+            '/fibemrss.emr.v1.EmrGatewayService/Ingest',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.IngestRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.IngestResponse.FromString,
             options,
@@ -234,7 +234,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/GetPatient',
+            '/fibemrss.emr.v1.EmrGatewayService/GetPatient',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetPatientRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetPatientResponse.FromString,
             options,
@@ -261,7 +261,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/GetIngestStats',
+            '/fibemrss.emr.v1.EmrGatewayService/GetIngestStats',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.GetIngestStatsResponse.FromString,
             options,
@@ -288,7 +288,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/ListQuarantine',
+            '/fibemrss.emr.v1.EmrGatewayService/ListQuarantine',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.ListQuarantineResponse.FromString,
             options,
@@ -315,7 +315,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/ResolveQuarantine',
+            '/fibemrss.emr.v1.EmrGatewayService/ResolveQuarantine',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.ResolveQuarantineResponse.FromString,
             options,
@@ -342,7 +342,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/StreamTrainingExamples',
+            '/fibemrss.emr.v1.EmrGatewayService/StreamTrainingExamples',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.StreamTrainingExamplesResponse.FromString,
             options,
@@ -369,7 +369,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/ReviewStudy',
+            '/fibemrss.emr.v1.EmrGatewayService/ReviewStudy',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.ReviewStudyResponse.FromString,
             options,
@@ -396,7 +396,7 @@ class EmrGatewayService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.emr.v1.EmrGatewayService/DecideStudy',
+            '/fibemrss.emr.v1.EmrGatewayService/DecideStudy',
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyRequest.SerializeToString,
             fibemrss_dot_emr_dot_v1_dot_emr__pb2.DecideStudyResponse.FromString,
             options,

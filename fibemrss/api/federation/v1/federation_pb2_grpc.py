@@ -35,62 +35,62 @@ class AggregatorServiceStub:
             channel: A grpc.Channel.
         """
         self.StartFederation = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/StartFederation',
+                '/fibemrss.federation.v1.AggregatorService/StartFederation',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.StartFederationRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.StartFederationResponse.FromString,
                 _registered_method=True)
         self.GetRound = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/GetRound',
+                '/fibemrss.federation.v1.AggregatorService/GetRound',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundResponse.FromString,
                 _registered_method=True)
         self.SubmitUpdate = channel.stream_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/SubmitUpdate',
+                '/fibemrss.federation.v1.AggregatorService/SubmitUpdate',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.SubmitUpdateRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.SubmitUpdateResponse.FromString,
                 _registered_method=True)
         self.FetchAggregate = channel.unary_stream(
-                '/fibemrss.api.federation.v1.AggregatorService/FetchAggregate',
+                '/fibemrss.federation.v1.AggregatorService/FetchAggregate',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchAggregateRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchAggregateResponse.FromString,
                 _registered_method=True)
         self.GetFederationStatus = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/GetFederationStatus',
+                '/fibemrss.federation.v1.AggregatorService/GetFederationStatus',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusResponse.FromString,
                 _registered_method=True)
         self.PublishMaskKey = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/PublishMaskKey',
+                '/fibemrss.federation.v1.AggregatorService/PublishMaskKey',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyResponse.FromString,
                 _registered_method=True)
         self.GetMaskKeys = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/GetMaskKeys',
+                '/fibemrss.federation.v1.AggregatorService/GetMaskKeys',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
                 _registered_method=True)
         self.PostRoundMessage = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/PostRoundMessage',
+                '/fibemrss.federation.v1.AggregatorService/PostRoundMessage',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageResponse.FromString,
                 _registered_method=True)
         self.GetRoundStage = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/GetRoundStage',
+                '/fibemrss.federation.v1.AggregatorService/GetRoundStage',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageResponse.FromString,
                 _registered_method=True)
         self.FetchUpload = channel.unary_stream(
-                '/fibemrss.api.federation.v1.AggregatorService/FetchUpload',
+                '/fibemrss.federation.v1.AggregatorService/FetchUpload',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadResponse.FromString,
                 _registered_method=True)
         self.ProposeStudy = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/ProposeStudy',
+                '/fibemrss.federation.v1.AggregatorService/ProposeStudy',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyResponse.FromString,
                 _registered_method=True)
         self.GetStudyProposal = channel.unary_unary(
-                '/fibemrss.api.federation.v1.AggregatorService/GetStudyProposal',
+                '/fibemrss.federation.v1.AggregatorService/GetStudyProposal',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalResponse.FromString,
                 _registered_method=True)
@@ -253,9 +253,9 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fibemrss.api.federation.v1.AggregatorService', rpc_method_handlers)
+            'fibemrss.federation.v1.AggregatorService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fibemrss.api.federation.v1.AggregatorService', rpc_method_handlers)
+    server.add_registered_method_handlers('fibemrss.federation.v1.AggregatorService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -276,7 +276,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/StartFederation',
+            '/fibemrss.federation.v1.AggregatorService/StartFederation',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.StartFederationRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.StartFederationResponse.FromString,
             options,
@@ -303,7 +303,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/GetRound',
+            '/fibemrss.federation.v1.AggregatorService/GetRound',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundResponse.FromString,
             options,
@@ -330,7 +330,7 @@ class AggregatorService:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/SubmitUpdate',
+            '/fibemrss.federation.v1.AggregatorService/SubmitUpdate',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.SubmitUpdateRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.SubmitUpdateResponse.FromString,
             options,
@@ -357,7 +357,7 @@ class AggregatorService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/FetchAggregate',
+            '/fibemrss.federation.v1.AggregatorService/FetchAggregate',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchAggregateRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchAggregateResponse.FromString,
             options,
@@ -384,7 +384,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/GetFederationStatus',
+            '/fibemrss.federation.v1.AggregatorService/GetFederationStatus',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetFederationStatusResponse.FromString,
             options,
@@ -411,7 +411,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/PublishMaskKey',
+            '/fibemrss.federation.v1.AggregatorService/PublishMaskKey',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.PublishMaskKeyResponse.FromString,
             options,
@@ -438,7 +438,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/GetMaskKeys',
+            '/fibemrss.federation.v1.AggregatorService/GetMaskKeys',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetMaskKeysResponse.FromString,
             options,
@@ -465,7 +465,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/PostRoundMessage',
+            '/fibemrss.federation.v1.AggregatorService/PostRoundMessage',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.PostRoundMessageResponse.FromString,
             options,
@@ -492,7 +492,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/GetRoundStage',
+            '/fibemrss.federation.v1.AggregatorService/GetRoundStage',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetRoundStageResponse.FromString,
             options,
@@ -519,7 +519,7 @@ class AggregatorService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/FetchUpload',
+            '/fibemrss.federation.v1.AggregatorService/FetchUpload',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.FetchUploadResponse.FromString,
             options,
@@ -546,7 +546,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/ProposeStudy',
+            '/fibemrss.federation.v1.AggregatorService/ProposeStudy',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.ProposeStudyResponse.FromString,
             options,
@@ -573,7 +573,7 @@ class AggregatorService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.AggregatorService/GetStudyProposal',
+            '/fibemrss.federation.v1.AggregatorService/GetStudyProposal',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetStudyProposalResponse.FromString,
             options,
@@ -597,7 +597,7 @@ class HospitalAgentServiceStub:
             channel: A grpc.Channel.
         """
         self.GetAgentStatus = channel.unary_unary(
-                '/fibemrss.api.federation.v1.HospitalAgentService/GetAgentStatus',
+                '/fibemrss.federation.v1.HospitalAgentService/GetAgentStatus',
                 request_serializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetAgentStatusRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetAgentStatusResponse.FromString,
                 _registered_method=True)
@@ -623,9 +623,9 @@ def add_HospitalAgentServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fibemrss.api.federation.v1.HospitalAgentService', rpc_method_handlers)
+            'fibemrss.federation.v1.HospitalAgentService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fibemrss.api.federation.v1.HospitalAgentService', rpc_method_handlers)
+    server.add_registered_method_handlers('fibemrss.federation.v1.HospitalAgentService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -646,7 +646,7 @@ class HospitalAgentService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.federation.v1.HospitalAgentService/GetAgentStatus',
+            '/fibemrss.federation.v1.HospitalAgentService/GetAgentStatus',
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetAgentStatusRequest.SerializeToString,
             fibemrss_dot_federation_dot_v1_dot_federation__pb2.GetAgentStatusResponse.FromString,
             options,

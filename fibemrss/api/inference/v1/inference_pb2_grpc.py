@@ -35,12 +35,12 @@ class DiagnosisServiceStub:
             channel: A grpc.Channel.
         """
         self.Diagnose = channel.unary_unary(
-                '/fibemrss.api.inference.v1.DiagnosisService/Diagnose',
+                '/fibemrss.inference.v1.DiagnosisService/Diagnose',
                 request_serializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseResponse.FromString,
                 _registered_method=True)
         self.DiagnoseBatch = channel.unary_unary(
-                '/fibemrss.api.inference.v1.DiagnosisService/DiagnoseBatch',
+                '/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch',
                 request_serializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchRequest.SerializeToString,
                 response_deserializer=fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchResponse.FromString,
                 _registered_method=True)
@@ -81,9 +81,9 @@ def add_DiagnosisServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fibemrss.api.inference.v1.DiagnosisService', rpc_method_handlers)
+            'fibemrss.inference.v1.DiagnosisService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fibemrss.api.inference.v1.DiagnosisService', rpc_method_handlers)
+    server.add_registered_method_handlers('fibemrss.inference.v1.DiagnosisService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -104,7 +104,7 @@ class DiagnosisService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.inference.v1.DiagnosisService/Diagnose',
+            '/fibemrss.inference.v1.DiagnosisService/Diagnose',
             fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseRequest.SerializeToString,
             fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseResponse.FromString,
             options,
@@ -131,7 +131,7 @@ class DiagnosisService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fibemrss.api.inference.v1.DiagnosisService/DiagnoseBatch',
+            '/fibemrss.inference.v1.DiagnosisService/DiagnoseBatch',
             fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchRequest.SerializeToString,
             fibemrss_dot_inference_dot_v1_dot_inference__pb2.DiagnoseBatchResponse.FromString,
             options,
