@@ -57,7 +57,7 @@ base-images:
 # The Helm chart (central + four hospitals) as real pods with podman kube play, the demo's job
 # against them (docs/runbook.md, "End-to-end deployment test"); writes var/deploy-e2e.json.
 deploy-e2e: images deploy-tools
-	$(BIN)/python deploy/e2e/run.py
+	$(BIN)/python -m fibemrss.tools.deploy_e2e
 
 # The bench extra: Flower in its own virtualenv, for `fibemrss bench round` (not needed by tests).
 flower-venv:

@@ -3,15 +3,15 @@ services define (make deploy-e2e checks the same against the pods' live /metrics
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from fibemrss.tools.deploy_e2e import checks
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "fibemrss"
@@ -20,11 +20,6 @@ HELM = ROOT / "var" / "deploy-tools" / "bin" / "helm"
 if not HELM.exists():
     pytest.skip("deploy tools not installed: run bash deploy/tools/install.sh", allow_module_level=True)
 
-_spec = importlib.util.spec_from_file_location("deploy_e2e", ROOT / "deploy" / "e2e" / "run.py")
-assert _spec and _spec.loader
-e2e = importlib.util.module_from_spec(_spec)
-sys.modules["deploy_e2e"] = e2e  # dataclasses look their module up there
-_spec.loader.exec_module(e2e)
 
 
 def rendered(role: str) -> list[dict]:
@@ -69,14 +64,14 @@ def test_the_extractor_finds_series_and_skips_functions_labels_and_variables() -
         'histogram_quantile(0.95, sum by (le, grpc_method) (rate(a_bucket{x=~"b|c"}[$__rate_interval])))'
         " / on (task) group_left () clamp_min(max by (task) (d), 1e-9) and time() - e > 120"
     )
-    assert e2e.series_names(expr) == {"a_bucket", "d", "e"}
+    assert checks.series_names(expr) == {"a_bucket", "d", "e"}
 
 
 def test_every_dashboard_query_and_alert_names_a_series_the_services_define() -> None:
-    exprs = e2e.monitoring_exprs(_Dep())
+    exprs = checks.monitoring_exprs(_Dep())
     assert len(exprs) >= 30
     defined = defined_series()
-    missing = [(where, n) for where, expr in exprs for n in e2e.series_names(expr) if n not in defined]
+    missing = [(where, n) for where, expr in exprs for n in checks.series_names(expr) if n not in defined]
     assert missing == []
 
 
