@@ -24,12 +24,13 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.db.privacy_ledger import PrivacyLedger
-from fibemrss.db.roles import AGGREGATOR_ROLES, HOSPITAL_ROLES, ensure_service_login, login_name
+from fibemrss.db.roles import AGGREGATOR_ROLES, HOSPITAL_ROLES, ensure_service_login, login_name, url_as
 from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.errors import ConfigError
 from fibemrss.domain.privacy import PrivacySpend
 from fibemrss.domain.site_policy import DEFAULT_POLICY
 from fibemrss.domain.tasks import HEART_DISEASE_V1
+from fibemrss.tools import cli
 from fibemrss.tools.bench.inference_bench import sample_model_version
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.emr_gateway.adapters.rehash import rehash_source_ids
@@ -574,3 +575,26 @@ def test_an_agent_process_fails_closed_without_its_key_off_loopback_or_with_a_wr
     # Nothing was replaced: the right key still opens the same secret.
     key = FileSecretsKey.from_file(right)
     assert LocalSecretStore(as_role(url), key).secret("dataset-size") == secret
+
+
+def test_db_setup_migrates_as_the_owner_and_makes_the_services_login(
+    postgres_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the chart's init container `migrate` runs: the owner's URL and the service's own URL
+    from the environment; the login it makes holds the service's rights and no more."""
+    name = f"roles_setup_{uuid.uuid4().hex[:10]}"
+    owner = ensure_database(postgres_server, name)
+    own = url_as(owner, f"{name}_gateway", "a password with spaces & symbols")
+    monkeypatch.setenv("FIBEMRSS_MIGRATE_DATABASE_URL", owner)
+    monkeypatch.setenv("DATABASE_URL", own)
+    assert cli.main(["db", "setup", "--schema", "hospital", "--login-for", "gateway"]) == 0
+    assert cli.main(["db", "setup", "--schema", "hospital", "--login-for", "gateway"]) == 0  # again: no-op
+    assert migrate(own, "hospital") == []
+    error = attempt(own, "SELECT secret FROM agent_secrets")
+    assert isinstance(error, DENIED)
+    conn = psycopg2.connect(own)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM patients")
+    conn.close()
+    monkeypatch.setenv("DATABASE_URL", url_as(owner, "x", "y").rsplit("/", 1)[0] + "/elsewhere")
+    assert cli.main(["db", "setup", "--schema", "hospital", "--login-for", "gateway"]) == 1
