@@ -54,6 +54,9 @@ def ensure_service_login(owner_url: str, service: str, login: str, password: str
     if service not in SERVICE_ROLES:
         raise ValueError(f"unknown service {service!r}: one of {', '.join(SERVICE_ROLES)}")
     group = SERVICE_ROLES[service]
+    if login in SERVICE_ROLES.values():
+        # Made LOGIN, a group role would hand its password's holder every service's rights.
+        raise ValueError(f"{login!r} is a group role; a service's login needs a name of its own")
     conn = psycopg2.connect(owner_url)
     try:
         with conn, conn.cursor() as cur:

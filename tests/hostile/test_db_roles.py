@@ -598,3 +598,8 @@ def test_db_setup_migrates_as_the_owner_and_makes_the_services_login(
     conn.close()
     monkeypatch.setenv("DATABASE_URL", url_as(owner, "x", "y").rsplit("/", 1)[0] + "/elsewhere")
     assert cli.main(["db", "setup", "--schema", "hospital", "--login-for", "gateway"]) == 1
+
+
+def test_a_group_role_is_never_made_a_login(hospital: Site) -> None:
+    with pytest.raises(ValueError, match="is a group role"):
+        ensure_service_login(hospital.owner, "gateway", "fibemrss_agent", "pw")

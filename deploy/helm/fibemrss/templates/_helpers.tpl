@@ -125,11 +125,12 @@ fibemrss_<identity>); call with (dict "root" $ "c" $component). */}}
 {{- default (printf "%s-database-%s" (include "fibemrss.fullname" .root) .c.name) $r.existingSecret }}
 {{- end }}
 
-{{/* A component's own URL on the bundled PostgreSQL (test clusters): login <user>_<identity>,
-its password derived from the bundled one, so nothing more needs setting. */}}
+{{/* A component's own URL on the bundled PostgreSQL (test clusters): login
+<user>_<identity>_login (never a group role's name), its password derived from the bundled
+one, so nothing more needs setting. */}}
 {{- define "fibemrss.bundledRoleDatabaseUrl" -}}
 {{- $pg := .root.Values.postgresql }}
-{{- $login := printf "%s_%s" $pg.user .c.identity }}
+{{- $login := printf "%s_%s_login" $pg.user .c.identity }}
 {{- $password := printf "%s|%s" $pg.password .c.identity | sha256sum | trunc 32 }}
 {{- printf "postgresql://%s:%s@%s-postgresql:5432/%s" $login $password (include "fibemrss.fullname" .root) $pg.database }}
 {{- end }}
