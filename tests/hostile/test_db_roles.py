@@ -105,7 +105,8 @@ def attempt(url: str, statement: str) -> psycopg2.Error:
 # --- each service's real adapters, under its own login -------------------------------------------
 
 
-def test_the_gateway_ingests_reviews_and_rehashes_under_its_own_role(hospital: Site, as_role) -> None:
+def test_the_gateway_ingests_reviews_and_rehashes_under_its_own_role(postgres_server: str, as_role) -> None:
+    hospital = make_site(postgres_server, "hospital", "roles_gateway")
     db = as_role(hospital.urls["gateway"])
     store = GatewayStore(db)
     gateway = GatewayUseCases(store, PSEUDONYMS)
@@ -159,6 +160,18 @@ def test_the_gateway_ingests_reviews_and_rehashes_under_its_own_role(hospital: S
     assert studies.set_site_policy(DEFAULT_POLICY, "gateway@h from policy.json")
     assert not studies.set_site_policy(DEFAULT_POLICY, "gateway@h from policy.json")
     studies.record_decision(HEART_DISEASE_V1, "approved", "", 10, "operator@h")
+    # The operator's other acts at the gateway (DESIGN's roles): set a budget, read the ledger and
+    # the audit log, retire a model (one the agent published).
+    ledger = PrivacyLedger(db)
+    ledger.set_budget("emr", 2.0, 1e-5, "operator@h")
+    assert ledger.budget("emr") is not None and ledger.entries("emr") == [] and ledger.latest("emr") == []
+    with db.transaction() as cur:
+        cur.execute("SELECT count(*) FROM audit_log WHERE actor = 'operator@h'")
+        assert cur.fetchone()[0] >= 3
+    ModelStore(owner).publish(sample_model_version(version=1), "agent@h")
+    ModelStore(owner).publish(sample_model_version(version=2), "agent@h")
+    ModelStore(db).retire(HEART_DISEASE_V1.name, 2, "operator@h", "worse at this site")
+    assert ModelStore(db).servable_versions(HEART_DISEASE_V1.name) == [1]
 
 
 def test_the_agent_publishes_spends_and_keeps_secrets_under_its_own_role(
@@ -217,18 +230,17 @@ FORBIDDEN = {
     ],
     "gateway": [
         "SELECT secret FROM agent_secrets",
-        "SELECT * FROM privacy_ledger",
         "INSERT INTO privacy_ledger (dataset, task, federation_id, kind, round, rounds, epsilon, delta) "
         "VALUES ('emr', 't', '\\x00', 'dp-sgd', 1, 1, 0, 0)",
         "UPDATE privacy_ledger SET epsilon = 0",
         "DELETE FROM privacy_ledger",
-        "UPDATE privacy_budgets SET epsilon = 1000",
-        "SELECT * FROM audit_log",
+        "DELETE FROM privacy_budgets",
         "UPDATE audit_log SET actor = 'someone else'",
         "DELETE FROM audit_log",
         "TRUNCATE audit_log",
         "INSERT INTO model_versions (task, version, federated_round, model_json) VALUES ('t', 99, 1, '{}')",
-        "UPDATE model_versions SET retired_at = now()",
+        "UPDATE model_versions SET model_json = '{}'",  # it retires a version, never changes one
+        "DELETE FROM model_versions",
         "UPDATE study_decisions SET decision = 'approved'",  # history of decisions: insert only
         "DELETE FROM study_decisions",
         "UPDATE source_records SET patient_key = 'x'",  # only supersede and rehash columns
@@ -279,11 +291,11 @@ def test_a_hospital_role_is_refused_what_it_may_not_do(hospital: Site, role: str
 
 
 SHARED_LOGIN = [
-    FORBIDDEN["inference"][0],  # identifiers
-    FORBIDDEN["inference"][4],  # the agent's secrets
+    "SELECT source_id FROM source_records",  # identifiers, by inference
+    "SELECT secret FROM agent_secrets",  # the agent's secrets, by inference or the gateway
     FORBIDDEN["agent"][0],  # a forged approval
-    FORBIDDEN["agent"][3],  # a raised budget
-    FORBIDDEN["gateway"][4],  # a deleted spend: refused by the trigger even then
+    "UPDATE privacy_budgets SET epsilon = 1000",  # a budget raised by the agent
+    "DELETE FROM privacy_ledger",  # a deleted spend: refused by the trigger even then
     "CREATE TABLE mine (x int)",
 ]
 
@@ -383,10 +395,14 @@ HOSPITAL_MATRIX: dict[str, dict[str, set[str]]] = {
     "consents": {"gateway": {S, I, "UPDATE(raw_source_ids,source_id)"}},
     "site_policy": {"gateway": {S, I, U}, "agent": {S}},
     "study_decisions": {"gateway": {S, I}, "agent": {S}},
-    "audit_log": {"gateway": {I}, "agent": {I}},
-    "model_versions": {"agent": {S, I}, "inference": {S}},
-    "privacy_budgets": {"agent": {S}},
-    "privacy_ledger": {"agent": {S, I}},
+    "audit_log": {"gateway": {S, I}, "agent": {I}},
+    "model_versions": {
+        "gateway": {S, "UPDATE(retire_reason,retired_at,retired_by)"},
+        "agent": {S, I},
+        "inference": {S},
+    },
+    "privacy_budgets": {"gateway": {S, I, U}, "agent": {S}},
+    "privacy_ledger": {"gateway": {S}, "agent": {S, I}},
     "agent_secrets": {"agent": {S, I, "UPDATE(key_id,secret)"}},
     "schema_migrations": {"gateway": {S}, "agent": {S}, "inference": {S}},
 }

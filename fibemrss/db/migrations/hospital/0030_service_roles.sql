@@ -48,7 +48,14 @@ GRANT SELECT, INSERT ON consents TO fibemrss_gateway;
 GRANT UPDATE (source_id, raw_source_ids) ON consents TO fibemrss_gateway;
 GRANT SELECT, INSERT, UPDATE ON site_policy TO fibemrss_gateway;
 GRANT SELECT, INSERT ON study_decisions TO fibemrss_gateway;
-GRANT INSERT ON audit_log TO fibemrss_gateway;
+-- The hospital's operators act through the gateway (DESIGN's roles: operator@h retires models and
+-- sets privacy budgets, `ModelStore.retire`, `PrivacyLedger.set_budget`; the auditor reads the
+-- audit log): so it reads the audit log, the models and the ledger, and may retire a version
+-- (the three retire columns), never change or publish one.
+GRANT SELECT, INSERT ON audit_log TO fibemrss_gateway;
+GRANT SELECT ON model_versions, privacy_ledger TO fibemrss_gateway;
+GRANT UPDATE (retired_at, retired_by, retire_reason) ON model_versions TO fibemrss_gateway;
+GRANT SELECT, INSERT, UPDATE ON privacy_budgets TO fibemrss_gateway;
 GRANT USAGE ON SEQUENCE source_records_id_seq, observations_id_seq, conditions_id_seq, encounters_id_seq,
     quarantine_id_seq, consents_id_seq, study_decisions_id_seq, audit_log_id_seq TO fibemrss_gateway;
 
