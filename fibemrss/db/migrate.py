@@ -48,8 +48,15 @@ def migrate(database_url: str, schema: str) -> list[str]:
     With nothing pending it changes nothing, so a service connected as its own role (which may
     not change the schema: docs/security.md, "Database roles") passes; with migrations pending
     such a role gets a ConfigError naming them, and the owner must run them (`fibemrss db
-    migrate`, or FIBEMRSS_MIGRATE=1 on a service given the owner's URL)."""
-    todo = pending(database_url, schema)
+    setup`, or FIBEMRSS_MIGRATE=1 on a service given the owner's URL)."""
+    try:
+        todo = pending(database_url, schema)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        raise ConfigError(
+            f"DATABASE_URL's role may not read the {schema} database's schema_migrations "
+            f"({exc.diag.message_primary}): the migrations that grant it have not run; run them as "
+            'the database\'s owner (docs/runbook.md, "Database roles")'
+        ) from None
     if not todo:
         return []
     try:
