@@ -17,7 +17,7 @@ from fibemrss.domain.records import (
     Provenance,
 )
 from fibemrss.domain.task_spec import TaskSpec
-from fibemrss.emr.v1 import emr_pb2
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.serde.values import timestamp_from_proto, timestamp_to_proto
 
 

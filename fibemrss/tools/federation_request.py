@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fibemrss.domain.task_spec import TaskSpec
-from fibemrss.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
 
 
 def start_request(

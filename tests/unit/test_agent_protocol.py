@@ -19,7 +19,7 @@ from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import PersonalizationSpec, TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.domain.torch_models import initial_vector
-from fibemrss.federation.v1 import federation_pb2
+from fibemrss.api.federation.v1 import federation_pb2
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from services.hospital_agent.core.local_data import Example, LocalData, is_test

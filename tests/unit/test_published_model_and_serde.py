@@ -16,7 +16,7 @@ from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.model_params import layer_shapes, param_count
 from fibemrss.domain.published_model import PublishedModel
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.emr.v1 import emr_pb2
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.serde.values import (
     feature_value_from_proto,
     feature_value_to_proto,
