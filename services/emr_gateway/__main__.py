@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 from starlette.applications import Starlette
 
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.db.study_approvals import StudyStore
-from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import (
     ServerConfig,

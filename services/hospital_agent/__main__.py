@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from fibemrss.api.federation.v1 import federation_pb2, federation_pb2_grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -16,7 +17,6 @@ from fibemrss.db.pool import Database
 from fibemrss.db.privacy_ledger import PrivacyLedger
 from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.study import study_hash
-from fibemrss.api.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from tests.hostile.conftest import Federation, RunningAggregator, StartAggregator
 from tests.waiting import wait_until
 

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-
-from fibemrss.db.pool import Database
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
+
+from fibemrss.db.pool import Database
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import UpdateCodec, UpdateDecryptor, slot_count
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key

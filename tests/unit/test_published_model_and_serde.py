@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from fibemrss.api.emr.v1 import emr_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,7 +17,6 @@ from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.model_params import layer_shapes, param_count
 from fibemrss.domain.published_model import PublishedModel
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.serde.values import (
     feature_value_from_proto,
     feature_value_to_proto,

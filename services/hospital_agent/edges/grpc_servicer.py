@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import grpc
-
-from fibemrss.domain.errors import NotFound
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
+
+from fibemrss.domain.errors import NotFound
 from services.hospital_agent.core.protocol import Participation, PersonalizationReport
 
 
