@@ -12,6 +12,7 @@ import grpc
 from fibemrss.tools.commands import (
     bench,
     certs,
+    db,
     demo,
     diagnose,
     federation,
@@ -34,6 +35,7 @@ COMMANDS = (
     privacy,
     keys,
     certs,
+    db,
     federation,
     diagnose,
     study,
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fibemrss",
         description=(
-            "FIBEMRSS: up, demo, ingest, quarantine, models, privacy, keys, certs, federation, diagnose, study, "
+            "FIBEMRSS: up, demo, ingest, quarantine, models, privacy, keys, certs, db, federation, diagnose, study, "
             "bench, report"
         ),
     )

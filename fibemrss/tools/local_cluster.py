@@ -6,9 +6,11 @@ loopback and reports the port it got through a ready file; nothing is left runni
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -20,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fibemrss.db.admin import ensure_database
 from fibemrss.db.embedded import EmbeddedPostgres
+from fibemrss.db.migrate import migrate
+from fibemrss.db.roles import AGGREGATOR_ROLES, ensure_service_login, login_name
+from fibemrss.db.roles import HOSPITAL_ROLES as DB_ROLES
 from fibemrss.domain.site_policy import SitePolicy, policy_to_json
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import get_task
@@ -76,7 +81,9 @@ class LocalCluster:
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _pg: Any = None
     _site_pgs: dict[str, EmbeddedPostgres] = field(default_factory=dict)
-    _db_urls: dict[str, str] = field(default_factory=dict)
+    _db_urls: dict[str, str] = field(default_factory=dict)  # the owner's URL of each database
+    # Each service's own login ((database, service) -> URL): docs/security.md, "Database roles".
+    _service_urls: dict[tuple[str, str], str] = field(default_factory=dict)
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> dict[str, Any]:
@@ -105,18 +112,39 @@ class LocalCluster:
         if self.database_url:
             for n in names:
                 self._db_urls[n] = ensure_database(self.database_url, n)
-            return
-
-        if self.separate_databases:
+        elif self.separate_databases:
             for n in names:
                 self._site_pgs[n] = EmbeddedPostgres(self.workdir / f"postgres-{n}")
                 self._site_pgs[n].start()
                 self._db_urls[n] = self._site_pgs[n].create_database(n)
-            return
-        self._pg = EmbeddedPostgres(self.workdir / "postgres")
-        self._pg.start()
+        else:
+            self._pg = EmbeddedPostgres(self.workdir / "postgres")
+            self._pg.start()
+            for n in names:
+                self._db_urls[n] = self._pg.create_database(n)
+        self._make_service_logins(names)
+
+    def _make_service_logins(self, names: list[str]) -> None:
+        """The deployment's database setup, as the owner: the migrations (once, here, rather than
+        in every service), then one login per service and database, its password made once and
+        kept 0600 beside the server's own (`db-roles/<login>.password`). Each service connects
+        with its own login only, so a service finds no migration pending and changes no schema."""
+        folder = self.workdir / "db-roles"
+        folder.mkdir(mode=0o700, exist_ok=True)
         for n in names:
-            self._db_urls[n] = self._pg.create_database(n)
+            schema, services = (
+                ("aggregator", AGGREGATOR_ROLES) if n == "aggregator" else ("hospital", DB_ROLES)
+            )
+            migrate(self._db_urls[n], schema)
+            for service in services:
+                login = login_name(n, service)
+                password_file = folder / f"{login}.password"
+                if not password_file.exists():
+                    write_private_file(password_file, secrets.token_urlsafe(24).encode())
+                password = password_file.read_text().strip()
+                self._service_urls[(n, service)] = ensure_service_login(
+                    self._db_urls[n], service, login, password
+                )
 
     def _make_keys(self) -> None:
         """The HE key ceremony of a deployment, in one process: the first hospital (the key
@@ -155,6 +183,15 @@ class LocalCluster:
             own.parent.mkdir(parents=True, exist_ok=True)
             write_private_file(own, opened)
 
+    def agent_secrets_key_file(self, hospital: str) -> Path:
+        """The key `hospital`'s agent seals its secrets under (FIBEMRSS_AGENT_SECRETS_KEY_FILE):
+        32 random bytes, base64, made once and kept 0600, as a Kubernetes Secret would hold it."""
+        path = self.workdir / "keys" / hospital / "agent-secrets.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_private_file(path, base64.b64encode(secrets.token_bytes(32)))
+        return path
+
     def hospital_key_file(self, hospital: str) -> Path:
         """The HE secret key file of `hospital`'s agent (the holder's own, or the one it opened)."""
         own = self.workdir / "keys" / hospital / "hospital.he"
@@ -188,13 +225,14 @@ class LocalCluster:
         env.update(self.extra_env)
         env["FIBEMRSS_TASK"] = self.task
         if role == "aggregator":
-            env["DATABASE_URL"] = self._db_urls["aggregator"]
+            env["DATABASE_URL"] = self._service_urls[("aggregator", "aggregator")]
             env["FIBEMRSS_HE_CONTEXT"] = str(self.workdir / "keys" / "aggregator.he")
         else:
-            env["DATABASE_URL"] = self._db_urls[db_name(where)]
+            env["DATABASE_URL"] = self._service_urls[(db_name(where), role)]
             env["FIBEMRSS_HOSPITAL"] = where
         if role == "agent":
             env["FIBEMRSS_HE_CONTEXT"] = str(self.hospital_key_file(where))
+            env["FIBEMRSS_AGENT_SECRETS_KEY_FILE"] = str(self.agent_secrets_key_file(where))
             env["FIBEMRSS_AGGREGATOR"] = self._aggregator_for_agents()
         if role in ("agent", "inference"):
             env["FIBEMRSS_GATEWAY"] = self.processes[f"gateway@{where}"].address
@@ -274,7 +312,12 @@ class LocalCluster:
         return digest
 
     def database_url_for(self, name: str) -> str:
+        """The owner's URL of database `name` (tests inspect and attack it with it)."""
         return self._db_urls[name]
+
+    def service_database_url(self, name: str, service: str) -> str:
+        """The URL `service` connects to database `name` with: its own login."""
+        return self._service_urls[(name, service)]
 
     def pid(self, name: str) -> int:
         process = self.processes[name].process

@@ -22,11 +22,12 @@ from fibemrss.he.keys import load_hospital_key
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.platform.authorization import CENTRAL, hospital_policy
 from fibemrss.platform.channels import open_channel
-from fibemrss.platform.config import ServerConfig, env_str, task_from_env
+from fibemrss.platform.config import ServerConfig, env_optional, env_str, require_loopback, task_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import RunningServer, serve_until_signalled, start_server
 from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator, GrpcGateway
 from services.hospital_agent.adapters.local_secrets import LocalSecretStore
+from services.hospital_agent.adapters.secrets_key import KEY_FILE_VARIABLE, FileSecretsKey, SecretsKey
 from services.hospital_agent.core.aggregate_bounds import AggregateBounds
 from services.hospital_agent.core.protocol import Participation
 from services.hospital_agent.edges.grpc_servicer import HospitalAgentServicer
@@ -40,7 +41,13 @@ def main() -> None:
     key = load_hospital_key(Path(env_str("FIBEMRSS_HE_CONTEXT")).read_bytes())
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
+    secrets_key = _secrets_key(config)
     db = Database(database_url)
+    # Rows stored in clear (before migration 0030) are sealed before the agent serves, and every
+    # row must open under the key: a wrong key stops the agent here, naming the variable.
+    secret_store = LocalSecretStore(db, secrets_key)
+    secret_store.seal_clear_rows()
+    secret_store.check()
     agent_service = federation_pb2.DESCRIPTOR.services_by_name["HospitalAgentService"].full_name
     health: dict[str, RunningServer] = {}
 
@@ -77,7 +84,7 @@ def main() -> None:
         models=ModelStore(db),
         bounds=AggregateBounds.of(key.params),
         on_health=on_health,
-        secrets=LocalSecretStore(db),
+        secrets=secret_store,
         # The hospital's own privacy ledger and budgets (`fibemrss privacy ledger|budget`).
         ledger=PrivacyLedger(db),
         dataset=env_str("FIBEMRSS_DATASET", "emr"),
@@ -119,6 +126,22 @@ def main() -> None:
         db.close()
 
     serve_until_signalled(running, on_stop=on_stop)
+
+
+def _secrets_key(config: ServerConfig) -> SecretsKey | None:
+    """The key the agent's secrets are sealed under (FIBEMRSS_AGENT_SECRETS_KEY_FILE). Fail
+    closed: without one the secrets would sit in clear in the database, which only an agent that
+    serves on loopback alone (a developer's machine) may do."""
+    path = env_optional(KEY_FILE_VARIABLE)
+    if path:
+        return FileSecretsKey.from_file(path)
+    require_loopback(
+        config.listen,
+        "FIBEMRSS_LISTEN",
+        f"without {KEY_FILE_VARIABLE} the agent's mask and dataset-size secrets would be stored in clear; "
+        f"set {KEY_FILE_VARIABLE} to a file holding 32 random bytes (a Kubernetes Secret) to listen on it",
+    )
+    return None
 
 
 if __name__ == "__main__":

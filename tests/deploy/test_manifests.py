@@ -47,7 +47,11 @@ DOCUMENTED_ENV = {
     "FIBEMRSS_MLLP_LISTEN",
     "FIBEMRSS_HTTP_LISTEN",
     "FIBEMRSS_DB_POOL_SIZE",
+    "FIBEMRSS_AGENT_SECRETS_KEY_FILE",
+    "FIBEMRSS_MIGRATE_DATABASE_URL",
 }
+# The init container `migrate` (fibemrss db setup): the owner's URL and the service's own.
+MIGRATE_ENV = {"FIBEMRSS_MIGRATE_DATABASE_URL", "DATABASE_URL"}
 # Which of them each service gets beyond the ones every service gets (the runbook's table).
 COMMON_ENV = DOCUMENTED_ENV - {
     "FIBEMRSS_MLLP_LISTEN",
@@ -59,6 +63,8 @@ COMMON_ENV = DOCUMENTED_ENV - {
     "FIBEMRSS_AGGREGATOR",
     "FIBEMRSS_DATASET",
     "FIBEMRSS_DB_POOL_SIZE",
+    "FIBEMRSS_AGENT_SECRETS_KEY_FILE",
+    "FIBEMRSS_MIGRATE_DATABASE_URL",
 }
 SERVICE_ENV = {
     "aggregator": {"FIBEMRSS_HE_CONTEXT", "FIBEMRSS_DB_POOL_SIZE"},
@@ -74,6 +80,7 @@ SERVICE_ENV = {
         "FIBEMRSS_GATEWAY",
         "FIBEMRSS_AGGREGATOR",
         "FIBEMRSS_DATASET",
+        "FIBEMRSS_AGENT_SECRETS_KEY_FILE",
     },
     "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY", "FIBEMRSS_HTTP_LISTEN"},
 }
@@ -121,6 +128,11 @@ def containers(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
         pod = deployment["spec"]["template"]["spec"]
         for container in pod.get("initContainers", []) + pod["containers"]:
             yield deployment, container
+
+
+def serving(docs: list[Doc]) -> Iterator[tuple[Doc, Doc]]:
+    """The containers that serve (not the init container `migrate`, which runs to its end first)."""
+    return ((d, c) for d, c in containers(docs) if c["name"] != "migrate")
 
 
 def deployment(docs: list[Doc], name: str) -> Doc:
@@ -191,7 +203,7 @@ def test_every_deployment_has_grpc_probes_on_the_plaintext_health_port(role: str
     # The grpc port requires a client certificate, which the kubelet's gRPC probe cannot present:
     # the probes go to the port named health, where the server answers grpc.health.v1 in plaintext.
     docs = render(role)
-    for dep, container in containers(docs):
+    for dep, container in serving(docs):
         name = dep["metadata"]["name"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         edges = EDGE_PORTS.get(component(dep), {})
@@ -210,7 +222,7 @@ def test_every_deployment_has_grpc_probes_on_the_plaintext_health_port(role: str
 
 def test_the_health_port_follows_its_value(role: str) -> None:
     docs = [d for d in yaml.safe_load_all(helm_template(role, "ports.health=9000").stdout) if d]
-    for _dep, container in containers(docs):
+    for _dep, container in serving(docs):
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["health"] == 9000
         assert {
@@ -363,7 +375,7 @@ def test_ehr_systems_reach_mllp_and_https_and_hospital_software_https() -> None:
         # Only those clients: no other rule opens an edge port.
         others = [r for r in policies[name]["spec"]["ingress"] if r["from"] != clients]
         assert not {p["port"] for r in others for p in r["ports"]} & set(EDGE_PORTS[name].values())
-    for dep, container in containers(docs):
+    for dep, container in serving(docs):
         env = container_env(docs, container)
         edges = EDGE_PORTS.get(component(dep), {})
         assert ("FIBEMRSS_MLLP_LISTEN" in env) == ("mllp" in edges)
@@ -411,7 +423,38 @@ def test_env_var_names_are_the_documented_ones(role: str) -> None:
         for source in container.get("envFrom", []):
             names |= set(configmaps[source["configMapRef"]["name"]])
         assert names <= DOCUMENTED_ENV, (dep["metadata"]["name"], names - DOCUMENTED_ENV)
-        assert names == COMMON_ENV | SERVICE_ENV[component(dep)], dep["metadata"]["name"]
+        expected = MIGRATE_ENV if container["name"] == "migrate" else COMMON_ENV | SERVICE_ENV[component(dep)]
+        assert names == expected, (dep["metadata"]["name"], container["name"])
+
+
+def test_only_the_init_container_gets_the_database_owners_url(role: str) -> None:
+    """Each service connects as its own login (docs/security.md, "Database roles"); the owner's
+    URL, which may change the schema, reaches the init container `migrate` alone."""
+    docs = render(role)
+    owner = {"secretKeyRef": {"name": "fibemrss-database", "key": "url"}}
+    for dep, container in containers(docs):
+        env = container_env(docs, container)
+        own = {"secretKeyRef": {"name": f"fibemrss-database-{component(dep)}", "key": "url"}}
+        assert env["DATABASE_URL"] == own, (dep["metadata"]["name"], container["name"])
+        if container["name"] == "migrate":
+            assert env["FIBEMRSS_MIGRATE_DATABASE_URL"] == owner
+        else:
+            assert owner not in env.values(), dep["metadata"]["name"]
+
+
+def test_the_agent_alone_mounts_its_secrets_key() -> None:
+    docs = render("hospital")
+    for dep in of_kind(docs, "Deployment"):
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        if component(dep) != "hospital-agent":
+            assert "agent-secrets-key" not in volumes
+            continue
+        assert volumes["agent-secrets-key"]["secret"]["secretName"] == "fibemrss-agent-secrets-key"
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        assert (
+            container_env(docs, container)["FIBEMRSS_AGENT_SECRETS_KEY_FILE"]
+            == "/etc/fibemrss/agent-secrets/key"
+        )
 
 
 def test_secrets_are_referenced_not_rendered_by_default(role: str) -> None:

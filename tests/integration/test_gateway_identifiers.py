@@ -308,7 +308,7 @@ def test_rows_written_before_the_migration_are_rehashed_once_and_then_match_new_
         ids = input_identifiers(bundles, messages, {"Switzerland": uci["Switzerland"]})
         assert len(identifiers_found(ids, database_text(url))) > 1000  # the old form holds them
 
-        assert migrate(url, "hospital") == ["0025_source_id_hashes.sql"]
+        assert migrate(url, "hospital")[0] == "0025_source_id_hashes.sql"  # and any later ones
         rehashed = rehash_source_ids(db, PSEUDONYMS, batch=7)  # several batches per table
         stats = GatewayStore(db).stats()
         assert rehashed == {

@@ -18,7 +18,11 @@ def add_parser(subparsers: Any) -> None:
     up.add_argument("--endpoints-json", help="write the service endpoints here once all are healthy")
     up.add_argument("--workdir", help="keep data, keys and logs here (default: a temporary folder)")
     up.add_argument("--hospitals", help="comma-separated hospital names (default: the four UCI hospitals)")
-    up.add_argument("--database-url", help="use this PostgreSQL server instead of an embedded one")
+    up.add_argument(
+        "--database-url",
+        help="use this PostgreSQL server instead of an embedded one (its user migrates and makes each "
+        "service's login: it needs CREATEDB and CREATEROLE)",
+    )
     up.set_defaults(func=run)
 
 

@@ -74,6 +74,8 @@ def site_values(dep: Deployment, site: Site, pki: Path) -> dict[str, Any]:
         "networkPolicy": {"metricsScrapers": [{"ipBlock": {"cidr": "198.18.0.0/15"}}]},
         "serviceMonitor": {"enabled": True},
         "monitoring": {"grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        # The key the agent seals its secrets under (it refuses to start off loopback without one).
+        "agentSecretsKey": {"value": base64.b64encode(secrets.token_bytes(32)).decode()},
     }
     if site.name == "central":
         v["tls"] = {"aggregator": tls("aggregator@central")}

@@ -117,3 +117,24 @@ public one, the others none. Call with (dict "root" $ "c" $component). */}}
 {{- $pg := .Values.postgresql }}
 {{- printf "postgresql://%s:%s@%s-postgresql:5432/%s" $pg.user (urlquery $pg.password) (include "fibemrss.fullname" .) $pg.database }}
 {{- end }}
+
+{{/* The Secret holding a component's own DATABASE_URL (its login, member of
+fibemrss_<identity>); call with (dict "root" $ "c" $component). */}}
+{{- define "fibemrss.roleDatabaseSecretName" -}}
+{{- $r := index .root.Values.database.roles .c.key }}
+{{- default (printf "%s-database-%s" (include "fibemrss.fullname" .root) .c.name) $r.existingSecret }}
+{{- end }}
+
+{{/* A component's own URL on the bundled PostgreSQL (test clusters): login
+<user>_<identity>_login (never a group role's name), its password derived from the bundled
+one, so nothing more needs setting. */}}
+{{- define "fibemrss.bundledRoleDatabaseUrl" -}}
+{{- $pg := .root.Values.postgresql }}
+{{- $login := printf "%s_%s_login" $pg.user .c.identity }}
+{{- $password := printf "%s|%s" $pg.password .c.identity | sha256sum | trunc 32 }}
+{{- printf "postgresql://%s:%s@%s-postgresql:5432/%s" $login $password (include "fibemrss.fullname" .root) $pg.database }}
+{{- end }}
+
+{{- define "fibemrss.agentSecretsKeySecretName" -}}
+{{- default (printf "%s-agent-secrets-key" (include "fibemrss.fullname" .)) .Values.agentSecretsKey.existingSecret }}
+{{- end }}
