@@ -74,13 +74,14 @@ class RoundStore(Protocol):
         epsilon: float = 0.0,
         signature: bytes = b"",
         certificate: bytes = b"",
-        digests: bytes = b"",
     ) -> AbstractContextManager[SubmissionWriter]:
-        """Stores a whole submission or nothing: refused unless the round accepts submissions, its
-        chunk count matches the round's earlier uploads and (`masked`) the sender shared while the
-        upload stage is open; DuplicateSubmission if the hospital's upload is already stored;
-        InvalidArgument at the end if fewer than `total` chunks were added. While it is open the
-        round cannot start aggregating or close a stage."""
+        """Stores a whole submission or nothing, its chunks written as they are added and their
+        SHA-256 digests (index order) kept with it: at the end, refused unless the round accepts
+        submissions, its chunk count matches the round's earlier uploads and (`masked`) the sender
+        shared while the upload stage is open; DuplicateSubmission if the hospital's upload is
+        already stored; InvalidArgument if fewer than `total` chunks were added. Between those
+        final checks and the commit the round cannot start aggregating or close a stage; nothing
+        is locked while chunks are being added."""
         ...
 
     def note_submission(self, s: FederationSettings, number: int) -> None:
