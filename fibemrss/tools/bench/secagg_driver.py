@@ -177,6 +177,8 @@ class Sampler:
         if self._stop.is_set():
             return
         self._stop.set()
+        if self._thread.ident is None:
+            return  # never started: the run failed before its round (StartFederation refused)
         self._thread.join(timeout=5)
         try:
             self.sample()

@@ -61,7 +61,9 @@ def _he(shared: Path | None, quick: bool) -> dict[str, Any]:
 
 
 def _round(shared: Path | None, quick: bool) -> dict[str, Any]:
-    return run_round_bench(100_000 if quick else 1_000_000, 4, 3 if quick else 5, None, "auto")
+    if quick:
+        return run_round_bench((100_000,), 4, 1, None, "auto", (4, 16), 10_000)
+    return run_round_bench()
 
 
 def _ingest(shared: Path | None, quick: bool) -> dict[str, Any]:
