@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fibemrss.tools.bench.round_bench import PHASES
 from fibemrss.tools.cli import main
+from fibemrss.tools.report.figures import round_hospital_scaling, round_parameter_scaling
 
 
 def test_quick_round_bench_runs_the_deployed_protocol_and_sums_exactly(tmp_path: Path, capsys) -> None:
@@ -19,7 +20,7 @@ def test_quick_round_bench_runs_the_deployed_protocol_and_sums_exactly(tmp_path:
         "round",
         "--quick",
         "--scaling",
-        "none",
+        "4",
         "--json",
         str(out),
         "--workdir",
@@ -45,4 +46,17 @@ def test_quick_round_bench_runs_the_deployed_protocol_and_sums_exactly(tmp_path:
     assert floor["encrypt_s"] > 0 and floor["aggregate_s"] > 0 and floor["total_s"] > 0
     assert size["ratio_to_floor"] is not None and size["goals"]["phase_holding_it"] in PHASES
     assert size["flower"]["note"].startswith("not run")
-    assert result["machine"]["load_average_start"] and result["hospital_scaling"]["sizes"] == []
+    assert result["machine"]["load_average_start"]
+    # Hospital scaling at the same small size, with the aggregator's default pool.
+    [scaled] = result["hospital_scaling"]["sizes"]
+    assert scaled["hospitals"] == 4 and scaled["closed"] and scaled["sum_exact"] is True
+    assert scaled["memory"]["peak_over_idle_mb"] >= 0 and scaled["memory"]["one_upload_mb"] > 0
+    assert result["hospital_scaling"]["goals"]["every_round_closed"] is True
+    # `fibemrss report` plots both curves from this JSON.
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    for figure in (
+        round_parameter_scaling(result, plots, "now"),
+        round_hospital_scaling(result, plots, "now"),
+    ):
+        assert (plots / figure.file).read_bytes().startswith(b"\x89PNG") and "now" in figure.caption
