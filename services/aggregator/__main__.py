@@ -43,8 +43,8 @@ def main() -> None:
     if pool_size < 1:
         raise ConfigError(f"environment variable FIBEMRSS_DB_POOL_SIZE={pool_size} must be at least 1")
     # Callers beyond the pool queue for a connection rather than being refused (issue 24): every
-    # hospital of a round polls, posts and uploads at once. Uploads hold a connection while they
-    # stream, so at most pool_size - 2 of them stream at once (the others queue in the coordinator).
+    # hospital of a round polls, posts and uploads at once. An upload holds a connection while it
+    # streams; the coordinator streams UPLOAD_SLOTS of them at once and queues the others.
     db = Database(database_url, max_connections=pool_size, wait_seconds=POOL_WAIT_SECONDS)
     store = AggregatorStore(db)
     holder: dict[str, Coordinator] = {}
@@ -58,7 +58,7 @@ def main() -> None:
             CiphertextAdder(key),
             registry,
             mask_key_verifier=verifier,
-            upload_slots=max(1, min(UPLOAD_SLOTS, pool_size - 2)),
+            upload_slots=UPLOAD_SLOTS,
         )
         holder["c"] = coordinator
         federation_pb2_grpc.add_AggregatorServiceServicer_to_server(

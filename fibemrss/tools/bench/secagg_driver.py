@@ -639,7 +639,9 @@ def run_one(
         if begin is None or end is None:
             continue
         (ca, pa), (cb, pb_) = sampler.at(begin), sampler.at(end)
+        rss = [x[3] for x in sampler.samples if begin <= x[0] <= end]
         agg_windows[stage] = {
+            "peak_rss_mb": round(max(rss) / 2**20, 1) if rss else None,
             "wall_s": round(end - begin, 3),
             "aggregator_cpu_s": round(cb - ca, 3),
             "postgres_cpu_s": round(pb_ - pa, 3),

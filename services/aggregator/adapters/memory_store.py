@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -434,7 +434,7 @@ class MemoryStore:
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+    ) -> tuple[bytes, bytes, bytes, Iterable[tuple[int, bytes]]]:
         with self._lock:
             r = self._round(task, number)
             u = None if r is None else r.uploads.get(hospital)

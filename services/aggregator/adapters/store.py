@@ -543,8 +543,10 @@ class AggregatorStore:
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
-        """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload."""
+    ) -> tuple[bytes, bytes, bytes, Iterator[tuple[int, bytes]]]:
+        """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload; the chunks
+        are read one per transaction as they are sent, so serving every member's check of the sum
+        holds one chunk in memory per call, not the upload."""
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT digests, signature, certificate FROM submissions WHERE task=%s AND round=%s "
@@ -555,12 +557,25 @@ class AggregatorStore:
             if row is None:
                 raise NotFound(f"no upload of {hospital!r} in round {number} of {task}")
             cur.execute(
-                "SELECT idx, ciphertext FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
+                "SELECT idx FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
                 "AND idx = ANY(%s) ORDER BY idx",
                 (task, number, hospital, sorted(set(indexes))),
             )
-            chunks = [(i, bytes(c)) for i, c in cur.fetchall()]
-        return bytes(row[0]), bytes(row[1]), bytes(row[2]), chunks
+            stored = [r[0] for r in cur.fetchall()]
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            for index in stored:
+                with self._db.transaction() as cur:
+                    cur.execute(
+                        "SELECT ciphertext FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
+                        "AND idx=%s",
+                        (task, number, hospital, index),
+                    )
+                    found = cur.fetchone()
+                if found is not None:  # the round's uploads are deleted only when it fails
+                    yield index, bytes(found[0])
+
+        return bytes(row[0]), bytes(row[1]), bytes(row[2]), chunks()
 
     def aggregate(self, task: str, number: int) -> Iterator[tuple[int, int, int, bytes]]:
         """(index, total, contributors, ciphertext) of a closed round's sum, chunk by chunk."""

@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 # An upload larger than this is refused (it is checked and stored chunk by chunk as it streams).
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-# Uploads streamed at once; the others queue (services/aggregator/core/coordinator.py, _upload_slot).
-UPLOAD_SLOTS = 2
+# Uploads streamed at once; the others queue (_upload_slot). One: the aggregator's memory is then
+# one upload's accumulators, the running sum and the newest sum (docs/federation.md), and the
+# check of a chunk is CPU the process would not run faster on two streams.
+UPLOAD_SLOTS = 1
 UPLOAD_QUEUE_SECONDS = 110.0
 
 
@@ -418,7 +420,7 @@ class Coordinator:
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+    ) -> tuple[bytes, bytes, bytes, Iterable[tuple[int, bytes]]]:
         if "uploads" not in self._store.stages(task, number):
             raise FailedPrecondition(f"the uploads of round {number} of {task} are not closed yet")
         return self._store.upload(task, number, hospital, indexes)

@@ -8,7 +8,7 @@ and a concurrent caller sees it whole or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Protocol
@@ -172,7 +172,7 @@ class RoundStore(Protocol):
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+    ) -> tuple[bytes, bytes, bytes, Iterable[tuple[int, bytes]]]:
         """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload."""
         ...
 
