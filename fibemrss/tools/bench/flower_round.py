@@ -39,6 +39,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_listening(port: int, deadline: float) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:port (RuntimeError past `deadline`)."""
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Flower's SuperLink did not listen on port {port}") from None
+            time.sleep(0.2)
+
+
 def flower_bin(build: bool) -> Path | None:
     """The Flower virtualenv's bin folder, built first when `build`; None when unavailable."""
     existing = REPO / "var" / "flower-venv" / "bin"
@@ -140,7 +152,7 @@ def run_flower_rounds(
                     start_new_session=True,
                 )
             )
-            time.sleep(3)
+            _wait_listening(port, time.monotonic() + 120)  # a loaded machine starts it slowly
             for _ in range(nodes):
                 procs.append(
                     subprocess.Popen(

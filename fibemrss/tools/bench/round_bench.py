@@ -160,6 +160,9 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
         "postgres_cpu_s": agg["postgres_cpu_s"],
         "aggregator_rss_before_mb": agg.get("rss_before_round_mb"),
         "aggregator_peak_rss_mb": agg["peak_rss_mb"],
+        "aggregator_peak_rss_by_window_mb": {
+            stage: row.get("peak_rss_mb") for stage, row in agg.get("by_window", {}).items()
+        },
         "load_average_before": run.get("load_average_before"),
     }
 
