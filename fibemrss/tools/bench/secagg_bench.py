@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.embedded import EmbeddedPostgres
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import HospitalKey, load_hospital_key, write_key_files
 from fibemrss.platform.channels import open_channel
