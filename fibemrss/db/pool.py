@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,9 +43,22 @@ class Timeouts:
 
 
 class Database:
-    def __init__(self, url: str, max_connections: int = 8, timeouts: Timeouts | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_connections: int = 8,
+        timeouts: Timeouts | None = None,
+        wait_seconds: float = 0.0,
+    ) -> None:
+        """`wait_seconds`: how long a caller queues for a free connection when all
+        `max_connections` are in use before it gets UNAVAILABLE (0: at once). A service whose
+        callers all arrive together (every hospital uploading at the round's start) queues them
+        instead of refusing honest work because of its own pool."""
         self.url = url
         self.timeouts = timeouts or Timeouts()
+        self.wait_seconds = wait_seconds
+        # Admission to the pool: callers beyond max_connections wait here in arrival order.
+        self._slots = threading.BoundedSemaphore(max_connections)
         try:
             self._pool = psycopg2.pool.ThreadedConnectionPool(
                 1, max_connections, url, options=self.timeouts.options()
@@ -53,12 +67,21 @@ class Database:
             raise Unavailable(f"database unreachable: {exc.__class__.__name__}") from exc
 
     def _connection(self) -> psycopg2.extensions.connection:
+        if self.wait_seconds > 0:
+            admitted = self._slots.acquire(timeout=self.wait_seconds)
+        else:
+            admitted = self._slots.acquire(blocking=False)
+        if not admitted:
+            # Every connection is in use (past the wait): a transient overload, not a bug of the
+            # caller's request.
+            raise Unavailable("database connection pool exhausted; retry")
         try:
             return self._pool.getconn()
         except psycopg2.pool.PoolError:
-            # Every connection is in use: a transient overload, not a bug of the caller's request.
+            self._slots.release()
             raise Unavailable("database connection pool exhausted; retry") from None
         except psycopg2.OperationalError as exc:
+            self._slots.release()
             raise Unavailable(f"database unreachable: {exc.__class__.__name__}") from exc
 
     @contextmanager
@@ -78,7 +101,10 @@ class Database:
             broken = True
             raise Unavailable("database connection lost") from exc
         finally:
-            self._pool.putconn(conn, close=broken or conn.closed != 0)
+            try:
+                self._pool.putconn(conn, close=broken or conn.closed != 0)
+            finally:
+                self._slots.release()
 
     def close(self) -> None:
         self._pool.closeall()

@@ -20,8 +20,10 @@ from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.aggregator.adapters.store import AggregatorStore
 from services.aggregator.core.ciphertexts import CiphertextAdder
-from services.aggregator.core.coordinator import Coordinator
+from services.aggregator.core.coordinator import UPLOAD_SLOTS, Coordinator
 from services.aggregator.edges.grpc_servicer import AggregatorServicer, UploadLimits
+
+POOL_WAIT_SECONDS = 60.0
 
 
 def main() -> None:
@@ -40,7 +42,10 @@ def main() -> None:
     pool_size = env_int("FIBEMRSS_DB_POOL_SIZE", 8)
     if pool_size < 1:
         raise ConfigError(f"environment variable FIBEMRSS_DB_POOL_SIZE={pool_size} must be at least 1")
-    db = Database(database_url, max_connections=pool_size)
+    # Callers beyond the pool queue for a connection rather than being refused (issue 24): every
+    # hospital of a round polls, posts and uploads at once. An upload holds a connection while it
+    # streams; the coordinator streams UPLOAD_SLOTS of them at once and queues the others.
+    db = Database(database_url, max_connections=pool_size, wait_seconds=POOL_WAIT_SECONDS)
     store = AggregatorStore(db)
     holder: dict[str, Coordinator] = {}
 
@@ -48,7 +53,13 @@ def main() -> None:
         # With mutual TLS, round mask keys must be signed by their agent's certificate (the
         # agents check them again themselves: docs/he-codec.md, "Signed round keys").
         verifier = None if config.tls is None else MaskKeyVerifier(Path(config.tls.ca).read_bytes())
-        coordinator = Coordinator(store, CiphertextAdder(key), registry, mask_key_verifier=verifier)
+        coordinator = Coordinator(
+            store,
+            CiphertextAdder(key),
+            registry,
+            mask_key_verifier=verifier,
+            upload_slots=UPLOAD_SLOTS,
+        )
         holder["c"] = coordinator
         federation_pb2_grpc.add_AggregatorServiceServicer_to_server(
             AggregatorServicer(coordinator, store, upload_limits), server

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fibemrss.tools.bench.secagg_bench import STAGES
+from fibemrss.tools.bench.secagg_driver import STAGES
 from fibemrss.tools.cli import main
 
 PROTOCOL_STAGES = ("advertise", "shares", "upload", "survivors", "reveals")

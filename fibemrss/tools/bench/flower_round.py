@@ -3,7 +3,9 @@ loopback in their own virtualenv (scripts/flower_venv.sh), the app in benchmarks
 
 The ClientApp returns the model it receives, so a round measures what ours does without local
 training: send the model, collect the updates, average them. The ServerApp prints each round's
-wall time, which is parsed from `flwr run --stream`.
+wall time, which is parsed from `flwr run --stream`. With `tls` (what `bench round` runs, for a
+fair pair with our mutual TLS) the SuperLink serves HTTPS with a certificate for 127.0.0.1 from a
+CA made for the run, which the SuperNodes and the `flwr` CLI trust.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import socket
 import subprocess
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from fibemrss.tools.paths import REPO_ROOT
 
@@ -28,6 +37,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, deadline: float) -> None:
+    """Until something accepts TCP connections on 127.0.0.1:port (RuntimeError past `deadline`)."""
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Flower's SuperLink did not listen on port {port}") from None
+            time.sleep(0.2)
 
 
 def flower_bin(build: bool) -> Path | None:
@@ -47,15 +68,70 @@ def flower_bin(build: bool) -> Path | None:
     return Path(REPO / out.stdout.strip()) if out.returncode == 0 else None
 
 
+def _loopback_tls(folder: Path) -> tuple[Path, Path, Path]:
+    """(ca.pem, server.pem, server.key): a throwaway CA and a certificate for 127.0.0.1."""
+    now = datetime.now(UTC)
+
+    def certificate(
+        subject: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: str,
+        signer: ec.EllipticCurvePrivateKey,
+        ca: bool,
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("flower bench CA", ca_key, "flower bench CA", ca_key, True)
+    server = certificate("127.0.0.1", server_key, "flower bench CA", ca_key, False)
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    paths[2].chmod(0o600)
+    return paths
+
+
 def run_flower_rounds(
-    bin_dir: Path, n_params: int, nodes: int, rounds: int, timeout: float = 900
+    bin_dir: Path, n_params: int, nodes: int, rounds: int, timeout: float = 900, tls: bool = False
 ) -> list[float]:
-    """Seconds per round of Flower's FedAvg on `nodes` SuperNodes."""
+    """Seconds per round of Flower's FedAvg on `nodes` SuperNodes (`tls`: over HTTPS)."""
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="fibemrss-flower-") as home:
         port = _free_port()
+        if tls:
+            ca, cert, key = _loopback_tls(Path(home))
+            link_security = [
+                "--ssl-ca-certfile",
+                str(ca),
+                "--ssl-certfile",
+                str(cert),
+                "--ssl-keyfile",
+                str(key),
+            ]
+            node_security = ["--root-certificates", str(ca)]
+            cli_security = f'root-certificates = "{ca}"\n'
+        else:
+            link_security, node_security, cli_security = ["--insecure"], ["--insecure"], "insecure = true\n"
         Path(home, "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n{cli_security}'
         )
         env = {**os.environ, "FLWR_HOME": home, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
         log = open(Path(home, "processes.log"), "wb")  # noqa: SIM115 - closed below
@@ -64,7 +140,7 @@ def run_flower_rounds(
                 subprocess.Popen(
                     [
                         str(bin_dir / "flower-superlink"),
-                        "--insecure",
+                        *link_security,
                         "--host",
                         "127.0.0.1",
                         "--port",
@@ -76,13 +152,13 @@ def run_flower_rounds(
                     start_new_session=True,
                 )
             )
-            time.sleep(3)
+            _wait_listening(port, time.monotonic() + 120)  # a loaded machine starts it slowly
             for _ in range(nodes):
                 procs.append(
                     subprocess.Popen(
                         [
                             str(bin_dir / "flower-supernode"),
-                            "--insecure",
+                            *node_security,
                             "--superlink",
                             f"127.0.0.1:{port}",
                             "--host",

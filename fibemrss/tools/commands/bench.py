@@ -30,10 +30,23 @@ def _he(args: argparse.Namespace) -> int:
 
 
 def _round(args: argparse.Namespace) -> int:
-    from fibemrss.tools.bench.round_bench import run_round_bench
+    from fibemrss.tools.bench.round_bench import (
+        HOSPITAL_SIZES,
+        PARAM_SIZES,
+        QUICK_ROUND_PARAMS,
+        SCALING_PARAMS,
+        run_round_bench,
+    )
 
     workdir = Path(args.workdir) if args.workdir else None
-    _emit(run_round_bench(args.params, args.hospitals, args.rounds, workdir, args.flower), args.json)
+    params = (
+        args.params if args.params is not None else ((QUICK_ROUND_PARAMS,) if args.quick else PARAM_SIZES)
+    )
+    scaling = args.scaling if args.scaling is not None else ((4,) if args.quick else HOSPITAL_SIZES)
+    scaling_params = args.scaling_params or (QUICK_ROUND_PARAMS if args.quick else SCALING_PARAMS)
+    flower = "off" if args.quick and args.flower == "auto" else args.flower
+    runs = args.rounds or (1 if args.quick else 3)
+    _emit(run_round_bench(params, args.hospitals, runs, workdir, flower, scaling, scaling_params), args.json)
     return 0
 
 
@@ -116,6 +129,22 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more positive parameter counts")
+    return values
+
+
+def _scaling(text: str) -> tuple[int, ...]:
+    return () if text.strip().lower() == "none" else _ints(text)
+
+
 def _rates(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -160,10 +189,27 @@ def add_parser(subparsers: Any) -> None:
     he.add_argument("--runs", type=int, default=5, help="timed runs per step after a warm-up (median)")
     he.set_defaults(func=_he)
 
-    rnd = sub.add_parser("round", help="median wall time of a full encrypted round on loopback")
-    rnd.add_argument("--params", type=int, default=1_000_000)
+    rnd = sub.add_parser(
+        "round",
+        help="the deployed round (mutual TLS, secure aggregation, verified sum) by phase next to Flower "
+        "and the compute floor, at 1M and 10M parameters, and from 4 to 128 hospitals",
+    )
+    rnd.add_argument(
+        "--params",
+        type=_sizes,
+        help="parameter sizes at --hospitals hospitals (1000000,10000000; 'none' skips)",
+    )
     rnd.add_argument("--hospitals", type=int, default=4)
-    rnd.add_argument("--rounds", type=int, default=5)
+    rnd.add_argument("--rounds", type=int, help="rounds per parameter size, each a fresh aggregator (3)")
+    rnd.add_argument(
+        "--scaling", type=_scaling, help="hospital counts at --scaling-params (4,16,64,128; 'none' skips)"
+    )
+    rnd.add_argument("--scaling-params", type=int, help="parameters of the hospital scaling (100000)")
+    rnd.add_argument(
+        "--quick",
+        action="store_true",
+        help="one round of 4 hospitals at 10,000 parameters, no Flower unless --flower on (the bench's test)",
+    )
     rnd.add_argument("--workdir", help="keep the services' data and logs here")
     rnd.add_argument(
         "--flower",

@@ -61,7 +61,9 @@ def _he(shared: Path | None, quick: bool) -> dict[str, Any]:
 
 
 def _round(shared: Path | None, quick: bool) -> dict[str, Any]:
-    return run_round_bench(100_000 if quick else 1_000_000, 4, 3 if quick else 5, None, "auto")
+    if quick:
+        return run_round_bench((100_000,), 4, 1, None, "auto", (4, 16), 10_000)
+    return run_round_bench()
 
 
 def _ingest(shared: Path | None, quick: bool) -> dict[str, Any]:
@@ -106,7 +108,11 @@ def _poisoning(shared: Path | None, quick: bool) -> dict[str, Any]:
 BENCHES = (
     Bench("curves", "accuracy per round, per hospital, ROC, calibration (5 split seeds)", _curves),
     Bench("he", "HE codec next to FLARE's CKKS", _he),
-    Bench("round", "encrypted round next to Flower", _round),
+    Bench(
+        "round",
+        "the deployed round next to Flower and the floor, 1M to 10M parameters, 4 to 128 hospitals",
+        _round,
+    ),
     Bench("ingest", "gateway ingest next to COPY", _ingest),
     Bench("inference", "Diagnose and ModelInfer", _inference),
     Bench("privacy", "DP-SGD accuracy against epsilon", _privacy),
@@ -122,7 +128,7 @@ FIGURES: dict[str, list[Callable[[dict[str, Any], Path, str], Figure | list[Figu
         figures.encryption_gap,
     ],
     "he": [figures.he_cost],
-    "round": [figures.round_latency],
+    "round": [figures.round_parameter_scaling, figures.round_hospital_scaling],
     "ingest": [figures.ingest],
     "inference": [figures.inference],
     "privacy": [figures.privacy_utility],
@@ -238,9 +244,18 @@ def _summary(data: dict[str, dict[str, Any]]) -> list[str]:
             f"encrypt + decrypt {h['encrypt_s_per_million'] + h['decrypt_s_per_million']:.2f} s per million."
         )
     if "round" in data:
-        r = data["round"]
-        ratio = f", {r['ratio']} of Flower's plaintext round" if r.get("ratio") else ""
-        lines.append(f"Encrypted round ({r['params']:,} parameters): median {r['ours_median_s']} s{ratio}.")
+        for size in data["round"].get("parameter_scaling", []):
+            if not size.get("round_s"):
+                continue
+            ratio = (
+                f", {size['ratio_to_flower']} of Flower's plaintext round"
+                if size.get("ratio_to_flower")
+                else ""
+            )
+            lines.append(
+                f"Deployed round ({size['params']:,} parameters, {size['hospitals']} hospitals): median "
+                f"{size['round_s']['median']} s{ratio}, {size['ratio_to_floor']}x the compute floor."
+            )
     if "ingest" in data:
         i = data["ingest"]
         lines.append(f"Ingest {i['resources_per_s']:,.0f} FHIR resources/s, {i['ratio']} of COPY's rows/s.")

@@ -273,53 +273,123 @@ def he_cost(he: dict[str, Any], out: Path, when: str) -> list[Figure]:
     ]
 
 
-def round_latency(rnd: dict[str, Any], out: Path, when: str) -> Figure:
-    fig, (ax, phases_ax) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
-    ax.scatter(
-        np.zeros(len(rnd["round_seconds"])), rnd["round_seconds"], color=COLORS["fedyogi"], label="each round"
+def round_parameter_scaling(rnd: dict[str, Any], out: Path, when: str) -> Figure:
+    """`fibemrss bench round`: the deployed round against parameters, beside Flower and the floor,
+    and where each size's round goes."""
+    sizes = [s for s in rnd.get("parameter_scaling", []) if s.get("round_s")]
+    fig, (ax, phases_ax) = plt.subplots(1, 2, figsize=(9.5, 3.9), gridspec_kw={"width_ratios": [1, 1.2]})
+    params = [s["params"] for s in sizes]
+    ours = [s["round_s"]["median"] for s in sizes]
+    low = [s["round_s"]["median"] - s["round_s"]["min"] for s in sizes]
+    high = [s["round_s"]["max"] - s["round_s"]["median"] for s in sizes]
+    ax.errorbar(
+        params, ours, yerr=[low, high], fmt="o-", color=COLORS["fedyogi"], label="ours (deployed, mTLS)"
     )
-    ax.bar(0, rnd["ours_median_s"], 0.5, alpha=0.4, color=COLORS["fedyogi"], label="median")
-    labels = ["FIBEMRSS\nencrypted"]
-    if rnd.get("flower_round_seconds"):
-        ax.scatter(
-            np.ones(len(rnd["flower_round_seconds"])), rnd["flower_round_seconds"], color=COLORS["fedavg"]
-        )
-        ax.bar(1, rnd["flower_median_s"], 0.5, alpha=0.4, color=COLORS["fedavg"])
-        labels.append("Flower\nplaintext")
-    floor = (rnd.get("compute_floor") or {}).get("total_s")
-    if floor:
-        ax.axhline(floor, color="grey", ls="--", lw=1, label=f"HE compute floor {floor} s")
-    ax.set_xticks(range(len(labels)), labels)
+    flower = [(s["params"], (s["flower"].get("spread") or {}).get("median")) for s in sizes]
+    flower = [(p, f) for p, f in flower if f]
+    if flower:
+        ax.plot(*zip(*flower, strict=True), "s-", color=COLORS["fedavg"], label="Flower plaintext (TLS)")
+    ax.plot(params, [s["floor"]["total_s"] for s in sizes], "--", color="grey", label="HE compute floor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
     ax.set_ylabel("seconds per round")
     ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
-    phases = rnd.get("phases_median_s") or {}
-    left = 0.0
-    for phase, seconds in phases.items():
-        phases_ax.barh(0, seconds, left=left, label=f"{phase} {seconds} s")
-        left += seconds
-    phases_ax.set_yticks([])
-    phases_ax.set_xlabel("seconds (median per hospital)")
-    phases_ax.set_title("where a hospital's round goes", fontsize=9)
-    if phases:
-        phases_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3)
-    name = _save(fig, out, "round_latency.png")
-    flower = (
-        f"Flower's plaintext FedAvg round {rnd['flower_median_s']} s in the same run, ratio {rnd['ratio']}"
-        if rnd.get("flower_median_s")
-        else f"Flower not run ({rnd.get('flower_note') or 'no var/flower-venv'})"
+    ax.grid(alpha=0.3, which="both")
+    names = [
+        "advertise",
+        "shares",
+        "upload",
+        "survivors",
+        "reveals",
+        "wait_for_close",
+        "fetch",
+        "verify",
+        "decrypt",
+    ]
+    for i, s in enumerate(sizes):
+        left = 0.0
+        for j, phase in enumerate(names):
+            seconds = s["phases_median_s"].get(phase, 0.0)
+            phases_ax.barh(i, seconds, left=left, color=plt.cm.tab10(j), label=phase if i == 0 else None)
+            left += seconds
+    phases_ax.set_yticks(range(len(sizes)), [f"{p:,}" for p in params])
+    phases_ax.set_xlabel("seconds (median over runs)")
+    phases_ax.set_title("where the round goes", fontsize=9)
+    if sizes:
+        phases_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=5)
+    name = _save(fig, out, "round_parameter_scaling.png")
+    parts = []
+    for s in sizes:
+        goals = s["goals"]
+        flower_text = f"{s['ratio_to_flower']} of Flower" if s.get("ratio_to_flower") else "Flower not run"
+        parts.append(
+            f"{s['params']:,} parameters: median {s['round_s']['median']} s over {s['round_s']['runs']} rounds "
+            f"(min {s['round_s']['min']}, max {s['round_s']['max']}), {flower_text}, {s['ratio_to_floor']}x the "
+            f"floor ({s['floor']['total_s']} s); most time beyond the floor in {goals['phase_holding_it']}"
+        )
+    load = rnd.get("machine", {}).get("load_average_start")
+    return Figure(
+        name,
+        "Round against parameters",
+        f"The deployed round ({len(sizes) and sizes[0]['hospitals']} hospitals, {rnd.get('transport', '')}): "
+        + "; ".join(parts)
+        + f". Load average at the start {load}. {when}",
     )
-    floor_text = (
-        f"; the HE work alone (encrypt, add {rnd['hospitals']} uploads, decrypt; one core, same run) takes "
-        f"{floor} s, ratio {rnd.get('ratio_to_compute_floor')}"
-        if floor
-        else ""
+
+
+def round_hospital_scaling(rnd: dict[str, Any], out: Path, when: str) -> Figure:
+    """`fibemrss bench round`: round time and the aggregator's memory against hospitals."""
+    scaling = rnd.get("hospital_scaling", {})
+    sizes = [s for s in scaling.get("sizes", []) if "refused" not in s]
+    refused = [s for s in scaling.get("sizes", []) if "refused" in s]
+    fig, (ax, mem_ax) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    ns = [s["hospitals"] for s in sizes]
+    ax.plot(ns, [s["round_s"] for s in sizes], "o", color=COLORS["fedyogi"], label="round (closed)")
+    fitted = (scaling.get("fit") or {}).get("round_s_vs_n")
+    if fitted and ns:
+        xs = np.linspace(min(ns), max(ns), 50)
+        ax.plot(
+            xs,
+            fitted["intercept"] + fitted["slope"] * xs,
+            ":",
+            color="grey",
+            label=f"fit {fitted['intercept']:.2f} + {fitted['slope']:.3f} n (R² {fitted['r2']})",
+        )
+    for s in refused:
+        ax.axvline(s["hospitals"], color="black", ls="--", lw=0.8)
+        ax.annotate(
+            f"{s['hospitals']}: refused",
+            (s["hospitals"], ax.get_ylim()[1]),
+            fontsize=7,
+            ha="right",
+            va="top",
+            rotation=90,
+        )
+    ax.set_xlabel("hospitals")
+    ax.set_ylabel("seconds per round")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    grown = [s["memory"].get("peak_over_idle_mb") for s in sizes]
+    goal = [s["memory"].get("goal_mb") for s in sizes]
+    mem_ax.plot(ns, grown, "o-", color=COLORS["fedyogi"], label="aggregator peak RSS over idle")
+    mem_ax.plot(ns, goal, "--", color="grey", label="goal: 3 uploads + the sum")
+    mem_ax.set_xlabel("hospitals")
+    mem_ax.set_ylabel("MiB")
+    mem_ax.legend(fontsize=7)
+    mem_ax.grid(alpha=0.3)
+    name = _save(fig, out, "round_hospital_scaling.png")
+    goals = scaling.get("goals", {})
+    refused_text = "; ".join(
+        f"{s['hospitals']} refused ({s['refused']['code']}: {s['refused']['details']})" for s in refused
     )
     return Figure(
         name,
-        "Round latency",
-        f"A full encrypted round with {rnd['hospitals']} hospital processes and {rnd['params']:,} parameters "
-        f"({rnd['transport']}): median {rnd['ours_median_s']} s; {flower}{floor_text}. {when}",
+        "Round against hospitals",
+        f"The deployed round at {scaling.get('params', 0):,} parameters with the aggregator's default pool: "
+        f"every round closed {goals.get('every_round_closed')}, no honest upload refused "
+        f"{goals.get('no_honest_upload_refused')}, memory within 3 uploads + the sum "
+        f"{goals.get('memory_within_3_uploads_plus_sum')}. {refused_text} {when}",
     )
 
 

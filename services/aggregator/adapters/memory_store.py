@@ -8,9 +8,10 @@ clock the Coordinator decides deadlines on, so a test moves time by advancing it
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -72,6 +73,9 @@ class MemorySubmissionWriter:
         if index in self.chunks:
             raise InvalidArgument(f"chunk {index} was sent twice in one submission")
         self.chunks[index] = ciphertext
+
+    def digests(self) -> bytes:
+        return b"".join(hashlib.sha256(self.chunks[i]).digest() for i in sorted(self.chunks))
 
 
 class MemoryStore:
@@ -193,10 +197,14 @@ class MemoryStore:
         epsilon: float = 0.0,
         signature: bytes = b"",
         certificate: bytes = b"",
-        digests: bytes = b"",
     ) -> Iterator[MemorySubmissionWriter]:
-        """The lock is held until the submission is stored or refused: like the round's share lock
-        in PostgreSQL, no stage closes and no aggregation starts meanwhile."""
+        """The chunks are collected unlocked; the lock is then held for the checks and the store:
+        like the round's share lock in PostgreSQL, taken at the end of the stream, no stage closes
+        and no aggregation starts between them."""
+        writer = MemorySubmissionWriter(total)
+        yield writer
+        if len(writer.chunks) != total:
+            raise InvalidArgument(f"the submission announced {total} chunks but carried {len(writer.chunks)}")
         with self._lock:
             r = self._round(task, number)
             if r is None or r.state not in ACCEPTING:
@@ -218,14 +226,8 @@ class MemoryStore:
                 )
             if hospital in r.uploads:
                 raise DuplicateSubmission(hospital)
-            writer = MemorySubmissionWriter(total)
-            yield writer
-            if len(writer.chunks) != total:
-                raise InvalidArgument(
-                    f"the submission announced {total} chunks but carried {len(writer.chunks)}"
-                )
             r.uploads[hospital] = _Upload(
-                total, epsilon, signature, certificate, digests, dict(writer.chunks)
+                total, epsilon, signature, certificate, writer.digests(), dict(writer.chunks)
             )
 
     def note_submission(self, s: FederationSettings, number: int) -> None:
@@ -432,7 +434,7 @@ class MemoryStore:
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+    ) -> tuple[bytes, bytes, bytes, Iterable[tuple[int, bytes]]]:
         with self._lock:
             r = self._round(task, number)
             u = None if r is None else r.uploads.get(hospital)

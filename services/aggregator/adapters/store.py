@@ -5,6 +5,7 @@ its timestamps come from the database's clock and the wall clock."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,27 +24,40 @@ from services.aggregator.core.round_state import FederationSettings, Round, Roun
 
 
 class CopySubmissionWriter:
-    """Writes one hospital's chunks inside the submission's transaction, as they arrive."""
+    """Writes one hospital's chunks inside the submission's transaction, as they arrive (one
+    chunk in memory at a time), and keeps each chunk's SHA-256 for the submission row."""
 
     def __init__(
         self, cur: psycopg2.extensions.cursor, task: str, round_number: int, hospital: str, total: int
     ) -> None:
         self._cur, self._key, self._total = cur, (task, round_number, hospital), total
-        self.seen: set[int] = set()
+        self._digests: dict[int, bytes] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._digests)
+
+    def digests(self) -> bytes:
+        """The chunks' SHA-256 digests in index order (what the sender signed)."""
+        return b"".join(self._digests[i] for i in sorted(self._digests))
 
     def add(self, index: int, ciphertext: bytes) -> None:
         if not 0 <= index < self._total:
             raise InvalidArgument(f"chunk index {index} is outside 0..{self._total - 1}")
-        if index in self.seen:
+        if index in self._digests:
             raise InvalidArgument(f"chunk {index} was sent twice in one submission")
-        self.seen.add(index)
-        copy_rows(
-            self._cur,
-            "submission_chunks",
-            ("task", "round", "hospital", "idx", "ciphertext"),
-            ("text", "int8", "text", "int4", "bytea"),
-            [(*self._key, index, ciphertext)],
-        )
+        self._digests[index] = hashlib.sha256(ciphertext).digest()
+        try:
+            copy_rows(
+                self._cur,
+                "submission_chunks",
+                ("task", "round", "hospital", "idx", "ciphertext"),
+                ("text", "int8", "text", "int4", "bytea"),
+                [(*self._key, index, ciphertext)],
+            )
+        except psycopg2.errors.UniqueViolation:
+            # The same hospital's upload committed meanwhile (its rows were in our way).
+            raise DuplicateSubmission(self._key[2]) from None
 
 
 class AggregatorStore:
@@ -220,13 +234,19 @@ class AggregatorStore:
         epsilon: float = 0.0,
         signature: bytes = b"",
         certificate: bytes = b"",
-        digests: bytes = b"",
     ) -> Iterator[CopySubmissionWriter]:
-        """A transaction that stores a whole submission or nothing. The round row is share-locked,
-        so the round cannot start aggregating (or close a stage) while this upload is in flight.
-        `masked` (secure aggregation): the sender must have shared in the round (U2) and the
-        upload stage must still be open."""
+        """A transaction that stores a whole submission or nothing. Its chunks are copied in as
+        they arrive (their foreign key to the submission row is checked at commit: migration
+        0031); the round row is share-locked only at the end, for the checks and the submission
+        row, so the round cannot start aggregating (or close a stage) between them and the
+        commit, and nothing is locked while the sender is still sending. `masked` (secure
+        aggregation): the sender must have shared in the round (U2) and the upload stage must
+        still be open."""
         with self._db.transaction() as cur:
+            writer = CopySubmissionWriter(cur, task, number, hospital, total)
+            yield writer
+            if writer.count != total:
+                raise InvalidArgument(f"the submission announced {total} chunks but carried {writer.count}")
             cur.execute(
                 "SELECT state FROM rounds WHERE task=%s AND round=%s FOR SHARE",
                 (task, number),
@@ -246,16 +266,10 @@ class AggregatorStore:
                 cur.execute(
                     "INSERT INTO submissions (task, round, hospital, total_chunks, epsilon, signature, "
                     "certificate, digests) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                    (task, number, hospital, total, epsilon, signature, certificate, digests),
+                    (task, number, hospital, total, epsilon, signature, certificate, writer.digests()),
                 )
             except psycopg2.errors.UniqueViolation:
                 raise DuplicateSubmission(hospital) from None
-            writer = CopySubmissionWriter(cur, task, number, hospital, total)
-            yield writer
-            if len(writer.seen) != total:
-                raise InvalidArgument(
-                    f"the submission announced {total} chunks but carried {len(writer.seen)}"
-                )
 
     @staticmethod
     def _check_chunk_count(cur: psycopg2.extensions.cursor, task: str, number: int, total: int) -> None:
@@ -529,8 +543,10 @@ class AggregatorStore:
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
-        """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload."""
+    ) -> tuple[bytes, bytes, bytes, Iterator[tuple[int, bytes]]]:
+        """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload; the chunks
+        are read one per transaction as they are sent, so serving every member's check of the sum
+        holds one chunk in memory per call, not the upload."""
         with self._db.transaction() as cur:
             cur.execute(
                 "SELECT digests, signature, certificate FROM submissions WHERE task=%s AND round=%s "
@@ -541,12 +557,25 @@ class AggregatorStore:
             if row is None:
                 raise NotFound(f"no upload of {hospital!r} in round {number} of {task}")
             cur.execute(
-                "SELECT idx, ciphertext FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
+                "SELECT idx FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
                 "AND idx = ANY(%s) ORDER BY idx",
                 (task, number, hospital, sorted(set(indexes))),
             )
-            chunks = [(i, bytes(c)) for i, c in cur.fetchall()]
-        return bytes(row[0]), bytes(row[1]), bytes(row[2]), chunks
+            stored = [r[0] for r in cur.fetchall()]
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            for index in stored:
+                with self._db.transaction() as cur:
+                    cur.execute(
+                        "SELECT ciphertext FROM submission_chunks WHERE task=%s AND round=%s AND hospital=%s "
+                        "AND idx=%s",
+                        (task, number, hospital, index),
+                    )
+                    found = cur.fetchone()
+                if found is not None:  # the round's uploads are deleted only when it fails
+                    yield index, bytes(found[0])
+
+        return bytes(row[0]), bytes(row[1]), bytes(row[2]), chunks()
 
     def aggregate(self, task: str, number: int) -> Iterator[tuple[int, int, int, bytes]]:
         """(index, total, contributors, ciphertext) of a closed round's sum, chunk by chunk."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_encoding import input_dim, stats_vector_length
@@ -72,12 +72,9 @@ class CiphertextAdder:
     def params(self) -> HeParams:
         return self._key.params
 
-    def check_upload(
-        self, chunks: Sequence[tuple[int, bytes]], total: int, expected: RoundLayout | None
-    ) -> None:
-        """The whole upload, before it counts: the announced chunk count against the round's
-        layout, every index once, every header, and every ciphertext loadable with the
-        aggregator's context. A bad upload is refused to its sender alone, naming the field."""
+    def upload_check(self, total: int, expected: RoundLayout | None) -> UploadCheck:
+        """A check of one upload fed chunk by chunk as it streams in (see UploadCheck); the
+        announced chunk count is checked against the round's layout at once."""
         if expected is not None and total != expected.chunk_count:
             raise InvalidArgument(
                 "the upload does not fit this round's layout",
@@ -87,43 +84,7 @@ class CiphertextAdder:
                     )
                 ],
             )
-        problems: list[FieldProblem] = []
-        seen: set[int] = set()
-        first: ChunkHeader | None = None
-        for position, (index, chunk) in enumerate(chunks):
-            field = f"chunks[{position}]"
-            if not 0 <= index < total or index in seen:
-                problems.append(
-                    FieldProblem(f"{field}.index", f"{index} is outside 0..{total - 1} or repeated")
-                )
-                continue
-            seen.add(index)
-            try:
-                self.check(chunk, index, total)
-                header = unpack_header(chunk)
-                ChunkAccumulator(self._key).add(chunk)  # every ciphertext loads, not just the header
-            except InvalidArgument as exc:
-                problems.extend(FieldProblem(f"{field}.ciphertext", p.description) for p in exc.violations)
-                continue
-            except HeError as exc:
-                problems.append(FieldProblem(f"{field}.ciphertext", str(exc)))
-                continue
-            first = first or header
-            wanted = (expected.kind, expected.n_values) if expected else (first.kind, first.n_values)
-            if (header.kind, header.n_values) != wanted:
-                problems.append(
-                    FieldProblem(
-                        f"{field}.ciphertext",
-                        f"holds {header.kind.name} of {header.n_values} values; "
-                        f"this round takes {wanted[0].name} of {wanted[1]}",
-                    )
-                )
-        if not problems and len(seen) != total:
-            problems.append(
-                FieldProblem("total_chunks", f"announced {total} chunks, the stream carried {len(seen)}")
-            )
-        if problems:
-            raise InvalidArgument("the upload was refused; nothing of it was stored", problems[:20])
+        return UploadCheck(self, total, expected)
 
     def new_accumulator(self) -> ChunkAccumulator:
         return ChunkAccumulator(self._key)
@@ -134,3 +95,69 @@ class CiphertextAdder:
         for part in parts:
             accumulator.add(part)
         return accumulator.result()
+
+
+@dataclass
+class UploadCheck:
+    """One upload checked as it streams in, so no whole upload is held as bytes: every index
+    once, every header, every ciphertext loadable with the aggregator's context and of the
+    round's kind and size. Loading a chunk is adding it into an accumulator of its own (`sums`),
+    which the round's running sum adopts once the upload has committed. A bad upload is refused
+    to its sender alone, naming the field, after its stream ended (nothing of it is stored)."""
+
+    adder: CiphertextAdder
+    total: int
+    expected: RoundLayout | None
+    problems: list[FieldProblem] = field(default_factory=list)
+    sums: dict[int, ChunkAccumulator] = field(default_factory=dict)
+    _position: int = 0
+    _first: ChunkHeader | None = None
+
+    def add(self, index: int, chunk: bytes) -> bool:
+        """Checks one chunk; True when it is fine (and may be stored)."""
+        position, self._position = self._position, self._position + 1
+        where = f"chunks[{position}]"
+        if not 0 <= index < self.total or index in self.sums:
+            self.problems.append(
+                FieldProblem(f"{where}.index", f"{index} is outside 0..{self.total - 1} or repeated")
+            )
+            return False
+        try:
+            self.adder.check(chunk, index, self.total)
+            header = unpack_header(chunk)
+            accumulator = self.adder.new_accumulator()
+            accumulator.add(chunk)  # every ciphertext loads, not just the header
+        except InvalidArgument as exc:
+            self.problems.extend(FieldProblem(f"{where}.ciphertext", p.description) for p in exc.violations)
+            return False
+        except HeError as exc:
+            self.problems.append(FieldProblem(f"{where}.ciphertext", str(exc)))
+            return False
+        self._first = self._first or header
+        if self.expected is not None:
+            wanted = (self.expected.kind, self.expected.n_values)
+        else:
+            wanted = (self._first.kind, self._first.n_values)
+        if (header.kind, header.n_values) != wanted:
+            self.problems.append(
+                FieldProblem(
+                    f"{where}.ciphertext",
+                    f"holds {header.kind.name} of {header.n_values} values; "
+                    f"this round takes {wanted[0].name} of {wanted[1]}",
+                )
+            )
+            return False
+        self.sums[index] = accumulator
+        return not self.problems
+
+    def finish(self) -> None:
+        """After the last chunk: InvalidArgument naming every problem (at most 20)."""
+        if not self.problems and len(self.sums) != self.total:
+            self.problems.append(
+                FieldProblem(
+                    "total_chunks", f"announced {self.total} chunks, the stream carried {len(self.sums)}"
+                )
+            )
+        if self.problems:
+            self.sums.clear()
+            raise InvalidArgument("the upload was refused; nothing of it was stored", self.problems[:20])

@@ -8,11 +8,11 @@ with the in-memory store and a clock it advances (tests/unit/test_aggregator_cor
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -23,12 +23,13 @@ from fibemrss.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from fibemrss.he.errors import HeError
 from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeyVerifier, SignedMaskKey
 from fibemrss.he.params import HeParams
 from fibemrss.he.secagg.protocol import ADVERT_BYTES, RoundContext, advert_statement
-from services.aggregator.core.ciphertexts import RoundLayout, expected_layout
+from services.aggregator.core.ciphertexts import RoundLayout, UploadCheck, expected_layout
 from services.aggregator.core.cohorts import STAGES, decide_cohort, decide_stage
 from services.aggregator.core.ports import Clock, DuplicateSubmission, RoundStore, WallClock
 from services.aggregator.core.round_state import (
@@ -45,18 +46,19 @@ log = logging.getLogger(__name__)
 
 
 CACHE_LIMIT_BYTES = 256 * 1024 * 1024
-# A submission up to this size is also folded into an in-memory running sum as it commits.
-RUNNING_SUM_LIMIT_BYTES = 64 * 1024 * 1024
-# An upload is received whole and checked before any of it is stored; this bounds its memory.
+# An upload larger than this is refused (it is checked and stored chunk by chunk as it streams).
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+# Uploads streamed at once; the others queue (_upload_slot). One: the aggregator's memory is then
+# one upload's accumulators, the running sum and the newest sum (docs/federation.md), and the
+# check of a chunk is CPU the process would not run faster on two streams.
+UPLOAD_SLOTS = 1
+UPLOAD_QUEUE_SECONDS = 110.0
 
 
 class Adder(Protocol):
     @property
     def params(self) -> HeParams: ...
-    def check_upload(
-        self, chunks: Sequence[tuple[int, bytes]], total: int, expected: RoundLayout | None
-    ) -> None: ...
+    def upload_check(self, total: int, expected: RoundLayout | None) -> UploadCheck: ...
     def add(self, parts: Sequence[bytes]) -> bytes: ...
     def new_accumulator(self) -> Accumulator: ...
 
@@ -70,11 +72,20 @@ class Coordinator:
         tick_seconds: float = 0.25,
         mask_key_verifier: MaskKeyVerifier | None = None,
         clock: Clock | None = None,
+        upload_slots: int = UPLOAD_SLOTS,
+        upload_queue_seconds: float = UPLOAD_QUEUE_SECONDS,
     ) -> None:
         """`mask_key_verifier` (the federation CA, with mutual TLS): round keys must carry a valid
         signature of their hospital's agent, so a hospital that sends a broken one is refused alone
         instead of making every honest agent refuse the round. `clock` (the wall clock unless
-        given) decides every deadline and the long-polls' timeouts."""
+        given) decides every deadline and the long-polls' timeouts. `upload_slots`: uploads
+        streamed at once (each holds a database connection and one upload's worth of loaded
+        ciphertexts); the others wait up to `upload_queue_seconds` for a slot."""
+        if upload_slots < 1:
+            raise ValueError("upload_slots must be at least 1")
+        self._upload_slot_count = upload_slots
+        self._upload_slots = threading.BoundedSemaphore(upload_slots)
+        self._upload_queue_seconds = upload_queue_seconds
         self._store = store
         self._clock: Clock = clock if clock is not None else WallClock()
         self._mask_key_verifier = mask_key_verifier
@@ -230,49 +241,61 @@ class Coordinator:
             raise FailedPrecondition(
                 f"round {number} of {task} is still collecting mask keys; submit once its cohort is fixed"
             )
-        received = self._receive(chunks)
-        # Validated whole before it counts: a bad upload is refused to its sender alone.
-        self._adder.check_upload(received, total, expected_layout(task, number, self._adder.params))
-        ordered = [c for _, c in sorted(received)]
-        digests = b"".join(hashlib.sha256(c).digest() for c in ordered)
-        try:
-            # One short transaction: nothing is locked while the sender is still sending.
-            with self._store.submission(
-                task,
-                number,
-                hospital,
-                total,
-                settings.pairwise_masking,
-                epsilon,
-                signature,
-                certificate,
-                digests,
-            ) as writer:
-                for index, ciphertext in received:
-                    writer.add(index, ciphertext)
-        except DuplicateSubmission:
-            self._submissions.labels(task, "duplicate").inc()
-            return True
-        if sum(len(c) for _, c in received) <= RUNNING_SUM_LIMIT_BYTES:
-            self._running.fold(task, number, hospital, received, 1)
+        # Refused before reading the stream when the announced chunk count misfits the round.
+        check = self._adder.upload_check(total, expected_layout(task, number, self._adder.params))
+        attempt = current.attempt
+        with self._upload_slot():
+            reserved = False
+            try:
+                # Each chunk is checked, added into the upload's own sums and copied into the
+                # transaction as it arrives; the round is locked only at the end, for the final
+                # checks and the insert (nothing is locked while the sender is still sending).
+                with self._store.submission(
+                    task, number, hospital, total, settings.pairwise_masking, epsilon, signature, certificate
+                ) as writer:
+                    size = 0
+                    for index, ciphertext in chunks:
+                        size += len(ciphertext)
+                        if size > MAX_UPLOAD_BYTES:
+                            raise InvalidArgument(
+                                "upload too large",
+                                [FieldProblem("chunks", f"more than {MAX_UPLOAD_BYTES} bytes")],
+                            )
+                        if check.add(index, ciphertext):
+                            writer.add(index, ciphertext)
+                    # Validated whole before it counts: a bad upload is refused to its sender alone.
+                    check.finish()
+                    self._running.reserve(task, number, attempt)
+                    reserved = True
+            except DuplicateSubmission:
+                if reserved:
+                    self._running.release(task, number, attempt)
+                self._submissions.labels(task, "duplicate").inc()
+                return True
+            except BaseException:
+                if reserved:
+                    self._running.release(task, number, attempt)
+                raise
+            self._running.fold(task, number, hospital, check.sums, attempt)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
         self._last_submitted.labels(task, hospital).set(number)
         self._wake.set()
         return False
 
-    @staticmethod
-    def _receive(chunks: Iterable[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
-        received: list[tuple[int, bytes]] = []
-        size = 0
-        for index, ciphertext in chunks:
-            size += len(ciphertext)
-            if size > MAX_UPLOAD_BYTES:
-                raise InvalidArgument(
-                    "upload too large", [FieldProblem("chunks", f"more than {MAX_UPLOAD_BYTES} bytes")]
-                )
-            received.append((index, ciphertext))
-        return received
+    @contextmanager
+    def _upload_slot(self) -> Iterator[None]:
+        """At most `upload_slots` uploads stream at once: the others queue here, held back by
+        gRPC's flow control, so the aggregator's memory and connections stay bounded whatever
+        the number of hospitals, and none is refused for it (UNAVAILABLE only past the wait)."""
+        if not self._upload_slots.acquire(timeout=self._upload_queue_seconds):
+            raise Unavailable(
+                f"{self._upload_slot_count} uploads in flight for over {self._upload_queue_seconds:g} s; retry"
+            )
+        try:
+            yield
+        finally:
+            self._upload_slots.release()
 
     # -- pairwise masking ------------------------------------------------------------------------
     def publish_mask_key(self, task: str, number: int, hospital: str, key: SignedMaskKey) -> None:
@@ -397,7 +420,7 @@ class Coordinator:
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+    ) -> tuple[bytes, bytes, bytes, Iterable[tuple[int, bytes]]]:
         if "uploads" not in self._store.stages(task, number):
             raise FailedPrecondition(f"the uploads of round {number} of {task} are not closed yet")
         return self._store.upload(task, number, hospital, indexes)

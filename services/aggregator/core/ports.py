@@ -8,7 +8,7 @@ and a concurrent caller sees it whole or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Protocol
@@ -74,13 +74,14 @@ class RoundStore(Protocol):
         epsilon: float = 0.0,
         signature: bytes = b"",
         certificate: bytes = b"",
-        digests: bytes = b"",
     ) -> AbstractContextManager[SubmissionWriter]:
-        """Stores a whole submission or nothing: refused unless the round accepts submissions, its
-        chunk count matches the round's earlier uploads and (`masked`) the sender shared while the
-        upload stage is open; DuplicateSubmission if the hospital's upload is already stored;
-        InvalidArgument at the end if fewer than `total` chunks were added. While it is open the
-        round cannot start aggregating or close a stage."""
+        """Stores a whole submission or nothing, its chunks written as they are added and their
+        SHA-256 digests (index order) kept with it: at the end, refused unless the round accepts
+        submissions, its chunk count matches the round's earlier uploads and (`masked`) the sender
+        shared while the upload stage is open; DuplicateSubmission if the hospital's upload is
+        already stored; InvalidArgument if fewer than `total` chunks were added. Between those
+        final checks and the commit the round cannot start aggregating or close a stage; nothing
+        is locked while chunks are being added."""
         ...
 
     def note_submission(self, s: FederationSettings, number: int) -> None:
@@ -171,7 +172,7 @@ class RoundStore(Protocol):
 
     def upload(
         self, task: str, number: int, hospital: str, indexes: list[int]
-    ) -> tuple[bytes, bytes, bytes, list[tuple[int, bytes]]]:
+    ) -> tuple[bytes, bytes, bytes, Iterable[tuple[int, bytes]]]:
         """(digests, signature, certificate, [(index, chunk)]) of one hospital's upload."""
         ...
 

@@ -207,9 +207,13 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             first.task, self._store.settings(first.task).study_hash, first.hospital, first.study_hash
         )
 
-        watchdog = UploadWatchdog(context, self._upload_limits)
+        watchdogs: list[UploadWatchdog] = []
 
         def chunks() -> Iterator[tuple[int, bytes]]:
+            # The limits run from the moment the coordinator reads the stream: an upload queued
+            # for a slot (Coordinator._upload_slot) is not idle, it is held back.
+            watchdog = UploadWatchdog(context, self._upload_limits)
+            watchdogs.append(watchdog)
             yield first.index, first.ciphertext
             try:
                 for chunk in request_iterator:
@@ -231,7 +235,8 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
                 first.certificate,
             )
         finally:
-            watchdog.close()
+            for watchdog in watchdogs:
+                watchdog.close()
         return pb.SubmitUpdateResponse(duplicate=duplicate, round=self._current_info(first.task))
 
     def FetchAggregate(
