@@ -160,14 +160,17 @@ class OidcClient:
         )
         return f"{self.metadata()['authorization_endpoint']}?{query}"
 
-    def finish(self, state: str, code: str) -> tuple[SignedIn, str]:
+    def finish(self, state: str, code: str, iss: str | None = None) -> tuple[SignedIn, str]:
         """The signed-in person and the path to return to; Unauthenticated for a state this
-        console did not start (or already used, or too old), a refused code or a bad id_token;
-        PermissionDenied for a person whose groups give no console role."""
+        console did not start (or already used, or too old), an answer naming another issuer
+        (RFC 9207, against mix-up), a refused code or a bad id_token; PermissionDenied for a
+        person whose groups give no console role."""
         with self._lock:
             pending = self._pending.pop(state, None)
         if pending is None or self.clock() - pending.started > PENDING_SECONDS:
             raise Unauthenticated("this sign-in was not started here, was used already or is too old")
+        if iss is not None and iss != self.settings.issuer:
+            raise Unauthenticated("the sign-in answer comes from another issuer than the configured one")
         if not code:
             raise Unauthenticated("the provider returned no authorization code")
         try:

@@ -256,7 +256,7 @@ class ConsoleWeb:
             if q.get("error"):
                 raise errors.Unauthenticated(f"the provider refused the sign-in: {q.get('error', '')[:100]}")
             person, next_path = await run_in_threadpool(
-                self.d.oidc.finish, q.get("state", ""), q.get("code", "")
+                self.d.oidc.finish, q.get("state", ""), q.get("code", ""), q.get("iss")
             )
         except Exception as exc:  # noqa: BLE001
             return self.error_page(exc, None)
