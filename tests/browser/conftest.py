@@ -219,11 +219,14 @@ def sign_in(driver: Any, hospital: Hospital, login: str, path: str = "/") -> Non
     """Signs in through the provider's own login page, as a person would."""
     from selenium.webdriver.common.by import By
 
-    if driver.current_url.startswith("http"):
-        # The console's and the provider's cookies (both on 127.0.0.1): each sign-in starts afresh.
-        driver.delete_all_cookies()
+    # Every cookie, the console's and the provider's (whatever page is open): each sign-in starts afresh.
+    driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     driver.get(hospital.base_url + path)
-    wait_until(lambda: driver.find_elements(By.NAME, "login"), 20, "the provider's login page")
+    wait_until(
+        lambda: driver.find_elements(By.NAME, "login"),
+        20,
+        f"the provider's login page (at {driver.current_url}: {driver.find_element(By.TAG_NAME, 'body').text[:300]!r})",
+    )
     driver.find_element(By.NAME, "login").send_keys(login)
     driver.find_element(By.NAME, "password").send_keys("correct horse battery staple")
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()

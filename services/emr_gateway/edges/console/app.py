@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from fibemrss.domain import errors
 from fibemrss.domain.study import study_to_json
-from fibemrss.domain.tasks import TASKS
+from fibemrss.domain.tasks import TASKS, get_task
 from fibemrss.platform.authorization import console_authorize
 from fibemrss.platform.console_config import ConsoleConfig
 from fibemrss.platform.http_server import RunningHttp, http_status_for, start_http
@@ -464,7 +464,19 @@ class ConsoleWeb:
 
     async def federation(self, request: Request, session: WebSession, form: dict[str, str]) -> Response:
         studies = await run_in_threadpool(self.d.console.federation)
-        return self.render("federation.html", session=session, active="federation", studies=studies)
+        why = await run_in_threadpool(self._export_problems, [s.study for s in studies])
+        return self.render("federation.html", session=session, active="federation", studies=studies, why=why)
+
+    def _export_problems(self, names: list[str]) -> dict[str, str]:
+        """Why each study known here by name may not export now ("" when it may), as the
+        gateway's StreamTrainingExamples decides it."""
+        out = {}
+        for name in names:
+            try:
+                out[name] = self.d.studies.export_problem(get_task(name))
+            except errors.DomainError:
+                out[name] = "not a study this gateway knows by name"
+        return out
 
 
 def spreadsheet_safe(value: str) -> str:
