@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -104,7 +105,8 @@ class OidcClient:
 
     # -- provider metadata ---------------------------------------------------------------------------
     def _http(self) -> httpx.Client:
-        return httpx.Client(timeout=10.0, verify=self.settings.ca_file or True)
+        verify = ssl.create_default_context(cafile=self.settings.ca_file) if self.settings.ca_file else True
+        return httpx.Client(timeout=10.0, verify=verify)
 
     def metadata(self) -> dict[str, Any]:
         """The provider's discovery document, read once; its issuer must be the configured one."""

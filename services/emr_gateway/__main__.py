@@ -42,6 +42,7 @@ from services.emr_gateway.edges.mllp import MllpListen, MllpServer
 
 def main() -> None:
     config = ServerConfig.from_env()
+    console_config = console_from_env()  # the web console (docs/console.md); None: off
     hospital = env_str("FIBEMRSS_HOSPITAL")
     database_url = env_str("DATABASE_URL")
     pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
@@ -51,7 +52,6 @@ def main() -> None:
         migrate(database_url, "hospital")
     mllp_listen = edge_listen("FIBEMRSS_MLLP_LISTEN", "FIBEMRSS_MLLP_PLAINTEXT_LISTEN", config.tls)
     http_listen = edge_listen("FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_HTTP_PLAINTEXT_LISTEN", config.tls)
-    console_config = console_from_env()  # the web console (docs/console.md); None: off
     db = Database(database_url)
     # Rows written before source ids were kept as keyed hashes (migration 0025) are hashed before
     # the gateway serves; nothing to do on later starts (docs/gateway.md, "Identifiers at rest").
