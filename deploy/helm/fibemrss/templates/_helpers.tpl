@@ -117,3 +117,13 @@ public one, the others none. Call with (dict "root" $ "c" $component). */}}
 {{- $pg := .Values.postgresql }}
 {{- printf "postgresql://%s:%s@%s-postgresql:5432/%s" $pg.user (urlquery $pg.password) (include "fibemrss.fullname" .) $pg.database }}
 {{- end }}
+
+{{/* "1" when this release serves the hospital console (role=hospital and console.enabled). */}}
+{{- define "fibemrss.consoleOn" -}}
+{{- if and (eq .Values.role "hospital") .Values.console.enabled }}1{{ end }}
+{{- end }}
+
+{{/* Where people reach the console: console.url, else https://<console.ingress.host>. */}}
+{{- define "fibemrss.consoleUrl" -}}
+{{- if .Values.console.url }}{{ .Values.console.url }}{{ else if .Values.console.ingress.host }}https://{{ .Values.console.ingress.host }}{{ end }}
+{{- end }}
