@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.errors import FailedPrecondition
+from fibemrss.domain.site_policy import approval_problem
 from fibemrss.domain.study import study_hash
 from fibemrss.domain.tasks import TASKS
 from tests.browser.conftest import PROVIDER_DIR, Hospital, sign_in
@@ -98,6 +100,15 @@ def flash(driver: Any) -> str:
     return str(found[0].text) if found else str(driver.find_element(by("TAG_NAME"), "main").text)
 
 
+def agent_join_problem(hospital: Hospital, study: str) -> str:
+    """What the hospital's agent decides before joining a federation of `study`: the same rule
+    (`approval_problem`) over the same store (`StudyStore` of the hospital's database) that
+    services/hospital_agent wires into `Participation._join_problem`."""
+    task = TASKS[study]
+    digest = study_hash(task)
+    return approval_problem("h1", study, digest, StudyStore(hospital.db).latest_decision(study, digest))
+
+
 def exported_keys(hospital: Hospital, study: str) -> set[str]:
     return {e.patient_key for e in hospital.gateway.training_examples("agent@h1", study, "training")}
 
@@ -130,6 +141,7 @@ def test_a_steward_corrects_approves_refuses_and_finds_it_all_in_the_audit(
     # Studies: nothing leaves before a decision; approve one, refuse another.
     with pytest.raises(FailedPrecondition, match="not approved at hospital h1"):
         exported_keys(hospital, APPROVED.name)
+    assert "not approved at hospital h1" in agent_join_problem(hospital, APPROVED.name)
     d.get(hospital.base_url + "/studies")
     screenshot(d, "studies")
     d.find_element(by("ID"), "shipped").send_keys(APPROVED.name)
@@ -142,7 +154,8 @@ def test_a_steward_corrects_approves_refuses_and_finds_it_all_in_the_audit(
     d.find_element(by("ID"), "reason").send_keys("meets the site policy; ethics approval 2026-114")
     click_and_load(d, d.find_element(by("XPATH"), "//button[text()='Record the decision']"))
     assert flash(d) == f"Study {APPROVED.name} approved ({study_hash(APPROVED)[:12]})."
-    # The agent's export for the approved study now runs, the corrected record in it.
+    # The agent now joins the study's federation, and its export runs, the corrected record in it.
+    assert agent_join_problem(hospital, APPROVED.name) == ""
     assert hospital.quarantined_key in exported_keys(hospital, APPROVED.name)
 
     d.find_element(by("ID"), "shipped").send_keys(REFUSED.name)
@@ -153,6 +166,10 @@ def test_a_steward_corrects_approves_refuses_and_finds_it_all_in_the_audit(
     assert flash(d) == f"Study {REFUSED.name} refused ({study_hash(REFUSED)[:12]})."
     with pytest.raises(FailedPrecondition, match="refused at hospital h1"):
         exported_keys(hospital, REFUSED.name)
+    assert agent_join_problem(hospital, REFUSED.name).endswith(
+        "refused at hospital h1 by Dana Steward [oidc steward] as steward@h1: "
+        "reads diagnoses we do not share for research"
+    )
 
     # Privacy: set the budget; models: retire the newest version.
     d.get(hospital.base_url + "/privacy")
