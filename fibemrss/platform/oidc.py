@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import secrets
 import ssl
 import threading
@@ -70,6 +71,7 @@ class _Pending:
     verifier: str
     next_path: str
     started: float
+    browser: str  # the secret the browser that began the sign-in holds (a cookie)
 
 
 def parse_role_map(text: str, variable: str, roles: frozenset[str]) -> dict[str, str]:
@@ -138,16 +140,18 @@ class OidcClient:
         return self._keys
 
     # -- the flow ------------------------------------------------------------------------------------
-    def begin(self, next_path: str) -> str:
-        """The provider's authorization URL for a new sign-in that returns to `next_path`."""
-        state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
+    def begin(self, next_path: str) -> tuple[str, str]:
+        """The provider's authorization URL for a new sign-in that returns to `next_path`, and a
+        secret for the browser that began it: the callback must present it, so an attacker's own
+        authorization answer cannot sign a victim into the attacker's account (login CSRF)."""
+        state, nonce, verifier, browser = (secrets.token_urlsafe(32) for _ in range(4))
         now = self.clock()
         with self._lock:
             for key in [k for k, p in self._pending.items() if now - p.started > PENDING_SECONDS]:
                 del self._pending[key]
             while len(self._pending) >= MAX_PENDING:
                 del self._pending[next(iter(self._pending))]
-            self._pending[state] = _Pending(nonce, verifier, next_path, now)
+            self._pending[state] = _Pending(nonce, verifier, next_path, now, browser)
         query = urlencode(
             {
                 "response_type": "code",
@@ -160,17 +164,20 @@ class OidcClient:
                 "code_challenge_method": "S256",
             }
         )
-        return f"{self.metadata()['authorization_endpoint']}?{query}"
+        return f"{self.metadata()['authorization_endpoint']}?{query}", browser
 
-    def finish(self, state: str, code: str, iss: str | None = None) -> tuple[SignedIn, str]:
+    def finish(self, state: str, code: str, iss: str | None, browser: str) -> tuple[SignedIn, str]:
         """The signed-in person and the path to return to; Unauthenticated for a state this
-        console did not start (or already used, or too old), an answer naming another issuer
+        console did not start (or already used, or too old) or that another browser started, an
+        answer naming another issuer
         (RFC 9207, against mix-up), a refused code or a bad id_token; PermissionDenied for a
         person whose groups give no console role."""
         with self._lock:
             pending = self._pending.pop(state, None)
         if pending is None or self.clock() - pending.started > PENDING_SECONDS:
             raise Unauthenticated("this sign-in was not started here, was used already or is too old")
+        if not hmac.compare_digest(pending.browser.encode(), browser.encode()):
+            raise Unauthenticated("this sign-in was started by another browser")
         if iss is not None and iss != self.settings.issuer:
             raise Unauthenticated("the sign-in answer comes from another issuer than the configured one")
         if not code:

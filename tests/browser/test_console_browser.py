@@ -256,11 +256,12 @@ def test_an_auditor_reads_and_searches_but_cannot_decide(browser: Any, hospital:
     # Held records are patient data: not the auditor's to read.
     browser.get(hospital.base_url + "/quarantine")
     assert browser.find_element(by("TAG_NAME"), "h1").text == "Not allowed"
+    assert "Quarantine" not in browser.find_element(by("TAG_NAME"), "nav").text  # not offered either
     browser.get(hospital.base_url + "/studies")
-    assert browser.find_elements(by("ID"), "document")  # the page reads...
-    assert not browser.find_elements(
-        by("XPATH"), "//button[text()='Record the decision']"
-    )  # ...and decides nothing
+    assert browser.find_element(by("TAG_NAME"), "h1").text == "Studies"  # the page reads...
+    assert not browser.find_elements(by("TAG_NAME"), "textarea")  # ...and offers no review nor decision
+    browser.get(hospital.base_url + "/privacy")
+    assert not browser.find_elements(by("ID"), "epsilon")
 
 
 def test_a_person_without_a_console_group_is_refused_at_sign_in(browser: Any, hospital: Hospital) -> None:

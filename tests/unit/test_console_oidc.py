@@ -99,25 +99,34 @@ def test_an_unsigned_token_is_refused() -> None:
         client().verify_id_token("not a token", "n-1")
 
 
-def test_a_callback_is_accepted_only_for_a_sign_in_started_here_and_only_once() -> None:
+def test_a_callback_is_accepted_only_for_a_sign_in_started_here_by_this_browser_and_only_once() -> None:
     now = [1000.0]
     c = client()
     c.clock = lambda: now[0]
-    url = c.begin("/studies")
-    q = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+
+    def begin(path: str) -> tuple[dict[str, str], str]:
+        url, browser = c.begin(path)
+        return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}, browser
+
+    q, browser = begin("/studies")
     assert (q["response_type"], q["client_id"], q["code_challenge_method"]) == ("code", CLIENT, "S256")
-    assert q["code_challenge"] != s256(q["state"]) and len(q["nonce"]) >= 32
+    assert q["code_challenge"] != s256(q["state"]) and len(q["nonce"]) >= 32 and browser not in q.values()
     with pytest.raises(Unauthenticated, match="not started here"):
-        c.finish("made-up-state", "code")
-    again = {k: v[0] for k, v in parse_qs(urlsplit(c.begin("/")).query).items()}
+        c.finish("made-up-state", "code", None, browser)
+    # Login CSRF: the attacker's own sign-in answer, opened in the victim's browser (which holds
+    # no secret, or its own), is refused before the code is exchanged.
+    attacker, _ = begin("/")
+    with pytest.raises(Unauthenticated, match="another browser"):
+        c.finish(attacker["state"], "code", None, browser)
+    mixed, mixed_browser = begin("/")
     with pytest.raises(Unauthenticated, match="another issuer"):  # RFC 9207: a mix-up is refused
-        c.finish(again["state"], "code", iss="https://evil.example")
+        c.finish(mixed["state"], "code", "https://evil.example", mixed_browser)
     now[0] += 601  # pending sign-ins are forgotten after 10 minutes
     with pytest.raises(Unauthenticated, match="not started here"):
-        c.finish(q["state"], "code")
+        c.finish(q["state"], "code", None, browser)
     # ...and a state is used once (popped before the provider is asked anything).
     with pytest.raises(Unauthenticated, match="not started here"):
-        c.finish(q["state"], "code")
+        c.finish(q["state"], "code", None, browser)
 
 
 def test_groups_map_to_roles_and_no_role_is_no_console() -> None:

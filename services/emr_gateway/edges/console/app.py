@@ -39,7 +39,7 @@ from starlette.routing import Route
 from fibemrss.domain import errors
 from fibemrss.domain.study import study_to_json
 from fibemrss.domain.tasks import TASKS, get_task
-from fibemrss.platform.authorization import console_authorize
+from fibemrss.platform.authorization import CONSOLE_RULES, console_authorize
 from fibemrss.platform.console_config import ConsoleConfig
 from fibemrss.platform.http_server import RunningHttp, http_status_for, start_http
 from fibemrss.platform.oidc import OidcClient
@@ -63,14 +63,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-NAV = [
-    ("quarantine", "/quarantine", "Quarantine"),
-    ("studies", "/studies", "Studies"),
-    ("privacy", "/privacy", "Privacy"),
-    ("models", "/models", "Models"),
-    ("consent", "/consent", "Consent"),
-    ("audit", "/audit", "Audit"),
-    ("federation", "/federation", "Federation"),
+NAV = [  # (key, path, label, the action its page needs)
+    ("quarantine", "/quarantine", "Quarantine", "console.read_quarantine"),
+    ("studies", "/studies", "Studies", "console.read"),
+    ("privacy", "/privacy", "Privacy", "console.read"),
+    ("models", "/models", "Models", "console.read"),
+    ("consent", "/consent", "Consent", "console.read"),
+    ("audit", "/audit", "Audit", "console.search_audit"),
+    ("federation", "/federation", "Federation", "console.read"),
 ]
 
 Page = Callable[[Request, WebSession, dict[str, str]], Awaitable[Response]]
@@ -109,6 +109,8 @@ class ConsoleWeb:
     def __init__(self, deps: ConsoleDeps) -> None:
         self.d = deps
         self.cookie = "__Host-fibemrss-console" if deps.secure_cookies else "fibemrss-console"
+        # The browser's half of a pending sign-in (oidc.OidcClient.begin), scoped to the callback.
+        self.signin_cookie = "fibemrss-console-signin"
         self.templates = Environment(
             loader=FileSystemLoader(str(ASSETS / "templates")),
             autoescape=select_autoescape(["html"]),
@@ -151,9 +153,15 @@ class ConsoleWeb:
         flash = ""
         if session is not None:
             flash, session.flash = session.flash, ""
+
+        def may(action: str) -> bool:
+            """Whether the signed-in person may take `action`: pages show only what they can do."""
+            return session is not None and bool(session.person.roles & CONSOLE_RULES.get(action, frozenset()))
+
         html = self.templates.get_template(template).render(
             hospital=self.d.hospital,
             nav=NAV,
+            may=may,
             session=session,
             person=session.person if session else None,
             flash=flash,
@@ -245,10 +253,23 @@ class ConsoleWeb:
     # -- sign-in -----------------------------------------------------------------------------------
     async def login(self, request: Request) -> Response:
         try:
-            url = await run_in_threadpool(self.d.oidc.begin, safe_next(request.query_params.get("next", "/")))
+            url, browser = await run_in_threadpool(
+                self.d.oidc.begin, safe_next(request.query_params.get("next", "/"))
+            )
         except Exception as exc:  # noqa: BLE001 - the provider unreachable is a page, not a trace
             return self.error_page(exc, None)
-        return RedirectResponse(url, 303, SECURITY_HEADERS)
+        response = RedirectResponse(url, 303, SECURITY_HEADERS)
+        # Lax: sent on the provider's top-level redirect back to the callback, not on sub-requests.
+        response.set_cookie(
+            self.signin_cookie,
+            browser,
+            max_age=600,
+            path="/oidc/callback",
+            secure=self.d.secure_cookies,
+            httponly=True,
+            samesite="lax",
+        )
+        return response
 
     async def callback(self, request: Request) -> Response:
         q = request.query_params
@@ -256,7 +277,11 @@ class ConsoleWeb:
             if q.get("error"):
                 raise errors.Unauthenticated(f"the provider refused the sign-in: {q.get('error', '')[:100]}")
             person, next_path = await run_in_threadpool(
-                self.d.oidc.finish, q.get("state", ""), q.get("code", ""), q.get("iss")
+                self.d.oidc.finish,
+                q.get("state", ""),
+                q.get("code", ""),
+                q.get("iss"),
+                request.cookies.get(self.signin_cookie, ""),
             )
         except Exception as exc:  # noqa: BLE001
             return self.error_page(exc, None)
@@ -274,6 +299,7 @@ class ConsoleWeb:
             httponly=True,
             samesite="lax",
         )
+        response.delete_cookie(self.signin_cookie, path="/oidc/callback")
         return response
 
     async def logout(self, request: Request, session: WebSession, form: dict[str, str]) -> Response:
