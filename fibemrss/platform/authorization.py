@@ -81,9 +81,18 @@ CONSOLE_RULES: Mapping[str, frozenset[str]] = {
 }
 
 
-def console_authorize(name: str, roles: frozenset[str], action: str) -> None:
+# The federation operator's console at the aggregator: read-only for now.
+CENTRAL_CONSOLE_ROLES = frozenset({"operator"})
+CENTRAL_CONSOLE_RULES: Mapping[str, frozenset[str]] = {
+    "console.read_federations": frozenset({"operator"}),
+}
+
+
+def console_authorize(
+    name: str, roles: frozenset[str], action: str, rules: Mapping[str, frozenset[str]] = CONSOLE_RULES
+) -> None:
     """PermissionDenied unless one of a signed-in person's console roles may take `action`."""
-    if not roles & CONSOLE_RULES.get(action, frozenset()):
+    if not roles & rules.get(action, frozenset()):
         held = ", ".join(sorted(roles)) or "no role"
         raise PermissionDenied(f"{name} ({held}) may not {action.removeprefix('console.').replace('_', ' ')}")
 

@@ -1,20 +1,12 @@
-"""The hospital console (Starlette + Jinja2): the pages where a data steward reviews quarantine,
-decides studies, sets the privacy budget and retires models, and where an auditor searches the
-audit (docs/console.md).
+"""The hospital console: the pages where a data steward reviews quarantine, decides studies,
+sets the privacy budget and retires models, and where an auditor searches the audit
+(docs/console.md).
 
 A thin edge like the FHIR REST one: every decision goes to the use case that the gRPC edge calls
 (`Gateway.resolve_quarantine`, `StudyReview.review/decide`) or to the console's own use cases
-(`core/console.py`), with the signed-in person as the actor; nothing is decided here. What is
-here is what a browser needs:
-
-- sign-in through the hospital's OpenID Connect provider (`fibemrss.platform.oidc`), the person's
-  groups mapped to console roles, authorized per action by `fibemrss.platform.authorization`
-  (CONSOLE_RULES);
-- server-side sessions that expire (`fibemrss.platform.web_sessions`), a cookie holding only a
-  random id (HttpOnly, SameSite=Lax, Secure and `__Host-` under TLS);
-- a CSRF token in every form, checked on every POST before anything else is read;
-- plain HTML forms, no script needed; headings, labels and landmarks for screen readers; a
-  Content-Security-Policy that allows nothing but this console's own files.
+(`core/console.py`), with the signed-in person as the actor; nothing is decided here. Sign-in,
+sessions, CSRF, authorization by `CONSOLE_RULES`, the layout and errors as pages are the shared
+`fibemrss.platform.web_console.WebConsole`'s.
 """
 
 from __future__ import annotations
@@ -22,48 +14,31 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from importlib.resources import files
-from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from pathlib import Path
+from urllib.parse import quote, urlencode
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from fibemrss.domain import errors
 from fibemrss.domain.study import study_to_json
 from fibemrss.domain.tasks import TASKS, get_task
-from fibemrss.platform.authorization import CONSOLE_RULES, console_authorize
+from fibemrss.platform.authorization import CONSOLE_RULES
 from fibemrss.platform.console_config import ConsoleConfig
-from fibemrss.platform.http_server import RunningHttp, http_status_for, start_http
+from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.oidc import OidcClient
+from fibemrss.platform.web_console import SECURITY_HEADERS, ConsoleSetup, NavItem, WebConsole
 from fibemrss.platform.web_sessions import SessionStore, WebSession
 from services.emr_gateway.core.console import HospitalConsole, audit_query
 from services.emr_gateway.core.quarantine_review import Correction
 from services.emr_gateway.core.study_decisions import StudyReview
 from services.emr_gateway.core.use_cases import Gateway, QuarantineStatus
 
-log = logging.getLogger(__name__)
-
-MAX_FORM_BYTES = 1024 * 1024  # a study document is the largest thing a form carries
-ASSETS = files("services.emr_gateway.edges.console")
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
-NAV = [  # (key, path, label, the action its page needs)
+NAV: list[NavItem] = [
     ("quarantine", "/quarantine", "Quarantine", "console.read_quarantine"),
     ("studies", "/studies", "Studies", "console.read"),
     ("privacy", "/privacy", "Privacy", "console.read"),
@@ -72,12 +47,6 @@ NAV = [  # (key, path, label, the action its page needs)
     ("audit", "/audit", "Audit", "console.search_audit"),
     ("federation", "/federation", "Federation", "console.read"),
 ]
-
-Page = Callable[[Request, WebSession, dict[str, str]], Awaitable[Response]]
-
-
-class CsrfRefused(errors.PermissionDenied):
-    pass
 
 
 @dataclass
@@ -91,43 +60,27 @@ class ConsoleDeps:
     secure_cookies: bool  # served over TLS: Secure, __Host- cookies
 
 
-def actor_of(session: WebSession, hospital: str) -> str:
-    """How a person is written in the audit: their name and provider subject, and the role they
-    acted in ("Dana Reyes [oidc 4f2c] as steward@h1")."""
-    role = "steward" if "steward" in session.person.roles else "auditor"
-    return f"{session.person.name} [oidc {session.person.subject}] as {role}@{hospital}"
-
-
-def safe_next(path: str) -> str:
-    """A local path to return to after sign-in; anything else (another site) is the home page."""
-    if path.startswith("/") and not path.startswith("//") and "\\" not in path and "\n" not in path:
-        return path
-    return "/"
-
-
-class ConsoleWeb:
+class ConsoleWeb(WebConsole):
     def __init__(self, deps: ConsoleDeps) -> None:
         self.d = deps
-        self.cookie = "__Host-fibemrss-console" if deps.secure_cookies else "fibemrss-console"
-        # The browser's half of a pending sign-in (oidc.OidcClient.begin), scoped to the callback.
-        self.signin_cookie = "fibemrss-console-signin"
-        self.templates = Environment(
-            loader=FileSystemLoader(str(ASSETS / "templates")),
-            autoescape=select_autoescape(["html"]),
-            trim_blocks=True,
-            lstrip_blocks=True,
+        super().__init__(
+            ConsoleSetup(
+                deps.hospital,
+                f"hospital {deps.hospital}",
+                Path(str(files("services.emr_gateway.edges.console") / "templates")),
+                NAV,
+                CONSOLE_RULES,
+                deps.oidc,
+                deps.sessions,
+                deps.secure_cookies,
+                on_sign_in=deps.console.note_sign_in,
+            )
         )
-        self.templates.filters["when"] = lambda t: "" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
 
-    # -- plumbing ----------------------------------------------------------------------------------
-    def app(self) -> Starlette:
+    def page_routes(self) -> list[Route]:
         p = self.page
-        routes = [
+        return [
             Route("/", p("console.read", self.home), methods=["GET"]),
-            Route("/login", self.login, methods=["GET"]),
-            Route("/oidc/callback", self.callback, methods=["GET"]),
-            Route("/logout", p("", self.logout), methods=["POST"]),
-            Route("/static/console.css", self.stylesheet, methods=["GET"]),
             Route("/quarantine", p("console.read_quarantine", self.quarantine), methods=["GET"]),
             Route(
                 "/quarantine/{id:int}", p("console.read_quarantine", self.quarantine_entry), methods=["GET"]
@@ -145,179 +98,11 @@ class ConsoleWeb:
             Route("/audit.csv", p("console.search_audit", self.audit_csv), methods=["GET"]),
             Route("/federation", p("console.read", self.federation), methods=["GET"]),
         ]
-        return Starlette(routes=routes)
-
-    def render(
-        self, template: str, status: int = 200, session: WebSession | None = None, **context: Any
-    ) -> HTMLResponse:
-        flash = ""
-        if session is not None:
-            flash, session.flash = session.flash, ""
-
-        def may(action: str) -> bool:
-            """Whether the signed-in person may take `action`: pages show only what they can do."""
-            return session is not None and bool(session.person.roles & CONSOLE_RULES.get(action, frozenset()))
-
-        html = self.templates.get_template(template).render(
-            hospital=self.d.hospital,
-            nav=NAV,
-            may=may,
-            session=session,
-            person=session.person if session else None,
-            flash=flash,
-            **context,
-        )
-        return HTMLResponse(html, status, headers=SECURITY_HEADERS)
-
-    def error_page(self, exc: BaseException, session: WebSession | None) -> HTMLResponse:
-        status = http_status_for(exc)
-        if status == 500:
-            log.error("console request failed", exc_info=exc)
-            message, problems = "Something went wrong on the server; the log has the details.", []
-        else:
-            message = str(exc)
-            problems = exc.violations if isinstance(exc, errors.InvalidArgument) else []
-        titles = {400: "Please correct the form", 401: "Sign in again", 403: "Not allowed", 404: "Not found"}
-        return self.render(
-            "error.html",
-            status,
-            session,
-            title=titles.get(status, "Cannot be done"),
-            message=message,
-            problems=problems,
-            active="",
-        )
-
-    def session_of(self, request: Request) -> WebSession | None:
-        session_id = request.cookies.get(self.cookie, "")
-        return self.d.sessions.get(session_id) if session_id else None
-
-    def page(self, action: str, handle: Page) -> Callable[[Request], Awaitable[Response]]:
-        """An endpoint for a signed-in person allowed `action` ("" for any signed-in person). A
-        POST presents the session's CSRF token before its form is used."""
-
-        async def endpoint(request: Request) -> Response:
-            session = self.session_of(request)
-            if session is None:
-                if request.method == "GET":
-                    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    return RedirectResponse(f"/login?{urlencode({'next': target})}", 303, SECURITY_HEADERS)
-                return self.error_page(
-                    errors.Unauthenticated("you are signed out (or your session expired)"), None
-                )
-            try:
-                form: dict[str, str] = {}
-                if request.method == "POST":
-                    form = await self.read_form(request)
-                    if not session.csrf_matches(form.get("csrf", "")):
-                        raise CsrfRefused(
-                            "the form's CSRF token is not this session's; reload the page and retry"
-                        )
-                if action:
-                    console_authorize(session.person.name, session.person.roles, action)
-                return await handle(request, session, form)
-            except Exception as exc:  # noqa: BLE001 - every error becomes a page, never a traceback
-                return self.error_page(exc, session)
-
-        return endpoint
-
-    async def read_form(self, request: Request) -> dict[str, str]:
-        if (
-            request.headers.get("content-type", "").split(";")[0].strip()
-            != "application/x-www-form-urlencoded"
-        ):
-            raise errors.InvalidArgument(
-                "a form is expected", [errors.FieldProblem("content-type", "send the page's form")]
-            )
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise errors.InvalidArgument(
-                    "form too large", [errors.FieldProblem("form", f"at most {MAX_FORM_BYTES} bytes")]
-                )
-        try:
-            return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=1000))
-        except (UnicodeDecodeError, ValueError):
-            raise errors.InvalidArgument(
-                "unreadable form", [errors.FieldProblem("form", "not URL-encoded UTF-8")]
-            ) from None
-
-    def done(self, session: WebSession, message: str, to: str) -> Response:
-        session.flash = message
-        return RedirectResponse(to, 303, SECURITY_HEADERS)
-
-    def actor(self, session: WebSession) -> str:
-        return actor_of(session, self.d.hospital)
-
-    # -- sign-in -----------------------------------------------------------------------------------
-    async def login(self, request: Request) -> Response:
-        try:
-            url, browser = await run_in_threadpool(
-                self.d.oidc.begin, safe_next(request.query_params.get("next", "/"))
-            )
-        except Exception as exc:  # noqa: BLE001 - the provider unreachable is a page, not a trace
-            return self.error_page(exc, None)
-        response = RedirectResponse(url, 303, SECURITY_HEADERS)
-        # Lax: sent on the provider's top-level redirect back to the callback, not on sub-requests.
-        response.set_cookie(
-            self.signin_cookie,
-            browser,
-            max_age=600,
-            path="/oidc/callback",
-            secure=self.d.secure_cookies,
-            httponly=True,
-            samesite="lax",
-        )
-        return response
-
-    async def callback(self, request: Request) -> Response:
-        q = request.query_params
-        try:
-            if q.get("error"):
-                raise errors.Unauthenticated(f"the provider refused the sign-in: {q.get('error', '')[:100]}")
-            person, next_path = await run_in_threadpool(
-                self.d.oidc.finish,
-                q.get("state", ""),
-                q.get("code", ""),
-                q.get("iss"),
-                request.cookies.get(self.signin_cookie, ""),
-            )
-        except Exception as exc:  # noqa: BLE001
-            return self.error_page(exc, None)
-        session = self.d.sessions.create(person)
-        await run_in_threadpool(
-            self.d.console.note_sign_in, actor_of(session, self.d.hospital), ",".join(sorted(person.roles))
-        )
-        response = RedirectResponse(safe_next(next_path), 303, SECURITY_HEADERS)
-        response.set_cookie(
-            self.cookie,
-            session.id,
-            max_age=int(self.d.sessions.max_seconds),
-            path="/",
-            secure=self.d.secure_cookies,
-            httponly=True,
-            samesite="lax",
-        )
-        response.delete_cookie(self.signin_cookie, path="/oidc/callback")
-        return response
-
-    async def logout(self, request: Request, session: WebSession, form: dict[str, str]) -> Response:
-        self.d.sessions.end(session.id)
-        response = self.render("signed_out.html", 200, None, active="")
-        response.delete_cookie(
-            self.cookie, path="/", secure=self.d.secure_cookies, httponly=True, samesite="lax"
-        )
-        return response
-
-    async def stylesheet(self, request: Request) -> Response:
-        css = (ASSETS / "static" / "console.css").read_bytes()
-        return Response(css, media_type="text/css", headers={"Cache-Control": "max-age=3600"})
 
     # -- pages -------------------------------------------------------------------------------------
     async def home(self, request: Request, session: WebSession, form: dict[str, str]) -> Response:
         stats = await run_in_threadpool(self.d.gateway.stats)
-        return self.render("home.html", session=session, active="", stats=stats)
+        return self.render("home.html", session=session, active="", stats=stats, hospital=self.d.hospital)
 
     async def quarantine(self, request: Request, session: WebSession, form: dict[str, str]) -> Response:
         asked = request.query_params.get("status", "open")
