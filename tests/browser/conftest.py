@@ -215,8 +215,9 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def sign_in(driver: Any, hospital: Hospital, login: str, path: str = "/") -> None:
-    """Signs in through the provider's own login page, as a person would."""
+def sign_in(driver: Any, hospital: Any, login: str, path: str = "/") -> None:
+    """Signs in through the provider's own login page, as a person would, at the console of
+    `hospital` (anything with a `base_url`: the federation's console too)."""
     from selenium.webdriver.common.by import By
 
     # Every cookie, the console's and the provider's (whatever page is open): each sign-in starts afresh.

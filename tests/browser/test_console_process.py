@@ -119,3 +119,40 @@ def test_the_gateway_refuses_to_start_a_console_without_tls_or_sign_in(
 
 def test_without_a_provider_up_says_how_to_turn_the_consoles_on() -> None:
     assert console_lines({"hospitals": {"h1": {"gateway": "127.0.0.1:1"}}}) == [CONSOLES_OFF]
+
+
+def test_the_aggregator_serves_the_federation_console(
+    postgres_server: str, issuer: str, tmp_path: Path
+) -> None:
+    from fibemrss.he.keys import write_key_files
+
+    _, aggregator_key = write_key_files(tmp_path / "keys")
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    env = base_env()
+    env.update(
+        DATABASE_URL=ensure_database(postgres_server, f"t_{uuid.uuid4().hex[:12]}"),
+        FIBEMRSS_HE_CONTEXT=str(aggregator_key),
+        FIBEMRSS_CONSOLE_PLAINTEXT_LISTEN="127.0.0.1:0",
+        FIBEMRSS_OIDC_ISSUER=issuer,
+        FIBEMRSS_OIDC_CLIENT_ID="c",
+        FIBEMRSS_OIDC_CLIENT_SECRET_FILE=str(secret),
+        FIBEMRSS_OIDC_ROLES="fibemrss-operators=operator",
+    )
+    aggregator = ServiceProcess("aggregator@central", env, tmp_path)
+    aggregator.start()
+    try:
+        aggregator.wait_ready(time.monotonic() + 120)
+        url = aggregator.edges["console"]
+        home = httpx.get(url + "/proposals", timeout=10)
+        assert home.status_code == 303 and home.headers["location"] == "/login?next=%2Fproposals"
+        login = httpx.get(url + "/login", timeout=10)
+        assert login.status_code == 303 and login.headers["location"].startswith(issuer + "/auth?")
+    finally:
+        aggregator.stop()
+    # A hospital's role map is refused at the aggregator, naming the variable.
+    env["FIBEMRSS_OIDC_ROLES"] = "fibemrss-stewards=steward"
+    done = subprocess.run(
+        [sys.executable, "-m", "services.aggregator"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "FIBEMRSS_OIDC_ROLES" in done.stderr + done.stdout

@@ -17,7 +17,13 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
 from fibemrss.domain.errors import ConfigError, PermissionDenied, Unauthenticated
-from fibemrss.platform.authorization import CONSOLE_ROLES, CONSOLE_RULES, console_authorize
+from fibemrss.platform.authorization import (
+    CENTRAL_CONSOLE_ROLES,
+    CENTRAL_CONSOLE_RULES,
+    CONSOLE_ROLES,
+    CONSOLE_RULES,
+    console_authorize,
+)
 from fibemrss.platform.oidc import OidcClient, OidcSettings, SignedIn, parse_role_map, s256
 from fibemrss.platform.web_sessions import SessionStore
 
@@ -166,6 +172,18 @@ def test_the_console_role_matrix(roles: set[str], action: str, allowed: bool) ->
         with pytest.raises(PermissionDenied):
             console_authorize("Dana", frozenset(roles), action)
     assert action in CONSOLE_RULES or not allowed
+
+
+def test_the_federation_console_is_the_operators_alone() -> None:
+    console_authorize("Olu", frozenset({"operator"}), "console.read_federations", CENTRAL_CONSOLE_RULES)
+    for roles in ({"steward"}, {"auditor"}, set()):
+        with pytest.raises(PermissionDenied):
+            console_authorize("Dana", frozenset(roles), "console.read_federations", CENTRAL_CONSOLE_RULES)
+    with pytest.raises(PermissionDenied):  # and the operator holds no hospital right
+        console_authorize("Olu", frozenset({"operator"}), "console.read", CONSOLE_RULES)
+    assert parse_role_map("ops=operator", "V", CENTRAL_CONSOLE_ROLES) == {"ops": "operator"}
+    with pytest.raises(ConfigError):
+        parse_role_map("ops=steward", "V", CENTRAL_CONSOLE_ROLES)
 
 
 def test_sessions_expire_when_idle_and_after_their_longest_life() -> None:

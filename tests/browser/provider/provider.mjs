@@ -20,6 +20,7 @@ const ACCOUNTS = {
   steward: { name: 'Dana Steward', groups: ['fibemrss-stewards'] },
   auditor: { name: 'Ari Auditor', groups: ['fibemrss-auditors'] },
   visitor: { name: 'Vic Visitor', groups: ['cafeteria'] },
+  operator: { name: 'Olu Operator', groups: ['fibemrss-operators'] },
 };
 
 const server = http.createServer();
