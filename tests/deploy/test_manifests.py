@@ -481,6 +481,26 @@ def test_the_console_is_served_by_the_gateway_behind_the_ingress_with_its_oidc_s
     assert of_kind(render("hospital"), "Ingress") == []
 
 
+def test_the_federation_console_is_served_by_the_aggregator() -> None:
+    settings = [s.replace("cleveland", "central") for s in CONSOLE_ON if "roles" not in s]
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            helm_template("central", *settings, "console.oidc.roles=fibemrss-operators=operator").stdout
+        )
+        if d
+    ]
+    configmaps = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
+    assert CONSOLE_ENV <= set(configmaps["fibemrss-aggregator"])
+    assert configmaps["fibemrss-aggregator"]["FIBEMRSS_OIDC_ROLES"] == "fibemrss-operators=operator"
+    (ingress,) = of_kind(docs, "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "fibemrss-aggregator", "port": {"name": "console"}}
+    (dep,) = of_kind(docs, "Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert {"name": "console", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+
+
 def test_the_console_is_refused_without_its_sign_in_settings() -> None:
     for missing in (
         "console.oidc.issuer",

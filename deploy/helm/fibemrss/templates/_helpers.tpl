@@ -118,9 +118,15 @@ public one, the others none. Call with (dict "root" $ "c" $component). */}}
 {{- printf "postgresql://%s:%s@%s-postgresql:5432/%s" $pg.user (urlquery $pg.password) (include "fibemrss.fullname" .) $pg.database }}
 {{- end }}
 
-{{/* "1" when this release serves the hospital console (role=hospital and console.enabled). */}}
+{{/* "1" when this release serves a console: the hospital's (emr-gateway) or the federation's
+(aggregator), with console.enabled. */}}
 {{- define "fibemrss.consoleOn" -}}
-{{- if and (eq .Values.role "hospital") .Values.console.enabled }}1{{ end }}
+{{- if .Values.console.enabled }}1{{ end }}
+{{- end }}
+
+{{/* The component serving the console: emr-gateway at a hospital, the aggregator centrally. */}}
+{{- define "fibemrss.consoleComponent" -}}
+{{- if eq .Values.role "central" }}aggregator{{ else }}emr-gateway{{ end }}
 {{- end }}
 
 {{/* Where people reach the console: console.url, else https://<console.ingress.host>. */}}
