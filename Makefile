@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHON := $(abspath $(BIN))/python
 
-.PHONY: install demo test lint protos check-protos deploy-tools deploy-check images base-images deploy-e2e flower-venv clean
+.PHONY: install demo test lint protos check-protos deploy-tools browser-tools deploy-check images base-images deploy-e2e flower-venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON_BOOTSTRAP) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fibemrss demo --rounds 15 --json demo-result.json
 
-test: $(STAMP) lint check-protos deploy-tools
+test: $(STAMP) lint check-protos deploy-tools browser-tools
 	$(BIN)/python -m pytest -q
 
 # Lint and the house rules: ruff, buf, the import contracts (layers, no service imports another,
@@ -41,6 +41,11 @@ check-protos: $(STAMP)
 
 deploy-tools:
 	bash deploy/tools/install.sh var/deploy-tools
+
+# The console's browser tests: Debian's chromium + chromedriver, the test OpenID Connect provider
+# and axe-core from npm (tests/browser, docs/console.md).
+browser-tools:
+	bash scripts/browser_tools.sh
 
 deploy-check: deploy-tools
 	bash deploy/check.sh

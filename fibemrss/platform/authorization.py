@@ -65,6 +65,38 @@ CENTRAL_RULES: Mapping[str, frozenset[str]] = {
 }
 
 
+# People in the web consoles (OpenID Connect sign-in, docs/console.md), by the console role that
+# their provider group maps to: a steward holds operator@h's decisions, an auditor reads. An
+# action without a rule is refused to everyone.
+CONSOLE_ROLES = frozenset({"steward", "auditor"})
+CONSOLE_RULES: Mapping[str, frozenset[str]] = {
+    "console.read": frozenset({"steward", "auditor"}),  # studies, privacy, models, consent, federation
+    "console.search_audit": frozenset({"steward", "auditor"}),
+    "console.read_quarantine": frozenset({"steward"}),  # held records: pseudonymous patient data
+    "console.resolve_quarantine": frozenset({"steward"}),
+    "console.review_study": frozenset({"steward"}),  # counts eligible patients: a read of every record
+    "console.decide_study": frozenset({"steward"}),
+    "console.set_budget": frozenset({"steward"}),
+    "console.retire_model": frozenset({"steward"}),
+}
+
+
+# The federation operator's console at the aggregator: read-only for now.
+CENTRAL_CONSOLE_ROLES = frozenset({"operator"})
+CENTRAL_CONSOLE_RULES: Mapping[str, frozenset[str]] = {
+    "console.read_federations": frozenset({"operator"}),
+}
+
+
+def console_authorize(
+    name: str, roles: frozenset[str], action: str, rules: Mapping[str, frozenset[str]] = CONSOLE_RULES
+) -> None:
+    """PermissionDenied unless one of a signed-in person's console roles may take `action`."""
+    if not roles & rules.get(action, frozenset()):
+        held = ", ".join(sorted(roles)) or "no role"
+        raise PermissionDenied(f"{name} ({held}) may not {action.removeprefix('console.').replace('_', ' ')}")
+
+
 def split_identity(identity: str) -> tuple[str, str]:
     """(role, site) of "<role>@<site>", or Unauthenticated."""
     role, at, site = identity.partition("@")

@@ -125,8 +125,12 @@ class RunningHttp:
         self._thread.join(timeout=30)
 
 
-def start_http(name: str, app: ASGIApp, listen: EdgeListen, workers_hint: int = 0) -> RunningHttp:
-    """Binds (port 0 works), starts uvicorn on its own thread, and returns once it serves."""
+def start_http(
+    name: str, app: ASGIApp, listen: EdgeListen, workers_hint: int = 0, client_certificates: bool = True
+) -> RunningHttp:
+    """Binds (port 0 works), starts uvicorn on its own thread, and returns once it serves.
+    `client_certificates` False (the web consoles, whose clients are browsers that sign in with
+    OpenID Connect): TLS without asking for a client certificate."""
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
     # without it every small response waits for the peer's delayed ACK (~40 ms).
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
@@ -136,12 +140,9 @@ def start_http(name: str, app: ASGIApp, listen: EdgeListen, workers_hint: int = 
     sock.listen(1024)
     tls: dict[str, Any] = {}
     if listen.tls is not None:
-        tls = {
-            "ssl_certfile": listen.tls.cert,
-            "ssl_keyfile": listen.tls.key,
-            "ssl_ca_certs": listen.tls.ca,
-            "ssl_cert_reqs": ssl.CERT_REQUIRED,
-        }
+        tls = {"ssl_certfile": listen.tls.cert, "ssl_keyfile": listen.tls.key}
+        if client_certificates:
+            tls |= {"ssl_ca_certs": listen.tls.ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(
         app,
         http=_ClientCertificateProtocol,

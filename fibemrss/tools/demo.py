@@ -30,7 +30,14 @@ from fibemrss.serde.records import record_to_proto
 from fibemrss.tools.commands.diagnose import reference_to_dict
 from fibemrss.tools.federation_request import start_request
 from fibemrss.tools.histogram_view import histogram_line, histograms_json
-from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, demo_pseudonym_key, tls_for
+from fibemrss.tools.local_cluster import (
+    DEMO_HOSPITALS,
+    LocalCluster,
+    console_lines,
+    console_oidc_from_env,
+    demo_pseudonym_key,
+    tls_for,
+)
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from fibemrss.tools.study_review import document_of, propose_and_approve
 from fibemrss.tools.workdir import wait_for_signal, write_endpoints
@@ -297,6 +304,7 @@ def run_demo(
     study_file: Path | None = None,
     shared_data: Path = DEFAULT_SHARED_DATA,
     dp: bool = False,
+    console_port: int = 0,
 ) -> DemoResult:
     study = HEART_DISEASE_V1_DP if dp else HEART_DISEASE_V1
     extra_env: dict[str, str] = {}
@@ -317,7 +325,15 @@ def run_demo(
             quiet, "site policy of each demo hospital: the default, with min_eligible 1 (20 Synthea bundles)"
         )
     cluster = LocalCluster(
-        workdir, tuple(hospitals), task, database_url, extra_env=extra_env, site_policy=policy
+        workdir,
+        tuple(hospitals),
+        task,
+        database_url,
+        extra_env=extra_env,
+        site_policy=policy,
+        # The hospital consoles, when serving and a sign-in provider is named (docs/console.md).
+        console_oidc=console_oidc_from_env() if serve_endpoints is not None else {},
+        console_port=console_port,
     )
     _say(
         quiet,
@@ -373,6 +389,8 @@ def run_demo(
             )
         if serve_endpoints is not None:
             write_endpoints(serve_endpoints, endpoints)
+            for line in console_lines(endpoints):
+                _say(quiet, line)
             _say(quiet, f"serving; endpoints in {serve_endpoints}; Ctrl-C to stop")
             wait_for_signal()
         _say(quiet, f"done in {time.monotonic() - started:.1f} s; stopping every service")

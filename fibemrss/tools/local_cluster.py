@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import secrets
 import signal
 import time
@@ -57,6 +58,35 @@ def tls_for(endpoints: dict[str, Any], identity: str) -> TlsFiles | None:
     return TlsFiles(tls["ca"], cert["cert"], cert["key"])
 
 
+# The hospital console's sign-in (docs/console.md), passed from `fibemrss up`/`demo --serve`'s
+# environment to every gateway: with them each hospital serves its console on loopback.
+CONSOLE_OIDC_ENV = (
+    "FIBEMRSS_OIDC_ISSUER",
+    "FIBEMRSS_OIDC_CLIENT_ID",
+    "FIBEMRSS_OIDC_CLIENT_SECRET_FILE",
+    "FIBEMRSS_OIDC_ROLES",
+    "FIBEMRSS_OIDC_GROUPS_CLAIM",
+    "FIBEMRSS_OIDC_SCOPES",
+    "FIBEMRSS_OIDC_CA_FILE",
+)
+CONSOLES_OFF = (
+    "hospital consoles: off; set FIBEMRSS_OIDC_ISSUER, FIBEMRSS_OIDC_CLIENT_ID, "
+    "FIBEMRSS_OIDC_CLIENT_SECRET_FILE and FIBEMRSS_OIDC_ROLES to serve one per hospital (docs/console.md)"
+)
+
+
+def console_oidc_from_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in CONSOLE_OIDC_ENV if os.environ.get(k)}
+
+
+def console_lines(endpoints: dict[str, Any]) -> list[str]:
+    """What `up` and `demo --serve` print about the hospital consoles: each one's address."""
+    found = [(h, e["console"]) for h, e in endpoints["hospitals"].items() if e.get("console")]
+    if not found:
+        return [CONSOLES_OFF]
+    return [f"console of {h}: {url} (sign-in: {url}/oidc/callback is its redirect URI)" for h, url in found]
+
+
 def db_name(hospital: str) -> str:
     return "hospital_" + hospital.replace("-", "_")
 
@@ -78,6 +108,11 @@ class LocalCluster:
     # One embedded PostgreSQL per site (the aggregator's, each hospital's), as in a deployment,
     # so one site's database can be killed alone (`crash_database`); else one server for all.
     separate_databases: bool = False
+    # FIBEMRSS_OIDC_* for every gateway's console (console_oidc_from_env); empty: no console.
+    # `console_port`: hospital i's console on 127.0.0.1:<console_port + i> (0: any free port), so
+    # that its redirect URI can be registered at the provider before it starts.
+    console_oidc: dict[str, str] = field(default_factory=dict)
+    console_port: int = 0
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _pg: Any = None
     _site_pgs: dict[str, EmbeddedPostgres] = field(default_factory=dict)
@@ -242,6 +277,10 @@ class LocalCluster:
                 policy_file = self.workdir / "site-policy.json"
                 policy_file.write_text(json.dumps(policy_to_json(self.site_policy)))
                 env["FIBEMRSS_SITE_POLICY_FILE"] = str(policy_file)
+            if self.console_oidc:
+                env.update(self.console_oidc)
+                port = self.console_port + self.hospitals.index(where) if self.console_port else 0
+                env["FIBEMRSS_CONSOLE_PLAINTEXT_LISTEN"] = f"127.0.0.1:{port}"
         # The non-gRPC edges: mutual TLS when the cluster has it, else plaintext on loopback.
         edge = "_LISTEN" if self.tls else "_PLAINTEXT_LISTEN"
         if role == "gateway":

@@ -14,13 +14,18 @@ from fibemrss.db.pool import Database
 from fibemrss.domain.errors import ConfigError
 from fibemrss.he.keys import load_aggregator_key
 from fibemrss.he.mask_signatures import MaskKeyVerifier
-from fibemrss.platform.authorization import central_policy
+from fibemrss.platform.authorization import CENTRAL_CONSOLE_ROLES, central_policy
 from fibemrss.platform.config import ServerConfig, env_float, env_int, env_str
+from fibemrss.platform.console_config import console_from_env
 from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.http_server import RunningHttp
 from fibemrss.platform.server import serve_until_signalled, start_server
+from services.aggregator.adapters.console_reads import FederationConsoleReads
 from services.aggregator.adapters.store import AggregatorStore
 from services.aggregator.core.ciphertexts import CiphertextAdder
 from services.aggregator.core.coordinator import UPLOAD_SLOTS, Coordinator
+from services.aggregator.core.federation_console import FederationConsole
+from services.aggregator.edges.console.app import start_federation_console
 from services.aggregator.edges.grpc_servicer import AggregatorServicer, UploadLimits
 
 POOL_WAIT_SECONDS = 60.0
@@ -28,6 +33,8 @@ POOL_WAIT_SECONDS = 60.0
 
 def main() -> None:
     config = ServerConfig.from_env()
+    # The federation operator's console (docs/console.md); None: off.
+    console_config = console_from_env(CENTRAL_CONSOLE_ROLES)
     database_url = env_str("DATABASE_URL")
     # Refuses a context that holds a secret key: the aggregator must never be able to decrypt.
     key = load_aggregator_key(Path(env_str("FIBEMRSS_HE_CONTEXT")).read_bytes())
@@ -66,11 +73,20 @@ def main() -> None:
         )
         return [federation_pb2.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
 
-    running = start_server("aggregator", register, config, authorize=central_policy())
+    edges: dict[str, str] = {}
+    console: RunningHttp | None = None
+    if console_config is not None:
+        console, _ = start_federation_console(
+            console_config, FederationConsole(FederationConsoleReads(db, store))
+        )
+        edges["console"] = console_config.public_url or console.base_url
+    running = start_server("aggregator", register, config, authorize=central_policy(), edges=edges)
     holder["c"].start()
 
     def on_stop() -> None:
         holder["c"].stop()
+        if console is not None:
+            console.stop()
         db.close()
 
     serve_until_signalled(running, on_stop=on_stop, on_drain=holder["c"].release_waiters)

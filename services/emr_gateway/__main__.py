@@ -21,16 +21,20 @@ from fibemrss.platform.config import (
     site_policy_from_file,
     task_from_env,
 )
+from fibemrss.platform.console_config import console_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
 from fibemrss.platform.tls import server_ssl_context
+from services.emr_gateway.adapters.console_reads import ConsoleReads
 from services.emr_gateway.adapters.rehash import rehash_source_ids
 from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway.core.console import HospitalConsole
 from services.emr_gateway.core.ingestion import Outcome
 from services.emr_gateway.core.pseudonym import Pseudonymizer
 from services.emr_gateway.core.study_decisions import StudyReview
 from services.emr_gateway.core.use_cases import Gateway
+from services.emr_gateway.edges.console.app import start_console
 from services.emr_gateway.edges.fhir_rest import FhirRest
 from services.emr_gateway.edges.grpc_servicer import EmrGatewayServicer
 from services.emr_gateway.edges.mllp import MllpListen, MllpServer
@@ -38,6 +42,7 @@ from services.emr_gateway.edges.mllp import MllpListen, MllpServer
 
 def main() -> None:
     config = ServerConfig.from_env()
+    console_config = console_from_env()  # the web console (docs/console.md); None: off
     hospital = env_str("FIBEMRSS_HOSPITAL")
     database_url = env_str("DATABASE_URL")
     pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
@@ -80,6 +85,12 @@ def main() -> None:
         fhir = FhirRest(gateway, authorize if http_listen.tls else None)
         http = start_http("emr_gateway", Starlette(routes=fhir.routes()), http_listen)
         edges["fhir"] = http.base_url + "/fhir"
+    console: RunningHttp | None = None
+    if console_config is not None:
+        console, _ = start_console(
+            console_config, hospital, gateway, review, HospitalConsole(ConsoleReads(db))
+        )
+        edges["console"] = console_config.public_url or console.base_url
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         # fibemrss_ingested_records_total{fate}: every record's fate (quarantine rate, rejections),
@@ -100,6 +111,8 @@ def main() -> None:
             mllp.stop()
         if http is not None:
             http.stop()
+        if console is not None:
+            console.stop()
         if fhir is not None:
             fhir.close()
         db.close()

@@ -52,6 +52,23 @@ DOCUMENTED_ENV = {
 }
 # The init container `migrate` (fibemrss db setup): the owner's URL and the service's own.
 MIGRATE_ENV = {"FIBEMRSS_MIGRATE_DATABASE_URL", "DATABASE_URL"}
+
+# The gateway's environment of the hospital console, only with console.enabled (README and
+# docs/runbook.md tables; docs/console.md).
+CONSOLE_ENV = {
+    "FIBEMRSS_CONSOLE_LISTEN",
+    "FIBEMRSS_CONSOLE_TLS_CERT",
+    "FIBEMRSS_CONSOLE_TLS_KEY",
+    "FIBEMRSS_CONSOLE_URL",
+    "FIBEMRSS_CONSOLE_SESSION_IDLE_SECONDS",
+    "FIBEMRSS_CONSOLE_SESSION_MAX_SECONDS",
+    "FIBEMRSS_OIDC_ISSUER",
+    "FIBEMRSS_OIDC_CLIENT_ID",
+    "FIBEMRSS_OIDC_CLIENT_SECRET_FILE",
+    "FIBEMRSS_OIDC_ROLES",
+    "FIBEMRSS_OIDC_GROUPS_CLAIM",
+    "FIBEMRSS_OIDC_SCOPES",
+}
 # Which of them each service gets beyond the ones every service gets (the runbook's table).
 COMMON_ENV = DOCUMENTED_ENV - {
     "FIBEMRSS_MLLP_LISTEN",
@@ -455,6 +472,91 @@ def test_the_agent_alone_mounts_its_secrets_key() -> None:
             container_env(docs, container)["FIBEMRSS_AGENT_SECRETS_KEY_FILE"]
             == "/etc/fibemrss/agent-secrets/key"
         )
+
+
+# The hospital console (docs/console.md), as a hospital turns it on.
+CONSOLE_ON = (
+    "console.enabled=true",
+    "console.oidc.issuer=https://login.cleveland.example/realms/hospital",
+    "console.oidc.clientId=fibemrss-console",
+    "console.oidc.roles=fibemrss-stewards=steward",
+    "console.ingress.host=console.cleveland.example",
+    "console.ingress.tlsSecretName=console-public-tls",
+)
+
+
+def test_the_console_is_served_by_the_gateway_behind_the_ingress_with_its_oidc_settings() -> None:
+    docs = [d for d in yaml.safe_load_all(helm_template("hospital", *CONSOLE_ON).stdout) if d]
+    configmaps = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
+    for dep, container in containers(docs):
+        names = {e["name"] for e in container.get("env", [])}
+        for source in container.get("envFrom", []):
+            names |= set(configmaps[source["configMapRef"]["name"]])
+        extra = CONSOLE_ENV if component(dep) == "emr-gateway" else set()
+        assert names == COMMON_ENV | SERVICE_ENV[component(dep)] | extra, dep["metadata"]["name"]
+    gateway_env = configmaps["fibemrss-emr-gateway"]
+    assert gateway_env["FIBEMRSS_CONSOLE_URL"] == "https://console.cleveland.example"
+    assert gateway_env["FIBEMRSS_OIDC_ISSUER"] == "https://login.cleveland.example/realms/hospital"
+    (ingress,) = of_kind(docs, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "console.cleveland.example"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "fibemrss-emr-gateway", "port": {"name": "console"}}
+    assert ingress["spec"]["tls"] == [
+        {"hosts": ["console.cleveland.example"], "secretName": "console-public-tls"}
+    ]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    (service,) = [s for s in of_kind(docs, "Service") if component(s) == "emr-gateway"]
+    assert {"name": "console", "port": 9443, "targetPort": "console", "protocol": "TCP"} in service["spec"][
+        "ports"
+    ]
+    # Only the ingress controller reaches the console port; the gateway may reach the provider.
+    (policy,) = [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if p["metadata"]["labels"].get("app.kubernetes.io/component") == "emr-gateway"
+    ]
+    to_console = [r for r in policy["spec"]["ingress"] if {"protocol": "TCP", "port": 9443} in r["ports"]]
+    assert [r["from"] for r in to_console] == [
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    ]
+    assert {"protocol": "TCP", "port": 443} in [p for r in policy["spec"]["egress"] for p in r["ports"]]
+    # Off by default: no Ingress, no console port.
+    assert of_kind(render("hospital"), "Ingress") == []
+
+
+def test_the_federation_console_is_served_by_the_aggregator() -> None:
+    settings = [s.replace("cleveland", "central") for s in CONSOLE_ON if "roles" not in s]
+    docs = [
+        d
+        for d in yaml.safe_load_all(
+            helm_template("central", *settings, "console.oidc.roles=fibemrss-operators=operator").stdout
+        )
+        if d
+    ]
+    configmaps = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
+    assert CONSOLE_ENV <= set(configmaps["fibemrss-aggregator"])
+    assert configmaps["fibemrss-aggregator"]["FIBEMRSS_OIDC_ROLES"] == "fibemrss-operators=operator"
+    (ingress,) = of_kind(docs, "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "fibemrss-aggregator", "port": {"name": "console"}}
+    (dep,) = of_kind(docs, "Deployment")
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    assert {"name": "console", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+
+
+def test_the_console_is_refused_without_its_sign_in_settings() -> None:
+    for missing in (
+        "console.oidc.issuer",
+        "console.oidc.clientId",
+        "console.oidc.roles",
+        "console.ingress.host",
+    ):
+        settings = [s for s in CONSOLE_ON if not s.startswith(missing + "=")]
+        result = helm_template("hospital", *settings, check=False)
+        assert result.returncode != 0 and missing in result.stderr, missing
+    result = helm_template("hospital", *CONSOLE_ON, "console.oidc.issuer=http://login.example", check=False)
+    assert result.returncode != 0 and "https://" in result.stderr
 
 
 def test_secrets_are_referenced_not_rendered_by_default(role: str) -> None:

@@ -36,6 +36,13 @@ def add_parser(subparsers: Any) -> None:
     demo.add_argument(
         "--endpoints-json", default="endpoints.json", help="with --serve: where to write endpoints"
     )
+    demo.add_argument(
+        "--console-port",
+        type=int,
+        default=0,
+        help="with --serve: hospital i's console on 127.0.0.1:PORT+i; the consoles start when "
+        "FIBEMRSS_OIDC_* name a sign-in provider (docs/console.md)",
+    )
     demo.set_defaults(func=run)
 
 
@@ -51,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
             study_file=Path(args.study) if args.study else None,
             shared_data=Path(args.shared_data),
             dp=args.dp,
+            console_port=args.console_port,
         )
     return 0

@@ -299,6 +299,12 @@ class Gateway:
         self._store.audit(actor, "list_quarantine", purpose, f"status={status} n={len(entries)}")
         return QuarantinePage(entries, entries[-1].id if more and entries else None)
 
+    def read_quarantined(self, actor: str, entry_id: int, purpose: str) -> QuarantineEntry:
+        """One held record as the gateway keeps it (pseudonymous), audited as a read of its patient."""
+        entry = self._store.get_quarantined(entry_id)
+        self._store.audit(actor, "read_quarantined", purpose, entry.patient_key)
+        return entry
+
     def resolve_quarantine(
         self,
         actor: str,

@@ -138,3 +138,19 @@ one, so nothing more needs setting. */}}
 {{- define "fibemrss.agentSecretsKeySecretName" -}}
 {{- default (printf "%s-agent-secrets-key" (include "fibemrss.fullname" .)) .Values.agentSecretsKey.existingSecret }}
 {{- end }}
+
+{{/* "1" when this release serves a console: the hospital's (emr-gateway) or the federation's
+(aggregator), with console.enabled. */}}
+{{- define "fibemrss.consoleOn" -}}
+{{- if .Values.console.enabled }}1{{ end }}
+{{- end }}
+
+{{/* The component serving the console: emr-gateway at a hospital, the aggregator centrally. */}}
+{{- define "fibemrss.consoleComponent" -}}
+{{- if eq .Values.role "central" }}aggregator{{ else }}emr-gateway{{ end }}
+{{- end }}
+
+{{/* Where people reach the console: console.url, else https://<console.ingress.host>. */}}
+{{- define "fibemrss.consoleUrl" -}}
+{{- if .Values.console.url }}{{ .Values.console.url }}{{ else if .Values.console.ingress.host }}https://{{ .Values.console.ingress.host }}{{ end }}
+{{- end }}
