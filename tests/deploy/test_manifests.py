@@ -488,7 +488,7 @@ CONSOLE_ON = (
 def test_the_console_is_served_by_the_gateway_behind_the_ingress_with_its_oidc_settings() -> None:
     docs = [d for d in yaml.safe_load_all(helm_template("hospital", *CONSOLE_ON).stdout) if d]
     configmaps = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
-    for dep, container in containers(docs):
+    for dep, container in serving(docs):
         names = {e["name"] for e in container.get("env", [])}
         for source in container.get("envFrom", []):
             names |= set(configmaps[source["configMapRef"]["name"]])
