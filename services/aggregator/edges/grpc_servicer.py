@@ -42,6 +42,8 @@ _MESSAGE_STAGES = {
     pb.ROUND_STAGE_SHARES: "shares",
     pb.ROUND_STAGE_SURVIVORS: "survivors",
     pb.ROUND_STAGE_REVEALS: "reveals",
+    pb.ROUND_STAGE_VOTES: "votes",
+    pb.ROUND_STAGE_TALLY: "tally",
 }
 _ALL_STAGES = {**_MESSAGE_STAGES, pb.ROUND_STAGE_UPLOADS: "uploads"}
 log = logging.getLogger(__name__)
@@ -302,7 +304,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         stage = _MESSAGE_STAGES.get(request.stage)
         if stage is None:
             raise InvalidArgument(
-                "unknown stage", [FieldProblem("stage", "must be SHARES, SURVIVORS or REVEALS")]
+                "unknown stage", [FieldProblem("stage", "must be SHARES, SURVIVORS, REVEALS, VOTES or TALLY")]
             )
         check_hospital_identity(context, request.hospital)
         check_same_study(
