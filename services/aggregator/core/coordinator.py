@@ -401,12 +401,12 @@ class Coordinator:
         rounds = {r.number: r for r in self._store.rounds(task)}
         if number < 1 or number not in rounds or rounds[number].state != RoundState.CLOSED:
             raise FailedPrecondition(f"round {number} of {task} is not closed: nothing to vote on")
-        if len(parts) != 1 or parts[0][0] or len(parts[0][1]) > MAX_VOTE_BYTES:
+        if len(parts) != 1 or parts[0][0] or not 1 <= len(parts[0][1]) <= MAX_VOTE_BYTES:
             raise InvalidArgument(
                 "malformed vote",
                 [
                     FieldProblem(
-                        "payload", f"one broadcast payload of at most {MAX_VOTE_BYTES} bytes, no envelopes"
+                        "payload", f"one broadcast payload of 1 to {MAX_VOTE_BYTES} bytes, no envelopes"
                     )
                 ],
             )

@@ -25,6 +25,7 @@ from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto
+from services.aggregator.core.cohorts import VOTE_STAGES
 from services.aggregator.core.coordinator import Coordinator
 from services.aggregator.core.ports import FederationRecords
 from services.aggregator.core.proposals import Proposal, check_same_study, latest, pinned_hash, propose
@@ -314,6 +315,10 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             check_names(**{f"envelopes[{i}].to": e.to for i, e in enumerate(request.envelopes)})
             parts = [(e.to, bytes(e.data)) for e in request.envelopes]
         else:
+            if stage in VOTE_STAGES and request.envelopes:
+                raise InvalidArgument(
+                    "a vote is broadcast", [FieldProblem("envelopes", f"must be empty in the {stage} stage")]
+                )
             parts = [("", bytes(request.payload))]
         self._coordinator.post_message(
             request.task,
