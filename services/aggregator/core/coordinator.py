@@ -473,6 +473,7 @@ class Coordinator:
             settings = self._store.settings(task)
             current = self._store.current_round(task)
             self._current.labels(task).set(current.number)
+            self._refused.labels(task)  # exported from 0, so an alert sees its first increase
             done = self.is_done(settings, current)
             self._deadline.labels(task).set(0 if done else current.deadline_at.timestamp())
             if current.state == RoundState.AGGREGATING:
