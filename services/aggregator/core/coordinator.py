@@ -480,7 +480,7 @@ class Coordinator:
                 self._aggregate(settings, current)  # left over from a crash
                 continue
             if settings.pairwise_masking:
-                self._tick_votes(settings, current)
+                self._tick_votes(settings)
                 self._tick_masked(settings, current)
                 continue
             if current.quorum_at is None and len(current.submitted) >= settings.quorum:
@@ -558,20 +558,27 @@ class Coordinator:
         if self._store.mark_aggregating(settings.task, current.number):
             self._aggregate(settings, self._store.current_round(settings.task))
 
-    def _tick_votes(self, settings: FederationSettings, current: Round) -> None:
-        """Closes the vote stages of the newest closed rounds (the acceptance vote,
-        fibemrss.he.secagg.votes): each when every expected voter posted, or at its deadline. A
-        votes stage that closes short of a survivor or with a refusal counts as a refused round."""
+    def _tick_votes(self, settings: FederationSettings) -> None:
+        """Closes the vote stages of the two newest closed rounds (the acceptance vote,
+        fibemrss.he.secagg.votes; the agents vote on a round before they train the next, so no
+        older one is still voting): each when every expected voter posted, or at its deadline. A
+        votes stage that closes with a refusal, or short of a survivor while others voted, counts
+        a refused round (a study without the vote posts none: nothing is counted)."""
         now = self._clock.now()
-        newest = current.number if current.state == RoundState.CLOSED else current.number - 1
-        for number in range(max(1, newest - 1), newest + 1):
+        closed = sorted(
+            (
+                r.number
+                for r in self._store.rounds(settings.task)
+                if r.state == RoundState.CLOSED and r.number >= 1
+            ),
+            reverse=True,
+        )
+        for number in closed[:2]:
             stages = self._store.stages(settings.task, number)
-            if "uploads" not in stages:
-                continue
             for stage in VOTE_STAGES:
                 if stage in stages:
                     continue
-                expected = stages[VOTE_PREVIOUS[stage]]
+                expected = stages.get(VOTE_PREVIOUS[stage], frozenset())
                 posted = self._store.poster_names(settings.task, number, stage)
                 opened = self._store.stage_opened_at(settings.task, number)
                 if decide_vote_stage(settings, expected, posted, opened, now) != "close":
@@ -582,7 +589,7 @@ class Coordinator:
                         for sender, payload, _, _ in self._store.messages(settings.task, number, stage, None)
                         if stage == "votes" and payload[-1:] != b"\x01"
                     ]
-                    if stage == "votes" and (refusals or not expected <= posted):
+                    if stage == "votes" and posted and (refusals or not expected <= posted):
                         self._refused.labels(settings.task).inc()
                     log.info(
                         "vote stage closed",
