@@ -477,7 +477,7 @@ def test_votes_and_tallies_are_relayed_on_the_closed_round_and_a_refusal_or_a_mi
     for h in ("a", "b", "c"):
         vote(h, 2, "votes", candidate + b"\x01")
     wait_until(
-        lambda: patient_harness.stage("votes", number=2).closed, 30, "round 2's votes closing at the deadline"
+        lambda: patient_harness.stage("votes", number=2).closed, 60, "round 2's votes closing at the deadline"
     )
     assert sorted(patient_harness.stage("votes", number=2).members) == ["a", "b", "c"]
     assert refused() == 2.0
