@@ -13,16 +13,20 @@ would. Forged and replayed votes (the signatures): tests/unit/test_secagg_votes.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey
 from fibemrss.he.secagg.votes import ACCEPT, REFUSE
 from services.hospital_agent.core.influence import Best, Verdict
 from services.hospital_agent.core.personalization import ValidationScore
 from services.hospital_agent.core.ports import StageView
 from services.hospital_agent.core.protocol import Participation
-from tests.hostile.test_poisoning import GATED, HOSPITALS, ROUNDS, federate
-from tests.unit.test_agent_masked_rounds import SecAggAggregator, View, keys
+from tests.hostile.test_poisoning import GATED, HOSPITALS, ROUNDS, _examples, federate
+from tests.unit.test_agent_masked_rounds import SecAggAggregator, Secrets, View, keys
+from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore
 
 __all__ = ["keys"]  # the module-scoped HE key fixture
 
@@ -85,6 +89,28 @@ def test_an_aggregator_that_drops_a_refusal_gets_no_hospital_to_publish_the_roun
     shown = {s: p for s, p in _votes_shown(agg, "").items() if p[-1:] == ACCEPT}
     assert sorted(shown) == ["a", "c", "d"] and len({p[:32] for p in shown.values()}) == 1
     assert len(shown) >= GATED.min_contributors
+    # A restarted agent (nothing in memory) replays the closed rounds and their closed votes: the
+    # same round refused, the same model served and the same global model, posting nothing new.
+    hospital_key, _ = keys
+    store = FakeModelStore()
+    fresh = Participation(
+        "a",
+        GATED,
+        FakeGateway(_examples("a", False)),
+        DropsRefusals(agg, "a"),
+        UpdateCodec(hospital_key),
+        store,
+        retry_delay=lambda _: 0.01,
+        secrets=Secrets("a"),
+    )
+    posted = {r: {s: dict(m) for s, m in d.messages.items()} for r, d in agg.data.items()}
+    fresh.run(threading.Event())
+    assert fresh.progress.done and fresh.progress.rounds_refused == [LIED_ROUND]
+    np.testing.assert_array_equal(
+        store.versions[ROUNDS].model.params, outcome.stores["a"].versions[ROUNDS].model.params
+    )
+    np.testing.assert_array_equal(fresh._global, outcome.agents["a"]._global)  # noqa: SLF001
+    assert {r: {s: dict(m) for s, m in d.messages.items()} for r, d in agg.data.items()} == posted
 
 
 def test_an_aggregator_that_shows_different_vote_sets_gets_no_hospital_to_publish_the_round(

@@ -6,7 +6,9 @@ every round it reads where the federation stands from the aggregator, and the gl
 the task's server strategy applied to the closed rounds' aggregates in order. The strategy's
 state (FedAdam / FedYogi moments) lives in memory; a restarted or late agent rebuilds it by
 replaying every closed aggregate from round 1, then joins the open round with the same model
-as every other hospital.
+as every other hospital. Under secure aggregation with the study's validation gate, a closed
+round is folded and published only when every survivor's signed vote accepts it (the acceptance
+vote, `_apply_voted`): every hospital publishes it, or none does.
 """
 
 from __future__ import annotations

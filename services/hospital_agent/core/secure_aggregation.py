@@ -13,6 +13,10 @@ with at least the threshold of signatures, the signed reveals, and the served ci
 the sum of the signed uploads of the survivors, recomputed here for every chunk up to
 SAMPLE_CHUNKS, else for SAMPLE_CHUNKS chunks this hospital picks at random. A forged, partial or
 replayed sum is refused naming the aggregator.
+
+After the sum, the acceptance vote (`vote`, with the study's validation gate): each survivor posts
+its signed vote on the candidate the sum makes and its tally of the vote set as shown, relayed on
+the closed round; the round is published by every hospital or by none (fibemrss.he.secagg.votes).
 """
 
 from __future__ import annotations
@@ -413,7 +417,10 @@ class SecureAggregation:
         round_number = key[1]
         if self._aggregator.round_stage(round_number, stage, wait=False).closed:
             return
-        made = self._signed_votes.setdefault((*key, stage), (payload, sign()))
+        if (*key, stage) not in self._signed_votes:
+            self._signed_votes = {k: v for k, v in self._signed_votes.items() if k[1] >= round_number - 2}
+            self._signed_votes[(*key, stage)] = (payload, sign())
+        made = self._signed_votes[(*key, stage)]
         if made[0] != payload:
             return  # never a second, different message in one stage
         signed = made[1]
