@@ -103,6 +103,7 @@ def test_the_alerts_of_each_role() -> None:
         "FibemrssRoundStuckPastDeadline",
         "FibemrssHospitalNotSubmitting",
         "FibemrssRoundsFailing",
+        "FibemrssRoundsRefused",
         "FibemrssHighErrorRate",
     }
     assert alerts("hospital") == {"FibemrssQuarantineSurge", "FibemrssInferenceSlow", "FibemrssHighErrorRate"}

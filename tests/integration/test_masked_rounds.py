@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
@@ -33,10 +34,12 @@ from fibemrss.he.secagg.protocol import (
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig
 from fibemrss.platform.server import start_server
+from fibemrss.platform.status_mapping import field_violations
 from services.aggregator.adapters.store import AggregatorStore
 from services.aggregator.core.ciphertexts import CiphertextAdder
 from services.aggregator.core.coordinator import Coordinator
 from services.aggregator.edges.grpc_servicer import AggregatorServicer
+from tests.waiting import wait_until
 
 TASK = "masked-task"
 HOSPITALS = ("a", "b", "c", "d")
@@ -47,6 +50,8 @@ STAGE = {
     "uploads": pb.ROUND_STAGE_UPLOADS,
     "survivors": pb.ROUND_STAGE_SURVIVORS,
     "reveals": pb.ROUND_STAGE_REVEALS,
+    "votes": pb.ROUND_STAGE_VOTES,
+    "tally": pb.ROUND_STAGE_TALLY,
 }
 NO_TLS = Signatures(None, None)
 UNSIGNED = Signed()
@@ -56,8 +61,12 @@ class Harness:
     def __init__(self, url: str, keys: tuple[bytes, bytes]) -> None:
         self.key: HospitalKey = load_hospital_key(keys[0])
         self.db = Database(url)
+        self.registry = CollectorRegistry()
         self.coordinator = Coordinator(
-            AggregatorStore(self.db), CiphertextAdder(load_aggregator_key(keys[1])), tick_seconds=0.05
+            AggregatorStore(self.db),
+            CiphertextAdder(load_aggregator_key(keys[1])),
+            registry=self.registry,
+            tick_seconds=0.05,
         )
 
         def register(server, registry):
@@ -74,6 +83,7 @@ class Harness:
         self.stub = federation_pb2_grpc.AggregatorServiceStub(self.channel)
         self.members: dict[str, SecAggMember] = {}
         self.captured: list[tuple[str, list[bytes]]] = []  # what a recording proxy sees
+        self.number = 0  # the round the harness plays
 
     def stop(self) -> None:
         self.channel.close()
@@ -126,16 +136,20 @@ class Harness:
             )
         )
 
-    def stage(self, name: str, hospital: str = "", number: int = 0) -> pb.GetRoundStageResponse:
+    def stage(self, name: str, hospital: str = "", number: int | None = None) -> pb.GetRoundStageResponse:
         return self.stub.GetRoundStage(
             pb.GetRoundStageRequest(
-                task=TASK, round=number, stage=STAGE[name], hospital=hospital, wait_seconds=10
+                task=TASK,
+                round=self.number if number is None else number,
+                stage=STAGE[name],
+                hospital=hospital,
+                wait_seconds=10,
             ),
             timeout=20,
         )
 
     def share(self, hospitals=HOSPITALS) -> None:
-        adverts = self.adverts(0)
+        adverts = self.adverts(self.number)
         for h in hospitals:
             self.members[h].accept_cohort(adverts)
             self.post(h, "shares", sorted(self.members[h].share_boxes().items()))
@@ -162,7 +176,7 @@ class Harness:
                 sent.append(data)
                 yield pb.SubmitUpdateRequest(
                     task=TASK,
-                    round=0,
+                    round=self.number,
                     hospital=hospital,
                     total_chunks=len(chunks),
                     index=i,
@@ -188,7 +202,7 @@ class Harness:
         reveals = self.stage("reveals")
         assert reveals.closed
         return RoundTranscript(
-            self.adverts(0),
+            self.adverts(self.number),
             frozenset(self.stage("shares").members),
             frozenset(self.stage("uploads").members),
             {m.sender: Signed(m.signature, m.certificate) for m in self.stage("survivors").messages},
@@ -353,3 +367,117 @@ def test_a_cohort_below_the_minimum_never_forms_and_the_round_fails(harness: Har
     with pytest.raises(grpc.RpcError) as none:
         list(harness.stub.FetchAggregate(pb.FetchAggregateRequest(task=TASK, round=0)))
     assert none.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _play_round(harness: Harness, number: int, rng: np.random.Generator) -> None:
+    """Every hospital through one whole round (fresh members, as a new round makes)."""
+    harness.number, harness.members = number, {}
+    for h in HOSPITALS:
+        harness.publish(h)
+    harness.cohort()
+    harness.share()
+    for h in HOSPITALS:
+        harness.submit(h, harness.masked_chunks(h, rng.uniform(-1, 1, 200)))
+    harness.finish(HOSPITALS)
+    after = harness.stub.GetRound(
+        pb.GetRoundRequest(task=TASK, wait_for_round=number + 1, wait_seconds=10), timeout=20
+    ).round
+    assert after.round == number + 1
+
+
+@pytest.fixture
+def patient_harness(fresh_database, keys) -> Iterator[Harness]:
+    """Stages close when every member posted (no grace), else at a 20 s deadline: three whole
+    rounds played in turn stay whole on a loaded machine."""
+    h = Harness(fresh_database("aggregator"), keys)
+    h.stub.StartFederation(
+        pb.StartFederationRequest(
+            task=TASK,
+            rounds=3,
+            quorum=3,
+            grace_seconds=60.0,
+            deadline_seconds=20.0,
+            hospitals=list(HOSPITALS),
+            pairwise_masking=True,
+            min_contributors=3,
+        )
+    )
+    yield h
+    h.stop()
+
+
+def test_votes_and_tallies_are_relayed_on_the_closed_round_and_a_refusal_or_a_missing_vote_is_counted(
+    patient_harness: Harness,
+) -> None:
+    """The acceptance vote through gRPC and PostgreSQL: the survivors of round 1 vote after it
+    closed, the votes stage closes once every survivor posted and the tally stage then opens for
+    the voters; each message is relayed as sent to every reader. A refusal counts a refused round
+    (fibemrss_rounds_refused_total); so does a survivor's vote still missing at the stage's
+    deadline, when the stage closes without it. A vote on an open round, before the round's
+    votes, with envelopes, or a second different one is refused naming why."""
+    rng = np.random.default_rng(7)
+    _play_round(patient_harness, 0, rng)
+    _play_round(patient_harness, 1, rng)
+
+    def refused() -> float:
+        return (
+            patient_harness.registry.get_sample_value("fibemrss_rounds_refused_total", {"task": TASK}) or 0.0
+        )
+
+    def vote(hospital: str, number: int, stage: str, payload: bytes, envelopes=()) -> None:
+        patient_harness.stub.PostRoundMessage(
+            pb.PostRoundMessageRequest(
+                task=TASK,
+                round=number,
+                hospital=hospital,
+                stage=STAGE[stage],
+                payload=payload,
+                envelopes=[pb.Envelope(to=to, data=data) for to, data in envelopes],
+                signature=b"sig-" + hospital.encode(),
+            )
+        )
+
+    candidate = b"c" * 32
+    with pytest.raises(grpc.RpcError) as early:  # the tally opens once the votes closed
+        vote("a", 1, "tally", b"t" * 32)
+    assert early.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as open_round:  # round 2 is open: nothing to vote on yet
+        vote("a", 2, "votes", candidate + b"\x01")
+    assert open_round.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as addressed:
+        vote("a", 1, "votes", b"", envelopes=[("b", candidate + b"\x01")])
+    assert addressed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(addressed.value)] == ["envelopes"]
+    with pytest.raises(grpc.RpcError) as empty:
+        vote("a", 1, "votes", b"")
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(empty.value)] == ["payload"]
+    for h in ("a", "b", "c"):
+        vote(h, 1, "votes", candidate + b"\x01")
+    with pytest.raises(grpc.RpcError) as second:  # one vote per hospital: no change of mind
+        vote("a", 1, "votes", candidate + b"\x00")
+    assert second.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not patient_harness.stub.GetRoundStage(
+        pb.GetRoundStageRequest(task=TASK, round=1, stage=STAGE["votes"], wait_seconds=0)
+    ).closed  # d has not voted: still open
+    vote("d", 1, "votes", candidate + b"\x00")
+    votes = patient_harness.stage("votes", number=1)
+    assert votes.closed and sorted(votes.members) == list(HOSPITALS)
+    assert {m.sender: (bytes(m.data), bytes(m.signature)) for m in votes.messages} == {
+        h: (candidate + (b"\x00" if h == "d" else b"\x01"), b"sig-" + h.encode()) for h in HOSPITALS
+    }
+    assert refused() == 1.0
+    for h in HOSPITALS:
+        vote(h, 1, "tally", b"t" * 32)
+    tally = patient_harness.stage("tally", number=1)
+    assert tally.closed and sorted(tally.members) == list(HOSPITALS)
+
+    # Round 2: d never votes; its stage closes at the deadline without it, a refused round.
+    _play_round(patient_harness, 2, rng)
+    for h in ("a", "b", "c"):
+        vote(h, 2, "votes", candidate + b"\x01")
+    wait_until(
+        lambda: patient_harness.stage("votes", number=2).closed, 60, "round 2's votes closing at the deadline"
+    )
+    assert sorted(patient_harness.stage("votes", number=2).members) == ["a", "b", "c"]
+    assert refused() == 2.0

@@ -35,6 +35,8 @@ TASK: TaskSpec = dataclasses.replace(HEART_DISEASE_V1_DP, rounds=2, sites=("a", 
 HOSPITALS = ("a", "b", "c", "d")
 FEDERATION = b"\x05" * 16
 STAGES = ("shares", "uploads", "survivors", "reveals")
+# Relayed on a closed round (the acceptance vote, fibemrss.he.secagg.votes): each after the one before.
+VOTE_STAGES = ("votes", "tally")
 
 
 @dataclasses.dataclass
@@ -100,7 +102,37 @@ class SecAggAggregator:
             return frozenset(self.now.uploads)
         return frozenset(self.now.messages.get(stage, {}))
 
+    def _vote_expected(self, number: int, stage: str) -> frozenset[str]:
+        d = self.data[number]
+        return d.closed.get("uploads" if stage == "votes" else "votes", frozenset())
+
+    def post_vote(
+        self, hospital: str, number: int, stage: str, parts: list[tuple[str, bytes, Signed]]
+    ) -> None:
+        """A vote or tally on closed round `number`: the stage closes once every expected voter posted."""
+        with self.lock:
+            d = self.data[number]
+            previous = "uploads" if stage == "votes" else "votes"
+            if self.phase.get(number) != Phase.CLOSED or stage in d.closed or previous not in d.closed:
+                raise FailedPrecondition(f"no open {stage} stage")
+            if hospital not in self._vote_expected(number, stage):
+                raise FailedPrecondition("not expected")
+            d.messages.setdefault(stage, {})[hospital] = parts
+            if set(d.messages[stage]) >= self._vote_expected(number, stage):
+                d.closed[stage] = frozenset(d.messages[stage])
+            self.lock.notify_all()
+
+    def close_vote_stage(self, number: int, stage: str) -> None:
+        """A vote stage's deadline passes: it closes with whoever posted."""
+        with self.lock:
+            d = self.data[number]
+            d.closed[stage] = frozenset(d.messages.get(stage, {}))
+            self.lock.notify_all()
+
     def post(self, hospital: str, number: int, stage: str, parts: list[tuple[str, bytes, Signed]]) -> None:
+        if stage in VOTE_STAGES:
+            self.post_vote(hospital, number, stage, parts)
+            return
         with self.lock:
             i = STAGES.index(stage)
             if (

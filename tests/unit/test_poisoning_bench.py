@@ -32,3 +32,9 @@ def test_the_quick_bench_shows_todays_code_poisoned_and_the_defended_one_not(tmp
             assert today["worst_gap_to_clean"]["pooled"] > 0.2, (label, attack, today)
             assert defended["worst_gap_to_clean"]["pooled"] < 0.05, (label, attack, defended)
             assert defended["rounds_refused"] >= 1 and today["rounds_refused"] == 0
+            # Under the acceptance vote: the same, and every hospital serves the same model.
+            voted = figures["attacks"][attack]["voted"]
+            assert voted["worst_gap_to_clean"]["pooled"] < 0.05, (label, attack, voted)
+            assert voted["every_hospital_serves_the_same_model"], (label, attack)
+        for attack in ATTACKS:
+            assert figures["attacks"][attack]["voted"]["every_hospital_serves_the_same_model"], attack

@@ -11,10 +11,14 @@ strategy step, and each hospital's validation gate for what it serves. Averaging
 the codec only rounds to 2^-16 (tests/hostile/test_poisoning.py runs the same attacks through the
 real codec and secure aggregation).
 
-Per strategy and attack, three runs of the same seeds: `clean` (no attacker, defences on),
-`today` (the attacker, the codec's bounds only) and `defended` (the attacker, the study's bounds
-and the gate); per round, each honest hospital's served model's test accuracy and the pooled one.
-A clean run without defences gives the cost of the defences to an honest federation.
+Per strategy and attack, runs of the same seeds: `clean` (no attacker, defences on),
+`today` (the attacker, the codec's bounds only), `defended` (the attacker, the study's bounds and
+each hospital's own gate) and `voted` (the same with the acceptance vote, as the agent runs it
+under secure aggregation: every hospital votes its gate's verdict, the hostile one accepts its own
+attack, and a round is folded into the global model and served by every hospital only when none
+refuses; a refused round leaves the model and the strategy's state as they were); per round, each
+honest hospital's served model's test accuracy and the pooled one. Clean runs without defences
+and with the vote give the cost of the defences to an honest federation.
 """
 
 from __future__ import annotations
@@ -111,6 +115,8 @@ class Run:
     not_served: dict[str, list[int]]
     clipped: int
     honest_norms: list[float]
+    vetoed: list[int] | None = None  # under the vote: rounds within the bounds that a hospital refused
+    served_everywhere_alike: bool = True
 
 
 def _validation(hospitals: Sequence[Hospital]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -129,6 +135,7 @@ def federate(
     config: PoisoningConfig,
     attack: str | None,
     defended: bool,
+    votes: bool = False,
 ) -> Run:
     strategy = run.build()
     hyper = bench.hyper(client_proximal_mu(strategy))
@@ -143,7 +150,7 @@ def federate(
     state = StrategyState()
     served: dict[str, np.ndarray | None] = {h.name: None for h in hospitals}
     best: dict[str, Best | None] = {h.name: None for h in hospitals}
-    out = Run([], [], {h.name: [] for h in hospitals}, 0, [])
+    out = Run([], [], {h.name: [] for h in hospitals}, 0, [], [] if votes else None)
     n = len(hospitals)
     for r in range(1, config.rounds + 1):
         updates, weights = [], []
@@ -173,9 +180,25 @@ def federate(
         except AggregateRejected:
             out.refused.append(r)
         else:
-            params, state = new_params, new_state
-            for h in hospitals:
-                _serve(study, h.name, params, validation[h.name], served, best, out, r)
+            if votes:
+                if _vote(study, hospitals, new_params, validation, best, out, r, config, attack):
+                    params, state = new_params, new_state
+                    for h in hospitals:
+                        served[h.name] = params
+                else:
+                    assert out.vetoed is not None
+                    out.vetoed.append(r)
+            else:
+                params, state = new_params, new_state
+                for h in hospitals:
+                    _serve(study, h.name, params, validation[h.name], served, best, out, r)
+        if votes:
+            models = list(served.values())
+            out.served_everywhere_alike &= all(
+                (m is None and models[0] is None)
+                or (m is not None and models[0] is not None and m is models[0])
+                for m in models
+            )
         row: dict[str, float | None] = {}
         for h in hospitals:
             model = served[h.name]
@@ -211,6 +234,46 @@ def _serve(
         first = Best(candidate.accuracy, candidate.log_loss)
         best[name] = first if previous is None else previous.with_(candidate)
     served[name] = params
+
+
+def _vote(
+    study: TaskSpec,
+    hospitals: Sequence[Hospital],
+    candidate: np.ndarray,
+    validation: dict[str, tuple[np.ndarray, np.ndarray]],
+    best: dict[str, Best | None],
+    out: Run,
+    r: int,
+    config: PoisoningConfig,
+    attack: str | None,
+) -> bool:
+    """The acceptance vote: every hospital's gate on the candidate against the best it served (the
+    initial model's figures before any); the crude attacker accepts whatever it made; a label-
+    flipping one runs the honest gate on its flipped rows. True when none refuses, and then every
+    hospital's best is updated as it serves the candidate."""
+    tolerance = study.validation_tolerance
+    assert tolerance is not None
+    scores: dict[str, ValidationScore] = {}
+    accept = True
+    for h in hospitals:
+        x, y = validation[h.name]
+        hostile = attack is not None and h.name == config.attacker
+        if hostile and attack != "label_flip":
+            continue
+        if hostile:
+            y = 1.0 - y
+        scores[h.name] = score(study, candidate, x, y)
+        previous = best[h.name]
+        start = score(study, flatten(init_layers(study.model, x.shape[1])), x, y)
+        reference = previous if previous is not None else Best(start.accuracy, start.log_loss)
+        if not gate(scores[h.name], reference, tolerance).accept:
+            out.not_served[h.name].append(r)
+            accept = False
+    if accept:
+        for name, sc in scores.items():
+            previous = best[name]
+            best[name] = Best(sc.accuracy, sc.log_loss) if previous is None else previous.with_(sc)
+    return accept
 
 
 def _pooled(
@@ -273,19 +336,28 @@ def run_poisoning_bench(
     }
     for run in config.strategies:
 
-        def runs(attack: str | None, defended: bool, run: StrategyRun = run) -> list[Run]:
+        def runs(
+            attack: str | None, defended: bool, run: StrategyRun = run, votes: bool = False
+        ) -> list[Run]:
             return [
-                federate(task, hospitals, run, bench, config, attack, defended)
+                federate(task, hospitals, run, bench, config, attack, defended, votes)
                 for hospitals, _, _ in prepared.values()
             ]
 
         clean_today, clean = runs(None, False), runs(None, True)
+        clean_voted = runs(None, True, votes=True)
         keys = ["pooled", *honest]
         figures: dict[str, Any] = {
             "clean": {k: _curve(clean, k) for k in keys},
             "clean_without_defences": {k: _curve(clean_today, k) for k in keys},
             "clean_cost": {k: _worst_gap(_curve(clean, k), _curve(clean_today, k)) for k in keys},
             "clean_rounds_not_served": sum(len(v) for r in clean for v in r.not_served.values()),
+            "clean_voted": {k: _curve(clean_voted, k) for k in keys},
+            "clean_voted_cost": {k: _worst_gap(_curve(clean_voted, k), _curve(clean_today, k)) for k in keys},
+            "clean_voted_final_cost": {
+                k: (_curve(clean_today, k)[-1] or 0.0) - (_curve(clean_voted, k)[-1] or 0.0) for k in keys
+            },
+            "clean_rounds_refused_by_vote": sum(len(r.vetoed or []) for r in clean_voted) / len(clean_voted),
             "clean_updates_clipped": sum(r.clipped for r in clean),
             "honest_update_norm": {
                 "median": float(np.median([x for r in clean_today for x in r.honest_norms])),
@@ -296,8 +368,12 @@ def run_poisoning_bench(
         }
         for attack in config.attacks:
             entry: dict[str, Any] = {}
-            for mode, defended in (("today", False), ("defended", True)):
-                attacked = runs(attack, defended)
+            for mode, defended, votes in (
+                ("today", False, False),
+                ("defended", True, False),
+                ("voted", True, True),
+            ):
+                attacked = runs(attack, defended, votes=votes)
                 curves = {k: _curve(attacked, k) for k in keys}
                 entry[mode] = {
                     "served_accuracy": curves,
@@ -310,6 +386,13 @@ def run_poisoning_bench(
                         h: sum(len(r.not_served[h]) for r in attacked) / len(attacked) for h in honest
                     },
                 }
+                if votes:
+                    entry[mode]["rounds_refused_by_vote"] = sum(len(r.vetoed or []) for r in attacked) / len(
+                        attacked
+                    )
+                    entry[mode]["every_hospital_serves_the_same_model"] = all(
+                        r.served_everywhere_alike for r in attacked
+                    )
             figures["attacks"][attack] = entry
         result["strategies"][run.label] = figures
     result["seconds"] = round(time.perf_counter() - started, 1)

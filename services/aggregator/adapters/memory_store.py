@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.he.mask_signatures import SignedMaskKey
+from services.aggregator.core.cohorts import VOTE_STAGES
 from services.aggregator.core.ports import (
     Clock,
     DuplicateSubmission,
@@ -374,11 +375,14 @@ class MemoryStore:
     def close_stage(self, s: FederationSettings, number: int, stage: str) -> bool:
         with self._lock:
             r = self._round(s.task, number)
-            if r is None or r.state not in ACCEPTING or stage in r.stages:
+            states = (RoundState.CLOSED,) if stage in VOTE_STAGES else ACCEPTING
+            if r is None or r.state not in states or stage in r.stages:
                 return False
             r.stages[stage] = self._posters(r, stage)
             now = self._clock.now()
             r.stage_opened_at = now
+            if stage in VOTE_STAGES:
+                return True  # a closed round: its deadline stays
             r.deadline_at = now + timedelta(seconds=s.deadline_seconds)
             return True
 
@@ -397,7 +401,7 @@ class MemoryStore:
             r = self._round(task, number)
             if r is None:
                 raise NotFound(f"round {number} of {task} does not exist")
-            if r.state not in ACCEPTING:
+            if r.state not in ((RoundState.CLOSED,) if stage in VOTE_STAGES else ACCEPTING):
                 raise FailedPrecondition(
                     f"round {number} of {task} is {r.state.value}; the {stage} stage is over"
                 )

@@ -18,9 +18,16 @@ from fibemrss.db.binary_copy import copy_rows
 from fibemrss.db.pool import Database, one_row
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.he.mask_signatures import SignedMaskKey
+from services.aggregator.core.cohorts import VOTE_STAGES
 from services.aggregator.core.ports import DuplicateSubmission
 from services.aggregator.core.proposals import Proposal
 from services.aggregator.core.round_state import FederationSettings, Round, RoundState
+
+
+def _stage_states(stage: str) -> tuple[RoundState, ...]:
+    """The round states in which a stage takes messages and closes: the acceptance vote's stages
+    after the round closed, every other stage while it collects."""
+    return (RoundState.CLOSED,) if stage in VOTE_STAGES else (RoundState.OPEN, RoundState.COLLECTING)
 
 
 class CopySubmissionWriter:
@@ -468,7 +475,7 @@ class AggregatorStore:
         with self._db.transaction() as cur:
             cur.execute("SELECT state FROM rounds WHERE task=%s AND round=%s FOR UPDATE", (s.task, number))
             row = cur.fetchone()
-            if row is None or RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
+            if row is None or RoundState(row[0]) not in _stage_states(stage):
                 return False
             if stage in self._stages(cur, s.task, number):
                 return False
@@ -478,6 +485,12 @@ class AggregatorStore:
                 (s.task, number, stage, members),
             )
             now = datetime.now(UTC)
+            if stage in VOTE_STAGES:
+                # A closed round: the next vote stage's window opens now; its deadline stays.
+                cur.execute(
+                    "UPDATE rounds SET stage_opened_at=%s WHERE task=%s AND round=%s", (now, s.task, number)
+                )
+                return True
             cur.execute(
                 "UPDATE rounds SET stage_opened_at=%s, deadline_at=%s WHERE task=%s AND round=%s",
                 (now, now + timedelta(seconds=s.deadline_seconds), s.task, number),
@@ -502,7 +515,7 @@ class AggregatorStore:
             row = cur.fetchone()
             if row is None:
                 raise NotFound(f"round {number} of {task} does not exist")
-            if RoundState(row[0]) not in (RoundState.OPEN, RoundState.COLLECTING):
+            if RoundState(row[0]) not in _stage_states(stage):
                 raise FailedPrecondition(f"round {number} of {task} is {row[0]}; the {stage} stage is over")
             if stage in self._stages(cur, task, number):
                 raise FailedPrecondition(f"the {stage} stage of round {number} of {task} is closed")

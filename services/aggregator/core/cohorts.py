@@ -66,3 +66,27 @@ def decide_stage(
     if now >= current.deadline_at:
         return "close" if enough else "fail"
     return "wait"
+
+
+# The acceptance vote on a closed round (fibemrss.he.secagg.votes): relayed after the round closed,
+# each stage after the one before (votes: by U3; tally: by those who voted).
+VOTE_STAGES = ("votes", "tally")
+VOTE_PREVIOUS = {"votes": "uploads", "tally": "votes"}
+
+
+def decide_vote_stage(
+    settings: FederationSettings,
+    expected: frozenset[str],
+    posted: frozenset[str],
+    opened_at: datetime | None,
+    now: datetime,
+) -> StageDecision:
+    """A vote stage closes once every expected voter posted, else at its deadline with whoever did:
+    never early with a quorum, since a missing vote refuses the round at every hospital (a vote
+    closed without an honest refusal would look like consent). It never fails a round: the round's
+    sum stands, the hospitals decide whether to publish it."""
+    if posted >= expected:
+        return "close"
+    if opened_at is not None and now >= opened_at + timedelta(seconds=settings.deadline_seconds):
+        return "close"
+    return "wait"

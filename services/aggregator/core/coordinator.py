@@ -30,7 +30,14 @@ from fibemrss.he.mask_signatures import MaskKeyRefused, MaskKeyVerifier, SignedM
 from fibemrss.he.params import HeParams
 from fibemrss.he.secagg.protocol import ADVERT_BYTES, RoundContext, advert_statement
 from services.aggregator.core.ciphertexts import RoundLayout, UploadCheck, expected_layout
-from services.aggregator.core.cohorts import STAGES, decide_cohort, decide_stage
+from services.aggregator.core.cohorts import (
+    STAGES,
+    VOTE_PREVIOUS,
+    VOTE_STAGES,
+    decide_cohort,
+    decide_stage,
+    decide_vote_stage,
+)
 from services.aggregator.core.ports import Clock, DuplicateSubmission, RoundStore, WallClock
 from services.aggregator.core.round_state import (
     FederationSettings,
@@ -53,6 +60,8 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 # check of a chunk is CPU the process would not run faster on two streams.
 UPLOAD_SLOTS = 1
 UPLOAD_QUEUE_SECONDS = 110.0
+# A vote (a candidate digest and a bit) or a tally (a digest): small, whatever a sender claims.
+MAX_VOTE_BYTES = 64
 
 
 class Adder(Protocol):
@@ -113,6 +122,13 @@ class Coordinator:
         self._deadline = Gauge(
             "fibemrss_round_deadline_timestamp_seconds",
             "Deadline (Unix time) of the open round per task; 0 once the federation is done.",
+            ["task"],
+            registry=registry,
+        )
+        self._refused = Counter(
+            "fibemrss_rounds_refused_total",
+            "Closed rounds whose acceptance vote did not hold: a refusal, or a survivor's vote "
+            "missing at the deadline; no hospital publishes them.",
             ["task"],
             registry=registry,
         )
@@ -366,6 +382,9 @@ class Coordinator:
             raise InvalidArgument(
                 "uploads go through SubmitUpdate", [FieldProblem("stage", "not a message stage")]
             )
+        if stage in VOTE_STAGES:
+            self._post_vote(settings, number, hospital, stage, parts, signature, certificate)
+            return
         current = self._store.current_round(task)
         if number != current.number or current.cohort is None:
             raise FailedPrecondition(f"round {number} of {task} has no open {stage} stage")
@@ -389,6 +408,40 @@ class Coordinator:
         self._store.post_message(task, number, stage, hospital, parts, signature, certificate, expected)
         self._wake.set()
 
+    def _post_vote(
+        self,
+        settings: FederationSettings,
+        number: int,
+        hospital: str,
+        stage: str,
+        parts: list[tuple[str, bytes]],
+        signature: bytes,
+        certificate: bytes,
+    ) -> None:
+        """A vote or tally on a closed round: relayed as sent (each hospital checks every
+        signature); only the round's survivors vote, only the voters tally."""
+        task = settings.task
+        rounds = {r.number: r for r in self._store.rounds(task)}
+        if number < 1 or number not in rounds or rounds[number].state != RoundState.CLOSED:
+            raise FailedPrecondition(f"round {number} of {task} is not closed: nothing to vote on")
+        if len(parts) != 1 or parts[0][0] or not 1 <= len(parts[0][1]) <= MAX_VOTE_BYTES:
+            raise InvalidArgument(
+                "malformed vote",
+                [
+                    FieldProblem(
+                        "payload", f"one broadcast payload of 1 to {MAX_VOTE_BYTES} bytes, no envelopes"
+                    )
+                ],
+            )
+        stages = self._store.stages(task, number)
+        previous = VOTE_PREVIOUS[stage]
+        if previous not in stages:
+            raise FailedPrecondition(f"the {stage} stage of round {number} has not opened yet")
+        self._store.post_message(
+            task, number, stage, hospital, parts, signature, certificate, stages[previous]
+        )
+        self._wake.set()
+
     def stage(
         self,
         task: str,
@@ -408,6 +461,9 @@ class Coordinator:
                     raise NotFound(f"round {number} of {task} does not exist")
                 stages = self._store.stages(task, number)
                 over = rounds[number].state not in (RoundState.OPEN, RoundState.COLLECTING)
+                if stage in VOTE_STAGES:
+                    # Votes are relayed on a closed round: over only if it failed.
+                    over = rounds[number].state == RoundState.FAILED
                 remaining = deadline - self._clock.now().timestamp()
                 if stage in stages or over or remaining <= 0 or self._stop.is_set() or not still_wanted():
                     break
@@ -440,12 +496,14 @@ class Coordinator:
             settings = self._store.settings(task)
             current = self._store.current_round(task)
             self._current.labels(task).set(current.number)
+            self._refused.labels(task)  # exported from 0, so an alert sees its first increase
             done = self.is_done(settings, current)
             self._deadline.labels(task).set(0 if done else current.deadline_at.timestamp())
             if current.state == RoundState.AGGREGATING:
                 self._aggregate(settings, current)  # left over from a crash
                 continue
             if settings.pairwise_masking:
+                self._tick_votes(settings)
                 self._tick_masked(settings, current)
                 continue
             if current.quorum_at is None and len(current.submitted) >= settings.quorum:
@@ -522,6 +580,52 @@ class Coordinator:
             return
         if self._store.mark_aggregating(settings.task, current.number):
             self._aggregate(settings, self._store.current_round(settings.task))
+
+    def _tick_votes(self, settings: FederationSettings) -> None:
+        """Closes the vote stages of the two newest closed rounds (the acceptance vote,
+        fibemrss.he.secagg.votes; the agents vote on a round before they train the next, so no
+        older one is still voting): each when every expected voter posted, or at its deadline. A
+        votes stage that closes with a refusal, or short of a survivor while others voted, counts
+        a refused round (a study without the vote posts none: nothing is counted)."""
+        now = self._clock.now()
+        closed = sorted(
+            (
+                r.number
+                for r in self._store.rounds(settings.task)
+                if r.state == RoundState.CLOSED and r.number >= 1
+            ),
+            reverse=True,
+        )
+        for number in closed[:2]:
+            stages = self._store.stages(settings.task, number)
+            for stage in VOTE_STAGES:
+                if stage in stages:
+                    continue
+                expected = stages.get(VOTE_PREVIOUS[stage], frozenset())
+                posted = self._store.poster_names(settings.task, number, stage)
+                opened = self._store.stage_opened_at(settings.task, number)
+                if decide_vote_stage(settings, expected, posted, opened, now) != "close":
+                    break
+                if self._store.close_stage(settings, number, stage):
+                    refusals = [
+                        sender
+                        for sender, payload, _, _ in self._store.messages(settings.task, number, stage, None)
+                        if stage == "votes" and payload[-1:] != b"\x01"
+                    ]
+                    if stage == "votes" and posted and (refusals or not expected <= posted):
+                        self._refused.labels(settings.task).inc()
+                    log.info(
+                        "vote stage closed",
+                        extra={
+                            "task": settings.task,
+                            "round": number,
+                            "stage": stage,
+                            "missing": sorted(expected - posted),
+                            "refusals": sorted(refusals),
+                        },
+                    )
+                    self._notify()
+                break
 
     def _aggregate(self, settings: FederationSettings, current: Round) -> None:
         began = time.perf_counter()

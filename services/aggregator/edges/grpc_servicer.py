@@ -25,6 +25,7 @@ from fibemrss.domain.text import text_problems
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto
+from services.aggregator.core.cohorts import VOTE_STAGES
 from services.aggregator.core.coordinator import Coordinator
 from services.aggregator.core.ports import FederationRecords
 from services.aggregator.core.proposals import Proposal, check_same_study, latest, pinned_hash, propose
@@ -42,6 +43,8 @@ _MESSAGE_STAGES = {
     pb.ROUND_STAGE_SHARES: "shares",
     pb.ROUND_STAGE_SURVIVORS: "survivors",
     pb.ROUND_STAGE_REVEALS: "reveals",
+    pb.ROUND_STAGE_VOTES: "votes",
+    pb.ROUND_STAGE_TALLY: "tally",
 }
 _ALL_STAGES = {**_MESSAGE_STAGES, pb.ROUND_STAGE_UPLOADS: "uploads"}
 log = logging.getLogger(__name__)
@@ -307,7 +310,7 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
         stage = _MESSAGE_STAGES.get(request.stage)
         if stage is None:
             raise InvalidArgument(
-                "unknown stage", [FieldProblem("stage", "must be SHARES, SURVIVORS or REVEALS")]
+                "unknown stage", [FieldProblem("stage", "must be SHARES, SURVIVORS, REVEALS, VOTES or TALLY")]
             )
         check_hospital_identity(context, request.hospital)
         check_same_study(
@@ -317,6 +320,10 @@ class AggregatorServicer(federation_pb2_grpc.AggregatorServiceServicer):
             check_names(**{f"envelopes[{i}].to": e.to for i, e in enumerate(request.envelopes)})
             parts = [(e.to, bytes(e.data)) for e in request.envelopes]
         else:
+            if stage in VOTE_STAGES and request.envelopes:
+                raise InvalidArgument(
+                    "a vote is broadcast", [FieldProblem("envelopes", f"must be empty in the {stage} stage")]
+                )
             parts = [("", bytes(request.payload))]
         self._coordinator.post_message(
             request.task,

@@ -43,6 +43,8 @@ _STAGES = {
     "uploads": fpb.ROUND_STAGE_UPLOADS,
     "survivors": fpb.ROUND_STAGE_SURVIVORS,
     "reveals": fpb.ROUND_STAGE_REVEALS,
+    "votes": fpb.ROUND_STAGE_VOTES,
+    "tally": fpb.ROUND_STAGE_TALLY,
 }
 
 

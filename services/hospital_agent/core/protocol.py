@@ -6,7 +6,9 @@ every round it reads where the federation stands from the aggregator, and the gl
 the task's server strategy applied to the closed rounds' aggregates in order. The strategy's
 state (FedAdam / FedYogi moments) lives in memory; a restarted or late agent rebuilds it by
 replaying every closed aggregate from round 1, then joins the open round with the same model
-as every other hospital.
+as every other hospital. Under secure aggregation with the study's validation gate, a closed
+round is folded and published only when every survivor's signed vote accepts it (the acceptance
+vote, `_apply_voted`): every hospital publishes it, or none does.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.errors import HeError
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.he.params import DEFAULT_PARAMS
+from fibemrss.he.secagg.votes import NO_CANDIDATE, candidate_digest
 from services.hospital_agent.core.aggregate_bounds import (
     AggregateBounds,
     AggregateRejected,
@@ -52,7 +55,7 @@ from services.hospital_agent.core.aggregate_bounds import (
     check_model,
     contributors,
 )
-from services.hospital_agent.core.influence import Best, check_influence, clip_update, gate
+from services.hospital_agent.core.influence import Best, Verdict, check_influence, clip_update, gate
 from services.hospital_agent.core.local_data import Example, LocalData
 from services.hospital_agent.core.personalization import ValidationScore, personalize, score
 from services.hospital_agent.core.ports import (
@@ -185,6 +188,11 @@ class Participation:
         self._weights: dict[bytes, int] = {}
         self._guard = PrivacyGuard(hospital, task, dataset, ledger) if ledger is not None else None
         self._dp_rounds = 0  # without a ledger (tests), the spend is counted here
+        # The acceptance vote (docs/security.md, "Poisoning"): with secure aggregation and the
+        # study's validation gate, a round is published by every hospital or by none.
+        self._votes = task.pairwise_masking and task.validation_tolerance is not None
+        self._survivors: dict[int, frozenset[str]] = {}  # each round's checked U3: its voters
+        self._stop_voting = threading.Event()  # set when the agent stops
         if task.pairwise_masking:
             self._secagg = SecureAggregation(
                 hospital, task, self.study_hash, aggregator, codec, signer, verifier, warn=self._warn
@@ -300,6 +308,7 @@ class Participation:
                 self._federation_id, round_number, chunks, ChunkKind.WEIGHTED_UPDATE, n_values
             )
             chunks, correction = verified.chunks, verified.correction
+            self._survivors[round_number] = verified.survivors
         try:
             average, total_weight = self._codec.decrypt_average(
                 chunks, n_values, self.task.min_contributors, correction
@@ -335,7 +344,9 @@ class Participation:
             # In round order, FedAvg too: whether a round is refused depends on the model it
             # trained from (`check_influence`), and what is served on the models before it.
             for r in rounds:
-                if self._apply(r):
+                if self._votes:
+                    self._apply_voted(r)
+                elif self._apply(r):
                     self._serve(r)
                 # Folded in (or skipped by all alike): when a later fetch fails (the aggregator
                 # restarting under a replay), the retry resumes after this round instead of
@@ -350,6 +361,16 @@ class Participation:
     def _apply(self, round_number: int) -> bool:
         """Folds one closed round's aggregate into the global model, unless it is out of bounds:
         then every hospital skips it alike and says why."""
+        step = self._candidate(round_number)
+        if step is None:
+            return False
+        self._global, self._strategy_state = step
+        self._good_round = round_number
+        return True
+
+    def _candidate(self, round_number: int) -> tuple[np.ndarray, StrategyState] | None:
+        """The global model and strategy state the round's aggregate would make, or None (said in
+        the status) when it is out of bounds or its sum is refused."""
         try:
             average, total_weight, parties = self._decrypt_round_counted(round_number, self._n_params)
             check_influence(
@@ -360,13 +381,67 @@ class Participation:
         except AggregateRejected as exc:
             log.error("aggregate rejected", extra={"round": round_number, "reason": str(exc)})
             self._warn(f"round {round_number}: aggregate rejected, not published: {exc}")
-            with self.progress.lock:
-                if round_number not in self.progress.rounds_refused:
-                    self.progress.rounds_refused.append(round_number)
-            return False
-        self._global, self._strategy_state = new_global, new_state
+            self._refused(round_number)
+            return None
+        return new_global, new_state
+
+    def _refused(self, round_number: int) -> None:
+        with self.progress.lock:
+            if round_number not in self.progress.rounds_refused:
+                self.progress.rounds_refused.append(round_number)
+
+    def _apply_voted(self, round_number: int) -> None:
+        """Under the acceptance vote (secure aggregation with `federation.validation_tolerance`):
+        this hospital scores the round's candidate against what it serves and votes; the round is
+        folded into the global model and served only when every survivor of the round accepted it
+        (fibemrss.he.secagg.votes), so every hospital publishes it, or none does. A refused round
+        leaves the global model, the strategy's state (FedAdam / FedYogi moments) and the served
+        model as they were: the next round trains from the last accepted model."""
+        assert self._secagg is not None
+        step = self._candidate(round_number)
+        score: ValidationScore | None = None
+        accept = step is not None
+        if step is not None:
+            verdict, score = self._verdict(step[0])
+            if verdict is not None and not verdict.accept:
+                accept = False
+                log.error("candidate refused", extra={"round": round_number, "reason": verdict.describe()})
+                self._warn(
+                    f"round {round_number}: this hospital votes to refuse the model, worse than the models "
+                    f"served (now round {self._served_round}): {verdict.describe()}"
+                )
+                with self.progress.lock:
+                    if round_number not in self.progress.rounds_not_served:
+                        self.progress.rounds_not_served.append(round_number)
+        digest = (
+            NO_CANDIDATE
+            if step is None
+            else candidate_digest(np.asarray(step[0], dtype=np.float64).tobytes())
+        )
+        outcome = self._secagg.vote(
+            self._federation_id,
+            round_number,
+            self._survivors.get(round_number),
+            digest,
+            accept,
+            self._stop_voting,
+        )
+        if self._stop_voting.is_set():
+            raise Unavailable(f"round {round_number}: the agent stopped before the votes closed")
+        if not outcome.accepted or step is None:
+            log.error("round refused by vote", extra={"round": round_number, "reason": outcome.describe()})
+            self._warn(
+                f"round {round_number}: refused by the hospitals' votes, published by none (every hospital "
+                f"stays on round {self._served_round}): {outcome.describe()}"
+            )
+            self._refused(round_number)
+            return
+        self._global, self._strategy_state = step
         self._good_round = round_number
-        return True
+        self._served, self._served_round = self._global, round_number
+        if score is not None:
+            first = Best(score.accuracy, score.log_loss)
+            self._best_served = first if self._best_served is None else self._best_served.with_(score)
 
     def _validation_score(self, params: np.ndarray) -> ValidationScore | None:
         """The model's score on this hospital's validation rows (None without any)."""
@@ -377,14 +452,12 @@ class Participation:
         x, y = LocalData.matrix(self.task, self._global_stats(), rows)
         return score(self.task, params, x, y)
 
-    def _serve(self, round_number: int) -> None:
-        """The global model after a good round becomes the served one unless the study's gate
-        says it is worse on this hospital's validation rows than the best model served so far;
-        then the served model stays, and the status says why. Deterministic in the rounds and the
-        hospital's rows, so a restarted agent serves the same models. The first good round is held
-        to the initial model's figures (never served itself)."""
+    def _verdict(self, params: np.ndarray) -> tuple[Verdict | None, ValidationScore | None]:
+        """The study's gate on a candidate model against the best served here (None: no gate, or
+        no validation rows), and the candidate's validation score. The first good round is held
+        to the initial model's figures."""
         tolerance = self.task.validation_tolerance
-        candidate = None if tolerance is None else self._validation_score(self._global)
+        candidate = None if tolerance is None else self._validation_score(params)
         if tolerance is not None and candidate is None:
             self._warn("no validation rows: every good round's model is served unchecked")
         best = self._best_served
@@ -393,18 +466,27 @@ class Participation:
             # a first round an attacker steered is refused like any other.
             start = self._validation_score(initial_vector(self.task.model, input_dim(self.task)))
             best = None if start is None else Best(start.accuracy, start.log_loss)
-        if tolerance is not None and candidate is not None and best is not None:
-            verdict = gate(candidate, best, tolerance)
-            if not verdict.accept:
-                log.error("model not served", extra={"round": round_number, "reason": verdict.describe()})
-                self._warn(
-                    f"round {round_number}: model not served, worse than the models served "
-                    f"(now round {self._served_round}): {verdict.describe()}"
-                )
-                with self.progress.lock:
-                    if round_number not in self.progress.rounds_not_served:
-                        self.progress.rounds_not_served.append(round_number)
-                return
+        if tolerance is None or candidate is None or best is None:
+            return None, candidate
+        return gate(candidate, best, tolerance), candidate
+
+    def _serve(self, round_number: int) -> None:
+        """The global model after a good round becomes the served one unless the study's gate
+        says it is worse on this hospital's validation rows than the best model served so far;
+        then the served model stays, and the status says why. Deterministic in the rounds and the
+        hospital's rows, so a restarted agent serves the same models. The first good round is held
+        to the initial model's figures (never served itself)."""
+        verdict, candidate = self._verdict(self._global)
+        if verdict is not None and not verdict.accept:
+            log.error("model not served", extra={"round": round_number, "reason": verdict.describe()})
+            self._warn(
+                f"round {round_number}: model not served, worse than the models served "
+                f"(now round {self._served_round}): {verdict.describe()}"
+            )
+            with self.progress.lock:
+                if round_number not in self.progress.rounds_not_served:
+                    self.progress.rounds_not_served.append(round_number)
+            return
         self._served, self._served_round = self._global, round_number
         if candidate is not None:
             served = self._best_served
@@ -535,6 +617,7 @@ class Participation:
         """Takes part until the federation is done. Every failure (a peer restarting or refusing,
         the database gone, a bug) is logged, reported in the progress and through `on_health`,
         and retried after `retry_delay`: the loop never dies while the process lives."""
+        self._stop_voting = stop
         while not stop.is_set():
             try:
                 self._run(stop)

@@ -13,6 +13,10 @@ with at least the threshold of signatures, the signed reveals, and the served ci
 the sum of the signed uploads of the survivors, recomputed here for every chunk up to
 SAMPLE_CHUNKS, else for SAMPLE_CHUNKS chunks this hospital picks at random. A forged, partial or
 replayed sum is refused naming the aggregator.
+
+After the sum, the acceptance vote (`vote`, with the study's validation gate): each survivor posts
+its signed vote on the candidate the sum makes and its tally of the vote set as shown, relayed on
+the closed round; the round is published by every hospital or by none (fibemrss.he.secagg.votes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fibemrss.domain.errors import FailedPrecondition
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.he.chunk_format import ChunkKind, unpack_header
 from fibemrss.he.codec import slot_count
@@ -42,6 +47,16 @@ from fibemrss.he.secagg.protocol import (
     cohort_digest,
     unmask_correction,
 )
+from fibemrss.he.secagg.votes import (
+    VoteOutcome,
+    count_votes,
+    decide,
+    tally_statement,
+    valid_votes,
+    vote_payload,
+    vote_set_digest,
+    vote_statement,
+)
 from services.hospital_agent.core.aggregate_bounds import AggregateRejected
 from services.hospital_agent.core.ports import AggregatorPort, CodecPort, PeerRefused, RoundView, StageView
 
@@ -57,6 +72,7 @@ SAMPLE_CHUNKS = 8
 class VerifiedSum:
     chunks: list[bytes]
     correction: np.ndarray
+    survivors: frozenset[str]  # U3, checked against its signatures: the round's voters
 
 
 class SecureAggregation:
@@ -85,6 +101,9 @@ class SecureAggregation:
         self._roster_size = len(task.sites) if task.sites else max(task.quorum, task.min_contributors)
         self._members: dict[tuple[bytes, int], SecAggMember] = {}
         self._random = random.SystemRandom()
+        # The vote set this hospital tallied per (federation, round): it never signs a second.
+        self._tallied: dict[tuple[bytes, int], bytes] = {}
+        self._signed_votes: dict[tuple[bytes, int, str], tuple[bytes, Signed]] = {}
 
     def check_federation(self, info: RoundView) -> None:
         """The task spec, not the aggregator, decides whether uploads are masked."""
@@ -335,7 +354,93 @@ class SecureAggregation:
             raise AggregateRejected(
                 f"round {round_number}: the aggregator's sum is unreadable: {exc}"
             ) from None
-        return VerifiedSum(recomputed, correction)
+        return VerifiedSum(recomputed, correction, transcript.u3)
+
+    # -- the acceptance vote ---------------------------------------------------------------------------
+    def vote(
+        self,
+        federation_id: bytes,
+        round_number: int,
+        survivors: frozenset[str] | None,
+        candidate: bytes,
+        accept: bool,
+        stop: threading.Event,
+    ) -> VoteOutcome:
+        """Posts this hospital's signed vote on round `round_number`'s candidate (when it is one of
+        the round's survivors and the votes are still open), then its tally of the vote set as
+        shown, and returns the round's outcome by the study's rule (fibemrss.he.secagg.votes).
+        `survivors` is the round's checked U3 (None when this hospital's own check of the sum
+        failed: it refuses, and reads U3 as relayed to sign its refusal). A restarted agent reads
+        the closed stages and reaches the same outcome."""
+        ctx = self._ctx(federation_id, round_number)
+        if survivors is None:
+            shown = self._aggregator.round_stage(round_number, "uploads", wait=False)
+            survivors = shown.members if shown.closed else frozenset()
+        key = (federation_id, round_number)
+        if self._hospital in survivors:
+            payload = vote_payload(candidate, accept)
+            self._post_once(
+                key,
+                "votes",
+                payload,
+                lambda: self._sig.sign(vote_statement(ctx, survivors, self._hospital, payload)),
+            )
+        if not accept:
+            return VoteOutcome(False, refused_by=(self._hospital,))
+        votes = self._wait_closed(round_number, "votes", stop)
+        if votes is None:
+            return VoteOutcome(False, tally_problem="stopped before the votes closed")
+        valid = valid_votes(ctx, survivors, votes.messages, self._sig)
+        if self._hospital in votes.members:
+            shown_set = vote_set_digest(valid)
+            # One tally per round: a second, different vote set shown later is not signed.
+            first = self._tallied.setdefault(key, shown_set)
+            if first == shown_set:
+                self._post_once(
+                    key,
+                    "tally",
+                    shown_set,
+                    lambda: self._sig.sign(tally_statement(ctx, survivors, self._hospital, shown_set)),
+                )
+        if not count_votes(candidate, survivors, valid).accepted:
+            return count_votes(candidate, survivors, valid)
+        tallies = self._wait_closed(round_number, "tally", stop)
+        if tallies is None:
+            return VoteOutcome(False, tally_problem="stopped before the tallies closed")
+        return decide(ctx, survivors, candidate, votes.messages, tallies.messages, self._sig)
+
+    def _post_once(
+        self, key: tuple[bytes, int], stage: str, payload: bytes, sign: Callable[[], Signed]
+    ) -> None:
+        """Posts a message of a vote stage unless the stage closed (too late: counted as missing);
+        signed once, so a retry after a lost answer sends the identical message."""
+        round_number = key[1]
+        if self._aggregator.round_stage(round_number, stage, wait=False).closed:
+            return
+        if (*key, stage) not in self._signed_votes:
+            self._signed_votes = {k: v for k, v in self._signed_votes.items() if k[1] >= round_number - 2}
+            self._signed_votes[(*key, stage)] = (payload, sign())
+        made = self._signed_votes[(*key, stage)]
+        if made[0] != payload:
+            return  # never a second, different message in one stage
+        signed = made[1]
+        try:
+            self._aggregator.post_message(
+                round_number, stage, [], payload, signed.signature, signed.certificate
+            )
+        except (PeerRefused, FailedPrecondition) as refused:
+            log.warning(
+                "vote not posted", extra={"round": round_number, "stage": stage, "reason": str(refused)}
+            )
+
+    def _wait_closed(self, round_number: int, stage: str, stop: threading.Event) -> StageResult | None:
+        """A stage of a closed round (votes, tally): waits until the aggregator closes it (every
+        voter posted, or its deadline passed)."""
+        while not stop.is_set():
+            result: StageView = self._aggregator.round_stage(round_number, stage, wait=True)
+            if result.closed:
+                return StageResult(result.members, result.messages)
+        return None
 
 
 @dataclass(frozen=True)
