@@ -80,9 +80,9 @@ def unpack_slots(slots: np.ndarray, params: HeParams, n_integers: int) -> np.nda
     rest = slots.astype(np.int64)
     digits = np.empty((rest.size, k), dtype=np.int64)
     for j in range(k):
-        digit = (rest + half) % base - half
-        digits[:, j] = digit
-        rest = (rest - digit) // base
+        # rest = digit + base * (next rest), digit centered: one division gives both.
+        rest, digit = np.divmod(rest + half, base)
+        digits[:, j] = digit - half
     return digits.reshape(-1)[:n_integers]
 
 
