@@ -100,7 +100,6 @@ class _CompactReader:
 
     def __init__(self, key: HospitalKey | AggregatorKey) -> None:
         self._compressor = _compressor(key)
-        self._n_primes = key.params.data_prime_count
 
     def blobs(self, body: list[bytes] | CompactCiphertexts) -> list[bytes]:
         if not isinstance(body, CompactCiphertexts):
