@@ -1,37 +1,117 @@
 """Encrypts weighted model updates and federated sums, adds them blind, and decrypts the results.
 
 Slot layout, identical at every hospital so chunk i of one hospital adds to chunk i of another:
-the integers to encrypt are laid end to end (a weighted update puts its weight first), cut into
-ciphertexts of N slots (zero-padded) and those into chunks of params.ciphertexts_per_chunk.
+the integers to encrypt are laid end to end (a weighted update puts its weight first), taken
+params.values_per_slot at a time as the digits of one slot (base params.digit_base, the first the
+lowest), and the slots cut into ciphertexts of N slots (zero-padded) and those into chunks of
+params.ciphertexts_per_chunk. Masks (secure aggregation) are added to the slots, modulo t.
+An upload travels compact (fibemrss.he.compact); a sum as SEAL serializes it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from tenseal import sealapi
 
-from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, pack_chunk, unpack_chunk, unpack_header
+from fibemrss.he.chunk_format import (
+    ChunkHeader,
+    ChunkKind,
+    CompactCiphertexts,
+    pack_chunk,
+    pack_compact_chunk,
+    unpack_chunk,
+    unpack_header,
+)
+from fibemrss.he.compact import RnsCompressor, join_seeded, split_seeded
 from fibemrss.he.errors import HeFormatError, HeKeyError, HeOverflowError
 from fibemrss.he.keys import AggregatorKey, HospitalKey
 from fibemrss.he.masking import apply_mask, remove_mask
-from fibemrss.he.params import HeParams
+from fibemrss.he.params import DEFAULT_PARAMS, HeParams
 from fibemrss.he.seal_bytes import SealBytes
 
 
-def ciphertexts_per_chunk_layout(params: HeParams, n_slots: int) -> list[int]:
-    """How many ciphertexts each chunk holds for n_slots slots (at least one ciphertext)."""
-    n_ciphertexts = max(1, math.ceil(n_slots / params.slots_per_ciphertext))
+def ciphertexts_per_chunk_layout(params: HeParams, n_integers: int) -> list[int]:
+    """How many ciphertexts each chunk holds for n_integers integers (a weighted update's values
+    and its weight), params.values_per_ciphertext to a ciphertext (at least one ciphertext)."""
+    n_ciphertexts = max(1, math.ceil(n_integers / params.values_per_ciphertext))
     per_chunk = params.ciphertexts_per_chunk
     return [min(per_chunk, n_ciphertexts - start) for start in range(0, n_ciphertexts, per_chunk)]
 
 
-def slot_count(kind: ChunkKind, n_values: int) -> int:
-    """Slots a vector of n_values occupies (a weighted update puts its weight in slot 0)."""
+def integer_count(kind: ChunkKind, n_values: int) -> int:
+    """Integers a vector of n_values encodes to (a weighted update puts its weight first)."""
     return n_values + 1 if kind is ChunkKind.WEIGHTED_UPDATE else n_values
+
+
+def slot_count(kind: ChunkKind, n_values: int, params: HeParams = DEFAULT_PARAMS) -> int:
+    """Slots a vector of n_values occupies (the length of its mask): its integers, weight
+    included, params.values_per_slot to a slot."""
+    return math.ceil(integer_count(kind, n_values) / params.values_per_slot)
+
+
+def pack_slots(integers: np.ndarray, params: HeParams) -> np.ndarray:
+    """Slots holding `integers` as digits (base T, centered, lowest first), values_per_slot a slot.
+    Each |integer| <= (T-1)/2 gives |slot| <= (T^k - 1)/2 < t/2: inside SEAL's centered range."""
+    k = params.values_per_slot
+    if k == 1:
+        return integers.astype(np.int64)
+    padded = np.zeros(math.ceil(integers.size / k) * k, dtype=np.int64)
+    padded[: integers.size] = integers
+    digits = padded.reshape(-1, k)
+    base = np.int64(params.digit_base)
+    slots = digits[:, k - 1].copy()
+    for j in range(k - 2, -1, -1):
+        slots = slots * base + digits[:, j]
+    return slots
+
+
+def unpack_slots(slots: np.ndarray, params: HeParams, n_integers: int) -> np.ndarray:
+    """The integers of `pack_slots`, from centered slots (each digit back in [-(T-1)/2, (T-1)/2])."""
+    k = params.values_per_slot
+    if k == 1:
+        return slots[:n_integers].astype(np.int64)
+    base = np.int64(params.digit_base)
+    half = np.int64((params.digit_base - 1) // 2)
+    rest = slots.astype(np.int64)
+    digits = np.empty((rest.size, k), dtype=np.int64)
+    for j in range(k):
+        # rest = digit + base * (next rest), digit centered: one division gives both.
+        rest, digit = np.divmod(rest + half, base)
+        digits[:, j] = digit - half
+    return digits.reshape(-1)[:n_integers]
+
+
+def _data_primes(context: Any) -> list[int]:
+    return [modulus.value() for modulus in context.first_context_data().parms().coeff_modulus()]
+
+
+def _compressor(key: HospitalKey | AggregatorKey) -> RnsCompressor:
+    params = key.params
+    return RnsCompressor(_data_primes(key.seal_context), params.poly_modulus_degree, params.c0_dropped_bits)
+
+
+class _CompactReader:
+    """Turns a chunk's ciphertexts, compact or not, back into SEAL's serializations."""
+
+    def __init__(self, key: HospitalKey | AggregatorKey) -> None:
+        self._compressor = _compressor(key)
+
+    def blobs(self, body: list[bytes] | CompactCiphertexts) -> list[bytes]:
+        if not isinstance(body, CompactCiphertexts):
+            return body
+        if len(body.payloads[0]) != self._compressor.coefficient_bytes:
+            raise HeFormatError(
+                f"compact ciphertext holds {len(body.payloads[0])} bytes of c0, not "
+                f"{self._compressor.coefficient_bytes} (another codec's parameters)"
+            )
+        z = self._compressor.unpack(b"".join(body.payloads), len(body.payloads))
+        c0 = self._compressor.restore(z)
+        return [join_seeded(body.prefix, c0[i], tail) for i, tail in enumerate(body.tails)]
 
 
 def _as_vector(values: np.ndarray) -> np.ndarray:
@@ -59,6 +139,7 @@ class UpdateEncryptor:
         # Symmetric encryption: SEAL then stores the second polynomial as a seed, halving uploads.
         self._encryptor = sealapi.Encryptor(key.seal_context, key.secret_key)
         self._scratch = SealBytes()
+        self._compressor = _compressor(key)
 
     @property
     def params(self) -> HeParams:
@@ -67,11 +148,12 @@ class UpdateEncryptor:
     def encrypt(self, values: np.ndarray, weight: int, mask: np.ndarray | None = None) -> list[bytes]:
         """Encrypt weight * values in fixed point, and weight itself, as chunks to stream.
 
-        Bounds (HeOverflowError beyond them): 1 <= weight <= params.max_weight (2^16) and
-        |value| <= params.max_abs_value (2^7); the decrypted average is then exact to
-        params.average_error_bound (2^-17) for up to params.max_parties (64) hospitals.
-        `mask` (fibemrss.he.masking.cohort_mask over `slot_count` slots, weight slot included) is
-        added modulo the plain modulus before encryption; masks of a whole cohort cancel in the sum.
+        Bounds (HeOverflowError beyond them): 1 <= weight <= params.max_weight (2^10) and
+        |value| <= params.max_abs_value (2^3); the sum of up to params.max_parties (64) hospitals
+        then decrypts exactly, and the average is within params.average_error(parties, total
+        weight) = parties / (2^(frac_bits+1) x total weight) of the exact one.
+        `mask` (fibemrss.he.masking.cohort_mask over `slot_count` slots, weight included) is added
+        modulo the plain modulus before encryption; masks of a whole cohort cancel in the sum.
         """
         vector = _as_vector(values)
         checked_weight = self._checked_weight(weight)
@@ -94,10 +176,9 @@ class UpdateEncryptor:
     ) -> list[bytes]:
         """Encrypt values to be summed across hospitals (counts, sums, sums of squares).
 
-        Each |value| must be at most params.max_abs_sum_value(frac_bits): 2^32 (about 4.3e9) at the
-        default 8 fractional bits, enough for a sum of squares such as 300 patients x 600^2 = 1.1e8.
-        Pass frac_bits=0 for counts or for larger values (bound 2^40, about 1.1e12); each party's
-        rounding error is at most 2^-(frac_bits+1).
+        Each |value| must be at most params.max_abs_sum_value(frac_bits): 2^11 (2,048) at the
+        default 8 fractional bits; pass frac_bits=0 for counts or larger values (bound 2^19, about
+        5.2e5) or pre-scale them. Each party's rounding error is at most 2^-(frac_bits+1).
         """
         vector = _as_vector(values)
         bits = self._params.stats_frac_bits if frac_bits is None else frac_bits
@@ -128,24 +209,37 @@ class UpdateEncryptor:
     def _encrypt_slots(
         self, slots: np.ndarray, kind: ChunkKind, frac_bits: int, n_values: int, mask: np.ndarray | None
     ) -> list[bytes]:
+        layout = ciphertexts_per_chunk_layout(self._params, slots.size)
+        slots = pack_slots(slots, self._params)
         if mask is not None:
             slots = apply_mask(slots, np.asarray(mask, dtype=np.int64), self._params.plain_modulus)
-        layout = ciphertexts_per_chunk_layout(self._params, slots.size)
         n_per_ciphertext = self._params.slots_per_ciphertext
+        n_primes = self._params.data_prime_count
         chunks: list[bytes] = []
         first_slot = 0
         for chunk_index, n_ciphertexts in enumerate(layout):
-            ciphertexts: list[bytes] = []
+            parts = []
             for _ in range(n_ciphertexts):
                 plain = sealapi.Plaintext()
                 # BatchEncoder zero-pads a short last slice to N slots.
                 self._encoder.encode(slots[first_slot : first_slot + n_per_ciphertext].tolist(), plain)
-                ciphertexts.append(self._scratch.dump(self._encryptor.encrypt_symmetric(plain)))
+                blob = self._scratch.dump(self._encryptor.encrypt_symmetric(plain))
+                parts.append(split_seeded(blob, n_primes, n_per_ciphertext))
                 first_slot += n_per_ciphertext
+            z = self._compressor.compress(np.stack([part.c0 for part in parts]))
+            coefficient_bytes = self._compressor.coefficient_bytes
+            packed = self._compressor.pack(z)
+            body = CompactCiphertexts(
+                prefix=parts[0].prefix,
+                tails=[part.tail for part in parts],
+                payloads=[
+                    packed[i * coefficient_bytes : (i + 1) * coefficient_bytes] for i in range(len(parts))
+                ],
+            )
             header = ChunkHeader(
                 kind=kind,
                 frac_bits=frac_bits,
-                seeded=True,
+                compact=True,
                 parties=1,
                 key_id=self._key.key_id,
                 n_values=n_values,
@@ -153,7 +247,7 @@ class UpdateEncryptor:
                 chunk_count=len(layout),
                 n_ciphertexts=n_ciphertexts,
             )
-            chunks.append(pack_chunk(header, ciphertexts))
+            chunks.append(pack_compact_chunk(header, body))
         return chunks
 
 
@@ -170,6 +264,7 @@ class ChunkAccumulator:
         self._key = key
         self._evaluator = sealapi.Evaluator(key.seal_context)
         self._scratch = SealBytes()
+        self._reader = _CompactReader(key)
         self._header: ChunkHeader | None = None
         self._sums: list[Any] = []
 
@@ -191,7 +286,9 @@ class ChunkAccumulator:
                 f"sum would hold {summed.parties} parties, beyond the bound {self._key.params.max_parties} "
                 "(HeParams.max_parties)"
             )
-        ciphertexts = [self._load(blob) for blob in serialized]
+        ciphertexts = [
+            _load_ciphertext(self._scratch, self._key, blob) for blob in self._reader.blobs(serialized)
+        ]
         if self._header is None:
             self._sums = ciphertexts
         else:
@@ -203,17 +300,20 @@ class ChunkAccumulator:
         if self._header is None:
             raise HeFormatError("no chunk has been added")
         serialized = [self._scratch.dump(ciphertext) for ciphertext in self._sums]
-        return pack_chunk(self._header, serialized)
+        return pack_chunk(replace(self._header, compact=False), serialized)
 
-    def _load(self, blob: bytes) -> Any:
-        ciphertext = sealapi.Ciphertext()
-        try:
-            self._scratch.load_into(ciphertext, self._key.seal_context, blob)
-        except Exception as error:  # SEAL raises several types for malformed ciphertexts
-            raise HeFormatError(f"chunk holds an invalid ciphertext: {error}") from error
-        if ciphertext.size() != 2:
-            raise HeFormatError("chunk holds a ciphertext of unexpected size")
-        return ciphertext
+
+def _load_ciphertext(scratch: SealBytes, key: HospitalKey | AggregatorKey, blob: bytes) -> Any:
+    """A SEAL ciphertext of this key's context, of two polynomials in coefficient form (what the
+    codec makes), or HeFormatError; SEAL checks the rest (parameters, every coefficient below q)."""
+    ciphertext = sealapi.Ciphertext()
+    try:
+        scratch.load_into(ciphertext, key.seal_context, blob)
+    except Exception as error:  # SEAL raises several types for malformed ciphertexts
+        raise HeFormatError(f"chunk holds an invalid ciphertext: {error}") from error
+    if ciphertext.size() != 2 or ciphertext.is_ntt_form():
+        raise HeFormatError("chunk holds a ciphertext of unexpected size or form")
+    return ciphertext
 
 
 def add_chunks(key: AggregatorKey, a: bytes, b: bytes) -> bytes:
@@ -235,6 +335,7 @@ class UpdateDecryptor:
         self._encoder = sealapi.BatchEncoder(key.seal_context)
         self._decryptor = sealapi.Decryptor(key.seal_context, key.secret_key)
         self._scratch = SealBytes()
+        self._reader = _CompactReader(key)
 
     def decrypt_average(
         self,
@@ -250,39 +351,49 @@ class UpdateDecryptor:
         slots, _ = self._decrypt_slots(chunks, n_values, ChunkKind.WEIGHTED_UPDATE, min_parties)
         if correction is not None:
             slots = remove_mask(slots, correction, self._params.plain_modulus)
-        total_weight = int(slots[0])
+        integers = unpack_slots(slots, self._params, n_values + 1)
+        total_weight = int(integers[0])
         if total_weight < 1:
             raise HeFormatError("decrypted total weight is not positive: the chunks are corrupt")
         scale = 2.0**self._params.frac_bits * total_weight
-        return slots[1 : n_values + 1].astype(np.float64) / scale, total_weight
+        return integers[1:].astype(np.float64) / scale, total_weight
 
     def decrypt_slots(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
-        """The raw integer slots of a weighted update or its sum (weight slot first): what anyone
-        holding the key sees of a ciphertext. Under pairwise masking an individual upload, or a sum
-        missing a cohort member, gives values uniform modulo the plain modulus."""
+        """The raw slots of a weighted update or its sum (each holds params.values_per_slot
+        integers, the weight first), centered modulo t: what anyone holding the key sees of a
+        ciphertext. Under pairwise masking an individual upload, or a sum missing a cohort member,
+        gives values uniform modulo the plain modulus. `unpack_slots` reads the integers."""
         headers = unpack_header(chunks[0]) if chunks else None
         if headers is None:
             raise HeFormatError("no chunk given")
         slots, _ = self._decrypt_slots(chunks, n_values, headers.kind, 1)
-        return slots[: slot_count(headers.kind, n_values)]
+        return slots
+
+    def decrypt_integers(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
+        """The integers of a weighted update (weight first) or of sums, unpacked from unmasked slots."""
+        headers = unpack_header(chunks[0]) if chunks else None
+        if headers is None:
+            raise HeFormatError("no chunk given")
+        slots, _ = self._decrypt_slots(chunks, n_values, headers.kind, 1)
+        return unpack_slots(slots, self._params, integer_count(headers.kind, n_values))
 
     def chunk_slots(self, chunk: bytes) -> np.ndarray:
         header, serialized = unpack_chunk(chunk)
         if header.key_id != self._key.key_id:
             raise HeKeyError("chunk was encrypted under another key ceremony than this hospital key")
-        return np.concatenate([self._decrypt_one(blob) for blob in serialized])
+        return np.concatenate([self._decrypt_one(blob) for blob in self._reader.blobs(serialized)])
 
     def decrypt_sums(self, chunks: Sequence[bytes], n_values: int) -> np.ndarray:
         """Slot-wise sums over the hospitals summed into chunks, at the frac_bits they were encrypted with."""
         slots, header = self._decrypt_slots(chunks, n_values, ChunkKind.SUMS, 1)
-        return slots[:n_values].astype(np.float64) / 2.0**header.frac_bits
+        return unpack_slots(slots, self._params, n_values).astype(np.float64) / 2.0**header.frac_bits
 
     def _decrypt_slots(
         self, chunks: Sequence[bytes], n_values: int, kind: ChunkKind, min_parties: int
     ) -> tuple[np.ndarray, ChunkHeader]:
+        """The slots of the vector (exactly slot_count of them, padding cut), centered modulo t."""
         headers = [unpack_header(chunk) for chunk in chunks]
-        n_slots = slot_count(kind, n_values)
-        layout = ciphertexts_per_chunk_layout(self._params, n_slots)
+        layout = ciphertexts_per_chunk_layout(self._params, integer_count(kind, n_values))
         if len(chunks) != len(layout):
             raise HeFormatError(f"expected {len(layout)} chunks for {n_values} values, got {len(chunks)}")
         by_index: dict[int, bytes] = {}
@@ -312,15 +423,11 @@ class UpdateDecryptor:
         decoded: list[np.ndarray] = []
         for chunk_index in range(len(layout)):
             _, serialized = unpack_chunk(by_index[chunk_index])
-            decoded.extend(self._decrypt_one(blob) for blob in serialized)
-        return np.concatenate(decoded), headers[0]
+            decoded.extend(self._decrypt_one(blob) for blob in self._reader.blobs(serialized))
+        return np.concatenate(decoded)[: slot_count(kind, n_values, self._params)], headers[0]
 
     def _decrypt_one(self, blob: bytes) -> np.ndarray:
-        ciphertext = sealapi.Ciphertext()
-        try:
-            self._scratch.load_into(ciphertext, self._key.seal_context, blob)
-        except Exception as error:  # SEAL raises several types for malformed ciphertexts
-            raise HeFormatError(f"chunk holds an invalid ciphertext: {error}") from error
+        ciphertext = _load_ciphertext(self._scratch, self._key, blob)
         plain = sealapi.Plaintext()
         self._decryptor.decrypt(ciphertext, plain)
         # decode_int64 maps [0, t) to the centered range (-t/2, t/2], which is how negatives come back.

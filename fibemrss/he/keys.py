@@ -1,7 +1,7 @@
 """Key ceremony and key loading: the hospitals' shared secret key and the aggregator's keyless context.
 
-Hospitals encrypt symmetrically with the shared secret key (SEAL seeded ciphertexts, half the upload
-size of public-key encryption), so there is no public key at all: the aggregator's key file holds
+Hospitals encrypt symmetrically with the shared secret key (SEAL seeded ciphertexts: c1 travels as a
+seed, half the upload size of public-key encryption), so there is no public key at all: the aggregator's key file holds
 only the parameters and the key-ceremony id, which is all that adding ciphertexts needs.
 
 File layout: MAGIC | u8 version | u8 role | u32 n | n bytes of JSON {params, key_id} | u32 m |
@@ -57,7 +57,8 @@ class HospitalKey:
 
 
 def build_seal_context(params: HeParams) -> Any:
-    """A SEAL context for `params`, refused unless SEAL itself agrees it is 128-bit secure."""
+    """A SEAL context for `params`, refused unless SEAL itself agrees it is 128-bit secure and the
+    noise of a whole cohort's sum stays below q / (2t) with the primes SEAL chose."""
     seal_params = sealapi.EncryptionParameters(sealapi.SCHEME_TYPE.BFV)
     seal_params.set_poly_modulus_degree(params.poly_modulus_degree)
     seal_params.set_coeff_modulus(
@@ -69,6 +70,12 @@ def build_seal_context(params: HeParams) -> Any:
         raise HeKeyError(f"SEAL rejects the HE parameters: {context.parameters_error_message()}")
     if not context.first_context_data().qualifiers().using_batching:
         raise HeKeyError("SEAL cannot batch with this plain modulus")
+    data_primes = [m.value() for m in context.first_context_data().parms().coeff_modulus()]
+    if len(data_primes) != params.data_prime_count:
+        raise HeKeyError("SEAL keeps a different number of data primes than the parameters expect")
+    problems = params.noise_problems(data_primes)
+    if problems:
+        raise HeKeyError("the HE parameters would not decrypt sums exactly: " + "; ".join(problems))
     return context
 
 

@@ -26,7 +26,9 @@ from fibemrss.he.errors import HeKeyError
 
 PUBLIC_KEY_BYTES = 32
 _SEED_BYTES = 32
-_WORD_BITS = 47  # the default plain modulus is a 47-bit prime: 47-bit words are rejected < 1e-9 of the time
+# Masks are drawn from 64-bit words below the largest multiple of the modulus that fits: a plain
+# modulus below 2^60 rejects fewer than 1 word in 16 (the default, ~2^52, 1 in 4,096).
+_MAX_MODULUS = 2**60
 
 
 @dataclass(frozen=True)
@@ -79,20 +81,21 @@ def round_key_seed(local_secret: bytes, context: MaskContext) -> bytes:
 
 
 def expand_mask(seed: bytes, n_slots: int, modulus: int) -> np.ndarray:
-    """n_slots integers uniform in [0, modulus), from AES-256-CTR keyed by seed (rejection
-    sampling of 47-bit words, so no value is more likely than another)."""
-    if modulus >= 2**_WORD_BITS or modulus < 2:
-        raise ValueError("expand_mask needs a plain modulus below 2^47")
+    """n_slots integers uniform in [0, modulus), from AES-256-CTR keyed by seed (64-bit words
+    below the largest multiple of the modulus under 2^64, reduced modulo it: rejection sampling,
+    so no value is more likely than another)."""
+    if modulus >= _MAX_MODULUS or modulus < 2:
+        raise ValueError("expand_mask needs a plain modulus below 2^60")
+    limit = np.uint64((2**64 // modulus) * modulus)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
     out = np.empty(n_slots, dtype=np.int64)
     filled = 0
     while filled < n_slots:
         want = n_slots - filled
-        words = np.frombuffer(encryptor.update(bytes(8 * want)), dtype="<u8").view(np.int64)
-        words = words & np.int64(2**_WORD_BITS - 1)
-        if (words >= modulus).any():  # about once in 1.7e9 words: redraw those from the stream
-            words = words[words < modulus]
-        out[filled : filled + words.size] = words
+        words = np.frombuffer(encryptor.update(bytes(8 * want)), dtype="<u8")
+        if (words >= limit).any():  # rare (above): redraw those from the stream
+            words = words[words < limit]
+        out[filled : filled + words.size] = (words % np.uint64(modulus)).astype(np.int64)
         filled += words.size
     return out
 

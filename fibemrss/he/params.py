@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,30 +22,43 @@ HE_STANDARD_MAX_LOG_Q_128: dict[int, int] = {
 # support is [-21, 21]; its clipped-normal alternative clips at 6 sigma = 19.2. 21 bounds both.
 SEAL_FRESH_NOISE_BOUND = 21
 
+# Several data primes are recombined (CRT) in 64-bit integer arithmetic: every product of two
+# residues must stay below 2^63, so each prime of a multi-prime data modulus stays below 2^31.
+MAX_RNS_PRIME_BITS = 31
+
+# Key files written before the packed codec carry no such fields: one value per slot, nothing dropped.
+_LEGACY_FIELDS = {"values_per_slot": 1, "c0_dropped_bits": 0}
+
 
 @dataclass(frozen=True)
 class HeParams:
     """Everything both sides must agree on; it travels inside every key file.
 
-    Encoding: a value v of a model update with weight w becomes the integer round(w * v * 2^frac_bits)
-    in one BFV slot (no limbs: the 47-bit plain modulus holds the whole sum). Slot 0 of an update
-    carries w itself, so the aggregator adds dataset sizes without seeing them.
+    Encoding: a value v of a model update with weight w becomes the integer round(w * v * 2^frac_bits);
+    slot 0 of an update carries w itself, so the aggregator adds dataset sizes without seeing them.
+    `values_per_slot` (k) such integers share one BFV slot as the digits of one number in base
+    `digit_base` (T, odd, T^k <= t), each digit centered in [-(T-1)/2, (T-1)/2]: the cohort's sum of
+    every digit must stay in that range, which is what `party_magnitude_bound` guarantees. An upload
+    sends c0 without its `c0_dropped_bits` lowest bits (and c1 as SEAL's 64-byte seed).
     """
 
     scheme: str = "BFV"
     poly_modulus_degree: int = 4096
-    # One 60-bit prime: a single-level modulus (additions need no modulus switching) and the
-    # smallest q that keeps 64 fresh noises below q / (2t); see docs/he-codec.md.
-    coeff_mod_bit_sizes: tuple[int, ...] = (60,)
-    # The largest 47-bit prime that is 1 mod 2N (SEAL's PlainModulus.Batching(4096, 47)).
-    plain_modulus: int = 140_737_488_273_409
-    frac_bits: int = 16
+    # Three 24-bit data primes (q ~ 2^72, where ciphertexts live) and SEAL's special prime last
+    # (used only by key switching, which additive aggregation never does): 96 bits <= 109.
+    coeff_mod_bit_sizes: tuple[int, ...] = (24, 24, 24, 24)
+    # The smallest prime = 1 mod 2N above (2^26 + 1)^2: two digits of base T = 2^26 + 1 per slot.
+    plain_modulus: int = 4_503_599_761_883_137
+    frac_bits: int = 6
     stats_frac_bits: int = 8
     max_parties: int = 64
-    max_weight: int = 2**16
-    max_abs_value: float = 2.0**7
-    # 32 ciphertexts: about 1 MiB uploaded (seeded) and 2 MiB aggregated per chunk, under gRPC's 4 MiB.
+    max_weight: int = 2**10
+    max_abs_value: float = 2.0**3
+    # 32 ciphertexts: 262,144 values, about 0.97 MB uploaded and 2.5 MB aggregated, under gRPC's 4 MiB.
     ciphertexts_per_chunk: int = 32
+    values_per_slot: int = 2
+    # c0 rounded to a multiple of 2^13 before it is sent (59 of its 72 bits): see docs/he-codec.md.
+    c0_dropped_bits: int = 13
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -56,27 +70,75 @@ class HeParams:
         return self.poly_modulus_degree
 
     @property
+    def values_per_ciphertext(self) -> int:
+        return self.poly_modulus_degree * self.values_per_slot
+
+    @property
     def slots_per_chunk(self) -> int:
         return self.poly_modulus_degree * self.ciphertexts_per_chunk
 
     @property
+    def data_prime_count(self) -> int:
+        """SEAL keeps its last prime for key switching when there are several: ciphertexts live
+        modulo the others."""
+        return max(1, len(self.coeff_mod_bit_sizes) - 1)
+
+    @property
+    def digit_base(self) -> int:
+        """T: the largest odd integer with T^values_per_slot <= t (t itself for one value per slot)."""
+        if self.values_per_slot == 1:
+            return self.plain_modulus
+        base = _integer_root(self.plain_modulus, self.values_per_slot)
+        return base if base % 2 == 1 else base - 1
+
+    @property
     def party_magnitude_bound(self) -> int:
-        """Largest |encoded integer| one party may put in a slot so that max_parties of them still
-        decode without wrapping: the sum must stay inside the centered range (-t/2, t/2)."""
-        return (self.plain_modulus - 1) // 2 // self.max_parties
+        """Largest |encoded integer| one party may put in a digit so that max_parties of them still
+        decode without wrapping: every digit's sum must stay in [-(T-1)/2, (T-1)/2]."""
+        return (self.digit_base - 1) // 2 // self.max_parties
 
     @property
     def average_error_bound(self) -> float:
-        """Worst absolute error of a decrypted weighted average: each party rounds w*v*2^f once
-        (error <= 1/2), and the sum of weights is at least the number of parties."""
+        """Worst absolute error of a decrypted weighted average when every weight is 1: each party
+        rounds w*v*2^f once (error <= 1/2). See `average_error` for a known total weight."""
         return 0.5 / 2**self.frac_bits
+
+    def average_error(self, parties: int, total_weight: int) -> float:
+        """Worst absolute error of an average of `parties` uploads of total weight `total_weight`:
+        the parties' roundings (<= 1/2 each) divided by 2^frac_bits x the total weight."""
+        return 0.5 * parties / (2**self.frac_bits * max(total_weight, 1))
 
     def max_abs_sum_value(self, frac_bits: int) -> float:
         """Largest |value| one party may pass to encrypt_sums at the given fractional bits."""
         return self.party_magnitude_bound / 2**frac_bits
 
+    def noise_bound(self) -> float:
+        """Worst |noise| of a sum of max_parties uploads: per party SEAL's fresh noise (21), the
+        rounding of round(q m / t) (1/2) and the dropped bits of c0 (2^(d-1))."""
+        dropped = 2 ** (self.c0_dropped_bits - 1) if self.c0_dropped_bits else 0
+        return self.max_parties * (SEAL_FRESH_NOISE_BOUND + 0.5 + dropped)
+
+    def noise_problems(self, data_primes: Sequence[int]) -> list[str]:
+        """The exactness rule against the actual primes SEAL chose: the noise of max_parties
+        uploads must stay below q / (2t), where decryption rounds; empty when it does."""
+        q = math.prod(data_primes)
+        found = []
+        if self.noise_bound() >= q / (2 * self.plain_modulus):
+            found.append(
+                f"noise of {self.max_parties} uploads ({self.noise_bound():.0f}) may reach q / (2t) = "
+                f"{q / (2 * self.plain_modulus):.0f}: lower c0_dropped_bits or max_parties"
+            )
+        if len(data_primes) > 1 and max(data_primes).bit_length() > MAX_RNS_PRIME_BITS:
+            found.append(f"each of several data primes must have at most {MAX_RNS_PRIME_BITS} bits")
+        return found
+
+    def coefficient_bits(self, data_primes: Sequence[int]) -> int:
+        """Bits of one coefficient of c0 as uploaded: q - 1 without its dropped bits."""
+        return ((math.prod(data_primes) - 1) >> self.c0_dropped_bits).bit_length()
+
     def problems(self) -> list[str]:
-        """Every violated rule, in words; empty when the parameters are secure and exact."""
+        """Every violated rule, in words; empty when the parameters are secure and exact. The noise
+        rule needs SEAL's primes: `noise_problems`, checked when a SEAL context is built."""
         found: list[str] = []
         n = self.poly_modulus_degree
         if self.scheme != "BFV":
@@ -91,13 +153,25 @@ class HeParams:
             )
         if any(not 20 <= bits <= 60 for bits in self.coeff_mod_bit_sizes):
             found.append("each coefficient prime must have 20 to 60 bits (SEAL)")
+        if len(self.coeff_mod_bit_sizes) > 1 and any(
+            bits > MAX_RNS_PRIME_BITS for bits in self.coeff_mod_bit_sizes[:-1]
+        ):
+            found.append(f"each of several data primes must have at most {MAX_RNS_PRIME_BITS} bits")
         if self.plain_modulus % (2 * n) != 1 or self.plain_modulus >= 2**60:
             found.append("plain_modulus must be a prime below 2^60 that is 1 mod 2N (batching)")
+        if self.values_per_slot not in (1, 2, 3):
+            found.append("values_per_slot must be 1, 2 or 3")
+            return found
+        if not 0 <= self.c0_dropped_bits <= 32:
+            found.append("c0_dropped_bits must lie in [0, 32]")
         if self.max_parties < 1 or self.max_weight < 1 or self.max_abs_value <= 0:
             found.append("max_parties, max_weight and max_abs_value must be positive")
             return found
         if not 0 <= self.frac_bits <= 40 or not 0 <= self.stats_frac_bits <= 40:
             found.append("frac_bits and stats_frac_bits must lie in [0, 40]")
+            return found
+        if self.party_magnitude_bound < 1:
+            found.append(f"plain_modulus leaves no room for {self.max_parties} parties' sum in a digit")
             return found
         largest_update = self.max_weight * self.max_abs_value * 2**self.frac_bits
         if largest_update > self.party_magnitude_bound:
@@ -106,12 +180,13 @@ class HeParams:
                 f"the per-party bound 2^{math.log2(self.party_magnitude_bound):.1f} "
                 f"for {self.max_parties} parties"
             )
-        # Each prime of b bits exceeds 2^(b-1), so this q is a lower bound on SEAL's actual q.
-        q_lower = 2 ** (log_q - len(self.coeff_mod_bit_sizes))
-        # Decryption is exact while |sum of fresh noises + encoding roundings| < q / (2t).
-        worst_noise = self.max_parties * (SEAL_FRESH_NOISE_BOUND + 0.5)
-        if worst_noise >= q_lower / (2 * self.plain_modulus):
-            found.append(f"noise of {self.max_parties} fresh ciphertexts may exceed q / (2t)")
+        if self.max_weight > self.party_magnitude_bound:
+            found.append("max_weight exceeds the per-party bound of the weight's digit")
+        # Each prime of b bits exceeds 2^(b-1): a lower bound on SEAL's actual data modulus.
+        data_bits = self.coeff_mod_bit_sizes[: self.data_prime_count]
+        q_lower = 2 ** (sum(data_bits) - len(data_bits))
+        if q_lower <= 2 * self.plain_modulus:
+            found.append("the data modulus q must exceed 2t")
         if self.ciphertexts_per_chunk < 1:
             found.append("ciphertexts_per_chunk must be positive")
         return found
@@ -121,11 +196,22 @@ class HeParams:
 
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> HeParams:
-        """Build from a key file's header; raises ValueError or TypeError on anything unexpected."""
-        fields = dict(raw)
+        """Build from a key file's header; raises ValueError or TypeError on anything unexpected.
+        A key file of the earlier codec (no values_per_slot) keeps its one value per slot."""
+        fields = {**_LEGACY_FIELDS, **raw}
         fields["coeff_mod_bit_sizes"] = tuple(int(bits) for bits in fields["coeff_mod_bit_sizes"])
         fields["max_abs_value"] = float(fields["max_abs_value"])
         return cls(**fields)
+
+
+def _integer_root(value: int, k: int) -> int:
+    """floor(value^(1/k)) for a positive integer, exactly."""
+    root = round(value ** (1.0 / k))
+    while root**k > value:
+        root -= 1
+    while (root + 1) ** k <= value:
+        root += 1
+    return root
 
 
 DEFAULT_PARAMS = HeParams()

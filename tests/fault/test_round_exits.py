@@ -131,7 +131,11 @@ def test_aggregating_with_uploads_of_different_chunk_counts_fails_with_the_reaso
     key, adder = keys
     coordinator = federation(store, adder, quorum=3, deadline=30)
     raw_upload(store, "a", UpdateEncryptor(key).encrypt(np.ones(3), 1))
-    raw_upload(store, "b", UpdateEncryptor(key).encrypt(np.ones(key.params.slots_per_chunk), 1))
+    raw_upload(
+        store,
+        "b",
+        UpdateEncryptor(key).encrypt(np.ones(key.params.slots_per_chunk * key.params.values_per_slot), 1),
+    )
     assert store.mark_aggregating(TASK, 0)
     coordinator.tick()
     assert state_of(store, 0) == RoundState.FAILED

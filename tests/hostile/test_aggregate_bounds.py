@@ -31,7 +31,7 @@ from tests.unit.test_agent_protocol import (
 
 
 def crafted(key: HospitalKey, n_values: int, weight_slot: int, value_slot: int) -> list[bytes]:
-    """An upload no honest encryptor makes: raw slots (weight first), past every bound it checks."""
+    """An upload no honest encryptor makes: raw integers (weight first), past every bound it checks."""
     slots = np.full(n_values + 1, value_slot, dtype=np.int64)
     slots[0] = weight_slot
     encryptor = UpdateEncryptor(key)
@@ -44,10 +44,11 @@ def test_out_of_bound_aggregates_are_rejected_by_every_hospital_and_the_last_goo
     hospital_key, aggregator_key = keys
     n = parameter_count(TASK.model, input_dim(TASK))
     hostile = {
-        # A weight no hospital may have (2^40 examples), values zero.
-        2: crafted(hospital_key, n, weight_slot=2**40, value_slot=0),
-        # A weight of 1 with every value 10^6 (the codec's bound is 128).
-        3: crafted(hospital_key, n, weight_slot=1, value_slot=10**6 * 2**hospital_key.params.frac_bits),
+        # A weight no hospital may have (2^24 examples, the codec's bound is 2^10), values zero; a
+        # digit holds at most 2^25, beyond it an integer spills into its neighbour as noise.
+        2: crafted(hospital_key, n, weight_slot=2**24, value_slot=0),
+        # A weight of 1 with every value 10^5 (the codec's bound is 8).
+        3: crafted(hospital_key, n, weight_slot=1, value_slot=10**5 * 2**hospital_key.params.frac_bits),
     }
     agg = FakeAggregator(aggregator_key, rounds=4, failing=set(), hostile=hostile)
     stores = {h: FakeModelStore() for h in ("a", "b")}

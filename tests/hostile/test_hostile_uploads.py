@@ -104,7 +104,9 @@ def test_a_stalled_upload_is_cancelled_holds_no_lock_and_the_round_closes_with_t
 ) -> None:
     start(clients, "stall")
     never = threading.Event()
-    chunks = UpdateEncryptor(key).encrypt(np.full(key.params.slots_per_chunk, 9.0), 10)
+    chunks = UpdateEncryptor(key).encrypt(
+        np.full(key.params.slots_per_chunk * key.params.values_per_slot, 7.0), 10
+    )
     assert len(chunks) == 2
 
     def stalled() -> Iterator[pb.SubmitUpdateRequest]:
@@ -126,10 +128,11 @@ def test_a_stalled_upload_is_cancelled_holds_no_lock_and_the_round_closes_with_t
 
 
 def _corrupt_ciphertext(chunk: bytes) -> bytes:
-    """The same header and lengths, the first ciphertext's bytes replaced by noise."""
-    assert unpack_header(chunk).n_ciphertexts >= 1
-    (length,) = struct.unpack_from("<I", chunk, _HEADER_BYTES)
-    start = _HEADER_BYTES + 4
+    """The same header and lengths, the ciphertexts' SEAL header and metadata (the compact chunk's
+    prefix, which every ciphertext of the chunk is rebuilt around) replaced by noise."""
+    assert unpack_header(chunk).compact
+    (length,) = struct.unpack_from("<H", chunk, _HEADER_BYTES)
+    start = _HEADER_BYTES + 8  # u16 prefix, u16 tail and u32 payload lengths
     return chunk[:start] + os.urandom(length) + chunk[start + length :]
 
 
@@ -137,7 +140,7 @@ def test_an_undecodable_chunk_is_refused_to_its_sender_and_the_round_closes_with
     clients: dict[str, Client], key: HospitalKey
 ) -> None:
     start(clients, "undecodable")
-    bad = [_corrupt_ciphertext(c) for c in UpdateEncryptor(key).encrypt(np.full(4, 9.0), 10)]
+    bad = [_corrupt_ciphertext(c) for c in UpdateEncryptor(key).encrypt(np.full(4, 7.0), 10)]
     with pytest.raises(grpc.RpcError) as info:
         submit(clients["agent@a"], "undecodable", bad)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -174,7 +177,9 @@ def test_two_hospitals_announcing_different_chunk_counts_cannot_leave_the_round_
     honest(clients, key, "mismatch", 4)  # closes the round at quorum 2; then a third, bigger one
     start(clients, "mismatch-3", quorum=3)
     submit(clients["agent@b"], "mismatch-3", UpdateEncryptor(key).encrypt(np.ones(4), 10))
-    two_chunks = UpdateEncryptor(key).encrypt(np.ones(key.params.slots_per_chunk), 10)
+    two_chunks = UpdateEncryptor(key).encrypt(
+        np.ones(key.params.slots_per_chunk * key.params.values_per_slot), 10
+    )
     assert len(two_chunks) == 2
     with pytest.raises(grpc.RpcError) as info:
         submit(clients["agent@a"], "mismatch-3", two_chunks)

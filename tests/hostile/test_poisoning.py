@@ -31,6 +31,7 @@ from fibemrss.domain.torch_models import logits_function
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey
 from services.hospital_agent.core.influence import Verdict
+from fibemrss.he.params import DEFAULT_PARAMS
 from services.hospital_agent.core.local_data import LocalData
 from services.hospital_agent.core.personalization import ValidationScore
 from services.hospital_agent.core.ports import RoundView
@@ -66,18 +67,26 @@ def _flip_target(base: np.ndarray, values: np.ndarray) -> np.ndarray:
     return -2.0 * values  # the honest model's signs flipped: about 1 - its accuracy
 
 
+def _at_codec(values: np.ndarray) -> np.ndarray:
+    """What the codec admits at most: a hostile hospital clips to it (or its upload is refused)."""
+    return np.clip(values, -DEFAULT_PARAMS.max_abs_value, DEFAULT_PARAMS.max_abs_value)
+
+
 ATTACKS: dict[str, Attack] = {
-    # A weight at the codec's maximum (65,536) against the honest ~160: ~99% of the average.
-    "inflated_weight": lambda base, values, weight, n: (_flip_target(base, values), 65_536),
+    # A weight at the codec's maximum (1,024) against the honest ~160: ~68% of the average.
+    "inflated_weight": lambda base, values, weight, n: (
+        _flip_target(base, values),
+        DEFAULT_PARAMS.max_weight,
+    ),
     # Model replacement: the chosen model, scaled by the cohort's size so the average lands on it.
     "scaled_replacement": lambda base, values, weight, n: (
-        base + n * (np.full_like(values, 2.0) - base),
+        _at_codec(base + n * (np.full_like(values, 2.0) - base)),
         weight,
     ),
     # Sign flip: every coefficient of the average negated, a normal weight.
     "sign_flip": lambda base, values, weight, n: (-(2 * n - 1) * values, weight),
-    # Every value at the codec's bound (128), against the honest model's signs.
-    "codec_bounds": lambda base, values, weight, n: (-128.0 * np.sign(values), weight),
+    # Every value at the codec's bound (8), against the honest model's signs.
+    "codec_bounds": lambda base, values, weight, n: (-DEFAULT_PARAMS.max_abs_value * np.sign(values), weight),
 }
 
 

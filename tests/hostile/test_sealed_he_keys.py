@@ -97,7 +97,7 @@ def test_the_key_sealed_for_b_opens_at_b_and_decrypts_what_the_holder_encrypted(
     chunks = UpdateEncryptor(load_hospital_key(fed.holder_key)).encrypt(values, 7)
     average, weight = UpdateDecryptor(load_hospital_key(opened)).decrypt_average(chunks, len(values))
     assert weight == 7
-    np.testing.assert_allclose(average, values, atol=1e-5)
+    np.testing.assert_allclose(average, values, atol=load_hospital_key(opened).params.average_error(1, 7))
 
 
 def test_another_hospital_cannot_open_it(fed: Federation) -> None:

@@ -139,7 +139,7 @@ def test_quorum_closes_the_round_and_the_sum_is_the_weighted_average(aggregator:
     average, total = decrypt(aggregator, 0, 10)
     expected = sum(vectors[h] * weights[h] for h in HOSPITALS) / 100
     assert total == 100
-    np.testing.assert_allclose(average, expected, atol=1e-4)
+    np.testing.assert_allclose(average, expected, atol=aggregator.key.params.average_error(3, 100))
 
 
 def test_repeated_submission_is_idempotent_and_late_one_is_refused(aggregator: Aggregator) -> None:

@@ -19,7 +19,7 @@ from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
 from fibemrss.he.chunk_format import ChunkKind
-from fibemrss.he.codec import UpdateCodec, UpdateDecryptor, slot_count
+from fibemrss.he.codec import UpdateCodec, UpdateDecryptor, slot_count, unpack_slots
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.secagg.protocol import (
@@ -307,7 +307,7 @@ def test_a_secure_round_sums_exactly_keeps_signed_uploads_and_no_upload_decrypts
     # Everything the aggregator received, with the shared key: noise.
     decryptor = UpdateDecryptor(harness.key)
     for hospital, chunks in harness.captured:
-        seen = decryptor.decrypt_slots(chunks, N)
+        seen = unpack_slots(decryptor.decrypt_slots(chunks, N), harness.key.params, N + 1)
         assert correlation(seen[1:], updates[hospital]) < 0.02
 
 

@@ -407,9 +407,13 @@ class LyingView(View):
                 return list(self._agg.sums[0])
             # "forged": a model of its choosing, encrypted with the key it holds
             n = len(self._agg.sums[1]) and _model_size(self._agg)
-            chosen = UpdateCodec(self._key).encrypt(np.full(n, 3.0), 4 * 600)
-            # The chunk header's party count is not authenticated: it claims the four hospitals.
-            header, blobs = unpack_chunk(chosen[0])
+            chosen = UpdateCodec(self._key).encrypt(np.full(n, 3.0), 4 * 250)
+            # As a sum (SEAL's form: a compact chunk holds one party), and the chunk header's party
+            # count is not authenticated: it claims the four hospitals.
+            acc = ChunkAccumulator(self._agg._key)  # noqa: SLF001 - the aggregator's own key
+            acc.add(chosen[0])
+            header, blobs = unpack_chunk(acc.result())
+            assert isinstance(blobs, list)
             return [pack_chunk(dataclasses.replace(header, parties=4), blobs)]
 
 

@@ -17,14 +17,14 @@ def test_the_breakdown_adds_up_to_the_upload_and_names_the_slot_budget() -> None
 
     assert parts["bytes_per_param"] == round(sum(map(len, upload)) / n_params, 4)
     total = (
-        parts["c0_polynomial_words"]
-        + parts["seal_header_seed_and_padding"]
-        + parts["chunk_headers_and_length_prefixes"]
+        parts["c0_packed_coefficients"] + parts["seal_seed_and_template"] + parts["chunk_headers_and_lengths"]
     )
     assert abs(total - parts["bytes_per_param"]) < 1e-3
-    # c0 is one 64-bit word per slot; every parameter takes at least one slot (plus the weight slot).
-    assert parts["c0_polynomial_words"] == round(8 * parts["slots_used_per_param"], 4)
-    assert parts["slots_used_per_param"] >= 1.0
-    # One party's value (2^16 weight x 2^7 x 2^16) leaves 47 - 1 - 39 bits for the parties' sum.
-    assert parts["one_party_value_bits"] == 39.0
-    assert parts["headroom_bits_for_parties"] == 7.0
+    # c0: 72-bit coefficients (three 24-bit primes) without their 13 dropped bits, two values a slot.
+    assert parts["coefficient_bits"] == 59
+    assert parts["values_per_slot"] == 2
+    assert parts["c0_packed_coefficients"] == round(59 / 8 * parts["slots_used_per_param"], 4)
+    assert parts["slots_used_per_param"] >= 0.5
+    # One party's value (2^10 weight x 2^3 x 2^6) leaves a 26-bit digit 6 bits for 64 parties' sum.
+    assert parts["one_party_value_bits"] == 19.0
+    assert parts["headroom_bits_for_parties"] == 6.0

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import tenseal as ts
 
-from fibemrss.he.chunk_format import unpack_chunk
+from fibemrss.he.chunk_format import CompactCiphertexts, unpack_chunk
 from fibemrss.he.codec import ChunkAccumulator, UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.params import HeParams
@@ -54,37 +54,36 @@ class _Timer:
 
 
 def upload_breakdown(upload: list[bytes], n_params: int, params: HeParams) -> dict[str, Any]:
-    """Where an upload's bytes per parameter go, and what a slot must hold: the figures that stand
-    between this codec and 1.0x float32 (4 bytes per parameter)."""
-    n_ciphertexts, seal_bytes = 0, 0
+    """Where an upload's bytes per parameter go, and the slot budget behind them: c0's bit-packed
+    coefficients, SEAL's seeds and template, our chunk headers; values per slot and the bits of
+    one party's value against the digit that holds the cohort's sum."""
+    n_ciphertexts, coefficients, seeds = 0, 0, 0
     for chunk in upload:
-        _, ciphertexts = unpack_chunk(chunk)
-        n_ciphertexts += len(ciphertexts)
-        seal_bytes += sum(map(len, ciphertexts))
+        _, body = unpack_chunk(chunk)
+        if not isinstance(body, CompactCiphertexts):
+            raise ValueError("an upload's chunks are compact")
+        n_ciphertexts += len(body.payloads)
+        coefficients += sum(map(len, body.payloads))
+        seeds += sum(map(len, body.tails)) + len(body.prefix)
+    total = sum(map(len, upload))
     n = params.poly_modulus_degree
-    log_q = sum(params.coeff_mod_bit_sizes)
-    polynomial = n_ciphertexts * n * 8  # c0: one 64-bit word per coefficient; c1 is a seed
-    slot_bits = math.log2(params.plain_modulus)
+    coefficient_bits = coefficients * 8 / (n_ciphertexts * n)
+    digit_bits = math.log2(params.digit_base)
     party_bits = math.log2(params.max_weight * params.max_abs_value * 2**params.frac_bits)
     return {
-        "bytes_per_param": round(sum(map(len, upload)) / n_params, 4),
-        "c0_polynomial_words": round(polynomial / n_params, 4),
-        "seal_header_seed_and_padding": round((seal_bytes - polynomial) / n_params, 4),
-        "chunk_headers_and_length_prefixes": round((sum(map(len, upload)) - seal_bytes) / n_params, 4),
+        "bytes_per_param": round(total / n_params, 4),
+        "c0_packed_coefficients": round(coefficients / n_params, 4),
+        "seal_seed_and_template": round(seeds / n_params, 4),
+        "chunk_headers_and_lengths": round((total - coefficients - seeds) / n_params, 4),
         "slots_used_per_param": round(n_ciphertexts * n / n_params, 4),
-        "coefficient_bits": log_q,
-        "word_bits": 64,
-        "tight_coefficients_bytes_per_param": round(n_ciphertexts * n * log_q / 8 / n_params, 4),
-        "plain_modulus_bits": round(slot_bits, 2),
+        "values_per_slot": params.values_per_slot,
+        "coefficient_bits": coefficient_bits,
+        "coefficient_bits_per_value": coefficient_bits / params.values_per_slot,
+        "dropped_bits_of_c0": params.c0_dropped_bits,
+        "plain_modulus_bits": round(math.log2(params.plain_modulus), 2),
+        "digit_bits": round(digit_bits, 2),
         "one_party_value_bits": round(party_bits, 2),
-        "headroom_bits_for_parties": round(slot_bits - 1 - party_bits, 2),
-        "why_not_two_values_per_slot": (
-            f"a slot is a {slot_bits:.1f}-bit integer mod t; one party's weighted fixed-point value "
-            f"needs {party_bits:.1f} bits (max weight {params.max_weight} x |v| <= {params.max_abs_value:g} "
-            f"x 2^{params.frac_bits}) and {params.max_parties} parties' sum needs "
-            f"{math.log2(params.max_parties):.0f} more plus a sign: two such values do not fit one slot "
-            "without a smaller weight or precision (quantized updates with error feedback)"
-        ),
+        "headroom_bits_for_parties": round(digit_bits - 1 - party_bits, 2),
     }
 
 

@@ -36,7 +36,8 @@ T = TypeVar("T")
 HOSPITALS = ("h0", "h1", "h2", "h3")
 HONEST = ("h0", "h1")
 GRACE_SECONDS = 0.5
-HEADER_BYTES = 36  # fibemrss.he.chunk_format's header
+# fibemrss.he.chunk_format: the header, then a compact chunk's part sizes (u16 prefix, u16 tail, u32 payload)
+FRAMING_BYTES = 36 + 8
 WAIT_FOR_CLOSE = "GetRound (long poll until the round closes)"
 
 
@@ -141,7 +142,7 @@ def _corrupter(
         if stop.is_set():
             break
         chunks = UpdateEncryptor(key).encrypt(np.zeros(n), 1)
-        bad = [c[: HEADER_BYTES + 4] + os.urandom(len(c) - HEADER_BYTES - 4) for c in chunks]
+        bad = [c[:FRAMING_BYTES] + os.urandom(len(c) - FRAMING_BYTES) for c in chunks]
         try:
             stub.SubmitUpdate(_requests(task, r, "h3", bad), timeout=60)
         except grpc.RpcError as exc:

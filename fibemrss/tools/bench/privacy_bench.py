@@ -79,7 +79,7 @@ def masking_cost(n_params: int, hospitals: int) -> dict[str, Any]:
     context = MaskContext(b"\x01" * 16, "bench", 1, 1)
     pairs = {n: MaskKeyPair(round_key_seed(n.encode() * 8, context)) for n in names}
     public = {n: p.public_key for n, p in pairs.items()}
-    n_slots = slot_count(ChunkKind.WEIGHTED_UPDATE, n_params)
+    n_slots = slot_count(ChunkKind.WEIGHTED_UPDATE, n_params, key.params)
     plain_upload, t_encrypt = _timed(lambda: encryptor.encrypt(values, 100))
     mask, t_mask = _timed(
         lambda: cohort_mask(pairs[names[0]], names[0], public, context, n_slots, key.params.plain_modulus)

@@ -330,7 +330,7 @@ class Member:
         member.accept_shares(shares.members, {s: m[0] for s, m in shares.messages.items()})
         # 3. upload
         self._stage("upload")
-        mask = member.mask(slot_count(ChunkKind.WEIGHTED_UPDATE, self.n_params))
+        mask = member.mask(slot_count(ChunkKind.WEIGHTED_UPDATE, self.n_params, codec.params))
         began = time.monotonic()
         chunks = codec.encrypt(self.values(), self.weight, mask)
         r.upload_ciphertext_bytes = sum(len(c) for c in chunks)
@@ -434,7 +434,7 @@ class Member:
             Signatures(self.signer, self.verifier),
             self.roster,
             MIN_CONTRIBUTORS,
-            slot_count(ChunkKind.WEIGHTED_UPDATE, self.n_params),
+            slot_count(ChunkKind.WEIGHTED_UPDATE, self.n_params, codec.params),
             codec.params.plain_modulus,
         )
         return time.perf_counter() - began

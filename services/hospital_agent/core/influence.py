@@ -41,10 +41,11 @@ def clip_update(base: np.ndarray, params: np.ndarray, max_norm: float | None) ->
     return np.asarray(base, dtype=np.float64) + delta * (max_norm / norm), norm
 
 
-def codec_slack(n_values: int, frac_bits: int) -> float:
-    """How far fixed-point rounding may move an average of clipped updates (2^-(frac_bits+1) per
-    value, doubled)."""
-    return math.sqrt(n_values) * 2.0**-frac_bits
+def codec_slack(n_values: int, frac_bits: int, parties: int = 1, total_weight: int = 1) -> float:
+    """How far fixed-point rounding may move an average of clipped updates: each of `parties`
+    rounds w*v*2^frac_bits once (1/2), divided by 2^frac_bits x the total weight, per value,
+    doubled (HeParams.average_error)."""
+    return math.sqrt(n_values) * 2.0**-frac_bits * parties / max(total_weight, 1)
 
 
 def check_influence(
@@ -66,7 +67,7 @@ def check_influence(
         move = float(
             np.linalg.norm(np.asarray(average, dtype=np.float64) - np.asarray(base, dtype=np.float64))
         )
-        allowed = task.max_update_norm + codec_slack(len(base), frac_bits)
+        allowed = task.max_update_norm + codec_slack(len(base), frac_bits, parties, total_weight)
         if not move <= allowed:
             raise AggregateRejected(
                 f"the average moves the global model by {move:.4g}, beyond the study's update norm "

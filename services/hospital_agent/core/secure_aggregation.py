@@ -198,7 +198,7 @@ class SecureAggregation:
         if member.upload is None:
             # Made once: a retry after a lost answer sends these very bytes again, never a second
             # update under the same masks (their difference would unmask both).
-            chunks = encrypt(member.mask(slot_count(kind, n_values)))
+            chunks = encrypt(member.mask(slot_count(kind, n_values, self._codec.params)))
             member.upload = (chunks, member.sign_upload(chunks), epsilon)
         chunks, signed, sent_epsilon = member.upload
         self._aggregator.submit(info.round, chunks, 1, sent_epsilon, signed.signature, signed.certificate)
@@ -299,7 +299,7 @@ class SecureAggregation:
                 self._sig,
                 self._roster,
                 self._task.min_contributors,
-                slot_count(kind, n_values),
+                slot_count(kind, n_values, self._codec.params),
                 self._codec.params.plain_modulus,
                 self._roster_size,
             )
