@@ -62,6 +62,11 @@ FHIR_JSON = "application/fhir+json"
 READ_METHOD = "/fibemrss.emr.v1.EmrGatewayService/GetIngestStats"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
+# Lines of one import, counted as the body arrives (one more is 400 on `body`, nothing stored): the
+# import holds 24 bytes a resource line and 16 an outcome in memory, and writes one outcome per
+# line to disk, so junk lines of 2 bytes cannot make 512 MiB cost gigabytes. A bulk export of
+# 512 MiB has well under a million lines (Synthea: 3.3 KB a line).
+MAX_IMPORT_LINES = 2_000_000
 GROUPS_PER_WRITE = 200  # patient groups per database batch of an import, at most
 BATCH_BYTES = 4 * 1024 * 1024  # NDJSON lines per database batch of an import, about (one group may be more)
 MAX_JOBS = 100  # finished jobs kept for polling; the oldest are forgotten first
@@ -127,8 +132,10 @@ class FhirRest:
         authorize: Authorize | None,
         base_path: str = "/fhir",
         max_pending_imports: int = MAX_PENDING_IMPORTS,
+        max_import_lines: int = MAX_IMPORT_LINES,
     ) -> None:
         self._max_pending = max_pending_imports
+        self._max_lines = max_import_lines
         self._gateway = gateway
         self._authorize = authorize
         self._base = base_path
@@ -241,12 +248,25 @@ class FhirRest:
         # Spooled to disk as it arrives: an import of 512 MiB costs its chunks in memory, not itself.
         body = tempfile.TemporaryFile(prefix="fibemrss-import-")
         try:
-            size = 0
+            size = lines = 0
+            last = b"\n"
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_IMPORT_BYTES:
                     raise InvalidArgument(
                         "import too large", [FieldProblem("body", f"over {MAX_IMPORT_BYTES} bytes")]
+                    )
+                lines += chunk.count(b"\n")
+                last = chunk[-1:] or last
+                if lines + (last != b"\n") > self._max_lines:
+                    raise InvalidArgument(
+                        "import too long",
+                        [
+                            FieldProblem(
+                                "body",
+                                f"more than {self._max_lines} lines: send the export as several imports",
+                            )
+                        ],
                     )
                 await run_in_threadpool(body.write, chunk)
             job = ImportJob(uuid.uuid4().hex, str(request.url), datetime.now(UTC).isoformat())
