@@ -268,7 +268,13 @@ class FhirRest:
                             )
                         ],
                     )
-                await run_in_threadpool(body.write, chunk)
+                try:
+                    await run_in_threadpool(body.write, chunk)
+                except OSError as exc:  # the temporary directory is full (a small emptyDir)
+                    raise ResourceExhausted(
+                        f"no room to hold the import in the gateway's temporary directory ({exc.strerror}): "
+                        "send it again later or in smaller parts"
+                    ) from None
             job = ImportJob(uuid.uuid4().hex, str(request.url), datetime.now(UTC).isoformat())
             with self._jobs_lock:
                 self._check_pending()  # again: others may have been accepted while this body arrived
