@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.db.embedded import EmbeddedPostgres
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.service_process import ServiceProcess, base_env
 
