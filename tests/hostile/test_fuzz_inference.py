@@ -2,7 +2,11 @@
 over gRPC, KServe v2 over REST, CDS Hooks), against a real inference service process with its gRPC
 and HTTPS edges behind mutual TLS: never UNKNOWN, INTERNAL or an HTTP 5xx; every refusal of input
 names a field (a BadRequest field violation, `<field>: <reason>` in a 400's error, a refused CDS
-card naming the request field); and no confident answer beside a value that is not finite.
+card naming the request field); and no confident answer beside a value that is not finite, nor
+beside one outside what its feature allows (a value of a feature the model reads, sent in that
+feature's unit or without one, outside the plausible range of `plausibility.py`; an age outside 0
+to 120 years; an encoded indicator or one-hot column that is not 0 or 1; a z-score no plausible
+value has). These oracles are written from the tables, not from the service's own checks.
 
 Patients and tensors are mutated from valid ones (so the value checks are reached, not only the
 first structural one) or generated whole; JSON bodies are mutated from valid requests by the seeded
@@ -31,7 +35,9 @@ from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
-from fibemrss.domain.records import LOINC, UCI_HEART
+from fibemrss.domain.feature_encoding import input_names
+from fibemrss.domain.normalize.plausibility import plausible_limits
+from fibemrss.domain.records import LOINC, MAX_AGE_YEARS, UCI_HEART
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
@@ -139,6 +145,46 @@ def patients(draw: st.DrawFn) -> emr_pb2.PatientRecord:
     return patient
 
 
+NUMERIC = {(f.system, f.code): f for f in TASK.features if f.source == "numeric"}
+NAMES = input_names(TASK)
+INDICATORS = [i for i, n in enumerate(NAMES) if n.endswith("_missing") or "=" in n]
+VALUES = [i for i, n in enumerate(NAMES) if i not in INDICATORS]
+# |z| at or above this is no plausible value of any feature (z * std + mean beyond every range).
+Z_BEYOND_EVERY_RANGE = 1e5
+
+
+def _out_of_range(system: str, code: str, value: Any, unit: str) -> bool:
+    """A finite value of a feature the model reads, sent in the feature's unit (or none), outside
+    the feature's plausible range: refused by every API, never scored."""
+    feature = NUMERIC.get((system, code))
+    if feature is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if not math.isfinite(value) or unit not in ("", feature.unit):
+        return False
+    limits = plausible_limits(system, code, feature.unit)
+    return limits is not None and not min(limits) <= value <= max(limits)
+
+
+def _in_range(patient: emr_pb2.PatientRecord) -> bool:
+    if patient.HasField("age_years") and not 0 <= patient.age_years <= MAX_AGE_YEARS:
+        return False
+    return not any(
+        _out_of_range(o.code.system, o.code.code, o.value, o.unit)
+        for o in patient.observations
+        if o.HasField("value")
+    )
+
+
+def _rows_allowed(x: np.ndarray) -> bool:
+    """Encoded rows as the service reads them (FP32): finite, every indicator and one-hot column
+    0 or 1, and no z-score beyond every plausible value."""
+    with np.errstate(over="ignore"):
+        x32 = np.asarray(x, dtype=np.float64).astype(np.float32).reshape(-1, len(NAMES))
+    if not np.isfinite(x32).all() or not np.isin(x32[:, INDICATORS], (0.0, 1.0)).all():
+        return False
+    return bool((np.abs(x32[:, VALUES]) < Z_BEYOND_EVERY_RANGE).all())
+
+
 def _all_finite(patient: emr_pb2.PatientRecord) -> bool:
     values = [o.value for o in patient.observations if o.HasField("value")]
     if patient.HasField("age_years"):
@@ -153,11 +199,15 @@ def _all_finite(patient: emr_pb2.PatientRecord) -> bool:
 def test_diagnose_and_batch(channel: grpc.Channel, patient: Any, others: list[Any], version: int) -> None:
     stub = inference_pb2_grpc.DiagnosisServiceStub(channel)
     request = inference_pb2.DiagnoseRequest(patient=patient, model_version=version)
+    if _all_finite(patient) and not _in_range(patient):
+        SEEN["Diagnose sent finite values out of range"] += 1  # the oracle below is exercised
     if _refused(stub.Diagnose, request) is None:
         assert _all_finite(patient), "a confident answer beside a value that is not finite"
+        assert _in_range(patient), f"a confident answer beside a value out of range: {patient}"
     batch = inference_pb2.DiagnoseBatchRequest(patients=[patient, *others], model_version=version)
     if _refused(stub.DiagnoseBatch, batch) is None:
         assert all(_all_finite(p) for p in batch.patients)
+        assert all(_in_range(p) for p in batch.patients), "a confident answer beside a value out of range"
 
 
 # -- ModelInfer over gRPC ---------------------------------------------------------------------------
@@ -232,8 +282,11 @@ def _stats() -> Any:
 @given(case=tensors())
 def test_model_infer_over_grpc(channel: grpc.Channel, case: tuple[Any, np.ndarray | None]) -> None:
     request, x = case
+    if x is not None and np.isfinite(x).all() and not _rows_allowed(x):
+        SEEN["ModelInfer sent finite rows out of range"] += 1
     if _refused(kserve_grpc.GRPCInferenceServiceStub(channel).ModelInfer, request) is None:
         assert x is not None and np.isfinite(x).all(), "a confident answer beside a non-finite input"
+        assert _rows_allowed(x), "a confident answer beside an encoded value out of range"
 
 
 # -- KServe v2 over REST ----------------------------------------------------------------------------
@@ -301,6 +354,7 @@ def test_kserve_rest(
     _check_http(r, repr(body[:200]))
     if r.status_code == 200 and junk is None and mutations == 0:
         assert np.isfinite(x).all(), "a confident answer beside a non-finite input"
+        assert _rows_allowed(x), "a confident answer beside an encoded value out of range"
 
 
 # -- CDS Hooks --------------------------------------------------------------------------------------
@@ -326,6 +380,29 @@ def _prefetch_values(request: Any, left_out: set[int]) -> list[Any]:
             if isinstance(quantity, dict) and "value" in quantity:
                 out.append(quantity["value"])
     return out
+
+
+def _prefetch_out_of_range(request: Any, left_out: set[int]) -> bool:
+    """Whether an Observation the card did not leave out holds a value out of its feature's range."""
+    try:
+        entries = request["prefetch"]["observations"]["entry"]
+    except (KeyError, TypeError):
+        return False
+    for j, e in enumerate(entries if isinstance(entries, list) else []):
+        resource = e.get("resource") if isinstance(e, dict) else None
+        if j in left_out or not isinstance(resource, dict):
+            continue
+        code = resource.get("code")
+        codings = code.get("coding") if isinstance(code, dict) else None
+        quantity = resource.get("valueQuantity")
+        if not isinstance(codings, list) or not isinstance(quantity, dict):
+            continue
+        unit = quantity.get("code") or quantity.get("unit") or ""
+        for c in codings:
+            if isinstance(c, dict) and isinstance(unit, str):
+                if _out_of_range(c.get("system", ""), c.get("code", ""), quantity.get("value"), unit):
+                    return True
+    return False
 
 
 @SETTINGS
@@ -375,3 +452,6 @@ def test_cds_hooks(
         left_out = {int(j) for j in re.findall(r"prefetch\.observations\.entry\[(\d+)\]", not_used)}
         values = _prefetch_values(request, left_out)
         assert all(not isinstance(v, float) or math.isfinite(v) for v in values), values
+        assert not _prefetch_out_of_range(request, left_out), "a risk beside a value out of range"
+        if mutations == 0:
+            assert birth not in ("1700-01-01", "2999-01-01"), "a risk for an age no patient has"

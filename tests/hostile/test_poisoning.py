@@ -30,8 +30,8 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.domain.torch_models import logits_function
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey
-from services.hospital_agent.core.influence import Verdict
 from fibemrss.he.params import DEFAULT_PARAMS
+from services.hospital_agent.core.influence import Verdict
 from services.hospital_agent.core.local_data import LocalData
 from services.hospital_agent.core.personalization import ValidationScore
 from services.hospital_agent.core.ports import RoundView

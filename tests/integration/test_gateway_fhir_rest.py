@@ -362,3 +362,44 @@ def test_imports_beyond_the_pending_cap_are_refused_before_their_body_is_held(
         http.stop()
         rest.close()
         db.close()
+
+
+def test_an_import_of_more_lines_than_the_cap_is_refused_naming_the_body(
+    fresh_database: Callable[[str], str], pki: Path
+) -> None:
+    """Lines are counted as the body arrives: one more than the cap (2,000,000 in service; 5 here)
+    is 400 on `body` and nothing is stored; as many as the cap, the last without its newline, run."""
+    url = fresh_database("hospital")
+    db = Database(url)
+    rest = FhirRest(
+        Gateway(GatewayStore(db), Pseudonymizer(KEY)), hospital_policy(HOSPITAL), max_import_lines=5
+    )
+    http = start_http(
+        "fhir-test",
+        Starlette(routes=rest.routes()),
+        EdgeListen("127.0.0.1", 0, tls(pki, f"gateway@{HOSPITAL}")),
+    )
+    fhir = Fhir(http.base_url + "/fhir", url, pki)
+    lines = [
+        json.dumps({"resourceType": "Patient", "id": f"l{i}", "gender": "male"}).encode() for i in range(6)
+    ]
+    try:
+        with fhir.client() as client:
+            for body in (b"\n".join(lines), b"\n".join(lines[:5]) + b"\n\n"):
+                refused = client.post("/$import", content=body)
+                assert refused.status_code == 400, refused.text
+                outcome = OperationOutcome.model_validate(refused.json())
+                assert outcome.issue[0].expression == ["Bundle.body"]
+                assert (outcome.issue[0].diagnostics or "").startswith("more than 5 lines")
+            assert fhir.count("source_records") == 0
+            accepted = client.post("/$import", content=b"\n".join(lines[:5]))
+            assert accepted.status_code == 202, accepted.text
+            deadline = time.monotonic() + 60
+            while (r := client.get(accepted.headers["Content-Location"])).status_code == 202:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert r.json()["extension"]["fates"] == {"accepted": 5}
+    finally:
+        http.stop()
+        rest.close()
+        db.close()

@@ -3,6 +3,7 @@ and the RiskAssessment and CDS card of a reference."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from services.emr_gateway.core.answers.fhir_outcomes import fhirpath
 from services.emr_gateway.core.parsers.fhir_consent import parse_consent
-from services.emr_gateway.core.parsers.fhir_ndjson import group_lines
+from services.emr_gateway.core.parsers.fhir_ndjson import LineProblem, batches, index_lines, read_group
 from services.inference.core import fhir_reference as fr
 
 
@@ -38,11 +39,21 @@ def test_ndjson_lines_are_grouped_by_the_patient_they_name() -> None:
         line({"resourceType": "Claim", "id": "c"}),
         line(["no resource"]),  # type: ignore[arg-type]
     ]
-    groups, problems, n = group_lines(lines)
-    assert n == 8
+    body = b"".join(raw + b"\n" for raw in lines)
+    problems: list[LineProblem] = []
+    index = index_lines(io.BytesIO(body), problems.append)
+    assert (index.lines, index.patients) == (8, 2)
+    assert [(p.line, p.problem.field) for p in problems] == [(5, "$"), (8, "resourceType")]
+
+    def read(offset: int, length: int) -> bytes:
+        return body[offset : offset + length]
+
+    groups = [read_group(index, g, read) for b in batches(index, 200, 1 << 20) for g in b]
     assert [g.lines for g in groups] == [[1, 6], [2, 4], [7]]
     assert groups[0].bundle()["entry"][1]["resource"]["id"] == "o2"
-    assert [(p.line, p.problem.field) for p in problems] == [(5, "$"), (8, "resourceType")]
+    # Batches close at the group count or at the bytes of their lines, whichever comes first.
+    assert [[len(g) for g in b] for b in batches(index, 2, 1 << 20)] == [[2, 2], [1]]
+    assert [[len(g) for g in b] for b in batches(index, 200, 1)] == [[2], [2], [1]]
 
 
 def consent(**overrides: object) -> dict:

@@ -12,6 +12,7 @@ with a bad resource is returned in `rejected` (never partly), the others in `rec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -38,13 +39,13 @@ from fibemrss.domain.records import (
 
 from . import ucum
 from .errors import FieldViolation, ParseError
-from .parsing import capped, utc_offset
+from .parsing import MAX_DETAILS, MAX_VIOLATIONS, DetailBudget, Violations, utc_offset
 
 BUNDLE_TYPES = frozenset({"collection", "transaction", "batch", "searchset"})
 MAPPED_TYPES = ("Patient", "Encounter", "Observation", "Condition")
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 DEFAULT_SOURCE_SYSTEM = "fhir"
-# A ParseError lists at most this many violations, so a hostile bundle cannot make a huge reply.
+_Notes = Violations[FieldViolation]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,51 @@ class BundleParse:
     # entry index -> key of the patient the entry belongs to (its record's source id), for
     # per-entry answers (FHIR batch-response); entries of no patient are absent.
     entry_patients: Mapping[int, str] = field(default_factory=dict)
+    # Every entry's own error that belongs to no patient, also past the ones `unattributed` lists.
+    entry_errors: EntryErrors = field(default_factory=lambda: EntryErrors(b"", ()))
+
+
+@dataclass(frozen=True)
+class EntryErrors:
+    """The error of each entry that belongs to no patient (an entry has at most one), held as one
+    byte per entry naming one of the bundle's few distinct (path after `entry[i]`, description)
+    pairs: a batch of a million junk entries answers each with its own error (FHIR batch-response)
+    without a million violation objects held at once."""
+
+    codes: bytes  # per entry: 0 none, k: kinds[k - 1]
+    kinds: tuple[tuple[str, str], ...]
+
+    def of(self, entry: int) -> FieldViolation | None:
+        code = self.codes[entry] if entry < len(self.codes) else 0
+        if not code:
+            return None
+        suffix, description = self.kinds[code - 1]
+        return FieldViolation(f"entry[{entry}]{suffix}", description)
+
+
+class _Unattributed:
+    """Errors in entries of no patient: the first MAX_VIOLATIONS kept as violations (the answer's
+    list), and every one as its entry's code (`EntryErrors`)."""
+
+    def __init__(self, entries: int) -> None:
+        self.listed: Violations[FieldViolation] = Violations(FieldViolation)
+        self.codes = bytearray(entries)
+        self.kinds: dict[tuple[str, str], int] = {}
+
+    def add(self, path: str, description: str) -> None:
+        self.listed.add(path, description)
+        match = _ENTRY_PATH.match(path)
+        entry = int(match.group(1)) if match else -1
+        if 0 <= entry < len(self.codes):
+            kind = (path[path.index("]") + 1 :], description)
+            code = self.kinds.get(kind)
+            if code is None and len(self.kinds) < 255:
+                code = self.kinds[kind] = len(self.kinds) + 1
+            # Past 255 distinct kinds (descriptions are fixed texts: not seen) the first one stands.
+            self.codes[entry] = code or 1
+
+    def errors(self) -> EntryErrors:
+        return EntryErrors(bytes(self.codes), tuple(self.kinds))
 
 
 class _Invalid(Exception):
@@ -93,12 +139,13 @@ class _Patient:
     key: str
     index: int
     resource: dict[str, Any]
+    # Capped while produced; the bundle's patients share one budget of violations kept.
+    errors: Violations[FieldViolation]
     resources: list[dict[str, Any]] = field(default_factory=list)
     observations: list[Observation] = field(default_factory=list)
     encounters: list[Encounter] = field(default_factory=list)
     conditions: list[Condition] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
-    errors: list[FieldViolation] = field(default_factory=list)
 
 
 def parse_bundle(data: bytes | str) -> BundleParse:
@@ -126,33 +173,35 @@ def parse_bundle_object(bundle: Any) -> BundleParse:
     bundle_source = _meta_source(bundle)
 
     resource_counts: Counter[str] = Counter()
-    unattributed: list[FieldViolation] = []
-    notes: list[FieldViolation] = []
+    # Violations are capped while they are produced (a junk bundle costs counters, not objects):
+    # every rejected patient still says why, and every bad entry keeps its own error.
+    unattributed = _Unattributed(len(entries))
+    notes: _Notes = Violations(FieldViolation, limit=MAX_DETAILS)
     resources: list[tuple[int, dict[str, Any], str]] = []  # (index, resource, fullUrl)
     for i, entry in enumerate(entries):
         path = f"entry[{i}]"
         if not isinstance(entry, dict):
-            unattributed.append(FieldViolation(path, "must be an object"))
+            unattributed.add(path, "must be an object")
             continue
         full_url = entry.get("fullUrl", "")
         if not isinstance(full_url, str):
-            unattributed.append(FieldViolation(f"{path}.fullUrl", "must be a string"))
+            unattributed.add(f"{path}.fullUrl", "must be a string")
             continue
         resource = entry.get("resource")
         if resource is None:
-            notes.append(FieldViolation(path, "entry has no resource: nothing to map"))
+            notes.add(path, "entry has no resource: nothing to map")
             continue
         if not isinstance(resource, dict):
-            unattributed.append(FieldViolation(f"{path}.resource", "must be an object"))
+            unattributed.add(f"{path}.resource", "must be an object")
             continue
         rtype = resource.get("resourceType")
         if not isinstance(rtype, str) or not rtype:
-            unattributed.append(FieldViolation(f"{path}.resource.resourceType", "missing"))
+            unattributed.add(f"{path}.resource.resourceType", "missing")
             continue
         resource_counts[rtype] += 1
         resources.append((i, resource, full_url))
 
-    patients, index = _index_patients(resources, unattributed)
+    patients, index = _index_patients(resources, unattributed, DetailBudget())
     entry_patients = {p.index: key for key, p in patients.items()}
     types_by_url = {url: resource["resourceType"] for _, resource, url in resources if url}
     for i, resource, _ in resources:
@@ -163,17 +212,17 @@ def parse_bundle_object(bundle: Any) -> BundleParse:
         try:
             key = _resolve_subject(resource, path, index, types_by_url)
         except _Invalid as exc:
-            unattributed.append(FieldViolation(exc.path, exc.description))
+            unattributed.add(exc.path, exc.description)
             continue
         if key is None:
-            notes.append(FieldViolation(f"{path}.subject", f"{rtype} about something other than a patient"))
+            notes.add(f"{path}.subject", f"{rtype} about something other than a patient")
             continue
         owner = patients[key]
         entry_patients[i] = key
         try:
             _map_resource(rtype, resource, path, owner, notes)
         except _Invalid as exc:
-            owner.errors.append(FieldViolation(exc.path, exc.description))
+            owner.errors.add(exc.path, exc.description)
 
     records: list[PatientRecord] = []
     rejected: list[RejectedPatient] = []
@@ -184,27 +233,35 @@ def parse_bundle_object(bundle: Any) -> BundleParse:
         try:
             record = _patient_record(patient, path, bundle_source, notes)
         except _Invalid as exc:
-            patient.errors.append(FieldViolation(exc.path, exc.description))
+            patient.errors.add(exc.path, exc.description)
         if record is None or patient.errors:
-            rejected.append(RejectedPatient(patient.key, tuple(patient.errors)))
+            violations = (
+                tuple(patient.errors.listed(path)) if patient.errors.kept else _omitted(patient.errors)
+            )
+            rejected.append(RejectedPatient(patient.key, violations))
             continue
         records.append(record)
         mapped.update(patient.counts)
 
-    if bundle_type == "transaction" and (rejected or unattributed):
+    if bundle_type == "transaction" and (rejected or unattributed.listed):
         # A transaction is atomic in FHIR: one bad entry fails the whole bundle.
-        violations = [v for r in rejected for v in r.violations] + unattributed
-        violations.sort(key=_entry_order)
-        raise ParseError(_capped(violations))
+        total = unattributed.listed.total + sum(p.errors.total for p in patients.values())
+        kept = [*unattributed.listed, *(v for p in patients.values() for v in p.errors)]
+        kept.sort(key=_entry_order)
+        kept = kept[:MAX_VIOLATIONS]
+        if total > len(kept):
+            kept.append(FieldViolation("entry", f"{total - len(kept)} more violations not listed"))
+        raise ParseError(kept)
     return BundleParse(
         bundle_type=bundle_type,
         records=tuple(records),
         resource_counts=dict(resource_counts),
         mapped_counts={t: mapped.get(t, 0) for t in MAPPED_TYPES},
         rejected=tuple(rejected),
-        unattributed=tuple(unattributed),
-        notes=tuple(notes),
+        unattributed=tuple(unattributed.listed.listed("entry")),
+        notes=tuple(notes.listed("entry")),
         entry_patients=entry_patients,
+        entry_errors=unattributed.errors(),
     )
 
 
@@ -246,7 +303,7 @@ def _reject_constant(name: str) -> float:
 
 
 def _index_patients(
-    resources: list[tuple[int, dict[str, Any], str]], unattributed: list[FieldViolation]
+    resources: list[tuple[int, dict[str, Any], str]], unattributed: _Unattributed, budget: DetailBudget
 ) -> tuple[dict[str, _Patient], dict[str, str]]:
     """Patients by key (their id), and every reference form that names each of them."""
     patients: dict[str, _Patient] = {}
@@ -257,16 +314,17 @@ def _index_patients(
         path = f"entry[{i}].resource"
         rid = resource.get("id")
         if rid is not None and (not isinstance(rid, str) or not rid):
-            unattributed.append(FieldViolation(f"{path}.id", "must be a non-empty string"))
+            unattributed.add(f"{path}.id", "must be a non-empty string")
             continue
         key = rid or full_url
         if not key:
-            unattributed.append(FieldViolation(f"{path}.id", "Patient has neither an id nor a fullUrl"))
+            unattributed.add(f"{path}.id", "Patient has neither an id nor a fullUrl")
             continue
         if key in patients:
-            patients[key].errors.append(FieldViolation(f"{path}.id", "the same Patient appears twice"))
+            patients[key].errors.add(f"{path}.id", "the same Patient appears twice")
             continue
-        patients[key] = _Patient(key=key, index=i, resource=resource)
+        errors = Violations(FieldViolation, budget=budget)
+        patients[key] = _Patient(key=key, index=i, resource=resource, errors=errors)
         patients[key].resources.append(resource)
         names = [full_url] if full_url else []
         if rid:
@@ -321,25 +379,35 @@ def _meta_source(resource: dict[str, Any]) -> str | None:
     return source.strip().split("#", 1)[0] or None
 
 
-def _capped(violations: list[FieldViolation]) -> list[FieldViolation]:
-    return capped(violations, lambda extra: FieldViolation("entry", f"{extra} more violations not listed"))
+@functools.lru_cache(maxsize=64)
+def _omitted_counted(total: int) -> tuple[FieldViolation, ...]:
+    return (
+        FieldViolation("entry", f"{total} violations not listed: the bundle already lists {MAX_DETAILS}"),
+    )
+
+
+def _omitted(errors: Violations[FieldViolation]) -> tuple[FieldViolation, ...]:
+    """A patient's violations once the bundle's budget is spent: one line counting them, shared
+    by every patient with as many (the answer reports no details past the budget either)."""
+    return _omitted_counted(errors.total)
+
+
+_ENTRY_PATH = re.compile(r"entry\[(\d+)\]")
 
 
 def _entry_order(violation: FieldViolation) -> int:
-    match = re.match(r"entry\[(\d+)\]", violation.field)
+    match = _ENTRY_PATH.match(violation.field)
     return int(match.group(1)) if match else -1
 
 
 # --- resources --------------------------------------------------------------------------------
 
 
-def _map_resource(
-    rtype: str, resource: dict[str, Any], path: str, owner: _Patient, notes: list[FieldViolation]
-) -> None:
+def _map_resource(rtype: str, resource: dict[str, Any], path: str, owner: _Patient, notes: _Notes) -> None:
     if rtype == "Observation":
         observations = _observations(resource, path, notes)
         if not observations:
-            notes.append(FieldViolation(path, "Observation has no value the gateway maps"))
+            notes.add(path, "Observation has no value the gateway maps")
             return
         owner.observations.extend(observations)
     elif rtype == "Encounter":
@@ -353,9 +421,7 @@ def _map_resource(
     owner.counts[rtype] += 1
 
 
-def _patient_record(
-    patient: _Patient, path: str, bundle_source: str | None, notes: list[FieldViolation]
-) -> PatientRecord:
+def _patient_record(patient: _Patient, path: str, bundle_source: str | None, notes: _Notes) -> PatientRecord:
     res = patient.resource
     gender = _opt_str(res, "gender", path)
     if gender is not None and gender not in SEXES:
@@ -402,7 +468,7 @@ def _patient_identifier(res: dict[str, Any], path: str) -> str | None:
     return first
 
 
-def _observations(res: dict[str, Any], path: str, notes: list[FieldViolation]) -> list[Observation]:
+def _observations(res: dict[str, Any], path: str, notes: _Notes) -> list[Observation]:
     code = _required_code(res.get("code"), f"{path}.code", notes)
     if code is None:
         return []
@@ -430,7 +496,7 @@ def _observations(res: dict[str, Any], path: str, notes: list[FieldViolation]) -
     return out
 
 
-def _value(obj: dict[str, Any], path: str, notes: list[FieldViolation]) -> dict[str, Any] | None:
+def _value(obj: dict[str, Any], path: str, notes: _Notes) -> dict[str, Any] | None:
     """Observation keyword arguments for the element's value[x]; {} when it has none (the
     observation was made, no value given); None when its kind of value is not mapped."""
     keys = [k for k in obj if k.startswith("value")]
@@ -446,18 +512,18 @@ def _value(obj: dict[str, Any], path: str, notes: list[FieldViolation]) -> dict[
     if key == "valueCodeableConcept":
         value_code = _code(raw, vpath, prefer=(SNOMED, LOINC))
         if value_code is None:
-            notes.append(FieldViolation(vpath, "has text only, no code: not mapped"))
+            notes.add(vpath, "has text only, no code: not mapped")
             return None
         return {"value_code": value_code}
     if key == "valueInteger":
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise _Invalid(vpath, "must be an integer")
         return {"value": float(raw)}
-    notes.append(FieldViolation(vpath, f"{key} is not mapped"))
+    notes.add(vpath, f"{key} is not mapped")
     return None
 
 
-def _quantity(raw: Any, path: str, notes: list[FieldViolation]) -> dict[str, Any] | None:
+def _quantity(raw: Any, path: str, notes: _Notes) -> dict[str, Any] | None:
     if not isinstance(raw, dict):
         raise _Invalid(path, "must be a Quantity object")
     value = raw.get("value")
@@ -472,7 +538,7 @@ def _quantity(raw: Any, path: str, notes: list[FieldViolation]) -> dict[str, Any
     if not math.isfinite(number):
         raise _Invalid(f"{path}.value", "must be a finite number")
     if raw.get("comparator") is not None:
-        notes.append(FieldViolation(f"{path}.comparator", "a bound such as '<5' is not a measured value"))
+        notes.add(f"{path}.comparator", "a bound such as '<5' is not a measured value")
         return None
     system = _opt_str(raw, "system", path)
     code = _opt_str(raw, "code", path)
@@ -507,10 +573,10 @@ def _encounter(res: dict[str, Any], path: str) -> Encounter:
     return Encounter(source_id=rid, class_code=class_code, start=start, end=end)
 
 
-def _condition(res: dict[str, Any], path: str, notes: list[FieldViolation]) -> Condition | None:
+def _condition(res: dict[str, Any], path: str, notes: _Notes) -> Condition | None:
     code = _code(res.get("code"), f"{path}.code", prefer=(SNOMED, ICD10, ICD10_CM))
     if code is None:  # Condition.code is optional in FHIR; without one there is nothing to map
-        notes.append(FieldViolation(f"{path}.code", "no coded condition: not mapped"))
+        notes.add(f"{path}.code", "no coded condition: not mapped")
         return None
     onset = None
     if "onsetDateTime" in res:
@@ -523,9 +589,7 @@ def _condition(res: dict[str, Any], path: str, notes: list[FieldViolation]) -> C
     else:
         other = [k for k in res if k.startswith("onset")]
         if other:
-            notes.append(
-                FieldViolation(f"{path}.{other[0]}", "only onsetDateTime and onsetPeriod are mapped")
-            )
+            notes.add(f"{path}.{other[0]}", "only onsetDateTime and onsetPeriod are mapped")
     status_codes = _codings(res.get("clinicalStatus"), f"{path}.clinicalStatus")
     return Condition(
         code=code,
@@ -580,14 +644,14 @@ def _code(concept: Any, path: str, prefer: tuple[str, ...]) -> Code | None:
     return codings[0] if codings else None
 
 
-def _required_code(concept: Any, path: str, notes: list[FieldViolation]) -> Code | None:
+def _required_code(concept: Any, path: str, notes: _Notes) -> Code | None:
     """Observation.code (and component.code): required by FHIR, so a missing one is an error;
     a text-only one is valid FHIR that the schema cannot hold, so it is noted and skipped."""
     if concept is None:
         raise _Invalid(path, "missing")
     code = _code(concept, path, prefer=(LOINC,))
     if code is None:
-        notes.append(FieldViolation(path, "has text only, no code: not mapped"))
+        notes.add(path, "has text only, no code: not mapped")
     return code
 
 
@@ -650,7 +714,7 @@ def _offset(zone: str) -> timezone:
 _DATE = re.compile(r"([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2}))?)?")
 
 
-def _date(text: str, path: str, notes: list[FieldViolation]) -> date:
+def _date(text: str, path: str, notes: _Notes) -> date:
     match = _DATE.fullmatch(text)
     if match is None:
         raise _Invalid(path, "is not a FHIR date (YYYY, YYYY-MM or YYYY-MM-DD)")
@@ -660,5 +724,5 @@ def _date(text: str, path: str, notes: list[FieldViolation]) -> date:
     except ValueError:
         raise _Invalid(path, "is not a valid calendar date") from None
     if day is None:
-        notes.append(FieldViolation(path, "partial date: read as the first day of the period"))
+        notes.add(path, "partial date: read as the first day of the period")
     return value

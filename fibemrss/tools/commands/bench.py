@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,15 @@ def _hostile(args: argparse.Namespace) -> int:
 def _gateway_memory(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.gateway_memory import run_gateway_memory_bench
 
-    _emit(run_gateway_memory_bench(args.scale), args.json)
-    return 0
+    bounds: dict[str, float] = {}
+    for given in args.bound:
+        case, _, multiple = given.partition("=")
+        bounds[case] = float(multiple)
+    result = run_gateway_memory_bench(args.scale, args.case, bounds)
+    _emit(result, args.json)
+    for line in result["exceeded"]:
+        print(f"gateway-memory: bound exceeded: {line}", file=sys.stderr)
+    return 1 if result["exceeded"] else 0
 
 
 def _quality(args: argparse.Namespace) -> int:
@@ -230,6 +238,10 @@ def add_parser(subparsers: Any) -> None:
         "gateway-memory", help="the gateway process's peak memory per request against its size, per format"
     )
     memory.add_argument("--scale", type=float, default=1.0, help="request sizes (1: about 1-6 MB each)")
+    memory.add_argument("--case", action="append", default=[], help="run only this case (repeatable)")
+    memory.add_argument(
+        "--bound", action="append", default=[], metavar="CASE=MULTIPLE", help="another bound for a case"
+    )
     memory.set_defaults(func=_gateway_memory)
 
     quality = sub.add_parser(

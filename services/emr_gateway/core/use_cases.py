@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import TrainingExample, in_cohort, training_example
 from fibemrss.domain.normalize.fhir_r4 import BundleParse, parse_bundle_object
+from fibemrss.domain.normalize.parsing import DetailBudget
 from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST, PatientRecord
 from fibemrss.domain.tasks import get_task
 from fibemrss.domain.text import text_problems
@@ -124,6 +125,9 @@ def csv_candidates(payload: CsvPayload) -> list[Candidate]:
     are parsed, so a request of many short rows is refused before it is held whole (the gateway
     holds a few KB per row until its batch is written)."""
     source = payload.source_name or "csv"
+    # The violations the export's rows may keep between them (the answer lists no more): past
+    # it a bad row still says it is rejected, with one line counting its problems.
+    budget = DetailBudget()
     if payload.first_row < 0:
         raise InvalidArgument(
             "bad first row", [FieldProblem("csv.first_row", f"{payload.first_row} is negative")]
@@ -134,7 +138,8 @@ def csv_candidates(payload: CsvPayload) -> list[Candidate]:
                 "two profiles", [FieldProblem("csv.profile", "set either profile or profile_file, not both")]
             )
         profile = load_profile(payload.profile_file)
-        rows = parse_with_profile(profile, text_of(payload.content, "csv.content"), source, payload.first_row)
+        content = text_of(payload.content, "csv.content")
+        rows = parse_with_profile(profile, content, source, payload.first_row, budget)
     else:
         parse = PROFILES.get(payload.profile)
         if parse is None:
@@ -143,7 +148,7 @@ def csv_candidates(payload: CsvPayload) -> list[Candidate]:
                 "unknown CSV profile",
                 [FieldProblem("csv.profile", f"{payload.profile[:40]!r} is not one of {known}")],
             )
-        rows = parse(text_of(payload.content, "csv.content"), source, payload.first_row)
+        rows = parse(text_of(payload.content, "csv.content"), source, payload.first_row, budget)
     candidates: list[Candidate] = []
     for r in rows:
         if len(candidates) == MAX_CSV_ROWS_PER_REQUEST:

@@ -11,23 +11,33 @@ NDJSON body (`application/fhir+ndjson`) answers 202 with `Content-Location:
 [base]/$import-status/<id>`; polling that answers 202 with `X-Progress` while it runs, then 200
 with a manifest whose `output` names the per-line outcomes (one OperationOutcome per line, NDJSON,
 `id` = `line-<n>`). Jobs live in the gateway's memory: a restart forgets them, not the records.
+
+An import is streamed, never held whole: its body is spooled to a temporary file as it arrives,
+indexed line by line (`fhir_ndjson.index_lines`), then read back a batch of patient groups at a
+time, each batch written as one transaction; the per-line outcomes go to a second temporary file,
+served in line order. Memory is a multiple of the largest batch, not of the body (`fibemrss bench
+gateway-memory`). A crash mid-import leaves the batches already committed stored and nothing of
+the others; sending the import again stores the rest, the stored ones answered `duplicate`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound, ResourceExhausted
@@ -35,7 +45,14 @@ from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, read_json
 from fibemrss.platform.authorization import INGEST_METHOD
 from fibemrss.platform.http_server import Handler, guarded, http_status_for, request_identity
 from services.emr_gateway.core.answers import fhir_outcomes as fo
-from services.emr_gateway.core.parsers.fhir_ndjson import LineGroup, group_lines
+from services.emr_gateway.core.parsers.fhir_ndjson import (
+    LineGroup,
+    LineIndex,
+    LineProblem,
+    batches,
+    index_lines,
+    read_group,
+)
 from services.emr_gateway.core.use_cases import BundleIngest, Gateway
 
 log = logging.getLogger(__name__)
@@ -45,10 +62,16 @@ FHIR_JSON = "application/fhir+json"
 READ_METHOD = "/fibemrss.emr.v1.EmrGatewayService/GetIngestStats"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_IMPORT_BYTES = 512 * 1024 * 1024
-GROUPS_PER_WRITE = 200  # patient groups per database batch of an import
+# Lines of one import, counted as the body arrives (one more is 400 on `body`, nothing stored): the
+# import holds 24 bytes a resource line and 16 an outcome in memory, and writes one outcome per
+# line to disk, so junk lines of 2 bytes cannot make 512 MiB cost gigabytes. A bulk export of
+# 512 MiB has well under a million lines (Synthea: 3.3 KB a line).
+MAX_IMPORT_LINES = 2_000_000
+GROUPS_PER_WRITE = 200  # patient groups per database batch of an import, at most
+BATCH_BYTES = 4 * 1024 * 1024  # NDJSON lines per database batch of an import, about (one group may be more)
 MAX_JOBS = 100  # finished jobs kept for polling; the oldest are forgotten first
-# Imports accepted and not finished (each holds its body, up to MAX_IMPORT_BYTES, until it runs):
-# one more is refused with 429 before its body is read, so queued bodies bound the memory.
+# Imports accepted and not finished (each holds its body, up to MAX_IMPORT_BYTES, on disk until it
+# runs): one more is refused with 429 before its body is read, so queued bodies stay bounded.
 MAX_PENDING_IMPORTS = 2
 
 
@@ -81,7 +104,25 @@ class ImportJob:
     finished: bool = False
     failed: str = ""
     counts: dict[str, int] = field(default_factory=dict)
-    outcomes: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (line, OperationOutcome)
+    # One OperationOutcome per line (NDJSON) in a temporary file, in the order they were decided;
+    # `outcome_at[line]` is its offset + 1 there (0: none), `outcome_length[line]` its length.
+    outcome_file: IO[bytes] = field(
+        default_factory=lambda: tempfile.TemporaryFile(prefix="fibemrss-outcomes-")
+    )
+    outcome_at: array[int] = field(default_factory=lambda: array("q"))
+    outcome_length: array[int] = field(default_factory=lambda: array("q"))
+    outcome_count: int = 0
+
+    def close(self) -> None:
+        self.outcome_file.close()
+
+    def outcome_lines(self) -> Iterator[bytes]:
+        """The outcomes in line order, read back from the file (the job is finished)."""
+        fd = self.outcome_file.fileno()
+        for line in range(len(self.outcome_at)):
+            if at := self.outcome_at[line]:
+                # pread: two readers of the same job never move each other's position
+                yield os.pread(fd, self.outcome_length[line], at - 1)
 
 
 class FhirRest:
@@ -91,8 +132,10 @@ class FhirRest:
         authorize: Authorize | None,
         base_path: str = "/fhir",
         max_pending_imports: int = MAX_PENDING_IMPORTS,
+        max_import_lines: int = MAX_IMPORT_LINES,
     ) -> None:
         self._max_pending = max_pending_imports
+        self._max_lines = max_import_lines
         self._gateway = gateway
         self._authorize = authorize
         self._base = base_path
@@ -201,26 +244,49 @@ class FhirRest:
 
     async def _import(self, request: Request) -> Response:
         with self._jobs_lock:
-            self._check_pending()  # before reading a body that would only wait in memory
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_IMPORT_BYTES:
-                raise InvalidArgument(
-                    "import too large", [FieldProblem("body", f"over {MAX_IMPORT_BYTES} bytes")]
-                )
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        job = ImportJob(uuid.uuid4().hex, str(request.url), datetime.now(UTC).isoformat())
-        with self._jobs_lock:
-            self._check_pending()  # again: others may have been accepted while this body arrived
-            self._jobs[job.id] = job
-            while len(self._jobs) > MAX_JOBS:
-                oldest = next(iter(self._jobs))
-                if not self._jobs[oldest].finished:
-                    break
-                del self._jobs[oldest]
+            self._check_pending()  # before reading a body that would only wait
+        # Spooled to disk as it arrives: an import of 512 MiB costs its chunks in memory, not itself.
+        body = tempfile.TemporaryFile(prefix="fibemrss-import-")
+        try:
+            size = lines = 0
+            last = b"\n"
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_IMPORT_BYTES:
+                    raise InvalidArgument(
+                        "import too large", [FieldProblem("body", f"over {MAX_IMPORT_BYTES} bytes")]
+                    )
+                lines += chunk.count(b"\n")
+                last = chunk[-1:] or last
+                if lines + (last != b"\n") > self._max_lines:
+                    raise InvalidArgument(
+                        "import too long",
+                        [
+                            FieldProblem(
+                                "body",
+                                f"more than {self._max_lines} lines: send the export as several imports",
+                            )
+                        ],
+                    )
+                try:
+                    await run_in_threadpool(body.write, chunk)
+                except OSError as exc:  # the temporary directory is full (a small emptyDir)
+                    raise ResourceExhausted(
+                        f"no room to hold the import in the gateway's temporary directory ({exc.strerror}): "
+                        "send it again later or in smaller parts"
+                    ) from None
+            job = ImportJob(uuid.uuid4().hex, str(request.url), datetime.now(UTC).isoformat())
+            with self._jobs_lock:
+                self._check_pending()  # again: others may have been accepted while this body arrived
+                self._jobs[job.id] = job
+                while len(self._jobs) > MAX_JOBS:
+                    oldest = next(iter(self._jobs))
+                    if not self._jobs[oldest].finished:
+                        break
+                    self._jobs.pop(oldest).close()
+        except BaseException:
+            body.close()
+            raise
         self._runner.submit(self._run_import, job, body)
         status_url = f"{self._base_url(request)}/$import-status/{job.id}"
         return fhir_response(
@@ -229,24 +295,33 @@ class FhirRest:
             {"Content-Location": status_url},
         )
 
-    def _run_import(self, job: ImportJob, body: bytes) -> None:
+    def _run_import(self, job: ImportJob, body: IO[bytes]) -> None:
+        """Pass 1 indexes the spooled lines (an unreadable line gets its outcome at once); pass 2
+        reads back and ingests a batch of patient groups at a time, one transaction each."""
         try:
-            lines = body.split(b"\n")
-            if lines and not lines[-1].strip():
-                lines.pop()  # the newline that ends the last line starts no line
-            groups, problems, job.lines = group_lines(lines)
-            for p in problems:
+            body.seek(0)
+
+            def rejected_line(p: LineProblem) -> None:
                 self._record(job, p.line, "rejected", fo.problems_outcome([p.problem], "Resource"))
-            for start in range(0, len(groups), GROUPS_PER_WRITE):
-                batch = groups[start : start + GROUPS_PER_WRITE]
-                results = self._gateway.ingest_fhir_bundles([g.bundle() for g in batch])
-                for group, result in zip(batch, results, strict=True):
+
+            index: LineIndex = index_lines(body, rejected_line)
+            job.lines = index.lines
+
+            def read(offset: int, length: int) -> bytes:
+                body.seek(offset)
+                return body.read(length)
+
+            for batch in batches(index, GROUPS_PER_WRITE, BATCH_BYTES):
+                groups = [read_group(index, positions, read) for positions in batch]
+                results = self._gateway.ingest_fhir_bundles([g.bundle() for g in groups])
+                for group, result in zip(groups, results, strict=True):
                     self._record_group(job, group, result)
         except Exception as exc:  # noqa: BLE001 - the job reports it; the log has the cause
             log.exception("fhir import failed")
             job.failed = "internal error; see the server log" if http_status_for(exc) == 500 else str(exc)
         finally:
-            job.outcomes.sort(key=lambda item: item[0])
+            body.close()
+            job.outcome_file.flush()  # before anyone reads it
             job.finished = True
 
     def _record_group(self, job: ImportJob, group: LineGroup, result: BundleIngest | InvalidArgument) -> None:
@@ -270,7 +345,16 @@ class FhirRest:
         outcome["issue"] = [
             {**i, "diagnostics": f"line {line}: {i.get('diagnostics', '')}"} for i in outcome["issue"]
         ]
-        job.outcomes.append((line, outcome))
+        text = (json.dumps(outcome, separators=(",", ":")) + "\n").encode()
+        if line >= len(job.outcome_at):
+            grow = max(line + 1, 2 * len(job.outcome_at)) - len(job.outcome_at)
+            job.outcome_at.extend(array("q", bytes(8 * grow)))
+            job.outcome_length.extend(array("q", bytes(8 * grow)))
+        job.outcome_file.seek(0, 2)
+        job.outcome_at[line] = job.outcome_file.tell() + 1
+        job.outcome_length[line] = len(text)
+        job.outcome_file.write(text)
+        job.outcome_count += 1
         job.counts[fate] = job.counts.get(fate, 0) + 1
         job.done_lines += 1
 
@@ -297,7 +381,7 @@ class FhirRest:
                 {
                     "type": "OperationOutcome",
                     "url": f"{self._base_url(request)}/$import-status/{job.id}/outcomes.ndjson",
-                    "count": len(job.outcomes),
+                    "count": job.outcome_count,
                 }
             ],
             "error": [],
@@ -311,8 +395,10 @@ class FhirRest:
             return Response(
                 status_code=202, headers={"X-Progress": f"{job.done_lines} lines", "Retry-After": "1"}
             )
-        text = "".join(json.dumps(o, separators=(",", ":")) + "\n" for _, o in job.outcomes)
-        return Response(text, media_type="application/fhir+ndjson")
+        # Read from the job's file a line at a time, off the event loop.
+        return StreamingResponse(
+            iterate_in_threadpool(job.outcome_lines()), media_type="application/fhir+ndjson"
+        )
 
 
 def _rooted(outcome: dict[str, Any], root: str, index: int) -> dict[str, Any]:

