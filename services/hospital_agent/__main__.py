@@ -163,6 +163,9 @@ def main() -> None:
         follow_approved=studies.approved,
         poll_seconds=env_float("FIBEMRSS_STUDY_POLL_SECONDS", 2.0),
         on_retired=lambda study: on_health(study, ""),
+        federation_of=lambda task: (
+            GrpcAggregator(aggregator_channel, task.name, hospital).current_round(None).federation_id
+        ),
     )
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:

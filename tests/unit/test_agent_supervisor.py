@@ -24,6 +24,7 @@ from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey
+from services.hospital_agent.core.ports import RoundView
 from services.hospital_agent.core.protocol import Participation
 from services.hospital_agent.core.supervisor import Supervisor
 from tests.unit.test_agent_protocol import (  # noqa: F401
@@ -70,6 +71,17 @@ class Decisions:
 
     def site_policy(self) -> tuple[SitePolicy, bool]:
         return DEFAULT_POLICY, False
+
+
+class NamedFederation(FakeAggregator):
+    """A federation with an id, as the aggregator gives each StartFederation."""
+
+    def __init__(self, key: AggregatorKey, task: TaskSpec, federation_id: bytes) -> None:
+        super().__init__(key, ROUNDS, set(), task=task)
+        self.federation_id = federation_id
+
+    def info(self) -> RoundView:
+        return dataclasses.replace(super().info(), federation_id=self.federation_id)
 
 
 class FlakyGateway(FakeGateway):
@@ -124,7 +136,12 @@ class Hospital:
                 approvals=decisions,
             )
 
-        self.supervisor = Supervisor(named, make, decisions, follow_approved=follow, poll_seconds=0.05)
+        def federation_of(task: TaskSpec) -> bytes:
+            return aggregators[task.name].info().federation_id
+
+        self.supervisor = Supervisor(
+            named, make, decisions, follow_approved=follow, poll_seconds=0.05, federation_of=federation_of
+        )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.supervisor.run, args=(self.stop,), daemon=True)
 
@@ -239,3 +256,30 @@ def test_status_must_name_the_study_once_there_are_several(
     with pytest.raises(NotFound, match="not 'no-such-study'"):
         two.supervisor.participation("no-such-study")
     assert two.supervisor.participation(OTHER.name).task == OTHER
+
+
+def test_a_new_federation_of_a_finished_study_is_joined_without_a_restart(
+    keys: tuple[HospitalKey, AggregatorKey],  # noqa: F811
+) -> None:
+    aggregators: dict[str, FakeAggregator] = {TASK.name: NamedFederation(keys[1], TASK, b"first")}
+    decisions = Decisions()
+    decisions.decide(TASK, "approved")
+    hospitals = [Hospital(h, i, aggregators, keys[0], [TASK], decisions).start() for i, h in enumerate("ab")]
+    try:
+        wait_until(lambda: all(h.done(TASK.name) for h in hospitals), timeout=60, what="the first federation")
+        firsts = [h.supervisor.participation(TASK.name) for h in hospitals]
+        # The operator starts the study again: a new federation (another id) at the aggregator.
+        aggregators[TASK.name] = NamedFederation(keys[1], TASK, b"second")
+
+        def second_done() -> bool:
+            now = [h.supervisor.participation(TASK.name) for h in hospitals]
+            return all(p is not f and p.progress.done for p, f in zip(now, firsts, strict=True))
+
+        wait_until(second_done, timeout=60, what="the second federation, by fresh runners")
+        again = hospitals[0].supervisor.participation(TASK.name)
+        assert again is not firsts[0] and again.federation_id == b"second"
+        assert sorted(aggregators[TASK.name].sums) == list(range(ROUNDS + 1))  # every round of it closed
+        assert [h.made.count(TASK.name) for h in hospitals] == [2, 2]
+    finally:
+        for h in hospitals:
+            h.close()

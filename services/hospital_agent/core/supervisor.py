@@ -10,6 +10,8 @@ protocol is untouched by there being several. The supervisor only decides which 
   it does not take part, as a single-study agent always did;
 - with `approved` in FIBEMRSS_STUDIES, every other study whose latest decision here is an approval
   (its document as the operator approved it) gets a runner when approved, without a restart;
+- a study whose federation finished gets a fresh runner when the aggregator starts a new federation
+  of it (another federation id), so re-running a study needs no restart either;
 - a study whose approval is withdrawn (a later refusal of its hash) is retired: its runner is
   stopped, so it reads no further example and sends nothing more; a named study then gets a fresh
   runner, which waits for a new approval and says so in its status.
@@ -68,10 +70,13 @@ class Supervisor:
         follow_approved: bool = False,
         poll_seconds: float = 2.0,
         on_retired: Callable[[str], None] | None = None,
+        federation_of: Callable[[TaskSpec], bytes] | None = None,
     ) -> None:
         """`make` builds a study's participation (its own aggregator and gateway clients, its own
         health callback); `approvals` are read every `poll_seconds`; `on_retired` is told the name
-        of a study retired (its failures no longer count for the service's health)."""
+        of a study retired (its failures no longer count for the service's health);
+        `federation_of` names the federation the aggregator runs for a study now (a finished
+        study is joined again when it changes)."""
         if follow_approved and approvals is None:
             raise ValueError("following the approvals needs the hospital's study decisions")
         self._named = {t.name: t for t in named}
@@ -80,6 +85,7 @@ class Supervisor:
         self._follow = follow_approved
         self._poll_seconds = poll_seconds
         self._on_retired = on_retired
+        self._federation_of = federation_of
         self._runners: dict[str, StudyRunner] = {}
         # Stopped runners whose threads have not left their round yet (a long poll at the aggregator
         # ends within its wait): a study's fresh runner starts only once its old one has left.
@@ -123,6 +129,12 @@ class Supervisor:
                     reason = f"the approval of {name} ({study_hash(runner.task)}) was withdrawn here"
                 self._retire(runner, reason)
                 del self._runners[name]
+            for name, runner in list(self._runners.items()):
+                if self._new_federation(runner):
+                    self._runners[name] = StudyRunner(
+                        self._make(runner.task), named=runner.named, was_approved=runner.was_approved
+                    )
+                    log.info("new federation of a finished study: joining it", extra={"task": name})
             leaving = {r.task.name for r in self._leaving}
             wanted = [(t, True) for t in self._named.values()] + [(t, False) for t in approved.values()]
             for task, named in wanted:
@@ -141,6 +153,17 @@ class Supervisor:
                         daemon=True,
                     )
                     runner.thread.start()
+
+    def _new_federation(self, runner: StudyRunner) -> bool:
+        """Whether a runner finished its federation and the aggregator now runs another of its study."""
+        if self._federation_of is None or runner.alive or not runner.participation.progress.done:
+            return False
+        finished = runner.participation.federation_id
+        try:
+            current = self._federation_of(runner.task)
+        except Exception:  # noqa: BLE001 - the aggregator unreachable: asked again at the next poll
+            return False
+        return bool(current) and current != finished
 
     def _decision(self, task: TaskSpec) -> str:
         if self._approvals is None:
