@@ -115,10 +115,18 @@ class Supervisor:
         if self._follow and self._approvals is not None:
             # A study named in the configuration runs its own document, whatever else is approved.
             approved = {t.name: t for t in self._approvals.approved_studies() if t.name not in self._named}
+        # The database and the aggregator are read outside the lock, so status calls never wait
+        # on them; a runner retired or replaced meanwhile is only compared by identity below.
+        with self._lock:
+            current = dict(self._runners)
+        decisions = {name: self._decision(r.task) for name, r in current.items()}
+        rejoin = {name for name, r in current.items() if self._new_federation(r)}
         with self._lock:
             self._leaving = [r for r in self._leaving if r.alive]
             for name, runner in list(self._runners.items()):
-                if self._decision(runner.task) == "approved":
+                if current.get(name) is not runner:
+                    continue  # added since the reads: judged at the next poll
+                if decisions[name] == "approved":
                     runner.was_approved = True
                     if runner.named or approved.get(name) == runner.task:
                         continue
@@ -129,10 +137,11 @@ class Supervisor:
                     reason = f"the approval of {name} ({study_hash(runner.task)}) was withdrawn here"
                 self._retire(runner, reason)
                 del self._runners[name]
-            for name, runner in list(self._runners.items()):
-                if self._new_federation(runner):
+            for name in rejoin:
+                finished = self._runners.get(name)
+                if finished is not None and finished is current[name]:
                     self._runners[name] = StudyRunner(
-                        self._make(runner.task), named=runner.named, was_approved=runner.was_approved
+                        self._make(finished.task), named=finished.named, was_approved=finished.was_approved
                     )
                     log.info("new federation of a finished study: joining it", extra={"task": name})
             leaving = {r.task.name for r in self._leaving}
