@@ -96,7 +96,10 @@ def test_each_study_is_its_own_kserve_model_over_grpc_and_rest(served: Served) -
     stub = kserve_grpc.GRPCInferenceServiceStub(open_channel(served.grpc))
     # The service loads each study's model just after it starts listening.
     index = wait_until(
-        lambda: (i := stub.RepositoryIndex(kserve.RepositoryIndexRequest(ready=True), timeout=10)).models[1:] and i,
+        lambda: (
+            (i := stub.RepositoryIndex(kserve.RepositoryIndexRequest(ready=True), timeout=10)).models[1:]
+            and i
+        ),
         timeout=10,
         what="both studies' models loaded",
     )
