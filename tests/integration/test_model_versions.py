@@ -139,7 +139,9 @@ def test_the_chosen_model_is_served_and_every_reference_says_which_model_answere
                 name="features", datatype="FP32", shape=[1, cache.get().input_dim]
             )
             features.contents.fp32_contents.extend([0.0] * cache.get().input_dim)
-            kserve_response = KServeServicer(OpenInference(StudyModels.of(cache))).ModelInfer(kserve_request, None)
+            kserve_response = KServeServicer(OpenInference(StudyModels.of(cache))).ModelInfer(
+                kserve_request, None
+            )
             assert kserve_response.model_version == str(served)
             assert kserve_response.parameters["model_kind"].string_param == chosen
             card = risk_card(
