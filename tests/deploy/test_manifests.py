@@ -47,6 +47,7 @@ DOCUMENTED_ENV = {
     "FIBEMRSS_MLLP_LISTEN",
     "FIBEMRSS_HTTP_LISTEN",
     "FIBEMRSS_DB_POOL_SIZE",
+    "FIBEMRSS_STUDIES",
 }
 # Which of them each service gets beyond the ones every service gets (the runbook's table).
 COMMON_ENV = DOCUMENTED_ENV - {
@@ -59,6 +60,7 @@ COMMON_ENV = DOCUMENTED_ENV - {
     "FIBEMRSS_AGGREGATOR",
     "FIBEMRSS_DATASET",
     "FIBEMRSS_DB_POOL_SIZE",
+    "FIBEMRSS_STUDIES",
 }
 SERVICE_ENV = {
     "aggregator": {"FIBEMRSS_HE_CONTEXT", "FIBEMRSS_DB_POOL_SIZE"},
@@ -67,6 +69,7 @@ SERVICE_ENV = {
         "FIBEMRSS_PSEUDONYM_KEY",
         "FIBEMRSS_MLLP_LISTEN",
         "FIBEMRSS_HTTP_LISTEN",
+        "FIBEMRSS_STUDIES",
     },
     "hospital-agent": {
         "FIBEMRSS_HOSPITAL",
@@ -74,8 +77,9 @@ SERVICE_ENV = {
         "FIBEMRSS_GATEWAY",
         "FIBEMRSS_AGGREGATOR",
         "FIBEMRSS_DATASET",
+        "FIBEMRSS_STUDIES",
     },
-    "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY", "FIBEMRSS_HTTP_LISTEN"},
+    "inference": {"FIBEMRSS_HOSPITAL", "FIBEMRSS_GATEWAY", "FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_STUDIES"},
 }
 # The ports beyond grpc and metrics each service's Service exposes (mutual TLS, like gRPC).
 EDGE_PORTS = {"emr-gateway": {"mllp": 2575, "https": 8443}, "inference": {"https": 8443}}

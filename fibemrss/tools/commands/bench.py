@@ -30,9 +30,17 @@ def _he(args: argparse.Namespace) -> int:
 
 
 def _round(args: argparse.Namespace) -> int:
-    from fibemrss.tools.bench.round_bench import run_round_bench
+    from fibemrss.tools.bench.round_bench import run_round_bench, run_studies_round_bench
 
     workdir = Path(args.workdir) if args.workdir else None
+    if args.studies is not None:
+        if args.studies < 1:
+            raise SystemExit("fibemrss: bench round: --studies must be 1 or more")
+        _emit(
+            run_studies_round_bench(args.params, args.hospitals, args.rounds, args.studies, workdir),
+            args.json,
+        )
+        return 0
     _emit(run_round_bench(args.params, args.hospitals, args.rounds, workdir, args.flower), args.json)
     return 0
 
@@ -164,6 +172,12 @@ def add_parser(subparsers: Any) -> None:
     rnd.add_argument("--hospitals", type=int, default=4)
     rnd.add_argument("--rounds", type=int, default=5)
     rnd.add_argument("--workdir", help="keep the services' data and logs here")
+    rnd.add_argument(
+        "--studies",
+        type=int,
+        help="N studies at once at the same hospitals (a thread per study in each hospital process): "
+        "round time per study beside one study alone in the same run (Flower is not run)",
+    )
     rnd.add_argument(
         "--flower",
         choices=("auto", "on", "off"),
