@@ -283,3 +283,23 @@ def test_a_new_federation_of_a_finished_study_is_joined_without_a_restart(
     finally:
         for h in hospitals:
             h.close()
+
+
+def test_the_agents_metrics_carry_one_series_per_study(
+    keys: tuple[HospitalKey, AggregatorKey],  # noqa: F811
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from services.hospital_agent.__main__ import StudyMetrics
+
+    hospital = Hospital("a", 1, federations(keys[1], TASK, OTHER), keys[0], [TASK, OTHER], Decisions())
+    other = hospital.supervisor.participation(OTHER.name).progress
+    other.rounds_refused.append(2)
+    other.consecutive_failures = 3
+    registry = CollectorRegistry()
+    registry.register(StudyMetrics(hospital.supervisor))
+    text = generate_latest(registry).decode()
+    assert f'fibemrss_agent_rounds_refused{{task="{OTHER.name}"}} 1.0' in text
+    assert f'fibemrss_agent_rounds_refused{{task="{TASK.name}"}} 0.0' in text
+    assert f'fibemrss_agent_consecutive_failures{{task="{OTHER.name}"}} 3.0' in text
+    assert f'fibemrss_agent_last_submitted_round{{task="{TASK.name}"}} -1.0' in text
