@@ -26,15 +26,15 @@ import numpy as np
 import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
+from fibemrss.api.inference.v1 import inference_pb2 as ipb
+from fibemrss.api.inference.v1 import inference_pb2_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.db.pool import Database
 from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.tasks import get_task
-from fibemrss.inference.v1 import inference_pb2 as ipb
-from fibemrss.inference.v1 import inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.bench.inference_bench import (

@@ -89,8 +89,8 @@ def follow(
 
 
 def hypertension_round_zero_open(endpoints: dict[str, Any]) -> bool:
-    from fibemrss.federation.v1 import federation_pb2 as fpb
-    from fibemrss.federation.v1 import federation_pb2_grpc
+    from fibemrss.api.federation.v1 import federation_pb2 as fpb
+    from fibemrss.api.federation.v1 import federation_pb2_grpc
 
     with open_channel(
         endpoints["aggregator"], tls_for(endpoints, "operator@central"), "aggregator@central"
@@ -194,8 +194,8 @@ def test_each_hospitals_ledger_shows_both_studies_spends(runs: Runs) -> None:
 
 
 def test_tritonclient_lists_and_infers_both_models(runs: Runs, triton_python: str, tmp_path: Path) -> None:
-    from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-    from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+    from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+    from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 
     hospital = HOSPITALS[0]
     address = runs.endpoints["hospitals"][hospital]["inference"]

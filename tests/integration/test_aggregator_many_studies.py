@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fibemrss.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import generate_keys, load_hospital_key
 from tests.integration.test_aggregator_rounds import Aggregator, start_aggregator
