@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from fibemrss.db.pool import Database
+from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.site_policy import (
     DEFAULT_POLICY,
     SitePolicy,
@@ -18,7 +19,7 @@ from fibemrss.domain.site_policy import (
     parse_site_policy,
     policy_to_json,
 )
-from fibemrss.domain.study import study_hash, study_to_json
+from fibemrss.domain.study import parse_study, study_hash, study_to_json
 from fibemrss.domain.task_spec import TaskSpec
 
 
@@ -102,6 +103,29 @@ class StudyStore:
                 "FROM study_decisions ORDER BY id"
             )
             return [_decision(r) for r in cur.fetchall()]
+
+    def approved_studies(self) -> list[TaskSpec]:
+        """The studies this hospital takes part in now: for each study name, the document of its
+        most recent decision, when that decision (the latest on its hash) is an approval. A later
+        refusal of the same hash (a withdrawn approval) retires it; an approval of a newer version
+        replaces the older one."""
+        with self._db.transaction() as cur:
+            cur.execute(
+                "SELECT DISTINCT ON (study) study, decision, document FROM ("
+                " SELECT DISTINCT ON (study, study_hash) id, study, decision, document FROM study_decisions"
+                " ORDER BY study, study_hash, id DESC) latest ORDER BY study, id DESC"
+            )
+            rows = cur.fetchall()
+        out = []
+        for name, decision, document in rows:
+            if decision != "approved":
+                continue
+            try:
+                out.append(parse_study(document, f"study_decisions ({name})"))
+            except InvalidArgument:
+                # Approved by an older build whose schema this one no longer reads: not joined.
+                continue
+        return out
 
 
 def _decision(row: tuple[Any, ...]) -> StudyDecision:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fibemrss.domain.errors import ConfigError, InvalidArgument
+from fibemrss.domain.errors import ConfigError, InvalidArgument, NotFound
 from fibemrss.domain.site_policy import SitePolicy, parse_site_policy
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
@@ -146,6 +146,58 @@ def task_from_env() -> TaskSpec:
             raise ConfigError(f"FIBEMRSS_TASK is {named!r} but FIBEMRSS_STUDY_FILE holds {task.name!r}")
         return task
     return get_task(env_str("FIBEMRSS_TASK", DEFAULT_TASK))
+
+
+@dataclass(frozen=True)
+class StudySelection:
+    """The studies a hospital service works on (FIBEMRSS_STUDIES): those named, and with
+    `approved` every other study whose latest decision at this hospital is an approval (its
+    document as approved, read from the hospital's database, followed without a restart)."""
+
+    named: tuple[TaskSpec, ...]
+    approved: bool = False
+
+
+def studies_from_env() -> StudySelection:
+    """FIBEMRSS_STUDIES: a comma-separated list of shipped study names, study document files and
+    the word `approved`. Unset: the one study of FIBEMRSS_STUDY_FILE / FIBEMRSS_TASK, as before."""
+    raw = env_optional("FIBEMRSS_STUDIES")
+    if raw is None:
+        return StudySelection((task_from_env(),))
+    named: dict[str, TaskSpec] = {}
+    approved = False
+    if env_optional("FIBEMRSS_STUDY_FILE"):
+        task = task_from_env()  # the one document given the old way joins the list
+        named[task.name] = task
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ConfigError("FIBEMRSS_STUDIES: names no study (a list of study names, files or `approved`)")
+    for item in items:
+        if item == "approved":
+            approved = True
+            continue
+        if item.endswith((".yaml", ".yml", ".json")) or "/" in item:
+            try:
+                content = Path(item).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"FIBEMRSS_STUDIES: cannot read {item}: {exc.strerror}") from None
+            try:
+                task = register(parse_study(content, f"FIBEMRSS_STUDIES ({item})"))
+            except InvalidArgument as exc:
+                fields = "; ".join(f"{v.field} {v.description}" for v in exc.violations)
+                raise ConfigError(f"FIBEMRSS_STUDIES: {item}: {exc}: {fields}") from None
+        else:
+            try:
+                task = get_task(item)
+            except NotFound as exc:
+                raise ConfigError(f"FIBEMRSS_STUDIES: {exc}") from None
+        if task.name in named and named[task.name] != task:
+            raise ConfigError(f"FIBEMRSS_STUDIES: two different documents are named {task.name!r}")
+        named[task.name] = task
+    legacy = env_optional("FIBEMRSS_TASK")
+    if legacy and legacy not in named:
+        raise ConfigError(f"FIBEMRSS_TASK is {legacy!r} but FIBEMRSS_STUDIES does not list it")
+    return StudySelection(tuple(named.values()), approved)
 
 
 def site_policy_from_file(path: str) -> SitePolicy:

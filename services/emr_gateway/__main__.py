@@ -19,6 +19,7 @@ from fibemrss.platform.config import (
     env_optional,
     env_str,
     site_policy_from_file,
+    studies_from_env,
     task_from_env,
 )
 from fibemrss.platform.console_config import console_from_env
@@ -46,7 +47,9 @@ def main() -> None:
     hospital = env_str("FIBEMRSS_HOSPITAL")
     database_url = env_str("DATABASE_URL")
     pseudonyms = Pseudonymizer(env_str("FIBEMRSS_PSEUDONYM_KEY").encode())
-    if env_optional("FIBEMRSS_STUDY_FILE"):
+    if env_optional("FIBEMRSS_STUDIES"):
+        studies_from_env()  # the study documents listed: training exports answer for them by name
+    elif env_optional("FIBEMRSS_STUDY_FILE"):
         task_from_env()  # a study given as a document: training exports answer for it by name
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")

@@ -14,6 +14,7 @@ from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
+from fibemrss.db.study_approvals import StudyStore
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.capacity import CallLimits
 from fibemrss.platform.channels import open_channel
@@ -23,13 +24,13 @@ from fibemrss.platform.config import (
     env_float,
     env_optional,
     env_str,
-    task_from_env,
+    studies_from_env,
 )
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.inference.adapters.patient_directory import PatientDirectory
-from services.inference.core.model_cache import ModelCache
+from services.inference.core.model_cache import StudyModels
 from services.inference.core.open_inference import OpenInference
 from services.inference.edges.cds_hooks import CdsHooks
 from services.inference.edges.diagnosis_grpc import DiagnosisServicer
@@ -49,13 +50,21 @@ def main() -> None:
         CallLimits(max_workers=MAX_WORKERS, per_identity=MAX_WORKERS, waiting_streams=2)
     )
     hospital = env_str("FIBEMRSS_HOSPITAL")
-    task = task_from_env()
+    studies = studies_from_env()
     database_url = env_str("DATABASE_URL")
     http_listen = edge_listen("FIBEMRSS_HTTP_LISTEN", "FIBEMRSS_HTTP_PLAINTEXT_LISTEN", config.tls)
     if env_str("FIBEMRSS_MIGRATE", "1") == "1":
         migrate(database_url, "hospital")
     db = Database(database_url)
-    cache = ModelCache(ModelStore(db), task, env_float("FIBEMRSS_MODEL_POLL_SECONDS", 1.0))
+    # Every study the hospital serves, each its own KServe model and CDS service; with `approved`
+    # in FIBEMRSS_STUDIES, also every study approved here since (read again as models are).
+    approvals = StudyStore(db)
+    catalog = StudyModels(
+        ModelStore(db),
+        list(studies.named),
+        env_float("FIBEMRSS_MODEL_POLL_SECONDS", 1.0),
+        discover=approvals.approved_studies if studies.approved else None,
+    )
     # Optional: with the hospital's gateway, Diagnose also accepts a patient key.
     gateway = env_optional("FIBEMRSS_GATEWAY")
     # Pinned: only the hospital's own gateway's certificate is accepted (platform/channels.py).
@@ -63,19 +72,21 @@ def main() -> None:
         PatientDirectory(open_channel(gateway, config.tls, server=f"gateway@{hospital}")) if gateway else None
     )
 
-    core = OpenInference(cache)
+    core = OpenInference(catalog)
     authorize = hospital_policy(hospital)
     edges: dict[str, str] = {}
     http: RunningHttp | None = None
     if http_listen is not None:
         guard = authorize if http_listen.tls else None
-        routes = KServeRest(core, guard).routes() + CdsHooks(cache, guard).routes()
+        routes = KServeRest(core, guard).routes() + CdsHooks(catalog, guard).routes()
         http = start_http("inference", Starlette(routes=routes), http_listen)
         edges["kserve_http"] = http.base_url
         edges["cds_hooks"] = http.base_url + "/cds-services"
 
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
-        inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(DiagnosisServicer(cache, directory), server)
+        inference_pb2_grpc.add_DiagnosisServiceServicer_to_server(
+            DiagnosisServicer(catalog, directory), server
+        )
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(core), server)
         return [
             inference_pb2.DESCRIPTOR.services_by_name["DiagnosisService"].full_name,
@@ -83,12 +94,12 @@ def main() -> None:
         ]
 
     running = start_server("inference", register, config, authorize=authorize, edges=edges)
-    cache.start()
+    catalog.start()
 
     def on_stop() -> None:
         if http is not None:
             http.stop()
-        cache.stop()
+        catalog.stop()
         db.close()
 
     serve_until_signalled(running, on_stop=on_stop)

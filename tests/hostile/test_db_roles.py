@@ -394,7 +394,7 @@ HOSPITAL_MATRIX: dict[str, dict[str, set[str]]] = {
     "quarantine": {"gateway": {S, I, U}},
     "consents": {"gateway": {S, I, "UPDATE(raw_source_ids,source_id)"}},
     "site_policy": {"gateway": {S, I, U}, "agent": {S}},
-    "study_decisions": {"gateway": {S, I}, "agent": {S}},
+    "study_decisions": {"gateway": {S, I}, "agent": {S}, "inference": {S}},
     "audit_log": {"gateway": {S, I}, "agent": {I}},
     "model_versions": {
         "gateway": {S, "UPDATE(retire_reason,retired_at,retired_by)"},

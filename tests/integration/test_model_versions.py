@@ -19,7 +19,7 @@ from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
 from services.inference.core.diagnosis import diagnose
 from services.inference.core.fhir_reference import PrefetchRead, risk_card
-from services.inference.core.model_cache import ModelCache
+from services.inference.core.model_cache import ModelCache, StudyModels
 from services.inference.core.open_inference import OpenInference
 from services.inference.edges.cds_hooks import reference_view
 from services.inference.edges.diagnosis_grpc import DiagnosisServicer
@@ -124,7 +124,7 @@ def test_the_chosen_model_is_served_and_every_reference_says_which_model_answere
             assert cache.get(15).kind == "global" and cache.get(15).base_version == 0
 
             # gRPC Diagnose's response, KServe v2's, and the CDS Hooks card each name the model.
-            servicer = DiagnosisServicer(cache)
+            servicer = DiagnosisServicer(StudyModels.of(cache))
             ref = servicer.DiagnoseBatch(inference_pb2.DiagnoseBatchRequest(patients=[patient]), None)
             answer = ref.references[0]
             assert answer.model_version == served
@@ -139,7 +139,9 @@ def test_the_chosen_model_is_served_and_every_reference_says_which_model_answere
                 name="features", datatype="FP32", shape=[1, cache.get().input_dim]
             )
             features.contents.fp32_contents.extend([0.0] * cache.get().input_dim)
-            kserve_response = KServeServicer(OpenInference(cache)).ModelInfer(kserve_request, None)
+            kserve_response = KServeServicer(OpenInference(StudyModels.of(cache))).ModelInfer(
+                kserve_request, None
+            )
             assert kserve_response.model_version == str(served)
             assert kserve_response.parameters["model_kind"].string_param == chosen
             card = risk_card(

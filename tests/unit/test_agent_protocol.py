@@ -26,6 +26,7 @@ from services.hospital_agent.core.local_data import Example, LocalData, is_test
 from services.hospital_agent.core.personalization import ValidationScore, choose, personalize
 from services.hospital_agent.core.ports import PeerRefused, Phase, RoundView
 from services.hospital_agent.core.protocol import TRAINING_PURPOSE, Participation
+from services.hospital_agent.core.supervisor import Supervisor
 from services.hospital_agent.edges.grpc_servicer import HospitalAgentServicer
 
 # FedYogi keeps server moments across rounds: a restarted agent must replay to get them back.
@@ -455,7 +456,9 @@ def test_the_personalized_model_is_chosen_on_validation_only_and_published_besid
     fit, validation = a._data.fit_and_validation(TASK_P, 0.3)
     assert report.global_score.examples == len(validation) > 0 and report.fit_examples == len(fit)
     assert not {e.patient_key for e in validation} & {e.patient_key for e in a._data.test}
-    status = HospitalAgentServicer(a).GetAgentStatus(federation_pb2.GetAgentStatusRequest(), None)  # type: ignore[arg-type]  # the servicer reads no context
+    status = HospitalAgentServicer(Supervisor([a.task], lambda _: a)).GetAgentStatus(
+        federation_pb2.GetAgentStatusRequest(), None
+    )  # type: ignore[arg-type]  # the servicer reads no context
     shown = status.status.personalization
     assert (shown.chosen, shown.global_version, shown.personalized_version) == ("personalized", 2, 3)
     assert shown.personalized_validation_log_loss == report.personalized_score.log_loss

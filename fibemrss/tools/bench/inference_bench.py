@@ -44,7 +44,7 @@ from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.core.diagnosis import LoadedModel, diagnose
 from services.inference.core.input_limits import feature_limits
-from services.inference.core.model_cache import ModelCache
+from services.inference.core.model_cache import ModelCache, StudyModels
 from services.inference.edges.diagnosis_grpc import DiagnosisServicer
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
@@ -421,7 +421,7 @@ def diagnose_phases(database_url: str, repeats: int = 3000) -> dict[str, float]:
     try:
         cache = ModelCache(ModelStore(db), HEART_DISEASE_V1)
         cache.refresh()
-        servicer = DiagnosisServicer(cache)
+        servicer = DiagnosisServicer(StudyModels.of(cache))
         payload = diagnose_request_bytes()
         request = inference_pb2.DiagnoseRequest.FromString(payload)
         # The context is read only for a patient_key request; this one carries the patient.

@@ -31,6 +31,18 @@ def _he(args: argparse.Namespace) -> int:
 
 
 def _round(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else None
+    if args.studies is not None:
+        from fibemrss.tools.bench.studies_bench import run_studies_round_bench
+
+        if args.studies < 1:
+            raise SystemExit("fibemrss: bench round: --studies must be 1 or more")
+        params = args.params[0] if args.params else 100_000
+        _emit(
+            run_studies_round_bench(params, args.hospitals, args.rounds or 3, args.studies, workdir),
+            args.json,
+        )
+        return 0
     from fibemrss.tools.bench.round_bench import (
         HOSPITAL_SIZES,
         PARAM_SIZES,
@@ -39,7 +51,6 @@ def _round(args: argparse.Namespace) -> int:
         run_round_bench,
     )
 
-    workdir = Path(args.workdir) if args.workdir else None
     params = (
         args.params if args.params is not None else ((QUICK_ROUND_PARAMS,) if args.quick else PARAM_SIZES)
     )
@@ -219,6 +230,12 @@ def add_parser(subparsers: Any) -> None:
         help="one round of 4 hospitals at 10,000 parameters, no Flower unless --flower on (the bench's test)",
     )
     rnd.add_argument("--workdir", help="keep the services' data and logs here")
+    rnd.add_argument(
+        "--studies",
+        type=int,
+        help="N studies at once at the same hospitals (a thread per study in each hospital process): "
+        "round time per study beside one study alone in the same run (Flower is not run)",
+    )
     rnd.add_argument(
         "--flower",
         choices=("auto", "on", "off"),

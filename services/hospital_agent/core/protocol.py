@@ -544,6 +544,11 @@ class Participation:
             actor=f"agent@{self.hospital}",
         )
 
+    @property
+    def federation_id(self) -> bytes:
+        """The federation this hospital last took part in (b"" before any)."""
+        return self._federation_id
+
     def personalized_version(self, last_round: int) -> int:
         """The version number of the personalized model: above every round's (version = round),
         of the study's rounds and of a federation started with more."""

@@ -6,8 +6,8 @@ import grpc
 
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
-from fibemrss.domain.errors import NotFound
-from services.hospital_agent.core.protocol import Participation, PersonalizationReport
+from services.hospital_agent.core.protocol import PersonalizationReport
+from services.hospital_agent.core.supervisor import Supervisor
 
 
 def _personalization(report: PersonalizationReport | None) -> pb.Personalization | None:
@@ -28,19 +28,20 @@ def _personalization(report: PersonalizationReport | None) -> pb.Personalization
 
 
 class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
-    def __init__(self, participation: Participation) -> None:
-        self._p = participation
+    """Each study's status on its own: `task` names it (it may be empty while there is one)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
 
     def GetAgentStatus(
         self, request: pb.GetAgentStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetAgentStatusResponse:
-        if request.task and request.task != self._p.task.name:
-            raise NotFound(f"this agent takes part in {self._p.task.name}, not {request.task!r}")
-        progress = self._p.progress
+        p = self._supervisor.participation(request.task, "task")
+        progress = p.progress
         with progress.lock:
             status = pb.AgentStatus(
-                hospital=self._p.hospital,
-                task=self._p.task.name,
+                hospital=p.hospital,
+                task=p.task.name,
                 last_submitted_round=progress.last_submitted_round,
                 evaluations=[
                     pb.Evaluation(
@@ -58,7 +59,7 @@ class HospitalAgentServicer(federation_pb2_grpc.HospitalAgentServiceServicer):
                 test_examples=progress.test_examples,
                 warnings=list(progress.warnings),
                 consecutive_failures=progress.consecutive_failures,
-                dp=self._p.task.dp is not None,
+                dp=p.task.dp is not None,
                 epsilon=max(progress.epsilon_by_round.values(), default=0.0),
                 delta=progress.dp_delta,
                 personalization=_personalization(progress.personalization),

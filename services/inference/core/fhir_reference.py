@@ -107,15 +107,32 @@ def service_id(task: TaskSpec) -> str:
 
 
 def prefetch_templates(task: TaskSpec) -> dict[str, str]:
-    """The Patient and exactly the Observations the task's features are read from."""
+    """The Patient and exactly the Observations (and Conditions) the task's features are read from."""
+    templates = {"patient": "Patient/{{context.patientId}}"}
     codes = sorted({f"{f.system}|{f.code}" for f in task.features if f.source in ("numeric", "coded")})
-    return {
-        "patient": "Patient/{{context.patientId}}",
-        "observations": "Observation?subject={{context.patientId}}&code=" + ",".join(codes),
-    }
+    if codes:
+        templates["observations"] = "Observation?subject={{context.patientId}}&code=" + ",".join(codes)
+    conditions = sorted({f"{f.system}|{f.code}" for f in task.features if f.source == "condition"})
+    if conditions:
+        templates["conditions"] = "Condition?patient={{context.patientId}}&code=" + ",".join(conditions)
+    return templates
 
 
-def discovery(task: TaskSpec) -> dict[str, Any]:
+def service_for(tasks: Sequence[TaskSpec], service: str) -> TaskSpec | None:
+    """The study whose CDS service has this id (None: no such service here)."""
+    return next((t for t in tasks if service_id(t) == service), None)
+
+
+def outcome_of(task: TaskSpec) -> str:
+    """What the study predicts, as a RiskAssessment's outcome: its description, except for the
+    UCI heart-disease studies, whose label is the angiographic finding."""
+    if task.label.system == "urn:fibemrss:uci-heart":
+        return ReferenceView.outcome
+    return f"{task.name}: {task.description}" if task.description else task.name
+
+
+def discovery(tasks: Sequence[TaskSpec]) -> dict[str, Any]:
+    """One patient-view service per study served, each with the prefetch its features need."""
     return {
         "services": [
             {
@@ -123,12 +140,14 @@ def discovery(task: TaskSpec) -> dict[str, Any]:
                 "id": service_id(task),
                 "title": f"{task.name} risk reference",
                 "description": (
-                    "A statistical reference from the hospitals' federated model, with the inputs that "
+                    (f"{task.description} " if task.description else "")
+                    + "A statistical reference from the hospitals' federated model, with the inputs that "
                     "drove it and the ones it had to impute; not a diagnosis."
                 ),
                 "prefetch": prefetch_templates(task),
                 "usageRequirements": "Send the prefetch: this service does not query the FHIR server.",
             }
+            for task in tasks
         ]
     }
 
@@ -209,6 +228,16 @@ def read_prefetch(
             where.append(f"prefetch.observations.entry[{j}].resource")
     elif observations is not None:
         out.missing.append("prefetch.observations: must be a Bundle (searchset) of Observations")
+    conditions = prefetch.get("conditions")
+    if isinstance(conditions, dict) and conditions.get("resourceType") == "Bundle":
+        listed = conditions.get("entry")
+        for j, e in enumerate(listed if isinstance(listed, list) else []):
+            resource = e.get("resource") if isinstance(e, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == "Condition":
+                entries.append(e)
+                where.append(f"prefetch.conditions.entry[{j}].resource")
+    elif conditions is not None:
+        out.missing.append("prefetch.conditions: must be a Bundle (searchset) of Conditions")
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     try:
         parsed = parse_bundle_object(bundle)
@@ -246,7 +275,10 @@ def read_prefetch(
     values, _ = extract(task, record)
     names = [f.name for f in task.features]
     needed = [n for n, v in zip(names, values, strict=True) if v is None]
-    if all(v is None for f, v in zip(task.features, values, strict=True) if f.source in ("numeric", "coded")):
+    read_from_results = [
+        v for f, v in zip(task.features, values, strict=True) if f.source in ("numeric", "coded")
+    ]
+    if read_from_results and all(v is None for v in read_from_results):
         out.missing.append(
             "observations: none of the coded results the model reads (" + ", ".join(needed) + ")"
         )

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
-from fibemrss.domain.errors import NotFound
+from fibemrss.domain.errors import FieldProblem, InvalidArgument, NotFound
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.task_spec import TaskSpec
 from services.inference.core.diagnosis import LoadedModel
+from services.inference.core.input_limits import PatientInputs
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class ModelCache:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
+        # How a request's patient values are read and checked for this study (Diagnose, CDS Hooks).
+        self.inputs = PatientInputs(task)
 
     @property
     def task(self) -> TaskSpec:
@@ -126,3 +130,130 @@ class ModelCache:
         """Every servable (published, not retired) version as of the last poll, newest first."""
         with self._lock:
             return list(self._servable)
+
+
+class StudyModels:
+    """Every study this hospital serves, each its own cache (its own versions, its own poller).
+
+    One inference service answers for all of a hospital's studies: each study is its own KServe
+    model, its own CDS Hooks service and its own Diagnose target. `discover` (optional) names the
+    studies to serve now, read again every `poll_seconds`: the studies the hospital approved since
+    start are added and those it withdrew are dropped, without a restart (docs/studies.md).
+    """
+
+    def __init__(
+        self,
+        store: ModelSource,
+        studies: list[TaskSpec],
+        poll_seconds: float = 1.0,
+        discover: Callable[[], list[TaskSpec]] | None = None,
+    ) -> None:
+        self._store = store
+        self._poll_seconds = poll_seconds
+        self._fixed = list(studies)
+        self._discover = discover
+        self._caches: dict[str, ModelCache] = {t.name: ModelCache(store, t, poll_seconds) for t in studies}
+        self._lock = threading.Lock()
+        self._started = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="study-watcher", daemon=True)
+
+    @classmethod
+    def of(cls, *caches: ModelCache) -> StudyModels:
+        """The studies of caches made (and started) by the caller: a fixed set."""
+        out = cls(caches[0]._store, [])
+        out._caches = {c.task.name: c for c in caches}
+        return out
+
+    def start(self) -> None:
+        self._started = True
+        self.sync()
+        for cache in self._all():
+            cache.start()
+        if self._discover is not None:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for cache in self._all():
+            cache.stop()
+
+    def _all(self) -> list[ModelCache]:
+        with self._lock:
+            return list(self._caches.values())
+
+    def sync(self) -> None:
+        """Serves the fixed studies and those `discover` names now; drops the others."""
+        if self._discover is None:
+            return
+        wanted = {t.name: t for t in self._fixed}
+        for task in self._discover():
+            wanted.setdefault(task.name, task)
+        with self._lock:
+            gone = [c for name, c in self._caches.items() if name not in wanted]
+            added = [
+                ModelCache(self._store, t, self._poll_seconds)
+                for n, t in wanted.items()
+                if n not in self._caches
+            ]
+            # A study approved again with another document is served with the new one.
+            changed = [c for n, c in self._caches.items() if n in wanted and c.task != wanted[n]]
+            added += [ModelCache(self._store, wanted[c.task.name], self._poll_seconds) for c in changed]
+            for cache in gone + changed:
+                del self._caches[cache.task.name]
+            for cache in added:
+                self._caches[cache.task.name] = cache
+        for cache in gone + changed:
+            cache.stop()
+            log.info("study no longer served", extra={"task": cache.task.name})
+        for cache in added:
+            if self._started:
+                cache.start()
+            log.info("study served", extra={"task": cache.task.name})
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - keep serving the studies known if the store blips
+                log.exception("study list refresh failed")
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._caches)
+
+    def tasks(self) -> list[TaskSpec]:
+        with self._lock:
+            return [self._caches[n].task for n in sorted(self._caches)]
+
+    def cache(self, name: str) -> ModelCache:
+        """The study's cache; NotFound naming the studies served."""
+        with self._lock:
+            found = self._caches.get(name)
+        if found is None:
+            served = ", ".join(self.names()) or "none yet"
+            raise NotFound(f"this hospital serves no study {name[:80]!r}; it serves: {served}")
+        return found
+
+    def chosen(self, name: str, field: str) -> ModelCache:
+        """The study a request names in `field`; an empty name is the one study when only one is
+        served, and otherwise INVALID_ARGUMENT listing them (the caller must say which)."""
+        if name:
+            return self.cache(name)
+        with self._lock:
+            only = list(self._caches.values())
+        if len(only) == 1:
+            return only[0]
+        served = ", ".join(self.names()) or "none yet"
+        raise InvalidArgument(
+            "which study?",
+            [FieldProblem(field, f"is required: this hospital serves several studies ({served})")],
+        )
+
+    @property
+    def ready(self) -> bool:
+        """True once some study's model is loaded (a newly approved study has none for a while,
+        and must not take the others' models out of service)."""
+        return any(c.ready for c in self._all())

@@ -16,7 +16,7 @@ from fibemrss.domain.feature_encoding import input_names
 from services.inference.core import tensors
 from services.inference.core.diagnosis import LoadedModel, infer
 from services.inference.core.input_limits import EncodedLimits, element_fields
-from services.inference.core.model_cache import ModelCache
+from services.inference.core.model_cache import StudyModels
 
 SERVER_NAME = "fibemrss-inference"
 SERVER_VERSION = "0.1.0"
@@ -40,30 +40,60 @@ class ModelMetadata:
     properties: dict[str, str]
 
 
-class OpenInference:
-    """The model name is the task name; versions are the published version numbers."""
+@dataclass(frozen=True)
+class ModelIndex:
+    """One entry of the model repository index (Triton's repository extension)."""
 
-    def __init__(self, cache: ModelCache) -> None:
-        self._cache = cache
-        self.model_name = cache.task.name
-        self._input_names = input_names(cache.task)
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str
+
+
+class OpenInference:
+    """Each study served is its own model, named by the study; versions are the published
+    version numbers of that study's model."""
+
+    def __init__(self, studies: StudyModels) -> None:
+        self._studies = studies
 
     def _model(self, name: str, version: str, version_field: str) -> LoadedModel:
-        if name != self.model_name:
-            raise NotFound(f"unknown model {name!r}; this server serves {self.model_name}")
-        return self._cache.get(tensors.parse_version(version, version_field))
+        return self._studies.cache(name).get(tensors.parse_version(version, version_field))
 
     def server_live(self) -> bool:
         return True
 
     def server_ready(self) -> bool:
-        # Strict readiness (as Triton's default): ready only when the one model can serve.
-        return self._cache.ready
+        # Ready once a study's model can serve: a study approved since has no model for a while,
+        # and must not take the others out of service (its own ModelReady says so).
+        return self._studies.ready
 
     def model_ready(self, name: str, version: str) -> bool:
-        if name != self.model_name:
+        if name not in self._studies.names():
             return False
-        return self._cache.has(tensors.parse_version(version, "version"))
+        return self._studies.cache(name).has(tensors.parse_version(version, "version"))
+
+    def repository_index(self, repository: str, ready_only: bool) -> list[ModelIndex]:
+        """Every study served, with its newest servable version: how hospital software finds
+        what this hospital serves (tritonclient's get_model_repository_index)."""
+        if repository:
+            raise NotFound(
+                f"unknown model repository {repository[:80]!r}; this server has one (leave it empty)"
+            )
+        out = []
+        for name in self._studies.names():
+            try:
+                cache = self._studies.cache(name)
+            except NotFound:
+                continue  # retired between the two reads
+            versions = cache.versions()
+            if cache.ready and versions:
+                out.append(ModelIndex(name, str(versions[0]), "READY", ""))
+            elif not ready_only:
+                out.append(
+                    ModelIndex(name, "", "UNAVAILABLE", "no model version of this study is published yet")
+                )
+        return out
 
     def server_metadata(self) -> ServerMetadata:
         return ServerMetadata(name=SERVER_NAME, version=SERVER_VERSION, extensions=())
@@ -71,8 +101,8 @@ class OpenInference:
     def model_metadata(self, name: str, version: str) -> ModelMetadata:
         model = self._model(name, version, "version")
         return ModelMetadata(
-            name=self.model_name,
-            versions=[str(v) for v in self._cache.versions()],
+            name=model.task.name,
+            versions=[str(v) for v in self._studies.cache(name).versions()],
             platform=PLATFORM,
             inputs=[tensors.input_spec(model.input_dim)],
             outputs=tensors.output_specs(),
@@ -84,7 +114,9 @@ class OpenInference:
                 "architecture": model.task.model,
                 "threshold": repr(model.threshold),
                 # Column j of `features` is the encoded input named here; see docs/inference.md.
-                "input_columns": json.dumps(self._input_names),
+                "input_columns": json.dumps(input_names(model.task)),
+                "study": model.task.name,
+                "study_description": model.task.description,
                 "input_encoding": (
                     "numeric: (value - mean) / std, then a <name>_missing indicator (1 with value 0 "
                     "when missing); categorical: one-hot <name>=<code>, all 0 when missing"
@@ -104,7 +136,7 @@ class OpenInference:
         probability, logit = infer(model, x)
         values = {"probability": probability, "logit": logit}
         return tensors.InferResponse(
-            model_name=self.model_name,
+            model_name=model.task.name,
             model_version=str(model.version),
             id=request.id,
             # Which model answered (global or personalized), as response parameters (KServe v2).

@@ -24,8 +24,7 @@ from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument, N
 from fibemrss.platform.http_server import Handler, guarded, json_error
 from services.inference.core import fhir_reference as fr
 from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
-from services.inference.core.input_limits import PatientInputs
-from services.inference.core.model_cache import ModelCache
+from services.inference.core.model_cache import ModelCache, StudyModels
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,16 @@ def reference_view(model: LoadedModel, ref: Reference) -> fr.ReferenceView:
         contributions=ref.contributions,
         imputed=ref.imputed,
         caveat=CAVEAT,
+        outcome=fr.outcome_of(model.task),
     )
 
 
 class CdsHooks:
-    def __init__(self, cache: ModelCache, authorize: Authorize | None) -> None:
-        self._cache = cache
-        self._task = cache.task
+    """One `patient-view` service per study served (`<study>-risk`), listed by discovery."""
+
+    def __init__(self, studies: StudyModels, authorize: Authorize | None) -> None:
+        self._studies = studies
         self._authorize = authorize
-        self._inputs = PatientInputs(cache.task)
 
     def routes(self) -> list[Route]:
         return [
@@ -68,10 +68,11 @@ class CdsHooks:
         )
 
     async def _discovery(self, request: Request) -> Response:
-        return JSONResponse(fr.discovery(self._task))
+        return JSONResponse(fr.discovery(self._studies.tasks()))
 
     async def _service(self, request: Request) -> Response:
-        if request.path_params["id"] != fr.service_id(self._task):
+        task = fr.service_for(self._studies.tasks(), request.path_params["id"])
+        if task is None:
             raise NotFound(f"no CDS service {request.path_params['id'][:60]!r}; see GET /cds-services")
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
@@ -86,17 +87,25 @@ class CdsHooks:
             raise InvalidArgument("wrong hook", [FieldProblem("hook", "this service answers patient-view")])
         if not isinstance(doc.get("hookInstance"), str):
             raise InvalidArgument("no hookInstance", [FieldProblem("hookInstance", "is required (a UUID)")])
-        return JSONResponse({"cards": [await run_in_threadpool(self._card, doc)]})
-
-    def _card(self, doc: dict[str, Any]) -> dict[str, Any]:
-        read = fr.read_prefetch(self._task, doc, self._inputs)
-        if read.refused:
-            return fr.refused_card(self._task, read.refused)
-        if read.values is None:
-            return fr.missing_card(self._task, read.missing)
         try:
-            model = self._cache.get(0)
+            cache = self._studies.cache(task.name)
+        except NotFound:  # retired between the two reads
+            raise NotFound(
+                f"no CDS service {request.path_params['id'][:60]!r}; see GET /cds-services"
+            ) from None
+        return JSONResponse({"cards": [await run_in_threadpool(self._card, cache, doc)]})
+
+    @staticmethod
+    def _card(cache: ModelCache, doc: dict[str, Any]) -> dict[str, Any]:
+        task = cache.task
+        read = fr.read_prefetch(task, doc, cache.inputs)
+        if read.refused:
+            return fr.refused_card(task, read.refused)
+        if read.values is None:
+            return fr.missing_card(task, read.missing)
+        try:
+            model = cache.get(0)
         except DomainError:
-            return fr.missing_card(self._task, ["a published model version: none is loaded yet"])
+            return fr.missing_card(task, ["a published model version: none is loaded yet"])
         ref = diagnose_values(model, [read.values])[0]
         return fr.risk_card(reference_view(model, ref), read)

@@ -10,14 +10,14 @@ import grpc
 
 from fibemrss.api.inference.v1 import inference_pb2 as pb
 from fibemrss.api.inference.v1 import inference_pb2_grpc
-from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
+from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import FeatureValue
 from fibemrss.domain.records import PatientRecord
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import record_from_proto
 from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values
 from services.inference.core.input_limits import MAX_VIOLATIONS, PatientInputs, capped
-from services.inference.core.model_cache import ModelCache
+from services.inference.core.model_cache import ModelCache, StudyModels
 from services.inference.core.ports import PatientSource
 
 MAX_BATCH_PATIENTS = 1024
@@ -41,28 +41,29 @@ def _reference_to_proto(model: LoadedModel, ref: Reference) -> pb.DiagnoseRespon
 
 
 class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
-    def __init__(self, cache: ModelCache, directory: PatientSource | None = None) -> None:
-        self._cache = cache
-        self._task_name = cache.task.name
-        self._directory = directory
-        self._inputs = PatientInputs(cache.task)
+    """`task` names the study asked; it may be left empty while the hospital serves one study."""
 
-    def _values(self, record: PatientRecord, field: str) -> list[FeatureValue]:
-        values, problems = self._inputs.read(record, field)
+    def __init__(self, studies: StudyModels, directory: PatientSource | None = None) -> None:
+        self._studies = studies
+        self._directory = directory
+
+    @staticmethod
+    def _values(inputs: PatientInputs, record: PatientRecord, field: str) -> list[FeatureValue]:
+        values, problems = inputs.read(record, field)
         if problems:
             raise InvalidArgument("invalid patient values", problems)
         return values
 
-    def _check(self, task: str, model_version: int) -> None:
-        if task and task != self._task_name:
-            raise NotFound(f"this service serves {self._task_name}, not {task!r}")
+    def _check(self, task: str, model_version: int) -> tuple[ModelCache, PatientInputs]:
         if model_version < 0:
             raise InvalidArgument(
                 "bad model_version", [FieldProblem("model_version", "must be 0 (newest) or positive")]
             )
+        cache = self._studies.chosen(task, "task")
+        return cache, cache.inputs
 
     def Diagnose(self, request: pb.DiagnoseRequest, context: grpc.ServicerContext) -> pb.DiagnoseResponse:
-        self._check(request.task, request.model_version)
+        cache, inputs = self._check(request.task, request.model_version)
         subject = request.WhichOneof("subject")
         if subject is None:
             raise InvalidArgument(
@@ -75,16 +76,16 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 )
             record = self._directory.fetch(request.patient_key, on_behalf_of=caller_identity(context))
             # A stored record passed the gateway's checks; checked again, its fields named under the key.
-            values = self._values(record, "patient_key")
+            values = self._values(inputs, record, "patient_key")
         else:
-            values = self._values(record_from_proto(request.patient), "patient")
-        model = self._cache.get(request.model_version)
+            values = self._values(inputs, record_from_proto(request.patient), "patient")
+        model = cache.get(request.model_version)
         return _reference_to_proto(model, diagnose_values(model, [values])[0])
 
     def DiagnoseBatch(
         self, request: pb.DiagnoseBatchRequest, context: grpc.ServicerContext
     ) -> pb.DiagnoseBatchResponse:
-        self._check(request.task, request.model_version)
+        cache, inputs = self._check(request.task, request.model_version)
         if not 1 <= len(request.patients) <= MAX_BATCH_PATIENTS:
             raise InvalidArgument(
                 "bad batch size",
@@ -97,7 +98,7 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
         for i, patient in enumerate(request.patients):
             field = f"patients[{i}]"
             try:
-                values, found = self._inputs.read(record_from_proto(patient, field), field)
+                values, found = inputs.read(record_from_proto(patient, field), field)
             except InvalidArgument as exc:
                 values, found = [], exc.violations
             rows.append(values)
@@ -106,6 +107,6 @@ class DiagnosisServicer(inference_pb2_grpc.DiagnosisServiceServicer):
                 break
         if problems:
             raise InvalidArgument("invalid patient records", capped(problems, "patients"))
-        model = self._cache.get(request.model_version)
+        model = cache.get(request.model_version)
         refs = diagnose_values(model, rows)
         return pb.DiagnoseBatchResponse(references=[_reference_to_proto(model, r) for r in refs])

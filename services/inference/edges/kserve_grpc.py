@@ -115,3 +115,15 @@ class KServeServicer(kserve_grpc.GRPCInferenceServiceServicer):
         self, request: kserve.ModelInferRequest, context: grpc.ServicerContext
     ) -> kserve.ModelInferResponse:
         return infer_response_to_proto(self._core.model_infer(infer_request_from_proto(request)))
+
+    def RepositoryIndex(
+        self, request: kserve.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> kserve.RepositoryIndexResponse:
+        return kserve.RepositoryIndexResponse(
+            models=[
+                kserve.RepositoryIndexResponse.ModelIndex(
+                    name=m.name, version=m.version, state=m.state, reason=m.reason
+                )
+                for m in self._core.repository_index(request.repository_name, request.ready)
+            ]
+        )

@@ -64,6 +64,8 @@ class KServeRest:
             Route("/v2/health/live", h("ServerLive", self._live)),
             Route("/v2/health/ready", h("ServerReady", self._ready)),
             Route("/v2", h("ServerMetadata", self._server_metadata)),
+            # Triton's repository extension: the index of the models (one per study) served.
+            Route("/v2/repository/index", h("RepositoryIndex", self._repository_index), methods=["POST"]),
             Route("/v2/models/{name}", h("ModelMetadata", self._model_metadata)),
             Route("/v2/models/{name}/versions/{version}", h("ModelMetadata", self._model_metadata)),
             Route("/v2/models/{name}/ready", h("ModelReady", self._model_ready)),
@@ -88,6 +90,27 @@ class KServeRest:
     async def _server_metadata(self, request: Request) -> Response:
         meta = self._core.server_metadata()
         return JSONResponse({"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)})
+
+    async def _repository_index(self, request: Request) -> Response:
+        body = await request.body()
+        if len(body) > 65536:
+            raise InvalidArgument("request too large", [FieldProblem("body", "over 65536 bytes")])
+        ready = False
+        if body.strip():
+            doc, _ = _json_body(body, None)
+            value = doc.get("ready", False)
+            if not isinstance(value, bool):
+                raise InvalidArgument("bad ready", [FieldProblem("ready", "must be true or false")])
+            ready = value
+        index = await run_in_threadpool(self._core.repository_index, "", ready)
+        return JSONResponse(
+            [
+                {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+                if m.reason
+                else {"name": m.name, "version": m.version, "state": m.state}
+                for m in index
+            ]
+        )
 
     async def _model_metadata(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version", "")

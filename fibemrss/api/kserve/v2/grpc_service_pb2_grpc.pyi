@@ -5,8 +5,10 @@ The Open Inference Protocol (KServe v2) gRPC API: health, metadata and inference
 
 Written from the public KServe / Open Inference Protocol specification. The package, the
 service, the message names and the field numbers are the specification's, so any compliant
-client (tritonclient, KServe, Seldon MLServer clients) talks to it unchanged. Only the core
-APIs are declared; repository, shared-memory and statistics extensions are not served.
+client (tritonclient, KServe, Seldon MLServer clients) talks to it unchanged. The core APIs are
+declared, and of the model repository extension its index (Triton's RepositoryIndex, messages
+and field numbers as Triton spells them), so hospital software lists the studies served;
+loading, unloading, shared-memory and statistics extensions are not served.
 """
 
 from collections import abc as _abc
@@ -49,6 +51,8 @@ class GRPCInferenceServiceStub:
     """A model's versions, platform and input/output tensors."""
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelInferResponse]
     """Runs a model on the given input tensors."""
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]
+    """Every model the server serves (one per study), with its newest version and whether it is ready."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -65,6 +69,8 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """A model's versions, platform and input/output tensors."""
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.ModelInferRequest, _grpc_service_pb2.ModelInferResponse]  # type: ignore[assignment]
     """Runs a model on the given input tensors."""
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_service_pb2.RepositoryIndexRequest, _grpc_service_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    """Every model the server serves (one per study), with its newest version and whether it is ready."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -114,5 +120,13 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_service_pb2.ModelInferResponse, _abc.Awaitable[_grpc_service_pb2.ModelInferResponse]]:
         """Runs a model on the given input tensors."""
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _grpc_service_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_grpc_service_pb2.RepositoryIndexResponse, _abc.Awaitable[_grpc_service_pb2.RepositoryIndexResponse]]:
+        """Every model the server serves (one per study), with its newest version and whether it is ready."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
