@@ -1,10 +1,13 @@
 """The gateway's PostgreSQL adapter: idempotent record storage, quarantine, reads and audit.
 
-Write path: one transaction per ingest batch, one savepoint per record. The batch is first
-written with set-based statements (execute_values: a handful of round trips for the whole batch);
-if any of them fails (a concurrent writer stored the same payload first, for example), the batch
-savepoint is rolled back and every record is written again on its own savepoint, so one bad
-record never takes the batch's good records with it and a rejected record is never partly written.
+Write path: one transaction per ingest batch. The batch is first written with set-based
+statements in as few round trips as the data allows (which of its payloads are stored already;
+then the patients, the superseded versions and the new versions in one multi-statement request;
+then one COPY per child table), because a batch of a few MLLP messages spends more time waiting on
+round trips than on rows. If any of them fails (a concurrent writer stored the same payload
+first, for example), that transaction is rolled back and the batch is written again in a new one,
+every record on its own savepoint, so one bad record never takes the batch's good records with it
+and a rejected record is never partly written.
 """
 
 from __future__ import annotations
@@ -81,6 +84,16 @@ _UPSERT_PATIENTS = (
     "birth_date=COALESCE(EXCLUDED.birth_date, patients.birth_date), "
     "age_years=COALESCE(EXCLUDED.age_years, patients.age_years), updated_at=now()"
 )
+_NEW_VERSIONS = (
+    "WITH v(s, i, h, k) AS (VALUES %s), "
+    "previous AS (UPDATE source_records r SET superseded_at = now() FROM v "
+    "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
+    "RETURNING r.source_system, r.source_id, r.version) "
+    "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
+    "SELECT v.s, v.i, v.h, v.k, coalesce(p.version, 0) + 1 FROM v "
+    "LEFT JOIN previous p ON p.source_system = v.s AND p.source_id = v.i "
+    "RETURNING source_system, source_id, id"
+)
 _QUARANTINE_COLUMNS = (
     "id, patient_key, record_json, reasons, status, created_at, resolved_at, resolved_by, resolution_reason"
 )
@@ -91,6 +104,11 @@ def quarantine_json(record: PatientRecord, patient_key: str) -> str:
     already a keyed hash (`ingestion.at_rest`); the patient id is the key here again, so that
     nothing else can put a raw one in."""
     return json.dumps(record_to_json(replace(record, source_patient_id=patient_key)))
+
+
+def _values(cur: Cursor, template: str, rows: Sequence[tuple[Any, ...]]) -> bytes:
+    """`rows` as the comma-separated list of a VALUES clause, each quoted by psycopg2."""
+    return b",".join(cur.mogrify(template, row) for row in rows)
 
 
 def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
@@ -117,14 +135,14 @@ class GatewayStore:
         stored; returns "accepted" or "duplicate" for each, in order."""
         if not writes:
             return []
+        try:
+            # No savepoint around the fast path: its two round trips cost more, batch after
+            # batch, than starting the rare failed batch again in a fresh transaction.
+            with self._db.transaction() as cur:
+                return self._write_set_based(cur, writes)
+        except psycopg2.IntegrityError:
+            pass
         with self._db.transaction() as cur:
-            cur.execute("SAVEPOINT batch")
-            try:
-                outcomes = self._write_set_based(cur, writes)
-                cur.execute("RELEASE SAVEPOINT batch")
-                return outcomes
-            except psycopg2.IntegrityError:
-                cur.execute("ROLLBACK TO SAVEPOINT batch")
             return [self._write_one(cur, w) for w in writes]
 
     def _write_one(self, cur: Cursor, w: Write) -> StoreOutcome:
@@ -187,32 +205,24 @@ class GatewayStore:
         """Writes new versions of distinct source records (none of them stored yet)."""
         if not writes:
             return
-        execute_values(cur, _UPSERT_PATIENTS, _patient_rows(writes), page_size=_PAGE)
-        # A changed payload under the same source id is a new version; history is kept.
-        previous = execute_values(
+        # One request, three statements: the patients upserted (the versions refer to them), then
+        # the current version of each source record superseded and the new one inserted with the
+        # next number: a changed payload under the same source id is a new version; history is
+        # kept. Only the last statement's rows come back: the new versions' ids.
+        patients = _values(cur, "(%s, %s, %s, %s)", _patient_rows(writes))
+        sources = _values(
             cur,
-            "UPDATE source_records r SET superseded_at = now() FROM (VALUES %s) AS v(s, i) "
-            "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
-            "RETURNING r.source_system, r.source_id, r.version",
-            [(w.record.provenance.source_system, w.record.provenance.source_id) for w in writes],
-            page_size=_PAGE,
-            fetch=True,
+            "(%s, %s, %s, %s)",
+            [
+                (w.record.provenance.source_system, w.record.provenance.source_id,
+                 w.record.provenance.payload_sha256, w.patient_key)
+                for w in writes
+            ],
+        )  # fmt: skip
+        cur.execute(
+            _UPSERT_PATIENTS.replace("%s", patients.decode()) + "; " + _NEW_VERSIONS % sources.decode()
         )
-        versions = {(s, i): v for s, i, v in previous}
-        rows = []
-        for w in writes:
-            p = w.record.provenance
-            version = versions.get((p.source_system, p.source_id), 0) + 1
-            rows.append((p.source_system, p.source_id, p.payload_sha256, w.patient_key, version))
-        ids = execute_values(
-            cur,
-            "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
-            "VALUES %s RETURNING source_system, source_id, id",
-            rows,
-            page_size=_PAGE,
-            fetch=True,
-        )
-        record_ids = {(s, i): rid for s, i, rid in ids}
+        record_ids = {(s, i): rid for s, i, rid in cur.fetchall()}
         obs, conds, encs = [], [], []
         for w in writes:
             p, key = w.record.provenance, w.patient_key
