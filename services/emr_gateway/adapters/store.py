@@ -36,7 +36,7 @@ Cursor = psycopg2.extensions.cursor
 _PAGE = 1000  # rows per statement of execute_values
 
 
-def _obs_row(record_id: int, key: str, o: Observation) -> tuple[Any, ...]:
+def _obs_row(record_id: Any, key: str, o: Observation) -> tuple[Any, ...]:
     return (
         record_id,
         key,
@@ -52,7 +52,7 @@ def _obs_row(record_id: int, key: str, o: Observation) -> tuple[Any, ...]:
     )
 
 
-def _cond_row(record_id: int, key: str, c: Condition) -> tuple[Any, ...]:
+def _cond_row(record_id: Any, key: str, c: Condition) -> tuple[Any, ...]:
     return (
         record_id,
         key,
@@ -65,7 +65,7 @@ def _cond_row(record_id: int, key: str, c: Condition) -> tuple[Any, ...]:
     )
 
 
-def _enc_row(record_id: int, key: str, e: Encounter) -> tuple[Any, ...]:
+def _enc_row(record_id: Any, key: str, e: Encounter) -> tuple[Any, ...]:
     return (record_id, key, e.source_id, e.class_code, e.start, e.end)
 
 
@@ -84,16 +84,28 @@ _UPSERT_PATIENTS = (
     "birth_date=COALESCE(EXCLUDED.birth_date, patients.birth_date), "
     "age_years=COALESCE(EXCLUDED.age_years, patients.age_years), updated_at=now()"
 )
+# The new versions: the current one of each source record superseded, the next number inserted.
+# `{values}` is filled with quoted rows; child inserts may follow as further CTEs before the end.
 _NEW_VERSIONS = (
-    "WITH v(s, i, h, k) AS (VALUES %s), "
+    "WITH v(s, i, h, k) AS (VALUES {values}), "
     "previous AS (UPDATE source_records r SET superseded_at = now() FROM v "
     "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
-    "RETURNING r.source_system, r.source_id, r.version) "
-    "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
+    "RETURNING r.source_system, r.source_id, r.version), "
+    "ins AS (INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
     "SELECT v.s, v.i, v.h, v.k, coalesce(p.version, 0) + 1 FROM v "
     "LEFT JOIN previous p ON p.source_system = v.s AND p.source_id = v.i "
-    "RETURNING source_system, source_id, id"
+    "RETURNING source_system, source_id, id)"
 )
+_NEW_VERSIONS_END = " SELECT source_system, source_id, id FROM ins"
+# A batch with at most this many child rows writes them in the same request as its versions
+# (an MLLP group: one round trip instead of three COPYs); more go in by COPY.
+INLINE_CHILD_ROWS = 64
+# Each child table's columns after record_id, with their SQL types (for the inline arrays).
+_CHILD_TYPES = {
+    "observations": ("text", "text", "text", "text", "float8", "text", "text", "text", "timestamptz", "text"),
+    "conditions": ("text", "text", "text", "text", "timestamptz", "text", "text"),
+    "encounters": ("text", "text", "text", "timestamptz", "timestamptz"),
+}
 _QUARANTINE_COLUMNS = (
     "id, patient_key, record_json, reasons, status, created_at, resolved_at, resolved_by, resolution_reason"
 )
@@ -104,6 +116,26 @@ def quarantine_json(record: PatientRecord, patient_key: str) -> str:
     already a keyed hash (`ingestion.at_rest`); the patient id is the key here again, so that
     nothing else can put a raw one in."""
     return json.dumps(record_to_json(replace(record, source_patient_id=patient_key)))
+
+
+def _inline_insert(
+    cur: Cursor, n: int, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> str:
+    """A CTE of `_NEW_VERSIONS` inserting `rows` (each keyed by its (source system, source id)) with
+    the id of their new version, one array per column, in their order (ids follow it)."""
+    types = _CHILD_TYPES[table]
+    names = [f"c{j}" for j in range(len(types))]
+    arrays = ", ".join(f"%s::{t}[]" for t in ("text", "text", *types))
+    sql = (
+        f", {table[0]}{n} AS (INSERT INTO {table} ({', '.join(columns)}) "
+        f"SELECT ins.id, {', '.join(names)} FROM unnest({arrays}) WITH ORDINALITY "
+        f"AS u(s, i, {', '.join(names)}, ord) "
+        "JOIN ins ON ins.source_system = u.s AND ins.source_id = u.i ORDER BY u.ord)"
+    )
+    system_ids = [row[0][0] for row in rows]
+    source_ids = [row[0][1] for row in rows]
+    columns_of_rows = [list(column) for column in zip(*(row[1:] for row in rows), strict=True)]
+    return cur.mogrify(sql, [system_ids, source_ids, *columns_of_rows]).decode()
 
 
 def _values(cur: Cursor, template: str, rows: Sequence[tuple[Any, ...]]) -> bytes:
@@ -219,20 +251,31 @@ class GatewayStore:
                 for w in writes
             ],
         )  # fmt: skip
-        cur.execute(
-            _UPSERT_PATIENTS.replace("%s", patients.decode()) + "; " + _NEW_VERSIONS % sources.decode()
-        )
-        record_ids = {(s, i): rid for s, i, rid in cur.fetchall()}
-        obs, conds, encs = [], [], []
+        children: dict[str, tuple[tuple[str, ...], list[tuple[Any, ...]]]] = {
+            "observations": (_OBS_COLUMNS, []),
+            "conditions": (_COND_COLUMNS, []),
+            "encounters": (_ENC_COLUMNS, []),
+        }
         for w in writes:
-            p, key = w.record.provenance, w.patient_key
-            rid = record_ids[(p.source_system, p.source_id)]
-            obs += [_obs_row(rid, key, o) for o in w.record.observations]
-            conds += [_cond_row(rid, key, c) for c in w.record.conditions]
-            encs += [_enc_row(rid, key, e) for e in w.record.encounters]
-        copy_rows(cur, "observations", _OBS_COLUMNS, obs)
-        copy_rows(cur, "conditions", _COND_COLUMNS, conds)
-        copy_rows(cur, "encounters", _ENC_COLUMNS, encs)
+            # Keyed by (source system, source id) until the version's id is known.
+            key, source = w.patient_key, (w.record.provenance.source_system, w.record.provenance.source_id)
+            children["observations"][1].extend(_obs_row(source, key, o) for o in w.record.observations)
+            children["conditions"][1].extend(_cond_row(source, key, c) for c in w.record.conditions)
+            children["encounters"][1].extend(_enc_row(source, key, e) for e in w.record.encounters)
+        inline = sum(len(rows) for _, rows in children.values()) <= INLINE_CHILD_ROWS
+        statement = _NEW_VERSIONS.replace("{values}", sources.decode())
+        if inline:
+            statement += "".join(
+                _inline_insert(cur, n, table, columns, rows)
+                for n, (table, (columns, rows)) in enumerate(children.items())
+                if rows
+            )
+        cur.execute(_UPSERT_PATIENTS.replace("%s", patients.decode()) + "; " + statement + _NEW_VERSIONS_END)
+        if inline:
+            return
+        record_ids = {(s, i): rid for s, i, rid in cur.fetchall()}
+        for table, (columns, rows) in children.items():
+            copy_rows(cur, table, columns, [(record_ids[row[0]], *row[1:]) for row in rows])
 
     @staticmethod
     def _quarantine_rows(cur: Cursor, writes: Sequence[Write]) -> list[StoreOutcome]:
