@@ -23,7 +23,7 @@ from fibemrss.tools.certs import init_pki
 from services.emr_gateway.adapters.store import GatewayStore
 from services.emr_gateway.core.pseudonym import Pseudonymizer
 from services.emr_gateway.core.use_cases import Gateway
-from services.emr_gateway.edges.mllp import MllpListen, MllpServer
+from services.emr_gateway.edges.mllp import INLINE_PARSE_BYTES, MllpListen, MllpServer
 from tests.conftest import SHARED_DATA, shared_file
 
 HOSPITAL = "h"
@@ -314,3 +314,23 @@ def test_concurrent_connections_share_commits_each_message_acked_after_and_store
         mllp.stop()
         db.close()
     assert max(batches) > 1, batches  # several messages shared a transaction
+
+
+def test_a_large_message_parsed_in_the_pool_keeps_its_place_in_the_connections_order(
+    server: tuple[MllpServer, str], pki: Path
+) -> None:
+    """A message over INLINE_PARSE_BYTES is parsed in the worker pool while the small ones after
+    it on the same connection are parsed at once: they still go to the database after it, and
+    their ACKs come in the order the messages were sent. Here the small one re-sends the large
+    one's control id with another value: it must become the current version."""
+    mllp, url = server
+    large = _oru("SAME-1", "PL", value="190") + b"NTE|1||" + b"x" * (INLINE_PARSE_BYTES + 1000) + b"\r"
+    batch = [large, _oru("SAME-1", "PL", value="200"), _oru("OTHER-1", "PS", value="abc")]
+    acks = _pipelined(mllp.address, client_ssl_context(tls(pki, f"operator@{HOSPITAL}")), batch)
+    assert acks == [("AA", "SAME-1"), ("AA", "SAME-1"), ("AE", "OTHER-1")]
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT r.version, o.value FROM observations o JOIN source_records r ON r.id = o.record_id "
+            "ORDER BY r.version"
+        )
+        assert cur.fetchall() == [(1, 190.0), (2, 200.0)]

@@ -7,12 +7,14 @@ for "hl7v2" payloads, the same as gRPC `Ingest`, so parsing, rules, idempotency 
 One asyncio loop serves every connection on its own thread; a slow or stalled sender holds
 nothing but its own connection. The work is a pipeline with group commits:
 
-- each message is parsed in a small worker pool as soon as its frame is read (a sender that
-  does not wait for each ACK gets up to PIPELINE_DEPTH messages in flight, answered in order);
+- each message is parsed as soon as its frame is read (on the loop, or in a small worker pool
+  when large; a sender that does not wait for each ACK gets up to PIPELINE_DEPTH messages in
+  flight, answered in order);
 - one committer writes every parsed message waiting, of every connection, as one database
   transaction (`Gateway.ingest_parsed`: exactly the fates of one-by-one ingestion), while the
-  next messages are parsed; when messages are still being parsed it waits for them, at most
-  BATCH_WINDOW_SECONDS, so that they share the flush; a lone sender waits for no timer;
+  next messages are read and parsed; when messages are still being parsed (large ones, in the
+  pool) it waits for them, at most BATCH_WINDOW_SECONDS, so that they share the flush; a lone
+  sender waits for no timer;
 - each ACK is sent only after the transaction holding its message has committed (never before:
   an AA is a promise that the message is stored), and if a group fails, each of its messages is
   written again on its own, so one bad message is answered AE alone and the others are stored.
@@ -50,6 +52,8 @@ IDLE_TIMEOUT_SECONDS = 600.0
 MAX_BATCH = 64  # messages per database transaction
 # How long the committer waits for messages still being parsed before it commits without them.
 BATCH_WINDOW_SECONDS = 0.002
+# A message up to this size is parsed on the loop; a larger one in the worker pool.
+INLINE_PARSE_BYTES = 64 * 1024
 # Messages of one connection read ahead of their ACKs (a pipelining sender); then reading pauses.
 PIPELINE_DEPTH = 32
 
@@ -223,14 +227,23 @@ class MllpServer:
     def _submit(
         self, message: bytes, previous: asyncio.Future[None] | None
     ) -> tuple[asyncio.Future[bytes], asyncio.Future[None]]:
-        """Parses `message` in the pool and queues it for the committer once `previous` (the same
-        connection's message before it) is queued, so a connection's messages stay in order.
-        Returns its ACK to come, and its own turn for the next message to wait on."""
+        """Parses `message` and queues it for the committer once `previous` (the same connection's
+        message before it) is queued, so a connection's messages stay in order. Returns its ACK to
+        come, and its own turn for the next message to wait on.
+
+        A message of up to INLINE_PARSE_BYTES is parsed here, on the loop (a fraction of a
+        millisecond; two thread hand-offs per message cost more on busy cores), a larger one in
+        the pool, so that it holds up no other connection."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[bytes] = loop.create_future()
         queued: asyncio.Future[None] = loop.create_future()
+        parsed = self._parse(message) if len(message) <= INLINE_PARSE_BYTES else None
+        if parsed is not None and (previous is None or previous.done()):
+            self._enqueue(message, parsed, answer)
+            queued.set_result(None)
+            return answer, queued
         self._staging += 1
-        task = loop.create_task(self._stage(message, previous, answer, queued))
+        task = loop.create_task(self._stage(message, parsed, previous, answer, queued))
         self._stages.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._stages.discard)
         return answer, queued
@@ -238,24 +251,34 @@ class MllpServer:
     async def _stage(
         self,
         message: bytes,
+        parsed: list[Candidate] | bytes | None,
         previous: asyncio.Future[None] | None,
         answer: asyncio.Future[bytes],
         queued: asyncio.Future[None],
     ) -> None:
+        """`_submit`'s slow path: parsing in the pool (when `parsed` is None), waiting for `previous`."""
         loop = asyncio.get_running_loop()
         try:
-            parsed = await loop.run_in_executor(self._pool, self._parse, message)
+            if parsed is None:
+                parsed = await loop.run_in_executor(self._pool, self._parse, message)
             if previous is not None:
                 await previous
-            if isinstance(parsed, bytes):  # refused whole: answered now, nothing to write
-                answer.set_result(parsed)
-            else:
-                self._ready.append(_Parsed(message, parsed, answer))
+            self._enqueue(message, parsed, answer)
         finally:
             self._staging -= 1
             queued.set_result(None)
             assert self._wake is not None
             self._wake.set()
+
+    def _enqueue(
+        self, message: bytes, parsed: list[Candidate] | bytes, answer: asyncio.Future[bytes]
+    ) -> None:
+        if isinstance(parsed, bytes):  # refused whole: answered now, nothing to write
+            answer.set_result(parsed)
+            return
+        self._ready.append(_Parsed(message, parsed, answer))
+        assert self._wake is not None
+        self._wake.set()
 
     def _parse(self, message: bytes) -> list[Candidate] | bytes:
         """The message's candidates, or the ACK of a message refused whole."""
@@ -301,7 +324,9 @@ class MllpServer:
             while not self._ready:
                 self._wake.clear()
                 await self._wake.wait()
-            # A small window: messages already read and still being parsed join this flush.
+            # A small window: messages already read and still being parsed join this flush. No
+            # wait for connections yet to send: the committer stays busy, and what arrives while
+            # it writes makes the next group (waiting for every open connection measured slower).
             deadline = loop.time() + BATCH_WINDOW_SECONDS
             while self._staging and len(self._ready) < MAX_BATCH and (left := deadline - loop.time()) > 0:
                 self._wake.clear()
