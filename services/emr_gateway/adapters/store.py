@@ -145,7 +145,8 @@ def _values(cur: Cursor, template: str, rows: Sequence[tuple[Any, ...]]) -> byte
 
 def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
     """One row per patient key (a statement may not upsert a row twice): later values win,
-    as they would with one upsert per record."""
+    as they would with one upsert per record. In key order, so that concurrent batches lock
+    the rows of patients they share in the same order and cannot deadlock."""
     merged: dict[str, list[Any]] = {}
     for w in writes:
         r = w.record
@@ -153,7 +154,7 @@ def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
         for i, value in enumerate((r.sex, r.birth_date, r.age_years), start=1):
             if value is not None:
                 row[i] = value
-    return [tuple(row) for row in merged.values()]
+    return [tuple(merged[key]) for key in sorted(merged)]
 
 
 class GatewayStore:
