@@ -51,11 +51,11 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.domain.tasks import get_task
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.tools.study_review import decide, document_of, proposal, propose, review
 
 ROOT = Path(__file__).resolve().parents[2]

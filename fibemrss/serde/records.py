@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.domain.errors import FieldProblem, InvalidArgument
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.records import (
@@ -17,7 +18,6 @@ from fibemrss.domain.records import (
     Provenance,
 )
 from fibemrss.domain.task_spec import TaskSpec
-from fibemrss.emr.v1 import emr_pb2
 from fibemrss.serde.values import timestamp_from_proto, timestamp_to_proto
 
 

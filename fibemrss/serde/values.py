@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.domain.feature_extraction import FeatureValue, TrainingExample
-from fibemrss.emr.v1 import emr_pb2
 
 
 def timestamp_to_proto(value: datetime | None) -> Timestamp | None:

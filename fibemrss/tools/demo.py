@@ -16,15 +16,15 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.domain.records import UCI_HEART
 from fibemrss.domain.site_policy import DEFAULT_POLICY
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1, HEART_DISEASE_V1_DP, get_task, register
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.serde.records import record_to_proto
 from fibemrss.tools.commands.diagnose import reference_to_dict

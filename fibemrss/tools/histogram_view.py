@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fibemrss.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
 
 
 def histograms_json(status: fpb.AgentStatus) -> list[dict[str, Any]]:

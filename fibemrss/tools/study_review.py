@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.domain.study import parse_study, study_hash, study_to_json
 from fibemrss.domain.task_spec import TaskSpec
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 
 TIMEOUT = 60.0

@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
+from fibemrss.api.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.domain.errors import ConfigError
-from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.keys import load_aggregator_key
 from fibemrss.he.mask_signatures import MaskKeyVerifier
 from fibemrss.platform.authorization import central_policy

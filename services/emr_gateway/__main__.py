@@ -8,10 +8,10 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 from starlette.applications import Starlette
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.db.study_approvals import StudyStore
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.config import (
     ServerConfig,

@@ -10,13 +10,13 @@ import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry, Gauge
 
+from fibemrss.api.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.db.privacy_ledger import PrivacyLedger
 from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.study import study_hash
-from fibemrss.federation.v1 import federation_pb2, federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier

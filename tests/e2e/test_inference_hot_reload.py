@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.tools.bench.inference_bench import (
     inference_process,
     publish,

@@ -18,14 +18,14 @@ import grpc
 import numpy as np
 import pytest
 
+from fibemrss.api.emr.v1 import emr_pb2
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.domain.feature_encoding import encode, input_names
 from fibemrss.domain.feature_extraction import extract
 from fibemrss.domain.records import LOINC
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.emr.v1 import emr_pb2
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.serde.records import record_from_proto

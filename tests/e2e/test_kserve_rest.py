@@ -16,10 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.domain.feature_encoding import input_dim
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.bench.inference_bench import sample_encoded_rows
 from tests.e2e.conftest import InferenceHttps

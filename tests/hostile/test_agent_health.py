@@ -9,13 +9,13 @@ import uuid
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.admin import ensure_database
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.db.study_approvals import StudyStore
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from fibemrss.tools.study_review import document_of
 from tests.hostile.conftest import Federation, StartAggregator

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from tests.hostile.conftest import Federation, RunningAggregator, StartAggregator

@@ -25,11 +25,11 @@ import numpy as np
 import psycopg2
 import pytest
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.admin import ensure_database
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.tools.service_process import ServiceProcess, base_env

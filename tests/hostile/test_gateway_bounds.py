@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.bench.gateway_memory import fhir_junk_batch, measure

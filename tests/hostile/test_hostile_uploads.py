@@ -15,10 +15,10 @@ import grpc
 import numpy as np
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.domain.feature_encoding import stats_vector_length
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.chunk_format import unpack_header
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, load_hospital_key

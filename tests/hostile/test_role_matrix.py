@@ -20,12 +20,12 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health_pb2
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.db.pool import Database
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2
 from fibemrss.he.keys import write_private_file
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve_pb2
 from fibemrss.platform.capacity import SMALL_REQUEST_BYTES, request_limit
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.admin import ensure_database
 from fibemrss.domain.errors import ConfigError, DomainError
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.authorization import check_hospital_name
 from fibemrss.platform.channels import ServerIdentityMismatch, open_channel
 from fibemrss.platform.config import ServerConfig

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
 from fibemrss.domain.study import study_hash
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateCodec
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier

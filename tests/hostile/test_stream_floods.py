@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from tests.hostile.conftest import Federation, RunningAggregator, StartAggregator
 from tests.waiting import wait_until
 

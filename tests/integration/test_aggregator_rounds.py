@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.platform.channels import open_channel

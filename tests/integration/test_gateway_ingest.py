@@ -15,12 +15,12 @@ import grpc
 import psycopg2
 import pytest
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.db.admin import ensure_database
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.domain.normalize import ucum
 from fibemrss.domain.records import LOINC
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig
 from fibemrss.platform.server import start_server

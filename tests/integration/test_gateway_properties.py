@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.db.admin import ensure_database
 from fibemrss.db.migrate import migrate
-from fibemrss.emr.v1 import emr_pb2
 from tests.integration.test_gateway_ingest import Gateway, serve_gateway
 
 # FIBEMRSS_FUZZ_EXAMPLES raises the count for a long fuzzing run (figures in docs/security.md).

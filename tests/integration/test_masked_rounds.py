@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import UpdateCodec, UpdateDecryptor, slot_count
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
+from fibemrss.api.inference.v1 import inference_pb2
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.db.model_store import ModelStore
 from fibemrss.db.pool import Database
 from fibemrss.domain.errors import FailedPrecondition, NotFound
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.inference.v1 import inference_pb2
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
 from services.inference.core.diagnosis import diagnose

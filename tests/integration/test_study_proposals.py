@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.domain.study import study_hash, study_to_json
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.federation.v1 import federation_pb2 as pb
 from fibemrss.he.codec import UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from tests.integration.test_aggregator_rounds import HOSPITALS, Aggregator, keys, start_aggregator  # noqa: F401

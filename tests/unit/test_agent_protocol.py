@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import pytest
 
+from fibemrss.api.federation.v1 import federation_pb2
 from fibemrss.domain.errors import FailedPrecondition, NotFound, Unavailable
 from fibemrss.domain.feature_encoding import global_stats_from_average, input_dim, local_stats_vector
 from fibemrss.domain.feature_extraction import FeatureValue, TrainingExample
@@ -19,7 +20,6 @@ from fibemrss.domain.study import study_hash
 from fibemrss.domain.task_spec import PersonalizationSpec, TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.domain.torch_models import initial_vector
-from fibemrss.federation.v1 import federation_pb2
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
 from fibemrss.he.keys import AggregatorKey, HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from services.hospital_agent.core.local_data import Example, LocalData, is_test

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.domain.errors import InvalidArgument, NotFound
 from fibemrss.domain.feature_encoding import encode, input_dim
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.model_params import forward_logits, sigmoid
 from fibemrss.domain.published_model import ModelVersion
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.bench.inference_bench import sample_model_version, sample_patient
 from services.inference.core import tensors

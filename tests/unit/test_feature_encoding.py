@@ -76,7 +76,7 @@ def test_the_test_split_is_fixed_by_the_key_and_holds_about_the_asked_fraction()
 
 
 def test_features_read_from_the_proto_equal_those_of_the_converted_record() -> None:
-    from fibemrss.emr.v1 import emr_pb2
+    from fibemrss.api.emr.v1 import emr_pb2
     from fibemrss.serde.records import feature_values_from_proto, record_from_proto, record_to_proto
 
     variants = [

@@ -45,4 +45,4 @@ def test_the_import_contracts_are_kept() -> None:
 
 def test_no_top_level_inference_package_is_installed() -> None:
     assert importlib.util.find_spec("inference") is None
-    assert importlib.util.find_spec("fibemrss.kserve.v2.grpc_service_pb2") is not None
+    assert importlib.util.find_spec("fibemrss.api.kserve.v2.grpc_service_pb2") is not None

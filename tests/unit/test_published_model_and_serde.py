@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.feature_encoding import GlobalStats, input_dim, input_names
 from fibemrss.domain.feature_extraction import TrainingExample
 from fibemrss.domain.model_params import layer_shapes, param_count
 from fibemrss.domain.published_model import PublishedModel
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.emr.v1 import emr_pb2
 from fibemrss.serde.values import (
     feature_value_from_proto,
     feature_value_to_proto,

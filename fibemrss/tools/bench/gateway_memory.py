@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.commands.ingest import throwaway_gateway
 

@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, load_hospital_key
 from fibemrss.platform.channels import open_channel

@@ -27,6 +27,9 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fibemrss.api.emr.v1 import emr_pb2
+from fibemrss.api.inference.v1 import inference_pb2
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.db.migrate import migrate
 from fibemrss.db.model_store import ModelStore
@@ -38,9 +41,6 @@ from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import LOINC, UCI_HEART
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.emr.v1 import emr_pb2
-from fibemrss.inference.v1 import inference_pb2
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
 from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env

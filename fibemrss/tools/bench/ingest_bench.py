@@ -22,11 +22,11 @@ from typing import Any
 
 import psycopg2
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.db.admin import ensure_database
 from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.domain.normalize import fhir_r4
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.bench.edge_ingest_bench import TimedStore, load_average, run_edge_ingest_bench
 from fibemrss.tools.commands.ingest import throwaway_gateway

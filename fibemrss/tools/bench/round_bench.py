@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.he.codec import ChunkAccumulator, UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.platform.channels import open_channel

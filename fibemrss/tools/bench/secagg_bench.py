@@ -38,11 +38,11 @@ import numpy as np
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.domain.errors import Unavailable
 from fibemrss.domain.tasks import get_task
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import UpdateCodec, slot_count
 from fibemrss.he.keys import HospitalKey, load_hospital_key, write_key_files

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from fibemrss.emr.v1 import emr_pb2
-from fibemrss.inference.v1 import inference_pb2, inference_pb2_grpc
+from fibemrss.api.emr.v1 import emr_pb2
+from fibemrss.api.inference.v1 import inference_pb2, inference_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.status_mapping import field_violations
 from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args

@@ -7,8 +7,8 @@ import argparse
 import json
 from typing import Any
 
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK
 from fibemrss.tools.histogram_view import histogram_line, histograms_json

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.records import MAX_CSV_ROWS_PER_REQUEST
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.status_mapping import field_violations

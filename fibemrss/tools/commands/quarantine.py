@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.tls_args import add_tls_arguments, server_identity, tls_from_args
 

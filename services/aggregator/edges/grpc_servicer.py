@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.domain.errors import (
     FailedPrecondition,
     FieldProblem,
@@ -20,8 +22,6 @@ from fibemrss.domain.errors import (
     Unavailable,
 )
 from fibemrss.domain.text import text_problems
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.values import timestamp_to_proto

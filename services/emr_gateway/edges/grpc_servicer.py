@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument
 from fibemrss.domain.site_policy import StudyDecision, policy_to_json
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import record_to_proto
 from fibemrss.serde.values import timestamp_to_proto, training_example_to_proto

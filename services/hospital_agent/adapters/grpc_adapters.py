@@ -13,11 +13,11 @@ from typing import TypeVar
 
 import grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
+from fibemrss.api.federation.v1 import federation_pb2 as fpb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.domain.errors import DomainError, NotFound, Unavailable
 from fibemrss.domain.feature_extraction import TrainingExample
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
-from fibemrss.federation.v1 import federation_pb2 as fpb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from fibemrss.he.mask_signatures import SignedMaskKey
 from fibemrss.he.secagg.protocol import Signed
 from fibemrss.serde.values import training_example_from_proto

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from fibemrss.api.federation.v1 import federation_pb2 as pb
+from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.domain.errors import NotFound
-from fibemrss.federation.v1 import federation_pb2 as pb
-from fibemrss.federation.v1 import federation_pb2_grpc
 from services.hospital_agent.core.protocol import Participation, PersonalizationReport
 
 

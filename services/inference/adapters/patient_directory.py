@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
+from fibemrss.api.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.domain.errors import NotFound, PermissionDenied, Unavailable
 from fibemrss.domain.records import PatientRecord
-from fibemrss.emr.v1 import emr_pb2, emr_pb2_grpc
 from fibemrss.platform.channels import ServerIdentityMismatch
 from fibemrss.serde.records import record_from_proto
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import grpc
 
+from fibemrss.api.inference.v1 import inference_pb2 as pb
+from fibemrss.api.inference.v1 import inference_pb2_grpc
 from fibemrss.domain.errors import FailedPrecondition, FieldProblem, InvalidArgument, NotFound
 from fibemrss.domain.feature_extraction import FeatureValue
 from fibemrss.domain.records import PatientRecord
-from fibemrss.inference.v1 import inference_pb2 as pb
-from fibemrss.inference.v1 import inference_pb2_grpc
 from fibemrss.platform.identity import caller_identity
 from fibemrss.serde.records import record_from_proto
 from services.inference.core.diagnosis import CAVEAT, LoadedModel, Reference, diagnose_values

@@ -8,8 +8,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from fibemrss.kserve.v2 import grpc_service_pb2 as kserve
-from fibemrss.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as kserve
+from fibemrss.api.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from services.inference.core import tensors
 from services.inference.core.open_inference import OpenInference
 

@@ -6,7 +6,7 @@ hospital's agent exposes its own progress to the hospital's operators.
 """
 
 from collections import abc as _abc
-from fibemrss.federation.v1 import federation_pb2 as _federation_pb2
+from fibemrss.api.federation.v1 import federation_pb2 as _federation_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fibemrss.emr.v1 import emr_pb2 as fibemrss_dot_emr_dot_v1_dot_emr__pb2
+from fibemrss.api.emr.v1 import emr_pb2 as fibemrss_dot_emr_dot_v1_dot_emr__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fibemrss.kserve.v2 import grpc_service_pb2 as fibemrss_dot_kserve_dot_v2_dot_grpc__service__pb2
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as fibemrss_dot_kserve_dot_v2_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from fibemrss.emr.v1 import emr_pb2 as fibemrss_dot_emr_dot_v1_dot_emr__pb2
+from fibemrss.api.emr.v1 import emr_pb2 as fibemrss_dot_emr_dot_v1_dot_emr__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fibemrss/inference/v1/inference.proto\x12\x15\x66ibemrss.inference.v1\x1a\x19\x66ibemrss/emr/v1/emr.proto\"\x8b\x01\n\x0f\x44iagnoseRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x31\n\x07patient\x18\x02 \x01(\x0b\x32\x1e.fibemrss.emr.v1.PatientRecordH\x00\x12\x15\n\x0bpatient_key\x18\x04 \x01(\tH\x00\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x42\t\n\x07subject\"<\n\x13\x46\x65\x61tureContribution\x12\x0f\n\x07\x66\x65\x61ture\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontribution\x18\x02 \x01(\x01\"\xc1\x02\n\x10\x44iagnoseResponse\x12\x13\n\x0bprobability\x18\x01 \x01(\x01\x12\r\n\x05label\x18\x02 \x01(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\x03\x12\x17\n\x0f\x66\x65\x64\x65rated_round\x18\x06 \x01(\x03\x12\x45\n\x11top_contributions\x18\x07 \x03(\x0b\x32*.fibemrss.inference.v1.FeatureContribution\x12\x18\n\x10imputed_features\x18\x08 \x03(\t\x12\x11\n\trisk_band\x18\t \x01(\t\x12\x0e\n\x06\x63\x61veat\x18\n \x01(\t\x12\x12\n\nmodel_kind\x18\x0b \x01(\t\x12\x1a\n\x12\x62\x61se_model_version\x18\x0c \x01(\x03\"m\n\x14\x44iagnoseBatchRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x30\n\x08patients\x18\x02 \x03(\x0b\x32\x1e.fibemrss.emr.v1.PatientRecord\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"T\n\x15\x44iagnoseBatchResponse\x12;\n\nreferences\x18\x01 \x03(\x0b\x32\'.fibemrss.inference.v1.DiagnoseResponse2\xdb\x01\n\x10\x44iagnosisService\x12[\n\x08\x44iagnose\x12&.fibemrss.inference.v1.DiagnoseRequest\x1a\'.fibemrss.inference.v1.DiagnoseResponse\x12j\n\rDiagnoseBatch\x12+.fibemrss.inference.v1.DiagnoseBatchRequest\x1a,.fibemrss.inference.v1.DiagnoseBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fibemrss.inference.v1.inference_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fibemrss.api.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DIAGNOSEREQUEST']._serialized_start=92

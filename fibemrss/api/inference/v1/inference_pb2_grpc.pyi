@@ -4,7 +4,7 @@ isort:skip_file
 The diagnosis-reference API served by each hospital from its newest federated model."""
 
 from collections import abc as _abc
-from fibemrss.inference.v1 import inference_pb2 as _inference_pb2
+from fibemrss.api.inference.v1 import inference_pb2 as _inference_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fibemrss.federation.v1 import federation_pb2 as fibemrss_dot_federation_dot_v1_dot_federation__pb2
+from fibemrss.api.federation.v1 import federation_pb2 as fibemrss_dot_federation_dot_v1_dot_federation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -10,7 +10,7 @@ APIs are declared; repository, shared-memory and statistics extensions are not s
 """
 
 from collections import abc as _abc
-from fibemrss.kserve.v2 import grpc_service_pb2 as _grpc_service_pb2
+from fibemrss.api.kserve.v2 import grpc_service_pb2 as _grpc_service_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

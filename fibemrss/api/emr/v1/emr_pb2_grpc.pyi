@@ -6,7 +6,7 @@ quarantine, and the training-example stream that the hospital's agent consumes.
 """
 
 from collections import abc as _abc
-from fibemrss.emr.v1 import emr_pb2 as _emr_pb2
+from fibemrss.api.emr.v1 import emr_pb2 as _emr_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

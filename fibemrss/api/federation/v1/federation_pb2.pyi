@@ -60,6 +60,12 @@ class _RoundStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RoundStage
     """Each survivor's signature on U3 as it was shown."""
     ROUND_STAGE_REVEALS: _RoundStage.ValueType  # 4
     """Each survivor's revealed shares, signed."""
+    ROUND_STAGE_VOTES: _RoundStage.ValueType  # 5
+    """After the round closed: each survivor's signed vote on the round's model (the candidate's
+    digest and one bit, accept or refuse), relayed as sent.
+    """
+    ROUND_STAGE_TALLY: _RoundStage.ValueType  # 6
+    """After the votes: each voter's signature on the vote set as it was shown."""
 
 class RoundStage(_RoundStage, metaclass=_RoundStageEnumTypeWrapper):
     """The stages of a secure-aggregation round after its cohort is fixed, in order."""
@@ -73,6 +79,12 @@ ROUND_STAGE_SURVIVORS: RoundStage.ValueType  # 3
 """Each survivor's signature on U3 as it was shown."""
 ROUND_STAGE_REVEALS: RoundStage.ValueType  # 4
 """Each survivor's revealed shares, signed."""
+ROUND_STAGE_VOTES: RoundStage.ValueType  # 5
+"""After the round closed: each survivor's signed vote on the round's model (the candidate's
+digest and one bit, accept or refuse), relayed as sent.
+"""
+ROUND_STAGE_TALLY: RoundStage.ValueType  # 6
+"""After the votes: each voter's signature on the vote set as it was shown."""
 Global___RoundStage: _TypeAlias = RoundStage  # noqa: Y015
 
 @_typing.final

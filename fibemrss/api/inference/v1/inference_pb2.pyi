@@ -4,7 +4,7 @@ isort:skip_file
 The diagnosis-reference API served by each hospital from its newest federated model."""
 
 from collections import abc as _abc
-from fibemrss.emr.v1 import emr_pb2 as _emr_pb2
+from fibemrss.api.emr.v1 import emr_pb2 as _emr_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
