@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from fibemrss.tools.certs import init_pki
 from services.emr_gateway.adapters.store import GatewayStore
 from services.emr_gateway.core.pseudonym import Pseudonymizer
 from services.emr_gateway.core.use_cases import Gateway
-from services.emr_gateway.edges.mllp import MllpListen, MllpServer
+from services.emr_gateway.edges.mllp import INLINE_PARSE_BYTES, MllpListen, MllpServer
 from tests.conftest import SHARED_DATA, shared_file
 
 HOSPITAL = "h"
@@ -226,3 +228,109 @@ def test_batched_messages_get_the_fates_of_one_by_one(fresh_database: Callable[[
     assert "duplicate" in got[len(paths)]
     for table in ("source_records", "observations", "quarantine", "patients"):
         assert count(batched, table) == count(one_by_one, table), table
+
+
+def _oru(control_id: str, patient: str, value: str = "190", facility: str = "H") -> bytes:
+    return (
+        f"MSH|^~\\&|LAB|{facility}|FIB|H|20240101120000||ORU^R01|{control_id}|P|2.5.1\r"
+        f"PID|1||{patient}^^^H^MR||DOE^JANE||19700101|F\r"
+        "OBR|1|||24331-1^Lipid panel^LN\r"
+        f"OBX|1|NM|2093-3^Cholesterol^LN||{value}|mg/dL|||||F\r"
+    ).encode()
+
+
+def _pipelined(address: str, context: ssl.SSLContext, batch: list[bytes]) -> list[tuple[str, str]]:
+    """Sends every message of `batch` before reading any ACK (a pipelining sender); returns each
+    ACK's (MSA-1 code, MSA-2 control id), in the order they came."""
+    host, port = address.rsplit(":", 1)
+    with context.wrap_socket(socket.create_connection((host, int(port))), server_hostname=host) as sock:
+        sock.settimeout(60)
+        sock.sendall(b"".join(b"\x0b" + m + b"\x1c\r" for m in batch))
+        buffer = b""
+        acks: list[tuple[str, str]] = []
+        while len(acks) < len(batch):
+            while b"\x1c\r" not in buffer:
+                chunk = sock.recv(65536)
+                assert chunk, "the gateway closed the connection before every ACK came"
+                buffer += chunk
+            frame, buffer = buffer.split(b"\x1c\r", 1)
+            msa = parse_ack(frame + b"\x1c\r")["MSA"][0]
+            acks.append((str(msa[1]), str(msa[2])))
+    return acks
+
+
+def _send_into(address: str, context: ssl.SSLContext, batch: list[bytes], out: list[tuple[str, str]]) -> None:
+    out.extend(_pipelined(address, context, batch))
+
+
+def test_concurrent_connections_share_commits_each_message_acked_after_and_stored_once(
+    fresh_database: Callable[[str], str], pki: Path
+) -> None:
+    """Group commit: 12 connections at once, each pipelining 10 messages, share transactions (the
+    metrics hook sees batches of several messages); every message gets its own ACK, in its
+    connection's order, AA for the good ones, and is stored exactly once. Two messages per
+    connection cannot be stored (a sending facility too long for PostgreSQL's unique index fails
+    the transaction): each is answered AE alone, and the messages that shared its group are
+    stored all the same. Sending everything again stores nothing new."""
+    url = fresh_database("hospital")
+    db = Database(url)
+    batches: list[int] = []
+    gw = Gateway(GatewayStore(db), Pseudonymizer(KEY), on_outcomes=lambda o: batches.append(len(o)))
+    context = server_ssl_context(tls(pki, f"gateway@{HOSPITAL}"))
+    mllp = MllpServer(gw, HOSPITAL, MllpListen("127.0.0.1", 0, context), hospital_policy(HOSPITAL)).start()
+    # Over a btree entry's limit where it is part of the unique key, and it does not compress.
+    unstorable = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(200))
+    plan: list[list[bytes]] = []
+    for c in range(12):
+        plan.append(
+            [
+                _oru(f"C{c}-M{m}", f"P{c}-{m % 3}", facility=unstorable if m in (3, 7) else "H")
+                for m in range(10)
+            ]
+        )
+    client = client_ssl_context(tls(pki, f"operator@{HOSPITAL}"))
+    try:
+        for attempt in ("first", "again"):
+            results: list[list[tuple[str, str]]] = [[] for _ in plan]
+            threads = [
+                threading.Thread(target=_send_into, args=(mllp.address, client, batch, out))
+                for batch, out in zip(plan, results, strict=True)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+            for c, acks in enumerate(results):
+                assert [control for _, control in acks] == [f"C{c}-M{m}" for m in range(10)], attempt
+                assert [code for code, _ in acks] == ["AE" if m in (3, 7) else "AA" for m in range(10)], (
+                    attempt
+                )
+            assert count(url, "source_records") == 12 * 8, attempt
+            assert count(url, "observations") == 12 * 8, attempt
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(DISTINCT (source_system, source_id)) FROM source_records")
+            assert cur.fetchone() == (12 * 8,)
+    finally:
+        mllp.stop()
+        db.close()
+    assert max(batches) > 1, batches  # several messages shared a transaction
+
+
+def test_a_large_message_parsed_in_the_pool_keeps_its_place_in_the_connections_order(
+    server: tuple[MllpServer, str], pki: Path
+) -> None:
+    """A message over INLINE_PARSE_BYTES is parsed in the worker pool while the small ones after
+    it on the same connection are parsed at once: they still go to the database after it, and
+    their ACKs come in the order the messages were sent. Here the small one re-sends the large
+    one's control id with another value: it must become the current version."""
+    mllp, url = server
+    large = _oru("SAME-1", "PL", value="190") + b"NTE|1||" + b"x" * (INLINE_PARSE_BYTES + 1000) + b"\r"
+    batch = [large, _oru("SAME-1", "PL", value="200"), _oru("OTHER-1", "PS", value="abc")]
+    acks = _pipelined(mllp.address, client_ssl_context(tls(pki, f"operator@{HOSPITAL}")), batch)
+    assert acks == [("AA", "SAME-1"), ("AA", "SAME-1"), ("AE", "OTHER-1")]
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT r.version, o.value FROM observations o JOIN source_records r ON r.id = o.record_id "
+            "ORDER BY r.version"
+        )
+        assert cur.fetchall() == [(1, 190.0), (2, 200.0)]

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fibemrss.domain.normalize.errors import FieldViolation, ParseError
-from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, BundleParse, parse_bundle
+from fibemrss.domain.normalize.fhir_r4 import MAPPED_TYPES, BundleParse, parse_bundle, read_json
 from fibemrss.domain.records import ICD10, LOINC, SNOMED
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -470,3 +470,24 @@ def test_datetime_round_trip_through_any_offset(moment: datetime, minutes: int) 
     aware = moment.replace(microsecond=0, tzinfo=timezone(timedelta(minutes=minutes)))
     b = bundle(patient(), heart_rate("Patient/p1", effectiveDateTime=aware.isoformat()))
     assert parse_bundle(json.dumps(b)).records[0].observations[0].effective == aware.astimezone(UTC)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 123456789012345678901234567890, "b": -98765432109876543210}',  # beyond 64 bits
+        '{"a": 18446744073709551615, "b": -9223372036854775808, "c": 9007199254740993}',  # 64-bit edges
+        '{"a": 0.1, "b": 1e16, "c": -0.0, "d": 5e-324, "e": 1.7976931348623157e308}',
+        '{"a": "\\ud800", "b": "\\u0000", "c": "\\ud83d\\ude00"}',  # lone surrogate, NUL, a pair
+        '\ufeff{"a": [1, {"b": null}], "a": true}',  # a BOM, a duplicate key (the last wins)
+    ],
+)
+def test_fast_json_path_reads_exactly_what_the_standard_library_reads(text: str) -> None:
+    """The reader decodes with orjson where it can; integers beyond 64 bits (orjson would make them
+    floats), lone surrogates and a BOM go to the standard library, so the values, and with them
+    the payload hash and the fates, never depend on which decoder read the payload."""
+    expected = json.loads(text.removeprefix("\ufeff"))
+    for data in (text, text.encode("utf-8", "surrogatepass")):
+        got = read_json(data)
+        assert got == expected
+        assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)  # types too

@@ -28,15 +28,16 @@ from fibemrss.db.migrate import migrate
 from fibemrss.db.pool import Database
 from fibemrss.domain.normalize import fhir_r4
 from fibemrss.platform.channels import open_channel
-from fibemrss.tools.bench.edge_ingest_bench import run_edge_ingest_bench
+from fibemrss.tools.bench.edge_ingest_bench import TimedStore, load_average, run_edge_ingest_bench
 from fibemrss.tools.commands.ingest import throwaway_gateway
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from services.emr_gateway.adapters.store import GatewayStore
 from services.emr_gateway.core.candidates import bundle_candidates
-from services.emr_gateway.core.ingestion import ingest
+from services.emr_gateway.core.ingestion import collector_paused, ingest
 from services.emr_gateway.core.pseudonym import Pseudonymizer
 
 TABLES = ("patients", "source_records", "observations", "conditions", "encounters")
+GOAL_RATIO = 0.25  # of COPY of the same rows (issue 24)
 MAPPED = ("Patient", "Encounter", "Observation", "Condition")
 
 
@@ -82,21 +83,6 @@ def _copy_anchor(database_url: str) -> tuple[int, float]:
         conn.close()
 
 
-class _TimedStore:
-    """The real GatewayStore, with the seconds spent in its writes added up."""
-
-    def __init__(self, store: GatewayStore) -> None:
-        self._store = store
-        self.seconds = 0.0
-
-    def write_batch(self, writes: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return self._store.write_batch(writes)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-
 def phase_breakdown(bundles: list[bytes], server_url: str) -> dict[str, Any]:
     """Where one bundle's time goes, measured in process (no gRPC) on a fresh database of the same
     server: JSON decode, FHIR mapping to the shared schema, validation (required fields,
@@ -106,17 +92,19 @@ def phase_breakdown(bundles: list[bytes], server_url: str) -> dict[str, Any]:
     migrate(database_url, "hospital")
     db = Database(database_url)
     try:
-        store = _TimedStore(GatewayStore(db))
+        store = TimedStore(GatewayStore(db))
         pseudonyms = Pseudonymizer(b"ingest-bench-phases-key")
         decode = mapping = ingest_total = 0.0
         for content in bundles:
-            t0 = time.perf_counter()
-            loaded = json.loads(content)
-            t1 = time.perf_counter()
-            candidates = bundle_candidates(fhir_r4.parse_bundle_object(loaded))
-            t2 = time.perf_counter()
-            ingest(candidates, store, pseudonyms)
-            t3 = time.perf_counter()
+            # As the gateway ingests a payload: its decoder, the collector paused (`collector_paused`).
+            with collector_paused():
+                t0 = time.perf_counter()
+                loaded = fhir_r4.read_json(content)
+                t1 = time.perf_counter()
+                candidates = bundle_candidates(fhir_r4.parse_bundle_object(loaded))
+                t2 = time.perf_counter()
+                ingest(candidates, store, pseudonyms)
+                t3 = time.perf_counter()
             decode += t1 - t0
             mapping += t2 - t1
             ingest_total += t3 - t2
@@ -150,6 +138,7 @@ def run_ingest_bench(shared_data: Path, edges: bool = True) -> dict[str, Any]:
 def run_grpc_ingest_bench(shared_data: Path) -> dict[str, Any]:
     bundles = _bundles(shared_data)
     resources, mapped = _count_resources(bundles)
+    load_before = load_average()
     with throwaway_gateway() as gateway, open_channel(gateway.address) as channel:
         stub = emr_pb2_grpc.EmrGatewayServiceStub(channel)
         # One small call first, so connection set-up is not timed.
@@ -167,6 +156,10 @@ def run_grpc_ingest_bench(shared_data: Path) -> dict[str, Any]:
     phases["grpc_transport_and_servicer_s"] = round(max(0.0, seconds - phases["in_process_total_s"]), 4)
     resources_per_s = resources / seconds
     copy_rows_per_s = rows / copy_seconds
+    # The whole ingest may take this long at the goal: the phases beyond it hold the miss.
+    budget = resources / (GOAL_RATIO * copy_rows_per_s)
+    phases["budget_at_goal_s"] = round(budget, 4)
+    phases["largest"] = max(phases["seconds"], key=phases["seconds"].get).removesuffix("_s")
     return {
         "bundles": len(bundles),
         "accepted": accepted,
@@ -180,6 +173,9 @@ def run_grpc_ingest_bench(shared_data: Path) -> dict[str, Any]:
         "stored_rows_per_s": round(rows / seconds, 1),
         "copy_rows_per_s": round(copy_rows_per_s, 1),
         "ratio": round(resources_per_s / copy_rows_per_s, 3),
+        "goal_ratio": GOAL_RATIO,
+        "goal_met": resources_per_s / copy_rows_per_s >= GOAL_RATIO,
+        "load_average": {"before": load_before, "after": load_average()},
         "stored_rows_ratio": round((rows / seconds) / copy_rows_per_s, 3),
         "phases": phases,
     }

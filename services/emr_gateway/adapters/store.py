@@ -1,10 +1,13 @@
 """The gateway's PostgreSQL adapter: idempotent record storage, quarantine, reads and audit.
 
-Write path: one transaction per ingest batch, one savepoint per record. The batch is first
-written with set-based statements (execute_values: a handful of round trips for the whole batch);
-if any of them fails (a concurrent writer stored the same payload first, for example), the batch
-savepoint is rolled back and every record is written again on its own savepoint, so one bad
-record never takes the batch's good records with it and a rejected record is never partly written.
+Write path: one transaction per ingest batch. The batch is first written with set-based
+statements in as few round trips as the data allows (which of its payloads are stored already;
+then the patients, the superseded versions and the new versions in one multi-statement request;
+then one COPY per child table), because a batch of a few MLLP messages spends more time waiting on
+round trips than on rows. If any of them fails (a concurrent writer stored the same payload
+first, for example), that transaction is rolled back and the batch is written again in a new one,
+every record on its own savepoint, so one bad record never takes the batch's good records with it
+and a rejected record is never partly written.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ Cursor = psycopg2.extensions.cursor
 _PAGE = 1000  # rows per statement of execute_values
 
 
-def _obs_row(record_id: int, key: str, o: Observation) -> tuple[Any, ...]:
+def _obs_row(record_id: Any, key: str, o: Observation) -> tuple[Any, ...]:
     return (
         record_id,
         key,
@@ -49,7 +52,7 @@ def _obs_row(record_id: int, key: str, o: Observation) -> tuple[Any, ...]:
     )
 
 
-def _cond_row(record_id: int, key: str, c: Condition) -> tuple[Any, ...]:
+def _cond_row(record_id: Any, key: str, c: Condition) -> tuple[Any, ...]:
     return (
         record_id,
         key,
@@ -62,7 +65,7 @@ def _cond_row(record_id: int, key: str, c: Condition) -> tuple[Any, ...]:
     )
 
 
-def _enc_row(record_id: int, key: str, e: Encounter) -> tuple[Any, ...]:
+def _enc_row(record_id: Any, key: str, e: Encounter) -> tuple[Any, ...]:
     return (record_id, key, e.source_id, e.class_code, e.start, e.end)
 
 
@@ -81,6 +84,28 @@ _UPSERT_PATIENTS = (
     "birth_date=COALESCE(EXCLUDED.birth_date, patients.birth_date), "
     "age_years=COALESCE(EXCLUDED.age_years, patients.age_years), updated_at=now()"
 )
+# The new versions: the current one of each source record superseded, the next number inserted.
+# `{values}` is filled with quoted rows; child inserts may follow as further CTEs before the end.
+_NEW_VERSIONS = (
+    "WITH v(s, i, h, k) AS (VALUES {values}), "
+    "previous AS (UPDATE source_records r SET superseded_at = now() FROM v "
+    "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
+    "RETURNING r.source_system, r.source_id, r.version), "
+    "ins AS (INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
+    "SELECT v.s, v.i, v.h, v.k, coalesce(p.version, 0) + 1 FROM v "
+    "LEFT JOIN previous p ON p.source_system = v.s AND p.source_id = v.i "
+    "RETURNING source_system, source_id, id)"
+)
+_NEW_VERSIONS_END = " SELECT source_system, source_id, id FROM ins"
+# A batch with at most this many child rows writes them in the same request as its versions
+# (an MLLP group: one round trip instead of three COPYs); more go in by COPY.
+INLINE_CHILD_ROWS = 64
+# Each child table's columns after record_id, with their SQL types (for the inline arrays).
+_CHILD_TYPES = {
+    "observations": ("text", "text", "text", "text", "float8", "text", "text", "text", "timestamptz", "text"),
+    "conditions": ("text", "text", "text", "text", "timestamptz", "text", "text"),
+    "encounters": ("text", "text", "text", "timestamptz", "timestamptz"),
+}
 _QUARANTINE_COLUMNS = (
     "id, patient_key, record_json, reasons, status, created_at, resolved_at, resolved_by, resolution_reason"
 )
@@ -93,9 +118,35 @@ def quarantine_json(record: PatientRecord, patient_key: str) -> str:
     return json.dumps(record_to_json(replace(record, source_patient_id=patient_key)))
 
 
+def _inline_insert(
+    cur: Cursor, n: int, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> str:
+    """A CTE of `_NEW_VERSIONS` inserting `rows` (each keyed by its (source system, source id)) with
+    the id of their new version, one array per column, in their order (ids follow it)."""
+    types = _CHILD_TYPES[table]
+    names = [f"c{j}" for j in range(len(types))]
+    arrays = ", ".join(f"%s::{t}[]" for t in ("text", "text", *types))
+    sql = (
+        f", {table[0]}{n} AS (INSERT INTO {table} ({', '.join(columns)}) "
+        f"SELECT ins.id, {', '.join(names)} FROM unnest({arrays}) WITH ORDINALITY "
+        f"AS u(s, i, {', '.join(names)}, ord) "
+        "JOIN ins ON ins.source_system = u.s AND ins.source_id = u.i ORDER BY u.ord)"
+    )
+    system_ids = [row[0][0] for row in rows]
+    source_ids = [row[0][1] for row in rows]
+    columns_of_rows = [list(column) for column in zip(*(row[1:] for row in rows), strict=True)]
+    return cur.mogrify(sql, [system_ids, source_ids, *columns_of_rows]).decode()
+
+
+def _values(cur: Cursor, template: str, rows: Sequence[tuple[Any, ...]]) -> bytes:
+    """`rows` as the comma-separated list of a VALUES clause, each quoted by psycopg2."""
+    return b",".join(cur.mogrify(template, row) for row in rows)
+
+
 def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
     """One row per patient key (a statement may not upsert a row twice): later values win,
-    as they would with one upsert per record."""
+    as they would with one upsert per record. In key order, so that concurrent batches lock
+    the rows of patients they share in the same order and cannot deadlock."""
     merged: dict[str, list[Any]] = {}
     for w in writes:
         r = w.record
@@ -103,7 +154,7 @@ def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
         for i, value in enumerate((r.sex, r.birth_date, r.age_years), start=1):
             if value is not None:
                 row[i] = value
-    return [tuple(row) for row in merged.values()]
+    return [tuple(merged[key]) for key in sorted(merged)]
 
 
 class GatewayStore:
@@ -117,14 +168,14 @@ class GatewayStore:
         stored; returns "accepted" or "duplicate" for each, in order."""
         if not writes:
             return []
+        try:
+            # No savepoint around the fast path: its two round trips cost more, batch after
+            # batch, than starting the rare failed batch again in a fresh transaction.
+            with self._db.transaction() as cur:
+                return self._write_set_based(cur, writes)
+        except psycopg2.IntegrityError:
+            pass
         with self._db.transaction() as cur:
-            cur.execute("SAVEPOINT batch")
-            try:
-                outcomes = self._write_set_based(cur, writes)
-                cur.execute("RELEASE SAVEPOINT batch")
-                return outcomes
-            except psycopg2.IntegrityError:
-                cur.execute("ROLLBACK TO SAVEPOINT batch")
             return [self._write_one(cur, w) for w in writes]
 
     def _write_one(self, cur: Cursor, w: Write) -> StoreOutcome:
@@ -187,42 +238,45 @@ class GatewayStore:
         """Writes new versions of distinct source records (none of them stored yet)."""
         if not writes:
             return
-        execute_values(cur, _UPSERT_PATIENTS, _patient_rows(writes), page_size=_PAGE)
-        # A changed payload under the same source id is a new version; history is kept.
-        previous = execute_values(
+        # One request, three statements: the patients upserted (the versions refer to them), then
+        # the current version of each source record superseded and the new one inserted with the
+        # next number: a changed payload under the same source id is a new version; history is
+        # kept. Only the last statement's rows come back: the new versions' ids.
+        patients = _values(cur, "(%s, %s, %s, %s)", _patient_rows(writes))
+        sources = _values(
             cur,
-            "UPDATE source_records r SET superseded_at = now() FROM (VALUES %s) AS v(s, i) "
-            "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
-            "RETURNING r.source_system, r.source_id, r.version",
-            [(w.record.provenance.source_system, w.record.provenance.source_id) for w in writes],
-            page_size=_PAGE,
-            fetch=True,
-        )
-        versions = {(s, i): v for s, i, v in previous}
-        rows = []
+            "(%s, %s, %s, %s)",
+            [
+                (w.record.provenance.source_system, w.record.provenance.source_id,
+                 w.record.provenance.payload_sha256, w.patient_key)
+                for w in writes
+            ],
+        )  # fmt: skip
+        children: dict[str, tuple[tuple[str, ...], list[tuple[Any, ...]]]] = {
+            "observations": (_OBS_COLUMNS, []),
+            "conditions": (_COND_COLUMNS, []),
+            "encounters": (_ENC_COLUMNS, []),
+        }
         for w in writes:
-            p = w.record.provenance
-            version = versions.get((p.source_system, p.source_id), 0) + 1
-            rows.append((p.source_system, p.source_id, p.payload_sha256, w.patient_key, version))
-        ids = execute_values(
-            cur,
-            "INSERT INTO source_records (source_system, source_id, payload_sha256, patient_key, version) "
-            "VALUES %s RETURNING source_system, source_id, id",
-            rows,
-            page_size=_PAGE,
-            fetch=True,
-        )
-        record_ids = {(s, i): rid for s, i, rid in ids}
-        obs, conds, encs = [], [], []
-        for w in writes:
-            p, key = w.record.provenance, w.patient_key
-            rid = record_ids[(p.source_system, p.source_id)]
-            obs += [_obs_row(rid, key, o) for o in w.record.observations]
-            conds += [_cond_row(rid, key, c) for c in w.record.conditions]
-            encs += [_enc_row(rid, key, e) for e in w.record.encounters]
-        copy_rows(cur, "observations", _OBS_COLUMNS, obs)
-        copy_rows(cur, "conditions", _COND_COLUMNS, conds)
-        copy_rows(cur, "encounters", _ENC_COLUMNS, encs)
+            # Keyed by (source system, source id) until the version's id is known.
+            key, source = w.patient_key, (w.record.provenance.source_system, w.record.provenance.source_id)
+            children["observations"][1].extend(_obs_row(source, key, o) for o in w.record.observations)
+            children["conditions"][1].extend(_cond_row(source, key, c) for c in w.record.conditions)
+            children["encounters"][1].extend(_enc_row(source, key, e) for e in w.record.encounters)
+        inline = sum(len(rows) for _, rows in children.values()) <= INLINE_CHILD_ROWS
+        statement = _NEW_VERSIONS.replace("{values}", sources.decode())
+        if inline:
+            statement += "".join(
+                _inline_insert(cur, n, table, columns, rows)
+                for n, (table, (columns, rows)) in enumerate(children.items())
+                if rows
+            )
+        cur.execute(_UPSERT_PATIENTS.replace("%s", patients.decode()) + "; " + statement + _NEW_VERSIONS_END)
+        if inline:
+            return
+        record_ids = {(s, i): rid for s, i, rid in cur.fetchall()}
+        for table, (columns, rows) in children.items():
+            copy_rows(cur, table, columns, [(record_ids[row[0]], *row[1:]) for row in rows])
 
     @staticmethod
     def _quarantine_rows(cur: Cursor, writes: Sequence[Write]) -> list[StoreOutcome]:

@@ -8,8 +8,12 @@ or dates, or values that contradict each other), then written (units converted t
 
 from __future__ import annotations
 
+import gc
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal, Protocol
@@ -27,6 +31,8 @@ StoreOutcome = Literal["accepted", "duplicate"]
 CLOCK_SKEW = timedelta(days=1)
 # A record with hundreds of bad dates gets a readable list, not hundreds of lines.
 MAX_REASONS = 20
+# The collector stays off at most this long while batches keep overlapping (see `collector_paused`).
+MAX_COLLECTOR_PAUSE_SECONDS = 2.0
 # What one response reports: every record's fate, but reasons and violations only up to this many
 # over the batch, so a batch of junk entries cannot make a response many times its own size.
 MAX_DETAILS_PER_BATCH = 1000
@@ -69,6 +75,52 @@ class Outcome:
     reasons: list[str] = field(default_factory=list)
     violations: tuple[FieldProblem, ...] = ()
     patient_key: str = ""
+
+
+class _CollectorPause:
+    """Shared by every thread that ingests: the collector is off while any batch is in flight."""
+
+    lock = threading.Lock()
+    holders = 0
+    was_enabled = False
+    since = 0.0
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector kept out of one payload's decode, mapping and checks.
+
+    Decoding a bundle makes hundreds of thousands of small dicts and lists that all stay alive
+    until the batch is written; every 700 allocations the collector scans the young ones, and
+    as they survive and are promoted it rescans them, then the whole heap: about half of a
+    bundle's decode time went there, for nothing, since a JSON tree has no reference cycles and
+    reference counting frees it when the batch is done. The collector is process-wide and the
+    edges ingest on several threads at once, so the pause is counted: the first batch in turns
+    it off, the last one out turns it back on (only if it was on). Should batches overlap without
+    a break for over MAX_COLLECTOR_PAUSE_SECONDS, a finishing batch runs one collection, so
+    cyclic garbage made meanwhile (exception tracebacks, mostly) stays bounded.
+    """
+    pause = _CollectorPause
+    with pause.lock:
+        if pause.holders == 0:
+            pause.was_enabled = gc.isenabled()
+            pause.since = time.monotonic()
+            gc.disable()
+        pause.holders += 1
+    try:
+        yield
+    finally:
+        collect = False
+        with pause.lock:
+            pause.holders -= 1
+            if pause.holders == 0:
+                if pause.was_enabled:
+                    gc.enable()
+            elif time.monotonic() - pause.since > MAX_COLLECTOR_PAUSE_SECONDS:
+                pause.since = time.monotonic()
+                collect = pause.was_enabled
+        if collect:
+            gc.collect()
 
 
 def plausibility_reasons(record: PatientRecord, now: datetime | None = None) -> list[str]:

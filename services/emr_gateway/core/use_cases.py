@@ -26,6 +26,7 @@ from services.emr_gateway.core.ingestion import (
     RecordStore,
     StoreOutcome,
     bound_details,
+    collector_paused,
     ingest,
     resource_counts,
 )
@@ -221,6 +222,7 @@ class Gateway:
         bound_details(outcomes)
         return IngestResult(outcomes, counts)
 
+    @collector_paused()  # decode, map, check and write without the collector's rescans
     def ingest_payload(self, kind: str | None, content: bytes | CsvPayload) -> IngestResult:
         """`kind` is "fhir", "hl7v2" (content: bytes) or "csv" (content: a CsvPayload)."""
         if kind is None:
@@ -229,20 +231,37 @@ class Gateway:
             return self.ingest_candidates(csv_candidates(content))
         return self.ingest_candidates(candidates_for(kind, content))
 
+    @collector_paused()  # decode, map, check and write without the collector's rescans
     def ingest_messages(self, kind: str, payloads: Sequence[bytes]) -> list[IngestResult | InvalidArgument]:
         """Several "fhir" or "hl7v2" payloads (an MLLP listener's pending messages), each its own
-        unit as in `ingest_payload`, written in as few database batches as their fates allow:
-        a payload naming a source record that an earlier one of the batch names waits for the
-        next batch, so the result is exactly that of ingesting them one after another."""
+        unit as in `ingest_payload`, written in as few database batches as their fates allow
+        (`ingest_parsed`)."""
         results: list[IngestResult | InvalidArgument | None] = []
-        parsed: dict[int, list[Candidate]] = {}
-        for i, payload in enumerate(payloads):
+        parsed: list[list[Candidate]] = []
+        for payload in payloads:
             try:
-                parsed[i] = candidates_for(kind, payload)
+                parsed.append(self.parse_payload(kind, payload))
                 results.append(None)
             except InvalidArgument as exc:
                 results.append(exc)
-        pending = list(parsed)
+        written = iter(self.ingest_parsed(parsed))
+        return [next(written) if r is None else r for r in results]
+
+    @collector_paused()
+    def parse_payload(self, kind: str, payload: bytes) -> list[Candidate]:
+        """A "fhir" or "hl7v2" payload's candidates, nothing written (InvalidArgument when the
+        payload is refused whole): the MLLP listener parses each message as it arrives, while
+        earlier ones are being written, then writes them together with `ingest_parsed`."""
+        return candidates_for(kind, payload)
+
+    @collector_paused()
+    def ingest_parsed(self, parsed: Sequence[Sequence[Candidate]]) -> list[IngestResult]:
+        """Each payload's candidates (`parse_payload`) written in as few database batches as their
+        fates allow: a payload naming a source record that an earlier one of the batch names
+        waits for the next batch, so the result is exactly that of ingesting them one after
+        another, in order. One result per payload."""
+        results: list[IngestResult | None] = [None] * len(parsed)
+        pending = list(range(len(parsed)))
         while pending:
             batch: list[int] = []
             later: list[int] = []
@@ -263,6 +282,7 @@ class Gateway:
             pending = later
         return [r for r in results if r is not None]
 
+    @collector_paused()  # decode, map, check and write without the collector's rescans
     def ingest_fhir_bundles(self, bundles: Sequence[Any]) -> list[BundleIngest | InvalidArgument]:
         """FHIR bundles already read from JSON (REST batch, transaction, NDJSON import groups),
         written as one batch. A bundle refused whole (unreadable, or a transaction with a bad entry)
