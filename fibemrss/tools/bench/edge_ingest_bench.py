@@ -32,7 +32,7 @@ from fibemrss.platform.tls import client_ssl_context
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.commands.ingest import throwaway_gateway
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
-from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway import GatewayStore
 from services.emr_gateway.core.answers import hl7_ack
 from services.emr_gateway.core.candidates import hl7_candidates
 from services.emr_gateway.core.ingestion import Candidate, collector_paused, ingest

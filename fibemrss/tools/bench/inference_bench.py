@@ -42,10 +42,10 @@ from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.platform.server import GRPC_OPTIONS
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
+from services.inference import DiagnosisServicer
 from services.inference.core.diagnosis import LoadedModel, diagnose
 from services.inference.core.input_limits import feature_limits
 from services.inference.core.model_cache import ModelCache, StudyModels
-from services.inference.edges.diagnosis_grpc import DiagnosisServicer
 
 DIAGNOSE_METHOD = "/fibemrss.inference.v1.DiagnosisService/Diagnose"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"

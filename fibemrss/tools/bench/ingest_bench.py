@@ -31,7 +31,7 @@ from fibemrss.platform.channels import open_channel
 from fibemrss.tools.bench.edge_ingest_bench import TimedStore, load_average, run_edge_ingest_bench
 from fibemrss.tools.commands.ingest import throwaway_gateway
 from fibemrss.tools.paths import DEFAULT_SHARED_DATA
-from services.emr_gateway.adapters.store import GatewayStore
+from services.emr_gateway import GatewayStore
 from services.emr_gateway.core.candidates import bundle_candidates
 from services.emr_gateway.core.ingestion import collector_paused, ingest
 from services.emr_gateway.core.pseudonym import Pseudonymizer

@@ -52,7 +52,7 @@ from fibemrss.he.secagg.protocol import (
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, TlsFiles
 from fibemrss.tools.service_process import ServiceProcess, base_env
-from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator
+from services.hospital_agent import GrpcAggregator
 from services.hospital_agent.core.ports import StageView
 from services.hospital_agent.core.secure_aggregation import SecureAggregation
 
