@@ -2,20 +2,18 @@
 with its ACK, on 1 and 8 connections) and FHIR REST (batch Bundles) and bulk NDJSON (resources per
 second), all over mutual TLS into a fresh gateway process and PostgreSQL each, as deployed.
 
-`fibemrss bench ingest` runs these after the gRPC figures; `python -m
-fibemrss.tools.bench.edge_ingest_bench` runs them alone.
+`fibemrss bench ingest` runs these after the gRPC figures; `fibemrss bench edge-ingest` runs them
+alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
 import re
 import socket
 import ssl
-import sys
 import tempfile
 import threading
 import time
@@ -31,7 +29,6 @@ from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.tls import client_ssl_context
 from fibemrss.tools.certs import init_pki
 from fibemrss.tools.commands.ingest import throwaway_gateway
-from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from services.emr_gateway import GatewayStore
 from services.emr_gateway.core.answers import hl7_ack
 from services.emr_gateway.core.candidates import hl7_candidates
@@ -289,19 +286,3 @@ def run_edge_ingest_bench(shared_data: Path) -> dict[str, Any]:
             out["ndjson_import"] = ndjson_rate(gateway.edges["fhir"], context, as_ndjson(bundles))
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shared-data", default=str(DEFAULT_SHARED_DATA))
-    p.add_argument("--json", help="also write the result here")
-    args = p.parse_args(argv)
-    result = run_edge_ingest_bench(Path(args.shared_data))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Ingestion throughput: Synthea FHIR bundles through the gateway over gRPC into PostgreSQL (and,
 in `edges`, MLLP, FHIR REST and NDJSON: `edge_ingest_bench.py`).
 
-Run: `python -m fibemrss.tools.bench.ingest_bench [--shared-data ../shared/data] [--json out.json]`.
+Run: `fibemrss bench ingest [--shared-data ../shared/data] [--json out.json]`.
 
 The gateway runs as its own process (as deployed) over a fresh embedded PostgreSQL. The anchor is
 PostgreSQL's own bulk path measured in the same run on the same server: `COPY` of exactly the rows
@@ -12,10 +12,8 @@ JSON parsing, normalization, validation, pseudonyms, idempotency checks, version
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,6 @@ from fibemrss.domain.normalize import fhir_r4
 from fibemrss.platform.channels import open_channel
 from fibemrss.tools.bench.edge_ingest_bench import TimedStore, load_average, run_edge_ingest_bench
 from fibemrss.tools.commands.ingest import throwaway_gateway
-from fibemrss.tools.paths import DEFAULT_SHARED_DATA
 from services.emr_gateway import GatewayStore
 from services.emr_gateway.core.candidates import bundle_candidates
 from services.emr_gateway.core.ingestion import collector_paused, ingest
@@ -180,19 +177,3 @@ def run_grpc_ingest_bench(shared_data: Path) -> dict[str, Any]:
         "phases": phases,
     }
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shared-data", default=str(DEFAULT_SHARED_DATA))
-    p.add_argument("--json", help="also write the result here")
-    args = p.parse_args(argv)
-    result = run_ingest_bench(Path(args.shared_data))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

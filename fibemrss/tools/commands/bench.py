@@ -191,6 +191,13 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _edge_ingest(args: argparse.Namespace) -> int:
+    from fibemrss.tools.bench.edge_ingest_bench import run_edge_ingest_bench
+
+    _emit(run_edge_ingest_bench(Path(args.shared_data)), args.json)
+    return 0
+
+
 def _inference(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.inference_bench import run_inference_bench
 
@@ -342,6 +349,12 @@ def add_parser(subparsers: Any) -> None:
     ingest.add_argument("--shared-data", default=default_shared)
     ingest.set_defaults(func=_ingest)
 
+    edge_ingest = sub.add_parser(
+        "edge-ingest", help="the ingest edges alone (MLLP, FHIR REST, NDJSON $import) over mutual TLS"
+    )
+    edge_ingest.add_argument("--shared-data", default=default_shared)
+    edge_ingest.set_defaults(func=_edge_ingest)
+
     inference = sub.add_parser(
         "inference", help="Diagnose, ModelInfer (gRPC) and KServe REST infer: latency, throughput"
     )
@@ -361,5 +374,5 @@ def add_parser(subparsers: Any) -> None:
     poisoning.add_argument("--attacker", help="the hostile hospital (hungary)")
     poisoning.set_defaults(func=_poisoning)
 
-    for p in (he, rnd, hostile, memory, quality, privacy, secagg, ingest, inference, poisoning):
+    for p in (he, rnd, hostile, memory, quality, privacy, secagg, ingest, edge_ingest, inference, poisoning):
         p.add_argument("--json", help="also write the result here")
