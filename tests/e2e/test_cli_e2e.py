@@ -19,6 +19,7 @@ import pytest
 
 from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.tls import client_ssl_context
+from tests.waiting import wait_until
 
 
 def check_edges(endpoints: dict[str, Any], hospital: str) -> None:
@@ -84,11 +85,12 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 180
-        while not endpoints_file.exists():
+
+        def written() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "endpoints never written"
-            time.sleep(0.2)
+            return endpoints_file.exists()
+
+        wait_until(written, 180, "the endpoints file written")
         endpoints = json.loads(endpoints_file.read_text())
         assert set(endpoints) == {"aggregator", "hospitals", "metrics", "tls"}
         assert set(endpoints["hospitals"]) == {"alpha", "beta"}
@@ -193,9 +195,7 @@ def test_demo_stopped_by_sigterm_mid_federation_leaves_nothing_running(tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 30
-    while processes_using(workdir) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until(lambda: not processes_using(workdir), 30, "every process of the run gone", interval=0.5)
     assert proc.returncode == 130, "".join(seen[-40:])
     assert processes_using(workdir) == []
 

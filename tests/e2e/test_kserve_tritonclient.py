@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from fibemrss.tools.bench.inference_bench import (
     sample_patient,
 )
 from fibemrss.tools.commands.diagnose import add_parser
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -186,10 +186,12 @@ def test_model_ready_is_false_until_a_version_is_published(
             assert not stub.ServerReady(kserve.ServerReadyRequest(), timeout=10).ready
             assert not stub.ModelReady(kserve.ModelReadyRequest(name=MODEL), timeout=10).ready
             publish(url, sample_model_version(TASK, 1))
-            deadline = time.monotonic() + 20
-            while not stub.ModelReady(kserve.ModelReadyRequest(name=MODEL), timeout=10).ready:
-                assert time.monotonic() < deadline, "the published version was not picked up"
-                time.sleep(0.05)
+            wait_until(
+                lambda: stub.ModelReady(kserve.ModelReadyRequest(name=MODEL), timeout=10).ready,
+                20,
+                "the published version picked up",
+                interval=0.05,
+            )
             assert stub.ServerReady(kserve.ServerReadyRequest(), timeout=10).ready
             assert stub.ModelReady(kserve.ModelReadyRequest(name=MODEL, version="1"), timeout=10).ready
 

@@ -7,7 +7,6 @@ mutual TLS. A refused call is PERMISSION_DENIED (UNAUTHENTICATED for a certifica
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from fibemrss.platform.status_mapping import field_violations
 from fibemrss.platform.tls import client_ssl_context
 from fibemrss.tools.certs import CertificateAuthority, init_pki, issue_certificate, private_key_pem
 from fibemrss.tools.local_cluster import LocalCluster, db_name
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -341,9 +341,9 @@ def _fhir(cluster: LocalCluster, caller: str) -> dict[str, int]:
         codes["import"] = started.status_code
         if started.status_code == 202:
             status_url = started.headers["Content-Location"]
-            deadline = time.monotonic() + 60
-            while (r := c.get(status_url)).status_code == 202 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            r = wait_until(
+                lambda: (answer := c.get(status_url)).status_code != 202 and answer, 60, "the import's status"
+            )
             codes["import-status"] = r.status_code
         codes["metadata"] = c.get("/metadata").status_code
     return codes

@@ -5,7 +5,6 @@ against FHIR R4 with `fhir.resources` (its R4B models: R4B changed none of these
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from services.emr_gateway.core.pseudonym import Pseudonymizer
 from services.emr_gateway.core.use_cases import Gateway
 from services.emr_gateway.edges.fhir_rest import FhirRest
 from tests.conftest import SHARED_DATA, shared_file
+from tests.waiting import wait_until
 
 HOSPITAL = "h"
 KEY = b"fhir-rest-test-pseudonym-key"
@@ -152,11 +152,13 @@ def test_ndjson_import_gives_one_outcome_per_line(fhir_server: Fhir) -> None:
         assert r.status_code == 202, r.text
         OperationOutcome.model_validate(r.json())
         status_url = r.headers["Content-Location"]
-        deadline = time.monotonic() + 120
-        while (r := client.get(status_url)).status_code == 202:
-            assert "X-Progress" in r.headers
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+
+        def finished() -> httpx.Response | None:
+            answer = client.get(status_url)
+            assert answer.status_code != 202 or "X-Progress" in answer.headers
+            return answer if answer.status_code != 202 else None
+
+        r = wait_until(finished, 120, "the import's status")
         assert r.status_code == 200, r.text
         manifest = r.json()
         assert manifest["extension"]["lines"] == n_lines
@@ -180,8 +182,11 @@ def test_ndjson_import_gives_one_outcome_per_line(fhir_server: Fhir) -> None:
     before = (fhir_server.count("source_records"), fhir_server.count("observations"))
     with fhir_server.client() as client:
         status_url = client.post("/$import", content=body).headers["Content-Location"]
-        while (r := client.get(status_url)).status_code == 202:
-            time.sleep(0.2)
+        r = wait_until(
+            lambda: (answer := client.get(status_url)).status_code != 202 and answer,
+            120,
+            "the import's status",
+        )
         fates = r.json()["extension"]["fates"]
     assert "accepted" not in fates and fates["duplicate"] > 0
     assert (fhir_server.count("source_records"), fhir_server.count("observations")) == before
@@ -350,10 +355,11 @@ def test_imports_beyond_the_pending_cap_are_refused_before_their_body_is_held(
             assert outcome.issue[0].code == "throttled" and "still running" in (
                 outcome.issue[0].diagnostics or ""
             )
-            deadline = time.monotonic() + 120
-            while client.get(first.headers["Content-Location"]).status_code == 202:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_until(
+                lambda: client.get(first.headers["Content-Location"]).status_code != 202,
+                120,
+                "the first import's status",
+            )
             assert (
                 client.post("/$import", content=b'{"resourceType": "Patient", "id": "late"}\n').status_code
                 == 202
@@ -394,10 +400,12 @@ def test_an_import_of_more_lines_than_the_cap_is_refused_naming_the_body(
             assert fhir.count("source_records") == 0
             accepted = client.post("/$import", content=b"\n".join(lines[:5]))
             assert accepted.status_code == 202, accepted.text
-            deadline = time.monotonic() + 60
-            while (r := client.get(accepted.headers["Content-Location"])).status_code == 202:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            r = wait_until(
+                lambda: (answer := client.get(accepted.headers["Content-Location"])).status_code != 202
+                and answer,
+                60,
+                "the import's status",
+            )
             assert r.json()["extension"]["fates"] == {"accepted": 5}
     finally:
         http.stop()

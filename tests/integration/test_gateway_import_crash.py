@@ -18,6 +18,7 @@ import pytest
 from fibemrss.db.admin import ensure_database
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.emr_gateway.edges.fhir_rest import GROUPS_PER_WRITE
+from tests.waiting import wait_until
 
 PATIENTS = 12 * GROUPS_PER_WRITE  # twelve batches: time to kill the gateway between two of them
 
@@ -99,10 +100,11 @@ def test_a_gateway_killed_mid_import_keeps_whole_batches_and_the_retry_writes_no
     assert _count(url, "observations") == 3 * stored
     with ServiceProcess("gateway@crash", gateway_env, tmp_path / "second") as gateway:
         status = _import(gateway.edges["fhir"], body)
-        deadline = time.monotonic() + 300
-        while (r := httpx.get(status, timeout=30)).status_code == 202:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        r = wait_until(
+            lambda: (answer := httpx.get(status, timeout=30)).status_code != 202 and answer,
+            300,
+            "the import's status",
+        )
         assert r.status_code == 200, r.text
         fates = r.json()["extension"]["fates"]
     # Lines: a Patient line and three Observation lines per patient, each with its patient's fate.
