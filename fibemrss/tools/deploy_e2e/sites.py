@@ -187,7 +187,8 @@ class Deployment:
         for v in pod.get("volumes", []):
             if "emptyDir" in v:
                 old, v["name"] = v["name"], f"{site.pod(kind)}-{v['name']}"
-                for c in pod["containers"]:
+                # Init containers (the `migrate` one) mount the same volumes.
+                for c in [*pod.get("initContainers", []), *pod["containers"]]:
                     for m in c.get("volumeMounts", []):
                         if m["name"] == old:
                             m["name"] = v["name"]
@@ -201,17 +202,55 @@ class Deployment:
             if d["kind"] == "ConfigMap"
             and any(
                 e.get("configMapRef", {}).get("name") == d["metadata"]["name"]
-                for c in pod["containers"]
+                for c in [*pod.get("initContainers", []), *pod["containers"]]
                 for e in c.get("envFrom", [])
             )
         ]
-        path = self.work / "manifests" / f"{site.service(kind)}.yaml"
-        path.write_text(yaml.safe_dump_all([*configmaps, deployment]))
         args = ["kube", "play", "--log-driver", "k8s-file"]
         for net, ip in self.networks_of(site, kind):
             args += ["--network", f"{net.name}:ip={ip}"]
+        # podman 4.3's kube play removes an init container while it still runs ("cannot remove
+        # container ... as it is running"): each init container (the chart's `migrate`) runs here
+        # first as a pod of its own, to completion, as the kubelet would run it before the others.
+        for init in pod.pop("initContainers", []):
+            self._run_to_completion(site, kind, pod, init, configmaps, args)
+        path = self.work / "manifests" / f"{site.service(kind)}.yaml"
+        path.write_text(yaml.safe_dump_all([*configmaps, deployment]))
         self.pods.append(site.pod(kind))
         podman(*args, str(path))
+
+    def _run_to_completion(
+        self,
+        site: Site,
+        kind: str,
+        pod: dict[str, Any],
+        init: dict[str, Any],
+        configmaps: list[dict[str, Any]],
+        play_args: list[str],
+    ) -> None:
+        name = f"{site.service(kind)}-{init['name']}"
+        once = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                **{k: v for k, v in pod.items() if k not in ("containers", "initContainers")},
+                "containers": [init],
+                "restartPolicy": "Never",
+            },
+        }
+        path = self.work / "manifests" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all([*configmaps, once]))
+        self.pods.append(name)
+        podman(*play_args, str(path))
+        container = f"{name}-{init['name']}"
+        code = podman("wait", container, timeout=300).strip()
+        if code != "0":
+            tail = run("podman", "logs", "--tail", "20", container, check=False)
+            raise RuntimeError(f"init container {init['name']} of {site.service(kind)} exited {code}: {tail}")
+        log(f"{site.service(kind)}: init container {init['name']} ran to completion")
+        run("podman", "pod", "rm", "--force", "--time", "0", name, check=False, timeout=120)
+        self.pods.remove(name)
 
     # -- remove ----------------------------------------------------------------------------------
     def cleanup(self) -> None:
