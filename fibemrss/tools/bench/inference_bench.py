@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from fibemrss.api.emr.v1 import emr_pb2
 from fibemrss.api.inference.v1 import inference_pb2
@@ -40,7 +41,9 @@ from fibemrss.domain.published_model import ModelVersion, PublishedModel
 from fibemrss.domain.records import LOINC, UCI_HEART
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.platform.server import GRPC_OPTIONS
+from fibemrss.platform.capacity import CallLimiter, CallLimits
+from fibemrss.platform.interceptor import ErrorAndMetricsInterceptor, ServerMetrics
+from fibemrss.platform.server import GRPC_OPTIONS, started_pool
 from fibemrss.serde.records import record_from_proto
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from services.inference.core import tensors
@@ -170,9 +173,11 @@ def inference_process(
 EMPTY_METHOD = "/bench.Empty/Call"
 
 
-def _empty_server(port_out: Any, stop: Any) -> None:
-    """A gRPC server built like ours (same thread pool size and options) whose one handler returns
-    an empty message at once: what Python gRPC itself serves on this machine."""
+def _empty_server(port_out: Any, stop: Any, framed: bool = False) -> None:
+    """A gRPC server whose one handler returns an empty message at once: what Python gRPC itself
+    serves on this machine. `framed`: built as `platform.server.start_server` builds the
+    services' (every worker thread started, the call bound, the interceptor with its capacity
+    slot, deadline and metrics), so that its distance to the plain one is the framework's share."""
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
         return b""
@@ -180,7 +185,18 @@ def _empty_server(port_out: Any, stop: Any) -> None:
     handler = grpc.method_handlers_generic_handler(
         "bench.Empty", {"Call": grpc.unary_unary_rpc_method_handler(call)}
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    if framed:
+        limits = CallLimits()
+        server = grpc.server(
+            started_pool(limits.max_workers, "empty"),
+            interceptors=[
+                ErrorAndMetricsInterceptor(ServerMetrics(CollectorRegistry()), None, CallLimiter(limits))
+            ],
+            options=GRPC_OPTIONS,
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+    else:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -212,11 +228,14 @@ def _empty_aio_server(port_out: Any, stop: Any) -> None:
 
 
 @contextlib.contextmanager
-def empty_server(aio: bool = False) -> Iterator[tuple[str, int | None]]:
+def empty_server(aio: bool = False, framed: bool = False) -> Iterator[tuple[str, int | None]]:
     """The empty handler's server process: (address, pid) while the block runs."""
     ctx = mp.get_context("spawn")
     port_out, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=_empty_aio_server if aio else _empty_server, args=(port_out, stop))
+    if aio:
+        proc = ctx.Process(target=_empty_aio_server, args=(port_out, stop))
+    else:
+        proc = ctx.Process(target=_empty_server, args=(port_out, stop, framed))
     proc.start()
     try:
         yield f"127.0.0.1:{port_out.get(timeout=60)}", proc.pid
@@ -757,6 +776,11 @@ def run_inference_bench(
                     for key, (method, payload) in apis.items():
                         targets[f"{key}_baseline"] = (before.address, method, before_pid)
                         payloads[f"{key}_baseline"] = payload
+                # The empty handler again, in a server built as the services' are: how much of
+                # the distance to the plain empty handler is the framework's, not our handlers'.
+                framed_address, framed_pid = stack.enter_context(empty_server(framed=True))
+                targets["empty_handler_in_service_framework"] = (framed_address, EMPTY_METHOD, framed_pid)
+                payloads["empty_handler_in_service_framework"] = apis["diagnose"][1]
                 empty = stack.enter_context(empty_server())
                 mixed = interleaved(targets, payloads, empty, 8, pairs, window)
                 if baseline is not None:
