@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,13 +12,15 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from fibemrss.domain import errors
-from fibemrss.platform.capacity import CallLimiter, request_limit
+from fibemrss.platform.capacity import CallLimiter, Deadlines, request_limit
 from fibemrss.platform.identity import caller_identity
 from fibemrss.platform.status_mapping import abort_with
 
 log = logging.getLogger(__name__)
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
+# Methods whose wrapped handler is kept (a server has a few dozen; unknown names get no handler).
+_MAX_CACHED_METHODS = 1024
 
 
 class ServerMetrics:
@@ -130,6 +131,10 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         self._metrics = metrics
         self._authorize = authorize
         self._limiter = limiter
+        self._deadlines = Deadlines()
+        # grpc asks the interceptor for every call; the wrapped handler of a method is the same
+        # each time (as long as the service's own handler is), so it is built once.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(
         self,
@@ -140,6 +145,15 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         full = handler_call_details.method  # "/package.Service/Method"
+        cached = self._wrapped.get(full)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, full)
+        if len(self._wrapped) < _MAX_CACHED_METHODS:
+            self._wrapped[full] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, full: str) -> grpc.RpcMethodHandler:
         service, _, method = full.lstrip("/").rpartition("/")
         behavior: Callable[..., Any] | None
         if handler.request_streaming and handler.response_streaming:
@@ -177,19 +191,16 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         limiter.acquire(identity, method)
         return lambda: limiter.release(identity, method)
 
-    def _lifetime(self, context: grpc.ServicerContext, streams: bool) -> threading.Timer | None:
+    def _lifetime(self, context: grpc.ServicerContext, streams: bool) -> int | None:
         """A stream is cancelled at the lifetime limit, which ends a blocked read or watch; a unary
         call at the server's deadline (the client sees CANCELLED; a handler waiting on
         `context.is_active`, as long polls do, returns and frees its worker)."""
         if self._limiter is None:
             return None
         limits = self._limiter.limits
-        timer = threading.Timer(
+        return self._deadlines.add(
             limits.max_stream_seconds if streams else limits.max_call_seconds, context.cancel
         )
-        timer.daemon = True
-        timer.start()
-        return timer
 
     def _guarded(self, behavior: Callable[..., Any], method: str, streams: bool) -> Callable[..., Any]:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
@@ -199,7 +210,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
                 return behavior(request, context)
             finally:
                 if timer is not None:
-                    timer.cancel()
+                    self._deadlines.discard(timer)
                 release()
 
         return guarded
@@ -212,7 +223,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
                 yield from behavior(request, context)
             finally:
                 if timer is not None:
-                    timer.cancel()
+                    self._deadlines.discard(timer)
                 release()
 
         return guarded
@@ -224,32 +235,48 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
             log.error("unhandled error in %s/%s", labels[1], labels[2], exc_info=exc)
         abort_with(context, exc)
 
-    def _done(self, context: grpc.ServicerContext, labels: tuple[str, ...], start: float) -> None:
-        self._metrics.handled.labels(*labels, _code_name(context)).inc()
-        self._metrics.seconds.labels(*labels).observe(time.perf_counter() - start)
+    def _series(self, labels: tuple[str, ...]) -> Callable[[grpc.ServicerContext, float], None]:
+        """What one call of `labels` records when it ends; the labelled series are looked up once
+        per method (and per status code) rather than on every call."""
+        seconds = self._metrics.seconds.labels(*labels)
+        handled: dict[str, Any] = {}
+
+        def done(context: grpc.ServicerContext, start: float) -> None:
+            code = _code_name(context)
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled.setdefault(code, self._metrics.handled.labels(*labels, code))
+            counter.inc()
+            seconds.observe(time.perf_counter() - start)
+
+        return done
 
     def _wrap_unary(self, behavior: Callable[..., Any], labels: tuple[str, ...]) -> Callable[..., Any]:
+        started, done = self._metrics.started.labels(*labels), self._series(labels)
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            self._metrics.started.labels(*labels).inc()
+            started.inc()
             start = time.perf_counter()
             try:
                 return behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - the mapping decides what the client sees
                 self._fail(context, exc, labels)
             finally:
-                self._done(context, labels, start)
+                done(context, start)
 
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., Any], labels: tuple[str, ...]) -> Callable[..., Any]:
+        started, done = self._metrics.started.labels(*labels), self._series(labels)
+
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            self._metrics.started.labels(*labels).inc()
+            started.inc()
             start = time.perf_counter()
             try:
                 yield from behavior(request, context)
             except Exception as exc:  # noqa: BLE001
                 self._fail(context, exc, labels)
             finally:
-                self._done(context, labels, start)
+                done(context, start)
 
         return wrapped

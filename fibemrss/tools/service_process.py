@@ -39,6 +39,8 @@ class ServiceProcess:
     metrics: str = ""
     # The other listeners the service named in its ready file: "mllp", "fhir", "kserve_http", ...
     edges: dict[str, str] = field(default_factory=dict)
+    # Where it runs (its code is imported from there first); None: this process's directory.
+    cwd: Path | None = None
     _started: float = field(default=0.0, repr=False)
 
     @property
@@ -63,6 +65,7 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", MODULES[self.role]],
                 env=env,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -201,7 +201,10 @@ def _edge_ingest(args: argparse.Namespace) -> int:
 def _inference(args: argparse.Namespace) -> int:
     from fibemrss.tools.bench.inference_bench import run_inference_bench
 
-    _emit(run_inference_bench(args.duration), args.json)
+    baseline = Path(args.baseline) if args.baseline else None
+    _emit(
+        run_inference_bench(args.duration, pairs=args.pairs, window=args.window, baseline=baseline), args.json
+    )
     return 0
 
 
@@ -359,6 +362,16 @@ def add_parser(subparsers: Any) -> None:
         "inference", help="Diagnose, ModelInfer (gRPC) and KServe REST infer: latency, throughput"
     )
     inference.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    inference.add_argument(
+        "--pairs", type=int, default=5, help="pairs of interleaved windows (empty handler, ours) per API"
+    )
+    inference.add_argument("--window", type=float, default=2.0, help="seconds per interleaved window")
+    inference.add_argument(
+        "--baseline",
+        default="",
+        help="a checkout of an earlier commit (its fibemrss/ and services/): its service is measured in "
+        "the same interleaved windows, for a before/after",
+    )
     inference.set_defaults(func=_inference)
 
     poisoning = sub.add_parser(

@@ -462,22 +462,24 @@ def inference(inf: dict[str, Any], out: Path, when: str) -> Figure:
     name = _save(fig, out, "inference.png")
     eight = inf["diagnose"].get("8")
     figure = f"at 8 clients Diagnose {eight['rps']:,.0f} req/s, p99 {eight['p99_ms']} ms" if eight else ""
-    ceiling = inf.get("empty_handler_ceiling_8_clients")
-    if ceiling:
-        figure += (
-            f" (Python gRPC with an empty handler, same run: {ceiling['rps']:,.0f} req/s; ratio "
-            f"{inf.get('diagnose_8_clients_ratio_to_ceiling')})"
-        )
+    mixed = inf.get("interleaved_8_clients", {})
+    for key, label in (("diagnose", "Diagnose"), ("model_infer", "ModelInfer")):
+        entry = mixed.get(key)
+        if entry:
+            r = entry["ratio_to_empty_handler"]
+            figure += (
+                f"; {label} / the empty handler, interleaved windows at 8 clients: {r['median']} "
+                f"(min {r['min']}, max {r['max']})"
+            )
     if aio:
         figure += f"; an empty grpc.aio handler, same run: {aio['rps']:,.0f} req/s"
     phases = inf.get("diagnose_phases")
     if phases and "server_cpu_us" in phases:
         figure += (
-            f". CPU per Diagnose request at 8 clients: server {phases['server_cpu_us']} µs (decode "
-            f"{phases['decode_us']}, model {phases['model_us']}, encode {phases['encode_us']}, framework "
-            f"{phases['framework_us']}: gRPC, interceptor, thread hand-off), load generator "
-            f"{phases['client_cpu_us']} µs; an empty handler's server CPU {phases.get('empty_handler_server_cpu_us')} µs; "
-            f"{inf.get('cpu_count')} cores bound it at {phases['cpu_bound_rps']:,.0f} req/s"
+            f". Server CPU per Diagnose request at 8 clients: {phases['server_cpu_us']} µs (in process "
+            f"{phases['in_process_us']}: decode {phases['decode_us']}, read {phases.get('read_us')}, model "
+            f"{phases['model_us']}, encode {phases['encode_us']}); the empty handler's "
+            f"{phases['empty_handler_server_cpu_us']} µs"
         )
     return Figure(
         name,

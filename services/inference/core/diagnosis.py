@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fibemrss.domain.feature_encoding import GlobalStats, imputed_features, input_dim, numeric_features
+from fibemrss.domain.feature_encoding import GlobalStats, input_dim, numeric_features
 from fibemrss.domain.feature_extraction import FeatureValue, extract
 from fibemrss.domain.model_params import Layer, forward_logits, sigmoid, unflatten
 from fibemrss.domain.published_model import ModelVersion, PublishedModel
@@ -41,6 +41,8 @@ class EncodingPlan:
     # "feature k missing" in those columns. Row k of x * keep + fill is x with feature k occluded.
     keep: np.ndarray
     fill: np.ndarray
+    # The features' names, in order: what a reference names (contributions, imputed features).
+    names: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, task: TaskSpec, stats: GlobalStats) -> EncodingPlan:
@@ -63,7 +65,8 @@ class EncodingPlan:
                 width = len(f.categories)
             keep[k, col : col + width] = 0.0
             col += width
-        return cls(task, dim, tuple(starts), tuple(moments), keep, fill)
+        names = tuple(f.name for f in task.features)
+        return cls(task, dim, tuple(starts), tuple(moments), keep, fill, names)
 
     def encode_into(self, out: np.ndarray, values: Sequence[FeatureValue]) -> None:
         """Writes one row's encoding into `out` (a zeroed float32 row of length `dim`)."""
@@ -86,8 +89,12 @@ class EncodingPlan:
 
     def with_occlusions(self, x: np.ndarray) -> np.ndarray:
         """[n, dim] -> [n, 1 + features, dim]: each row, then the row with feature k missing."""
-        occluded = x[:, None, :] * self.keep[None] + self.fill[None]
-        return np.concatenate([x[:, None, :], occluded], axis=1)
+        out = np.empty((x.shape[0], 1 + self.keep.shape[0], self.dim), dtype=np.result_type(x, self.keep))
+        out[:, 0] = x
+        occluded = out[:, 1:]
+        np.multiply(x[:, None, :], self.keep, out=occluded)
+        occluded += self.fill
+        return out
 
 
 @dataclass(frozen=True)
@@ -208,7 +215,7 @@ def diagnose_values(
     logits = model.logits(stacked).reshape(len(rows), 1 + n_features)
     probabilities = sigmoid(logits[:, 0])
     deltas = logits[:, :1] - logits[:, 1:]
-    names = [f.name for f in task.features]
+    names = model.plan.names
     out: list[Reference] = []
     for values, p, delta in zip(rows, probabilities.tolist(), deltas.tolist(), strict=True):
         contributions = [(names[k], delta[k]) for k in range(n_features) if values[k] is not None]
@@ -219,7 +226,8 @@ def diagnose_values(
                 label="disease" if p >= model.threshold else "no disease",
                 risk_band=risk_band(p),
                 contributions=contributions[:top],
-                imputed=imputed_features(task, values),
+                # feature_encoding.imputed_features, with the names read once per model version
+                imputed=[names[k] for k in range(n_features) if values[k] is None],
             )
         )
     return out
