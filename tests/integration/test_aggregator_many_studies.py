@@ -19,6 +19,7 @@ import pytest
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import generate_keys, load_hospital_key
+from fibemrss.he.params import DEFAULT_PARAMS
 from tests.integration.test_aggregator_rounds import Aggregator, start_aggregator
 
 HEART, HYPERTENSION = "heart-test", "hypertension-test"
@@ -105,7 +106,10 @@ def test_two_studies_close_their_own_rounds_with_their_own_sums(aggregator: Aggr
         members = HOSPITALS[task]
         assert total == sum(weights[task, h] for h in members)
         expected = sum(vectors[task, h] * weights[task, h] for h in members) / total
-        np.testing.assert_allclose(average, expected, atol=1e-4)
+        # Exact up to the codec's stated rounding: each party rounds w*v*2^frac_bits once.
+        np.testing.assert_allclose(
+            average, expected, rtol=0, atol=DEFAULT_PARAMS.average_error(len(members), total) * (1 + 1e-9)
+        )
         assert [r.state for r in history(aggregator, task)][:1] == [pb.ROUND_STATE_CLOSED]
 
 
