@@ -210,6 +210,13 @@ def test_each_stage_closes_as_soon_as_every_expected_member_posted_and_the_sum_i
     u3 = rnd.sign_survivors(HOSPITALS)
     assert u3 == frozenset(HOSPITALS)
     rnd.tick()
+    assert rnd.closed_stages() == ["shares", "survivors", "uploads"]
+    # A post stored but its answer lost: the identical message again, after the stage closed with
+    # it, is answered OK (the retry of an honest hospital); any other message is still refused.
+    signed = rnd.members["b"].sign_survivors(u3)  # made once: the same signed message
+    rnd.coordinator.post_message(TASK, 0, "b", "survivors", [("", b"")], signed.signature, signed.certificate)
+    with pytest.raises(FailedPrecondition, match="survivors stage of round 0 .* is closed"):
+        rnd.coordinator.post_message(TASK, 0, "b", "survivors", [("", b"x")], signed.signature, b"")
     rnd.reveal(HOSPITALS, u3)
     rnd.tick()  # closes the reveal stage
     rnd.tick()  # aggregates

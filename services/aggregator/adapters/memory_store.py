@@ -401,6 +401,11 @@ class MemoryStore:
             r = self._round(task, number)
             if r is None:
                 raise NotFound(f"round {number} of {task} does not exist")
+            existing = r.messages.get((stage, sender))
+            if existing and {(to, p, g) for to, p, g, _ in existing} == {
+                (to, p, signature) for to, p in parts
+            }:
+                return  # a retry after a lost answer: stored, even if the stage closed since
             if r.state not in ((RoundState.CLOSED,) if stage in VOTE_STAGES else ACCEPTING):
                 raise FailedPrecondition(
                     f"round {number} of {task} is {r.state.value}; the {stage} stage is over"
@@ -411,10 +416,7 @@ class MemoryStore:
                 raise FailedPrecondition(
                     f"{sender!r} is not among the members expected in the {stage} stage of round {number}"
                 )
-            existing = r.messages.get((stage, sender))
             if existing:
-                if {(to, p, g) for to, p, g, _ in existing} == {(to, p, signature) for to, p in parts}:
-                    return
                 raise FailedPrecondition(
                     f"{sender!r} already posted another message in the {stage} stage of round {number}"
                 )

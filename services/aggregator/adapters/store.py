@@ -515,6 +515,14 @@ class AggregatorStore:
             row = cur.fetchone()
             if row is None:
                 raise NotFound(f"round {number} of {task} does not exist")
+            cur.execute(
+                "SELECT recipient, payload, signature FROM round_messages WHERE task=%s AND round=%s "
+                "AND stage=%s AND sender=%s",
+                (task, number, stage, sender),
+            )
+            existing = {(r, bytes(p), bytes(g)) for r, p, g in cur.fetchall()}
+            if existing and existing == {(r, p, signature) for r, p in parts}:
+                return  # a retry after a lost answer: stored, even if the stage closed since
             if RoundState(row[0]) not in _stage_states(stage):
                 raise FailedPrecondition(f"round {number} of {task} is {row[0]}; the {stage} stage is over")
             if stage in self._stages(cur, task, number):
@@ -523,15 +531,7 @@ class AggregatorStore:
                 raise FailedPrecondition(
                     f"{sender!r} is not among the members expected in the {stage} stage of round {number}"
                 )
-            cur.execute(
-                "SELECT recipient, payload, signature FROM round_messages WHERE task=%s AND round=%s "
-                "AND stage=%s AND sender=%s",
-                (task, number, stage, sender),
-            )
-            existing = {(r, bytes(p), bytes(g)) for r, p, g in cur.fetchall()}
             if existing:
-                if existing == {(r, p, signature) for r, p in parts}:
-                    return
                 raise FailedPrecondition(
                     f"{sender!r} already posted another message in the {stage} stage of round {number}"
                 )
