@@ -28,7 +28,14 @@ from services.aggregator.core.ports import (
     WallClock,
 )
 from services.aggregator.core.proposals import Proposal
-from services.aggregator.core.round_state import ACCEPTING, FederationSettings, Round, RoundState
+from services.aggregator.core.round_state import (
+    ACCEPTING,
+    FederationSettings,
+    Round,
+    RoundState,
+    archived_task,
+    is_finished,
+)
 
 
 @dataclass
@@ -93,6 +100,17 @@ class MemoryStore:
     def create_federation(self, s: FederationSettings) -> bool:
         with self._lock:
             known = self._settings.get(s.task)
+            rounds = self._rounds.get(s.task, [])
+            if (
+                known is not None
+                and rounds
+                and is_finished(known.rounds, rounds[-1].number, rounds[-1].state)
+            ):
+                # As in PostgreSQL: the finished federation kept under its archived name.
+                archived = archived_task(s.task, known.federation_id)
+                self._settings[archived] = replace(known, task=archived)
+                self._rounds[archived] = self._rounds.pop(s.task)
+                known = None
             if known is not None:
                 if known.study_hash != s.study_hash:
                     raise FailedPrecondition(

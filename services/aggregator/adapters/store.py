@@ -21,7 +21,13 @@ from fibemrss.he.mask_signatures import SignedMaskKey
 from services.aggregator.core.cohorts import VOTE_STAGES
 from services.aggregator.core.ports import DuplicateSubmission
 from services.aggregator.core.proposals import Proposal
-from services.aggregator.core.round_state import FederationSettings, Round, RoundState
+from services.aggregator.core.round_state import (
+    FederationSettings,
+    Round,
+    RoundState,
+    archived_task,
+    is_finished,
+)
 
 
 def _stage_states(stage: str) -> tuple[RoundState, ...]:
@@ -72,14 +78,27 @@ class AggregatorStore:
         self._db = db
 
     def create_federation(self, s: FederationSettings) -> bool:
-        """Creates the federation and opens round 0; False if it already existed identically."""
+        """Creates the federation and opens round 0; False if it already runs identically. A
+        finished federation of the task (its last round closed or failed) is kept under its
+        archived name (`archived_task`) and a new one, with a new id, is created."""
         with self._db.transaction() as cur:
             cur.execute(
-                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors, study_hash FROM federations "
-                "WHERE task=%s",
+                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors, study_hash, federation_id "
+                "FROM federations WHERE task=%s FOR UPDATE",
                 (s.task,),
             )
             row = cur.fetchone()
+            if row is not None:
+                cur.execute(
+                    "SELECT round, state FROM rounds WHERE task=%s ORDER BY round DESC LIMIT 1", (s.task,)
+                )
+                last = cur.fetchone()
+                if last is not None and is_finished(row[0], last[0], RoundState(last[1])):
+                    cur.execute(
+                        "UPDATE federations SET task=%s WHERE task=%s",
+                        (archived_task(s.task, bytes(row[6])), s.task),
+                    )
+                    row = None
             if row is not None:
                 if row[5] != s.study_hash:
                     raise FailedPrecondition(
