@@ -681,6 +681,10 @@ class Participation:
         while not stop.is_set():
             info = self._aggregator.current_round(wanted)
             self._federation_id = info.federation_id
+            if self.hospital in info.submitted:
+                # The aggregator holds its upload (also one whose step failed after it).
+                with self.progress.lock:
+                    self.progress.last_submitted_round = info.round
             if info.federation_done:
                 self._global_params(info.round if info.phase == Phase.CLOSED else info.base_round)
                 self._personalize(info.round)
