@@ -170,3 +170,68 @@ def test_an_upload_refused_in_one_study_leaves_the_other_untouched(aggregator: A
     assert decrypt(aggregator, HEART, 0)[1] == 3
     status = aggregator.stub.GetFederationStatus(pb.GetFederationStatusRequest(task=HYPERTENSION)).status
     assert status.current.round == 0 and list(status.current.submitted) == []
+
+
+def _run_federation(agg: Aggregator, values: dict[str, float]) -> None:
+    """Rounds 0 and 1 of HEART, each with every hospital's `values` (weight 1)."""
+    for number in (0, 1):
+        for h in HOSPITALS[HEART]:
+            submit(agg, HEART, h, number, np.full(SIZES[HEART], values[h]), 1)
+        info = wait_round(agg, HEART, number + 1)
+        assert info.round == number + 1 or info.federation_done, info
+
+
+def test_a_finished_study_runs_again_as_a_new_federation_and_the_old_history_stays(
+    aggregator: Aggregator,
+) -> None:
+    start(aggregator, HEART, quorum=3, deadline=30, rounds=1)
+    first = aggregator.stub.GetRound(pb.GetRoundRequest(task=HEART)).round.federation_id
+    # Running: started again with the same settings it is the same federation; with others, refused.
+    start(aggregator, HEART, quorum=3, deadline=30, rounds=1)
+    assert aggregator.stub.GetRound(pb.GetRoundRequest(task=HEART)).round.federation_id == first
+    with pytest.raises(grpc.RpcError) as running:
+        start(aggregator, HEART, quorum=3, deadline=30, rounds=2)
+    assert running.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    _run_federation(aggregator, {"a": 1.0, "b": 2.0, "c": 3.0})
+    done = aggregator.stub.GetRound(pb.GetRoundRequest(task=HEART)).round
+    assert done.federation_done and done.federation_id == first
+
+    # Finished: the study runs again (other settings allowed: the next season's training).
+    start(aggregator, HEART, quorum=3, deadline=30, rounds=2)
+    status = aggregator.stub.GetFederationStatus(pb.GetFederationStatusRequest(task=HEART)).status
+    second = status.current.federation_id
+    assert second != first and len(second) == 16
+    assert (status.rounds, status.current.round, status.current.federation_done) == (2, 0, False)
+    assert [(r.round, r.state) for r in status.history] == [(0, pb.ROUND_STATE_OPEN)]
+    # The old federation's history and sums stay readable under its archived name.
+    archived = f"{HEART}@{first.hex()}"
+    old = aggregator.stub.GetFederationStatus(pb.GetFederationStatusRequest(task=archived)).status
+    assert [(r.round, r.state) for r in old.history] == [
+        (0, pb.ROUND_STATE_CLOSED),
+        (1, pb.ROUND_STATE_CLOSED),
+    ]
+    assert old.current.federation_done and old.current.federation_id == first
+
+    def average(task: str, number: int) -> tuple[np.ndarray, int]:
+        chunks = [
+            c.ciphertext
+            for c in aggregator.stub.FetchAggregate(pb.FetchAggregateRequest(task=task, round=number))
+        ]
+        return UpdateDecryptor(aggregator.key).decrypt_average(chunks, SIZES[HEART])
+
+    # The new federation's rounds are summed afresh: round 0 of the new federation holds only its
+    # own uploads (none of the old round 0), and it completes too.
+    for number in (0, 1):
+        for h in HOSPITALS[HEART]:
+            submit(aggregator, HEART, h, number, np.full(SIZES[HEART], 1.5 * (number + 1)), 1)
+        wait_round(aggregator, HEART, number + 1)
+        values, total = average(HEART, number)
+        assert total == 3
+        np.testing.assert_allclose(values, np.full(SIZES[HEART], 1.5 * (number + 1)), atol=1e-4)
+    for h in HOSPITALS[HEART]:
+        submit(aggregator, HEART, h, 2, np.full(SIZES[HEART], 5.0), 1)
+    final = wait_round(aggregator, HEART, 3)
+    assert final.federation_done and final.federation_id == second and final.round == 2
+    values, total = average(archived, 1)
+    assert total == 3
+    np.testing.assert_allclose(values, np.full(SIZES[HEART], 2.0), atol=1e-4)

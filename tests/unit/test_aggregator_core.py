@@ -8,6 +8,7 @@ tests/integration/test_masked_rounds.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -210,6 +211,13 @@ def test_each_stage_closes_as_soon_as_every_expected_member_posted_and_the_sum_i
     u3 = rnd.sign_survivors(HOSPITALS)
     assert u3 == frozenset(HOSPITALS)
     rnd.tick()
+    assert rnd.closed_stages() == ["shares", "survivors", "uploads"]
+    # A post stored but its answer lost: the identical message again, after the stage closed with
+    # it, is answered OK (the retry of an honest hospital); any other message is still refused.
+    signed = rnd.members["b"].sign_survivors(u3)  # made once: the same signed message
+    rnd.coordinator.post_message(TASK, 0, "b", "survivors", [("", b"")], signed.signature, signed.certificate)
+    with pytest.raises(FailedPrecondition, match="survivors stage of round 0 .* is closed"):
+        rnd.coordinator.post_message(TASK, 0, "b", "survivors", [("", b"x")], signed.signature, b"")
     rnd.reveal(HOSPITALS, u3)
     rnd.tick()  # closes the reveal stage
     rnd.tick()  # aggregates
@@ -314,3 +322,34 @@ def test_a_federation_of_more_hospitals_than_a_sum_can_hold_is_refused_naming_th
             "wide", 1, 3, GRACE, DEADLINE, many[:limit], pairwise_masking=True, min_contributors=3
         )
     )
+
+
+def test_a_finished_federation_is_archived_and_its_study_starts_again_with_a_new_id(rnd: Round) -> None:
+    """The in-memory store as PostgreSQL (tests/integration/test_aggregator_many_studies.py): the
+    study of a finished federation (every round over, here failed for want of keys) runs again."""
+    settings = FederationSettings(
+        "again", 1, 3, GRACE, DEADLINE, HOSPITALS, pairwise_masking=True, min_contributors=3
+    )
+    rnd.coordinator.start_federation(settings)
+    first = rnd.store.settings("again").federation_id
+    for _ in range(2):  # rounds 0 and 1 fail at their deadline: the federation is finished
+        rnd.clock.advance(DEADLINE + 0.01)
+        rnd.tick()
+    last = rnd.store.current_round("again")
+    assert rnd.coordinator.is_done(rnd.store.settings("again"), last)
+    rnd.coordinator.start_federation(settings)
+    second = rnd.store.settings("again").federation_id
+    assert second != first
+    assert [(r.number, r.state) for r in rnd.store.rounds("again")] == [(0, RoundState.OPEN)]
+    archived = f"again@{first.hex()}"
+    assert rnd.store.settings(archived).federation_id == first
+    assert [(r.number, r.state) for r in rnd.store.rounds(archived)] == [
+        (0, RoundState.FAILED),
+        (1, RoundState.FAILED),
+    ]
+    assert "fewer than 3 mask keys" in rnd.store.failure(archived, 1)
+    # Running now: the same settings change nothing, others are refused.
+    rnd.coordinator.start_federation(settings)
+    assert rnd.store.settings("again").federation_id == second
+    with pytest.raises(FailedPrecondition, match="other settings"):
+        rnd.coordinator.start_federation(dataclasses.replace(settings, rounds=2))

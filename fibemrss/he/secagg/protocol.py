@@ -339,6 +339,11 @@ class SecAggMember:
         self.u3: frozenset[str] | None = None
         self._held = _Held()
         self.revealed = False
+        # The survivor signature and the reveal, each made once: a retry after a lost answer posts
+        # these very messages again (signatures are randomized: a second one would be a second,
+        # different message in the stage, refused by the aggregator).
+        self._survivors_signed: Signed | None = None
+        self.reveal_message: tuple[bytes, Signed] | None = None
         # Peers whose shares this hospital could not use, and why (reported, never fatal).
         self.refused_boxes: dict[str, str] = {}
         self._boxes: dict[str, bytes] | None = None
@@ -481,8 +486,10 @@ class SecAggMember:
             raise ProtocolRefused(
                 f"round {self.ctx.round}: {len(survivors)} survivors are below the study's minimum of {self._min}"
             )
-        self.u3 = survivors
-        return self._sig.sign(survivors_statement(self.ctx, view.digest, survivors))
+        if self._survivors_signed is None:
+            self.u3 = survivors
+            self._survivors_signed = self._sig.sign(survivors_statement(self.ctx, view.digest, survivors))
+        return self._survivors_signed
 
     # 5. unmask ------------------------------------------------------------------------------------------
     def reveal(self, u3: Iterable[str], survivor_signatures: Mapping[str, Signed]) -> tuple[bytes, Signed]:
@@ -494,6 +501,8 @@ class SecAggMember:
             raise ProtocolRefused(
                 f"round {self.ctx.round}: asked to reveal for a survivor set this hospital did not sign; refusing"
             )
+        if self.reveal_message is not None:
+            return self.reveal_message
         if self.revealed is False:
             statement = survivors_statement(self.ctx, view.digest, survivors)
             # Only its holders' signatures count for this member: verify those alone.
@@ -522,9 +531,11 @@ class SecAggMember:
                 entries.append((owner, b"s", self._held.mask_secret[owner]))
         payload = encode_reveal(entries)
         self.revealed = True
-        return payload, self._sig.sign(
-            reveal_statement(self.ctx, view.digest, survivors, self.hospital, payload)
+        self.reveal_message = (
+            payload,
+            self._sig.sign(reveal_statement(self.ctx, view.digest, survivors, self.hospital, payload)),
         )
+        return self.reveal_message
 
     def _need_cohort(self) -> CohortView:
         if self.cohort is None:

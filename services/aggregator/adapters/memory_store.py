@@ -28,7 +28,14 @@ from services.aggregator.core.ports import (
     WallClock,
 )
 from services.aggregator.core.proposals import Proposal
-from services.aggregator.core.round_state import ACCEPTING, FederationSettings, Round, RoundState
+from services.aggregator.core.round_state import (
+    ACCEPTING,
+    FederationSettings,
+    Round,
+    RoundState,
+    archived_task,
+    is_finished,
+)
 
 
 @dataclass
@@ -93,6 +100,17 @@ class MemoryStore:
     def create_federation(self, s: FederationSettings) -> bool:
         with self._lock:
             known = self._settings.get(s.task)
+            rounds = self._rounds.get(s.task, [])
+            if (
+                known is not None
+                and rounds
+                and is_finished(known.rounds, rounds[-1].number, rounds[-1].state)
+            ):
+                # As in PostgreSQL: the finished federation kept under its archived name.
+                archived = archived_task(s.task, known.federation_id)
+                self._settings[archived] = replace(known, task=archived)
+                self._rounds[archived] = self._rounds.pop(s.task)
+                known = None
             if known is not None:
                 if known.study_hash != s.study_hash:
                     raise FailedPrecondition(
@@ -401,6 +419,11 @@ class MemoryStore:
             r = self._round(task, number)
             if r is None:
                 raise NotFound(f"round {number} of {task} does not exist")
+            existing = r.messages.get((stage, sender))
+            if existing and {(to, p, g) for to, p, g, _ in existing} == {
+                (to, p, signature) for to, p in parts
+            }:
+                return  # a retry after a lost answer: stored, even if the stage closed since
             if r.state not in ((RoundState.CLOSED,) if stage in VOTE_STAGES else ACCEPTING):
                 raise FailedPrecondition(
                     f"round {number} of {task} is {r.state.value}; the {stage} stage is over"
@@ -411,10 +434,7 @@ class MemoryStore:
                 raise FailedPrecondition(
                     f"{sender!r} is not among the members expected in the {stage} stage of round {number}"
                 )
-            existing = r.messages.get((stage, sender))
             if existing:
-                if {(to, p, g) for to, p, g, _ in existing} == {(to, p, signature) for to, p in parts}:
-                    return
                 raise FailedPrecondition(
                     f"{sender!r} already posted another message in the {stage} stage of round {number}"
                 )

@@ -21,7 +21,13 @@ from fibemrss.he.mask_signatures import SignedMaskKey
 from services.aggregator.core.cohorts import VOTE_STAGES
 from services.aggregator.core.ports import DuplicateSubmission
 from services.aggregator.core.proposals import Proposal
-from services.aggregator.core.round_state import FederationSettings, Round, RoundState
+from services.aggregator.core.round_state import (
+    FederationSettings,
+    Round,
+    RoundState,
+    archived_task,
+    is_finished,
+)
 
 
 def _stage_states(stage: str) -> tuple[RoundState, ...]:
@@ -72,14 +78,27 @@ class AggregatorStore:
         self._db = db
 
     def create_federation(self, s: FederationSettings) -> bool:
-        """Creates the federation and opens round 0; False if it already existed identically."""
+        """Creates the federation and opens round 0; False if it already runs identically. A
+        finished federation of the task (its last round closed or failed) is kept under its
+        archived name (`archived_task`) and a new one, with a new id, is created."""
         with self._db.transaction() as cur:
             cur.execute(
-                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors, study_hash FROM federations "
-                "WHERE task=%s",
+                "SELECT rounds, quorum, hospitals, pairwise_masking, min_contributors, study_hash, federation_id "
+                "FROM federations WHERE task=%s FOR UPDATE",
                 (s.task,),
             )
             row = cur.fetchone()
+            if row is not None:
+                cur.execute(
+                    "SELECT round, state FROM rounds WHERE task=%s ORDER BY round DESC LIMIT 1", (s.task,)
+                )
+                last = cur.fetchone()
+                if last is not None and is_finished(row[0], last[0], RoundState(last[1])):
+                    cur.execute(
+                        "UPDATE federations SET task=%s WHERE task=%s",
+                        (archived_task(s.task, bytes(row[6])), s.task),
+                    )
+                    row = None
             if row is not None:
                 if row[5] != s.study_hash:
                     raise FailedPrecondition(
@@ -515,6 +534,14 @@ class AggregatorStore:
             row = cur.fetchone()
             if row is None:
                 raise NotFound(f"round {number} of {task} does not exist")
+            cur.execute(
+                "SELECT recipient, payload, signature FROM round_messages WHERE task=%s AND round=%s "
+                "AND stage=%s AND sender=%s",
+                (task, number, stage, sender),
+            )
+            existing = {(r, bytes(p), bytes(g)) for r, p, g in cur.fetchall()}
+            if existing and existing == {(r, p, signature) for r, p in parts}:
+                return  # a retry after a lost answer: stored, even if the stage closed since
             if RoundState(row[0]) not in _stage_states(stage):
                 raise FailedPrecondition(f"round {number} of {task} is {row[0]}; the {stage} stage is over")
             if stage in self._stages(cur, task, number):
@@ -523,15 +550,7 @@ class AggregatorStore:
                 raise FailedPrecondition(
                     f"{sender!r} is not among the members expected in the {stage} stage of round {number}"
                 )
-            cur.execute(
-                "SELECT recipient, payload, signature FROM round_messages WHERE task=%s AND round=%s "
-                "AND stage=%s AND sender=%s",
-                (task, number, stage, sender),
-            )
-            existing = {(r, bytes(p), bytes(g)) for r, p, g in cur.fetchall()}
             if existing:
-                if existing == {(r, p, signature) for r, p in parts}:
-                    return
                 raise FailedPrecondition(
                     f"{sender!r} already posted another message in the {stage} stage of round {number}"
                 )

@@ -45,6 +45,7 @@ from services.aggregator.core.round_state import (
     RoundState,
     decide_close,
     decide_submission,
+    is_finished,
     next_round_number,
 )
 from services.aggregator.core.running_sums import Accumulator, RunningSums
@@ -169,6 +170,12 @@ class Coordinator:
                 ],
             )
         if self._store.create_federation(settings):
+            # A new federation of a study run before: nothing summed or cached for the old one's
+            # rounds (numbered as the new one's) may count in the new one.
+            self._running.forget(settings.task)
+            latest = self._latest
+            if latest is not None and latest[0] == settings.task:
+                self._latest = None
             log.info("federation started", extra={"task": settings.task, "rounds": settings.rounds})
         self._notify()
 
@@ -221,7 +228,7 @@ class Coordinator:
 
     @staticmethod
     def is_done(settings: FederationSettings, current: Round) -> bool:
-        return current.number >= settings.rounds and current.state in (RoundState.CLOSED, RoundState.FAILED)
+        return is_finished(settings.rounds, current.number, current.state)
 
     # -- submissions -------------------------------------------------------------------------
     def submit(

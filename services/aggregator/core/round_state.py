@@ -24,6 +24,20 @@ class RoundState(enum.StrEnum):
 
 
 ACCEPTING = (RoundState.OPEN, RoundState.COLLECTING)
+
+
+def is_finished(rounds: int, last_round: int, last_state: RoundState) -> bool:
+    """A federation of `rounds` rounds is finished once its last round closed or failed: its study
+    may then be run again, as a new federation."""
+    return last_round >= rounds and last_state in (RoundState.CLOSED, RoundState.FAILED)
+
+
+def archived_task(task: str, federation_id: bytes) -> str:
+    """The name a finished federation's rounds keep once its study runs again (readable as any
+    task's): unique per federation, since each has its own random id."""
+    return f"{task}@{federation_id.hex()}"
+
+
 MAX_SECONDS = 366 * 24 * 3600.0  # a deadline or grace period beyond a year is a typo (NaN fails too)
 
 

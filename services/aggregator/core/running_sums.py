@@ -96,6 +96,13 @@ class RunningSums:
             finally:
                 self._changed.notify_all()
 
+    def forget(self, task: str) -> None:
+        """Drops every sum of `task` (a new federation of it starts at round 0 again)."""
+        with self._changed:
+            for key in [k for k in self._rounds if k[0] == task]:
+                del self._rounds[key]
+            self._changed.notify_all()
+
     def take(
         self, task: str, number: int, hospitals: frozenset[str], total: int, attempt: int = 1
     ) -> list[Accumulator] | None:

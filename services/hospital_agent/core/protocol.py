@@ -272,10 +272,15 @@ class Participation:
             stop,
         ):
             return True  # no part in this round
-        with self.progress.lock:
-            self.progress.last_submitted_round = info.round
-        self._recovered()
+        self._submitted(info.round)
         return True
+
+    def _submitted(self, round_number: int) -> None:
+        """This hospital's upload to the round is in and its part done (also when a retried step
+        finished it: the status must not show a hospital that took part as absent)."""
+        with self.progress.lock:
+            self.progress.last_submitted_round = round_number
+        self._recovered()
 
     def _max_weight(self) -> int:
         """One hospital's weight at most: the codec's, or the study's `privacy.max_weight` below it."""
@@ -676,6 +681,10 @@ class Participation:
         while not stop.is_set():
             info = self._aggregator.current_round(wanted)
             self._federation_id = info.federation_id
+            if self.hospital in info.submitted:
+                # The aggregator holds its upload (also one whose step failed after it).
+                with self.progress.lock:
+                    self.progress.last_submitted_round = info.round
             if info.federation_done:
                 self._global_params(info.round if info.phase == Phase.CLOSED else info.base_round)
                 self._personalize(info.round)
@@ -686,6 +695,7 @@ class Participation:
                 return
             if self._secagg is not None and info.accepting and self.hospital in info.submitted:
                 self._secagg.finish(info, stop)  # uploaded before a failed step: sign and reveal
+                self._submitted(info.round)
             if not info.accepting or self.hospital in info.submitted or self._excluded(info):
                 wanted = info.round + 1
                 continue
@@ -741,7 +751,8 @@ class Participation:
             if not self._secagg.advertise(info) or self._secagg.share(info, stop) is None:
                 return True  # the cohort or the share stage closed without this hospital
             if self._secagg.resend(info, stop):
-                return True  # uploaded before a step failed: the same bytes, no new training
+                self._submitted(info.round)  # uploaded before a step failed: the same bytes, no new training
+                return True
         weight = self._weight(info)
         if info.round == 0:
             self._account(info)

@@ -162,10 +162,8 @@ class SecureAggregation:
         if member.u2 is None:
             try:
                 member.accept_cohort(self._aggregator.mask_keys(info.round))
-                if self._closed_without_me(info, "shares"):
+                if not self._post(info, "shares", sorted(member.share_boxes().items()), b"", Signed()):
                     return None
-                boxes = member.share_boxes()
-                self._aggregator.post_message(info.round, "shares", sorted(boxes.items()), b"", b"", b"")
             except ProtocolRefused as refused:
                 raise PeerRefused(f"round {info.round}: refusing to take part: {refused}") from None
             stage = self._wait_stage(info, "shares", stop)
@@ -193,15 +191,22 @@ class SecureAggregation:
         """Masks, encrypts, signs and uploads once, then signs the survivor set and reveals.
         False when this hospital takes no part in the round."""
         member = self.share(info, stop)
-        if member is None or self._closed_without_me(info, "uploads"):
+        if member is None:
+            return False
+        shown = self._aggregator.round_stage(info.round, "uploads", wait=False)
+        if shown.closed and self._hospital not in shown.members:
+            log.warning(
+                "a stage closed without this hospital", extra={"round": info.round, "stage": "uploads"}
+            )
             return False
         if member.upload is None:
             # Made once: a retry after a lost answer sends these very bytes again, never a second
             # update under the same masks (their difference would unmask both).
             chunks = encrypt(member.mask(slot_count(kind, n_values, self._codec.params)))
             member.upload = (chunks, member.sign_upload(chunks), epsilon)
-        chunks, signed, sent_epsilon = member.upload
-        self._aggregator.submit(info.round, chunks, 1, sent_epsilon, signed.signature, signed.certificate)
+        if not shown.closed:  # closed with it: uploaded before a lost answer, nothing to send again
+            chunks, signed, sent_epsilon = member.upload
+            self._aggregator.submit(info.round, chunks, 1, sent_epsilon, signed.signature, signed.certificate)
         self.finish(info, stop)
         return True
 
@@ -215,39 +220,43 @@ class SecureAggregation:
         return True
 
     def finish(self, info: RoundView, stop: threading.Event) -> None:
-        """After the upload: sign the survivor set as shown, then reveal once enough agree."""
+        """After the upload: sign the survivor set as shown, then reveal once enough agree. Run
+        again after a failed step (UNAVAILABLE while waiting, an answer lost), it posts the same
+        signed messages where they are missing and goes on past those the stages already hold."""
         member = self.member(info)
-        if member is None or member.revealed:
+        if member is None:
             return
         uploads = self._wait_stage(info, "uploads", stop)
         if uploads is None or self._hospital not in uploads.members:
             return
         try:
-            signed = member.sign_survivors(uploads.members)
-            if self._closed_without_me(info, "survivors"):
+            if not self._post(info, "survivors", [], b"", member.sign_survivors(uploads.members)):
                 return
-            self._aggregator.post_message(
-                info.round, "survivors", [], b"", signed.signature, signed.certificate
-            )
             survivors = self._wait_stage(info, "survivors", stop)
             if survivors is None or self._hospital not in survivors.members:
                 return
             payload, signed = member.reveal(uploads.members, {s: m[1] for s, m in survivors.messages.items()})
         except ProtocolRefused as refused:
             raise PeerRefused(f"round {info.round}: {refused}") from None
-        if not self._closed_without_me(info, "reveals"):
-            self._aggregator.post_message(
-                info.round, "reveals", [], payload, signed.signature, signed.certificate
-            )
+        self._post(info, "reveals", [], payload, signed)
 
-    def _closed_without_me(self, info: RoundView, stage: str) -> bool:
-        """A stage that closed before this hospital posted in it (it was too slow): it is out of
-        the rest of the round, which goes on without it."""
-        result = self._aggregator.round_stage(info.round, stage, wait=False)
-        if result.closed and self._hospital not in result.members:
+    def _post(
+        self, info: RoundView, stage: str, envelopes: list[tuple[str, bytes]], payload: bytes, signed: Signed
+    ) -> bool:
+        """Posts this hospital's one message of a stage (made once: the same bytes on a retry)
+        unless the stage closed already. Closed holding it (posted before a lost answer or a step
+        that failed after the post): nothing to send, go on (True). Closed without it (too slow):
+        it is out of the rest of the round, which goes on without it (False)."""
+        shown = self._aggregator.round_stage(info.round, stage, wait=False)
+        if shown.closed:
+            if self._hospital in shown.members:
+                return True
             log.warning("a stage closed without this hospital", extra={"round": info.round, "stage": stage})
-            return True
-        return False
+            return False
+        self._aggregator.post_message(
+            info.round, stage, envelopes, payload, signed.signature, signed.certificate
+        )
+        return True
 
     def _wait_cohort(self, info: RoundView, stop: threading.Event) -> RoundView | None:
         while not stop.is_set():
