@@ -170,8 +170,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
 
 
 def federate(
-    setup: Setup, task: str, until: Callable[[dict[str, Participation]], bool]
+    setup: Setup,
+    task: str,
+    until: Callable[[dict[str, Participation]], bool],
+    deadline_seconds: float = 30,
+    timeout: float = 60,
 ) -> dict[str, Participation]:
+    """Starts a federation of `task` (proposed, pinned by hash, secure aggregation) and runs the
+    three agents over mutual TLS until `until(agents)` holds. Any setup with `address`,
+    `tls(identity)` and `hospital_key` serves (tests/integration/test_agent_stage_retry.py too)."""
     spec = dataclasses.replace(TASK, name=task)
     digest = study_hash(spec)
     with open_channel(setup.address, setup.tls("operator@central")) as channel:
@@ -184,7 +191,7 @@ def federate(
                 rounds=spec.rounds,
                 quorum=3,
                 grace_seconds=0.5,
-                deadline_seconds=30,
+                deadline_seconds=deadline_seconds,
                 hospitals=list(HOSPITALS),
                 pairwise_masking=True,
                 min_contributors=3,
@@ -212,7 +219,7 @@ def federate(
         threads.append(threading.Thread(target=agents[h].run, args=(stops[-1],), daemon=True))
         threads[-1].start()
     try:
-        wait_until(lambda: until(agents), 60, f"the agents of {task} reaching the test's condition")
+        wait_until(lambda: until(agents), timeout, f"the agents of {task} reaching the test's condition")
     finally:
         for stop in stops:
             stop.set()

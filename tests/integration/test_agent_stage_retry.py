@@ -15,7 +15,6 @@ short of its members' reveals; a lost reveal answer left c's reveal unsent for g
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,28 +24,21 @@ import pytest
 from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
-from fibemrss.domain.study import study_hash
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.he.codec import UpdateCodec
-from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
-from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
+from fibemrss.he.keys import generate_keys, load_aggregator_key
+from fibemrss.he.mask_signatures import MaskKeyVerifier
 from fibemrss.platform.authorization import central_policy
-from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig, TlsFiles
 from fibemrss.platform.identity import caller_identity
 from fibemrss.platform.server import start_server
 from fibemrss.tools.certs import init_pki
-from fibemrss.tools.study_review import document_of, propose
 from services.aggregator.adapters.store import AggregatorStore
 from services.aggregator.core.ciphertexts import CiphertextAdder
 from services.aggregator.core.coordinator import Coordinator
 from services.aggregator.core.round_state import RoundState
 from services.aggregator.edges.grpc_servicer import AggregatorServicer
-from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator
 from services.hospital_agent.core.protocol import Participation
-from tests.unit.test_agent_masked_rounds import Secrets
-from tests.unit.test_agent_protocol import FakeGateway, FakeModelStore, synthetic_examples
-from tests.waiting import wait_until
+from tests.hostile.test_signed_mask_keys import federate as federate_signed
 
 HOSPITALS = ("a", "b", "c")
 TASK = dataclasses.replace(HEART_DISEASE_V1, rounds=1, min_contributors=3)
@@ -157,61 +149,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
 
 
 def federate(setup: Setup, task: str) -> dict[str, Participation]:
-    spec = dataclasses.replace(TASK, name=task)
-    digest = study_hash(spec)
-    with open_channel(setup.address, setup.tls("operator@central")) as channel:
-        assert propose(channel, document_of(spec)).proposal.study_hash == digest
-        federation_pb2_grpc.AggregatorServiceStub(channel).StartFederation(
-            pb.StartFederationRequest(
-                study_hash=digest,
-                task=task,
-                rounds=spec.rounds,
-                quorum=3,
-                grace_seconds=0.5,
-                deadline_seconds=10,
-                hospitals=list(HOSPITALS),
-                pairwise_masking=True,
-                min_contributors=3,
-            )
-        )
-    hospital_key = load_hospital_key(setup.hospital_key)
-    agents: dict[str, Participation] = {}
-    channels, stops, threads = [], [], []
-    for i, h in enumerate(HOSPITALS):
-        tls = setup.tls(f"agent@{h}")
-        channels.append(open_channel(setup.address, tls))
-        agents[h] = Participation(
-            h,
-            spec,
-            FakeGateway(synthetic_examples(i + 1)),
-            GrpcAggregator(channels[-1], task, h, wait_seconds=2, study_hash=digest),
-            UpdateCodec(hospital_key),
-            FakeModelStore(),
-            retry_delay=lambda _: 0.2,
-            secrets=Secrets(h),
-            signer=MaskKeySigner(Path(tls.cert).read_bytes(), Path(tls.key).read_bytes()),
-            verifier=MaskKeyVerifier(Path(tls.ca).read_bytes()),
-        )
-        stops.append(threading.Event())
-        threads.append(threading.Thread(target=agents[h].run, args=(stops[-1],), daemon=True))
-        threads[-1].start()
-
-    def over() -> bool:
-        rounds = setup.store.rounds(task)
+    def over(agents: dict[str, Participation]) -> bool:
         return all(p.progress.done for p in agents.values()) or any(
-            r.state == RoundState.FAILED for r in rounds
+            r.state == RoundState.FAILED for r in setup.store.rounds(task)
         )
 
-    try:
-        wait_until(over, 90, f"the federation of {task} finishing or a round failing")
-    finally:
-        for stop in stops:
-            stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        for c in channels:
-            c.close()
-    return agents
+    return federate_signed(setup, task, over, deadline_seconds=10, timeout=90)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("fault", ["survivors-answer", "survivors-wait", "reveals-answer"])
