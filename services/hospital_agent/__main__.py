@@ -143,7 +143,6 @@ def main() -> None:
     )
     codec = UpdateCodec(key)
     models = ModelStore(db)
-    secrets = secret_store
     ledger = PrivacyLedger(db)
     approvals = StudyStore(db)
     dataset = env_str("FIBEMRSS_DATASET", "emr")
@@ -159,7 +158,7 @@ def main() -> None:
             models=models,
             bounds=AggregateBounds.of(key.params),
             on_health=lambda reason: on_health(task.name, reason),
-            secrets=secrets,
+            secrets=secret_store,
             # The hospital's own privacy ledger and budgets (`fibemrss privacy ledger|budget`): every
             # study's spends on the same records count against the same budget.
             ledger=ledger,
