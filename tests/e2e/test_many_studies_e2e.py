@@ -50,6 +50,7 @@ from fibemrss.tools.local_cluster import DEMO_HOSPITALS, LocalCluster, db_name, 
 from fibemrss.tools.study_review import document_of, propose_and_approve
 from tests.conftest import SHARED_DATA
 from tests.e2e.test_inference_many_studies import synthea_prefetch
+from tests.waiting import wait_until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -243,18 +244,25 @@ def test_cds_discovery_lists_both_and_a_fhir_patient_gets_a_hypertension_card(ru
         ids = {s["id"] for s in http.get(base).json()["services"]}
         assert ids == {f"{t.name}{alone}-risk" for t in (HEART, HYPERTENSION) for alone in ("", "-alone")}
         patient_id, prefetch = synthea_prefetch()
-        answer = http.post(
-            f"{base}/{HYPERTENSION.name}-risk",
-            json={
-                "hook": "patient-view",
-                "hookInstance": str(uuid.uuid4()),
-                "context": {"patientId": patient_id, "userId": "Practitioner/1"},
-                "prefetch": prefetch,
-            },
-        )
-    assert answer.status_code == 200, answer.text
-    [card] = answer.json()["cards"]
+
+        def final_card() -> dict[str, Any] | None:
+            answer = http.post(
+                f"{base}/{HYPERTENSION.name}-risk",
+                json={
+                    "hook": "patient-view",
+                    "hookInstance": str(uuid.uuid4()),
+                    "context": {"patientId": patient_id, "userId": "Practitioner/1"},
+                    "prefetch": prefetch,
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            [card] = answer.json()["cards"]
+            # The federation is done at the aggregator before this hospital's agent has decrypted
+            # and stored the last global model, and its inference service swaps it in on its next
+            # poll: wait for the final version rather than race the two.
+            return card if f"version {ROUNDS[HYPERTENSION.name]}" in card["source"]["label"] else None
+
+        card = wait_until(final_card, timeout=60, what="the final hypertension model served", interval=0.5)
     assert card["summary"].startswith(f"{HYPERTENSION.name} risk reference"), card
     assessment = card["suggestions"][0]["actions"][0]["resource"]
     assert assessment["method"]["coding"][0]["code"] == HYPERTENSION.name
-    assert f"version {ROUNDS[HYPERTENSION.name]}" in card["source"]["label"]
