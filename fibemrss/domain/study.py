@@ -42,6 +42,10 @@ TOP_LEVEL = {
     "hyper_parameters", "federation", "evaluation", "privacy", "personalization",
 }  # fmt: skip
 
+# The HE codec's HeParams.max_weight (fibemrss.he sits beside the domain, not under it:
+# tests/unit/test_study_documents.py checks the two agree).
+CODEC_MAX_WEIGHT = 1024
+
 
 class _Reader:
     """Reads typed fields out of a parsed document, collecting every problem with its path."""
@@ -251,8 +255,11 @@ def _privacy(r: _Reader, raw: Any) -> dict[str, Any]:
     )
     out: dict[str, Any] = {}
     out["max_weight"] = r.integer(d, "max_weight", "privacy.max_weight", None, low=1)
-    if out["max_weight"] is not None and out["max_weight"] > 65536:
-        r.bad("privacy.max_weight", "must be at most 65536 (the codec's bound)")
+    if out["max_weight"] is not None and out["max_weight"] > CODEC_MAX_WEIGHT:
+        r.bad(
+            "privacy.max_weight",
+            f"must be at most {CODEC_MAX_WEIGHT} (the HE codec's bound on one hospital's weight)",
+        )
     out["max_update_norm"] = r.number(d, "max_update_norm", "privacy.max_update_norm", None, positive=True)
     masking = d.get("pairwise_masking", True)
     if not isinstance(masking, bool):

@@ -139,7 +139,7 @@ class TaskSpec:
     # cannot lower it by showing a smaller cohort (docs/he-codec.md). Empty: the cohort's size.
     sites: tuple[str, ...] = ()
     # Bounded influence (docs/security.md, "Poisoning"): `max_weight` caps one hospital's weight
-    # below the codec's 65,536 (`privacy.max_weight`); an honest hospital clips its update (the
+    # below the codec's 1,024 (`privacy.max_weight`); an honest hospital clips its update (the
     # change from the global model) to `max_update_norm` (`privacy.max_update_norm`, L2), and every
     # hospital refuses a round whose total weight exceeds contributors x max_weight or whose
     # average moves the global model by more than that norm. None: the codec's bounds only.

@@ -149,7 +149,7 @@ class UpdateEncryptor:
         """Encrypt weight * values in fixed point, and weight itself, as chunks to stream.
 
         Bounds (HeOverflowError beyond them): 1 <= weight <= params.max_weight (2^10) and
-        |value| <= params.max_abs_value (2^3); the sum of up to params.max_parties (64) hospitals
+        |value| <= params.max_abs_value (2^3); the sum of up to params.max_parties (128) hospitals
         then decrypts exactly, and the average is within params.average_error(parties, total
         weight) = parties / (2^(frac_bits+1) x total weight) of the exact one.
         `mask` (fibemrss.he.masking.cohort_mask over `slot_count` slots, weight included) is added

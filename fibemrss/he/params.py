@@ -49,16 +49,18 @@ class HeParams:
     coeff_mod_bit_sizes: tuple[int, ...] = (24, 24, 24, 24)
     # The smallest prime = 1 mod 2N above (2^26 + 1)^2: two digits of base T = 2^26 + 1 per slot.
     plain_modulus: int = 4_503_599_761_883_137
-    frac_bits: int = 6
+    frac_bits: int = 5
     stats_frac_bits: int = 8
-    max_parties: int = 64
+    # 128 hospitals' sum in a digit (one party 2^10 x 2^3 x 2^5 = 2^18, 128 of them 2^25 = (T-1)/2).
+    max_parties: int = 128
     max_weight: int = 2**10
     max_abs_value: float = 2.0**3
     # 32 ciphertexts: 262,144 values, about 0.97 MB uploaded and 2.5 MB aggregated, under gRPC's 4 MiB.
     ciphertexts_per_chunk: int = 32
     values_per_slot: int = 2
-    # c0 rounded to a multiple of 2^13 before it is sent (59 of its 72 bits): see docs/he-codec.md.
-    c0_dropped_bits: int = 13
+    # c0 rounded to a multiple of 2^12 before it is sent (60 of its 72 bits): the noise of 128 uploads
+    # stays below q / (2t) with the margin 64 had at 2^13 (docs/he-codec.md).
+    c0_dropped_bits: int = 12
 
     def __post_init__(self) -> None:
         problems = self.problems()

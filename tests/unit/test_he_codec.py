@@ -148,18 +148,18 @@ def test_every_chunk_stays_under_4_mib_and_an_upload_under_float32(
     aggregate = sum_uploads(aggregator_key, [upload, upload])
     assert max(map(len, upload)) < MAX_CHUNK_BYTES
     assert max(map(len, aggregate)) < MAX_CHUNK_BYTES
-    # Two values a slot, c0 in 59 bits, c1 a seed: under 4 bytes (float32) per parameter.
+    # Two values a slot, c0 in 60 bits, c1 a seed: under 4 bytes (float32) per parameter.
     assert sum(map(len, upload)) / values.size < 4
 
 
-def test_largest_values_and_weights_of_64_hospitals_decrypt_exactly(
+def test_largest_values_and_weights_of_max_parties_hospitals_decrypt_exactly(
     encryptor: UpdateEncryptor, decryptor: UpdateDecryptor, aggregator_key: AggregatorKey
 ) -> None:
     bound = DEFAULT_PARAMS.max_abs_value
     step = 2.0**-DEFAULT_PARAMS.frac_bits
     values = np.array([bound, -bound, 0.0, step, bound - step, -1.0, -bound])
     weight = DEFAULT_PARAMS.max_weight
-    # The same upload 64 times: its rounding of c0 and its noise add up fully aligned (the worst case).
+    # The same upload max_parties (128) times: its rounding of c0 and its noise add up fully aligned (the worst case).
     upload = encryptor.encrypt(values, weight)
     summed = sum_uploads(aggregator_key, [upload] * DEFAULT_PARAMS.max_parties)
     average, total_weight = decryptor.decrypt_average(summed, values.size)
@@ -169,11 +169,11 @@ def test_largest_values_and_weights_of_64_hospitals_decrypt_exactly(
     assert np.array_equal(decryptor.decrypt_integers(summed, values.size), exact)
     assert np.abs(exact).max() == (DEFAULT_PARAMS.digit_base - 1) // 2  # the digit is full, not beyond
     assert unpack_header(summed[0]).parties == DEFAULT_PARAMS.max_parties
-    with pytest.raises(HeOverflowError, match="64"):
+    with pytest.raises(HeOverflowError, match=str(DEFAULT_PARAMS.max_parties)):
         add_chunks(aggregator_key, summed[0], upload[0])
 
 
-def test_64_masked_hospitals_at_the_bounds_sum_exactly(
+def test_max_parties_masked_hospitals_at_the_bounds_sum_exactly(
     hospital_key: HospitalKey, decryptor: UpdateDecryptor, aggregator_key: AggregatorKey
 ) -> None:
     bound, weight = DEFAULT_PARAMS.max_abs_value, DEFAULT_PARAMS.max_weight
@@ -275,6 +275,7 @@ def test_a_key_file_of_the_earlier_codec_keeps_one_value_per_slot() -> None:
         frac_bits=16,
         max_weight=2**16,
         max_abs_value=128.0,
+        max_parties=64,
     )
     params = HeParams.from_json_dict(legacy)
     assert (params.values_per_slot, params.c0_dropped_bits) == (1, 0)

@@ -28,7 +28,7 @@ def test_restored_c0_is_within_half_a_dropped_step_of_the_original_and_decrypts(
     parts = split_seeded(blob, len(primes), n)
     compressor = RnsCompressor(primes, n, DEFAULT_PARAMS.c0_dropped_bits)
     z = compressor.compress(parts.c0[None])
-    assert compressor.bits == DEFAULT_PARAMS.coefficient_bits(primes) == 59
+    assert compressor.bits == DEFAULT_PARAMS.coefficient_bits(primes) == 60
     assert np.array_equal(compressor.unpack(compressor.pack(z), 1), z)
     restored = compressor.restore(z)[0]
 

@@ -17,8 +17,16 @@ import yaml
 from fibemrss.domain.errors import InvalidArgument
 from fibemrss.domain.feature_extraction import extract, in_cohort
 from fibemrss.domain.records import LOINC, SNOMED, Code, Condition, Observation, PatientRecord, Provenance
-from fibemrss.domain.study import canonical_form, parse_study, shipped_documents, study_hash, study_to_json
+from fibemrss.domain.study import (
+    CODEC_MAX_WEIGHT,
+    canonical_form,
+    parse_study,
+    shipped_documents,
+    study_hash,
+    study_to_json,
+)
 from fibemrss.domain.tasks import HEART_DISEASE_V1, TASKS
+from fibemrss.he.params import DEFAULT_PARAMS
 
 SCHEMA = json.loads((resources.files("fibemrss.domain") / "studies" / "study.schema.json").read_text())
 HEART = yaml.safe_load(shipped_documents()["heart-disease-v1.yaml"])
@@ -108,7 +116,7 @@ def broken(edit: Any) -> dict[str, Any]:
         (broken(lambda d: d.update(model="os.system")), "model"),
         (broken(lambda d: d.update(cohort={"min_age": 200})), "cohort.min_age"),
         (broken(lambda d: d.update(surprise=1)), "surprise"),
-        (broken(lambda d: d.setdefault("privacy", {}).update(max_weight=70_000)), "privacy.max_weight"),
+        (broken(lambda d: d.setdefault("privacy", {}).update(max_weight=DEFAULT_PARAMS.max_weight + 1)), "privacy.max_weight"),
         (broken(lambda d: d.setdefault("privacy", {}).update(max_update_norm=0)), "privacy.max_update_norm"),
         (broken(lambda d: d["federation"].update(validation_tolerance=2)), "federation.validation_tolerance"),
     ],
@@ -157,3 +165,14 @@ def test_condition_features_labels_and_the_cohort_read_a_record() -> None:
     resolved = Condition(Code(SNOMED, "59621000"), datetime(2015, 1, 1, tzinfo=UTC), "resolved")
     assert extract(task, record(60, (resolved,)))[1] == 0.0
     assert in_cohort(task, record(60, ())) and not in_cohort(task, record(12, ()))
+
+
+
+def test_a_study_caps_a_hospitals_weight_at_most_at_the_codecs_bound() -> None:
+    """The study's bound is the codec's: a larger privacy.max_weight would pass review and then be
+    refused by the encoder at the first upload (before, the study allowed 65,536 beside a codec of 1,024)."""
+    assert CODEC_MAX_WEIGHT == DEFAULT_PARAMS.max_weight
+    doc = study_to_json(HEART_DISEASE_V1)
+    doc.setdefault("privacy", {}).update(max_weight=DEFAULT_PARAMS.max_weight)
+    assert parse_study(json.dumps(doc)).max_weight == DEFAULT_PARAMS.max_weight
+    assert schema_errors(doc) == []

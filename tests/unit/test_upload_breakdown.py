@@ -20,11 +20,11 @@ def test_the_breakdown_adds_up_to_the_upload_and_names_the_slot_budget() -> None
         parts["c0_packed_coefficients"] + parts["seal_seed_and_template"] + parts["chunk_headers_and_lengths"]
     )
     assert abs(total - parts["bytes_per_param"]) < 1e-3
-    # c0: 72-bit coefficients (three 24-bit primes) without their 13 dropped bits, two values a slot.
-    assert parts["coefficient_bits"] == 59
+    # c0: 72-bit coefficients (three 24-bit primes) without their 12 dropped bits, two values a slot.
+    assert parts["coefficient_bits"] == 60
     assert parts["values_per_slot"] == 2
-    assert parts["c0_packed_coefficients"] == round(59 / 8 * parts["slots_used_per_param"], 4)
+    assert parts["c0_packed_coefficients"] == round(60 / 8 * parts["slots_used_per_param"], 4)
     assert parts["slots_used_per_param"] >= 0.5
-    # One party's value (2^10 weight x 2^3 x 2^6) leaves a 26-bit digit 6 bits for 64 parties' sum.
-    assert parts["one_party_value_bits"] == 19.0
-    assert parts["headroom_bits_for_parties"] == 6.0
+    # One party's value (2^10 weight x 2^3 x 2^5) leaves a 26-bit digit 7 bits for 128 parties' sum.
+    assert parts["one_party_value_bits"] == 18.0
+    assert parts["headroom_bits_for_parties"] == 7.0
