@@ -11,7 +11,7 @@ An upload travels compact (fibemrss.he.compact); a sum as SEAL serializes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -348,6 +348,53 @@ class ChunkAccumulator:
 
     def _load(self, serialized: list[bytes] | CompactCiphertexts) -> list[Any]:
         return [_load_ciphertext(self._scratch, self._key, blob) for blob in self._reader.blobs(serialized)]
+
+
+class SerializedChunkSum:
+    """Aggregator side: the running sum of one chunk position, kept as SEAL serializes it
+    between additions.
+
+    Loaded, a sum is SEAL's polynomials in 64-bit words (two polynomials of three 24-bit residues
+    per coefficient and ciphertext): about two and a half times its serialization, seven times a
+    compact upload. Kept serialized, a round's running sum costs its final size in memory for the
+    whole round, and the bytes that close the round are the ones already held (no second copy).
+    Each change loads the sum into a ChunkAccumulator, changes it in place and serializes it
+    again: exact (serialization is lossless), at the CPU of one load and one save per chunk.
+    A change that raises leaves the sum as it was.
+    """
+
+    def __init__(self, key: AggregatorKey) -> None:
+        self._key = key
+        self._sum: bytes | None = None
+        self._parties = 0
+
+    @property
+    def parties(self) -> int:
+        return self._parties
+
+    def add(self, chunk: bytes) -> None:
+        self._change(lambda accumulator: accumulator.add(chunk))
+
+    def absorb(self, other: ChunkAccumulator) -> None:
+        """Adds a chunk loaded into an accumulator of its own (which must not be used afterwards)."""
+        self._change(lambda accumulator: accumulator.absorb(other))
+
+    def subtract(self, chunk: bytes) -> None:
+        """Takes a chunk added before out again: the bytes are then exactly the earlier ones."""
+        self._change(lambda accumulator: accumulator.subtract(chunk))
+
+    def result(self) -> bytes:
+        if self._sum is None:
+            raise HeFormatError("no chunk has been added")
+        return self._sum
+
+    def _change(self, change: Callable[[ChunkAccumulator], None]) -> None:
+        accumulator = ChunkAccumulator(self._key)
+        if self._sum is not None:
+            accumulator.add(self._sum)
+        change(accumulator)
+        self._sum = accumulator.result() if accumulator.parties else None
+        self._parties = accumulator.parties
 
 
 def _load_ciphertext(scratch: SealBytes, key: HospitalKey | AggregatorKey, blob: bytes) -> Any:

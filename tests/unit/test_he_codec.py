@@ -27,7 +27,7 @@ from fibemrss.he import (
     write_key_files,
 )
 from fibemrss.he.chunk_format import ChunkKind, unpack_header
-from fibemrss.he.codec import slot_count
+from fibemrss.he.codec import SerializedChunkSum, slot_count
 from fibemrss.he.masking import MaskContext, MaskKeyPair, cohort_mask, round_key_seed
 from fibemrss.he.params import HeParams
 
@@ -139,6 +139,17 @@ def test_a_chunk_added_then_subtracted_leaves_the_previous_sum_byte_for_byte(
     accumulator.add(a[0])
     accumulator.absorb(other)
     assert accumulator.result() == before and other.parties == 0
+    # The same kept serialized between changes (the aggregator's running sums): the same bytes.
+    kept = SerializedChunkSum(aggregator_key)
+    for chunk in (a[0], b[0], c[0]):
+        loaded = ChunkAccumulator(aggregator_key)
+        loaded.add(chunk)
+        kept.absorb(loaded)
+    kept.subtract(c[0])
+    assert kept.parties == 2 and kept.result() == before
+    with pytest.raises(HeFormatError):
+        kept.subtract(add_chunks(aggregator_key, add_chunks(aggregator_key, a[0], b[0]), c[0]))
+    assert kept.result() == before  # a refused change leaves it as it was
 
 
 def test_subtracting_a_chunk_the_sum_cannot_hold_is_refused(

@@ -61,7 +61,7 @@ def expected_sum(adder: CiphertextAdder, *uploads: list[bytes]) -> list[bytes]:
 
 def test_an_upload_refused_mid_stream_or_at_commit_leaves_the_sum_bit_for_bit(keys, uploads) -> None:  # type: ignore[no-untyped-def]
     key, adder = keys
-    sums = RunningSums(settle_seconds=5)
+    sums = RunningSums(adder.new_sum, settle_seconds=5)
     accepted(sums, adder, "a", uploads["a"])
     # c's second chunk is corrupt: its first one was already added, and comes out again.
     refused = sums.begin("t", 0, "c")
@@ -90,7 +90,7 @@ def test_an_upload_refused_mid_stream_or_at_commit_leaves_the_sum_bit_for_bit(ke
 
 def test_an_upload_still_streaming_when_the_round_closes_is_taken_out(keys, uploads) -> None:  # type: ignore[no-untyped-def]
     _, adder = keys
-    sums = RunningSums(settle_seconds=5)
+    sums = RunningSums(adder.new_sum, settle_seconds=5)
     accepted(sums, adder, "a", uploads["a"])
     accepted(sums, adder, "b", uploads["b"])
     late = sums.begin("t", 0, "c")
@@ -113,7 +113,7 @@ def test_an_upload_still_streaming_when_the_round_closes_is_taken_out(keys, uplo
 
 def test_take_waits_for_a_committing_upload(keys, uploads) -> None:  # type: ignore[no-untyped-def]
     key, adder = keys
-    sums = RunningSums(settle_seconds=10)
+    sums = RunningSums(adder.new_sum, settle_seconds=10)
     accepted(sums, adder, "a", uploads["a"])
     upload = sums.begin("t", 0, "b")
     stream(sums, adder, upload, uploads["b"])
@@ -133,7 +133,7 @@ def test_take_waits_for_a_committing_upload(keys, uploads) -> None:  # type: ign
 
 def test_what_the_running_sum_does_not_cover_goes_to_the_database(keys, uploads) -> None:  # type: ignore[no-untyped-def]
     _, adder = keys
-    sums = RunningSums(settle_seconds=0.2)
+    sums = RunningSums(adder.new_sum, settle_seconds=0.2)
     accepted(sums, adder, "a", uploads["a"], number=1)
     # The round closed with an upload this process never added (a restart): the database sums it.
     assert sums.take("t", 1, frozenset("ab"), 3) is None

@@ -10,7 +10,7 @@ from fibemrss.domain.feature_encoding import input_dim, stats_vector_length
 from fibemrss.domain.tasks import TASKS
 from fibemrss.domain.torch_models import parameter_count
 from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, unpack_header
-from fibemrss.he.codec import ChunkAccumulator, ciphertexts_per_chunk_layout
+from fibemrss.he.codec import ChunkAccumulator, SerializedChunkSum, ciphertexts_per_chunk_layout
 from fibemrss.he.errors import HeError
 from fibemrss.he.keys import AggregatorKey
 from fibemrss.he.params import HeParams
@@ -88,6 +88,10 @@ class CiphertextAdder:
 
     def new_accumulator(self) -> ChunkAccumulator:
         return ChunkAccumulator(self._key)
+
+    def new_sum(self) -> SerializedChunkSum:
+        """A chunk position's running sum, kept serialized between additions (its docstring)."""
+        return SerializedChunkSum(self._key)
 
     def add(self, parts: Sequence[bytes]) -> bytes:
         """The encrypted slot-wise sum of one chunk position over all hospitals."""

@@ -48,7 +48,7 @@ from services.aggregator.core.round_state import (
     is_finished,
     next_round_number,
 )
-from services.aggregator.core.running_sums import Accumulator, RunningSums
+from services.aggregator.core.running_sums import RunningSums, Sum
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 # An upload larger than this is refused (it is checked and stored chunk by chunk as it streams).
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 # Uploads streamed at once; the others queue (_upload_slot). One: the aggregator's memory is then
-# the running sum, one upload's compact chunks (kept until it commits, to subtract them if it does
-# not), one chunk being loaded, and the newest sum (docs/federation.md); and the check of a chunk
-# is CPU the process would not run faster on two streams.
+# the running sum (serialized, and once the round closed the newest sum served: the same bytes),
+# one upload's compact chunks (kept until it commits, to subtract them if it does not) and one
+# chunk position being loaded (docs/federation.md); and the check of a chunk is CPU the process
+# would not run faster on two streams.
 UPLOAD_SLOTS = 1
 UPLOAD_QUEUE_SECONDS = 110.0
 # A vote (a candidate digest and a bit) or a tally (a digest): small, whatever a sender claims.
@@ -71,6 +72,7 @@ class Adder(Protocol):
     def params(self) -> HeParams: ...
     def upload_check(self, total: int, expected: RoundLayout | None) -> UploadCheck: ...
     def add(self, parts: Sequence[bytes]) -> bytes: ...
+    def new_sum(self) -> Sum: ...
 
 
 class Coordinator:
@@ -107,7 +109,7 @@ class Coordinator:
         self._thread = threading.Thread(target=self._run, name="round-ticker", daemon=True)
         # The newest sum stays in memory: every hospital fetches it right after the round closes.
         self._latest: tuple[str, int, int, list[bytes]] | None = None
-        self._running = RunningSums()
+        self._running = RunningSums(adder.new_sum)
         self._submissions = Counter(
             "fibemrss_submissions_total",
             "Accepted encrypted submissions.",
@@ -645,7 +647,7 @@ class Coordinator:
         cache: list[bytes] | None = []
 
         taken = self._running.take(settings.task, current.number, current.submitted, total, current.attempt)
-        running: list[Accumulator | None] | None = None if taken is None else list(taken)
+        running: list[Sum | None] | None = None if taken is None else list(taken)
         del taken  # `running` alone holds the sums, so each goes once serialized
 
         def sum_at(index: int) -> bytes:

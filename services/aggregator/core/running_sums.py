@@ -9,10 +9,12 @@ refuse a chunk (more parties than the codec's bound), or when an upload's commit
 within `settle_seconds` of the round closing.
 
 An upload is added chunk by chunk while it streams in: each chunk is checked and loaded on its
-own (services/aggregator/core/ciphertexts.py), then moved into the sum of the round's attempt at
+own (services/aggregator/core/ciphertexts.py), then added into the sum of the round's attempt at
 its position, and of the upload only its compact chunk bytes are kept until it commits (one
 upload's size, where holding the whole upload loaded as SEAL ciphertexts beside the sum took
-about seven). An upload that does not end accepted (a later chunk fails its check, the
+about seven). The sums are kept serialized between additions (fibemrss.he.codec.
+SerializedChunkSum): the round's sum costs its final size for the whole round instead of two
+and a half times it loaded, and closing the round stores and serves the very bytes held. An upload that does not end accepted (a later chunk fails its check, the
 transaction does not commit, a duplicate) is subtracted again from those bytes: BFV addition is
 addition modulo q, a group, so the sum comes back bit for bit, its count of parties included,
 and a refused or rolled-back upload leaves nothing in it.
@@ -32,19 +34,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, Self
+from typing import Protocol
 
+from fibemrss.he.codec import ChunkAccumulator
 from fibemrss.he.errors import HeError
 
 log = logging.getLogger(__name__)
 
 
-class Accumulator(Protocol):
+class Sum(Protocol):
+    """The running sum of one chunk position (fibemrss.he.codec.SerializedChunkSum)."""
+
     @property
     def parties(self) -> int: ...
-    def add(self, chunk: bytes) -> None: ...
-    def absorb(self, other: Self) -> None: ...
+    def absorb(self, loaded: ChunkAccumulator) -> None: ...
     def subtract(self, chunk: bytes) -> None: ...
     def result(self) -> bytes: ...
 
@@ -68,13 +73,14 @@ class Upload:
 @dataclass
 class _RoundSum:
     hospitals: set[str] = field(default_factory=set)
-    by_index: dict[int, Accumulator] = field(default_factory=dict)
+    by_index: dict[int, Sum] = field(default_factory=dict)
     broken: bool = False
     uploads: list[Upload] = field(default_factory=list)  # streaming or committing
 
 
 class RunningSums:
-    def __init__(self, settle_seconds: float = 60.0) -> None:
+    def __init__(self, new_sum: Callable[[], Sum], settle_seconds: float = 60.0) -> None:
+        self._new_sum = new_sum
         self._settle_seconds = settle_seconds
         self._changed = threading.Condition()
         # Keyed by (task, round, attempt): a masked round that restarts starts a new sum.
@@ -87,10 +93,10 @@ class RunningSums:
             self._rounds.setdefault(upload.key, _RoundSum()).uploads.append(upload)
         return upload
 
-    def add(self, upload: Upload, index: int, chunk: bytes, loaded: Accumulator) -> None:
+    def add(self, upload: Upload, index: int, chunk: bytes, loaded: ChunkAccumulator) -> None:
         """Adds one checked chunk of `upload` at `index`: `loaded` (the chunk loaded into an
-        accumulator of its own, which the sum adopts or absorbs) goes into the sum, `chunk` (its
-        compact bytes) is kept until the upload commits."""
+        accumulator of its own) goes into the sum, `chunk` (its compact bytes) is kept until the
+        upload commits."""
         with self._changed:
             entry = self._live(upload)
             if entry is None or entry.broken:
@@ -100,9 +106,8 @@ class RunningSums:
                     raise HeError(f"chunk {index} added twice by one upload")  # UploadCheck refuses it
                 summed = entry.by_index.get(index)
                 if summed is None:
-                    entry.by_index[index] = loaded  # the first chunk at a position becomes its sum
-                else:
-                    summed.absorb(loaded)
+                    summed = entry.by_index[index] = self._new_sum()
+                summed.absorb(loaded)
             except HeError:
                 # A chunk the sum refuses: the database path will meet it and fail the round.
                 entry.broken = True
@@ -148,7 +153,7 @@ class RunningSums:
 
     def take(
         self, task: str, number: int, hospitals: frozenset[str], total: int, attempt: int = 1
-    ) -> list[Accumulator] | None:
+    ) -> list[Sum] | None:
         """The round's sums if they hold exactly `hospitals` and every chunk position, else None.
         Waits (up to `settle_seconds`) for uploads that are committing. Called once the round
         aggregates: an upload still streaming then cannot commit, and is subtracted."""
