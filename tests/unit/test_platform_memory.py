@@ -14,13 +14,13 @@ import pytest
 
 CHURN = """
 import sys
-from fibemrss.platform.memory import map_large_blocks
+from fibemrss.platform.memory import limit_fragmentation
 
 def rss_kib():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 
 if sys.argv[1] == "fixed":
-    assert map_large_blocks()
+    assert limit_fragmentation()
 block = bytearray(8 << 20)
 del block  # freeing a mapped 8 MiB block raises glibc's threshold above the blocks below
 before = rss_kib()
