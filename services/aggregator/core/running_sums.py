@@ -19,10 +19,11 @@ transaction does not commit, a duplicate) is subtracted again from those bytes: 
 addition modulo q, a group, so the sum comes back bit for bit, its count of parties included,
 and a refused or rolled-back upload leaves nothing in it.
 
-The lock is taken per chunk, and only for the in-place addition (loading and checking a chunk
-happen before, outside it), not for a whole upload: a round that closes or a study that starts
-over must not wait behind a slow sender's stream, and uploads stream one at a time anyway (the
-coordinator's upload slot). Between an upload's last chunk and its commit (`committing`) `take`
+The lock is taken per chunk, for the addition into the sum (loading the position's sum, adding
+and serializing it again: tens of milliseconds; the upload's chunk is loaded and checked before,
+outside it), not for a whole upload: a round that closes or a study that starts over must not
+wait behind a slow sender's stream, and uploads stream one at a time anyway (the coordinator's
+upload slot). Between an upload's last chunk and its commit (`committing`) `take`
 waits for it, so a round that closes right after its last upload still uses the running sum.
 An upload still streaming when its round's sum is taken can no longer commit (the round is
 aggregating, which its transaction will find), so `take` subtracts what it added and cuts it
