@@ -4,7 +4,6 @@ after they are freed; with the threshold fixed, every large block goes back when
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import sys
@@ -12,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from fibemrss.platform.memory import map_large_blocks
+
 CHURN = """
 import sys
-from fibemrss.platform.memory import limit_fragmentation
+from fibemrss.platform.memory import map_large_blocks
 
 def rss_kib():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 
 if sys.argv[1] == "fixed":
-    assert limit_fragmentation()
+    assert map_large_blocks()
 block = bytearray(8 << 20)
 del block  # freeing a mapped 8 MiB block raises glibc's threshold above the blocks below
 before = rss_kib()
@@ -32,7 +33,7 @@ print(rss_kib() - before)
 
 def _kept_kib(mode: str) -> int:
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}  # no MALLOC_* from the caller
     done = subprocess.run(
         [sys.executable, "-c", CHURN, mode], env=env, capture_output=True, text=True, timeout=60, check=True
     )
@@ -43,3 +44,8 @@ def _kept_kib(mode: str) -> int:
 def test_freed_large_blocks_go_back_only_with_the_threshold_fixed() -> None:
     assert _kept_kib("default") >= 3 << 10  # at least one freed 3 MiB block still resident
     assert _kept_kib("fixed") < 1 << 10
+
+
+def test_the_environment_wins_over_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert map_large_blocks() is False
