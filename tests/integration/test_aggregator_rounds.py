@@ -255,7 +255,9 @@ def test_a_restarted_aggregator_finishes_a_round_caught_mid_aggregation(aggregat
         restarted.stop()
 
 
-def test_a_refused_upload_leaves_the_running_sum_bit_for_bit(aggregator: Aggregator, keys) -> None:
+def test_a_refused_upload_leaves_the_running_sum_bit_for_bit(
+    aggregator: Aggregator, keys: tuple[bytes, bytes]
+) -> None:
     """Chunks go into the round's running sum as they stream in: an upload refused after some
     of them (a corrupt chunk in the middle of its stream, or a transaction that does not commit)
     is subtracted again, and the round's sum, taken from memory, is exactly the accepted ones'."""
