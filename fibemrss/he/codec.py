@@ -11,7 +11,7 @@ An upload travels compact (fibemrss.he.compact); a sum as SEAL serializes it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -256,6 +256,9 @@ class ChunkAccumulator:
 
     Memory is bounded by one chunk. It refuses chunks of another layout or key ceremony, and a sum
     of more than params.max_parties parties, beyond which exact decryption is no longer guaranteed.
+    A chunk added can be subtracted again (`subtract`): BFV addition is addition modulo q, a
+    group, so the sum comes back bit for bit, which lets the aggregator add an upload while it
+    streams in and take it out again if the upload is refused.
     """
 
     def __init__(self, key: AggregatorKey) -> None:
@@ -274,6 +277,61 @@ class ChunkAccumulator:
 
     def add(self, chunk: bytes) -> None:
         header, serialized = unpack_chunk(chunk)
+        summed = self._summed_header(header)
+        ciphertexts = self._load(serialized)
+        if self._header is None:
+            self._sums = ciphertexts
+        else:
+            for running, ciphertext in zip(self._sums, ciphertexts, strict=True):
+                self._evaluator.add_inplace(running, ciphertext)
+        self._header = summed
+
+    def absorb(self, other: ChunkAccumulator) -> None:
+        """Adds another accumulator's sum (of the same key) in place, without serializing it;
+        `other` must not be used afterwards (its ciphertexts may become this sum's)."""
+        if other._header is None:
+            return
+        if other._key.key_id != self._key.key_id:
+            raise HeKeyError("the accumulators hold sums under different key ceremonies")
+        summed = self._summed_header(other._header)
+        if self._header is None:
+            self._sums = other._sums
+        else:
+            for running, ciphertext in zip(self._sums, other._sums, strict=True):
+                self._evaluator.add_inplace(running, ciphertext)
+        self._header = summed
+        other._header, other._sums = None, []
+
+    def subtract(self, chunk: bytes) -> None:
+        """Takes a chunk added before out of the sum again: the sum (ciphertexts and header,
+        parties included) is then bit-exactly what it was before that chunk was added."""
+        header, serialized = unpack_chunk(chunk)
+        if self._header is None or header.parties > self._header.parties:
+            raise HeFormatError("the chunk holds more parties than the sum it is subtracted from")
+        if header.key_id != self._key.key_id:
+            raise HeKeyError("chunk was encrypted under another key ceremony than this aggregator's key")
+        if header.layout() != self._header.layout():
+            raise HeFormatError(
+                "chunks cover different slots (kind, frac_bits, n_values, chunk index or count differ)"
+            )
+        ciphertexts = self._load(serialized)
+        left = self._header.parties - header.parties
+        if left == 0:
+            # Nothing remains: the accumulator is empty again, as before its first chunk.
+            self._header, self._sums = None, []
+            return
+        for running, ciphertext in zip(self._sums, ciphertexts, strict=True):
+            self._evaluator.sub_inplace(running, ciphertext)
+        self._header = replace(self._header, parties=left)
+
+    def result(self) -> bytes:
+        if self._header is None:
+            raise HeFormatError("no chunk has been added")
+        serialized = [self._scratch.dump(ciphertext) for ciphertext in self._sums]
+        return pack_chunk(replace(self._header, compact=False), serialized)
+
+    def _summed_header(self, header: ChunkHeader) -> ChunkHeader:
+        """The header of this sum with `header`'s parties added, or the error refusing them."""
         if header.key_id != self._key.key_id:
             raise HeKeyError("chunk was encrypted under another key ceremony than this aggregator's key")
         if self._header is not None and header.layout() != self._header.layout():
@@ -286,21 +344,57 @@ class ChunkAccumulator:
                 f"sum would hold {summed.parties} parties, beyond the bound {self._key.params.max_parties} "
                 "(HeParams.max_parties)"
             )
-        ciphertexts = [
-            _load_ciphertext(self._scratch, self._key, blob) for blob in self._reader.blobs(serialized)
-        ]
-        if self._header is None:
-            self._sums = ciphertexts
-        else:
-            for running, ciphertext in zip(self._sums, ciphertexts, strict=True):
-                self._evaluator.add_inplace(running, ciphertext)
-        self._header = summed
+        return summed
+
+    def _load(self, serialized: list[bytes] | CompactCiphertexts) -> list[Any]:
+        return [_load_ciphertext(self._scratch, self._key, blob) for blob in self._reader.blobs(serialized)]
+
+
+class SerializedChunkSum:
+    """Aggregator side: the running sum of one chunk position, kept as SEAL serializes it
+    between additions.
+
+    Loaded, a sum is SEAL's polynomials in 64-bit words (two polynomials of three 24-bit residues
+    per coefficient and ciphertext): about two and a half times its serialization, seven times a
+    compact upload. Kept serialized, a round's running sum costs its final size in memory for the
+    whole round, and the bytes that close the round are the ones already held (no second copy).
+    Each change loads the sum into a ChunkAccumulator, changes it in place and serializes it
+    again: exact (serialization is lossless), at the CPU of one load and one save per chunk.
+    A change that raises leaves the sum as it was.
+    """
+
+    def __init__(self, key: AggregatorKey) -> None:
+        self._key = key
+        self._sum: bytes | None = None
+        self._parties = 0
+
+    @property
+    def parties(self) -> int:
+        return self._parties
+
+    def add(self, chunk: bytes) -> None:
+        self._change(lambda accumulator: accumulator.add(chunk))
+
+    def absorb(self, other: ChunkAccumulator) -> None:
+        """Adds a chunk loaded into an accumulator of its own (which must not be used afterwards)."""
+        self._change(lambda accumulator: accumulator.absorb(other))
+
+    def subtract(self, chunk: bytes) -> None:
+        """Takes a chunk added before out again: the bytes are then exactly the earlier ones."""
+        self._change(lambda accumulator: accumulator.subtract(chunk))
 
     def result(self) -> bytes:
-        if self._header is None:
+        if self._sum is None:
             raise HeFormatError("no chunk has been added")
-        serialized = [self._scratch.dump(ciphertext) for ciphertext in self._sums]
-        return pack_chunk(replace(self._header, compact=False), serialized)
+        return self._sum
+
+    def _change(self, change: Callable[[ChunkAccumulator], None]) -> None:
+        accumulator = ChunkAccumulator(self._key)
+        if self._sum is not None:
+            accumulator.add(self._sum)
+        change(accumulator)
+        self._sum = accumulator.result() if accumulator.parties else None
+        self._parties = accumulator.parties
 
 
 def _load_ciphertext(scratch: SealBytes, key: HospitalKey | AggregatorKey, blob: bytes) -> Any:

@@ -19,6 +19,7 @@ from fibemrss.platform.config import ServerConfig, env_float, env_int, env_str
 from fibemrss.platform.console_config import console_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp
+from fibemrss.platform.memory import map_large_blocks
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.aggregator.adapters.console_reads import FederationConsoleReads
 from services.aggregator.adapters.store import AggregatorStore
@@ -32,6 +33,9 @@ POOL_WAIT_SECONDS = 60.0
 
 
 def main() -> None:
+    # Before the server's threads allocate: each chunk replaces a serialized running sum of
+    # megabytes, which glibc would otherwise keep in its arenas once freed (fibemrss.platform.memory).
+    map_large_blocks()
     config = ServerConfig.from_env()
     # The federation operator's console (docs/console.md); None: off.
     console_config = console_from_env(CENTRAL_CONSOLE_ROLES)

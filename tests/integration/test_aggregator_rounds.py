@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import psycopg2
 import pytest
 
 from fibemrss.api.federation.v1 import federation_pb2 as pb
@@ -15,6 +16,7 @@ from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.he.params import DEFAULT_PARAMS
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import ServerConfig
 from fibemrss.platform.server import RunningServer, start_server
@@ -28,6 +30,19 @@ TASK = "test-task"
 HOSPITALS = ["a", "b", "c"]
 
 
+class CountingStore(AggregatorStore):
+    """The real store, counting the chunk positions summed from the stored uploads (the path a
+    round takes when the aggregator's running sum does not cover it)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db)
+        self.summed_from_database = 0
+
+    def chunks_at(self, task: str, number: int, index: int) -> list[bytes]:
+        self.summed_from_database += 1
+        return super().chunks_at(task, number, index)
+
+
 @dataclass
 class Aggregator:
     url: str
@@ -37,6 +52,7 @@ class Aggregator:
     db: Database
     stub: federation_pb2_grpc.AggregatorServiceStub
     channel: grpc.Channel
+    store: CountingStore
 
     def stop(self) -> None:
         self.channel.close()
@@ -49,7 +65,7 @@ def start_aggregator(
     url: str, key: HospitalKey, agg_key_bytes: bytes, address: str = "127.0.0.1:0"
 ) -> Aggregator:
     db = Database(url)
-    store = AggregatorStore(db)
+    store = CountingStore(db)
     coordinator = Coordinator(store, CiphertextAdder(load_aggregator_key(agg_key_bytes)), tick_seconds=0.05)
 
     def register(server, registry):
@@ -62,7 +78,7 @@ def start_aggregator(
     coordinator.start()
     channel = open_channel(running.address)
     return Aggregator(
-        url, key, running, coordinator, db, federation_pb2_grpc.AggregatorServiceStub(channel), channel
+        url, key, running, coordinator, db, federation_pb2_grpc.AggregatorServiceStub(channel), channel, store
     )
 
 
@@ -98,7 +114,12 @@ def start(
 def submit(
     agg: Aggregator, hospital: str, round_number: int, values: np.ndarray, weight: int
 ) -> pb.SubmitUpdateResponse:
-    chunks = UpdateEncryptor(agg.key).encrypt(values, weight)
+    return submit_chunks(agg, hospital, round_number, UpdateEncryptor(agg.key).encrypt(values, weight))
+
+
+def submit_chunks(
+    agg: Aggregator, hospital: str, round_number: int, chunks: list[bytes]
+) -> pb.SubmitUpdateResponse:
 
     def requests() -> Iterator[pb.SubmitUpdateRequest]:
         for i, data in enumerate(chunks):
@@ -228,6 +249,50 @@ def test_a_restarted_aggregator_finishes_a_round_caught_mid_aggregation(aggregat
         assert wait_round(restarted, 1).round == 1
         average, total = decrypt(restarted, 0, 3)
         assert total == 8  # both accepted submissions are in the sum: nothing was lost
+        assert restarted.store.summed_from_database == 1  # summed once from the stored uploads
         np.testing.assert_allclose(average, [2.0, 2.0, 2.0], atol=1e-4)
     finally:
         restarted.stop()
+
+
+def test_a_refused_upload_leaves_the_running_sum_bit_for_bit(
+    aggregator: Aggregator, keys: tuple[bytes, bytes]
+) -> None:
+    """Chunks go into the round's running sum as they stream in: an upload refused after some
+    of them (a corrupt chunk in the middle of its stream, or a transaction that does not commit)
+    is subtracted again, and the round's sum, taken from memory, is exactly the accepted ones'."""
+    start(aggregator, quorum=3)
+    n = 2 * DEFAULT_PARAMS.slots_per_chunk * DEFAULT_PARAMS.values_per_slot + 50  # three chunks
+    rng = np.random.default_rng(5)
+    encrypt = UpdateEncryptor(aggregator.key).encrypt
+    vectors = {h: rng.normal(0.0, 1.0, n) for h in HOSPITALS}
+    weights = {"a": 3, "b": 20, "c": 7}
+    uploads = {h: encrypt(vectors[h], weights[h]) for h in HOSPITALS}
+    assert len(uploads["a"]) == 3
+    submit_chunks(aggregator, "a", 0, uploads["a"])
+    middle = uploads["c"][1]
+    corrupt = [uploads["c"][0], middle[:40] + b"\xff\xff" + middle[42:], uploads["c"][2]]
+    with pytest.raises(grpc.RpcError) as refused:
+        submit_chunks(aggregator, "c", 0, corrupt)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in field_violations(refused.value)] == ["chunks[1].ciphertext"]
+    # b's upload streams whole, and then its transaction fails in PostgreSQL.
+    with aggregator.db.transaction() as cur:
+        cur.execute("ALTER TABLE submissions ADD CONSTRAINT test_refuse_b CHECK (hospital <> 'b')")
+    with pytest.raises(psycopg2.errors.CheckViolation):
+        aggregator.coordinator.submit(TASK, 0, "b", 3, enumerate(uploads["b"]))
+    with aggregator.db.transaction() as cur:
+        cur.execute("ALTER TABLE submissions DROP CONSTRAINT test_refuse_b")
+    submit_chunks(aggregator, "c", 0, uploads["c"])
+    submit_chunks(aggregator, "b", 0, uploads["b"])
+    wait_round(aggregator, 1)
+    served = [
+        c.ciphertext for c in aggregator.stub.FetchAggregate(pb.FetchAggregateRequest(task=TASK, round=0))
+    ]
+    adder = CiphertextAdder(load_aggregator_key(keys[1]))
+    assert served == [adder.add(parts) for parts in zip(*uploads.values(), strict=True)]
+    assert aggregator.store.summed_from_database == 0  # the sum came from memory, not the uploads
+    average, total = UpdateDecryptor(aggregator.key).decrypt_average(served, n)
+    assert total == 30
+    expected = sum(vectors[h] * weights[h] for h in HOSPITALS) / 30
+    np.testing.assert_allclose(average, expected, atol=aggregator.key.params.average_error(3, 30))

@@ -27,7 +27,7 @@ from fibemrss.he import (
     write_key_files,
 )
 from fibemrss.he.chunk_format import ChunkKind, unpack_header
-from fibemrss.he.codec import slot_count
+from fibemrss.he.codec import SerializedChunkSum, slot_count
 from fibemrss.he.masking import MaskContext, MaskKeyPair, cohort_mask, round_key_seed
 from fibemrss.he.params import HeParams
 
@@ -110,6 +110,61 @@ def test_sum_of_three_hospitals_is_their_weighted_average(
     assert np.abs(average - expected).max() <= DEFAULT_PARAMS.average_error(3, sum(weights))
     exact = sum(exact_integers(u.astype(np.float64), w) for u, w in zip(updates, weights, strict=True))
     assert np.array_equal(decryptor.decrypt_integers(summed, n_values), exact)
+
+
+def test_a_chunk_added_then_subtracted_leaves_the_previous_sum_byte_for_byte(
+    encryptor: UpdateEncryptor, decryptor: UpdateDecryptor, aggregator_key: AggregatorKey
+) -> None:
+    rng = np.random.default_rng(3)
+    a, b, c = (encryptor.encrypt(rng.normal(0.0, 1.0, 700), weight) for weight in (3, 5, 7))
+    accumulator = ChunkAccumulator(aggregator_key)
+    accumulator.add(a[0])
+    accumulator.add(b[0])
+    before = accumulator.result()
+    accumulator.add(c[0])
+    assert accumulator.parties == 3 and accumulator.result() != before
+    accumulator.subtract(c[0])
+    assert accumulator.parties == 2
+    assert accumulator.result() == before  # ciphertexts and header (its parties) bit for bit
+    _, weight = decryptor.decrypt_average([accumulator.result()], 700)
+    assert weight == 8
+    # Down to nothing: empty again, as before the first chunk; and a sum moved in whole.
+    accumulator.subtract(b[0])
+    accumulator.subtract(a[0])
+    assert accumulator.parties == 0
+    with pytest.raises(HeFormatError):
+        accumulator.result()
+    other = ChunkAccumulator(aggregator_key)
+    other.add(b[0])
+    accumulator.add(a[0])
+    accumulator.absorb(other)
+    assert accumulator.result() == before and other.parties == 0
+    # The same kept serialized between changes (the aggregator's running sums): the same bytes.
+    kept = SerializedChunkSum(aggregator_key)
+    for chunk in (a[0], b[0], c[0]):
+        loaded = ChunkAccumulator(aggregator_key)
+        loaded.add(chunk)
+        kept.absorb(loaded)
+    kept.subtract(c[0])
+    assert kept.parties == 2 and kept.result() == before
+    with pytest.raises(HeFormatError):
+        kept.subtract(add_chunks(aggregator_key, add_chunks(aggregator_key, a[0], b[0]), c[0]))
+    assert kept.result() == before  # a refused change leaves it as it was
+
+
+def test_subtracting_a_chunk_the_sum_cannot_hold_is_refused(
+    encryptor: UpdateEncryptor, aggregator_key: AggregatorKey
+) -> None:
+    ours = encryptor.encrypt(np.ones(3), weight=1)[0]
+    accumulator = ChunkAccumulator(aggregator_key)
+    with pytest.raises(HeFormatError):
+        accumulator.subtract(ours)  # nothing added yet
+    accumulator.add(ours)
+    with pytest.raises(HeFormatError):
+        accumulator.subtract(encryptor.encrypt(np.ones(4), weight=1)[0])  # another layout
+    with pytest.raises(HeFormatError):
+        accumulator.subtract(add_chunks(aggregator_key, ours, ours))  # two parties out of one
+    assert accumulator.parties == 1
 
 
 bounded_value = st.floats(-DEFAULT_PARAMS.max_abs_value, DEFAULT_PARAMS.max_abs_value, allow_nan=False)

@@ -1,7 +1,8 @@
-"""The aggregator's running sums (services/aggregator/core/running_sums.py) with real HE: a
-committed upload's own sums are added in, a round that closes while an upload is between its
-commit and its fold waits for it, and anything that does not cover exactly the round's uploads
-sends the round to the database path (None)."""
+"""The aggregator's running sums (services/aggregator/core/running_sums.py) with real HE: each
+checked chunk goes into the round's sum as it streams in, an upload that does not commit comes
+out again bit for bit, a round that closes while an upload is committing waits for it, one that
+closes while an upload still streams takes that upload out, and anything that does not cover
+exactly the round's uploads sends the round to the database path (None)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import pytest
 
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.he.params import DEFAULT_PARAMS
 from services.aggregator.core.ciphertexts import CiphertextAdder
-from services.aggregator.core.running_sums import RunningSums
+from services.aggregator.core.running_sums import RunningSums, Upload
+
+# Three chunk positions: a refused upload can stop in the middle of its stream.
+N = 2 * DEFAULT_PARAMS.slots_per_chunk * DEFAULT_PARAMS.values_per_slot + 50
 
 
 @pytest.fixture(scope="module")
@@ -22,48 +27,129 @@ def keys() -> tuple[HospitalKey, CiphertextAdder]:
     return load_hospital_key(hospital), CiphertextAdder(load_aggregator_key(aggregator))
 
 
-def _checked(adder: CiphertextAdder, chunks: list[bytes]) -> dict[int, object]:
+@pytest.fixture(scope="module")
+def uploads(keys) -> dict[str, list[bytes]]:  # type: ignore[no-untyped-def]
+    key, _ = keys
+    rng = np.random.default_rng(7)
+    encryptor = UpdateEncryptor(key)
+    return {h: encryptor.encrypt(rng.normal(0.0, 1.0, N), w) for h, w in (("a", 2), ("b", 5), ("c", 11))}
+
+
+def stream(sums: RunningSums, adder: CiphertextAdder, upload: Upload, chunks: list[bytes]) -> None:
+    """What the coordinator does with each chunk as it arrives: check it, then add it."""
     check = adder.upload_check(len(chunks), None)
     for i, chunk in enumerate(chunks):
-        assert check.add(i, chunk)
+        loaded = check.add(i, chunk)
+        assert loaded is not None
+        sums.add(upload, i, chunk, loaded)
     check.finish()
-    return dict(check.sums)
 
 
-def test_take_waits_for_a_committed_upload_still_being_added(keys) -> None:  # type: ignore[no-untyped-def]
+def accepted(
+    sums: RunningSums, adder: CiphertextAdder, hospital: str, chunks: list[bytes], number: int = 0
+) -> None:
+    upload = sums.begin("t", number, hospital)
+    stream(sums, adder, upload, chunks)
+    sums.committing(upload)
+    sums.commit(upload)
+
+
+def expected_sum(adder: CiphertextAdder, *uploads: list[bytes]) -> list[bytes]:
+    """The sum computed apart, position by position (addition modulo q: any order, same bytes)."""
+    return [adder.add(parts) for parts in zip(*uploads, strict=True)]
+
+
+def test_an_upload_refused_mid_stream_or_at_commit_leaves_the_sum_bit_for_bit(keys, uploads) -> None:  # type: ignore[no-untyped-def]
     key, adder = keys
-    sums = RunningSums(adder.new_accumulator, settle_seconds=10)
-    a = UpdateEncryptor(key).encrypt(np.full(5, 1.0), 2)
-    b = UpdateEncryptor(key).encrypt(np.full(5, 4.0), 1)
-    sums.reserve("t", 0)
-    sums.fold("t", 0, "a", _checked(adder, a))  # type: ignore[arg-type]
-    sums.reserve("t", 0)  # b committed; its fold comes after the round starts closing
+    sums = RunningSums(adder.new_sum, settle_seconds=5)
+    accepted(sums, adder, "a", uploads["a"])
+    # c's second chunk is corrupt: its first one was already added, and comes out again.
+    refused = sums.begin("t", 0, "c")
+    check = adder.upload_check(3, None)
+    first = check.add(0, uploads["c"][0])
+    assert first is not None
+    sums.add(refused, 0, uploads["c"][0], first)
+    corrupt = uploads["c"][1][:40] + b"\xff\xff" + uploads["c"][1][42:]
+    assert check.add(1, corrupt) is None
+    assert check.add(2, uploads["c"][2]) is None  # fine, but the upload is already refused
+    sums.withdraw(refused)
+    # b streams whole, then its transaction does not commit.
+    rolled_back = sums.begin("t", 0, "b")
+    stream(sums, adder, rolled_back, uploads["b"])
+    sums.committing(rolled_back)
+    sums.withdraw(rolled_back)
+    again = adder.upload_check(3, None).add(0, uploads["b"][0])
+    assert again is not None
+    sums.add(rolled_back, 0, uploads["b"][0], again)  # a withdrawn upload adds nothing any more
+    taken = sums.take("t", 0, frozenset("a"), 3)
+    assert taken is not None
+    assert [acc.result() for acc in taken] == expected_sum(adder, uploads["a"])
+    average, weight = UpdateDecryptor(key).decrypt_average([acc.result() for acc in taken], N)
+    assert weight == 2
+
+
+def test_an_upload_still_streaming_when_the_round_closes_is_taken_out(keys, uploads) -> None:  # type: ignore[no-untyped-def]
+    _, adder = keys
+    sums = RunningSums(adder.new_sum, settle_seconds=5)
+    accepted(sums, adder, "a", uploads["a"])
+    accepted(sums, adder, "b", uploads["b"])
+    late = sums.begin("t", 0, "c")
+    check = adder.upload_check(3, None)
+    loaded = check.add(0, uploads["c"][0])
+    assert loaded is not None
+    sums.add(late, 0, uploads["c"][0], loaded)
+    taken = sums.take("t", 0, frozenset("ab"), 3)  # the round aggregates: c can no longer commit
+    assert taken is not None
+    before = [acc.result() for acc in taken]
+    assert before == expected_sum(adder, uploads["a"], uploads["b"])
+    # c's later chunks and its refusal touch nothing, neither the taken sum nor a new one.
+    loaded = check.add(1, uploads["c"][1])
+    assert loaded is not None
+    sums.add(late, 1, uploads["c"][1], loaded)
+    sums.withdraw(late)
+    assert [acc.result() for acc in taken] == before
+    assert sums.take("t", 0, frozenset("ab"), 3) is None
+
+
+def test_take_waits_for_a_committing_upload(keys, uploads) -> None:  # type: ignore[no-untyped-def]
+    key, adder = keys
+    sums = RunningSums(adder.new_sum, settle_seconds=10)
+    accepted(sums, adder, "a", uploads["a"])
+    upload = sums.begin("t", 0, "b")
+    stream(sums, adder, upload, uploads["b"])
+    sums.committing(upload)  # b's transaction commits after the round starts closing
     taken: list[object] = []
-    closing = threading.Thread(target=lambda: taken.append(sums.take("t", 0, frozenset("ab"), len(a))))
+    closing = threading.Thread(target=lambda: taken.append(sums.take("t", 0, frozenset("ab"), 3)))
     closing.start()
     closing.join(0.3)
     assert closing.is_alive()  # waiting for b, not summing without it
-    sums.fold("t", 0, "b", _checked(adder, b))  # type: ignore[arg-type]
+    sums.commit(upload)
     closing.join(5)
     [accumulators] = taken
     assert accumulators is not None
-    average, weight = UpdateDecryptor(key).decrypt_average([acc.result() for acc in accumulators], 5)  # type: ignore[attr-defined]
-    assert weight == 3
-    np.testing.assert_allclose(average, np.full(5, 2.0), atol=key.params.average_error_bound)
+    _, weight = UpdateDecryptor(key).decrypt_average([acc.result() for acc in accumulators], N)  # type: ignore[attr-defined]
+    assert weight == 7
 
 
-def test_a_released_or_missing_upload_sends_the_round_to_the_database(keys) -> None:  # type: ignore[no-untyped-def]
-    key, adder = keys
-    sums = RunningSums(adder.new_accumulator, settle_seconds=0.2)
-    a = UpdateEncryptor(key).encrypt(np.full(5, 1.0), 2)
-    sums.reserve("t", 0)
-    sums.fold("t", 0, "a", _checked(adder, a))  # type: ignore[arg-type]
-    sums.reserve("t", 0)
-    sums.release("t", 0)  # b's transaction rolled back: nothing of it in the sum
-    assert sums.take("t", 0, frozenset("a"), len(a)) is not None
-    sums.reserve("t", 1)
-    sums.fold("t", 1, "a", _checked(adder, a))  # type: ignore[arg-type]
+def test_what_the_running_sum_does_not_cover_goes_to_the_database(keys, uploads) -> None:  # type: ignore[no-untyped-def]
+    _, adder = keys
+    sums = RunningSums(adder.new_sum, settle_seconds=0.2)
+    accepted(sums, adder, "a", uploads["a"], number=1)
     # The round closed with an upload this process never added (a restart): the database sums it.
-    assert sums.take("t", 1, frozenset("ab"), len(a)) is None
-    sums.reserve("t", 2)  # never settles within settle_seconds
+    assert sums.take("t", 1, frozenset("ab"), 3) is None
+    committing = sums.begin("t", 2, "a")
+    sums.committing(committing)  # never settles within settle_seconds
     assert sums.take("t", 2, frozenset(), 0) is None
+    # A sum that refuses a chunk (another layout) is broken: the database path fails the round.
+    accepted(sums, adder, "a", uploads["a"], number=3)
+    other = UpdateEncryptor(keys[0]).encrypt(np.ones(N + 1), 1)
+    accepted(sums, adder, "b", other, number=3)
+    assert sums.take("t", 3, frozenset("ab"), 3) is None
+    # A new federation of the task drops its sums, and an upload still streaming into them.
+    streaming = sums.begin("t", 4, "a")
+    accepted(sums, adder, "b", uploads["b"], number=4)
+    sums.forget("t")
+    stream(sums, adder, streaming, uploads["a"])
+    sums.committing(streaming)
+    sums.commit(streaming)
+    assert sums.take("t", 4, frozenset("ab"), 3) is None

@@ -10,7 +10,7 @@ from fibemrss.domain.feature_encoding import input_dim, stats_vector_length
 from fibemrss.domain.tasks import TASKS
 from fibemrss.domain.torch_models import parameter_count
 from fibemrss.he.chunk_format import ChunkHeader, ChunkKind, unpack_header
-from fibemrss.he.codec import ChunkAccumulator, ciphertexts_per_chunk_layout
+from fibemrss.he.codec import ChunkAccumulator, SerializedChunkSum, ciphertexts_per_chunk_layout
 from fibemrss.he.errors import HeError
 from fibemrss.he.keys import AggregatorKey
 from fibemrss.he.params import HeParams
@@ -89,6 +89,10 @@ class CiphertextAdder:
     def new_accumulator(self) -> ChunkAccumulator:
         return ChunkAccumulator(self._key)
 
+    def new_sum(self) -> SerializedChunkSum:
+        """A chunk position's running sum, kept serialized between additions (its docstring)."""
+        return SerializedChunkSum(self._key)
+
     def add(self, parts: Sequence[bytes]) -> bytes:
         """The encrypted slot-wise sum of one chunk position over all hospitals."""
         accumulator = ChunkAccumulator(self._key)
@@ -100,28 +104,32 @@ class CiphertextAdder:
 @dataclass
 class UploadCheck:
     """One upload checked as it streams in, so no whole upload is held as bytes: every index
-    once, every header, every ciphertext loadable with the aggregator's context and of the
-    round's kind and size. Loading a chunk is adding it into an accumulator of its own (`sums`),
-    which the round's running sum adopts once the upload has committed. A bad upload is refused
-    to its sender alone, naming the field, after its stream ended (nothing of it is stored)."""
+    once, every header, every ciphertext loadable with the aggregator's context (SEAL checks
+    every coefficient below q) and of the round's kind and size. Loading a chunk is adding it
+    into an accumulator of its own, which `add` hands back for the round's running sum to take
+    in at once (services/aggregator/core/running_sums.py), so no upload is held loaded whole. A
+    bad upload is refused to its sender alone, naming the field, after its stream ended (nothing
+    of it is stored, and what of it reached the running sum is subtracted again)."""
 
     adder: CiphertextAdder
     total: int
     expected: RoundLayout | None
     problems: list[FieldProblem] = field(default_factory=list)
-    sums: dict[int, ChunkAccumulator] = field(default_factory=dict)
+    seen: set[int] = field(default_factory=set)
     _position: int = 0
     _first: ChunkHeader | None = None
 
-    def add(self, index: int, chunk: bytes) -> bool:
-        """Checks one chunk; True when it is fine (and may be stored)."""
+    def add(self, index: int, chunk: bytes) -> ChunkAccumulator | None:
+        """Checks one chunk: the chunk loaded into an accumulator of its own when it and every
+        chunk before it are fine (it may then be stored and summed), else None."""
         position, self._position = self._position, self._position + 1
         where = f"chunks[{position}]"
-        if not 0 <= index < self.total or index in self.sums:
+        if not 0 <= index < self.total or index in self.seen:
             self.problems.append(
                 FieldProblem(f"{where}.index", f"{index} is outside 0..{self.total - 1} or repeated")
             )
-            return False
+            return None
+        self.seen.add(index)
         try:
             self.adder.check(chunk, index, self.total)
             header = unpack_header(chunk)
@@ -129,10 +137,10 @@ class UploadCheck:
             accumulator.add(chunk)  # every ciphertext loads, not just the header
         except InvalidArgument as exc:
             self.problems.extend(FieldProblem(f"{where}.ciphertext", p.description) for p in exc.violations)
-            return False
+            return None
         except HeError as exc:
             self.problems.append(FieldProblem(f"{where}.ciphertext", str(exc)))
-            return False
+            return None
         self._first = self._first or header
         if self.expected is not None:
             wanted = (self.expected.kind, self.expected.n_values)
@@ -146,18 +154,16 @@ class UploadCheck:
                     f"this round takes {wanted[0].name} of {wanted[1]}",
                 )
             )
-            return False
-        self.sums[index] = accumulator
-        return not self.problems
+            return None
+        return None if self.problems else accumulator
 
     def finish(self) -> None:
         """After the last chunk: InvalidArgument naming every problem (at most 20)."""
-        if not self.problems and len(self.sums) != self.total:
+        if not self.problems and len(self.seen) != self.total:
             self.problems.append(
                 FieldProblem(
-                    "total_chunks", f"announced {self.total} chunks, the stream carried {len(self.sums)}"
+                    "total_chunks", f"announced {self.total} chunks, the stream carried {len(self.seen)}"
                 )
             )
         if self.problems:
-            self.sums.clear()
             raise InvalidArgument("the upload was refused; nothing of it was stored", self.problems[:20])

@@ -48,7 +48,7 @@ from services.aggregator.core.round_state import (
     is_finished,
     next_round_number,
 )
-from services.aggregator.core.running_sums import Accumulator, RunningSums
+from services.aggregator.core.running_sums import RunningSums, Sum
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,10 @@ CACHE_LIMIT_BYTES = 256 * 1024 * 1024
 # An upload larger than this is refused (it is checked and stored chunk by chunk as it streams).
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 # Uploads streamed at once; the others queue (_upload_slot). One: the aggregator's memory is then
-# one upload's accumulators, the running sum and the newest sum (docs/federation.md), and the
-# check of a chunk is CPU the process would not run faster on two streams.
+# the running sum (serialized, and once the round closed the newest sum served: the same bytes),
+# one upload's compact chunks (kept until it commits, to subtract them if it does not) and one
+# chunk position being loaded (docs/federation.md); and the check of a chunk is CPU the process
+# would not run faster on two streams.
 UPLOAD_SLOTS = 1
 UPLOAD_QUEUE_SECONDS = 110.0
 # A vote (a candidate digest and a bit) or a tally (a digest): small, whatever a sender claims.
@@ -70,7 +72,7 @@ class Adder(Protocol):
     def params(self) -> HeParams: ...
     def upload_check(self, total: int, expected: RoundLayout | None) -> UploadCheck: ...
     def add(self, parts: Sequence[bytes]) -> bytes: ...
-    def new_accumulator(self) -> Accumulator: ...
+    def new_sum(self) -> Sum: ...
 
 
 class Coordinator:
@@ -89,8 +91,8 @@ class Coordinator:
         signature of their hospital's agent, so a hospital that sends a broken one is refused alone
         instead of making every honest agent refuse the round. `clock` (the wall clock unless
         given) decides every deadline and the long-polls' timeouts. `upload_slots`: uploads
-        streamed at once (each holds a database connection and one upload's worth of loaded
-        ciphertexts); the others wait up to `upload_queue_seconds` for a slot."""
+        streamed at once (each holds a database connection and its own compact chunks until it
+        commits); the others wait up to `upload_queue_seconds` for a slot."""
         if upload_slots < 1:
             raise ValueError("upload_slots must be at least 1")
         self._upload_slot_count = upload_slots
@@ -107,7 +109,7 @@ class Coordinator:
         self._thread = threading.Thread(target=self._run, name="round-ticker", daemon=True)
         # The newest sum stays in memory: every hospital fetches it right after the round closes.
         self._latest: tuple[str, int, int, list[bytes]] | None = None
-        self._running = RunningSums(adder.new_accumulator)
+        self._running = RunningSums(adder.new_sum)
         self._submissions = Counter(
             "fibemrss_submissions_total",
             "Accepted encrypted submissions.",
@@ -268,9 +270,9 @@ class Coordinator:
         check = self._adder.upload_check(total, expected_layout(task, number, self._adder.params))
         attempt = current.attempt
         with self._upload_slot():
-            reserved = False
+            upload = self._running.begin(task, number, hospital, attempt)
             try:
-                # Each chunk is checked, added into the upload's own sums and copied into the
+                # Each chunk is checked, added into the round's running sum and copied into the
                 # transaction as it arrives; the round is locked only at the end, for the final
                 # checks and the insert (nothing is locked while the sender is still sending).
                 with self._store.submission(
@@ -284,22 +286,22 @@ class Coordinator:
                                 "upload too large",
                                 [FieldProblem("chunks", f"more than {MAX_UPLOAD_BYTES} bytes")],
                             )
-                        if check.add(index, ciphertext):
+                        loaded = check.add(index, ciphertext)
+                        if loaded is not None:
                             writer.add(index, ciphertext)
+                            self._running.add(upload, index, ciphertext, loaded)
                     # Validated whole before it counts: a bad upload is refused to its sender alone.
                     check.finish()
-                    self._running.reserve(task, number, attempt)
-                    reserved = True
+                    self._running.committing(upload)
             except DuplicateSubmission:
-                if reserved:
-                    self._running.release(task, number, attempt)
+                self._running.withdraw(upload)
                 self._submissions.labels(task, "duplicate").inc()
                 return True
             except BaseException:
-                if reserved:
-                    self._running.release(task, number, attempt)
+                # Refused or rolled back: what of it the running sum took in comes out again.
+                self._running.withdraw(upload)
                 raise
-            self._running.fold(task, number, hospital, check.sums, attempt)
+            self._running.commit(upload)
         self._store.note_submission(settings, number)
         self._submissions.labels(task, "accepted").inc()
         self._last_submitted.labels(task, hospital).set(number)
@@ -644,12 +646,16 @@ class Coordinator:
             return
         cache: list[bytes] | None = []
 
-        running = self._running.take(settings.task, current.number, current.submitted, total, current.attempt)
+        taken = self._running.take(settings.task, current.number, current.submitted, total, current.attempt)
+        running: list[Sum | None] | None = None if taken is None else list(taken)
+        del taken  # `running` alone holds the sums, so each goes once serialized
 
         def sum_at(index: int) -> bytes:
             nonlocal cache
-            if running is not None:
-                summed = running[index].result()
+            accumulator = running[index] if running is not None else None
+            if accumulator is not None and running is not None:
+                summed = accumulator.result()
+                running[index] = None  # each position let go once serialized: never the sum twice
             else:
                 summed = self._adder.add(self._store.chunks_at(settings.task, current.number, index))
             if cache is not None:
