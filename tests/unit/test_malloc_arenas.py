@@ -1,4 +1,4 @@
-"""Every service caps glibc's malloc arenas at start (fibemrss.platform.entrypoint); the memory it
+"""Every service caps glibc's malloc arenas at start (fibemrss.platform.memory, from fibemrss.platform.entrypoint); the memory it
 saves is measured by `fibemrss bench round --scaling` (docs/federation.md), not here."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fibemrss.platform.entrypoint import MALLOC_ARENAS, limit_malloc_arenas
+from fibemrss.platform.memory import MALLOC_ARENAS, limit_malloc_arenas
 
 # Threads that each allocate, then the number of distinct heaps glibc reports (malloc_info's
 # <heap nr=...> lines): with the cap, no more than MALLOC_ARENAS whatever the threads.
 PROGRAM = """
 import ctypes, ctypes.util, os, sys, tempfile, threading
-from fibemrss.platform.entrypoint import limit_malloc_arenas
+from fibemrss.platform.memory import limit_malloc_arenas
 if sys.argv[1] == "capped":
     assert limit_malloc_arenas()
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
