@@ -15,9 +15,9 @@ Up to PROCESS_HOSPITALS_MAX hospitals, each is its own process, as real hospital
 machines: TenSEAL holds the GIL while it encrypts, so hospitals played as threads of one process
 encrypt one after another, while the compute floor a round is compared with assumes they encrypt
 at once. The processes fork from a fork server that imported only modules without gRPC
-(FORK_SERVER_PRELOAD: no gRPC state crosses a fork), each builds its own channel,
-codec, signer and verifier, and all of them and the driver pass one start barrier; each sends its
-figures back as plain data, and the verifying survivor runs `verify` in its own process. Above
+(FORK_SERVER_PRELOAD: no gRPC state crosses a fork); each builds its own channel, codec, signer
+and verifier, all of them and the driver pass one start barrier, each sends its figures back as
+plain data, and the verifying survivor runs `verify` in its own process. Above
 that (issue 24: "in-process agents above 16 are fine"), hospitals are threads of this process.
 The JSON says which (`hospitals_as`).
 
@@ -636,10 +636,10 @@ class ThreadHospitals:
 
 def _hospital_process(conn: Connection, start: StartBarrier, spec: MemberSpec, task_spec: Any) -> None:
     """One hospital as a process of its own (forked from the fork server, which never imported
-    gRPC, so it inherits no gRPC state): loads the
-    key, builds its channel, codec, signer and verifier, says it is ready, plays its round from
-    the common start barrier and sends back its figures as plain data; then verifies the sum
-    if the driver asks it to, or ends. Every message to the driver is a tuple, its kind first."""
+    gRPC, so it inherits no gRPC state): loads the key, builds its channel, codec, signer and
+    verifier, says it is ready, plays its round from the common start barrier and sends back its
+    figures as plain data; then verifies the sum if the driver asks it to, or ends. Every
+    message to the driver is a tuple, its kind first."""
     try:
         key = load_hospital_key(spec.key_file.read_bytes())
         codec = UpdateCodec(key)
@@ -674,9 +674,9 @@ def _hospital_process(conn: Connection, start: StartBarrier, spec: MemberSpec, t
 
 
 class ProcessHospitals:
-    """Every member a process of its own, from the fork server: TenSEAL holds the GIL while it encrypts, so
-    only processes encrypt at once, as hospitals on their own machines do. One multiprocessing
-    barrier starts the driver and every member together."""
+    """Every member a process of its own, from the fork server: TenSEAL holds the GIL while it
+    encrypts, so only processes encrypt at once, as hospitals on their own machines do. One
+    multiprocessing barrier starts the driver and every member together."""
 
     hospitals_as = "processes"
 
