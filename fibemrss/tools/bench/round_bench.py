@@ -98,6 +98,10 @@ def compute_floor(key: HospitalKey, n_params: int, hospitals: int) -> dict[str, 
         # Every hospital's encryption one after another: hospitals that share one core (threads
         # of one process, or more processes than the machine has cores) come close to it.
         "total_with_serial_encryption_s": round(hospitals * encrypt_s + add_s + decrypt_s, 3),
+        # Hospitals as processes on this machine: their encryptions in waves of one per core.
+        "total_on_this_machine_s": round(
+            math.ceil(hospitals / (os.cpu_count() or 1)) * encrypt_s + add_s + decrypt_s, 3
+        ),
         "upload_bytes": sum(len(c) for c in upload),
         "sum_bytes": sum(len(c) for c in summed),
     }
