@@ -805,8 +805,9 @@ class ProcessHospitals:
         self._barrier.abort()  # frees any member still waiting to start: the run failed before it
         for name in self._pipes:
             self._tell(name, "end")
+        deadline = time.monotonic() + 10  # for all of them: a member still in its round is ended
         for name, process in self._processes.items():
-            process.join(timeout=10)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5)
