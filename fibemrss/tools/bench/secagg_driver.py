@@ -773,11 +773,9 @@ class ProcessHospitals:
             pass  # it already ended
 
     def verify(self, task_spec: Any) -> tuple[dict[str, Any] | None, float]:
-        """In the verifying survivor's own process; the others are told to end."""
+        """In the verifying survivor's own process. The others are told to end only after it
+        (`close`): their exits would take CPU from the verification it times."""
         verifier = next((p for p in self.played() if not p.result.dropped and p.result.error is None), None)
-        for name in self._pipes:
-            if verifier is None or name != verifier.name:
-                self._tell(name, "end")
         if verifier is None:
             return None, time.monotonic()
         self._tell(verifier.name, "verify")
