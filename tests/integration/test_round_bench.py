@@ -44,6 +44,11 @@ def test_quick_round_bench_runs_the_deployed_protocol_and_sums_exactly(tmp_path:
     assert run["upload_bytes"] > 4 * 10_000 and run["sum_bytes"] > 0
     floor = size["floor"]
     assert floor["encrypt_s"] > 0 and floor["aggregate_s"] > 0 and floor["total_s"] > 0
+    # Hospitals as processes on this machine's cores: between all at once and one after another.
+    assert floor["total_s"] <= floor["total_on_this_machine_s"] <= floor["total_with_serial_encryption_s"]
+    # Four hospitals: each a process of its own, beside the bench's.
+    assert size["hospitals_as"] == ["processes"] and run["hospitals_as"] == "processes"
+    assert run["member_processes"] == 4
     assert size["ratio_to_floor"] is not None and size["goals"]["phase_holding_it"] in PHASES
     assert size["flower"]["note"].startswith("not run")
     assert result["machine"]["load_average_start"]

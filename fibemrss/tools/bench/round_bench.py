@@ -2,7 +2,8 @@
 
 Every round is the deployed protocol (fibemrss/tools/bench/secagg_driver.py, shared with `bench
 secagg`): a real aggregator process with mutual TLS and its own PostgreSQL database, and hospitals
-(threads of this process, each with its own channel and agent certificate) that advertise signed
+(a process each up to 16 of them, so that they encrypt at once as the floor assumes; threads of
+this process above; each with its own channel and agent certificate) that advertise signed
 round keys, exchange shares, mask, encrypt, sign and stream their uploads, sign the survivors,
 reveal, wait for the round to close, then fetch the sum and check it (`verified_sum`: the
 transcript, every signature, the sum recomputed from the signed uploads) and decrypt it; the
@@ -45,7 +46,7 @@ from fibemrss.db.embedded import EmbeddedPostgres
 from fibemrss.he.codec import ChunkAccumulator, UpdateCodec
 from fibemrss.he.keys import HospitalKey, load_hospital_key, write_key_files
 from fibemrss.tools.bench.flower_round import flower_bin, run_flower_rounds
-from fibemrss.tools.bench.secagg_driver import MIN_CONTRIBUTORS, fit, run_one
+from fibemrss.tools.bench.secagg_driver import MIN_CONTRIBUTORS, PROCESS_HOSPITALS_MAX, fit, run_one
 from fibemrss.tools.certs import init_pki
 
 PARAM_SIZES = (1_000_000, 10_000_000)
@@ -94,8 +95,13 @@ def compute_floor(key: HospitalKey, n_params: int, hospitals: int) -> dict[str, 
         "aggregate_s": round(add_s, 3),
         "decrypt_s": round(decrypt_s, 3),
         "total_s": round(encrypt_s + add_s + decrypt_s, 3),
-        # The hospitals here are threads of one process: their encryptions share its cores.
+        # Every hospital's encryption one after another: hospitals that share one core (threads
+        # of one process, or more processes than the machine has cores) come close to it.
         "total_with_serial_encryption_s": round(hospitals * encrypt_s + add_s + decrypt_s, 3),
+        # Hospitals as processes on this machine: their encryptions in waves of one per core.
+        "total_on_this_machine_s": round(
+            math.ceil(hospitals / (os.cpu_count() or 1)) * encrypt_s + add_s + decrypt_s, 3
+        ),
         "upload_bytes": sum(len(c) for c in upload),
         "sum_bytes": sum(len(c) for c in summed),
     }
@@ -143,6 +149,8 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
     agg = run["aggregator"]
     return {
         "hospitals": run["hospitals"],
+        "hospitals_as": run["hospitals_as"],
+        "member_processes": members["member_processes"],
         "closed": run["round"]["closed"],
         "failure": run["round"]["failure"],
         "round_s": run["round"]["wall_with_verify_s"],
@@ -207,11 +215,25 @@ def _one(
     n: int,
     n_params: int,
     label: str,
+    hospitals_as: str | None = None,
 ) -> dict[str, Any]:
     """One round; a size the aggregator refuses comes back as {"refused": ...}."""
     try:
         # pool_size 0: the aggregator's default pool, so a cohort larger than it must queue.
-        return run_one(work, pg, keys, pki, key, n, 0.0, n_params, 1.0, label=label, pool_size=0)
+        return run_one(
+            work,
+            pg,
+            keys,
+            pki,
+            key,
+            n,
+            0.0,
+            n_params,
+            1.0,
+            label=label,
+            pool_size=0,
+            hospitals_as=hospitals_as,
+        )
     except grpc.RpcError as exc:
         code = exc.code()
         return {"hospitals": n, "refused": {"code": code.name if code else None, "details": exc.details()}}
@@ -225,9 +247,12 @@ def run_round_bench(
     flower: str = "auto",
     scaling: Sequence[int] = HOSPITAL_SIZES,
     scaling_params: int = SCALING_PARAMS,
+    hospitals_as: str | None = None,
 ) -> dict[str, Any]:
     """`flower`: "auto" (if its venv exists), "on" (build it with scripts/flower_venv.sh if
-    needed) or "off". `scaling` empty skips the hospital scaling, `param_sizes` empty the rest."""
+    needed) or "off". `scaling` empty skips the hospital scaling, `param_sizes` empty the rest.
+    `hospitals_as`: "processes" or "threads" for every round; None: a process per hospital up to
+    PROCESS_HOSPITALS_MAX hospitals, threads above."""
     if hospitals < MIN_CONTRIBUTORS or any(n < MIN_CONTRIBUTORS for n in scaling):
         raise ValueError(f"every size must be at least min_contributors ({MIN_CONTRIBUTORS})")
     began = time.monotonic()
@@ -249,7 +274,9 @@ def run_round_bench(
             for n_params in param_sizes:
                 entry: dict[str, Any] = {"params": n_params, "hospitals": hospitals}
                 rounds = [
-                    _one(work, pg, keys, pki, key, hospitals, n_params, f"round-{n_params}-r{i}")
+                    _one(
+                        work, pg, keys, pki, key, hospitals, n_params, f"round-{n_params}-r{i}", hospitals_as
+                    )
                     for i in range(runs)
                 ]
                 entry["runs"] = [_summary(r) for r in rounds if "refused" not in r]
@@ -260,7 +287,7 @@ def run_round_bench(
                 by_params.append(_score(entry))
                 (work / "parameter_scaling.json").write_text(json.dumps(by_params, indent=1, default=str))
             for n in scaling:
-                run = _one(work, pg, keys, pki, key, n, scaling_params, "scale")
+                run = _one(work, pg, keys, pki, key, n, scaling_params, "scale", hospitals_as)
                 if "refused" in run:
                     by_hospitals.append({**run, "max_parties": key.params.max_parties})
                     continue
@@ -275,7 +302,15 @@ def run_round_bench(
         "protocol": "the deployed round: mutual TLS, signed round keys, shares, masked encrypted signed "
         "uploads, survivors, reveals, verified_sum and decryption by a hospital",
         "transport": "gRPC over loopback with mutual TLS; one aggregator process per round (its own "
-        "database on one embedded PostgreSQL); hospitals are threads of this process",
+        "database on one embedded PostgreSQL); "
+        + {
+            None: f"each hospital a process of its own up to {PROCESS_HOSPITALS_MAX} hospitals, "
+            "threads of this process above",
+            "processes": "each hospital a process of its own",
+            "threads": "hospitals are threads of this process",
+        }[hospitals_as]
+        + " (each round's hospitals_as says which)",
+        "hospitals_as_max_processes": PROCESS_HOSPITALS_MAX if hospitals_as is None else None,
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_start": [round(x, 2) for x in load_start],
@@ -316,6 +351,7 @@ def _score(entry: dict[str, Any]) -> dict[str, Any]:
     """Ratios to Flower and to the floor, the goals and by how much each is missed."""
     closed = [r for r in entry["runs"] if r["closed"]]
     ours = [r["round_s"] for r in closed]
+    entry["hospitals_as"] = sorted({r["hospitals_as"] for r in entry["runs"]})
     entry["round_s"] = spread(ours)
     entry["phases_median_s"] = {
         p: round(statistics.median(r["phases_s"][p] for r in closed if p in r["phases_s"]), 3)

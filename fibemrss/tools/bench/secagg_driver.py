@@ -2,8 +2,8 @@
 bench round` (issue 24), so both benchmarks run the protocol we run.
 
 A real aggregator process (mutual TLS from a PKI made for the run, its own database on an
-embedded PostgreSQL) and n hospitals played in this process, one thread each, each with its own
-gRPC channel under its own `agent@<h>` certificate, driving the deployed protocol's state machine
+embedded PostgreSQL) and n hospitals, each with its own gRPC channel under its own `agent@<h>`
+certificate, driving the deployed protocol's state machine
 (`fibemrss.he.secagg.SecAggMember`) through the agent's own gRPC adapter (`GrpcAggregator`),
 signing with `MaskKeySigner` and checking with `MaskKeyVerifier`. One round: advertise (and check
 the cohort), shares, upload (mask, encrypt, sign, stream), survivors (sign U3), reveals, the wait
@@ -11,21 +11,35 @@ for the round to close; dropped members share and then never upload. Then one su
 the served sum (`verified_sum`: the transcript, every signature, the sum recomputed from the
 signed uploads) and decrypts it, and the average is compared with the survivors' weighted one.
 
-Measured per member and stage: protobuf bytes sent and received, its thread's CPU seconds, wall
-seconds and retries of refused-as-busy calls; the aggregator process's CPU (and PostgreSQL's)
-per stage window, its RSS before the round and its peak; the round's wall time.
+Up to PROCESS_HOSPITALS_MAX hospitals, each is its own process, as real hospitals are on their own
+machines: TenSEAL holds the GIL while it encrypts, so hospitals played as threads of one process
+encrypt one after another, while the compute floor a round is compared with assumes they encrypt
+at once. The processes fork from a fork server that imported only modules without gRPC
+(FORK_SERVER_PRELOAD: no gRPC state crosses a fork); each builds its own channel, codec, signer
+and verifier, all of them and the driver pass one start barrier, each sends its figures back as
+plain data, and the verifying survivor runs `verify` in its own process. Above
+that (issue 24: "in-process agents above 16 are fine"), hospitals are threads of this process.
+The JSON says which (`hospitals_as`).
+
+Measured per member and stage: protobuf bytes sent and received, its CPU seconds (its process's
+when it is a process, with gRPC's threads; its thread's when it is a thread; `thread_cpu_s` is the
+member's own thread either way), wall seconds and retries of refused-as-busy calls; the
+aggregator process's CPU (and PostgreSQL's) per stage window, its RSS before the round and its
+peak; the round's wall time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -39,7 +53,7 @@ from fibemrss.domain.errors import Unavailable
 from fibemrss.domain.tasks import get_task
 from fibemrss.he.chunk_format import ChunkKind
 from fibemrss.he.codec import UpdateCodec, slot_count
-from fibemrss.he.keys import HospitalKey
+from fibemrss.he.keys import HOSPITAL_KEY_FILE, HospitalKey, load_hospital_key
 from fibemrss.he.mask_signatures import MaskKeySigner, MaskKeyVerifier
 from fibemrss.he.secagg import graph as graphs
 from fibemrss.he.secagg.protocol import (
@@ -62,6 +76,21 @@ STAGES = ("advertise", "shares", "upload", "survivors", "reveals", "close", "ver
 MIN_CONTRIBUTORS = 3
 DEADLINE_SECONDS = 180.0
 GOAL_UPLOAD_RATIO = 2.1
+# At this many hospitals or fewer each is a process of its own; above it, a thread of the driver.
+PROCESS_HOSPITALS_MAX = 16
+# How long hospital processes may take to start, load their key and open their channel.
+PROCESS_SETUP_SECONDS = 300.0
+# What the fork server imports once, so that each hospital forked from it skips most of its
+# start-up (TenSEAL, numpy, dp_accounting: about 1.4 s of a hospital's 1.8 s on a quiet core).
+# None of them imports gRPC: a forked child must inherit no gRPC state (test_hospital_processes).
+FORK_SERVER_PRELOAD = (
+    "fibemrss.he.codec",
+    "fibemrss.he.keys",
+    "fibemrss.he.mask_signatures",
+    "fibemrss.he.secagg.protocol",
+    "fibemrss.domain.tasks",
+    "fibemrss.domain.site_policy",
+)
 
 
 # -- metering ---------------------------------------------------------------------------------------
@@ -216,6 +245,33 @@ class MemberResult:
     encrypt_s: float = 0.0
     error: str | None = None
     meter: Meter = dataclasses.field(default_factory=Meter)
+    # CPU seconds of the member's own thread per stage (`cpu` is its process's when it is one).
+    thread_cpu: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_plain(self) -> dict[str, Any]:
+        """Picklable without the meter's lock: what a hospital process sends back."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "meter"}
+        plain["retries"] = dict(self.retries)
+        plain["meter"] = {
+            table: dict(getattr(self.meter, table)) for table in ("sent", "received", "resent", "calls")
+        }
+        return plain
+
+    @classmethod
+    def from_plain(cls, plain: dict[str, Any]) -> MemberResult:
+        fields = dict(plain)
+        tables = fields.pop("meter")
+        result = cls(**fields)
+        result.retries = defaultdict(int, result.retries)
+        for table, counts in tables.items():
+            getattr(result.meter, table).update(counts)
+        return result
+
+
+class StartBarrier(Protocol):
+    """threading.Barrier or multiprocessing's: one start for the driver and every member."""
+
+    def wait(self, timeout: float | None = None) -> int: ...
 
 
 class Member:
@@ -231,9 +287,13 @@ class Member:
         weight: int,
         seed: int,
         dropped: bool,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
+        """`cpu_clock`: what a stage's CPU seconds are read from (time.process_time when the
+        member is a process of its own)."""
         self.name = name
         self.result = MemberResult(name, dropped)
+        self._cpu_clock = cpu_clock
         self.channel = grpc.intercept_channel(
             open_channel(
                 address,
@@ -255,7 +315,11 @@ class Member:
         self.seed = seed
         self.member: SecAggMember | None = None
         self.info: Any = None
-        self._cpu_mark = self._wall_mark = 0.0
+        self._cpu_mark = self._thread_mark = self._wall_mark = 0.0
+
+    def _mark(self) -> None:
+        self._cpu_mark, self._thread_mark = self._cpu_clock(), time.thread_time()
+        self._wall_mark = time.monotonic()
 
     def values(self) -> np.ndarray:
         return member_values(self.seed, self.n_params)
@@ -272,15 +336,12 @@ class Member:
 
     def _stage(self, stage: str) -> None:
         """Closes the previous stage's CPU and wall clock; opens `stage`."""
-        now = time.thread_time()
-        self.result.cpu[self.result.meter.stage] = self.result.cpu.get(self.result.meter.stage, 0.0) + (
-            now - self._cpu_mark
-        )
-        self.result.wall[self.result.meter.stage] = self.result.wall.get(self.result.meter.stage, 0.0) + (
-            time.monotonic() - self._wall_mark
-        )
-        self._cpu_mark, self._wall_mark = now, time.monotonic()
-        self.result.meter.stage = stage
+        r, now = self.result, self.result.meter.stage
+        r.cpu[now] = r.cpu.get(now, 0.0) + self._cpu_clock() - self._cpu_mark
+        r.thread_cpu[now] = r.thread_cpu.get(now, 0.0) + time.thread_time() - self._thread_mark
+        r.wall[now] = r.wall.get(now, 0.0) + time.monotonic() - self._wall_mark
+        self._mark()
+        r.meter.stage = stage
 
     def _wait_stage(self, stage: str) -> StageView:
         assert self.info is not None
@@ -292,10 +353,10 @@ class Member:
             if now.round != self.info.round or not now.accepting:
                 raise RuntimeError(f"round {self.info.round} ended before its {stage} stage closed")
 
-    def run(self, start: threading.Barrier, codec: UpdateCodec) -> None:
+    def run(self, start: StartBarrier, codec: UpdateCodec, timeout: float | None = None) -> None:
         r = self.result
-        start.wait()
-        self._cpu_mark, self._wall_mark = time.thread_time(), time.monotonic()
+        start.wait(timeout)
+        self._mark()
         try:
             self._run(codec)
             self._stage("done")
@@ -371,7 +432,7 @@ class Member:
         sum is served, the transcript check and unmask_correction alone."""
         assert self.info is not None and self.member is not None
         info = self.info
-        self._cpu_mark, self._wall_mark = time.thread_time(), time.monotonic()
+        self._mark()
         self.result.meter.stage = "verify_unmask"
         out: dict[str, Any] = {"member": self.name}
         secure = SecureAggregation(
@@ -453,6 +514,309 @@ def dropped_members(names: list[str], rate: float) -> list[str]:
     return [names[int(i * step)] for i in range(count)]
 
 
+# -- the hospitals, as processes or as threads ----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MemberSpec:
+    """What one hospital needs to play its part, as plain data: it crosses to a hospital process."""
+
+    name: str
+    address: str
+    pki: Path
+    key_file: Path
+    task: str
+    roster: frozenset[str]
+    n_params: int
+    weight: int
+    seed: int
+    dropped: bool
+
+    def member(self, key: HospitalKey, cpu_clock: Callable[[], float] = time.thread_time) -> Member:
+        return Member(
+            self.name,
+            self.address,
+            self.pki,
+            key,
+            self.task,
+            self.roster,
+            self.n_params,
+            self.weight,
+            self.seed,
+            self.dropped,
+            cpu_clock,
+        )
+
+
+@dataclasses.dataclass
+class Played:
+    """One hospital after its round, as the run's report reads it, whichever way it ran."""
+
+    name: str
+    weight: int
+    seed: int
+    n_params: int
+    result: MemberResult
+    u3: frozenset[str] | None
+    pid: int
+
+    def values(self) -> np.ndarray:
+        return member_values(self.seed, self.n_params)
+
+
+class Hospitals(Protocol):
+    """The members of one run. `ready` returns once every one of them waits at the start
+    barrier; `start` passes it and returns the monotonic start (time.monotonic is the system's
+    clock: a process's events compare with it); `join` waits for their rounds; `verify` has one
+    survivor check and decrypt the sum and returns its figures and when it was done."""
+
+    hospitals_as: str
+
+    def ready(self) -> None: ...
+
+    def start(self) -> float: ...
+
+    def join(self, timeout: float) -> None: ...
+
+    def verify(self, task_spec: Any) -> tuple[dict[str, Any] | None, float]: ...
+
+    def played(self) -> list[Played]: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadHospitals:
+    """Every member a thread of this process (their encryptions take turns on the GIL)."""
+
+    hospitals_as = "threads"
+
+    def __init__(self, specs: Sequence[MemberSpec], key: HospitalKey, codec: UpdateCodec) -> None:
+        self._codec = codec
+        self._members = [spec.member(key) for spec in specs]
+        self._barrier = threading.Barrier(len(specs) + 1)
+        self._threads = [
+            threading.Thread(target=m.run, args=(self._barrier, codec), name=f"member-{m.name}", daemon=True)
+            for m in self._members
+        ]
+
+    def ready(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def start(self) -> float:
+        self._barrier.wait()
+        return time.monotonic()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def verify(self, task_spec: Any) -> tuple[dict[str, Any] | None, float]:
+        verifier = next((m for m in self._members if not m.result.dropped and m.result.error is None), None)
+        out = verifier.verify(self._codec, task_spec) if verifier is not None else None
+        return out, time.monotonic()
+
+    def played(self) -> list[Played]:
+        return [
+            Played(
+                m.name,
+                m.weight,
+                m.seed,
+                m.n_params,
+                m.result,
+                m.member.u3 if m.member is not None else None,
+                os.getpid(),
+            )
+            for m in self._members
+        ]
+
+    def close(self) -> None:
+        for m in self._members:
+            m.channel.close()
+
+
+def _hospital_process(conn: Connection, start: StartBarrier, spec: MemberSpec, task_spec: Any) -> None:
+    """One hospital as a process of its own (forked from the fork server, which never imported
+    gRPC, so it inherits no gRPC state): loads the key, builds its channel, codec, signer and
+    verifier, says it is ready, plays its round from the common start barrier and sends back its
+    figures as plain data; then verifies the sum if the driver asks it to, or ends. Every
+    message to the driver is a tuple, its kind first."""
+    try:
+        key = load_hospital_key(spec.key_file.read_bytes())
+        codec = UpdateCodec(key)
+        member = spec.member(key, time.process_time)
+    except Exception as exc:  # noqa: BLE001 - the driver reports it, naming the hospital
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        conn.close()
+        return
+    try:
+        conn.send(("ready", os.getpid()))
+        try:
+            member.run(start, codec, PROCESS_SETUP_SECONDS)
+        except threading.BrokenBarrierError:
+            return  # the driver gave up before the start
+        u3 = member.member.u3 if member.member is not None else None
+        conn.send(("done", member.result.to_plain(), u3))
+        try:
+            command = conn.recv()
+        except EOFError:
+            return  # the driver is gone
+        if command != "verify":
+            return
+        try:
+            out = member.verify(codec, task_spec)
+        except Exception as exc:  # noqa: BLE001 - the driver reports it, naming the hospital
+            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("verified", out, member.result.to_plain(), time.monotonic()))
+    finally:
+        member.channel.close()
+        conn.close()
+
+
+class ProcessHospitals:
+    """Every member a process of its own, from the fork server: TenSEAL holds the GIL while it
+    encrypts, so only processes encrypt at once, as hospitals on their own machines do. One
+    multiprocessing barrier starts the driver and every member together."""
+
+    hospitals_as = "processes"
+
+    def __init__(self, specs: Sequence[MemberSpec], task_spec: Any) -> None:
+        self._context = multiprocessing.get_context("forkserver")
+        # Takes effect when this process first starts its fork server, which then serves every run.
+        self._context.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
+        self._specs = {spec.name: spec for spec in specs}
+        self._task_spec = task_spec
+        self._barrier = self._context.Barrier(len(specs) + 1)
+        self._pipes: dict[str, Connection] = {}
+        self._processes: dict[str, multiprocessing.process.BaseProcess] = {}
+        self._pids: dict[str, int] = {}
+        self._played: dict[str, Played] = {}
+        self._told: set[str] = set()
+
+    def _answered(self, names: set[str], timeout: float) -> list[str]:
+        """Those of `names` whose process sent something (or ended) within `timeout` seconds."""
+        readable = wait([self._pipes[name] for name in names], timeout)
+        return [name for name in names if self._pipes[name] in readable]
+
+    def _ended(self, name: str) -> str:
+        process = self._processes[name]
+        process.join(timeout=5)
+        return f"its process ended (exit code {process.exitcode})"
+
+    def ready(self) -> None:
+        for spec in self._specs.values():
+            ours, theirs = self._context.Pipe()
+            process = self._context.Process(
+                target=_hospital_process,
+                args=(theirs, self._barrier, spec, self._task_spec),
+                name=f"hospital-{spec.name}",
+                daemon=True,
+            )
+            self._pipes[spec.name], self._processes[spec.name] = ours, process
+            process.start()
+            theirs.close()
+        deadline = time.monotonic() + PROCESS_SETUP_SECONDS
+        waiting = set(self._pipes)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(
+                    f"hospitals {sorted(waiting)} were not ready within {PROCESS_SETUP_SECONDS:.0f} s"
+                )
+            for name in self._answered(waiting, left):
+                waiting.discard(name)
+                try:
+                    kind, detail = self._pipes[name].recv()
+                except EOFError:
+                    raise RuntimeError(f"hospital {name} could not start: {self._ended(name)}") from None
+                if kind != "ready":
+                    raise RuntimeError(f"hospital {name} could not start: {detail}")
+                self._pids[name] = detail
+
+    def start(self) -> float:
+        self._barrier.wait(PROCESS_SETUP_SECONDS)
+        return time.monotonic()
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        waiting = set(self._pipes)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for name in self._answered(waiting, left):
+                waiting.discard(name)
+                spec = self._specs[name]
+                try:
+                    _, plain, u3 = self._pipes[name].recv()
+                    result = MemberResult.from_plain(plain)
+                except EOFError:
+                    result, u3 = MemberResult(name, spec.dropped), None
+                    result.error = f"no result: {self._ended(name)}"
+                self._played[name] = Played(
+                    name, spec.weight, spec.seed, spec.n_params, result, u3, self._pids[name]
+                )
+        for name in sorted(waiting):
+            spec = self._specs[name]
+            result = MemberResult(name, spec.dropped, error=f"no result within {timeout:.0f} s")
+            self._played[name] = Played(
+                name, spec.weight, spec.seed, spec.n_params, result, None, self._pids[name]
+            )
+
+    def _tell(self, name: str, command: str) -> None:
+        if name in self._told:
+            return
+        self._told.add(name)
+        try:
+            self._pipes[name].send(command)
+        except OSError:
+            pass  # it already ended
+
+    def verify(self, task_spec: Any) -> tuple[dict[str, Any] | None, float]:
+        """In the verifying survivor's own process. The others are told to end only after it
+        (`close`): their exits would take CPU from the verification it times."""
+        verifier = next((p for p in self.played() if not p.result.dropped and p.result.error is None), None)
+        if verifier is None:
+            return None, time.monotonic()
+        self._tell(verifier.name, "verify")
+        conn = self._pipes[verifier.name]
+        if not conn.poll(4 * DEADLINE_SECONDS):
+            raise RuntimeError(
+                f"hospital {verifier.name} did not verify the sum within {4 * DEADLINE_SECONDS:.0f} s"
+            )
+        try:
+            answer = conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"hospital {verifier.name} did not verify the sum: {self._ended(verifier.name)}"
+            ) from None
+        if answer[0] != "verified":
+            raise RuntimeError(f"hospital {verifier.name} could not verify the sum: {answer[1]}")
+        _, out, plain, verified_at = answer
+        verifier.result = MemberResult.from_plain(plain)
+        return out, verified_at
+
+    def played(self) -> list[Played]:
+        return [self._played[name] for name in self._specs if name in self._played]
+
+    def close(self) -> None:
+        self._barrier.abort()  # frees any member still waiting to start: the run failed before it
+        for name in self._pipes:
+            self._tell(name, "end")
+        deadline = time.monotonic() + 10  # for all of them: a member still in its round is ended
+        for name, process in self._processes.items():
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+            self._pipes[name].close()
+
+
+def default_hospitals_as(n: int) -> str:
+    """A process per hospital up to PROCESS_HOSPITALS_MAX hospitals, threads above."""
+    return "processes" if n <= PROCESS_HOSPITALS_MAX else "threads"
+
+
 # -- one run -------------------------------------------------------------------------------------
 def start_aggregator(
     work: Path,
@@ -516,9 +880,15 @@ def run_one(
     grace: float,
     label: str = "secagg",
     pool_size: int | None = None,
+    hospitals_as: str | None = None,
 ) -> dict[str, Any]:
     """One round of n members (a fraction `rate` dropping out after their shares) against a new
-    aggregator process; `label` names its task and database (bench-<label>-<n>-<rate>)."""
+    aggregator process; `label` names its task and database (bench-<label>-<n>-<rate>).
+    `hospitals_as`: "processes" or "threads"; None: processes up to PROCESS_HOSPITALS_MAX members.
+    `key` must be the one in keys/hospital.he (a hospital process loads it from there)."""
+    hospitals_as = hospitals_as or default_hospitals_as(n)
+    if hospitals_as not in ("processes", "threads"):
+        raise ValueError(f"hospitals_as: {hospitals_as!r} is neither 'processes' nor 'threads'")
     names = [f"h{i:03d}" for i in range(n)]
     dropped = set(dropped_members(names, rate))
     survivors_expected = [h for h in names if h not in dropped]
@@ -539,12 +909,29 @@ def run_one(
     tls = TlsFiles(str(pki / "ca.crt"), str(pki / "operator@central.crt"), str(pki / "operator@central.key"))
     operator = open_channel(agg.address, tls, "aggregator@central")
     stub = federation_pb2_grpc.AggregatorServiceStub(operator)
-    members = [
-        Member(h, agg.address, pki, key, task, roster, n_params, weights[h], seeds[h], h in dropped)
+    specs = [
+        MemberSpec(
+            h,
+            agg.address,
+            pki,
+            keys / HOSPITAL_KEY_FILE,
+            task,
+            roster,
+            n_params,
+            weights[h],
+            seeds[h],
+            h in dropped,
+        )
         for h in names
     ]
+    hospitals: Hospitals = (
+        ProcessHospitals(specs, task_spec)
+        if hospitals_as == "processes"
+        else ThreadHospitals(specs, key, codec)
+    )
     out: dict[str, Any] = {
         "hospitals": n,
+        "hospitals_as": hospitals.hospitals_as,
         "dropout_rate": rate,
         "load_average_before": [round(x, 2) for x in load_before],
         "dropped": len(dropped),
@@ -564,6 +951,9 @@ def run_one(
     }
     sampler = Sampler(agg_pid, pg_pid)
     try:
+        # Every member set up (a process: imported, its key loaded, its channel built) and
+        # waiting at the start barrier before the round opens, so its deadline never counts setup.
+        hospitals.ready()
         stub.StartFederation(
             pb.StartFederationRequest(
                 task=task,
@@ -577,19 +967,10 @@ def run_one(
             ),
             timeout=60,
         )
-        barrier = threading.Barrier(n + 1)
-        threads = [
-            threading.Thread(target=m.run, args=(barrier, codec), name=f"member-{m.name}", daemon=True)
-            for m in members
-        ]
-        for t in threads:
-            t.start()
         sampler.start()
         process_cpu0 = time.process_time()
-        barrier.wait()
-        t0 = time.monotonic()
-        for t in threads:
-            t.join(timeout=4 * DEADLINE_SECONDS)
+        t0 = hospitals.start()
+        hospitals.join(4 * DEADLINE_SECONDS)
         ended = time.monotonic()
         status = stub.GetFederationStatus(pb.GetFederationStatusRequest(task=task), timeout=60).status
         first = status.history[0] if status.history else None
@@ -600,20 +981,16 @@ def run_one(
             "failure": first.failure if first is not None and first.failure else None,
             "wall_s": round(ended - t0, 3),
         }
-        verifier = next((m for m in members if not m.result.dropped and m.result.error is None), None)
-        verify: dict[str, Any] | None = None
-        if verifier is not None:
-            verify = verifier.verify(codec, task_spec)
-        verified_at = time.monotonic()
+        verify, verified_at = hospitals.verify(task_spec)
         driver_cpu = time.process_time() - process_cpu0
         sampler.stop()
         out["aggregator_peak_rss_mb"] = round((peak_rss_bytes(agg_pid) or 0) / 2**20, 1)
     finally:
         sampler.stop()
         operator.close()
-        for m in members:
-            m.channel.close()
+        hospitals.close()
         agg.stop()
+    members = hospitals.played()
     # -- the round's timeline (first member to see each stage close) and the aggregator per window
     events = ["cohort", "shares", "uploads", "survivors", "reveals", "round"]
     seen = {
@@ -668,6 +1045,7 @@ def run_one(
         per_stage[stage] = {
             "members": len(rows),
             "cpu_s": stats([r.cpu[stage] for r in rows]),
+            "thread_cpu_s": stats([r.thread_cpu.get(stage, 0.0) for r in rows]),
             "wall_s": stats([r.wall[stage] for r in rows], 3),
             "sent_bytes": stats([r.meter.sent.get(stage, 0) for r in rows], 1),
             "received_bytes": stats([r.meter.received.get(stage, 0) for r in rows], 1),
@@ -689,6 +1067,12 @@ def run_one(
             "cpu_s_without_upload": stats(
                 [sum(r.cpu.get(s, 0.0) for s in protocol if s != "upload") for r in survivors]
             ),
+            # The member's own thread, as processes and as threads alike: what fits across sizes
+            # played both ways compare.
+            "thread_cpu_s": stats([sum(r.thread_cpu.get(s, 0.0) for s in protocol) for r in survivors]),
+            "thread_cpu_s_without_upload": stats(
+                [sum(r.thread_cpu.get(s, 0.0) for s in protocol if s != "upload") for r in survivors]
+            ),
             "sent_bytes": stats(per_member_sent, 1),
             "sent_bytes_without_upload": stats(
                 [sum(r.meter.sent.get(s, 0) for s in protocol if s != "upload") for r in survivors], 1
@@ -698,10 +1082,14 @@ def run_one(
         "errors": {m.name: m.result.error for m in members if m.result.error},
         "upload_encrypt_s": stats([r.encrypt_s for r in survivors], 3),
         "driver_process_cpu_s": round(driver_cpu, 3),
+        # Processes other than the driver's that played members: n as processes, 0 as threads.
+        "member_processes": len({m.pid for m in members} - {os.getpid()}),
         "note": "per member: protobuf bytes of its requests (sent) and responses (received) in the "
         "calls that succeeded, those of calls refused as busy and retried (resent, retries), its "
-        "thread's CPU (time.thread_time) and wall time in each stage; survivor_total: advertise to "
-        "reveals of each member that uploaded; verify_unmask: the one verifying member",
+        "CPU (cpu_s: its process's, time.process_time, gRPC's threads included, when hospitals_as "
+        "is processes; its thread's, time.thread_time, when threads; thread_cpu_s: its own thread "
+        "either way) and wall time in each stage; survivor_total: advertise to reveals of each "
+        "member that uploaded; verify_unmask: the one verifying member",
     }
     upload_mean = float(np.mean(upload_bytes)) if upload_bytes else 0.0
     ciphertext = float(np.mean([r.upload_ciphertext_bytes for r in survivors])) if survivors else 0.0
@@ -714,11 +1102,11 @@ def run_one(
         "met": upload_mean / (4 * n_params) <= GOAL_UPLOAD_RATIO,
     }
     # -- the sum, checked against U3 as the aggregator closed it
-    shown = next((m.member.u3 for m in members if m.member is not None and m.member.u3), None)
+    shown = next((m.u3 for m in members if m.u3), None)
     u3 = [m for m in members if shown is not None and m.name in shown]
     out["round"]["survivors"] = len(u3)
     out["round"]["honest_members_left_out"] = sorted(
-        m.name for m in members if not m.result.dropped and m not in u3
+        m.name for m in members if not m.result.dropped and (shown is None or m.name not in shown)
     )
     check: dict[str, Any] = {}
     if verify is not None:

@@ -58,7 +58,11 @@ def _round(args: argparse.Namespace) -> int:
     scaling_params = args.scaling_params or (QUICK_ROUND_PARAMS if args.quick else SCALING_PARAMS)
     flower = "off" if args.quick and args.flower == "auto" else args.flower
     runs = args.rounds or (1 if args.quick else 3)
-    _emit(run_round_bench(params, args.hospitals, runs, workdir, flower, scaling, scaling_params), args.json)
+    hospitals_as = None if args.hospitals_as == "auto" else args.hospitals_as
+    _emit(
+        run_round_bench(params, args.hospitals, runs, workdir, flower, scaling, scaling_params, hospitals_as),
+        args.json,
+    )
     return 0
 
 
@@ -240,6 +244,13 @@ def add_parser(subparsers: Any) -> None:
         help="one round of 4 hospitals at 10,000 parameters, no Flower unless --flower on (the bench's test)",
     )
     rnd.add_argument("--workdir", help="keep the services' data and logs here")
+    rnd.add_argument(
+        "--hospitals-as",
+        choices=("auto", "processes", "threads"),
+        default="auto",
+        help="play each hospital as a process of its own or as a thread of the bench "
+        "(auto: processes up to 16 hospitals, threads above)",
+    )
     rnd.add_argument(
         "--studies",
         type=int,
