@@ -38,7 +38,9 @@ def test_a_request_of_several_statements_is_all_or_nothing(fresh_database: Calla
         db.close()
 
 
-def test_the_pooled_connection_is_transactional_again_afterwards(fresh_database: Callable[[str], str]) -> None:
+def test_the_pooled_connection_is_transactional_again_afterwards(
+    fresh_database: Callable[[str], str],
+) -> None:
     """One connection in the pool: after `one_request` handed it back, `transaction()` on it still
     rolls back what its block wrote when the block fails."""
     url = fresh_database("hospital")
