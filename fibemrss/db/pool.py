@@ -107,9 +107,12 @@ class Database:
         conn = self._connection()
         broken = False
         try:
+            # A connection keeps the mode it was last used in (setting it takes the connection's
+            # lock and lets other threads run), so the next caller of the same kind sets nothing.
+            if conn.autocommit != autocommit:
+                conn.autocommit = autocommit
             if autocommit:
                 # Not `with conn`: it would open a transaction even on an autocommit connection.
-                conn.autocommit = True
                 with conn.cursor() as cur:
                     yield cur
             else:
@@ -124,13 +127,9 @@ class Database:
             raise Unavailable("database connection lost") from exc
         finally:
             try:
-                if autocommit and conn.closed == 0:
-                    conn.autocommit = False  # the pool hands out transactional connections
+                self._pool.putconn(conn, close=broken or conn.closed != 0)
             finally:
-                try:
-                    self._pool.putconn(conn, close=broken or conn.closed != 0)
-                finally:
-                    self._slots.release()
+                self._slots.release()
 
     def close(self) -> None:
         self._pool.closeall()
