@@ -103,11 +103,13 @@ def test_every_shared_message_over_one_tls_connection_gets_its_ack(
     }
     ref_db.close()
     codes: dict[str, str] = {}
+    ack_ids: set[str] = set()
     with tls_client(mllp.address, pki, f"operator@{HOSPITAL}") as client:
         for path in paths:
             ack = parse_ack(client.send_message(path.read_bytes()))
             control_id = hl7.parse(path.read_bytes().decode("utf-8-sig").replace("\n", "\r"))["MSH"][0][10]
             assert str(ack["MSH"][0][9]).startswith("ACK"), path.name
+            ack_ids.add(str(ack["MSH"][0][10]))  # each ACK is a message with its own control id
             assert str(ack["MSA"][0][2]) == str(control_id), path.name
             codes[path.name] = str(ack["MSA"][0][1])
             assert codes[path.name] == expected_code(fates[path.name]), path.name
@@ -121,6 +123,7 @@ def test_every_shared_message_over_one_tls_connection_gets_its_ack(
             again = str(parse_ack(client.send_message(path.read_bytes()))["MSA"][0][1])
             assert again == ("AR" if codes[path.name] == "AR" else "AA"), path.name
     assert len(codes) == 23
+    assert len(ack_ids) == 23 and all(0 < len(i) <= 20 for i in ack_ids)
     assert set(codes.values()) == {"AA", "AE", "AR"}
     assert sum(c == "AE" for c in codes.values()) == 5  # the five quarantined samples
     assert count(url, "quarantine") == 5

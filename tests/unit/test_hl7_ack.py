@@ -21,6 +21,21 @@ def test_header_is_read_and_echoed() -> None:
     assert msa[:3] == ["MSA", "AA", "CTRL-7"]
 
 
+def test_the_header_is_read_from_the_first_segment_whatever_frames_it() -> None:
+    """Framing bytes, a byte-order mark and blanks around the message are not part of MSH, in
+    front of it and after it when MSH is its only segment; what follows the first segment (here
+    bytes that are no text at all) is never read."""
+    header = hl7_ack.read_header(MSG)
+    only_msh = MSG.removeprefix(b"\xef\xbb\xbf").split(b"\n", 1)[0]
+    for framed in (
+        b"\x0b" + MSG + b"\x1c\r",
+        b"\r\n\t " + only_msh + b" \t\x1c\r",
+        only_msh + b"\n" + bytes(range(256)) * 4096,
+    ):
+        assert hl7_ack.read_header(framed) == header
+    assert hl7_ack.read_header(b"\x0b\x1c\r") == hl7_ack.MessageHeader()
+
+
 def test_fates_map_to_msa_codes() -> None:
     def code(*fates: str) -> str:
         return hl7_ack.ack_for_outcomes([Outcome(i, "s", f, ["r"]) for i, f in enumerate(fates)]).code  # type: ignore[arg-type]

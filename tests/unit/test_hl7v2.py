@@ -166,6 +166,8 @@ def test_separators_and_byte_order_mark_do_not_change_the_result(name: str) -> N
         "\r\n".join(lines) + "\r\n",
         "\ufeff" + "\r".join(lines),
         "\x0b" + "\r".join(lines) + "\x1c\r",  # MLLP framing
+        "\n\r".join(lines),  # LF then CR: a blank segment between each two
+        "".join(line + ("\r", "\n", "\r\n", "\r\r\n \n")[i % 4] for i, line in enumerate(lines)),
     ]
     results = [parse_message(v.encode()) for v in variants] + [parse_message(v) for v in variants]
     assert all(r == results[0] for r in results)

@@ -86,8 +86,8 @@ _UPSERT_PATIENTS = (
 )
 # The new versions: the current one of each source record superseded, the next number inserted.
 # `{values}` is filled with quoted rows; child inserts may follow as further CTEs before the end.
-_NEW_VERSIONS = (
-    "WITH v(s, i, h, k) AS (VALUES {values}), "
+_NEW_VERSIONS_CTES = (
+    "v(s, i, h, k) AS (VALUES {values}), "
     "previous AS (UPDATE source_records r SET superseded_at = now() FROM v "
     "WHERE r.source_system = v.s AND r.source_id = v.i AND r.superseded_at IS NULL "
     "RETURNING r.source_system, r.source_id, r.version), "
@@ -96,6 +96,7 @@ _NEW_VERSIONS = (
     "LEFT JOIN previous p ON p.source_system = v.s AND p.source_id = v.i "
     "RETURNING source_system, source_id, id)"
 )
+_NEW_VERSIONS = "WITH " + _NEW_VERSIONS_CTES
 _NEW_VERSIONS_END = " SELECT source_system, source_id, id FROM ins"
 # A batch with at most this many child rows writes them in the same request as its versions
 # (an MLLP group: one round trip instead of three COPYs); more go in by COPY.
@@ -106,6 +107,11 @@ _CHILD_TYPES = {
     "conditions": ("text", "text", "text", "text", "timestamptz", "text", "text"),
     "encounters": ("text", "text", "text", "timestamptz", "timestamptz"),
 }
+_QUARANTINE_INSERT = (
+    "INSERT INTO quarantine (source_system, source_id, payload_sha256, patient_key, record_json, reasons) "
+    "VALUES {values} ON CONFLICT DO NOTHING RETURNING source_system, source_id, payload_sha256"
+)
+_QUARANTINE_ROW = "(%s, %s, %s, %s, %s::jsonb, %s::text[])"
 _QUARANTINE_COLUMNS = (
     "id, patient_key, record_json, reasons, status, created_at, resolved_at, resolved_by, resolution_reason"
 )
@@ -157,6 +163,67 @@ def _patient_rows(writes: Sequence[Write]) -> list[tuple[Any, ...]]:
     return [tuple(merged[key]) for key in sorted(merged)]
 
 
+def _children(writes: Sequence[Write]) -> dict[str, tuple[tuple[str, ...], list[tuple[Any, ...]]]]:
+    """Each child table's columns and rows of `writes`, each row keyed by its record's (source
+    system, source id) until the id of its new version is known."""
+    children: dict[str, tuple[tuple[str, ...], list[tuple[Any, ...]]]] = {
+        "observations": (_OBS_COLUMNS, []),
+        "conditions": (_COND_COLUMNS, []),
+        "encounters": (_ENC_COLUMNS, []),
+    }
+    for w in writes:
+        key, source = w.patient_key, (w.record.provenance.source_system, w.record.provenance.source_id)
+        children["observations"][1].extend(_obs_row(source, key, o) for o in w.record.observations)
+        children["conditions"][1].extend(_cond_row(source, key, c) for c in w.record.conditions)
+        children["encounters"][1].extend(_enc_row(source, key, e) for e in w.record.encounters)
+    return children
+
+
+def _child_rows(writes: Sequence[Write]) -> int:
+    return sum(
+        len(w.record.observations) + len(w.record.conditions) + len(w.record.encounters) for w in writes
+    )
+
+
+def _fits_one_request(writes: Sequence[Write]) -> bool:
+    """Whether `GatewayStore._one_request` can write the batch: its child rows are few enough to go
+    inline (more go by COPY), and no two of its versions name one source record (their order
+    matters: the checked path writes them one by one)."""
+    saves = [w.record.provenance for w in writes if not w.quarantined]
+    if len({(p.source_system, p.source_id) for p in saves}) != len(saves):
+        return False
+    return _child_rows([w for w in writes if not w.quarantined]) <= INLINE_CHILD_ROWS
+
+
+def _quarantine_row(w: Write) -> tuple[Any, ...]:
+    p = w.record.provenance
+    return (
+        p.source_system,
+        p.source_id,
+        p.payload_sha256,
+        w.patient_key,
+        quarantine_json(w.record, w.patient_key),
+        list(w.reasons),
+    )
+
+
+def _held_outcomes(writes: Sequence[Write], inserted: Sequence[tuple[Any, ...]]) -> list[StoreOutcome]:
+    """Each write's outcome once its batch committed: a saved version is new ("accepted": a stored
+    payload would have failed the batch); a quarantined record is new when the insert returned
+    it, and the same record twice in one batch is stored once, the second a duplicate."""
+    new = set(inserted)
+    outcomes: list[StoreOutcome] = []
+    for w in writes:
+        if not w.quarantined:
+            outcomes.append("accepted")
+            continue
+        p = w.record.provenance
+        triple = (p.source_system, p.source_id, p.payload_sha256)
+        outcomes.append("accepted" if triple in new else "duplicate")
+        new.discard(triple)
+    return outcomes
+
+
 class GatewayStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -168,6 +235,13 @@ class GatewayStore:
         stored; returns "accepted" or "duplicate" for each, in order."""
         if not writes:
             return []
+        if _fits_one_request(writes):
+            try:
+                with self._db.one_request() as cur:
+                    cur.execute(self._one_request(cur, writes))
+                    return _held_outcomes(writes, cur.fetchall())
+            except psycopg2.IntegrityError:
+                pass  # a payload stored already, or by a concurrent writer: the checked path decides
         try:
             # No savepoint around the fast path: its two round trips cost more, batch after
             # batch, than starting the rare failed batch again in a fresh transaction.
@@ -177,6 +251,30 @@ class GatewayStore:
             pass
         with self._db.transaction() as cur:
             return [self._write_one(cur, w) for w in writes]
+
+    def _one_request(self, cur: Cursor, writes: Sequence[Write]) -> str:
+        """The whole batch as one request that is its own transaction (`Database.one_request`):
+        the quarantined records, the patients, the new versions and their child rows, committed
+        in a single round trip (a group of MLLP messages otherwise waits on five: BEGIN, the
+        quarantine, the check for stored payloads, the versions, COMMIT). It assumes that no
+        payload of the batch is stored yet: one that is breaks a unique key, the server rolls
+        everything back, and `_write_set_based` writes the batch again, checking first."""
+        held = [w for w in writes if w.quarantined]
+        saves = [w for w in writes if not w.quarantined]
+        ctes: list[str] = []
+        if held:
+            rows = _values(cur, _QUARANTINE_ROW, [_quarantine_row(w) for w in held])
+            ctes.append("q AS (" + _QUARANTINE_INSERT.replace("{values}", rows.decode()) + ")")
+        upsert = ""
+        if saves:
+            upsert, versions = self._versions_sql(cur, saves, inline=True)
+            ctes.append(versions)
+        final = (
+            " SELECT source_system, source_id, payload_sha256 FROM q"
+            if held
+            else " SELECT NULL::text, NULL::text, NULL::text WHERE false"
+        )
+        return (upsert + "; " if upsert else "") + "WITH " + ", ".join(ctes) + final
 
     def _write_one(self, cur: Cursor, w: Write) -> StoreOutcome:
         cur.execute("SAVEPOINT one")
@@ -238,10 +336,24 @@ class GatewayStore:
         """Writes new versions of distinct source records (none of them stored yet)."""
         if not writes:
             return
-        # One request, three statements: the patients upserted (the versions refer to them), then
-        # the current version of each source record superseded and the new one inserted with the
-        # next number: a changed payload under the same source id is a new version; history is
-        # kept. Only the last statement's rows come back: the new versions' ids.
+        inline = _child_rows(writes) <= INLINE_CHILD_ROWS
+        upsert, versions = self._versions_sql(cur, writes, inline)
+        # One request, two statements: the patients upserted (the versions refer to them), then the
+        # versions (with their child rows when few). Only the last statement's rows come back:
+        # the new versions' ids.
+        cur.execute(upsert + "; WITH " + versions + _NEW_VERSIONS_END)
+        if inline:
+            return
+        record_ids = {(s, i): rid for s, i, rid in cur.fetchall()}
+        for table, (columns, rows) in _children(writes).items():
+            copy_rows(cur, table, columns, [(record_ids[row[0]], *row[1:]) for row in rows])
+
+    @staticmethod
+    def _versions_sql(cur: Cursor, writes: Sequence[Write], inline: bool) -> tuple[str, str]:
+        """(the patients' upsert, the CTEs of the new versions): the current version of each
+        source record superseded and the new one inserted with the next number (a changed
+        payload under the same source id is a new version; history is kept); with `inline`, the
+        child rows inserted in the same statement."""
         patients = _values(cur, "(%s, %s, %s, %s)", _patient_rows(writes))
         sources = _values(
             cur,
@@ -252,62 +364,28 @@ class GatewayStore:
                 for w in writes
             ],
         )  # fmt: skip
-        children: dict[str, tuple[tuple[str, ...], list[tuple[Any, ...]]]] = {
-            "observations": (_OBS_COLUMNS, []),
-            "conditions": (_COND_COLUMNS, []),
-            "encounters": (_ENC_COLUMNS, []),
-        }
-        for w in writes:
-            # Keyed by (source system, source id) until the version's id is known.
-            key, source = w.patient_key, (w.record.provenance.source_system, w.record.provenance.source_id)
-            children["observations"][1].extend(_obs_row(source, key, o) for o in w.record.observations)
-            children["conditions"][1].extend(_cond_row(source, key, c) for c in w.record.conditions)
-            children["encounters"][1].extend(_enc_row(source, key, e) for e in w.record.encounters)
-        inline = sum(len(rows) for _, rows in children.values()) <= INLINE_CHILD_ROWS
-        statement = _NEW_VERSIONS.replace("{values}", sources.decode())
+        versions = _NEW_VERSIONS_CTES.replace("{values}", sources.decode())
         if inline:
-            statement += "".join(
+            versions += "".join(
                 _inline_insert(cur, n, table, columns, rows)
-                for n, (table, (columns, rows)) in enumerate(children.items())
+                for n, (table, (columns, rows)) in enumerate(_children(writes).items())
                 if rows
             )
-        cur.execute(_UPSERT_PATIENTS.replace("%s", patients.decode()) + "; " + statement + _NEW_VERSIONS_END)
-        if inline:
-            return
-        record_ids = {(s, i): rid for s, i, rid in cur.fetchall()}
-        for table, (columns, rows) in children.items():
-            copy_rows(cur, table, columns, [(record_ids[row[0]], *row[1:]) for row in rows])
+        return _UPSERT_PATIENTS.replace("%s", patients.decode()), versions
 
     @staticmethod
     def _quarantine_rows(cur: Cursor, writes: Sequence[Write]) -> list[StoreOutcome]:
         if not writes:
             return []
-        rows = [
-            (
-                w.record.provenance.source_system,
-                w.record.provenance.source_id,
-                w.record.provenance.payload_sha256,
-                w.patient_key,
-                quarantine_json(w.record, w.patient_key),
-                list(w.reasons),
-            )
-            for w in writes
-        ]
         inserted = execute_values(
             cur,
-            "INSERT INTO quarantine (source_system, source_id, payload_sha256, patient_key, record_json, "
-            "reasons) VALUES %s ON CONFLICT DO NOTHING RETURNING source_system, source_id, payload_sha256",
-            rows,
-            template="(%s, %s, %s, %s, %s::jsonb, %s::text[])",
+            _QUARANTINE_INSERT.replace("{values}", "%s"),
+            [_quarantine_row(w) for w in writes],
+            template=_QUARANTINE_ROW,
             page_size=_PAGE,
             fetch=True,
         )
-        new = set(inserted)
-        outcomes: list[StoreOutcome] = []
-        for r in rows:  # the same record twice in one batch: stored once, the second a duplicate
-            outcomes.append("accepted" if r[:3] in new else "duplicate")
-            new.discard(r[:3])
-        return outcomes
+        return _held_outcomes(writes, inserted)
 
     # -- quarantine review ---------------------------------------------------------------------
     def list_quarantine(

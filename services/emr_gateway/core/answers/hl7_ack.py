@@ -50,10 +50,19 @@ class MessageHeader:
     version: str = ""
 
 
+_FRAMING = b"\x0b\x1c\r\n\t "  # MLLP framing bytes and blank space around a message
+_ONLY_FRAMING = re.compile(rb"[\x0b\x1c\r\n\t ]*")
+
+
 def read_header(message: bytes) -> MessageHeader:
     """The MSH fields of a message as far as they can be read; empty ones where they cannot."""
-    text = message.strip(b"\x0b\x1c\r\n\t ").removeprefix(b"\xef\xbb\xbf").decode("latin-1")
-    first = re.split(r"\r\n|\r|\n", text, maxsplit=1)[0]
+    # Only the first segment is read (and decoded): the MLLP listener reads the header of every
+    # message on its event loop, and a message may be megabytes long.
+    text = message.lstrip(_FRAMING).removeprefix(b"\xef\xbb\xbf")
+    line = re.split(rb"\r|\n", text, maxsplit=1)[0]
+    if _ONLY_FRAMING.fullmatch(text, len(line)):  # the last segment: framing after it goes
+        line = line.rstrip(_FRAMING)
+    first = line.decode("latin-1")
     if not first.startswith("MSH") or len(first) < 8:
         return MessageHeader()
     sep = first[3]

@@ -183,7 +183,8 @@ def parse_message(data: bytes | str, default_tz: tzinfo = UTC) -> Hl7Parse:
     and for bad fields of a mapped message; never raises anything else.
     """
     text = _decode(data)
-    segments, delims = _segments(text)
+    lines = _lines(text)
+    segments, delims = _segments(lines)
     reader = _Reader(delims)
     msh = segments[0]
     message_code = reader.comp(msh.get(9), 1)
@@ -216,7 +217,7 @@ def parse_message(data: bytes | str, default_tz: tzinfo = UTC) -> Hl7Parse:
         )
 
     mapper = _Mapper(reader, segments, control_id, default_tz)
-    records = mapper.records(text)
+    records = mapper.records(lines)
     if mapper.errors:
         raise ParseError(mapper.errors.listed("message"))
     return Hl7Parse(
@@ -250,8 +251,13 @@ def _decode(data: bytes | str) -> str:
     raise ParseError([FieldViolation("message", "payload must be bytes or text")])
 
 
-def _segments(text: str) -> tuple[list[_Segment], _Delimiters]:
-    lines = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
+def _lines(text: str) -> list[str]:
+    """The message's segments as text: split at CR, LF or CRLF, blank lines left out. (The same
+    split as `re.split(r"\r\n|\r|\n")`, a few times faster: CRLF, then LF, become CR first.)"""
+    return [line for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if line.strip()]
+
+
+def _segments(lines: list[str]) -> tuple[list[_Segment], _Delimiters]:
     if not lines or not lines[0].startswith("MSH"):
         raise ParseError([FieldViolation("MSH", "message does not start with an MSH segment")])
     delims = _delimiters(lines[0])
@@ -313,12 +319,12 @@ class _Mapper:
         self.errors: Violations[FieldViolation] = Violations(FieldViolation)
         self.notes: Violations[FieldViolation] = Violations(FieldViolation)
 
-    def records(self, text: str) -> list[PatientRecord]:
+    def records(self, lines: list[str]) -> list[PatientRecord]:
         msh = self.segments[0]
         source_system = self._source_system(msh)
         # The hash covers the message in canonical form (CR-separated, no BOM or framing), so
         # a re-send over another transport is recognised as the same payload.
-        canonical = "\r".join(line for line in re.split(r"\r\n|\r|\n", text) if line.strip())
+        canonical = "\r".join(lines)
         digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
         groups: list[list[_Segment]] = []
