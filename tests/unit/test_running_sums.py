@@ -7,6 +7,7 @@ exactly the round's uploads sends the round to the database path (None)."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,16 +60,24 @@ def expected_sum(adder: CiphertextAdder, *uploads: list[bytes]) -> list[bytes]:
     return [adder.add(parts) for parts in zip(*uploads, strict=True)]
 
 
+def begin_with_first_chunk(
+    sums: RunningSums, adder: CiphertextAdder, hospital: str, chunk: bytes
+) -> tuple[Any, Any]:
+    """An upload of three chunks begun by `hospital`, its first chunk checked and added."""
+    handle = sums.begin("t", 0, hospital)
+    check = adder.upload_check(3, None)
+    loaded = check.add(0, chunk)
+    assert loaded is not None
+    sums.add(handle, 0, chunk, loaded)
+    return handle, check
+
+
 def test_an_upload_refused_mid_stream_or_at_commit_leaves_the_sum_bit_for_bit(keys, uploads) -> None:  # type: ignore[no-untyped-def]
     key, adder = keys
     sums = RunningSums(adder.new_sum, settle_seconds=5)
     accepted(sums, adder, "a", uploads["a"])
     # c's second chunk is corrupt: its first one was already added, and comes out again.
-    refused = sums.begin("t", 0, "c")
-    check = adder.upload_check(3, None)
-    first = check.add(0, uploads["c"][0])
-    assert first is not None
-    sums.add(refused, 0, uploads["c"][0], first)
+    refused, check = begin_with_first_chunk(sums, adder, "c", uploads["c"][0])
     corrupt = uploads["c"][1][:40] + b"\xff\xff" + uploads["c"][1][42:]
     assert check.add(1, corrupt) is None
     assert check.add(2, uploads["c"][2]) is None  # fine, but the upload is already refused
@@ -93,11 +102,7 @@ def test_an_upload_still_streaming_when_the_round_closes_is_taken_out(keys, uplo
     sums = RunningSums(adder.new_sum, settle_seconds=5)
     accepted(sums, adder, "a", uploads["a"])
     accepted(sums, adder, "b", uploads["b"])
-    late = sums.begin("t", 0, "c")
-    check = adder.upload_check(3, None)
-    loaded = check.add(0, uploads["c"][0])
-    assert loaded is not None
-    sums.add(late, 0, uploads["c"][0], loaded)
+    late, check = begin_with_first_chunk(sums, adder, "c", uploads["c"][0])
     taken = sums.take("t", 0, frozenset("ab"), 3)  # the round aggregates: c can no longer commit
     assert taken is not None
     before = [acc.result() for acc in taken]
