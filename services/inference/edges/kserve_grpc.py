@@ -26,13 +26,16 @@ _OTHER_CONTENTS = (
 
 
 def _input_from_proto(t: kserve.ModelInferRequest.InferInputTensor) -> tensors.InputTensor:
+    if not t.HasField("contents"):
+        # Raw bytes (what tritonclient sends): no typed contents to convert or to scan.
+        return tensors.InputTensor(t.name, t.datatype, tuple(t.shape))
     contents = t.contents
     return tensors.InputTensor(
         name=t.name,
         datatype=t.datatype,
         shape=tuple(t.shape),
         fp32=np.asarray(contents.fp32_contents, dtype=np.float32),
-        has_contents=t.HasField("contents"),
+        has_contents=True,
         other_contents=tuple(name for name in _OTHER_CONTENTS if len(getattr(contents, name))),
     )
 
