@@ -275,6 +275,11 @@ class ChunkAccumulator:
     def parties(self) -> int:
         return 0 if self._header is None else self._header.parties
 
+    @property
+    def chunk_count(self) -> int:
+        """The chunk positions of the vector this sum is a position of (0 before any chunk)."""
+        return 0 if self._header is None else self._header.chunk_count
+
     def add(self, chunk: bytes) -> None:
         header, serialized = unpack_chunk(chunk)
         summed = self._summed_header(header)

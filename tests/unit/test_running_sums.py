@@ -2,7 +2,8 @@
 checked chunk goes into the round's sum as it streams in, an upload that does not commit comes
 out again bit for bit, a round that closes while an upload is committing waits for it, one that
 closes while an upload still streams takes that upload out, and anything that does not cover
-exactly the round's uploads sends the round to the database path (None)."""
+exactly the round's uploads sends the round to the database path (None). Every test runs with the
+sums loaded (a small round's) and kept serialized (a large round's: CiphertextAdder.new_sum)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor
+from fibemrss.he.codec import ChunkAccumulator, SerializedChunkSum, UpdateDecryptor, UpdateEncryptor
 from fibemrss.he.keys import HospitalKey, generate_keys, load_aggregator_key, load_hospital_key
 from fibemrss.he.params import DEFAULT_PARAMS
 from services.aggregator.core.ciphertexts import CiphertextAdder
@@ -22,10 +23,25 @@ from services.aggregator.core.running_sums import RunningSums, Upload
 N = 2 * DEFAULT_PARAMS.slots_per_chunk * DEFAULT_PARAMS.values_per_slot + 50
 
 
-@pytest.fixture(scope="module")
-def keys() -> tuple[HospitalKey, CiphertextAdder]:
+class SerializedSums(CiphertextAdder):
+    """The adder as it is for a round too large to keep its sums loaded (whatever this one's size)."""
+
+    def new_sum(self, chunk_count: int) -> SerializedChunkSum:  # type: ignore[override]
+        return SerializedChunkSum(self._key)
+
+
+@pytest.fixture(scope="module", params=["loaded", "serialized"])
+def keys(request: pytest.FixtureRequest) -> tuple[HospitalKey, CiphertextAdder]:
     hospital, aggregator = generate_keys()
-    return load_hospital_key(hospital), CiphertextAdder(load_aggregator_key(aggregator))
+    adder = CiphertextAdder if request.param == "loaded" else SerializedSums
+    return load_hospital_key(hospital), adder(load_aggregator_key(aggregator))
+
+
+def test_a_small_rounds_sums_stay_loaded_and_a_large_rounds_serialized(keys) -> None:  # type: ignore[no-untyped-def]
+    _, adder = keys
+    plain = CiphertextAdder(adder._key)  # noqa: SLF001 - the same key
+    assert isinstance(plain.new_sum(3), ChunkAccumulator)  # 3 chunks: about 19 MB loaded
+    assert isinstance(plain.new_sum(39), SerializedChunkSum)  # 10M parameters: about 240 MB loaded
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 
 class Sum(Protocol):
-    """The running sum of one chunk position (fibemrss.he.codec.SerializedChunkSum)."""
+    """The running sum of one chunk position (fibemrss.he.codec's ChunkAccumulator, loaded, or
+    SerializedChunkSum: CiphertextAdder.new_sum chooses by the round's size)."""
 
     @property
     def parties(self) -> int: ...
@@ -80,7 +81,7 @@ class _RoundSum:
 
 
 class RunningSums:
-    def __init__(self, new_sum: Callable[[], Sum], settle_seconds: float = 60.0) -> None:
+    def __init__(self, new_sum: Callable[[int], Sum], settle_seconds: float = 60.0) -> None:
         self._new_sum = new_sum
         self._settle_seconds = settle_seconds
         self._changed = threading.Condition()
@@ -107,7 +108,7 @@ class RunningSums:
                     raise HeError(f"chunk {index} added twice by one upload")  # UploadCheck refuses it
                 summed = entry.by_index.get(index)
                 if summed is None:
-                    summed = entry.by_index[index] = self._new_sum()
+                    summed = entry.by_index[index] = self._new_sum(loaded.chunk_count)
                 summed.absorb(loaded)
             except HeError:
                 # A chunk the sum refuses: the database path will meet it and fail the round.
