@@ -12,6 +12,7 @@ from fibemrss.domain.strategies import StrategyState, client_proximal_mu, strate
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.codec import UpdateDecryptor, UpdateEncryptor, add_chunks
 from fibemrss.he.keys import generate_keys, load_aggregator_key, load_hospital_key
+from fibemrss.he.params import DEFAULT_PARAMS
 from fibemrss.tools.bench.quality_bench import (
     TRAIN_FRACTION,
     BenchConfig,
@@ -55,8 +56,13 @@ def test_two_encrypted_rounds_match_plaintext(source: str, strategy: str) -> Non
     encrypted = run_federated(
         HEART_DISEASE_V1, hospitals, strategy_by_name(strategy, **options), config, HeRound().average
     )
-    assert np.max(np.abs(encrypted - plain)) < 1e-4
-    assert np.max(np.abs(plain)) > 1e-2  # the rounds did train something
+    # Each round's encrypted average differs from the plain one by at most the codec's rounding
+    # (HeParams.average_error: parties / (2^(frac_bits+1) x total weight)); the next round trains
+    # from that model, so the gap may grow with the rounds: three times the bound a round.
+    weight = sum(min(len(h.y_train), DEFAULT_PARAMS.max_weight) for h in hospitals)
+    bound = 3 * config.rounds * DEFAULT_PARAMS.average_error(len(hospitals), weight)
+    assert np.max(np.abs(encrypted - plain)) < bound
+    assert bound < 1e-3 < 1e-2 < np.max(np.abs(plain))  # the rounds did train, far beyond the rounding
 
 
 def test_every_hospital_decrypts_to_the_same_global_model() -> None:
