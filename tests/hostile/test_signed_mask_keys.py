@@ -16,6 +16,7 @@ import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import grpc
 import pytest
@@ -131,29 +132,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
     db = Database(url)
     hospital_key, aggregator_key = generate_keys()
     pki = root / "pki"
-    coordinator = Coordinator(
-        AggregatorStore(db),
-        CiphertextAdder(load_aggregator_key(aggregator_key)),
-        tick_seconds=0.05,
-        mask_key_verifier=MaskKeyVerifier((pki / "ca.crt").read_bytes()),
-    )
-    holder: dict[str, MaliciousAggregator] = {}
-
-    def register(server, registry):  # type: ignore[no-untyped-def]
-        holder["s"] = MaliciousAggregator(coordinator, AggregatorStore(db))
-        federation_pb2_grpc.add_AggregatorServiceServicer_to_server(holder["s"], server)
-        return [pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
-
-    tls = TlsFiles(
-        str(pki / "ca.crt"), str(pki / "aggregator@central.crt"), str(pki / "aggregator@central.key")
-    )
-    running = start_server(
-        "malicious-aggregator",
-        register,
-        ServerConfig("127.0.0.1:0", "127.0.0.1:0", tls, None),
-        authorize=central_policy(),
-    )
-    coordinator.start()
+    served = serve_aggregator("malicious-aggregator", db, aggregator_key, pki, MaliciousAggregator)
     rogue = MaskKeySigner(
         (root / "rogue" / "agent@c.crt").read_bytes(), (root / "rogue" / "agent@c.key").read_bytes()
     )
@@ -163,10 +142,59 @@ def setup(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
         "rogue-ca": rogue_ca(rogue),
         "honest": None,
     }
-    yield Setup(pki, running.address, holder["s"], hospital_key)
-    running.stop(grace=0)
-    coordinator.stop()
+    yield Setup(pki, served.address, served.servicer, hospital_key)
+    served.stop()
     db.close()
+
+
+S = TypeVar("S", bound=AggregatorServicer)
+
+
+@dataclasses.dataclass
+class ServedAggregator(Generic[S]):
+    """The real coordinator behind a servicer of the test's (an attacker or a lossy relay), served
+    over mutual TLS with the central policy, its ticker running."""
+
+    coordinator: Coordinator
+    store: AggregatorStore
+    servicer: S
+    address: str
+    _running: Any
+
+    def stop(self) -> None:
+        self._running.stop(grace=0)
+        self.coordinator.stop()
+
+
+def serve_aggregator(
+    name: str,
+    db: Database,
+    aggregator_key: bytes,
+    pki: Path,
+    servicer: Callable[[Coordinator, AggregatorStore], S],
+) -> ServedAggregator[S]:
+    store = AggregatorStore(db)
+    coordinator = Coordinator(
+        store,
+        CiphertextAdder(load_aggregator_key(aggregator_key)),
+        tick_seconds=0.05,
+        mask_key_verifier=MaskKeyVerifier((pki / "ca.crt").read_bytes()),
+    )
+    holder: dict[str, S] = {}
+
+    def register(server, registry):  # type: ignore[no-untyped-def]
+        holder["s"] = servicer(coordinator, AggregatorStore(db))
+        federation_pb2_grpc.add_AggregatorServiceServicer_to_server(holder["s"], server)
+        return [pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
+
+    tls = TlsFiles(
+        str(pki / "ca.crt"), str(pki / "aggregator@central.crt"), str(pki / "aggregator@central.key")
+    )
+    running = start_server(
+        name, register, ServerConfig("127.0.0.1:0", "127.0.0.1:0", tls, None), authorize=central_policy()
+    )
+    coordinator.start()
+    return ServedAggregator(coordinator, store, holder["s"], running.address, running)
 
 
 def federate(

@@ -22,23 +22,18 @@ import grpc
 import pytest
 
 from fibemrss.api.federation.v1 import federation_pb2 as pb
-from fibemrss.api.federation.v1 import federation_pb2_grpc
 from fibemrss.db.pool import Database
 from fibemrss.domain.tasks import HEART_DISEASE_V1
-from fibemrss.he.keys import generate_keys, load_aggregator_key
-from fibemrss.he.mask_signatures import MaskKeyVerifier
-from fibemrss.platform.authorization import central_policy
-from fibemrss.platform.config import ServerConfig, TlsFiles
+from fibemrss.he.keys import generate_keys
+from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.identity import caller_identity
-from fibemrss.platform.server import start_server
 from fibemrss.tools.certs import init_pki
 from services.aggregator.adapters.store import AggregatorStore
-from services.aggregator.core.ciphertexts import CiphertextAdder
-from services.aggregator.core.coordinator import Coordinator
 from services.aggregator.core.round_state import RoundState
 from services.aggregator.edges.grpc_servicer import AggregatorServicer
 from services.hospital_agent.core.protocol import Participation
 from tests.hostile.test_signed_mask_keys import federate as federate_signed
+from tests.hostile.test_signed_mask_keys import serve_aggregator
 
 HOSPITALS = ("a", "b", "c")
 TASK = dataclasses.replace(HEART_DISEASE_V1, rounds=1, min_contributors=3)
@@ -118,33 +113,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
     db = Database(url)
     hospital_key, aggregator_key = generate_keys()
     pki = root / "pki"
-    store = AggregatorStore(db)
-    coordinator = Coordinator(
-        store,
-        CiphertextAdder(load_aggregator_key(aggregator_key)),
-        tick_seconds=0.05,
-        mask_key_verifier=MaskKeyVerifier((pki / "ca.crt").read_bytes()),
-    )
-    holder: dict[str, LossyAggregator] = {}
-
-    def register(server, registry):  # type: ignore[no-untyped-def]
-        holder["s"] = LossyAggregator(coordinator, AggregatorStore(db))
-        federation_pb2_grpc.add_AggregatorServiceServicer_to_server(holder["s"], server)
-        return [pb.DESCRIPTOR.services_by_name["AggregatorService"].full_name]
-
-    tls = TlsFiles(
-        str(pki / "ca.crt"), str(pki / "aggregator@central.crt"), str(pki / "aggregator@central.key")
-    )
-    running = start_server(
-        "lossy-aggregator",
-        register,
-        ServerConfig("127.0.0.1:0", "127.0.0.1:0", tls, None),
-        authorize=central_policy(),
-    )
-    coordinator.start()
-    yield Setup(pki, running.address, holder["s"], store, hospital_key)
-    running.stop(grace=0)
-    coordinator.stop()
+    served = serve_aggregator("lossy-aggregator", db, aggregator_key, pki, LossyAggregator)
+    yield Setup(pki, served.address, served.servicer, served.store, hospital_key)
+    served.stop()
     db.close()
 
 

@@ -283,24 +283,7 @@ def _client_process(
             ready.put(os.getpid())
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
             cpu_start = time.process_time()
-            end = time.perf_counter() + duration
-            latencies: list[float] = []
-            failures = 0
-
-            async def caller() -> None:
-                nonlocal failures
-                while True:
-                    start = time.perf_counter()
-                    if start >= end:
-                        return
-                    try:
-                        await call(payload, timeout=10)
-                    except grpc.RpcError:
-                        failures += 1
-                        continue
-                    latencies.append(time.perf_counter() - start)
-
-            await asyncio.gather(*(caller() for _ in range(clients)))
+            latencies, failures = await _closed_loop(call, payload, clients, duration)
             results.put((latencies, failures, time.process_time() - cpu_start))
 
     asyncio.run(main())
