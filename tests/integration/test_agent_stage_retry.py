@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -25,13 +24,13 @@ from fibemrss.api.federation.v1 import federation_pb2 as pb
 from fibemrss.db.pool import Database
 from fibemrss.domain.tasks import HEART_DISEASE_V1
 from fibemrss.he.keys import generate_keys
-from fibemrss.platform.config import TlsFiles
 from fibemrss.platform.identity import caller_identity
 from fibemrss.tools.certs import init_pki
 from services.aggregator.adapters.store import AggregatorStore
 from services.aggregator.core.round_state import RoundState
 from services.aggregator.edges.grpc_servicer import AggregatorServicer
 from services.hospital_agent.core.protocol import Participation
+from tests.hostile.test_signed_mask_keys import Setup as SignedSetup
 from tests.hostile.test_signed_mask_keys import federate as federate_signed
 from tests.hostile.test_signed_mask_keys import serve_aggregator
 
@@ -88,17 +87,10 @@ class LossyAggregator(AggregatorServicer):
 
 
 @dataclasses.dataclass
-class Setup:
-    pki: Path
-    address: str
-    servicer: LossyAggregator
-    store: AggregatorStore
-    hospital_key: bytes
+class Setup(SignedSetup):
+    """The signed-keys test's setup (its `federate` runs the agents), and the aggregator's store."""
 
-    def tls(self, identity: str) -> TlsFiles:
-        return TlsFiles(
-            str(self.pki / "ca.crt"), str(self.pki / f"{identity}.crt"), str(self.pki / f"{identity}.key")
-        )
+    store: AggregatorStore
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +106,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> Ite
     hospital_key, aggregator_key = generate_keys()
     pki = root / "pki"
     served = serve_aggregator("lossy-aggregator", db, aggregator_key, pki, LossyAggregator)
-    yield Setup(pki, served.address, served.servicer, served.store, hospital_key)
+    yield Setup(pki, served.address, served.servicer, hospital_key, served.store)
     served.stop()
     db.close()
 
