@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,9 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield pg.url("postgres")
     finally:
         pg.stop()
+        # The session's databases take gigabytes and pytest keeps its last three temp folders: a
+        # machine that runs the suite again and again (CI, a developer) fills its disk otherwise.
+        shutil.rmtree(pg.data_dir, ignore_errors=True)
 
 
 @pytest.fixture
