@@ -42,6 +42,7 @@ from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import load_hospital_key
 from fibemrss.he.site_certificates import (
     FederationCa,
+    Revoked,
     SiteKey,
     common_name,
     public_key_sha256,
@@ -146,12 +147,13 @@ def seal_hospital_key(
     signer_certificate_pem: bytes,
     signer_key_pem: bytes,
     now: datetime.datetime | None = None,
+    revoked: Revoked | None = None,
 ) -> bytes:
     """At the holder: `hospital_key` (the bytes of hospital.he) sealed to the agent of the
     hospital whose certificate is given, signed with the holder agent's own certificate key."""
     _check_study(study)
     load_hospital_key(hospital_key)  # refuses aggregator.he or a corrupt file before sealing it
-    ca = FederationCa(ca_pem)
+    ca = FederationCa(ca_pem, revoked)
     signer = SiteKey(signer_certificate_pem, signer_key_pem, "sealing the HE key")
     _check_agent(signer.identity, "the signer's certificate")
     ca.check(signer.certificate, signer.identity, "the signer's certificate", KeyDeliveryRefused, now)
@@ -204,6 +206,7 @@ def open_hospital_key(
     certificate_pem: bytes,
     private_key_pem: bytes,
     now: datetime.datetime | None = None,
+    revoked: Revoked | None = None,
 ) -> bytes:
     """At a recipient hospital: the bytes of hospital.he out of `sealed`, with this hospital's
     agent certificate and key, if it was sealed for `study` by `agent@<holder>` under the
@@ -229,7 +232,7 @@ def open_hospital_key(
             f"the HE key was sealed by {envelope.sender}, but the study's key holder is {expected_sender}"
         )
     what = "the sealed HE key"
-    sender_cert = FederationCa(ca_pem).check(
+    sender_cert = FederationCa(ca_pem, revoked).check(
         envelope.sender_certificate, expected_sender, what, KeyDeliveryRefused, now
     )
     if not signature_valid(sender_cert, envelope.signature, envelope.signed_part()):

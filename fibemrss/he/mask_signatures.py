@@ -22,7 +22,7 @@ import hashlib
 from dataclasses import dataclass
 
 from fibemrss.he.errors import HeKeyError
-from fibemrss.he.site_certificates import FederationCa, SiteKey, signature_valid
+from fibemrss.he.site_certificates import FederationCa, Revoked, SiteKey, signature_valid
 
 _DOMAIN = b"fibemrss-mask-key-signature-v1"
 
@@ -74,8 +74,8 @@ class MaskKeySigner:
 class MaskKeyVerifier:
     """Checks relayed round keys against the federation CA (the CA file of mutual TLS)."""
 
-    def __init__(self, ca_pem: bytes) -> None:
-        self._ca = FederationCa(ca_pem)
+    def __init__(self, ca_pem: bytes, revoked: Revoked | None = None) -> None:
+        self._ca = FederationCa(ca_pem, revoked)
 
     def check(
         self,

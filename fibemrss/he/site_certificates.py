@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -51,14 +53,21 @@ class SiteKey:
         return key.sign(message, _PSS, hashes.SHA256())
 
 
-class FederationCa:
-    """The federation CA (the CA file of mutual TLS), vouching for site certificates."""
+# Given a certificate's serial number and the identity it names: why it must not be believed
+# (revoked by the federation CA), or None.
+Revoked = Callable[[int, str], str | None]
 
-    def __init__(self, ca_pem: bytes) -> None:
+
+class FederationCa:
+    """The federation CA (the CA file of mutual TLS), vouching for site certificates; `revoked`
+    (fibemrss.platform.revocation: the CA's revocation list) refuses the certificates it names."""
+
+    def __init__(self, ca_pem: bytes, revoked: Revoked | None = None) -> None:
         try:
             self._cas = x509.load_pem_x509_certificates(ca_pem)
         except ValueError as error:
             raise HeKeyError(f"unreadable federation CA: {error}") from None
+        self._revoked = revoked
 
     def check(
         self,
@@ -78,6 +87,9 @@ class FederationCa:
             raise refused(f"{what} carries an unreadable certificate") from None
         if not any(_issued_by(cert, ca) for ca in self._cas):
             raise refused(f"the certificate on {what} is not issued by the federation CA")
+        refusal = self._revoked(cert.serial_number, common_name(cert)) if self._revoked else None
+        if refusal:
+            raise refused(f"the certificate on {what} is refused: {refusal}")
         moment = now or datetime.datetime.now(datetime.UTC)
         if not cert.not_valid_before_utc <= moment <= cert.not_valid_after_utc:
             raise refused(f"the certificate on {what} is not valid now")
@@ -85,6 +97,53 @@ class FederationCa:
         if named != identity:
             raise refused(f"{what} is signed by {named!r}, not {identity}")
         return cert
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """An X.509 CRL that the federation CA signed: the serial numbers of the certificates it
+    withdrew (a stolen key, a site that left) and when."""
+
+    number: int  # the CRL's own number: a newer list has a larger one
+    revoked: Mapping[int, datetime.datetime]
+    this_update: datetime.datetime
+    next_update: datetime.datetime | None
+
+    @classmethod
+    def from_pem(cls, crl_pem: bytes, ca_pem: bytes) -> RevocationList:
+        """The list, if one of the CAs of `ca_pem` issued and signed it; else HeKeyError saying why."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                crl = x509.load_pem_x509_crl(crl_pem)
+        except ValueError as error:
+            raise HeKeyError(f"not a PEM certificate revocation list: {error}") from None
+        try:
+            cas = x509.load_pem_x509_certificates(ca_pem)
+        except ValueError as error:
+            raise HeKeyError(f"unreadable federation CA: {error}") from None
+        if not any(ca.subject == crl.issuer and _crl_signed_by(crl, ca) for ca in cas):
+            raise HeKeyError("the revocation list is not signed by the federation CA")
+        try:
+            number = int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+        except x509.ExtensionNotFound:
+            number = 0
+        return cls(
+            number=number,
+            revoked={r.serial_number: r.revocation_date_utc for r in crl},
+            this_update=crl.last_update_utc,
+            next_update=crl.next_update_utc,
+        )
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    public = ca.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
+        return False
+    try:
+        return crl.is_signature_valid(public)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return False
 
 
 def signature_valid(cert: x509.Certificate, signature: bytes, message: bytes) -> bool:

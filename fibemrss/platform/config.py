@@ -12,6 +12,8 @@ from fibemrss.domain.site_policy import SitePolicy, parse_site_policy
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import get_task, register
+from fibemrss.he.errors import HeKeyError
+from fibemrss.he.site_certificates import RevocationList
 from fibemrss.platform.capacity import CallLimits
 
 DEFAULT_TASK = "heart-disease-v1"
@@ -69,6 +71,8 @@ class TlsFiles:
     ca: str
     cert: str
     key: str
+    # The federation CA's revocation list (FIBEMRSS_TLS_CRL; fibemrss.platform.revocation).
+    crl: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,16 @@ class ServerConfig:
         given = [v for v in (ca, cert, key) if v]
         if given and len(given) != 3:
             raise ConfigError("FIBEMRSS_TLS_CA, FIBEMRSS_TLS_CERT and FIBEMRSS_TLS_KEY must be set together")
-        tls = TlsFiles(ca, cert, key) if ca and cert and key else None
+        crl = env_optional("FIBEMRSS_TLS_CRL")
+        if crl and not given:
+            raise ConfigError("FIBEMRSS_TLS_CRL needs mutual TLS: set FIBEMRSS_TLS_CA, FIBEMRSS_TLS_CERT and FIBEMRSS_TLS_KEY")
+        if crl and ca:
+            # Checked before anything else starts: a list the CA did not sign could lift revocations.
+            try:
+                RevocationList.from_pem(Path(crl).read_bytes(), Path(ca).read_bytes())
+            except (OSError, HeKeyError) as error:
+                raise ConfigError(f"FIBEMRSS_TLS_CRL={crl}: {error}") from None
+        tls = TlsFiles(ca, cert, key, crl) if ca and cert and key else None
         return cls(
             listen=env_str("FIBEMRSS_LISTEN", "127.0.0.1:0"),
             metrics_listen=env_str("FIBEMRSS_METRICS_LISTEN", "127.0.0.1:0"),

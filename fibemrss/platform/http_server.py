@@ -24,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fibemrss.domain import errors
 from fibemrss.platform.config import EdgeListen
+from fibemrss.platform.revocation import Revocations, revocations_for
 from fibemrss.platform.tls import common_name
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,27 @@ def http_status_for(error: BaseException) -> int:
 
 
 class _ClientCertificateProtocol(H11Protocol):
-    """uvicorn's h11 protocol, adding the verified client certificate's name to every request."""
+    """uvicorn's h11 protocol, adding the verified client certificate's name to every request;
+    with the federation's revocation list, a request under a revoked certificate is answered 401
+    naming the revocation (checked per request: a kept-alive connection opened before the
+    revocation is refused at its next request)."""
+
+    revocations: Revocations | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
-        name = common_name(ssl_object.getpeercert()) if ssl_object is not None else None
+        peer = ssl_object.getpeercert() if ssl_object is not None else None
+        name = common_name(peer)
+        serial = peer.get("serialNumber") if peer else None
+        revocations = self.revocations if name else None
         inner: ASGIApp = self.app
 
         async def app(scope: Scope, receive: Any, send: Any) -> None:
+            refusal = revocations.refusal_for_hex(serial, name or "") if revocations else None
+            if refusal and scope.get("type") == "http":
+                await JSONResponse({"error": refusal}, status_code=401)(scope, receive, send)
+                return
             scope.setdefault("extensions", {})["tls"] = {"client_cert_name": name}
             await inner(scope, receive, send)
 
@@ -143,9 +156,13 @@ def start_http(
         tls = {"ssl_certfile": listen.tls.cert, "ssl_keyfile": listen.tls.key}
         if client_certificates:
             tls |= {"ssl_ca_certs": listen.tls.ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    protocol: type[_ClientCertificateProtocol] = _ClientCertificateProtocol
+    revocations = revocations_for(listen.tls) if client_certificates else None
+    if revocations is not None:
+        protocol = type("_RevocationCheckingProtocol", (_ClientCertificateProtocol,), {"revocations": revocations})
     config = uvicorn.Config(
         app,
-        http=_ClientCertificateProtocol,
+        http=protocol,
         lifespan="off",
         access_log=False,
         log_config=None,

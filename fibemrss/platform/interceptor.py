@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from fibemrss.domain import errors
 from fibemrss.platform.capacity import CallLimiter, Deadlines, request_limit
 from fibemrss.platform.identity import caller_identity
+from fibemrss.platform.revocation import Revocations
 from fibemrss.platform.status_mapping import abort_with
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,12 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
         metrics: ServerMetrics,
         authorize: Callable[[str, str], None] | None = None,
         limiter: CallLimiter | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self._metrics = metrics
         self._authorize = authorize
         self._limiter = limiter
+        self._revocations = revocations
         self._deadlines = Deadlines()
         # grpc asks the interceptor for every call; the wrapped handler of a method is the same
         # each time (as long as the service's own handler is), so it is built once.
@@ -183,6 +186,14 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
     def _admit(self, context: grpc.ServicerContext, method: str) -> Callable[[], None]:
         """Authorizes the caller and takes its capacity slot; returns what releases the slot."""
         identity = caller_identity(context)
+        if self._revocations is not None:
+            # Per call, not per connection: a connection opened before the revocation is refused
+            # at its next call.
+            pems = context.auth_context().get("x509_pem_cert")
+            pem = pems[0] if pems else None
+            refusal = self._revocations.refusal_for_pem(pem, identity) if isinstance(pem, bytes) else None
+            if refusal:
+                raise errors.Unauthenticated(refusal)
         if self._authorize is not None:
             self._authorize(identity, method)
         if self._limiter is None:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from fibemrss.platform.capacity import CallLimiter
 from fibemrss.platform.config import ServerConfig, TlsFiles, split_host_port
 from fibemrss.platform.interceptor import ErrorAndMetricsInterceptor, ServerMetrics
+from fibemrss.platform.revocation import revocations_for
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,11 @@ def start_server(
     server = grpc.server(
         started_pool(limits.max_workers, name),
         # Authorization needs a verified identity, which only mutual TLS gives.
-        interceptors=[ErrorAndMetricsInterceptor(metrics, authorize if config.tls else None, limiter)],
+        interceptors=[
+            ErrorAndMetricsInterceptor(
+                metrics, authorize if config.tls else None, limiter, revocations_for(config.tls)
+            )
+        ],
         options=GRPC_OPTIONS,
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )

@@ -11,25 +11,31 @@ Keys never leave their site: a site makes its key and a certificate signing requ
 (`sign_request`, `fibemrss certs sign`), deciding every extension from the identity the request
 names and never reading a private key. `init_pki` (`fibemrss certs init`) runs that same
 ceremony for every identity in one process, for the demo and the tests.
+
+A certificate whose key was stolen (or whose site left) is withdrawn with `revoke`
+(`fibemrss certs revoke`): the CA's signed revocation list, which every service given
+FIBEMRSS_TLS_CRL enforces on every call and every signed protocol message.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fibemrss.domain.errors import ConfigError
+from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import write_private_file
-from fibemrss.he.site_certificates import public_key_der
+from fibemrss.he.site_certificates import RevocationList, public_key_der
 from fibemrss.platform.authorization import CENTRAL, check_hospital_name
 from fibemrss.platform.identity import IDENTITY_DOMAIN, identity_dns_name, is_dns_label
 
@@ -355,3 +361,85 @@ def init_pki(
         paths.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         out[identity] = paths
     return out
+
+
+CRL_FILE = "crl.pem"
+# How long a revocation list says it stays current: services keep enforcing an older list (a
+# revocation is never forgotten), and warn once it is past this, so the CA re-issues it.
+CRL_VALIDITY = datetime.timedelta(days=30)
+REVOCATION_REASONS = {
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+    "affiliation-changed": x509.ReasonFlags.affiliation_changed,
+    "unspecified": x509.ReasonFlags.unspecified,
+}
+
+
+def revoke(
+    ca_dir: Path,
+    certificates: Sequence[bytes] = (),
+    reason: str = "key-compromise",
+    now: datetime.datetime | None = None,
+) -> Path:
+    """`certs revoke` and `certs crl`: writes ca_dir/crl.pem, the CA's revocation list, signed,
+    with every serial it already listed and those of `certificates` (PEM; each must be one this
+    CA issued), a CRL number one above the last and a fresh validity. With no certificates it
+    re-issues the list (`certs crl`). Services started with FIBEMRSS_TLS_CRL re-read the file
+    within a second of a change (fibemrss.platform.revocation)."""
+    if reason not in REVOCATION_REASONS:
+        raise ValueError(f"reason {reason!r} is not one of {', '.join(REVOCATION_REASONS)}")
+    ca = CertificateAuthority.load(ca_dir)
+    moment = now or datetime.datetime.now(datetime.UTC)
+    path = ca_dir / CRL_FILE
+    listed: list[x509.RevokedCertificate] = []
+    number = 0
+    if path.exists():
+        ca_pem = ca.certificate.public_bytes(serialization.Encoding.PEM)
+        try:
+            number = RevocationList.from_pem(path.read_bytes(), ca_pem).number  # this CA's, nothing else
+        except HeKeyError as error:
+            raise ValueError(f"{path}: {error}") from None
+        listed = list(x509.load_pem_x509_crl(path.read_bytes()))
+    known = {r.serial_number for r in listed}
+    for pem in certificates:
+        try:
+            certificate = x509.load_pem_x509_certificate(pem)
+        except ValueError as error:
+            raise ValueError(f"not a PEM certificate: {error}") from None
+        if certificate.issuer != ca.certificate.subject:
+            raise ValueError(f"{_common_name(certificate)} was not issued by this CA: nothing to revoke")
+        try:
+            certificate.verify_directly_issued_by(ca.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ValueError(f"{_common_name(certificate)} was not issued by this CA: nothing to revoke") from None
+        if certificate.serial_number in known:
+            continue
+        known.add(certificate.serial_number)
+        listed.append(
+            x509.RevokedCertificateBuilder()
+            .serial_number(certificate.serial_number)
+            .revocation_date(moment)
+            .add_extension(x509.CRLReason(REVOCATION_REASONS[reason]), critical=False)
+            .build()
+        )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(moment)
+        .next_update(moment + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(number + 1), critical=False)
+    )
+    for entry in listed:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(ca.key, hashes.SHA256())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)  # whole or not at all: a service never reads half a list
+    return path
+
+
+def _common_name(certificate: x509.Certificate) -> str:
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = names[0].value if names else "the certificate"
+    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")

@@ -33,7 +33,7 @@ from fibemrss.he.key_delivery import open_hospital_key, seal_hospital_key
 from fibemrss.he.keys import write_key_files, write_private_file
 from fibemrss.platform.channels import open_channel
 from fibemrss.platform.config import DEFAULT_TASK, TlsFiles
-from fibemrss.tools.certs import init_pki
+from fibemrss.tools.certs import CRL_FILE, init_pki, revoke
 from fibemrss.tools.service_process import ServiceProcess, base_env
 from fibemrss.tools.study_review import document_of, propose_and_approve
 
@@ -246,8 +246,13 @@ class LocalCluster:
         if not self.tls:
             return
 
-        if not (self.workdir / "pki" / "ca.crt").exists():
-            init_pki(self.workdir / "pki", self.identities())
+        pki = self.workdir / "pki"
+        if not (pki / "ca.crt").exists():
+            init_pki(pki, self.identities())
+        if not (pki / CRL_FILE).exists() and (pki / "ca.key").exists():
+            # An empty revocation list that every service enforces: `fibemrss certs revoke
+            # --ca-dir <workdir>/pki` withdraws a certificate from the running cluster.
+            revoke(pki)
 
     def client_tls(self, identity: str) -> TlsFiles | None:
         if not self.tls:
@@ -291,6 +296,9 @@ class LocalCluster:
             env.update(
                 {"FIBEMRSS_TLS_CA": tls.ca, "FIBEMRSS_TLS_CERT": tls.cert, "FIBEMRSS_TLS_KEY": tls.key}
             )
+            crl = self.workdir / "pki" / CRL_FILE
+            if crl.exists():
+                env["FIBEMRSS_TLS_CRL"] = str(crl)
         return env
 
     def _spawn(self, name: str, env: dict[str, str]) -> None:

@@ -20,6 +20,7 @@ from fibemrss.platform.console_config import console_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp
 from fibemrss.platform.memory import map_large_blocks
+from fibemrss.platform.revocation import revocation_check
 from fibemrss.platform.server import serve_until_signalled, start_server
 from services.aggregator.adapters.console_reads import FederationConsoleReads
 from services.aggregator.adapters.store import AggregatorStore
@@ -63,7 +64,11 @@ def main() -> None:
     def register(server: grpc.Server, registry: CollectorRegistry) -> Sequence[str]:
         # With mutual TLS, round mask keys must be signed by their agent's certificate (the
         # agents check them again themselves: docs/he-codec.md, "Signed round keys").
-        verifier = None if config.tls is None else MaskKeyVerifier(Path(config.tls.ca).read_bytes())
+        verifier = (
+            None
+            if config.tls is None
+            else MaskKeyVerifier(Path(config.tls.ca).read_bytes(), revocation_check(config.tls))
+        )
         coordinator = Coordinator(
             store,
             CiphertextAdder(key),

@@ -25,6 +25,7 @@ from fibemrss.platform.config import (
 from fibemrss.platform.console_config import console_from_env
 from fibemrss.platform.entrypoint import run_service
 from fibemrss.platform.http_server import RunningHttp, start_http
+from fibemrss.platform.revocation import revocations_for
 from fibemrss.platform.server import serve_until_signalled, start_server
 from fibemrss.platform.tls import server_ssl_context
 from services.emr_gateway.adapters.console_reads import ConsoleReads
@@ -79,7 +80,7 @@ def main() -> None:
     mllp: MllpServer | None = None
     if mllp_listen is not None:
         ssl_context = server_ssl_context(mllp_listen.tls) if mllp_listen.tls else None
-        listen = MllpListen(mllp_listen.host, mllp_listen.port, ssl_context)
+        listen = MllpListen(mllp_listen.host, mllp_listen.port, ssl_context, revocations_for(mllp_listen.tls))
         mllp = MllpServer(gateway, hospital, listen, authorize).start()
         edges["mllp"] = mllp.address
     fhir: FhirRest | None = None

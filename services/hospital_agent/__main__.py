@@ -33,6 +33,7 @@ from fibemrss.platform.config import (
     studies_from_env,
 )
 from fibemrss.platform.entrypoint import run_service
+from fibemrss.platform.revocation import revocation_check
 from fibemrss.platform.server import RunningServer, serve_until_signalled, start_server
 from services.hospital_agent.adapters.grpc_adapters import GrpcAggregator, GrpcGateway
 from services.hospital_agent.adapters.local_secrets import LocalSecretStore
@@ -135,7 +136,7 @@ def main() -> None:
     # every peer's against the federation CA (docs/he-codec.md, "Signed round keys").
     tls = config.tls
     signer = None if tls is None else MaskKeySigner(Path(tls.cert).read_bytes(), Path(tls.key).read_bytes())
-    verifier = None if tls is None else MaskKeyVerifier(Path(tls.ca).read_bytes())
+    verifier = None if tls is None else MaskKeyVerifier(Path(tls.ca).read_bytes(), revocation_check(tls))
     # One channel to each peer, shared by every study (each study's clients name their task).
     gateway_channel = open_channel(env_str("FIBEMRSS_GATEWAY"), config.tls, server=f"gateway@{hospital}")
     aggregator_channel = open_channel(

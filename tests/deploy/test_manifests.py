@@ -722,3 +722,37 @@ def test_runbook_tls_secrets_use_the_files_certs_init_writes(tmp_path: Path) -> 
             assert paths["tls.key"] == paths["tls.crt"].with_suffix(".key"), name
     # The CA's private key goes into no Secret.
     assert not any(v.endswith("ca.key") for files in secrets.values() for v in files.values())
+
+
+def test_the_revocation_list_reaches_every_service_as_a_mounted_folder(tmp_path: Path) -> None:
+    """`tls.revocationList` (docs/security.md, "A stolen certificate"): every service of either
+    role gets FIBEMRSS_TLS_CRL and mounts the list's ConfigMap as a folder (a subPath mount would
+    never see the ConfigMap replaced); without it, none does. The CA's real list, made by
+    `fibemrss certs revoke`, goes in as it is."""
+    from fibemrss.tools.certs import init_pki, revoke
+
+    init_pki(tmp_path / "pki", ["agent@cleveland"])
+    crl = revoke(tmp_path / "pki", [(tmp_path / "pki" / "agent@cleveland.crt").read_bytes()])
+    for role in ("central", "hospital"):
+        for extra, configmap in (
+            ((f"tls.revocationList.crlPem={crl.read_text()}",), "fibemrss-revocation-list"),
+            (("tls.revocationList.existingConfigMap=federation-crl",), "federation-crl"),
+            ((), None),
+        ):
+            docs = [d for d in yaml.safe_load_all(helm_template(role, *extra).stdout) if d]
+            made = {c["metadata"]["name"]: c["data"] for c in of_kind(docs, "ConfigMap")}
+            if configmap == "fibemrss-revocation-list":
+                assert made[configmap] == {"crl.pem": crl.read_text()}
+            else:
+                assert "fibemrss-revocation-list" not in made
+            for dep, container in serving(docs):
+                env = container_env(docs, container)
+                volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+                mounts = {m["name"]: m for m in container["volumeMounts"]}
+                if configmap is None:
+                    assert "FIBEMRSS_TLS_CRL" not in env and "revocation-list" not in volumes
+                    continue
+                assert env["FIBEMRSS_TLS_CRL"] == "/etc/fibemrss/revocation/crl.pem", dep["metadata"]["name"]
+                assert volumes["revocation-list"]["configMap"]["name"] == configmap
+                assert mounts["revocation-list"]["mountPath"] == "/etc/fibemrss/revocation"
+                assert "subPath" not in mounts["revocation-list"]

@@ -267,6 +267,40 @@ def test_the_cli_delivers_the_key_and_says_what_is_wrong_in_one_line(
     assert stat.S_IMODE(opened.stat().st_mode) == 0o600
 
 
+def test_with_the_revocation_list_a_revoked_holder_or_recipient_is_refused(
+    fed: Federation, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A thief of agent@a's key seals a key of its own making as the study's holder (or a holder
+    seals to a hospital whose key was stolen): without the CA's list both go through; with
+    `--crl` after `certs revoke`, both are refused naming the revocation."""
+    sites, ca = fed.root / "sites", fed.root / "ca"
+    (tmp_path / "forged.he").write_bytes(fed.b_own_key)  # a key the thief made, sealed as agent@a
+    sealed = tmp_path / "forged.sealed"
+    seal = ["keys", "seal", "--key", str(tmp_path / "forged.he"), "--for", str(sites / "agent@b.crt")]
+    seal += ["--ca", str(ca / "ca.crt"), "--study", STUDY, "--out", str(sealed)]
+    seal += ["--signer-cert", str(sites / "agent@a.crt"), "--signer-key", str(sites / "agent@a.key")]
+    assert main(seal) == 0
+    opening = ["keys", "open", "--sealed", str(sealed), "--ca", str(ca / "ca.crt"), "--study", STUDY]
+    opening += ["--cert", str(sites / "agent@b.crt"), "--key", str(sites / "agent@b.key"), "--holder", "a"]
+    assert main([*opening, "--out", str(tmp_path / "before" / "hospital.he")]) == 0  # believed
+    capsys.readouterr()
+    assert main(["certs", "revoke", "--ca-dir", str(ca), "--cert", str(sites / "agent@a.crt")]) == 0
+    assert main(["certs", "revoke", "--ca-dir", str(ca), "--cert", str(sites / "agent@c.crt")]) == 0
+    capsys.readouterr()
+    crl = ["--crl", str(ca / "crl.pem")]
+    assert main([*opening, *crl, "--out", str(tmp_path / "after" / "hospital.he")]) == 1
+    err = capsys.readouterr().err
+    assert "the sealed HE key is refused" in err and "agent@a" in err and "revoked" in err, err
+    assert not (tmp_path / "after" / "hospital.he").exists()
+    (tmp_path / "hospital.he").write_bytes(fed.holder_key)
+    to_c = ["keys", "seal", "--key", str(tmp_path / "hospital.he"), "--for", str(sites / "agent@c.crt")]
+    to_c += ["--ca", str(ca / "ca.crt"), "--study", STUDY, "--out", str(tmp_path / "c.sealed")]
+    to_c += ["--signer-cert", str(sites / "agent@b.crt"), "--signer-key", str(sites / "agent@b.key")]
+    assert main([*to_c, *crl]) == 1
+    err = capsys.readouterr().err
+    assert "the recipient certificate is refused" in err and "agent@c" in err and "revoked" in err, err
+
+
 def test_the_local_cluster_runs_the_same_ceremony_each_hospital_opening_its_own_sealed_key(
     tmp_path: Path,
 ) -> None:

@@ -2,7 +2,9 @@
 
 For a real federation each site runs `certs request` (its key never leaves it) and the CA's
 operator `certs ca-init` once and `certs sign` per request; `certs init` runs that same ceremony
-for every identity in one process (the demo, tests, test clusters).
+for every identity in one process (the demo, tests, test clusters). `certs revoke` withdraws a
+certificate (a stolen key, a site that left) through the CA's signed revocation list, `crl.pem`
+beside the CA, which services given FIBEMRSS_TLS_CRL enforce; `certs crl` re-issues that list.
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from fibemrss.he.site_certificates import public_key_sha256
+from fibemrss.he.site_certificates import RevocationList, public_key_sha256
 from fibemrss.platform.authorization import check_hospital_name
-from fibemrss.tools.certs import create_ca, init_pki, sign_request_file, write_request
+from fibemrss.tools.certs import (
+    REVOCATION_REASONS,
+    create_ca,
+    init_pki,
+    revoke,
+    sign_request_file,
+    write_request,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -62,6 +71,19 @@ def add_parser(subparsers: Any) -> None:
     sign.add_argument("--csr", required=True)
     sign.add_argument("--out", required=True, help="the certificate (PEM) to send back to the site")
     sign.set_defaults(func=run_sign)
+
+    withdraw = certs.add_parser(
+        "revoke",
+        help="at the CA: revoke certificates (a stolen key, a site that left); writes crl.pem beside the CA",
+    )
+    withdraw.add_argument("--ca-dir", required=True, help="the folder of ca.crt and ca.key")
+    withdraw.add_argument("--cert", action="append", required=True, help="a certificate (PEM) to revoke; repeat")
+    withdraw.add_argument("--reason", default="key-compromise", choices=sorted(REVOCATION_REASONS))
+    withdraw.set_defaults(func=run_revoke)
+
+    crl = certs.add_parser("crl", help="at the CA: (re-)issue crl.pem, the revocation list, with a fresh validity")
+    crl.add_argument("--ca-dir", required=True, help="the folder of ca.crt and ca.key")
+    crl.set_defaults(func=lambda args: _print_crl(Path(args.ca_dir), revoke(Path(args.ca_dir)), []))
 
 
 def parse_hostnames(text: str | None) -> dict[str, list[str]]:
@@ -131,6 +153,31 @@ def run_sign(args: argparse.Namespace) -> int:
                 "dns_names": names.get_values_for_type(x509.DNSName),
                 "public_key_sha256": public_key_sha256(certificate.public_key()).hex(),
                 "not_valid_after": certificate.not_valid_after_utc.isoformat(),
+            }
+        )
+    )
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    ca_dir = Path(args.ca_dir)
+    pems = [Path(path).read_bytes() for path in args.cert]
+    path = revoke(ca_dir, pems, args.reason)
+    named = [x509.load_pem_x509_certificate(pem) for pem in pems]
+    return _print_crl(ca_dir, path, [(c.subject.rfc4514_string(), c.serial_number) for c in named])
+
+
+def _print_crl(ca_dir: Path, path: Path, revoked_now: list[tuple[str, int]]) -> int:
+    listed = RevocationList.from_pem(path.read_bytes(), (ca_dir / "ca.crt").read_bytes())
+    print(
+        json.dumps(
+            {
+                "crl": str(path),
+                "crl_number": listed.number,
+                "revoked": [{"subject": subject, "serial": f"{serial:x}"} for subject, serial in revoked_now],
+                "listed": len(listed.revoked),
+                "next_update": listed.next_update.isoformat() if listed.next_update else None,
+                # Copy it to every service's FIBEMRSS_TLS_CRL file: each re-reads it within a second.
             }
         )
     )

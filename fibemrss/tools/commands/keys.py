@@ -10,6 +10,8 @@ from typing import Any
 
 from fibemrss.he.key_delivery import SealedKey, open_hospital_key, seal_hospital_key
 from fibemrss.he.keys import write_key_files, write_private_file
+from fibemrss.he.site_certificates import Revoked
+from fibemrss.platform.revocation import Revocations
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,6 +39,7 @@ def add_parser(subparsers: Any) -> None:
     seal.add_argument(
         "--out", required=True, help="the sealed file (not secret: only the recipient opens it)"
     )
+    seal.add_argument("--crl", help="the federation CA's revocation list (crl.pem): a revoked recipient is refused")
     seal.set_defaults(func=run_seal)
 
     open_ = keys.add_parser("open", help="at a recipient: open a sealed HE key into hospital.he (0600)")
@@ -48,6 +51,7 @@ def add_parser(subparsers: Any) -> None:
     open_.add_argument("--holder", required=True, help="the hospital that made the key (the study names it)")
     open_.add_argument("--out", required=True, help="where to write hospital.he")
     open_.add_argument("--force", action="store_true", help="replace an existing hospital.he")
+    open_.add_argument("--crl", help="the federation CA's revocation list (crl.pem): a revoked holder is refused")
     open_.set_defaults(func=run_open)
 
 
@@ -65,6 +69,7 @@ def run_seal(args: argparse.Namespace) -> int:
         ca_pem=Path(args.ca).read_bytes(),
         signer_certificate_pem=Path(args.signer_cert).read_bytes(),
         signer_key_pem=Path(args.signer_key).read_bytes(),
+        revoked=_revoked(args),
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +98,14 @@ def run_open(args: argparse.Namespace) -> int:
         ca_pem=Path(args.ca).read_bytes(),
         certificate_pem=Path(args.cert).read_bytes(),
         private_key_pem=Path(args.key).read_bytes(),
+        revoked=_revoked(args),
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_private_file(out, key, overwrite=args.force)
     print(json.dumps({"hospital": str(out), "study": args.study, "from": f"agent@{args.holder}"}))
     return 0
+
+
+def _revoked(args: argparse.Namespace) -> Revoked | None:
+    return Revocations(args.crl, args.ca).refusal if args.crl else None

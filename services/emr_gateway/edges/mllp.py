@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from fibemrss.domain.errors import DomainError, FieldProblem, InvalidArgument
 from fibemrss.platform.authorization import INGEST_METHOD
+from fibemrss.platform.revocation import Revocations
 from fibemrss.platform.tls import peer_identity
 from services.emr_gateway.core.answers import hl7_ack
 from services.emr_gateway.core.ingestion import Candidate
@@ -74,6 +75,9 @@ class MllpListen:
     host: str
     port: int
     ssl_context: ssl.SSLContext | None  # None: plaintext, only for an explicitly named local address
+    # The federation CA's revocation list: a message under a revoked certificate is answered AR,
+    # checked per message (an interface engine keeps its connection open for days).
+    revocations: Revocations | None = None
 
 
 class MllpServer:
@@ -166,6 +170,10 @@ class MllpServer:
             else f"plaintext:{peer}"
         )
         refusal = self._refusal(identity)
+        revocations = self._listen.revocations if self._listen.ssl_context is not None else None
+        ssl_object = writer.get_extra_info("ssl_object")
+        peer_certificate = ssl_object.getpeercert() if revocations is not None and ssl_object else None
+        serial = peer_certificate.get("serialNumber") if peer_certificate else None
         self._writers.add(writer)
         this = asyncio.current_task()
         if this is not None:
@@ -179,8 +187,12 @@ class MllpServer:
                 message = await self._read_frame(reader)
                 if message is None:
                     break
-                if refusal:
-                    await answers.put(self._done(self._encode(message, hl7_ack.ack_refused(refusal))))
+                revoked = revocations.refusal_for_hex(serial, identity) if revocations else None
+                if revoked:
+                    log.warning("mllp caller refused: revoked certificate", extra={"identity": identity})
+                if refusal or revoked:
+                    reason = refusal or f"refused: {revoked}"
+                    await answers.put(self._done(self._encode(message, hl7_ack.ack_refused(reason))))
                     continue
                 answer, previous = self._submit(message, previous)
                 await answers.put(answer)

@@ -154,3 +154,15 @@ one, so nothing more needs setting. */}}
 {{- define "fibemrss.consoleUrl" -}}
 {{- if .Values.console.url }}{{ .Values.console.url }}{{ else if .Values.console.ingress.host }}https://{{ .Values.console.ingress.host }}{{ end }}
 {{- end }}
+
+{{/*
+The ConfigMap of the federation CA's revocation list (key crl.pem); empty: none given.
+*/}}
+{{- define "fibemrss.revocationListConfigMap" -}}
+{{- $crl := .Values.tls.revocationList -}}
+{{- if $crl.existingConfigMap -}}
+{{- $crl.existingConfigMap -}}
+{{- else if $crl.crlPem -}}
+{{- include "fibemrss.fullname" . }}-revocation-list
+{{- end -}}
+{{- end }}
