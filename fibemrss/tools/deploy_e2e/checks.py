@@ -7,8 +7,14 @@ import json
 import re
 import subprocess
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fibemrss.platform.channels import open_channel
+from fibemrss.platform.config import TlsFiles
 from fibemrss.tools.deploy_e2e.sites import (
     GRPC,
     HEALTH,
@@ -213,3 +219,37 @@ def check_monitoring(dep: Deployment) -> dict[str, Any]:
     )
     return {"expressions": len(exprs), "series": names, "pods_scraped": len(scraped)}
 
+
+
+def check_revocation(dep: Deployment, pki: Path) -> dict[str, Any]:
+    """The stolen operator certificate the ceremony revoked (`chart.ceremony`) is refused by
+    every service of its hospital and by the aggregator, naming the revocation, through the
+    chart's mounted list; the hospital's own operator certificate is answered by the same pods."""
+    identity = f"operator@{dep.hospitals[0].name}"
+    thief = dep.work / "thief"
+    stolen = TlsFiles(str(pki / "ca.crt"), str(thief / f"{identity}.crt"), str(thief / f"{identity}.key"))
+    own = TlsFiles(str(pki / "ca.crt"), str(pki / f"{identity}.crt"), str(pki / f"{identity}.key"))
+    site = dep.hospitals[0]
+    targets = {
+        "aggregator@central": f"{dep.address(dep.central, 'aggregator')}:{GRPC}",
+        f"gateway@{site.name}": f"{dep.address(site, 'emr-gateway')}:{GRPC}",
+        f"agent@{site.name}": f"{dep.address(site, 'hospital-agent')}:{GRPC}",
+        f"inference@{site.name}": f"{dep.address(site, 'inference')}:{GRPC}",
+    }
+    refused: dict[str, str] = {}
+    for server, address in targets.items():
+        for tls, want_refused in ((stolen, True), (own, False)):
+            with open_channel(address, tls, server) as channel:
+                try:
+                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=20)
+                    code, details = grpc.StatusCode.OK, ""
+                except grpc.RpcError as error:
+                    code, details = error.code(), error.details() or ""
+            if want_refused and (code != grpc.StatusCode.UNAUTHENTICATED or "revoked" not in details):
+                raise AssertionError(f"{server} answered the revoked {identity}: {code.name} {details}")
+            if not want_refused and code != grpc.StatusCode.OK:
+                raise AssertionError(f"{server} refused the valid {identity}: {code.name} {details}")
+            if want_refused:
+                refused[server] = details
+    log(f"revocation: the revoked {identity} refused by {len(refused)} services, the valid one answered")
+    return {"revoked": identity, "refused_by": refused}

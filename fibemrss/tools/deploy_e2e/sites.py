@@ -196,16 +196,14 @@ class Deployment:
         # publishes each containerPort on the host. The ports are documentation only: drop them.
         for c in pod["containers"]:
             c.pop("ports", None)
-        configmaps = [
-            d
-            for d in site.docs
-            if d["kind"] == "ConfigMap"
-            and any(
-                e.get("configMapRef", {}).get("name") == d["metadata"]["name"]
-                for c in [*pod.get("initContainers", []), *pod["containers"]]
-                for e in c.get("envFrom", [])
-            )
-        ]
+        # The ConfigMaps the pod reads: its environment's, and those it mounts (the revocation list).
+        wanted = {
+            e["configMapRef"]["name"]
+            for c in [*pod.get("initContainers", []), *pod["containers"]]
+            for e in c.get("envFrom", [])
+            if "configMapRef" in e
+        } | {v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v}
+        configmaps = [d for d in site.docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] in wanted]
         args = ["kube", "play", "--log-driver", "k8s-file"]
         for net, ip in self.networks_of(site, kind):
             args += ["--network", f"{net.name}:ip={ip}"]
