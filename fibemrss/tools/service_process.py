@@ -112,6 +112,18 @@ class ServiceProcess:
                 pass  # it ended between the timeout and the kill
             self.process.wait(timeout=10)
 
+    def exit_code_of_start(self, timeout: float = 60.0) -> int | None:
+        """Starts a service expected to refuse its configuration; its exit code once it ended
+        (None: still running after `timeout`, then stopped)."""
+        self.start()
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            self.stop()
+
     def stop(self, grace: float = 15.0) -> None:
         self.signal(signal.SIGTERM)
         self.wait(grace)

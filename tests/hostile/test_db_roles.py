@@ -555,12 +555,7 @@ def _agent(workdir: Path, federation: Federation, database_url: str, **env: str)
 
 
 def _refused(agent: ServiceProcess) -> str:
-    agent.start()
-    assert agent.process is not None
-    try:
-        assert agent.process.wait(timeout=90) == 2, agent.log_tail()
-    finally:
-        agent.stop()
+    assert agent.exit_code_of_start(timeout=90) == 2, agent.log_tail()
     assert not agent.ready_file.exists()
     return agent.log_tail()
 
