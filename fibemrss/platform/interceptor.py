@@ -44,6 +44,14 @@ class ServerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=registry,
         )
+        # No labels, so every server exports it from the start (0): an alert on its increase
+        # needs the series to exist before the first refusal.
+        self.revoked = Counter(
+            "fibemrss_revoked_certificate_uses_total",
+            "Calls, MLLP messages, HTTPS requests and signed messages refused because their "
+            "certificate is on the federation CA's revocation list (a stolen or withdrawn certificate in use).",
+            registry=registry,
+        )
 
 
 def _code_name(context: grpc.ServicerContext) -> str:

@@ -36,6 +36,7 @@ from fibemrss.platform.config import TlsFiles
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
+LOG_EVERY_SECONDS = 60.0
 # Certificates whose serial number is remembered by their PEM (a federation has a few hundred).
 _MAX_CACHED_CERTIFICATES = 4096
 
@@ -63,6 +64,8 @@ class Revocations:
             raise ConfigError(f"FIBEMRSS_TLS_CRL={crl_path}: {error}") from None
         self._checked = clock()
         self._warned_stale = False
+        self._listeners: list[Callable[[str, int], None]] = []
+        self._logged: dict[int, float] = {}  # serial -> when its last refusal was logged
 
     @property
     def number(self) -> int:
@@ -120,11 +123,25 @@ class Revocations:
                 )
             return listed
 
+    def on_refusal(self, listener: Callable[[str, int], None]) -> None:
+        """`listener(identity, serial)` runs at every refusal (the servers' counter
+        `fibemrss_revoked_certificate_uses_total`, which the alert FibemrssRevokedCertificateInUse
+        watches: a revoked certificate in use means its key is in someone's hands)."""
+        self._listeners.append(listener)
+
     def refusal(self, serial: int, identity: str) -> str | None:
         """Why the certificate of `serial` (naming `identity`) is refused, or None."""
         when = self._current().revoked.get(serial)
         if when is None:
             return None
+        for listener in self._listeners:
+            listener(identity, serial)
+        now = self._clock()
+        if now - self._logged.get(serial, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
+            self._logged[serial] = now  # once a minute per certificate: a thief may call in a loop
+            log.warning(
+                "revoked certificate in use: refused", extra={"identity": identity, "serial": f"{serial:x}"}
+            )
         return (
             f"the certificate of {identity} (serial {serial:x}) was revoked by the federation CA "
             f"on {when:%Y-%m-%d %H:%M} UTC"

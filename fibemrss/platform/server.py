@@ -130,12 +130,15 @@ def start_server(
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
     limiter = CallLimiter(limits)
+    revocations = revocations_for(config.tls)
+    if revocations is not None:
+        revocations.on_refusal(lambda _identity, _serial: metrics.revoked.inc())
     server = grpc.server(
         started_pool(limits.max_workers, name),
         # Authorization needs a verified identity, which only mutual TLS gives.
         interceptors=[
             ErrorAndMetricsInterceptor(
-                metrics, authorize if config.tls else None, limiter, revocations_for(config.tls)
+                metrics, authorize if config.tls else None, limiter, revocations
             )
         ],
         options=GRPC_OPTIONS,

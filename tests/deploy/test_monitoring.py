@@ -105,5 +105,11 @@ def test_the_alerts_of_each_role() -> None:
         "FibemrssRoundsFailing",
         "FibemrssRoundsRefused",
         "FibemrssHighErrorRate",
+        "FibemrssRevokedCertificateInUse",
     }
-    assert alerts("hospital") == {"FibemrssQuarantineSurge", "FibemrssInferenceSlow", "FibemrssHighErrorRate"}
+    assert alerts("hospital") == {
+        "FibemrssQuarantineSurge",
+        "FibemrssInferenceSlow",
+        "FibemrssHighErrorRate",
+        "FibemrssRevokedCertificateInUse",
+    }

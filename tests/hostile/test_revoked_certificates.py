@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def get_round(channel: grpc.Channel) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
+def revoked_uses(process: ServiceProcess) -> float:
+    """`fibemrss_revoked_certificate_uses_total` on the service's /metrics."""
+    text = urllib.request.urlopen(f"http://{process.metrics}/metrics", timeout=10).read().decode()
+    (line,) = [row for row in text.splitlines() if row.startswith("fibemrss_revoked_certificate_uses_total ")]
+    return float(line.split()[1])
+
+
 def cli(*args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "fibemrss.tools.cli", *args], capture_output=True, text=True, timeout=120, check=False
@@ -141,6 +149,7 @@ def test_a_stolen_certificate_is_answered_until_revoked_then_refused_on_every_ed
     fhir = httpx.Client(base_url=gateway.edges["fhir"], verify=client_ssl_context(ingest), timeout=60)
     patient = {"resourceType": "Patient", "id": "stolen-p1", "gender": "female", "birthDate": "1970-01-01"}
     try:
+        assert revoked_uses(gateway) == 0
         # Before: the thief is every bit the hospital's agent and its EHR interface.
         assert health(aggregator_channel)[0] == grpc.StatusCode.OK
         code, details = get_round(aggregator_channel)
@@ -176,6 +185,9 @@ def test_a_stolen_certificate_is_answered_until_revoked_then_refused_on_every_ed
         refused = fhir.post("/Patient", json={**patient, "id": "stolen-p2"})
         assert refused.status_code == 401, refused.text
         assert "revoked" in refused.json()["error"] and f"ingest@{H}" in refused.json()["error"]
+        # Each refusal is counted where the alert FibemrssRevokedCertificateInUse looks.
+        assert revoked_uses(cluster.processes["aggregator@central"]) >= 2
+        assert revoked_uses(gateway) >= 3  # gRPC, MLLP and HTTPS all count
     finally:
         mllp.close()
         fhir.close()
