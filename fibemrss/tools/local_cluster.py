@@ -340,6 +340,9 @@ class LocalCluster:
             if not self.tls
             else {
                 "ca": str(self.workdir / "pki" / "ca.crt"),
+                # The CA's revocation list every service enforces: `fibemrss certs revoke
+                # --ca-dir <this folder> --cert <identity>.crt` withdraws a certificate.
+                "crl": str(self.workdir / "pki" / CRL_FILE),
                 "certs": {
                     i: {
                         "cert": str(self.workdir / "pki" / f"{i}.crt"),

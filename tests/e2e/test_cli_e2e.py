@@ -106,6 +106,7 @@ def test_up_writes_endpoints_serves_until_sigterm_and_leaves_nothing_running(tmp
         check_edges(endpoints, "alpha")
         assert len(endpoints["metrics"]) == 1 + 2 * 3
         assert Path(endpoints["tls"]["ca"]).exists()
+        assert Path(endpoints["tls"]["crl"]).read_bytes().startswith(b"-----BEGIN X509 CRL-----")
         assert set(endpoints["tls"]["certs"]) >= {"agent@alpha", "operator@central", "aggregator@central"}
 
         status = subprocess.run(
