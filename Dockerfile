@@ -19,6 +19,8 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
+# Marks the build stage's images, so that `make images` removes the ones no build uses any more.
+LABEL org.fibemrss.stage="build"
 # The wheelhouse (deploy/images/wheelhouse.sh): the project is installed from its own wheel, never
 # from source folders, so the image follows the package layout that pyproject.toml declares.
 # torch is pinned to 2.13.0 (CPU) by constraints.txt.

@@ -32,10 +32,16 @@ for s in "${SERVICES[@]}"; do
     -t "localhost/fibemrss-$s:$TAG" -f Dockerfile . >/dev/null
   echo "built localhost/fibemrss-$s:$TAG in $(( $(date +%s) - t0 )) s"
 done
+# The build stage (the wheelhouse and the virtualenv it installs, about 1.4 GB) is an image of its
+# own that every build leaves behind untagged. The newest is tagged, so the next build reuses it;
+# the older ones go, or a machine that builds again and again (CI) fills its disk.
+"$ENGINE" build --quiet --target build --build-arg BASE_IMAGE="$BASE_IMAGE" \
+  -t "localhost/fibemrss-build:$TAG" -f Dockerfile . >/dev/null
 seconds=$(( $(date +%s) - start ))
 for id in $old_ids; do
   "$ENGINE" rmi "$id" >/dev/null 2>&1 || true   # still tagged (unchanged) or used: kept
 done
+"$ENGINE" image prune -f --filter label=org.fibemrss.stage=build >/dev/null 2>&1 || true
 
 "$ENGINE" image inspect --format '{{json .RootFS.Layers}}' \
   $(printf "localhost/fibemrss-%s:$TAG " "${SERVICES[@]}") > var/images-layers.txt
