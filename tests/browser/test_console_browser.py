@@ -70,8 +70,8 @@ def screenshot(driver: Any, name: str) -> None:
 
 
 def click_and_load(driver: Any, element: Any) -> None:
-    """Clicks (or submits) and waits for the next page to replace this one."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    """Clicks (or submits) and waits for the next page to replace this one, and to be loaded."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     page = driver.find_element(by("TAG_NAME"), "html")
     element.click()
@@ -81,9 +81,14 @@ def click_and_load(driver: Any, element: Any) -> None:
             page.is_enabled()
         except StaleElementReferenceException:
             return True
+        except WebDriverException as error:
+            # Asked while Chromium swaps the documents, the old node may be reported as detached
+            # ("does not belong to the document") instead of stale: the page is being replaced too.
+            return "does not belong to the document" in str(error)
         return False
 
     wait_until(replaced, 20, "the next page")
+    wait_until(lambda: driver.execute_script("return document.readyState") == "complete", 20, "the page loaded")
 
 
 def session_cookie(driver: Any) -> dict[str, str]:
