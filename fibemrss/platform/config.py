@@ -12,9 +12,8 @@ from fibemrss.domain.site_policy import SitePolicy, parse_site_policy
 from fibemrss.domain.study import parse_study
 from fibemrss.domain.task_spec import TaskSpec
 from fibemrss.domain.tasks import get_task, register
-from fibemrss.he.errors import HeKeyError
-from fibemrss.he.site_certificates import RevocationList
 from fibemrss.platform.capacity import CallLimits
+from fibemrss.platform.revocation import revocations_for
 
 DEFAULT_TASK = "heart-disease-v1"
 
@@ -116,13 +115,10 @@ class ServerConfig:
         crl = env_optional("FIBEMRSS_TLS_CRL")
         if crl and not given:
             raise ConfigError("FIBEMRSS_TLS_CRL needs mutual TLS: set FIBEMRSS_TLS_CA, FIBEMRSS_TLS_CERT and FIBEMRSS_TLS_KEY")
-        if crl and ca:
-            # Checked before anything else starts: a list the CA did not sign could lift revocations.
-            try:
-                RevocationList.from_pem(Path(crl).read_bytes(), Path(ca).read_bytes())
-            except (OSError, HeKeyError) as error:
-                raise ConfigError(f"FIBEMRSS_TLS_CRL={crl}: {error}") from None
         tls = TlsFiles(ca, cert, key, crl) if ca and cert and key else None
+        # Read before anything else starts (a list the CA did not sign could lift revocations);
+        # the process's servers, edges and signature checks then share this one list.
+        revocations_for(tls)
         return cls(
             listen=env_str("FIBEMRSS_LISTEN", "127.0.0.1:0"),
             metrics_listen=env_str("FIBEMRSS_METRICS_LISTEN", "127.0.0.1:0"),

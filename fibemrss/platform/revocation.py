@@ -25,13 +25,24 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 
 from fibemrss.domain.errors import ConfigError
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.site_certificates import RevocationList
-from fibemrss.platform.config import TlsFiles
+
+
+class TlsPaths(Protocol):
+    """What the list needs of fibemrss.platform.config.TlsFiles (config builds the process's
+    list as it reads the environment, so this module does not import it)."""
+
+    @property
+    def ca(self) -> str: ...
+
+    @property
+    def crl(self) -> str | None: ...
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +185,7 @@ _by_file: dict[tuple[str, str], Revocations] = {}
 _by_file_lock = threading.Lock()
 
 
-def revocations_for(tls: TlsFiles | None) -> Revocations | None:
+def revocations_for(tls: TlsPaths | None) -> Revocations | None:
     """The process's one `Revocations` for `tls.crl` (None without a list), shared by the gRPC
     server, the HTTPS and MLLP edges and the signature checks of the same process."""
     if tls is None or not tls.crl:
@@ -187,7 +198,7 @@ def revocations_for(tls: TlsFiles | None) -> Revocations | None:
         return found
 
 
-def revocation_check(tls: TlsFiles | None) -> Callable[[int, str], str | None] | None:
+def revocation_check(tls: TlsPaths | None) -> Callable[[int, str], str | None] | None:
     """What the signature checks of this process ask about a certificate's serial (None: no list)."""
     revocations = revocations_for(tls)
     return None if revocations is None else revocations.refusal

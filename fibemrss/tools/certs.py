@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fibemrss.domain.errors import ConfigError
 from fibemrss.he.errors import HeKeyError
 from fibemrss.he.keys import write_private_file
-from fibemrss.he.site_certificates import RevocationList, public_key_der
+from fibemrss.he.site_certificates import RevocationList, common_name, public_key_der
 from fibemrss.platform.authorization import CENTRAL, check_hospital_name
 from fibemrss.platform.identity import IDENTITY_DOMAIN, identity_dns_name, is_dns_label
 
@@ -396,11 +396,12 @@ def revoke(
     number = 0
     if path.exists():
         ca_pem = ca.certificate.public_bytes(serialization.Encoding.PEM)
+        existing = path.read_bytes()
         try:
-            number = RevocationList.from_pem(path.read_bytes(), ca_pem).number  # this CA's, nothing else
+            number = RevocationList.from_pem(existing, ca_pem).number  # this CA's, nothing else
         except HeKeyError as error:
             raise ValueError(f"{path}: {error}") from None
-        listed = list(x509.load_pem_x509_crl(path.read_bytes()))
+        listed = list(x509.load_pem_x509_crl(existing))
     known = {r.serial_number for r in listed}
     for pem in certificates:
         try:
@@ -408,11 +409,11 @@ def revoke(
         except ValueError as error:
             raise ValueError(f"not a PEM certificate: {error}") from None
         if certificate.issuer != ca.certificate.subject:
-            raise ValueError(f"{_common_name(certificate)} was not issued by this CA: nothing to revoke")
+            raise ValueError(f"{common_name(certificate)} was not issued by this CA: nothing to revoke")
         try:
             certificate.verify_directly_issued_by(ca.certificate)
         except (ValueError, TypeError, InvalidSignature):
-            raise ValueError(f"{_common_name(certificate)} was not issued by this CA: nothing to revoke") from None
+            raise ValueError(f"{common_name(certificate)} was not issued by this CA: nothing to revoke") from None
         if certificate.serial_number in known:
             continue
         known.add(certificate.serial_number)
@@ -438,8 +439,3 @@ def revoke(
     os.replace(tmp, path)  # whole or not at all: a service never reads half a list
     return path
 
-
-def _common_name(certificate: x509.Certificate) -> str:
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = names[0].value if names else "the certificate"
-    return value if isinstance(value, str) else value.decode("utf-8", errors="replace")
