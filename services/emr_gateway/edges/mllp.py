@@ -187,9 +187,8 @@ class MllpServer:
                 message = await self._read_frame(reader)
                 if message is None:
                     break
+                # Logged and counted by the list itself (once a minute per certificate).
                 revoked = revocations.refusal_for_hex(serial, identity) if revocations else None
-                if revoked:
-                    log.warning("mllp caller refused: revoked certificate", extra={"identity": identity})
                 if refusal or revoked:
                     reason = refusal or f"refused: {revoked}"
                     await answers.put(self._done(self._encode(message, hl7_ack.ack_refused(reason))))
